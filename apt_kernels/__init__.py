@@ -1,0 +1,49 @@
+"""apt_kernels: fused TVA attention, MoE routing/dispatch/combine and Mamba selective scan, each with a pure-PyTorch
+reference, Triton and native (C++/CUDA) implementations. Never imports ``apt``.
+
+Public names are loaded lazily so that ``import apt_kernels`` stays cheap and never fails because an optional back
+end (Triton, the compiled module) is missing; ask :mod:`apt_kernels.backends` what is available and why.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (one line per name; each family owns its block)
+_LAZY: dict[str, str] = {
+    # shared
+    "running_mean": "apt_kernels.ops.running_mean",
+    "running_mean_ref": "apt_kernels.reference.common",
+    # TVA attention
+    "tva_attention": "apt_kernels.ops.tva",
+    "tva_attention_ref": "apt_kernels.reference.tva",
+    "TVAAttention": "apt_kernels.layers.tva",
+    # MoE
+    "moe_route": "apt_kernels.ops.moe",
+    "moe_dispatch": "apt_kernels.ops.moe",
+    "moe_combine": "apt_kernels.ops.moe",
+    "MoEFFN": "apt_kernels.layers.moe",
+    # selective scan
+    "selective_scan_fn": "apt_kernels.ops.scan",
+    "selective_state_update": "apt_kernels.ops.scan",
+    "selective_scan_ref": "apt_kernels.reference.scan",
+    "selective_state_update_ref": "apt_kernels.reference.scan",
+}
+
+__all__ = sorted(_LAZY) + ["__version__", "backends", "testing"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in ("backends", "testing", "reference", "ops"):
+        return importlib.import_module(f"apt_kernels.{name}")
+    raise AttributeError(f"module 'apt_kernels' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,90 @@
+"""Loader of the compiled module ``apt_kernels._C`` and the tensor-view convention it uses.
+
+The native module never sees a ``torch.Tensor``: Python hands it ``(data_ptr, dtype_code, shape, strides, device)``
+tuples (see :func:`view`) plus a CUDA stream as an integer, so the same build works across torch versions.
+Loading never raises: when the module is missing or broken, :func:`native_status` says why and callers fall back.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Must match apt::DType in csrc/common/apt_common.h.
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+    torch.int64: 4,
+    torch.int32: 5,
+    torch.bool: 6,
+}
+
+_module: Optional[ModuleType] = None
+_reason: str = ""
+_loaded = False
+
+
+def _load() -> None:
+    global _module, _reason, _loaded
+    if _loaded:
+        return
+    _loaded = True
+    if os.environ.get("APT_DISABLE_NATIVE", "").lower() in ("1", "true", "yes"):
+        _reason = "disabled by APT_DISABLE_NATIVE"
+        return
+    try:
+        _module = importlib.import_module("apt_kernels._C")
+    except ImportError as exc:  # not built (APT_NATIVE=OFF) or built for another Python
+        _reason = f"compiled module apt_kernels._C not importable ({exc})"
+        logger.debug("apt_kernels: %s", _reason)
+
+
+def native_module() -> Optional[ModuleType]:
+    """The compiled module, or None when it is unavailable (see :func:`native_status`)."""
+    _load()
+    return _module
+
+
+def native_status() -> tuple[bool, str]:
+    """(available, reason) for the compiled CPU module."""
+    _load()
+    return (_module is not None, _reason)
+
+
+def native_cuda_status() -> tuple[bool, str]:
+    """(available, reason) for the CUDA kernels inside the compiled module."""
+    ok, why = native_status()
+    if not ok:
+        return False, why
+    if not getattr(_module, "with_cuda", False):
+        return False, "apt_kernels._C was built without CUDA (no nvcc at build time, or APT_CUDA=OFF)"
+    if not torch.cuda.is_available():
+        return False, "torch reports no CUDA device"
+    return True, ""
+
+
+def view(t: Optional[torch.Tensor]):
+    """The tuple the native module takes for a tensor (None passes through as None)."""
+    if t is None:
+        return None
+    try:
+        code = DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"native kernels do not take dtype {t.dtype}") from None
+    dev = -1 if t.device.type == "cpu" else (t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return (t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), dev)
+
+
+def current_stream(device: torch.device) -> int:
+    """The raw cudaStream_t of torch's current stream on ``device`` (0 on CPU)."""
+    if device.type != "cuda":
+        return 0
+    return int(torch.cuda.current_stream(device).cuda_stream)

@@ -1,0 +1,86 @@
+"""``running_mean``: causal running mean over time (TVA's gate input), end to end through the native module.
+
+The C++ kernel (csrc/common/running_mean_cpu.cpp) takes pointers/shapes/strides; here it is wrapped as the custom op
+``apt::running_mean`` with a fake (meta) implementation and an autograd formula whose backward is a second native op.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from .._native import native_module, native_status, view
+from .._validate import check_float, check_ndim, check_same_device, check_shape, check_dtype
+from ..reference.common import running_mean_ref
+
+logger = logging.getLogger(__name__)
+
+
+@torch.library.custom_op("apt::running_mean", mutates_args=())
+def _running_mean_op(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    out = torch.empty_like(x)
+    native_module().running_mean_cpu(view(x), view(keep), view(out))
+    return out
+
+
+@_running_mean_op.register_fake
+def _(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("apt::running_mean_backward", mutates_args=())
+def _running_mean_backward_op(grad_out: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    grad_x = torch.empty_like(grad_out)
+    native_module().running_mean_backward_cpu(view(grad_out), view(keep), view(grad_x))
+    return grad_x
+
+
+@_running_mean_backward_op.register_fake
+def _(grad_out: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.empty_like(grad_out)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, keep = inputs
+    ctx.save_for_backward(keep)
+
+
+def _backward(ctx, grad):
+    (keep,) = ctx.saved_tensors
+    return _running_mean_backward_op(grad.contiguous(), keep), None
+
+
+_running_mean_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> None:
+    check_ndim("x", x, 3, "(B, T, C)")
+    check_float("x", x)
+    if key_padding_mask is not None:
+        check_shape("key_padding_mask", key_padding_mask, x.shape[:2], "(B, T)")
+        check_dtype("key_padding_mask", key_padding_mask, torch.bool)
+        check_same_device("x", x, key_padding_mask=key_padding_mask)
+
+
+def running_mean_native(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The native C++ path, explicitly (raises RuntimeError when the compiled module is unavailable)."""
+    _check(x, key_padding_mask)
+    ok, why = native_status()
+    if not ok:
+        raise RuntimeError(f"running_mean_native: {why}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x: the native running_mean is CPU-only, got device {x.device}")
+    keep = None if key_padding_mask is None else (~key_padding_mask).contiguous()
+    return _running_mean_op(x, keep)
+
+
+def running_mean(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal running mean of ``x`` (B, T, C) over time, skipping padded positions (mask True = padded).
+
+    Uses the native CPU kernel for CPU tensors when it is built, torch's cumsum otherwise (CUDA tensors, no build).
+    """
+    _check(x, key_padding_mask)
+    if x.device.type == "cpu" and native_status()[0]:
+        return running_mean_native(x, key_padding_mask)
+    return running_mean_ref(x, key_padding_mask)

@@ -1,0 +1,23 @@
+"""Small reference ops shared by the families."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def running_mean_ref(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal running mean over dim 1 of ``x`` (B, T, C), skipping padded positions (mask True = padded).
+
+    ``out[b, t] = mean(x[b, s] for s <= t if not padded[b, s])``, and 0 before the first kept position.
+    Accumulates in fp32 (fp64 for fp64 input); returns x's dtype.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = x.to(acc)
+    if key_padding_mask is None:
+        keep = torch.ones(x.shape[:2], dtype=acc, device=x.device)
+    else:
+        keep = (~key_padding_mask).to(acc)
+    num = torch.cumsum(xa * keep[..., None], dim=1)
+    cnt = torch.cumsum(keep, dim=1).clamp_min(1.0)
+    return (num / cnt[..., None]).to(x.dtype)

@@ -1,0 +1,1 @@
+"""The ``apt`` command line."""

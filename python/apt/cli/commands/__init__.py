@@ -1,0 +1,1 @@
+"""One module per ``apt`` subcommand; each defines ``add_parser(subparsers)``."""

@@ -1,0 +1,154 @@
+"""The provider registry: registration, lookup, fallback with a warning, errors, entry points."""
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+
+import pytest
+
+from apt.core.registry import Provider, Registry, RegistryError
+
+
+def make(kind, name, *, default=False, ok=True, why="", priority=0, supports=None):
+    attrs = dict(kind=kind, name=name, is_default=default, priority=priority,
+                 available=classmethod(lambda cls: (ok, why)))
+    if supports is not None:
+        attrs["supports"] = lambda self, **inputs: supports(inputs)
+    return type(f"P_{kind}_{name}", (Provider,), attrs)
+
+
+@pytest.fixture
+def reg():
+    return Registry(load_builtin=False)
+
+
+def test_register_get_and_info(reg):
+    reg.register(make("attention", "ref", default=True))
+    reg.register(make("attention", "fast", priority=5))
+    p = reg.get("attention", "fast", {"x": 1})
+    assert p.name == "fast" and p.config == {"x": 1} and p.fallback_reason == ""
+    assert reg.get("attention").name == "ref"
+    info = reg.get_info("attention", "fast")
+    assert info.available and info.reason == "" and not info.is_default and info.priority == 5
+    names = {(i.kind, i.name) for i in reg.list_providers()}
+    assert names == {("attention", "ref"), ("attention", "fast")}
+    assert [i.name for i in reg.list_providers("attention")] == ["ref", "fast"]
+    assert reg.list_providers("scan") == []
+
+
+def test_fallback_unavailable_logs_asked_used_why(reg, caplog):
+    reg.register(make("scan", "reference", default=True))
+    reg.register(make("scan", "triton", ok=False, why="no CUDA device"))
+    with caplog.at_level(logging.WARNING, logger="apt.core.registry"):
+        p = reg.get("scan", "triton")
+    assert p.name == "reference"
+    assert "no CUDA device" in p.fallback_reason
+    msg = caplog.records[-1].getMessage()
+    assert "scan/triton" in msg and "scan/reference" in msg and "no CUDA device" in msg
+
+
+def test_fallback_missing_name(reg, caplog):
+    reg.register(make("router", "topk_default", default=True))
+    with caplog.at_level(logging.WARNING, logger="apt.core.registry"):
+        p = reg.get("router", "megablocks")
+    assert p.name == "topk_default"
+    assert "'megablocks' is not registered" in caplog.records[-1].getMessage()
+
+
+def test_strict_raises_instead_of_fallback(reg):
+    reg.register(make("scan", "reference", default=True))
+    reg.register(make("scan", "cuda", ok=False, why="built without CUDA"))
+    with pytest.raises(RegistryError, match="built without CUDA"):
+        reg.get("scan", "cuda", strict=True)
+
+
+def test_no_default_is_a_clear_error(reg):
+    reg.register(make("retrieval", "tfidf"))
+    with pytest.raises(RegistryError, match="no default provider"):
+        reg.get("retrieval")
+    with pytest.raises(RegistryError, match="no default provider to fall back to"):
+        reg.get("retrieval", "missing")
+
+
+def test_unknown_kind_and_bad_registration(reg):
+    with pytest.raises(RegistryError, match="unknown provider kind 'nope'"):
+        reg.get("nope")
+    with pytest.raises(TypeError, match="subclass of apt.core.registry.Provider"):
+        reg.register(object)
+    with pytest.raises(ValueError, match="'kind' and 'name' must be set"):
+        reg.register(type("Bad", (Provider,), {}))
+
+
+def test_duplicate_and_second_default_rejected(reg):
+    reg.register(make("ffn", "mlp", default=True))
+    with pytest.raises(RegistryError, match="already registered"):
+        reg.register(type("OtherMlp", (Provider,), dict(kind="ffn", name="mlp")))
+    with pytest.raises(RegistryError, match="already has default provider 'mlp'"):
+        reg.register(make("ffn", "other", default=True))
+    reg.register(make("ffn", "mlp", default=True), override=True)
+
+
+def test_new_kind_is_created_on_registration(reg):
+    reg.register(make("tokenizer", "bytes", default=True))
+    assert "tokenizer" in reg.kinds()
+    assert reg.get("tokenizer").name == "bytes"
+
+
+def test_default_unavailable_is_an_error(reg):
+    reg.register(make("scan", "reference", default=True, ok=False, why="broken"))
+    with pytest.raises(RegistryError, match="default provider 'reference' is unavailable: broken"):
+        reg.get("scan")
+
+
+def test_available_raising_counts_as_unavailable(reg):
+    def boom(cls):
+        raise RuntimeError("probe failed")
+
+    cls = type("Boom", (Provider,), dict(kind="scan", name="boom", available=classmethod(boom)))
+    reg.register(make("scan", "reference", default=True))
+    reg.register(cls)
+    info = reg.get_info("scan", "boom")
+    assert not info.available and "probe failed" in info.reason
+    assert reg.get("scan", "boom").name == "reference"
+
+
+def test_auto_and_select(reg):
+    reg.register(make("attention", "ref", default=True))
+    reg.register(make("attention", "fast", priority=10, ok=False, why="no GPU"))
+    reg.register(make("attention", "mid", priority=5,
+                      supports=lambda inp: ["head dim > 128"] if inp.get("head_dim", 0) > 128 else []))
+    assert reg.get("attention", "auto").name == "mid"
+    assert reg.select("attention", head_dim=64).name == "mid"
+    chosen = reg.select("attention", head_dim=256)
+    assert chosen.name == "ref"
+
+
+def test_entry_points_register_classes_callables_and_isolate_failures(reg, monkeypatch):
+    import sys
+    import types
+
+    mod = types.ModuleType("fake_apt_plugin")
+    mod.Ext = make("attention", "outside_pkg")
+
+    def hook(registry):
+        registry.register(make("scan", "outside_scan"))
+
+    mod.hook = hook
+    monkeypatch.setitem(sys.modules, "fake_apt_plugin", mod)
+    eps = [
+        metadata.EntryPoint(name="ext", value="fake_apt_plugin:Ext", group="apt.providers"),
+        metadata.EntryPoint(name="hook", value="fake_apt_plugin:hook", group="apt.providers"),
+        metadata.EntryPoint(name="broken", value="does_not_exist_pkg:thing", group="apt.providers"),
+    ]
+    reg.load_entry_points(eps)
+    assert reg.provider_class("attention", "outside_pkg") is mod.Ext
+    assert reg.provider_class("scan", "outside_scan")
+    assert any("broken" in k for k in reg.entry_point_errors)
+
+
+def test_global_registry_loads_builtins():
+    from apt.core import registry
+
+    kinds = registry.kinds()
+    for k in ("attention", "ffn", "router", "scan", "align", "retrieval", "dataset"):
+        assert k in kinds
