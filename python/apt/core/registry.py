@@ -32,6 +32,7 @@ BUILTIN_KINDS: dict[str, str] = {
     "align": "auxiliary alignment loss",
     "retrieval": "retrieval-augmented generation back end",
     "dataset": "training data source",
+    "plugin": "trainer / generation plugin receiving hook broadcasts",
 }
 
 

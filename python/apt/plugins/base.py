@@ -1,0 +1,59 @@
+"""The plugin contract.
+
+A plugin is a :class:`~apt.core.registry.Provider` of kind ``plugin``. The trainer broadcasts each hook to every
+enabled plugin in order; a hook that raises is logged and the plugin is disabled, training goes on
+(:class:`apt.training.trainer.Trainer` enforces this). Generation calls the generation hooks the same way.
+
+Training hooks (all optional; default no-ops), each receiving the shared :class:`HookContext`:
+``on_training_start``, ``on_epoch_start``, ``on_step_start``, ``on_step_end``, ``on_epoch_end``, ``on_training_end``.
+A plugin adds to the loss by putting tensors into ``ctx.aux_losses`` during ``on_step_start``/``compute_loss``.
+
+Generation hooks: ``augment_prompt(prompt, ctx) -> str`` (e.g. retrieval), ``select_sample(candidates, ctx)``
+(e.g. voting over K samples).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional
+
+from ..core.registry import Provider
+
+TRAINING_HOOKS = ("on_training_start", "on_epoch_start", "on_step_start", "on_step_end", "on_epoch_end",
+                  "on_training_end")
+GENERATION_HOOKS = ("augment_prompt", "select_sample")
+
+
+@dataclasses.dataclass
+class HookContext:
+    """What a hook sees. Fields the trainer does not know yet are None."""
+
+    trainer: Any = None
+    model: Any = None
+    config: Any = None
+    epoch: int = 0
+    step: int = 0  # global optimizer step
+    batch: Any = None
+    loss: Optional[float] = None
+    aux_losses: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    events: list[tuple[str, str, int, int]] = dataclasses.field(default_factory=list)  # (plugin, hook, epoch, step)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Plugin(Provider):
+    """Base class of plugins. Subclasses set ``name`` (and ``description``) and override the hooks they need."""
+
+    kind: ClassVar[str] = "plugin"
+
+    def on_training_start(self, ctx: HookContext) -> None: ...
+    def on_epoch_start(self, ctx: HookContext) -> None: ...
+    def on_step_start(self, ctx: HookContext) -> None: ...
+    def on_step_end(self, ctx: HookContext) -> None: ...
+    def on_epoch_end(self, ctx: HookContext) -> None: ...
+    def on_training_end(self, ctx: HookContext) -> None: ...
+
+    def augment_prompt(self, prompt: str, ctx: HookContext) -> str:
+        return prompt
+
+    def select_sample(self, candidates: list[Any], ctx: HookContext) -> Optional[Any]:
+        return None
