@@ -284,3 +284,17 @@ def test_router_providers_registered():
     reasons = registry.REGISTRY.provider_class("router", "cuda")(None).supports(x=x)
     assert any("device cpu" in s for s in reasons), reasons  # the cuda router never takes CPU tensors
     assert registry.REGISTRY.provider_class("router", "triton")(None).supports(x=x.double())
+
+
+def test_noisy_gating_only_in_training():
+    torch.manual_seed(7)
+    m = MoEFFN(6, 8, 4, k=2, capacity_factor=None, noisy_gating=True, router_impl="reference")
+    x = torch.randn(30, 6)
+    m.eval()
+    assert torch.equal(m(x)[0], m(x)[0])
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)[0]
+    torch.manual_seed(2)
+    b = m(x)[0]
+    assert not torch.equal(a, b)

@@ -181,3 +181,56 @@ def test_cuda_matches_reference(n, e, k, cf, kind):
 def test_cuda_dtypes(dtype):
     check_impl("cuda", 300, 8, 2, 1.0, "random", dtype, device="cuda")
     check_impl("cuda", 300, 8, 2, None, "dup", dtype, device="cuda")
+
+
+def test_cuda_bindings_reject_cpu_tensors():
+    from apt_kernels._native import native_module, view
+
+    m = native_module()
+    if not getattr(m, "with_cuda", False):
+        pytest.skip("apt_kernels._C built without CUDA")
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+        m.moe_dispatch_cuda(view(x), view(torch.zeros(2, dtype=torch.int64)), view(torch.empty(2, 4)), 0)
+    with pytest.raises(ValueError, match="probs"):
+        z = torch.empty(3, 2, dtype=torch.int64)
+        m.moe_route_cuda(view(torch.rand(3, 4)), 2, -1, view(z), view(z), view(z), view(z.view(-1)),
+                         view(torch.empty(4, dtype=torch.int64)), view(torch.empty(8, dtype=torch.int64)), 0)
+
+
+@pytest.mark.parametrize("cf", [None, 0.5])
+def test_moeffn_cpu_native_matches_reference(cf):
+    from apt_kernels.layers.moe import MoEFFN
+
+    torch.manual_seed(6)
+    ref = MoEFFN(16, 24, 8, k=2, capacity_factor=cf, router_impl="reference", shared_expert=True)
+    nat = MoEFFN(16, 24, 8, k=2, capacity_factor=cf, router_impl="cpu_native", shared_expert=True)
+    nat.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 21, 16)
+    outs = []
+    for m in (ref, nat):
+        y, aux = m(x)
+        (y.square().mean() + aux["balance_loss"] + aux["z_loss"]).backward()
+        outs.append((y, aux, {n: p.grad for n, p in m.named_parameters()}))
+    (y0, a0, g0), (y1, a1, g1) = outs
+    assert_close(y1, y0)
+    assert torch.equal(a0["tokens_per_expert"], a1["tokens_per_expert"]) and int(a0["dropped"]) == int(a1["dropped"])
+    assert_close(a1["balance_loss"], a0["balance_loss"])
+    for n in g0:
+        assert_close(g1[n], g0[n], grad=True, msg=n)
+
+
+def test_provider_cpu_native_via_registry():
+    from apt.core import registry
+
+    p = registry.get("router", "cpu_native", strict=True)
+    lg = torch.randn(50, 8)
+    r = p.route(lg, 2, 1.0)
+    assert_same_routing(r, registry.get("router", "topk_default").route(lg, 2, 1.0))
+    x = torch.randn(50, 6)
+    assert_close(p.combine(p.dispatch(x, r), r), moe_combine(moe_dispatch(x, r, impl="reference"), r,
+                                                             impl="reference"))
+    assert p.supports(x=x) == []
+    assert p.supports(device="meta")
+    layer = p.create_layer(6, 8, 8, k=2)
+    assert layer.router_impl is p

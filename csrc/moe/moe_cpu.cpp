@@ -3,6 +3,7 @@
 // probs (N, E) fp32/fp64 any strides; x / expert rows fp32/fp16/bf16/fp64 any strides for inputs, outputs and
 // index tensors (int64) contiguous. cap < 0 = dropless (packed rows sorted by expert). All gathers: no atomics.
 #include "common/apt_common.h"
+#include "moe/moe_checks.h"
 
 #include <algorithm>
 #include <atomic>
@@ -29,21 +30,8 @@ int max_threads() {
 #endif
 }
 
-void check_contiguous(const TensorView& t) {
-  int64_t expect = 1;
-  for (int64_t i = t.ndim() - 1; i >= 0; --i) {
-    if (t.shape[i] != 1)
-      APT_CHECK(t.strides[i] == expect, t.name, ": expected a contiguous tensor");
-    expect *= t.shape[i];
-  }
-}
-
-void check_index(const TensorView& t, const std::vector<int64_t>& shape) {
-  check_shape(t, shape);
-  check_dtype(t, DType::Int64);
-  check_cpu(t);
-  check_contiguous(t);
-}
+using moe::check_contiguous;
+using moe::check_index;
 
 // Output buffers here are large and freshly allocated, so first-touch page faults cost more than the copy itself
 // (~4x at 160 MB). Ask for transparent huge pages on the 2 MB-aligned interior (what torch does with
