@@ -42,7 +42,7 @@ def assert_same_routing(a, b):
 
 # sampled (N, E, k, capacity_factor, kind); kept small for the interpreter
 CASES = [(1, 1, 1, None, "random"), (5, 2, 2, 0.5, "equal"), (9, 64, 4, 1.0, "dup"), (70, 8, 2, 1.25, "skew"),
-         (130, 8, 1, 2.0, "random"), (40, 64, 2, None, "equal"), (33, 2, 1, 0.5, "dup")]
+         (130, 8, 1, 2.0, "random"), (260, 64, 2, None, "equal"), (33, 2, 1, 0.5, "dup")]
 
 
 @pytest.mark.parametrize("n,e,k,cf,kind", CASES)

@@ -85,10 +85,8 @@ def _position_kernel(idx_ptr, base_ptr, start_ptr, pos_ptr, slot_ptr, tos_ptr, N
     before = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)  # same-expert rows earlier in block
     ec = tl.where(rmask, e, 0)
     pos = tl.load(base_ptr + (j * NB + b) * E + ec, mask=rmask, other=0) + before.to(tl.int64)
-    if cap < 0:
-        slot = tl.load(start_ptr + ec, mask=rmask, other=0) + pos
-    else:
-        slot = tl.where(pos < cap, ec * cap + pos, -1)
+    start = tl.load(start_ptr + ec, mask=rmask, other=0)
+    slot = tl.where(cap < 0, start + pos, tl.where(pos < cap, ec * cap + pos, -1))
     tl.store(pos_ptr + rows * K + j, pos, mask=rmask)
     tl.store(slot_ptr + rows * K + j, slot, mask=rmask)
     tl.store(tos_ptr + slot, rows.to(tl.int64), mask=rmask & (slot >= 0))
