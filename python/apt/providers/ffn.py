@@ -44,7 +44,7 @@ class MoEFFNProvider(Provider):
         if _moefnn_class() is not None:
             return True, ""
         try:
-            if registry.REGISTRY.default_name("router") is not None:
+            if any(i.available for i in registry.REGISTRY.list_providers("router")):
                 return True, ""
         except registry.RegistryError:
             pass
