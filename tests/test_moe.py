@@ -255,6 +255,14 @@ def test_bad_inputs():
         moe_dispatch(torch.randn(5, 3), "routing")
     with pytest.raises(ValueError, match="expert_out"):
         moe_combine(torch.randn(4, r.capacity + 1, 3), r)
+    with pytest.raises(ValueError, match="x: expected device cpu"):
+        moe_dispatch(torch.empty(5, 3, device="meta"), r)
+    with pytest.raises(ValueError, match="expert_out: expected device cpu"):
+        moe_combine(torch.empty(4, r.capacity, 3, device="meta"), r)
+    with pytest.raises(TypeError, match="renormalize"):
+        moe_route(lg, 2, renormalize="yes")
+    with pytest.raises(TypeError, match="capacity_factor"):
+        moe_route(lg, 2, capacity_factor="1.0")
     with pytest.raises(ValueError, match="temperature|d_model|k"):
         MoEFFN(4, 8, 2, k=3)
     with pytest.raises(ValueError, match="activation"):
