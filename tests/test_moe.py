@@ -306,3 +306,20 @@ def test_noisy_gating_only_in_training():
     torch.manual_seed(2)
     b = m(x)[0]
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+@pytest.mark.parametrize("cf", [None, 1.0])
+def test_empty_batch(impl, cf):
+    lg = torch.randn(0, 4, requires_grad=True)
+    r = moe_route(lg, 2, cf, impl=impl)
+    x = torch.randn(0, 3, requires_grad=True)
+    buf = moe_dispatch(x, r, impl=impl)
+    assert buf.shape == ((0, 3) if cf is None else (4, 4, 3)) and not buf.any()
+    y = moe_combine(buf, r, impl=impl)
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    assert int(r.dropped) == 0 and r.tokens_per_expert.tolist() == [0] * 4
+    m = MoEFFN(3, 5, 4, k=2, capacity_factor=cf, router_impl=impl)
+    out, aux = m(torch.randn(2, 0, 3))
+    assert out.shape == (2, 0, 3)
