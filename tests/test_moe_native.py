@@ -234,3 +234,19 @@ def test_provider_cpu_native_via_registry():
     assert p.supports(device="meta")
     layer = p.create_layer(6, 8, 8, k=2)
     assert layer.router_impl is p
+
+
+def test_cpu_native_backward_with_expanded_grad():
+    """sum()'s gradient is an expanded (stride 0) tensor; the C++ backwards read it without a copy."""
+    torch.manual_seed(8)
+    lg = torch.randn(40, 8)
+    grads = []
+    for impl in ("reference", "cpu_native"):
+        x = torch.randn(40, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        w = lg.clone().requires_grad_()
+        r = moe_route(w, 2, 1.0, impl=impl)
+        buf = moe_dispatch(x, r, impl=impl)
+        moe_combine(buf * 2, r, impl=impl).sum().backward()
+        grads.append((x.grad, w.grad))
+    assert_close(grads[1][0], grads[0][0], grad=True)
+    assert_close(grads[1][1], grads[0][1], grad=True)
