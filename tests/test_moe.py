@@ -9,8 +9,7 @@ import torch
 
 from apt_kernels.layers.moe import MoEFFN
 from apt_kernels.ops.moe import moe_aux_losses, moe_combine, moe_dispatch, moe_route
-from apt_kernels.reference.moe import (expert_capacity, moe_combine_ref, moe_dispatch_ref, moe_route_ref,
-                                       router_probs)
+from apt_kernels.reference.moe import expert_capacity, moe_combine_ref, moe_dispatch_ref, moe_route_ref
 from apt_kernels.testing import assert_close
 
 
