@@ -255,6 +255,14 @@ def test_bad_inputs():
         moe_dispatch(torch.randn(5, 3), "routing")
     with pytest.raises(ValueError, match="expert_out"):
         moe_combine(torch.randn(4, r.capacity + 1, 3), r)
+    with pytest.raises(ValueError, match="x: expected device cpu"):
+        moe_dispatch(torch.empty(5, 3, device="meta"), r)
+    with pytest.raises(ValueError, match="expert_out: expected device cpu"):
+        moe_combine(torch.empty(4, r.capacity, 3, device="meta"), r)
+    with pytest.raises(TypeError, match="renormalize"):
+        moe_route(lg, 2, renormalize="yes")
+    with pytest.raises(TypeError, match="capacity_factor"):
+        moe_route(lg, 2, capacity_factor="1.0")
     with pytest.raises(ValueError, match="temperature|d_model|k"):
         MoEFFN(4, 8, 2, k=3)
     with pytest.raises(ValueError, match="activation"):
@@ -284,3 +292,17 @@ def test_router_providers_registered():
     reasons = registry.REGISTRY.provider_class("router", "cuda")(None).supports(x=x)
     assert any("device cpu" in s for s in reasons), reasons  # the cuda router never takes CPU tensors
     assert registry.REGISTRY.provider_class("router", "triton")(None).supports(x=x.double())
+
+
+def test_noisy_gating_only_in_training():
+    torch.manual_seed(7)
+    m = MoEFFN(6, 8, 4, k=2, capacity_factor=None, noisy_gating=True, router_impl="reference")
+    x = torch.randn(30, 6)
+    m.eval()
+    assert torch.equal(m(x)[0], m(x)[0])
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)[0]
+    torch.manual_seed(2)
+    b = m(x)[0]
+    assert not torch.equal(a, b)

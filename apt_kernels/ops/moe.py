@@ -137,7 +137,7 @@ class _NativeCUDA:
         tos = torch.empty(n * k if cap < 0 else e * cap, dtype=torch.int64, device=d)
         counts = torch.empty(e, dtype=torch.int64, device=d)
         nb = max(1, (n + 255) // 256)
-        work = torch.empty(k * nb * e, dtype=torch.int64, device=d)
+        work = torch.empty(k * nb * e + e, dtype=torch.int64, device=d)
         native_module().moe_route_cuda(view(probs), int(k), int(cap), view(idx), view(pos), view(slot), view(tos),
                                        view(counts), view(work), current_stream(d))
         return idx, pos, slot, tos, counts
