@@ -61,14 +61,14 @@ class ConstLoss(Plugin):
 
 
 def test_tiny_debug_trains_and_loss_falls(tmp_path):
-    cfg = load_profile("tiny_debug", {"training.steps_per_epoch": 25, "training.out_dir": str(tmp_path / "r"),
+    cfg = load_profile("tiny_debug", {"training.steps_per_epoch": 15, "training.out_dir": str(tmp_path / "r"),
                                       "training.progress": False})
     summary = Trainer(cfg).fit()
     hist = summary["steps"], summary["first_loss"], summary["final_loss"]
-    assert summary["steps"] == 50 and summary["epochs"] == 2, hist
+    assert summary["steps"] == 30 and summary["epochs"] == 2, hist
     assert summary["first_loss"] > 5.0  # ~ln(257) at initialisation
-    assert summary["final_loss"] < summary["first_loss"] - 2.0, hist
-    assert len(summary["val_losses"]) == 2 and summary["val_losses"][-1] < summary["first_loss"] - 2.0
+    assert summary["final_loss"] < summary["first_loss"] - 1.5, hist
+    assert len(summary["val_losses"]) == 2 and summary["val_losses"][-1] < summary["first_loss"] - 1.5
     model, tok, prof = load_for_inference(tmp_path / "r" / "last.pt")
     ids = torch.tensor([tok.encode("The keeper")])
     assert model(ids).shape == (1, ids.shape[1], tok.vocab_size)

@@ -241,6 +241,7 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                         step_losses, parts_sum = [], {}
                         ctx = self._sync_ctx(batch=(x, y))
+                        ctx.metrics.clear()  # metrics describe one step; plugins refill them from here
                         self.ctx.aux_losses = {}
                         self.plugins.broadcast("on_step_start", ctx)
                     self.ctx.aux_losses = {}
@@ -272,18 +273,19 @@ class Trainer:
                     loss = sum(step_losses) / len(step_losses)
                     self.history.append(loss)
                     ctx = self._sync_ctx(loss=loss)
-                    ctx.metrics.update({"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    ctx.metrics.update({"loss": loss, "lr": lr,
                                         "grad_norm": grad_norm, **{f"loss_{k}": v for k, v in parts_sum.items()}})
-                    self.plugins.broadcast("on_step_end", ctx)
                     elapsed = time.perf_counter() - start
                     tps = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
                     ctx.metrics["tokens_per_s"] = tps
+                    self.plugins.broadcast("on_step_end", ctx)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", epoch=self.epoch)
                     if self.step % log_every == 0 or self.step == 1:
                         logger.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f tok/s", self.epoch, self.step,
-                                    self.total_steps, loss, ctx.metrics["lr"], tps)
+                                    self.total_steps, loss, lr, tps)
                     if save_every and self.step % int(save_every) == 0:
                         self.save_checkpoint()
                     if self.step >= self.total_steps or (stop_at_step is not None and self.step >= stop_at_step):
