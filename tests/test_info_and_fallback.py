@@ -1,0 +1,57 @@
+"""`apt info` output and the no-native-module path (APT_DISABLE_NATIVE=1 behaves like a build without _C)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from apt.cli.main import main
+
+
+def run_apt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "apt", *args], capture_output=True, text=True, env=full_env,
+                          timeout=300)
+
+
+def test_info_table_lists_kinds_and_reasons(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "apt_kernels._C" in out and "torch" in out and "providers" in out
+    assert "kind" in out and "available" in out
+
+
+def test_info_json_is_machine_readable(capsys):
+    assert main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["environment"]["torch"] == torch.__version__
+    for p in data["providers"]:
+        assert set(p) >= {"kind", "name", "available", "reason", "is_default"}
+        assert p["available"] or p["reason"], f"unavailable provider without a reason: {p}"
+
+
+def test_without_native_module_everything_still_runs():
+    code = (
+        "import torch, apt_kernels\n"
+        "from apt_kernels.backends import native_status\n"
+        "ok, why = native_status()\n"
+        "assert not ok and 'APT_DISABLE_NATIVE' in why, why\n"
+        "x = torch.randn(2, 5, 3, dtype=torch.float64)\n"
+        "torch.testing.assert_close(apt_kernels.running_mean(x), apt_kernels.running_mean_ref(x))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, APT_DISABLE_NATIVE="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    info = run_apt("info", env={"APT_DISABLE_NATIVE": "1"})
+    assert info.returncode == 0, info.stderr
+    assert "unavailable (disabled by APT_DISABLE_NATIVE)" in info.stdout
+
+
+def test_cli_without_command_prints_help():
+    r = run_apt()
+    assert r.returncode == 1 and "usage: apt" in r.stdout
