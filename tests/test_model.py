@@ -5,10 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from apt.core import registry
 from apt.core.config import load_profile
 from apt.modeling import ModelBuilder
 from apt.modeling.layers import CausalSelfAttention, MoEWrappedFFN
 from apt.modeling.toy import register_toy_router
+
+
+def _router() -> str:
+    """The real default router when the MoE layer is installed, else the test-only toy one."""
+    ok = any(i.name == "topk_default" and i.available for i in registry.list_providers("router"))
+    return "topk_default" if ok else register_toy_router()
 
 TINY = {"model.d_model": 32, "model.num_heads": 2, "model.num_layers": 2, "model.max_seq_len": 32,
         "data.seq_len": 16}
@@ -83,7 +90,7 @@ def test_unknown_attention_provider_falls_back():
 
 
 def test_moe_wrapper_switch_and_aux_losses():
-    name = register_toy_router()
+    name = _router()
     model = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": name,
                                     "model.moe.num_experts": 4, "model.moe.every": 2})
     moes = model.moe_layers()

@@ -138,3 +138,35 @@ def test_lr_schedule_and_amp_policy():
 def test_max_steps_stops_mid_epoch(tmp_path):
     summary = Trainer(_cfg(tmp_path, **{"training.max_steps": 4})).fit()
     assert summary["steps"] == 4 and (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_mamba_backbone_trains(tmp_path):
+    cfg = load_profile("mamba_tiny", {"model.d_model": 32, "data.seq_len": 16, "data.batch_size": 8,
+                                      "training.steps_per_epoch": 16, "training.warmup_steps": 2, "training.lr": 1e-2,
+                                      "training.out_dir": str(tmp_path), "training.progress": False})
+    summary = Trainer(cfg).fit()
+    assert summary["final_loss"] < summary["first_loss"] - 0.8, (summary["first_loss"], summary["final_loss"])
+    model, tok, _ = load_for_inference(tmp_path / "last.pt")
+    assert model.backbone == "mamba"
+
+
+def test_progress_bar_shows_loss_and_tokens_per_second(tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    Trainer(_cfg(tmp_path, **{"training.progress": True, "training.max_epochs": 1})).fit()
+    err = capsys.readouterr().err
+    assert "loss=" in err and "tok_s=" in err
+
+
+@pytest.mark.cuda
+def test_cuda_amp_training_and_resume(tmp_path):
+    over = {"training.device": "cuda", "training.amp": "auto", "training.grad_accum": 2}
+    a = Trainer(_cfg(tmp_path / "a", **over))
+    assert a.amp_dtype in (torch.bfloat16, torch.float16)
+    sa = a.fit()
+    assert math.isfinite(sa["final_loss"])
+    b = Trainer(_cfg(tmp_path / "b", **over))
+    b.fit(stop_at_step=4)
+    c = Trainer(_cfg(tmp_path / "b", **over, **{"training.resume": "auto"}))
+    c.fit()
+    for (n, pa), (_, pc) in zip(a.model.state_dict().items(), c.model.state_dict().items()):
+        torch.testing.assert_close(pa, pc, msg=n)
