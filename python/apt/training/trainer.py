@@ -106,6 +106,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.schedules = Schedules(self.cfg.get("schedules") or {}, self.max_epochs, self.total_steps)
         self.plugins = PluginManager(plugins) if plugins is not None else PluginManager.from_config(self.cfg)
+        active_names = {p.name for p in self.plugins.plugins}
+        for key in self.schedules.section:
+            plugin = key[len("enable_"):-len("_at_epoch")] if key.startswith("enable_") and key.endswith(
+                "_at_epoch") else None
+            if plugin and plugin not in active_names:
+                logger.warning("schedules.%s: plugin %r is not enabled (plugins.enabled), so this has no effect",
+                               key, plugin)
         self.ctx = HookContext(trainer=self, model=self.model, config=self.cfg,
                                extra={"schedules": self.schedules})
         name = self.cfg.get("name") or "run"
