@@ -21,7 +21,6 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..core.config import get_dotted
 from ..core.schedules import Schedules
 from ..data.datasets import TokenBatches, build_data
 from ..modeling.compose import ModelBuilder
@@ -338,4 +337,4 @@ def train(profile: Any, overrides: Any = None, plugins: Optional[Sequence[str]] 
     return Trainer(cfg, **trainer_kw).fit()
 
 
-__all__ = ["Trainer", "amp_dtype", "get_dotted", "lr_factor", "pick_device", "train"]
+__all__ = ["Trainer", "amp_dtype", "lr_factor", "pick_device", "train"]
