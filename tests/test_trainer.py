@@ -170,3 +170,29 @@ def test_cuda_amp_training_and_resume(tmp_path):
     c.fit()
     for (n, pa), (_, pc) in zip(a.model.state_dict().items(), c.model.state_dict().items()):
         torch.testing.assert_close(pa, pc, msg=n)
+
+
+class GradGrab(Plugin):
+    name = "gradgrab"
+
+    def on_step_end(self, ctx):  # gradients of the step just taken are still in .grad here
+        self.grads = {n: p.grad.clone() for n, p in ctx.model.named_parameters() if p.grad is not None}
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    # Two micro-batches of 4 draw the same windows as one batch of 8 (same generator stream), so the accumulated
+    # gradient must equal the big batch's gradient up to float summation order.
+    over = {"training.max_epochs": 1, "training.steps_per_epoch": 1, "training.grad_clip": None}
+    gb, gs = GradGrab(), GradGrab()
+    big = Trainer(_cfg(tmp_path / "big", **over, **{"data.batch_size": 8}), plugins=[gb])
+    small = Trainer(_cfg(tmp_path / "small", **over, **{"data.batch_size": 4, "training.grad_accum": 2}),
+                    plugins=[gs])
+    xb, _ = next(big.data.batches(0, 1))
+    xs = torch.cat([b[0] for b in small.data.batches(0, 2)])
+    assert torch.equal(xb, xs)
+    big.fit()
+    small.fit()
+    assert big.history == pytest.approx(small.history, rel=1e-5)
+    assert gb.grads.keys() == gs.grads.keys() and len(gb.grads) > 5
+    for n in gb.grads:
+        torch.testing.assert_close(gs.grads[n], gb.grads[n], atol=1e-6, rtol=1e-4, msg=n)
