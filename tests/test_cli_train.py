@@ -21,6 +21,9 @@ def test_train_runs_with_overrides_and_resumes(tmp_path, capsys):
     assert main(["train", "-p", "tiny_debug", "--out-dir", str(out), "--resume", "auto", *FAST,
                  "--training.max_epochs", "2"]) == 0
     assert "done: 6 steps" in capsys.readouterr().out
+    assert main(["train", "-p", "tiny_debug", "--out-dir", str(out), "--resume", "auto", *FAST,
+                 "--training.max_epochs", "2"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
 
 
 def test_train_print_config_applies_overrides_and_plugins(capsys):
