@@ -40,6 +40,8 @@ def test_train_print_config_applies_overrides_and_plugins(capsys):
     (["train", "-p", "tiny_debug", "--training.max_epochs", "zero"], "training.max_epochs: expected int"),
     (["train", "-p", "tiny_debug", "--plugins", "nosuch"], "unknown plugin 'nosuch'"),
     (["train", "-p", "tiny_debug", "--training.lr"], "has no value"),
+    (["train", "-p", "tiny_debug", "--data.path", "/nonexistent/corpus.txt"], "no such file"),
+    (["train", "-p", "tiny_debug", "--device", "tpu"], "training.device: 'tpu' is not a device"),
     (["plugin", "info", "plugin", "nosuch"], "no provider 'nosuch'"),
     (["plugin", "list", "--kind", "nokind"], "unknown provider kind"),
 ])

@@ -34,7 +34,10 @@ logger = logging.getLogger(__name__)
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"training.device: {name!r} is not a device ({exc})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"training.device: {name!r} requested but CUDA is not available")
     return dev
