@@ -86,6 +86,20 @@ def test_moe_enabled_at_scheduled_epoch_with_capacity_and_temperature_schedules(
     layer = tr.model.moe_layers()[0]
     assert layer.moe.temperature == pytest.approx(temps[-1]) and layer.moe.capacity_factor == pytest.approx(1.0)
     assert ("routing", "temperature_start:2", 0, 0) in events
+    if tr.model.build_report["moe"].startswith("router/"):  # the real MoE layer reports routing statistics
+        last = rows[-1][2]
+        assert last["moe_load_max"] >= 1.0 and last["moe_dropped"] >= 0
+
+
+def test_moe_plugin_puts_another_router_behind_the_layers(tmp_path):
+    if not any(i.name == "topk_default" and i.available for i in registry.list_providers("router")):
+        pytest.skip("apt_kernels MoE layer not installed")
+    tr, _ = _run(tmp_path, ["moe"], **{"training.max_epochs": 1, "plugins.moe.router": "auto"})
+    chosen = [e[1] for e in tr.ctx.events if e[1].startswith("router:")]
+    assert len(chosen) == 1
+    name = chosen[0].split(":", 1)[1]
+    assert registry.get_info("router", name).available
+    assert all(layer.moe.router_impl.name == name for layer in tr.model.moe_layers())
 
 
 def test_align_enabled_at_scheduled_epoch(tmp_path):

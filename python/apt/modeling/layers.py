@@ -75,6 +75,7 @@ class MoEWrappedFFN(nn.Module):
         self.moe = moe
         self.register_buffer("_active", torch.tensor(bool(active)), persistent=True)
         self.last_aux: dict[str, torch.Tensor] = {}
+        self.last_stats: dict[str, Any] = {}
 
     @property
     def active(self) -> bool:
@@ -106,13 +107,16 @@ class MoEWrappedFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
-            self.last_aux = {}
+            self.last_aux, self.last_stats = {}, {}
             return self.dense(x)
         shape = x.shape
         out = self.moe(x.reshape(-1, shape[-1]))
         y, aux = (out if isinstance(out, tuple) else (out, {}))
-        self.last_aux = {k: v for k, v in (aux or {}).items() if k in ("balance_loss", "z_loss")
-                         and torch.is_tensor(v)}
+        aux = aux or {}
+        self.last_aux = {k: v for k, v in aux.items() if k in ("balance_loss", "z_loss") and torch.is_tensor(v)}
+        # routing statistics for monitoring (tokens per expert, dropped assignments), without autograd history
+        self.last_stats = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in aux.items()
+                           if k not in self.last_aux}
         return y.reshape(shape)
 
 
