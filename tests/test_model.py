@@ -123,3 +123,23 @@ def test_bad_backbone():
     cfg["model"]["backbone"] = "rnn"
     with pytest.raises(ValueError, match="backbone"):
         ModelBuilder(cfg).build()
+
+
+def test_upcycle_copies_the_dense_ffn_into_every_expert():
+    if not any(i.name == "topk_default" and i.available for i in registry.list_providers("router")):
+        pytest.skip("apt_kernels MoE layer not installed")
+    for act in ("swiglu", "gelu"):
+        model = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": "topk_default",
+                                        "model.moe.activation": act, "model.ffn.activation": act,
+                                        "model.moe.capacity_factor": None})
+        layer = model.moe_layers()[0]
+        with torch.no_grad():
+            layer.dense.w1.bias.zero_()
+            layer.dense.w2.bias.zero_()
+        assert layer.upcycle() == ""
+        x = torch.randn(10, 32)
+        y, _ = layer.moe(x)  # dropless; the top-k weights sum to 1 and every expert is the dense FFN
+        torch.testing.assert_close(y, layer.dense(x), atol=1e-5, rtol=1e-4)
+    model = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": "topk_default",
+                                    "model.moe.activation": "gelu", "model.ffn.activation": "swiglu"})
+    assert "activations differ" in model.moe_layers()[0].upcycle()

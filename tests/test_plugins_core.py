@@ -75,8 +75,8 @@ def test_moe_enabled_at_scheduled_epoch_with_capacity_and_temperature_schedules(
         "schedules.moe_capacity_factor": {"start": 2.0, "end": 1.0, "by": "epoch"},
         "schedules.route_temperature": {"start": 2.0, "end": 0.5, "by": "step", "kind": "cosine"}})
     events = tr.ctx.events
-    enabled = [e for e in events if e[0] == "moe" and e[1] == "enabled"]
-    assert enabled == [("moe", "enabled", 1, 3)]  # epoch 1 begins after the 3 steps of epoch 0
+    enabled = [e for e in events if e[0] == "moe" and e[1] in ("enabled", "upcycled")]
+    assert enabled == [("moe", "upcycled", 1, 3), ("moe", "enabled", 1, 3)]  # epoch 1 starts after 3 steps
     for epoch, step, m in rows:
         assert ("loss_moe_balance" in m) == (epoch >= 1), (epoch, step, m)
         assert m["moe_capacity_factor"] == pytest.approx([2.0, 1.5, 1.0][epoch])
@@ -205,3 +205,23 @@ def test_unknown_plugin_and_bad_settings():
         build_plugins(["routing"], {"routing": {"temperatur": 2.0}})
     with pytest.raises(PluginError, match="tau_align"):
         build_plugins(["align"], {"align": {"tau_align": -1}})
+
+
+def test_resume_with_scheduled_plugins_equals_uninterrupted(tmp_path):
+    router = _router()
+    over = {**SMALL, "model.moe.enabled": True, "model.moe.router_name": router, "model.dropout": 0.1,
+            "schedules.enable_moe_at_epoch": 1, "schedules.enable_align_at_epoch": 1,
+            "schedules.route_temperature": {"start": 2.0, "end": 1.0, "by": "step"},
+            "schedules.moe_capacity_factor": {"start": 2.0, "end": 1.0, "by": "epoch"}}
+    plugins = ["moe", "routing", "align"]
+    a = Trainer(load_profile("tiny_debug", {**over, "training.out_dir": str(tmp_path / "a")}, plugins=plugins))
+    a.fit()
+    b = Trainer(load_profile("tiny_debug", {**over, "training.out_dir": str(tmp_path / "b")}, plugins=plugins))
+    b.fit(stop_at_step=5)  # after MoE and align switched on (epoch 1 = steps 4..6)
+    c = Trainer(load_profile("tiny_debug", {**over, "training.out_dir": str(tmp_path / "b"),
+                                            "training.resume": "auto"}, plugins=plugins))
+    c.fit()
+    assert c.history == a.history and len(a.history) == 9
+    for (n, pa), (_, pc) in zip(a.model.state_dict().items(), c.model.state_dict().items()):
+        assert torch.equal(pa, pc), n
+    assert not [e for e in c.ctx.events if e[1] in ("enabled", "upcycled")]  # nothing switched on twice

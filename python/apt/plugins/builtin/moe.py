@@ -5,7 +5,9 @@ different router provider (kind ``router``) behind the MoE layers.
 Settings (``plugins.moe``): ``router`` — null (keep the one the model was built with, ``model.moe.router_name``),
 ``auto`` (the highest-priority router provider that supports the model's device and dtype, e.g. ``cuda`` or
 ``triton`` on a GPU) or a provider name; ``capacity_factor`` — the value used when the profile has no
-``moe_capacity_factor`` schedule (null: leave the model's).
+``moe_capacity_factor`` schedule (null: leave the model's); ``upcycle`` (default true) — when MoE switches on
+after dense training (enable epoch > 0), copy each dense FFN's weights into its experts first
+(:meth:`~apt.modeling.layers.MoEWrappedFFN.upcycle`), so the switch does not restart those blocks from scratch.
 
 Events: ``("moe", "router:<name>", ...)`` at the start, ``("moe", "enabled", epoch, step)`` when the MoE layers
 switch on, ``("moe", "no_moe_layers", ...)`` when the model has none (``model.moe.enabled: false`` or no MoE layer
@@ -32,9 +34,11 @@ class MoEPlugin(Plugin):
 
     def __init__(self, config: Optional[dict[str, Any]] = None) -> None:
         super().__init__(config)
-        unknown = set(self.config) - {"capacity_factor", "router"}
+        unknown = set(self.config) - {"capacity_factor", "router", "upcycle"}
         if unknown:
-            raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))} (known: capacity_factor, router)")
+            raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))} "
+                             "(known: capacity_factor, router, upcycle)")
+        self.upcycle = bool(self.config.get("upcycle", True))
         self.capacity_factor = self.config.get("capacity_factor")
         self.router = self.config.get("router")
         self._layers: list[Any] = []
@@ -75,6 +79,12 @@ class MoEPlugin(Plugin):
             return
         on = self.scheduled_on(ctx)
         was = all(layer.active for layer in self._layers)
+        if on and not was and self.upcycle:
+            for i, layer in enumerate(self._layers):
+                why = layer.upcycle()
+                if why:
+                    logger.warning("moe plugin: MoE layer %d not upcycled from its dense FFN: %s", i, why)
+            self.emit(ctx, "upcycled")
         for layer in self._layers:
             layer.active = on
         if on and (not was or ctx.epoch == self._enable_epoch(ctx)) and not ctx.extra.get("resumed_mid_epoch"):
