@@ -38,8 +38,11 @@ def _incremental(model, x, prefill):
     ("tiny_debug", {}),
     ("tiny_debug", {"model.norm": "rmsnorm", "model.ffn.activation": "swiglu", "model.tie_embeddings": False}),
     ("mamba_tiny", {}),
+    ("mamba_tiny", {"model.mamba.scan_name": "auto"}),
 ])
-def test_incremental_decoding_matches_full_forward(profile, over):
+def test_incremental_decoding_matches_full_forward(profile, over, monkeypatch):
+    # other test modules set TRITON_INTERPRET=1 for the whole process; "auto" must not pick the (slow) interpreter
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = _model(profile, **over)
     x = torch.randint(0, model.vocab_size, (2, 11))
     with torch.no_grad():
