@@ -146,3 +146,29 @@ def test_upcycle_copies_the_dense_ffn_into_every_expert():
     model = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": "topk_default",
                                     "model.moe.activation": "gelu", "model.ffn.activation": "swiglu"})
     assert "activations differ" in model.moe_layers()[0].upcycle()
+
+
+def test_attention_provider_gets_tva_settings_it_accepts():
+    from apt.core.registry import Provider
+
+    seen = {}
+
+    class RecordingAttention(Provider):
+        kind = "attention"
+        name = "test_recording_attention"
+
+        def create_layer(self, d_model, num_heads, r=4, s=1, tau=0.5, alpha=0.1, window=None, extra=None):
+            seen.update(d_model=d_model, num_heads=num_heads, r=r, s=s, tau=tau, alpha=alpha, window=window,
+                        extra=extra)
+            return CausalSelfAttention(d_model, num_heads)
+
+    registry.REGISTRY.register(RecordingAttention)
+    try:
+        model = _model("tiny_debug", **{"model.attention_name": "test_recording_attention",
+                                        "model.tva.r": 8, "model.tva.window": 4, "model.attention.extra": "x"})
+    finally:
+        registry.REGISTRY.unregister("attention", "test_recording_attention")
+    # dropout (not in the signature) is filtered out; tva keys and model.attention keys are passed
+    assert seen == {"d_model": 32, "num_heads": 2, "r": 8, "s": 1, "tau": 0.18, "alpha": 0.1, "window": 4,
+                    "extra": "x"}
+    assert model.build_report["attention"] == "test_recording_attention"
