@@ -2,8 +2,8 @@
 provider registry.
 
 * attention: ``registry.get("attention", model.attention_name).create_layer(d_model, num_heads, **cfg)`` where
-  cfg is ``model.tva`` merged with ``model.attention`` (keyword arguments the provider does not accept are
-  dropped with a debug log). An unknown/unavailable name falls back to the kind's default (registry warning); if
+  cfg is ``model.tva`` merged with ``model.attention``, plus ``dropout`` when create_layer names that parameter
+  (keyword arguments the provider does not accept are dropped with a debug log). An unknown/unavailable name falls back to the kind's default (registry warning); if
   the kind has no usable provider at all, a plain causal attention (torch SDPA) is used with a warning.
 * FFN: ``registry.get("ffn", model.ffn_name)`` (``dense`` by default). With ``model.moe.enabled``, every
   ``model.moe.every``-th block gets a :class:`MoEWrappedFFN` (dense FFN + the ``moe`` ffn provider's layer, which
@@ -47,6 +47,14 @@ def call_accepting(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **{k: v for k, v in kwargs.items() if k in names})
 
 
+def _takes(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` has a parameter called ``name`` (not merely ``**kwargs``)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class ModelBuilder:
     def __init__(self, profile_cfg: Mapping[str, Any], vocab_size: Optional[int] = None) -> None:
         self.cfg = copy.deepcopy(dict(profile_cfg))
@@ -62,10 +70,11 @@ class ModelBuilder:
         m = self.m
         cfg = dict(m.get("tva") or {})
         cfg.update(m.get("attention") or {})
-        cfg.setdefault("dropout", float(m.get("dropout", 0.0)))
         name = m.get("attention_name")
         try:
             prov = registry.get("attention", name)
+            if _takes(prov.create_layer, "dropout"):  # type: ignore[attr-defined]
+                cfg.setdefault("dropout", float(m.get("dropout", 0.0)))
             layer = call_accepting(prov.create_layer, m["d_model"], m["num_heads"], **cfg)  # type: ignore[attr-defined]
             self.report["attention"] = prov.name + (f" (fallback: {prov.fallback_reason})"
                                                     if getattr(prov, "fallback_reason", "") else "")
