@@ -79,7 +79,7 @@ class ModelBuilder:
             self.report["attention"] = prov.name + (f" (fallback: {prov.fallback_reason})"
                                                     if getattr(prov, "fallback_reason", "") else "")
             return layer
-        except (registry.RegistryError, AttributeError) as exc:
+        except (registry.RegistryError, AttributeError, ImportError) as exc:
             logger.warning("apt model: attention provider %r unusable (%s); using plain causal attention", name, exc)
             self.report["attention"] = f"builtin causal attention ({exc})"
             return CausalSelfAttention(m["d_model"], m["num_heads"], dropout=float(m.get("dropout", 0.0)))
