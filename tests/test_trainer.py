@@ -196,3 +196,16 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     assert gb.grads.keys() == gs.grads.keys() and len(gb.grads) > 5
     for n in gb.grads:
         torch.testing.assert_close(gs.grads[n], gb.grads[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+class NaNLoss(Plugin):
+    name = "nanloss"
+
+    def compute_loss(self, ctx):
+        if ctx.step >= 1:
+            ctx.aux_losses["bad"] = torch.tensor(float("nan"))
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(FloatingPointError, match="training loss is nan at epoch 0, step 2"):
+        Trainer(_cfg(tmp_path), plugins=[NaNLoss()]).fit()

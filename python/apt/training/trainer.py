@@ -243,8 +243,8 @@ class Trainer:
                 self.plugins.broadcast("on_epoch_start", ctx)
                 n_micro = self.steps_per_epoch * accum
                 batches = self.data.batches(self.epoch, n_micro, skip=self.batch_in_epoch)
-                step_losses: list[float] = []
-                parts_sum: dict[str, float] = {}
+                step_losses: list[torch.Tensor] = []
+                parts_sum: dict[str, torch.Tensor] = {}
                 for x, y in batches:
                     if self.batch_in_epoch % accum == 0:
                         self.optimizer.zero_grad(set_to_none=True)
@@ -259,9 +259,9 @@ class Trainer:
                     total, parts = self._forward_loss(x, y)
                     scaled = total / accum
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                    step_losses.append(total.item())
+                    step_losses.append(total.detach())  # no host sync per micro-batch
                     for k, v in parts.items():
-                        parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / accum
+                        parts_sum[k] = parts_sum[k] + v / accum if k in parts_sum else v / accum
                     self.batch_in_epoch += 1
                     self.tokens_seen += x.numel()
                     if self.batch_in_epoch % accum:
@@ -279,12 +279,16 @@ class Trainer:
                         self.optimizer.step()
                     self.scheduler.step()
                     self.step += 1
-                    loss = sum(step_losses) / len(step_losses)
+                    loss = float(torch.stack(step_losses).float().mean())
+                    if not math.isfinite(loss) and self.scaler is None:
+                        raise FloatingPointError(
+                            f"training loss is {loss} at epoch {self.epoch}, step {self.step}; lower training.lr, "
+                            "keep training.grad_clip on, or check the data")
                     self.history.append(loss)
                     ctx = self._sync_ctx(loss=loss)
                     lr = self.optimizer.param_groups[0]["lr"]
                     ctx.metrics.update({"loss": loss, "lr": lr,
-                                        "grad_norm": grad_norm, **{f"loss_{k}": v for k, v in parts_sum.items()}})
+                                        "grad_norm": grad_norm, **{f"loss_{k}": float(v) for k, v in parts_sum.items()}})
                     elapsed = time.perf_counter() - start
                     tps = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
                     ctx.metrics["tokens_per_s"] = tps

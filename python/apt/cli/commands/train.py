@@ -93,7 +93,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"nothing to do: the run in {trainer.out_dir} is already at step {trainer.step} of "
               f"{trainer.total_steps} (raise --max-steps or --training.max_epochs to continue)")
         return 0
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except FloatingPointError as exc:
+        raise CLIError(str(exc)) from None
     first, last = summary["first_loss"], summary["final_loss"]
     val = summary["val_losses"][-1] if summary["val_losses"] else None
     print(f"done: {summary['steps']} steps in {summary['wall_s']:.1f}s, loss {first:.4f} -> {last:.4f}"
