@@ -64,6 +64,9 @@ class ModelBuilder:
         m["vocab_size"] = int(vocab_size or m.get("vocab_size") or DEFAULT_VOCAB)
         self.m = m
         self.report: dict[str, str] = {}  # component -> provider actually used (and why, if a fallback)
+        self._attn_provider: Any = None
+        self._attn_error: Optional[Exception] = None
+        self._ffn_provider: Any = None
 
     # ---- components --------------------------------------------------------------------------------------
     def attention(self) -> nn.Module:
@@ -71,8 +74,15 @@ class ModelBuilder:
         cfg = dict(m.get("tva") or {})
         cfg.update(m.get("attention") or {})
         name = m.get("attention_name")
+        if self._attn_provider is None and self._attn_error is None:  # resolve once: one warning, not per layer
+            try:
+                self._attn_provider = registry.get("attention", name)
+            except registry.RegistryError as exc:
+                self._attn_error = exc
+        prov = self._attn_provider
         try:
-            prov = registry.get("attention", name)
+            if prov is None:
+                raise self._attn_error  # type: ignore[misc]
             if _takes(prov.create_layer, "dropout"):  # type: ignore[attr-defined]
                 cfg.setdefault("dropout", float(m.get("dropout", 0.0)))
             layer = call_accepting(prov.create_layer, m["d_model"], m["num_heads"], **cfg)  # type: ignore[attr-defined]
@@ -80,7 +90,9 @@ class ModelBuilder:
                                                     if getattr(prov, "fallback_reason", "") else "")
             return layer
         except (registry.RegistryError, AttributeError, ImportError) as exc:
-            logger.warning("apt model: attention provider %r unusable (%s); using plain causal attention", name, exc)
+            if "attention" not in self.report:
+                logger.warning("apt model: attention provider %r unusable (%s); using plain causal attention",
+                               name, exc)
             self.report["attention"] = f"builtin causal attention ({exc})"
             return CausalSelfAttention(m["d_model"], m["num_heads"], dropout=float(m.get("dropout", 0.0)))
 
@@ -90,7 +102,9 @@ class ModelBuilder:
     def dense_ffn(self) -> nn.Module:
         m = self.m
         act = (m.get("ffn") or {}).get("activation", "gelu")
-        prov = registry.get("ffn", m.get("ffn_name") or None)
+        if self._ffn_provider is None:
+            self._ffn_provider = registry.get("ffn", m.get("ffn_name") or None)
+        prov = self._ffn_provider
         self.report["ffn"] = prov.name
         return call_accepting(prov.create_layer, m["d_model"], self._d_ff(act),  # type: ignore[attr-defined]
                               activation=act, dropout=float(m.get("dropout", 0.0)))
@@ -138,6 +152,8 @@ class ModelBuilder:
                         ffn = MoEWrappedFFN(ffn, moe, active=True)
                 blocks.append(GPTBlock(self.attention(), ffn, self.norm(), self.norm(), drop))
         elif backbone == "mamba":
+            if (m.get("moe") or {}).get("enabled"):
+                logger.warning("apt model: model.moe.enabled is ignored by the mamba backbone (its blocks have no FFN)")
             mc = m.get("mamba") or {}
             for _ in range(m["num_layers"]):
                 mixer = MambaMixer(d, d_state=mc.get("d_state", 16), d_conv=mc.get("d_conv", 4),
