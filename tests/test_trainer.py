@@ -209,3 +209,15 @@ class NaNLoss(Plugin):
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     with pytest.raises(FloatingPointError, match="training loss is nan at epoch 0, step 2"):
         Trainer(_cfg(tmp_path), plugins=[NaNLoss()]).fit()
+
+
+def test_default_out_dir_and_save_every(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_profile("tiny_debug", {**SMALL, "training.max_epochs": 1, "training.save_every": 2})
+    saved = []
+    tr = Trainer(cfg)
+    orig = tr.save_checkpoint
+    tr.save_checkpoint = lambda path=None: saved.append(tr.step) or orig(path)
+    tr.fit()
+    assert saved == [2, 3]  # every 2 steps, and at the epoch end
+    assert (tmp_path / "apt_runs" / "tiny_debug" / "last.pt").is_file()
