@@ -291,6 +291,18 @@ def git_commit(start: Optional[str] = None) -> str:
         return "unknown"
 
 
+def auto_threads() -> int:
+    """CPU threads for timing: torch's default, lowered to the cores that are idle right now (cpu_count minus the
+    1-minute load average). On a busy machine, intra-op threads wait on each other at every barrier while the
+    cores serve other processes, and a 25 µs op can read as 12 ms; one thread per idle core avoids that."""
+    n = torch.get_num_threads()
+    try:
+        idle = (os.cpu_count() or n) - os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return n
+    return max(1, min(n, int(idle + 0.5)))
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     import datetime
     import platform
@@ -309,6 +321,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device_name": _peaks.device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

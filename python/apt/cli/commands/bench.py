@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -49,8 +50,16 @@ def run(args: argparse.Namespace) -> int:
         device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: torch reports no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads == "auto":
+        if device == "cpu":
+            n = runner.auto_threads()
+            if n != torch.get_num_threads():
+                print(f"apt bench: using {n} CPU thread(s) of {torch.get_num_threads()}: the others' cores are busy "
+                      f"(load average {os.getloadavg()[0]:.1f}); --threads N overrides",
+                      file=sys.stderr)
+            torch.set_num_threads(n)
+    elif args.threads:
+        torch.set_num_threads(int(args.threads))
     kinds = list(KINDS) if args.kind == "all" else [args.kind]
     dtype: Optional[torch.dtype] = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
@@ -93,7 +102,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds per measurement; fewer repeats (min 3) for slow calls (default 2; quick 0.5)")
     p.add_argument("--max-shapes", type=int, default=None, help="only the first N shapes of each grid")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", default="auto",
+                   help="torch CPU threads, or 'auto' (default): torch's default lowered to the idle cores")
     p.add_argument("--no-peers", action="store_true", help="skip outside implementations (flash-attn, mamba_ssm...)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--save", action="store_true",
