@@ -59,6 +59,17 @@ def native_status() -> tuple[bool, str]:
     return (_module is not None, _reason)
 
 
+def native_family_status(family: str) -> tuple[bool, str]:
+    """(available, reason) for one op family (csrc/<family>/) inside the compiled module: a module built from an
+    older checkout may lack it."""
+    ok, why = native_status()
+    if not ok:
+        return False, why
+    if family not in list(getattr(_module, "families", [])):
+        return False, f"apt_kernels._C was built without the {family!r} ops (rebuild: pip install .)"
+    return True, ""
+
+
 def native_cuda_status() -> tuple[bool, str]:
     """(available, reason) for the CUDA kernels inside the compiled module."""
     ok, why = native_status()

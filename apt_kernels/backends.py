@@ -11,9 +11,9 @@ import os
 
 import torch
 
-from ._native import native_cuda_status, native_status
+from ._native import native_cuda_status, native_family_status, native_status
 
-__all__ = ["native_status", "native_cuda_status", "triton_status", "cuda_device_status", "triton_interpret"]
+__all__ = ["native_status", "native_family_status", "native_cuda_status", "triton_status", "cuda_device_status", "triton_interpret"]
 
 
 def triton_interpret() -> bool:

@@ -6,7 +6,13 @@ enabled plugin in order; a hook that raises is logged and the plugin is disabled
 
 Training hooks (all optional; default no-ops), each receiving the shared :class:`HookContext`:
 ``on_training_start``, ``on_epoch_start``, ``on_step_start``, ``on_step_end``, ``on_epoch_end``, ``on_training_end``.
-A plugin adds to the loss by putting tensors into ``ctx.aux_losses`` during ``on_step_start``/``compute_loss``.
+A plugin adds to the loss by putting tensors into ``ctx.aux_losses`` during ``compute_loss(ctx)``, which the
+trainer calls for every micro-batch after the forward pass (``ctx.extra["logits"]``, ``ctx.extra["targets"]``
+and ``model.hidden_states`` are then set) and before the backward pass; ``ctx.aux_losses`` is emptied before
+each micro-batch. Parameters that follow a schedule are read from ``ctx.extra["schedules"]``
+(:class:`apt.core.schedules.Schedules`). A plugin that keeps state across a resume returns it from
+``state_dict()`` and takes it back in ``load_state_dict()``; hooks should be idempotent for the epoch they are
+in (after a resume in the middle of an epoch, ``on_epoch_start`` is broadcast again for that epoch).
 
 Generation hooks: ``augment_prompt(prompt, ctx) -> str`` (e.g. retrieval), ``select_sample(candidates, ctx)``
 (e.g. voting over K samples).
@@ -20,6 +26,7 @@ from ..core.registry import Provider
 
 TRAINING_HOOKS = ("on_training_start", "on_epoch_start", "on_step_start", "on_step_end", "on_epoch_end",
                   "on_training_end")
+LOSS_HOOKS = ("compute_loss",)
 GENERATION_HOOKS = ("augment_prompt", "select_sample")
 
 
@@ -51,6 +58,22 @@ class Plugin(Provider):
     def on_step_end(self, ctx: HookContext) -> None: ...
     def on_epoch_end(self, ctx: HookContext) -> None: ...
     def on_training_end(self, ctx: HookContext) -> None: ...
+    def compute_loss(self, ctx: HookContext) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def emit(self, ctx: HookContext, event: str) -> None:
+        """Record ``event`` (e.g. "enabled") in ``ctx.events`` as (plugin, event, epoch, step)."""
+        ctx.events.append((self.name, event, ctx.epoch, ctx.step))
+
+    def scheduled_on(self, ctx: HookContext) -> bool:
+        """Whether the profile's ``schedules.enable_<name>_at_epoch`` lets this plugin act in ``ctx.epoch``."""
+        sched = ctx.extra.get("schedules")
+        return True if sched is None else sched.enabled(self.name, ctx.epoch)
 
     def augment_prompt(self, prompt: str, ctx: HookContext) -> str:
         return prompt

@@ -1,0 +1,183 @@
+"""``MoEFFN``: a mixture-of-experts feed-forward block (top-k router, expert capacity, SwiGLU/GELU experts).
+
+The experts' weights are stacked (E, C, F) / (E, F, C) parameters, so all experts run as one batched GEMM
+(``torch.bmm``) over the (E, cap, C) dispatch buffer. Dropless mode packs rows by expert and pads each expert's
+segment to the largest one (one host sync for that size) before the same bmm, again with no loop over experts.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.moe import IMPLS, moe_aux_losses, moe_combine, moe_dispatch, moe_route
+from ..reference.moe import Routing
+
+__all__ = ["MoEFFN", "OpsRouter"]
+
+
+class OpsRouter:
+    """Adapter giving the apt_kernels ops the router interface (route / dispatch / combine / aux_losses)."""
+
+    def __init__(self, impl: str = "auto") -> None:
+        if impl not in IMPLS:
+            raise ValueError(f"router_impl: expected one of {', '.join(IMPLS)} or a router object, got {impl!r}")
+        self.impl = impl
+
+    def route(self, logits: torch.Tensor, k: int, capacity_factor: Optional[float] = None, min_capacity: int = 4,
+              renormalize: Optional[bool] = None) -> Routing:
+        return moe_route(logits, k, capacity_factor, min_capacity, renormalize, impl=self.impl)
+
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return moe_dispatch(x, routing, impl=self.impl)
+
+    def combine(self, expert_out: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return moe_combine(expert_out, routing, impl=self.impl)
+
+    def aux_losses(self, logits: torch.Tensor, routing: Routing) -> dict[str, torch.Tensor]:
+        return moe_aux_losses(logits, routing)
+
+    def __repr__(self) -> str:
+        return f"OpsRouter(impl={self.impl!r})"
+
+
+def _expert_ffn(h: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor], w_out: torch.Tensor,
+                activation: str) -> torch.Tensor:
+    """Batched expert FFN on (E, M, C) rows: one bmm per projection for all experts."""
+    up = torch.bmm(h, w_in)
+    if activation == "swiglu":
+        act = F.silu(torch.bmm(h, w_gate)) * up
+    else:
+        act = F.gelu(up)
+    return torch.bmm(act, w_out)
+
+
+class MoEFFN(nn.Module):
+    """Mixture-of-experts FFN: ``forward(x (..., d_model)) -> (y, aux)``.
+
+    ``aux`` holds ``balance_loss`` and ``z_loss`` (already multiplied by ``balance_coef`` / ``z_coef``; add them to
+    the training loss), ``tokens_per_expert`` (E,) and ``dropped`` (number of dropped assignments).
+    ``capacity_factor`` (None = dropless) and ``temperature`` (router logits are divided by it) are plain mutable
+    attributes so schedules can anneal them. Tokens whose every choice is dropped get a zero MoE output (plus the
+    shared expert's, when enabled); the caller's residual connection carries them.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int = 2, capacity_factor: Optional[float] = 1.25,
+                 min_capacity: int = 4, activation: str = "swiglu", shared_expert: bool = False,
+                 noisy_gating: bool = False, router_impl: Union[str, Any] = "auto", balance_coef: float = 0.01,
+                 z_coef: float = 0.001, renormalize: Optional[bool] = None) -> None:
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("k", k)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+            if v < 1:
+                raise ValueError(f"{name}: expected >= 1, got {v}")
+        if k > num_experts:
+            raise ValueError(f"k: expected k <= num_experts ({num_experts}), got {k}")
+        if activation not in ("swiglu", "gelu"):
+            raise ValueError(f"activation: expected 'swiglu' or 'gelu', got {activation!r}")
+        if isinstance(router_impl, str):
+            router: Any = OpsRouter(router_impl)
+        else:
+            missing = [m for m in ("route", "dispatch", "combine") if not callable(getattr(router_impl, m, None))]
+            if missing:
+                raise TypeError(f"router_impl: expected 'auto', an impl name or an object with route/dispatch/"
+                                f"combine methods; {type(router_impl).__name__} lacks {', '.join(missing)}")
+            router = router_impl
+        self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
+        self.capacity_factor = capacity_factor
+        self.min_capacity = min_capacity
+        self.activation = activation
+        self.noisy_gating = noisy_gating
+        self.balance_coef, self.z_coef = balance_coef, z_coef
+        self.renormalize = renormalize
+        self.temperature = 1.0
+        self.router_impl = router
+
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        # noise std = softplus(x W_noise) (Shazeer et al. 2017); zero init -> softplus(0) = 0.69 std at start
+        self.noise = nn.Linear(d_model, num_experts, bias=False) if noisy_gating else None
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        if shared_expert:
+            self.shared_in = nn.Linear(d_model, d_ff, bias=False)
+            self.shared_gate = nn.Linear(d_model, d_ff, bias=False) if activation == "swiglu" else None
+            self.shared_out = nn.Linear(d_ff, d_model, bias=False)
+        self.shared_expert = shared_expert
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std_in, std_out = 1.0 / math.sqrt(self.d_model), 1.0 / math.sqrt(self.d_ff)
+        nn.init.normal_(self.w_in, std=std_in)
+        if self.w_gate is not None:
+            nn.init.normal_(self.w_gate, std=std_in)
+        nn.init.normal_(self.w_out, std=std_out)
+        nn.init.normal_(self.gate.weight, std=std_in)
+        if self.noise is not None:
+            nn.init.zeros_(self.noise.weight)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, k={self.k}, "
+                f"capacity_factor={self.capacity_factor}, activation={self.activation}, "
+                f"shared_expert={self.shared_expert}, noisy_gating={self.noisy_gating}, router={self.router_impl!r}")
+
+    def router_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean logits / temperature, logits used for routing: plus noise in training with noisy gating)."""
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"temperature: expected a number > 0, got {self.temperature!r}")
+        clean = self.gate(x) / self.temperature
+        if self.noise is not None and self.training:
+            std = F.softplus(self.noise(x).float())
+            return clean, clean.float() + torch.randn_like(std) * std
+        return clean, clean
+
+    def _experts(self, buf: torch.Tensor, routing: Routing) -> torch.Tensor:
+        w_in, w_gate, w_out = self.w_in.to(buf.dtype), None, self.w_out.to(buf.dtype)
+        if self.w_gate is not None:
+            w_gate = self.w_gate.to(buf.dtype)
+        if routing.capacity is not None:
+            return _expert_ffn(buf, w_in, w_gate, w_out, self.activation)
+        # dropless: packed rows sorted by expert -> pad each expert's segment to the longest, bmm, unpad
+        e, c = self.num_experts, buf.shape[1]
+        width = max(int(routing.kept_per_expert.max()), 1) if buf.shape[0] else 1
+        expert_of_row = torch.repeat_interleave(torch.arange(e, device=buf.device), routing.kept_per_expert,
+                                                output_size=buf.shape[0])
+        pos_of_row = torch.arange(buf.shape[0], device=buf.device) - routing.offsets[expert_of_row]
+        padded_row = expert_of_row * width + pos_of_row
+        padded = buf.new_zeros(e * width, c).index_copy(0, padded_row, buf).view(e, width, c)
+        out = _expert_ffn(padded, w_in, w_gate, w_out, self.activation)
+        return out.view(e * width, c).index_select(0, padded_row)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.shared_in(x)
+        act = F.silu(self.shared_gate(x)) * up if self.shared_gate is not None else F.gelu(up)
+        return self.shared_out(act)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected shape (..., {self.d_model}), got {tuple(x.shape)}")
+        shape = x.shape
+        flat = x.reshape(-1, self.d_model)
+        clean, logits = self.router_logits(flat)
+        routing = self.router_impl.route(logits, self.k, self.capacity_factor, self.min_capacity, self.renormalize)
+        buf = self.router_impl.dispatch(flat, routing)
+        out = self._experts(buf, routing)
+        y = self.router_impl.combine(out, routing)
+        if self.shared_expert:
+            y = y + self._shared(flat)
+        aux_fn = getattr(self.router_impl, "aux_losses", None)
+        losses = aux_fn(logits, routing) if aux_fn is not None else moe_aux_losses(logits, routing)
+        z = moe_aux_losses(clean, routing)["z_loss"] if clean is not logits else losses["z_loss"]
+        aux = {
+            "balance_loss": self.balance_coef * losses["balance_loss"],
+            "z_loss": self.z_coef * z,
+            "tokens_per_expert": routing.tokens_per_expert.detach(),
+            "dropped": routing.dropped.detach() if isinstance(routing.dropped, torch.Tensor) else routing.dropped,
+        }
+        return y.reshape(shape), aux

@@ -1,0 +1,380 @@
+"""MoE routing, dispatch and combine: public ops ``moe_route``, ``moe_dispatch``, ``moe_combine``, ``moe_aux_losses``.
+
+Implementations (``impl``): ``reference`` (pure PyTorch, apt_kernels/reference/moe.py), ``cpu_native`` (C++/OpenMP,
+csrc/moe/moe_cpu.cpp), ``triton`` (apt_kernels/triton/moe.py), ``cuda`` (csrc/moe/moe_cuda.cu); ``auto`` picks the
+fastest one available for the tensors' device. The kernels make the discrete routing decisions (top-k, queue
+positions, drops) and move rows; the differentiable gate weights are gathered from the fp32 softmax in PyTorch, so
+autograd reaches the router without a hand-written softmax backward. Dispatch and combine of every back end are
+``torch.library`` custom ops with fake implementations and autograd formulas whose backwards are kernels too.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import backends
+from .._native import current_stream, native_module, view
+from .._validate import check_float, check_ndim, check_tensor
+from ..reference.moe import (Routing, default_renormalize, expert_capacity, gate_weights, moe_aux_losses_ref,
+                             moe_combine_ref, moe_dispatch_ref, moe_route_ref, router_probs)
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("auto", "reference", "cpu_native", "triton", "cuda")
+
+__all__ = ["Routing", "moe_route", "moe_dispatch", "moe_combine", "moe_aux_losses", "impl_status", "resolve_impl",
+           "IMPLS"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# back ends: each provides five kernels with the same signatures (all index tensors int64, contiguous)
+#   route(probs (N,E), k, cap) -> expert_idx, position, slot (N,k), token_of_slot (S,), tokens_per_expert (E,)
+#   dispatch(x (N,C), token_of_slot) -> buf (S, C)
+#   dispatch_backward(grad_buf (S,C), slot, N) -> grad_x (N, C)
+#   combine(out (S,C), weights (N,k) acc dtype, slot) -> y (N, C)
+#   combine_backward(grad_y, out, weights, slot, token_of_slot) -> grad_out (S, C), grad_weights (N, k)
+# cap = -1 means dropless.
+# ---------------------------------------------------------------------------------------------------------------
+
+def impl_status(impl: str, device: Optional[torch.device] = None) -> tuple[bool, str]:
+    """(usable, reason) for an implementation, optionally for tensors on ``device``."""
+    if impl == "reference":
+        return True, ""
+    if impl == "cpu_native":
+        ok, why = backends.native_status()
+        if ok and device is not None and device.type != "cpu":
+            return False, f"cpu_native runs on CPU tensors, got device {device}"
+        return ok, why
+    if impl == "cuda":
+        ok, why = backends.native_cuda_status()
+        if ok and device is not None and device.type != "cuda":
+            return False, f"the cuda kernels need CUDA tensors, got device {device}"
+        return ok, why
+    if impl == "triton":
+        ok, why = backends.triton_status()
+        if ok and device is not None and device.type != "cuda" and not backends.triton_interpret():
+            return False, f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {device}"
+        return ok, why
+    raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The concrete implementation for ``impl`` on ``device``; raises RuntimeError when an explicit one is unusable."""
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl != "auto":
+        ok, why = impl_status(impl, device)
+        if not ok:
+            raise RuntimeError(f"moe impl {impl!r} is unavailable: {why}")
+        return impl
+    order = ("cpu_native",) if device.type == "cpu" else ("cuda", "triton")
+    for cand in order:
+        if impl_status(cand, device)[0]:
+            return cand
+    return "reference"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _NativeCPU:
+    """csrc/moe/moe_cpu.cpp through apt_kernels._C."""
+
+    @staticmethod
+    def route(probs, k, cap):
+        n, e = probs.shape
+        m = native_module()
+        idx = torch.empty(n, k, dtype=torch.int64)
+        pos = torch.empty_like(idx)
+        slot = torch.empty_like(idx)
+        tos = torch.empty(n * k if cap < 0 else e * cap, dtype=torch.int64)
+        counts = torch.empty(e, dtype=torch.int64)
+        m.moe_route_cpu(view(probs), int(k), int(cap), view(idx), view(pos), view(slot), view(tos), view(counts))
+        return idx, pos, slot, tos, counts
+
+    @staticmethod
+    def dispatch(x, token_of_slot):
+        buf = torch.empty(token_of_slot.shape[0], x.shape[1], dtype=x.dtype)
+        native_module().moe_dispatch_cpu(view(x), view(token_of_slot), view(buf))
+        return buf
+
+    @staticmethod
+    def dispatch_backward(grad_buf, slot, n):
+        gx = torch.empty(n, grad_buf.shape[1], dtype=grad_buf.dtype)
+        native_module().moe_dispatch_backward_cpu(view(grad_buf), view(slot), view(gx))
+        return gx
+
+    @staticmethod
+    def combine(out, weights, slot):
+        y = torch.empty(slot.shape[0], out.shape[1], dtype=out.dtype)
+        native_module().moe_combine_cpu(view(out), view(weights), view(slot), view(y))
+        return y
+
+    @staticmethod
+    def combine_backward(grad_y, out, weights, slot, token_of_slot):
+        g_out = torch.empty_like(out)
+        g_w = torch.empty_like(weights)
+        native_module().moe_combine_backward_cpu(view(grad_y), view(out), view(weights), view(slot),
+                                                 view(token_of_slot), view(g_out), view(g_w))
+        return g_out, g_w
+
+
+class _NativeCUDA:
+    """csrc/moe/moe_cuda.cu through apt_kernels._C, on torch's current stream."""
+
+    @staticmethod
+    def route(probs, k, cap):
+        n, e = probs.shape
+        d = probs.device
+        idx = torch.empty(n, k, dtype=torch.int64, device=d)
+        pos = torch.empty_like(idx)
+        slot = torch.empty_like(idx)
+        tos = torch.empty(n * k if cap < 0 else e * cap, dtype=torch.int64, device=d)
+        counts = torch.empty(e, dtype=torch.int64, device=d)
+        nb = max(1, (n + 255) // 256)
+        work = torch.empty(k * nb * e, dtype=torch.int64, device=d)
+        native_module().moe_route_cuda(view(probs), int(k), int(cap), view(idx), view(pos), view(slot), view(tos),
+                                       view(counts), view(work), current_stream(d))
+        return idx, pos, slot, tos, counts
+
+    @staticmethod
+    def dispatch(x, token_of_slot):
+        buf = torch.empty(token_of_slot.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+        native_module().moe_dispatch_cuda(view(x), view(token_of_slot), view(buf), current_stream(x.device))
+        return buf
+
+    @staticmethod
+    def dispatch_backward(grad_buf, slot, n):
+        gx = torch.empty(n, grad_buf.shape[1], dtype=grad_buf.dtype, device=grad_buf.device)
+        native_module().moe_dispatch_backward_cuda(view(grad_buf), view(slot), view(gx),
+                                                   current_stream(grad_buf.device))
+        return gx
+
+    @staticmethod
+    def combine(out, weights, slot):
+        y = torch.empty(slot.shape[0], out.shape[1], dtype=out.dtype, device=out.device)
+        native_module().moe_combine_cuda(view(out), view(weights), view(slot), view(y), current_stream(out.device))
+        return y
+
+    @staticmethod
+    def combine_backward(grad_y, out, weights, slot, token_of_slot):
+        g_out = torch.empty_like(out)
+        g_w = torch.empty_like(weights)
+        native_module().moe_combine_backward_cuda(view(grad_y), view(out), view(weights), view(slot),
+                                                  view(token_of_slot), view(g_out), view(g_w),
+                                                  current_stream(out.device))
+        return g_out, g_w
+
+
+def _triton_backend():
+    from ..triton import moe as triton_moe
+
+    return triton_moe
+
+
+_BACKENDS: dict[str, Callable[[], Any]] = {
+    "cpu_native": lambda: _NativeCPU,
+    "cuda": lambda: _NativeCUDA,
+    "triton": _triton_backend,
+}
+
+
+# ---- custom ops: one set per back end, same names with the back end's suffix ------------------------------------
+
+def _register_ops(name: str) -> dict[str, Any]:
+    get = _BACKENDS[name]
+
+    @torch.library.custom_op(f"apt::moe_route_{name}", mutates_args=())
+    def route_op(probs: torch.Tensor, k: int, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor, torch.Tensor]:
+        return get().route(probs, k, cap)
+
+    @route_op.register_fake
+    def _(probs, k, cap):
+        n, e = probs.shape
+        idx = probs.new_empty((n, k), dtype=torch.int64)
+        s = n * k if cap < 0 else e * cap
+        return (idx, torch.empty_like(idx), torch.empty_like(idx), probs.new_empty((s,), dtype=torch.int64),
+                probs.new_empty((e,), dtype=torch.int64))
+
+    @torch.library.custom_op(f"apt::moe_dispatch_{name}", mutates_args=())
+    def dispatch_op(x: torch.Tensor, slot: torch.Tensor, token_of_slot: torch.Tensor) -> torch.Tensor:
+        return get().dispatch(x, token_of_slot)
+
+    @dispatch_op.register_fake
+    def _(x, slot, token_of_slot):
+        return x.new_empty((token_of_slot.shape[0], x.shape[1]))
+
+    @torch.library.custom_op(f"apt::moe_dispatch_backward_{name}", mutates_args=())
+    def dispatch_bwd_op(grad_buf: torch.Tensor, slot: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        return get().dispatch_backward(grad_buf, slot, num_tokens)
+
+    @dispatch_bwd_op.register_fake
+    def _(grad_buf, slot, num_tokens):
+        return grad_buf.new_empty((num_tokens, grad_buf.shape[1]))
+
+    def dispatch_setup(ctx, inputs, output):
+        x, slot, _ = inputs
+        ctx.save_for_backward(slot)
+        ctx.num_tokens = x.shape[0]
+
+    def dispatch_backward(ctx, grad):
+        (slot,) = ctx.saved_tensors
+        return dispatch_bwd_op(grad.contiguous(), slot, ctx.num_tokens), None, None
+
+    dispatch_op.register_autograd(dispatch_backward, setup_context=dispatch_setup)
+
+    @torch.library.custom_op(f"apt::moe_combine_{name}", mutates_args=())
+    def combine_op(out: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor,
+                   token_of_slot: torch.Tensor) -> torch.Tensor:
+        return get().combine(out, weights, slot)
+
+    @combine_op.register_fake
+    def _(out, weights, slot, token_of_slot):
+        return out.new_empty((slot.shape[0], out.shape[1]))
+
+    @torch.library.custom_op(f"apt::moe_combine_backward_{name}", mutates_args=())
+    def combine_bwd_op(grad_y: torch.Tensor, out: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor,
+                       token_of_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return get().combine_backward(grad_y, out, weights, slot, token_of_slot)
+
+    @combine_bwd_op.register_fake
+    def _(grad_y, out, weights, slot, token_of_slot):
+        return torch.empty_like(out), torch.empty_like(weights)
+
+    def combine_setup(ctx, inputs, output):
+        out, weights, slot, tos = inputs
+        ctx.save_for_backward(out, weights, slot, tos)
+
+    def combine_backward(ctx, grad):
+        out, weights, slot, tos = ctx.saved_tensors
+        g_out, g_w = combine_bwd_op(grad.contiguous(), out, weights, slot, tos)
+        return g_out, g_w, None, None
+
+    combine_op.register_autograd(combine_backward, setup_context=combine_setup)
+    return {"route": route_op, "dispatch": dispatch_op, "dispatch_backward": dispatch_bwd_op,
+            "combine": combine_op, "combine_backward": combine_bwd_op}
+
+
+OPS: dict[str, dict[str, Any]] = {name: _register_ops(name) for name in _BACKENDS}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_route_args(logits: Any, k: Any, capacity_factor: Any, min_capacity: Any, renormalize: Any) -> None:
+    check_ndim("logits", logits, 2, "(N, E)")
+    check_float("logits", logits)
+    n, e = logits.shape
+    if e < 1:
+        raise ValueError(f"logits: expected at least one expert (E >= 1), got shape {tuple(logits.shape)}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    if k < 1 or k > e:
+        raise ValueError(f"k: expected 1 <= k <= num_experts ({e}), got {k}")
+    if capacity_factor is not None:
+        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, numbers.Real):
+            raise TypeError(f"capacity_factor: expected a float or None, got {type(capacity_factor).__name__}")
+        cf = float(capacity_factor)
+        if math.isnan(cf) or math.isinf(cf) or cf <= 0:
+            raise ValueError(f"capacity_factor: expected a finite number > 0 or None (dropless), got {capacity_factor}")
+    if isinstance(min_capacity, bool) or not isinstance(min_capacity, numbers.Integral):
+        raise TypeError(f"min_capacity: expected an int, got {type(min_capacity).__name__}")
+    if min_capacity < 0:
+        raise ValueError(f"min_capacity: expected >= 0, got {min_capacity}")
+    if renormalize is not None and not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize: expected a bool or None, got {type(renormalize).__name__}")
+
+
+def _check_routing(routing: Any) -> Routing:
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing: expected an apt_kernels Routing (from moe_route), got {type(routing).__name__}")
+    return routing
+
+
+def _check_same_device(name: str, t: torch.Tensor, routing: Routing) -> None:
+    if t.device != routing.slot.device:
+        raise ValueError(f"{name}: expected device {routing.slot.device} (the routing's device), got {t.device}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public ops
+# ---------------------------------------------------------------------------------------------------------------
+
+def moe_route(logits: torch.Tensor, k: int, capacity_factor: Optional[float] = None, min_capacity: int = 4,
+              renormalize: Optional[bool] = None, impl: str = "auto") -> Routing:
+    """Top-k routing of N tokens over E experts with GShard-priority expert capacity (design/MOE.md).
+
+    ``logits``: (N, E) router logits. ``capacity_factor=None`` is dropless; otherwise each expert keeps at most
+    ``max(min_capacity, ceil(capacity_factor * k * N / E))`` assignments. ``renormalize`` defaults to ``k > 1``.
+    Returns a :class:`Routing` whose ``weights`` carry gradients to ``logits``.
+    """
+    _check_route_args(logits, k, capacity_factor, min_capacity, renormalize)
+    impl = resolve_impl(impl, logits.device)
+    if impl == "reference":
+        return moe_route_ref(logits, int(k), capacity_factor, int(min_capacity), renormalize)
+    n, e = logits.shape
+    k = int(k)
+    probs = router_probs(logits)
+    cap = expert_capacity(n, e, k, capacity_factor, int(min_capacity))
+    idx, pos, slot, tos, counts = OPS[impl]["route"](probs.detach().contiguous(), k, -1 if cap is None else cap)
+    weights = gate_weights(probs, idx, default_renormalize(k, renormalize))
+    kept = slot >= 0
+    kept_per_expert = counts if cap is None else counts.clamp(max=cap)
+    offsets = torch.zeros(e + 1, dtype=torch.int64, device=logits.device)
+    offsets[1:] = torch.cumsum(kept_per_expert, 0)
+    dropped = n * k - offsets[-1]
+    return Routing(expert_idx=idx, weights=weights, probs=probs, position=pos, kept=kept, capacity=cap,
+                   tokens_per_expert=counts, kept_per_expert=kept_per_expert, dropped=dropped, offsets=offsets,
+                   slot=slot, token_of_slot=tos, num_experts=e)
+
+
+def moe_dispatch(x: torch.Tensor, routing: Routing, impl: str = "auto") -> torch.Tensor:
+    """Gather the tokens ``x`` (N, C) into the expert buffer: (E, cap, C) in capacity mode, packed (N*k, C) sorted
+    by expert in dropless mode (rows ``routing.offsets[e]:routing.offsets[e+1]`` belong to expert e)."""
+    _check_routing(routing)
+    check_ndim("x", x, 2, "(N, C)")
+    check_float("x", x)
+    if x.shape[0] != routing.num_tokens:
+        raise ValueError(f"x: expected {routing.num_tokens} tokens (rows) to match the routing, got {x.shape[0]}")
+    _check_same_device("x", x, routing)
+    impl = resolve_impl(impl, x.device)
+    if impl == "reference":
+        return moe_dispatch_ref(x, routing)
+    buf = OPS[impl]["dispatch"](x.contiguous(), routing.slot, routing.token_of_slot)
+    return buf.view(routing.buffer_shape(x.shape[1]))
+
+
+def moe_combine(expert_out: torch.Tensor, routing: Routing, impl: str = "auto") -> torch.Tensor:
+    """``y[n] = sum over kept choices j of weights[n, j] * expert_out[row of (n, j)]``: (N, C) in expert_out's dtype.
+    ``expert_out`` has the dispatch buffer's shape. Gradients flow to expert_out and to ``routing.weights``."""
+    _check_routing(routing)
+    check_tensor("expert_out", expert_out)
+    check_float("expert_out", expert_out)
+    c = expert_out.shape[-1] if expert_out.dim() else 0
+    want = routing.buffer_shape(c)
+    if expert_out.dim() != len(want) or tuple(expert_out.shape) != want:
+        raise ValueError(f"expert_out: expected shape {want} (the dispatch buffer), got {tuple(expert_out.shape)}")
+    _check_same_device("expert_out", expert_out, routing)
+    impl = resolve_impl(impl, expert_out.device)
+    if impl == "reference":
+        return moe_combine_ref(expert_out, routing)
+    weights = routing.weights.to(_acc_dtype(expert_out.dtype))
+    flat = expert_out.reshape(-1, c).contiguous()
+    return OPS[impl]["combine"](flat, weights.contiguous(), routing.slot, routing.token_of_slot)
+
+
+def moe_aux_losses(logits: torch.Tensor, routing: Routing) -> dict[str, torch.Tensor]:
+    """Unscaled ``balance_loss`` (E * sum_e f_e P_e) and ``z_loss`` (mean logsumexp^2); cheap, PyTorch only."""
+    _check_routing(routing)
+    check_ndim("logits", logits, 2, "(N, E)")
+    if tuple(logits.shape) != (routing.num_tokens, routing.num_experts):
+        raise ValueError(f"logits: expected shape {(routing.num_tokens, routing.num_experts)}, got "
+                         f"{tuple(logits.shape)}")
+    return moe_aux_losses_ref(logits, routing)

@@ -1,0 +1,190 @@
+"""Pure-PyTorch reference of MoE top-k routing, dispatch and combine with expert capacity (design/MOE.md).
+
+Every fast implementation (C++, Triton, CUDA) is tested against these functions: routing decisions (experts, queue
+positions, kept/dropped) must match exactly, values and gradients within the dtype tolerance.
+
+Conventions used by all implementations:
+  * probabilities ``p = softmax(logits)`` in fp32 (fp64 when the logits are fp64, so gradcheck works);
+  * top-k by ``p`` with ties going to the lower expert index;
+  * GShard priority: assignment (token n, choice j) has priority index ``j * N + n``; an expert's queue position is
+    the number of earlier assignments (in that order) to the same expert, computed by a prefix sum;
+  * capacity mode: buffer (E, cap, C), row ``e * cap + pos``; dropless mode: packed buffer (N * k, C) sorted by
+    expert, row ``offsets[e] + pos``. ``slot[n, j]`` is that row (-1 when dropped), ``token_of_slot`` its inverse.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class Routing:
+    """The routing decisions for N tokens over E experts with k choices each (all tensors on the logits' device).
+
+    expert_idx (N, k) int64 chosen experts, best first; weights (N, k) gate weights (differentiable, fp32/fp64);
+    probs (N, E) router softmax; position (N, k) int64 queue position of each assignment in its expert (also for
+    dropped ones); kept (N, k) bool; capacity per expert (None = dropless); tokens_per_expert (E,) assignments routed
+    to each expert before dropping; kept_per_expert (E,) after dropping; dropped 0-dim int64 number of dropped
+    assignments; offsets (E+1,) start row of each expert in the packed buffer (exclusive prefix sum of
+    kept_per_expert); slot (N, k) int64 buffer row of each assignment (-1 = dropped); token_of_slot (num_slots,)
+    int64 token held by each buffer row (-1 = empty).
+    """
+
+    expert_idx: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor
+    position: torch.Tensor
+    kept: torch.Tensor
+    capacity: Optional[int]
+    tokens_per_expert: torch.Tensor
+    kept_per_expert: torch.Tensor
+    dropped: torch.Tensor
+    offsets: torch.Tensor
+    slot: torch.Tensor
+    token_of_slot: torch.Tensor
+    num_experts: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.expert_idx.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.expert_idx.shape[1])
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity is None
+
+    @property
+    def num_slots(self) -> int:
+        """Rows of the dispatch buffer: E * cap (capacity mode) or N * k (dropless: every assignment is kept)."""
+        return self.num_tokens * self.k if self.capacity is None else self.num_experts * self.capacity
+
+    def buffer_shape(self, channels: int) -> tuple[int, ...]:
+        """Shape of the dispatch output / combine input for ``channels`` features."""
+        if self.capacity is None:
+            return (self.num_tokens * self.k, channels)
+        return (self.num_experts, self.capacity, channels)
+
+
+def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: Optional[float],
+                    min_capacity: int = 4) -> Optional[int]:
+    """``max(min_capacity, ceil(capacity_factor * k * N / E))``, or None (dropless) when capacity_factor is None."""
+    if capacity_factor is None:
+        return None
+    return max(int(min_capacity), int(math.ceil(float(capacity_factor) * k * num_tokens / num_experts)))
+
+
+def default_renormalize(k: int, renormalize: Optional[bool]) -> bool:
+    return (k > 1) if renormalize is None else bool(renormalize)
+
+
+def router_probs(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over experts in fp32 (fp64 for fp64 logits)."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return torch.softmax(logits.to(acc), dim=-1)
+
+
+def topk_ref(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, k) indices of the k largest probabilities per row, ties to the lower index (stable descending sort)."""
+    return torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :k].contiguous()
+
+
+def gate_weights(probs: torch.Tensor, expert_idx: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """The chosen probabilities, renormalised to sum to 1 per token when asked (differentiable w.r.t. probs)."""
+    w = probs.gather(1, expert_idx)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w
+
+
+def queue_positions_ref(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queue position of every assignment in GShard order, and the per-expert totals, by one prefix sum.
+
+    Assignments are laid out rank-major (all 1st choices by token, then all 2nd choices, ...); the inclusive cumsum
+    of their one-hot expert codes, read at each assignment's own expert, minus one, is its position.
+    """
+    n, k = expert_idx.shape
+    order = expert_idx.t().reshape(-1)                    # (k*N,) priority order
+    onehot = F.one_hot(order, num_experts)                # (k*N, E) int64
+    running = onehot.cumsum(dim=0)
+    pos = running.gather(1, order[:, None]).squeeze(1) - 1
+    counts = running[-1] if order.numel() else torch.zeros(num_experts, dtype=torch.int64, device=order.device)
+    return pos.view(k, n).t().contiguous(), counts
+
+
+def finish_routing(probs: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, position: torch.Tensor,
+                   tokens_per_expert: torch.Tensor, num_experts: int, capacity: Optional[int]) -> Routing:
+    """Kept mask, buffer rows and their inverse from the discrete decisions (shared by the reference and tests)."""
+    n, k = expert_idx.shape
+    dev = expert_idx.device
+    if capacity is None:
+        kept = torch.ones_like(expert_idx, dtype=torch.bool)
+        kept_per_expert = tokens_per_expert
+        starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
+        slot = starts[expert_idx] + position
+        num_slots = n * k
+    else:
+        kept = position < capacity
+        kept_per_expert = torch.clamp(tokens_per_expert, max=capacity)
+        slot = torch.where(kept, expert_idx * capacity + position, torch.full_like(position, -1))
+        num_slots = num_experts * capacity
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(kept_per_expert, 0)
+    token_of_slot = torch.full((num_slots,), -1, dtype=torch.int64, device=dev)
+    tokens = torch.arange(n, device=dev).unsqueeze(1).expand(n, k)
+    token_of_slot[slot[kept]] = tokens[kept]
+    dropped = (n * k - kept_per_expert.sum()).to(torch.int64)
+    return Routing(expert_idx=expert_idx, weights=weights, probs=probs, position=position, kept=kept,
+                   capacity=capacity, tokens_per_expert=tokens_per_expert, kept_per_expert=kept_per_expert,
+                   dropped=dropped, offsets=offsets, slot=slot, token_of_slot=token_of_slot, num_experts=num_experts)
+
+
+def moe_route_ref(logits: torch.Tensor, k: int, capacity_factor: Optional[float] = None, min_capacity: int = 4,
+                  renormalize: Optional[bool] = None) -> Routing:
+    """Top-k routing with GShard-priority capacity (see module docstring). ``logits``: (N, E)."""
+    n, e = logits.shape
+    probs = router_probs(logits)
+    expert_idx = topk_ref(probs.detach(), k)
+    weights = gate_weights(probs, expert_idx, default_renormalize(k, renormalize))
+    position, counts = queue_positions_ref(expert_idx, e)
+    cap = expert_capacity(n, e, k, capacity_factor, min_capacity)
+    return finish_routing(probs, expert_idx, weights, position, counts, e, cap)
+
+
+def moe_dispatch_ref(x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Gather tokens into the expert buffer: (E, cap, C) in capacity mode, packed (N*k, C) in dropless mode.
+    Empty rows are zero."""
+    c = x.shape[1]
+    src = routing.token_of_slot
+    rows = x[src.clamp(min=0)]
+    rows = torch.where((src >= 0).unsqueeze(1), rows, torch.zeros((), dtype=x.dtype, device=x.device))
+    return rows.view(routing.buffer_shape(c))
+
+
+def moe_combine_ref(expert_out: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """``y[n] = sum over kept j of w[n, j] * expert_out[slot[n, j]]`` in fp32 (fp64 for fp64), expert_out's dtype."""
+    c = expert_out.shape[-1]
+    acc = torch.promote_types(routing.weights.dtype, expert_out.dtype)
+    flat = expert_out.reshape(-1, c)
+    picked = flat[routing.slot.clamp(min=0)].to(acc)                               # (N, k, C)
+    w = torch.where(routing.kept, routing.weights.to(acc), torch.zeros((), dtype=acc, device=flat.device))
+    return torch.einsum("nk,nkc->nc", w, picked).to(expert_out.dtype)
+
+
+def moe_aux_losses_ref(logits: torch.Tensor, routing: Routing) -> dict[str, torch.Tensor]:
+    """Unscaled auxiliary losses: ``balance_loss = E * sum_e f_e * P_e`` (f_e: share of the N*k assignments routed to
+    e before dropping, P_e: mean router probability) and ``z_loss = mean_n logsumexp(logits_n)^2``."""
+    n, e = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    f = routing.tokens_per_expert.to(acc) / max(n * routing.k, 1)
+    p_mean = routing.probs.mean(dim=0) if n else torch.zeros(e, dtype=acc, device=logits.device)
+    balance = e * torch.sum(f * p_mean.to(acc))
+    z = torch.logsumexp(logits.to(acc), dim=-1)
+    z_loss = (z * z).mean() if n else torch.zeros((), dtype=acc, device=logits.device)
+    return {"balance_loss": balance, "z_loss": z_loss}

@@ -1,0 +1,221 @@
+"""Pure-PyTorch reference of the Mamba selective scan and its one-step decode update (SCAN.md).
+
+A plain sequential loop over time in fp32 (fp64 for fp64 inputs): slow, obviously right, and differentiable by
+autograd, so it is the ground truth every kernel (C++, Triton, CUDA) is tested against. Signatures and semantics
+follow mamba_ssm's ``selective_scan_ref`` / ``selective_state_update_ref``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .._validate import check_float, check_ndim, check_shape, check_tensor
+
+__all__ = ["selective_scan_ref", "selective_state_update_ref", "check_scan_args", "check_state_update_args",
+           "expand_bc"]
+
+
+def _check_same_device(ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name}: expected device {ref.device} (same as u), got {t.device}")
+
+
+def _check_bc(name: str, t: torch.Tensor, batch: int, dim: int, N: int, L: Optional[int]) -> int:
+    """Validate one of B/C and return its number of groups (0 for the constant (dim, N) layout)."""
+    check_tensor(name, t)
+    check_float(name, t)
+    if L is not None:  # scan: (dim, N) | (batch, N, L) | (batch, G, N, L)
+        if t.dim() == 2:
+            check_shape(name, t, (dim, N), "(dim, N) for a constant B/C")
+            return 0
+        tail, lay = (L,), ", L"
+    else:  # decode step: (batch, N) | (batch, G, N)
+        tail, lay = (), ""
+    if t.dim() == 2 + len(tail):
+        check_shape(name, t, (batch, N) + tail, f"(batch, N{lay})")
+        return 1
+    if t.dim() == 3 + len(tail):
+        G = t.shape[1]
+        if G < 1 or dim % G != 0:
+            raise ValueError(f"{name}: number of groups {G} (dim 1 of shape {tuple(t.shape)}) must divide dim={dim}")
+        check_shape(name, t, (batch, G, N) + tail, f"(batch, G, N{lay})")
+        return G
+    layouts = f"(dim, N), (batch, N{lay}) or (batch, G, N{lay})" if L is not None else "(batch, N) or (batch, G, N)"
+    raise ValueError(f"{name}: expected shape {layouts}, got {tuple(t.shape)}")
+
+
+def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> tuple[int, int]:
+    """Validate selective_scan arguments (raising ValueError/TypeError naming the argument).
+    Returns (groups of B, groups of C), 0 meaning the constant (dim, N) layout."""
+    check_ndim("u", u, 3, "(batch, dim, L)")
+    check_float("u", u)
+    batch, dim, L = u.shape
+    check_shape("delta", check_tensor("delta", delta), u.shape, "(batch, dim, L)")
+    check_float("delta", delta)
+    check_tensor("A", A)
+    if A.is_complex():
+        raise TypeError("A: complex A is not supported (real A only)")
+    check_ndim("A", A, 2, "(dim, N)")
+    check_float("A", A)
+    if A.shape[0] != dim:
+        raise ValueError(f"A: expected shape (dim={dim}, N), got {tuple(A.shape)}")
+    N = A.shape[1]
+    gb = _check_bc("B", B, batch, dim, N, L)
+    gc = _check_bc("C", C, batch, dim, N, L)
+    if D is not None:
+        check_shape("D", check_tensor("D", D), (dim,), "(dim,)")
+        check_float("D", D)
+    if z is not None:
+        check_shape("z", check_tensor("z", z), u.shape, "(batch, dim, L)")
+        check_float("z", z)
+    if delta_bias is not None:
+        check_shape("delta_bias", check_tensor("delta_bias", delta_bias), (dim,), "(dim,)")
+        check_float("delta_bias", delta_bias)
+    _check_same_device(u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    return gb, gc
+
+
+def check_state_update_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None) -> None:
+    """Validate selective_state_update arguments (raising ValueError/TypeError naming the argument)."""
+    check_ndim("state", state, 3, "(batch, dim, N)")
+    check_float("state", state)
+    batch, dim, N = state.shape
+    check_shape("x", check_tensor("x", x), (batch, dim), "(batch, dim)")
+    check_float("x", x)
+    check_shape("dt", check_tensor("dt", dt), (batch, dim), "(batch, dim)")
+    check_float("dt", dt)
+    check_shape("A", check_tensor("A", A), (dim, N), "(dim, N)")
+    check_float("A", A)
+    _check_bc("B", B, batch, dim, N, None)
+    _check_bc("C", C, batch, dim, N, None)
+    if D is not None:
+        check_shape("D", check_tensor("D", D), (dim,), "(dim,)")
+        check_float("D", D)
+    if z is not None:
+        check_shape("z", check_tensor("z", z), (batch, dim), "(batch, dim)")
+        check_float("z", z)
+    if dt_bias is not None:
+        check_shape("dt_bias", check_tensor("dt_bias", dt_bias), (dim,), "(dim,)")
+        check_float("dt_bias", dt_bias)
+    _check_same_device(state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+
+
+def expand_bc(t: torch.Tensor, batch: int, dim: int, time: bool = True) -> torch.Tensor:
+    """B or C in any layout -> (batch, dim, N[, L]) (a view or a repeat), channel d using group d // (dim // G).
+    ``time``: the layouts of the scan (True: (dim, N) | (batch, N, L) | (batch, G, N, L)) or of the decode step
+    (False: (batch, N) | (batch, G, N))."""
+    nd = t.dim() - (1 if time else 0)
+    if time and t.dim() == 2:  # constant (dim, N): no time axis
+        return t.unsqueeze(0).expand(batch, *t.shape)
+    if nd == 2:  # (batch, N[, L]): shared by every channel
+        return t.unsqueeze(1).expand(batch, dim, *t.shape[1:])
+    G = t.shape[1]
+    return t.repeat_interleave(dim // G, dim=1)
+
+
+def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                       delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                       return_last_state: bool = False
+                       ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """y = selective scan of u (batch, dim, L); see SCAN.md. Returns y in u's dtype, plus the last state
+    (batch, dim, N) in fp32 (fp64 for fp64 u) when ``return_last_state``."""
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    uf = u.to(acc)
+    dt = delta.to(acc)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(acc)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    Af = A.to(acc)
+    Bf = expand_bc(B.to(acc), batch, dim)  # (batch, dim, N[, L])
+    Cf = expand_bc(C.to(acc), batch, dim)
+    h = torch.zeros(batch, dim, N, dtype=acc, device=u.device)
+    ys = []
+    for t in range(L):
+        dt_t = dt[:, :, t, None]  # (batch, dim, 1)
+        B_t = Bf if B.dim() == 2 else Bf[..., t]
+        C_t = Cf if C.dim() == 2 else Cf[..., t]
+        h = torch.exp(dt_t * Af) * h + dt_t * B_t * uf[:, :, t, None]
+        ys.append((h * C_t).sum(-1))
+    y = torch.stack(ys, dim=-1) if ys else uf.new_zeros(batch, dim, 0)
+    if D is not None:
+        y = y + uf * D.to(acc)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    out = y.to(u.dtype)
+    return (out, h) if return_last_state else out
+
+
+def selective_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                               B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor] = None,
+                               z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
+                               dt_softplus: bool = False) -> torch.Tensor:
+    """One decode step: state (batch, dim, N) is updated in place, y (batch, dim) in x's dtype is returned.
+    B, C: (batch, N) or (batch, G, N)."""
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+    acc = torch.float64 if x.dtype == torch.float64 or state.dtype == torch.float64 else torch.float32
+    batch, dim, N = state.shape
+    d = dt.to(acc)
+    if dt_bias is not None:
+        d = d + dt_bias.to(acc)
+    if dt_softplus:
+        d = F.softplus(d)
+    xf = x.to(acc)
+    Bf = expand_bc(B.to(acc), batch, dim, time=False)  # (batch, dim, N)
+    Cf = expand_bc(C.to(acc), batch, dim, time=False)
+    h = torch.exp(d[..., None] * A.to(acc)) * state.to(acc) + (d * xf)[..., None] * Bf
+    y = (h * Cf).sum(-1)
+    if D is not None:
+        y = y + xf * D.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    state.copy_(h.to(state.dtype))
+    return y.to(x.dtype)
+
+
+def random_scan_inputs(batch: int, dim: int, L: int, N: int, *, layout_B: str = "var", layout_C: str = "var",
+                       groups: int = 1, dtype: torch.dtype = torch.float32, with_D: bool = True,
+                       with_z: bool = True, with_bias: bool = True, device: Union[str, torch.device] = "cpu",
+                       generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    """Random, well-conditioned selective_scan inputs (as used by tests and benchmarks).
+
+    layout_B / layout_C: "const" (dim, N), "var" (batch, N, L) or "group" (batch, groups, N, L). A is negative
+    (a decaying state, as in Mamba's S4D-real init); u, delta, z, B and C take ``dtype``; A, D and delta_bias fp32
+    (fp64 when dtype is fp64), as mamba_ssm keeps them.
+    """
+    g = generator
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def rnd(*shape, dt=dtype, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=pdt) * scale + shift).to(dt).to(device)
+
+    def bc(layout):
+        if layout == "const":
+            return rnd(dim, N)
+        if layout == "var":
+            return rnd(batch, N, L)
+        if layout == "group":
+            return rnd(batch, groups, N, L)
+        raise ValueError(f"layout: expected 'const', 'var' or 'group', got {layout!r}")
+
+    out = {
+        "u": rnd(batch, dim, L),
+        "delta": (torch.rand(batch, dim, L, generator=g, dtype=pdt) * 0.5 + 0.01).to(dtype).to(device),
+        "A": -(torch.rand(dim, N, generator=g, dtype=pdt) * 2 + 0.1).to(device),
+        "B": bc(layout_B),
+        "C": bc(layout_C),
+    }
+    if with_D:
+        out["D"] = rnd(dim, dt=pdt)
+    if with_z:
+        out["z"] = rnd(batch, dim, L)
+    if with_bias:
+        out["delta_bias"] = (torch.rand(dim, generator=g, dtype=pdt) * 0.5 - 0.25).to(device)
+    return out

@@ -1,0 +1,405 @@
+"""Profiles: YAML files describing a model, its data, its training run, its plugins and their schedules.
+
+A profile may ``extends:`` another (a built-in profile name such as ``base``, or a path relative to the extending
+file); the child is deep-merged over the parent (mappings merge key by key, anything else replaces). Dotted
+overrides (``--model.attention_name flash_v2``, ``--training.max_epochs=3``, or ``{"training.lr": 1e-3}``) are
+applied last, with values parsed as YAML scalars (``3`` -> int, ``1e-3`` -> float, ``[a, b]`` -> list).
+
+Every merged profile is validated against :data:`SCHEMA`: an unknown key, a value of the wrong type or an
+impossible combination raises :class:`ConfigError` whose message names the key (and, for a misspelt key, the
+closest known one). Free-form sections (provider arguments such as ``model.attention`` and the per-plugin
+settings under ``plugins.<name>``) are passed through unchecked: their owner validates them.
+
+The result is a plain nested ``dict`` (what checkpoints store and what ``ModelBuilder`` takes).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import yaml
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+_NUM = (int, float)
+_ANY = object  # marker: any value
+
+
+class ConfigError(ValueError):
+    """A profile cannot be loaded or is invalid. The message names the profile and the offending key."""
+
+
+# dotted key -> (accepted types, allow None). Sections listed in FREE_SECTIONS accept any sub-keys.
+SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "name": ((str,), True),
+    "description": ((str,), True),
+    "seed": ((int,), False),
+    # model
+    "model.backbone": ((str,), False),
+    "model.vocab_size": ((int,), True),
+    "model.d_model": ((int,), False),
+    "model.num_layers": ((int,), False),
+    "model.num_heads": ((int,), False),
+    "model.d_ff": ((int,), True),
+    "model.max_seq_len": ((int,), False),
+    "model.dropout": (_NUM, False),
+    "model.norm": ((str,), False),
+    "model.norm_eps": (_NUM, False),
+    "model.tie_embeddings": ((bool,), False),
+    "model.init_std": (_NUM, False),
+    "model.attention_name": ((str,), True),
+    "model.attention": ((dict,), False),
+    "model.tva.r": ((int,), False),
+    "model.tva.s": ((int,), False),
+    "model.tva.tau": (_NUM, False),
+    "model.tva.alpha": (_NUM, False),
+    "model.tva.window": ((int,), True),
+    "model.ffn_name": ((str,), True),
+    "model.ffn.activation": ((str,), False),
+    "model.moe.enabled": ((bool,), False),
+    "model.moe.num_experts": ((int,), False),
+    "model.moe.k": ((int,), False),
+    "model.moe.capacity_factor": (_NUM, True),
+    "model.moe.min_capacity": ((int,), False),
+    "model.moe.router_name": ((str,), True),
+    "model.moe.router": ((dict,), False),
+    "model.moe.balance_coef": (_NUM, False),
+    "model.moe.z_coef": (_NUM, False),
+    "model.moe.every": ((int,), False),
+    "model.moe.shared_expert": ((bool,), False),
+    "model.moe.noisy_gating": ((bool,), False),
+    "model.moe.activation": ((str,), True),
+    "model.mamba.d_state": ((int,), False),
+    "model.mamba.d_conv": ((int,), False),
+    "model.mamba.expand": ((int,), False),
+    "model.mamba.dt_rank": ((int,), True),
+    "model.mamba.scan_name": ((str,), True),
+    # data
+    "data.dataset": ((str,), False),
+    "data.path": ((str,), True),
+    "data.text_field": ((str,), False),
+    "data.tokenizer": ((str,), False),
+    "data.tokenizer_path": ((str,), True),
+    "data.bpe_vocab_size": ((int,), False),
+    "data.seq_len": ((int,), False),
+    "data.batch_size": ((int,), False),
+    "data.val_fraction": (_NUM, False),
+    # training
+    "training.max_epochs": ((int,), False),
+    "training.max_steps": ((int,), True),
+    "training.steps_per_epoch": ((int,), True),
+    "training.lr": (_NUM, False),
+    "training.min_lr_ratio": (_NUM, False),
+    "training.weight_decay": (_NUM, False),
+    "training.betas": ((list,), False),
+    "training.warmup_steps": ((int,), False),
+    "training.grad_clip": (_NUM, True),
+    "training.grad_accum": ((int,), False),
+    "training.amp": ((str, bool), False),
+    "training.device": ((str,), False),
+    "training.out_dir": ((str,), True),
+    "training.save_every": ((int,), True),
+    "training.log_every": ((int,), False),
+    "training.progress": ((bool,), False),
+    "training.eval": ((bool,), False),
+    "training.resume": ((str,), True),
+    # plugins + schedules
+    "plugins.enabled": ((list,), False),
+    "schedules": ((dict,), False),
+}
+
+# Sections whose sub-keys are not checked here (their provider / plugin checks them).
+FREE_SECTIONS = ("model.attention", "model.moe.router", "schedules")
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.backbone": ("gpt", "mamba"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.ffn.activation": ("gelu", "swiglu", "relu"),
+    "training.amp": ("auto", "off", "bf16", "fp16", "true", "false"),
+}
+
+
+def _known_sections() -> set[str]:
+    out = set()
+    for key in SCHEMA:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            out.add(".".join(parts[:i]))
+    return out
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+def builtin_profiles() -> list[str]:
+    """Names of the profiles shipped in ``apt/profiles``."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def resolve_profile_path(name_or_path: Union[str, os.PathLike], base_dir: Optional[Path] = None) -> Path:
+    """A profile given by path (absolute, or relative to ``base_dir`` / the working directory) or by the name of
+    a built-in profile (``tiny_debug`` or ``tiny_debug.yaml``)."""
+    s = str(name_or_path)
+    candidates = []
+    p = Path(s).expanduser()
+    if base_dir is not None and not p.is_absolute():
+        candidates.append(base_dir / p)
+    candidates.append(p)
+    stem = s[:-5] if s.endswith((".yaml", ".yml")) else s
+    if "/" not in stem and os.sep not in stem:
+        candidates.append(PROFILE_DIR / f"{stem}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise ConfigError(f"profile {s!r} not found (looked for {', '.join(str(c) for c in candidates)}; "
+                      f"built-in profiles: {', '.join(builtin_profiles())})")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"profile {path}: invalid YAML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"profile {path}: cannot read: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"profile {path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: mappings merge recursively, other values replace."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if path in seen:
+        chain = " -> ".join(str(p.name) for p in seen + (path,))
+        raise ConfigError(f"profile {path}: circular 'extends:' ({chain})")
+    data = read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parents = parent if isinstance(parent, list) else [parent]
+    merged: dict[str, Any] = {}
+    for par in parents:
+        if not isinstance(par, str):
+            raise ConfigError(f"profile {path}: 'extends' must be a profile name or path, got {par!r}")
+        try:
+            ppath = resolve_profile_path(par, base_dir=path.parent)
+        except ConfigError as exc:
+            raise ConfigError(f"profile {path}: extends {par!r}: {exc}") from None
+        merged = deep_merge(merged, _load_chain(ppath, seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def parse_overrides(items: Union[None, Sequence[str], Mapping[str, Any]]) -> dict[str, Any]:
+    """Dotted overrides from CLI-style strings (``["--a.b", "1", "--c.d=x", "e.f=2"]``) or a mapping
+    (``{"a.b": 1}``) into ``{"a.b": value}``; string values are parsed as YAML scalars."""
+    if items is None:
+        return {}
+    if isinstance(items, Mapping):
+        return {str(k).lstrip("-"): (_parse_value(v) if isinstance(v, str) else v) for k, v in items.items()}
+    out: dict[str, Any] = {}
+    it = list(items)
+    i = 0
+    while i < len(it):
+        tok = it[i]
+        if not isinstance(tok, str):
+            raise ConfigError(f"override {tok!r}: expected a string")
+        key = tok.lstrip("-")
+        if "=" in key:
+            key, val = key.split("=", 1)
+            i += 1
+        else:
+            if not tok.startswith("--"):
+                raise ConfigError(f"override {tok!r}: expected --section.key VALUE or section.key=VALUE")
+            if i + 1 >= len(it):
+                raise ConfigError(f"override {tok!r} has no value")
+            val = it[i + 1]
+            i += 2
+        if not key or not re.fullmatch(r"[A-Za-z_][\w\-]*(\.[\w\-]+)*", key):
+            raise ConfigError(f"override {tok!r}: {key!r} is not a dotted key")
+        out[key] = _parse_value(val)
+    return out
+
+
+def _parse_value(s: str) -> Any:
+    try:
+        v = yaml.safe_load(s) if s.strip() != "" else ""
+    except yaml.YAMLError:
+        return s
+    if isinstance(v, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string; a CLI user means the number
+            return float(v) if re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", v.strip()) else v
+        except ValueError:
+            return v
+    return v
+
+
+def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is a {type(nxt).__name__}, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def get_dotted(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def load_profile(profile: Union[str, os.PathLike, Mapping[str, Any]],
+                 overrides: Union[None, Sequence[str], Mapping[str, Any]] = None,
+                 plugins: Optional[Iterable[str]] = None, validate_cfg: bool = True) -> dict[str, Any]:
+    """Load a profile (name, path or an already-parsed mapping), resolve ``extends:``, apply ``overrides`` and the
+    extra ``plugins`` to enable, validate, and return the nested dict. Profiles are merged over ``base``."""
+    if isinstance(profile, Mapping):
+        data = copy.deepcopy(dict(profile))
+        parent = data.pop("extends", "base")
+        src = "<mapping>"
+        base = _load_chain(resolve_profile_path(parent), ()) if parent else {}
+        cfg = deep_merge(base, data)
+    else:
+        path = resolve_profile_path(profile)
+        src = str(path)
+        cfg = _load_chain(path, ())
+        if path != (PROFILE_DIR / "base.yaml").resolve():
+            cfg = deep_merge(_load_chain((PROFILE_DIR / "base.yaml").resolve(), ()), cfg)
+        cfg.setdefault("name", path.stem)
+    for key, value in parse_overrides(overrides).items():
+        set_dotted(cfg, key, value)
+    if plugins:
+        enabled = list(get_dotted(cfg, "plugins.enabled", []) or [])
+        for p in plugins:
+            for name in str(p).split(","):
+                name = name.strip()
+                if name and name not in enabled:
+                    enabled.append(name)
+        set_dotted(cfg, "plugins.enabled", enabled)
+    if validate_cfg:
+        validate(cfg, source=src)
+    return cfg
+
+
+# ---- validation --------------------------------------------------------------------------------------------
+def validate(cfg: Mapping[str, Any], source: str = "profile") -> None:
+    """Raise :class:`ConfigError` naming the first bad key: unknown keys, wrong types, bad choices, impossible
+    combinations."""
+    sections = _known_sections()
+    known = set(SCHEMA)
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{source}: key {k!r} under {prefix or 'top level'} is not a string")
+            key = f"{prefix}{k}"
+            if any(key == f or key.startswith(f + ".") for f in FREE_SECTIONS):
+                if key in SCHEMA:
+                    _check_type(key, v, source)
+                continue
+            if prefix == "plugins." and k != "enabled":
+                if v is not None and not isinstance(v, dict):
+                    raise ConfigError(f"{source}: plugins.{k}: expected a mapping of plugin settings, got {v!r}")
+                continue  # per-plugin settings: the plugin validates them
+            if key in known:
+                _check_type(key, v, source)
+            elif key in sections:
+                if v is None:
+                    continue
+                if not isinstance(v, Mapping):
+                    raise ConfigError(f"{source}: {key}: expected a section (mapping), got {type(v).__name__} {v!r}")
+                walk(v, key + ".")
+            else:
+                close = difflib.get_close_matches(key, list(known | sections), n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+
+    walk(cfg, "")
+    _check_semantics(cfg, source)
+
+
+def _check_type(key: str, value: Any, source: str) -> None:
+    types, nullable = SCHEMA[key]
+    if value is None:
+        if not nullable:
+            raise ConfigError(f"{source}: {key} must be set (got null)")
+        return
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = " or ".join("number" if t is float else t.__name__ for t in types if t is not int or float not in types)
+        raise ConfigError(f"{source}: {key}: expected {names}, got {type(value).__name__} {value!r}")
+    choices = CHOICES.get(key)
+    if choices and isinstance(value, str) and value not in choices:
+        raise ConfigError(f"{source}: {key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_semantics(cfg: Mapping[str, Any], source: str) -> None:
+    g = lambda k, d=None: get_dotted(cfg, k, d)  # noqa: E731
+    for key in ("model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len", "data.seq_len",
+                "data.batch_size", "training.max_epochs", "training.grad_accum", "model.moe.num_experts",
+                "model.moe.k", "model.moe.every", "model.mamba.d_state", "model.mamba.d_conv", "model.mamba.expand",
+                "training.log_every"):
+        v = g(key)
+        if isinstance(v, int) and v < 1:
+            raise ConfigError(f"{source}: {key}: must be >= 1, got {v}")
+    for key in ("training.max_steps", "training.steps_per_epoch", "training.save_every", "model.d_ff",
+                "model.vocab_size"):
+        v = g(key)
+        if isinstance(v, int) and v < 1:
+            raise ConfigError(f"{source}: {key}: must be >= 1 or null, got {v}")
+    d, h = g("model.d_model"), g("model.num_heads")
+    if g("model.backbone") == "gpt" and isinstance(d, int) and isinstance(h, int) and d % h:
+        raise ConfigError(f"{source}: model.d_model ({d}) must be divisible by model.num_heads ({h})")
+    if isinstance(g("model.moe.k"), int) and isinstance(g("model.moe.num_experts"), int) \
+            and g("model.moe.k") > g("model.moe.num_experts"):
+        raise ConfigError(f"{source}: model.moe.k ({g('model.moe.k')}) must be <= model.moe.num_experts "
+                          f"({g('model.moe.num_experts')})")
+    sl, ml = g("data.seq_len"), g("model.max_seq_len")
+    if g("model.backbone") == "gpt" and isinstance(sl, int) and isinstance(ml, int) and sl > ml:
+        raise ConfigError(f"{source}: data.seq_len ({sl}) exceeds model.max_seq_len ({ml})")
+    lr = g("training.lr")
+    if isinstance(lr, (int, float)) and lr <= 0:
+        raise ConfigError(f"{source}: training.lr: must be > 0, got {lr}")
+    vf = g("data.val_fraction")
+    if isinstance(vf, (int, float)) and not 0 <= vf < 1:
+        raise ConfigError(f"{source}: data.val_fraction: must be in [0, 1), got {vf}")
+    betas = g("training.betas")
+    if isinstance(betas, list) and (len(betas) != 2 or not all(isinstance(b, (int, float)) for b in betas)):
+        raise ConfigError(f"{source}: training.betas: expected two numbers, got {betas!r}")
+    enabled = g("plugins.enabled") or []
+    if not all(isinstance(p, str) for p in enabled):
+        raise ConfigError(f"{source}: plugins.enabled: expected a list of plugin names, got {enabled!r}")
+    sched = g("schedules")
+    if sched:
+        from .schedules import validate_schedules
+
+        try:
+            validate_schedules(sched)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+def dump_profile(cfg: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=False)

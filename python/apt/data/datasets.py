@@ -1,0 +1,110 @@
+"""From a profile's ``data:`` section to batches: documents (a ``dataset`` provider) -> token ids (the tokenizer,
+documents joined with end-of-text) -> a train/validation split -> (input, target) windows.
+
+Batches are random windows of ``seq_len + 1`` tokens drawn with a generator seeded by (seed, epoch), so an epoch's
+batch order is a pure function of the seed and the epoch number: a resumed run skips the batches it already
+consumed and sees exactly what an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+
+from ..core import registry
+from .tokenizers import Tokenizer, get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+DEFAULT_CORPUS = CORPUS_DIR / "tiny.txt"
+
+
+def load_texts(data_cfg: Mapping[str, Any]) -> list[str]:
+    path = data_cfg.get("path") or DEFAULT_CORPUS
+    provider = registry.get("dataset", data_cfg.get("dataset") or "txt")
+    return provider.load_texts(path, text_field=data_cfg.get("text_field", "text"))  # type: ignore[attr-defined]
+
+
+def build_tokenizer(data_cfg: Mapping[str, Any], texts: Optional[list[str]] = None) -> Tokenizer:
+    name = data_cfg.get("tokenizer", "byte")
+    if name == "bpe" and not data_cfg.get("tokenizer_path"):
+        if texts is None:
+            texts = load_texts(data_cfg)
+        return get_tokenizer("bpe", train_text="\n".join(texts), vocab_size=int(data_cfg.get("bpe_vocab_size", 512)))
+    return get_tokenizer(name, path=data_cfg.get("tokenizer_path"))
+
+
+def encode_texts(texts: list[str], tokenizer: Tokenizer) -> torch.Tensor:
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer.encode(t))
+        ids.append(tokenizer.eos_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class TokenBatches:
+    """Random (input, target) windows over a 1-D token tensor. ``batches(epoch, n)`` yields ``n`` batches."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int = 0) -> None:
+        if tokens.numel() < 2:
+            raise ValueError(f"dataset: need at least 2 tokens, got {tokens.numel()}")
+        # A corpus shorter than a window: train on shorter windows rather than fail.
+        self.seq_len = min(seq_len, tokens.numel() - 1)
+        if self.seq_len < seq_len:
+            logger.warning("dataset has only %d tokens; using windows of %d instead of %d", tokens.numel(),
+                           self.seq_len, seq_len)
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.seed = seed
+
+    @property
+    def num_windows(self) -> int:
+        return self.tokens.numel() - self.seq_len
+
+    def default_batches_per_epoch(self) -> int:
+        """About one pass over the tokens."""
+        return max(1, self.tokens.numel() // (self.seq_len * self.batch_size))
+
+    def batch_at(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, self.num_windows, (self.batch_size,), generator=gen)
+        idx = starts[:, None] + torch.arange(self.seq_len + 1)[None, :]
+        win = self.tokens[idx]
+        return win[:, :-1].contiguous(), win[:, 1:].contiguous()
+
+    def batches(self, epoch: int, num_batches: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        for i in range(num_batches):
+            b = self.batch_at(gen)
+            if i >= skip:
+                yield b
+
+    def sequential(self, max_batches: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Non-overlapping windows in order (for validation)."""
+        n = (self.tokens.numel() - 1) // self.seq_len
+        wins = [self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1] for i in range(n)]
+        count = 0
+        for i in range(0, len(wins), self.batch_size):
+            chunk = torch.stack(wins[i:i + self.batch_size])
+            yield chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+            count += 1
+            if max_batches is not None and count >= max_batches:
+                return
+
+
+def build_data(data_cfg: Mapping[str, Any], seed: int = 0, tokenizer: Optional[Tokenizer] = None
+               ) -> tuple[Tokenizer, TokenBatches, Optional[TokenBatches]]:
+    """(tokenizer, train batches, validation batches or None) for a profile's ``data:`` section."""
+    texts = load_texts(data_cfg)
+    tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg, texts)
+    tokens = encode_texts(texts, tok)
+    seq_len, bs = int(data_cfg.get("seq_len", 128)), int(data_cfg.get("batch_size", 8))
+    vf = float(data_cfg.get("val_fraction", 0.0) or 0.0)
+    n_val = int(tokens.numel() * vf)
+    val = None
+    if n_val >= 2 * min(seq_len, 8) + 2 and tokens.numel() - n_val > 2:
+        val = TokenBatches(tokens[-n_val:], seq_len, bs, seed)
+        tokens = tokens[:-n_val]
+    return tok, TokenBatches(tokens, seq_len, bs, seed), val

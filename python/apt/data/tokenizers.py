@@ -1,0 +1,175 @@
+"""Tokenizers: byte-level (the default, no training, every string round-trips) and a byte-level BPE that is
+trained on a text, saved as JSON and stored inside checkpoints.
+
+Both expose ``encode(str) -> list[int]``, ``decode(list[int]) -> str``, ``vocab_size``, ``eos_id`` and
+``state_dict()``; :func:`tokenizer_from_state` rebuilds either from its state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from typing import Any, Iterable, Optional, Union
+
+logger = logging.getLogger(__name__)
+
+# Pre-tokenisation for BPE: words with their leading space, runs of digits, punctuation, whitespace.
+_PRETOKEN = re.compile(r" ?[A-Za-z\u00C0-\uFFFF]+| ?\d{1,3}| ?[^\sA-Za-z\d\u00C0-\uFFFF]+|\s+")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255 are the tokens; 256 is end-of-text. Invalid UTF-8 decodes with U+FFFD."""
+
+    name = "byte"
+
+    def __init__(self) -> None:
+        self.eos_id = 256
+        self.vocab_size = 257
+
+    def encode(self, text: str, add_eos: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return ids + [self.eos_id] if add_eos else ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in (int(t) for t in ids) if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "byte"}
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=257)"
+
+
+class BPETokenizer:
+    """Byte-level BPE: starts from the 256 bytes and learns ``vocab_size - 257`` merges of adjacent pairs (the most
+    frequent pair first, ties by the smaller pair) inside pre-tokenised words; id ``vocab_size - 1`` is
+    end-of-text. Encoding applies the merges by rank, so any string (unseen characters included) encodes."""
+
+    name = "bpe"
+
+    def __init__(self, merges: Optional[list[tuple[int, int]]] = None) -> None:
+        self.merges: list[tuple[int, int]] = [tuple(m) for m in (merges or [])]  # type: ignore[misc]
+        self.ranks = {pair: i for i, pair in enumerate(self.merges)}
+        self.vocab: dict[int, bytes] = {i: bytes([i]) for i in range(256)}
+        for i, (a, b) in enumerate(self.merges):
+            self.vocab[256 + i] = self.vocab[a] + self.vocab[b]
+        self.eos_id = 256 + len(self.merges)
+        self.vocab_size = self.eos_id + 1
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 512) -> "BPETokenizer":
+        if vocab_size < 257:
+            raise ValueError(f"vocab_size: must be >= 257 (256 bytes + end-of-text), got {vocab_size}")
+        words = Counter(_PRETOKEN.findall(text))
+        seqs = [(list(w.encode("utf-8")), c) for w, c in words.items()]
+        merges: list[tuple[int, int]] = []
+        for new_id in range(256, vocab_size - 1):
+            pairs: Counter = Counter()
+            for seq, c in seqs:
+                for p in zip(seq, seq[1:]):
+                    pairs[p] += c
+            if not pairs:
+                break
+            best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+            if pairs[best] < 2:
+                break  # merging a pair seen once does not compress anything
+            merges.append(best)
+            seqs = [(_merge(seq, best, new_id), c) for seq, c in seqs]
+        logger.info("trained BPE: %d merges (vocab %d)", len(merges), len(merges) + 257)
+        return cls(merges)
+
+    def _encode_word(self, word: str) -> list[int]:
+        hit = self._cache.get(word)
+        if hit is not None:
+            return hit
+        seq = list(word.encode("utf-8"))
+        while len(seq) > 1:
+            ranked = [(self.ranks.get(p, len(self.ranks)), p) for p in zip(seq, seq[1:])]
+            rank, pair = min(ranked)
+            if rank == len(self.ranks):
+                break
+            seq = _merge(seq, pair, 256 + rank)
+        if len(self._cache) < 100_000:
+            self._cache[word] = seq
+        return seq
+
+    def encode(self, text: str, add_eos: bool = False) -> list[int]:
+        ids: list[int] = []
+        pos = 0
+        for m in _PRETOKEN.finditer(text):
+            if m.start() > pos:  # characters the pattern skipped (none expected) are kept as bytes
+                ids.extend(text[pos:m.start()].encode("utf-8"))
+            ids.extend(self._encode_word(m.group()))
+            pos = m.end()
+        if pos < len(text):
+            ids.extend(text[pos:].encode("utf-8"))
+        return ids + [self.eos_id] if add_eos else ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return b"".join(self.vocab[i] for i in (int(t) for t in ids) if i in self.vocab).decode(
+            "utf-8", errors="replace")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "bpe", "merges": [list(m) for m in self.merges]}
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.state_dict(), f)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "BPETokenizer":
+        with open(path, "r", encoding="utf-8") as f:
+            state = json.load(f)
+        if state.get("type") != "bpe":
+            raise ValueError(f"{path}: not a BPE tokenizer file")
+        return cls([tuple(m) for m in state["merges"]])
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+def _merge(seq: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    out = []
+    i = 0
+    n = len(seq)
+    while i < n:
+        if i + 1 < n and seq[i] == pair[0] and seq[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
+Tokenizer = Union[ByteTokenizer, BPETokenizer]
+
+
+def get_tokenizer(name: str = "byte", path: Optional[str] = None, train_text: Optional[str] = None,
+                  train_file: Optional[str] = None, vocab_size: int = 512) -> Tokenizer:
+    """``byte`` (default) or ``bpe``: a BPE loads from ``path`` (a saved JSON), or is trained on ``train_text`` /
+    ``train_file`` with ``vocab_size`` tokens."""
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "bpe":
+        if path:
+            return BPETokenizer.load(path)
+        if train_text is None and train_file is not None:
+            with open(train_file, "r", encoding="utf-8") as f:
+                train_text = f.read()
+        if train_text is None:
+            raise ValueError("bpe tokenizer: give path (a saved tokenizer) or train_text / train_file")
+        return BPETokenizer.train(train_text, vocab_size)
+    raise ValueError(f"tokenizer: unknown name {name!r} (expected 'byte' or 'bpe')")
+
+
+def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
+    kind = state.get("type")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return BPETokenizer([tuple(m) for m in state["merges"]])
+    raise ValueError(f"tokenizer state: unknown type {kind!r}")

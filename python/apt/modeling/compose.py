@@ -1,0 +1,154 @@
+"""ModelBuilder: a profile -> an :class:`~apt.modeling.model.APTModel`, with every component taken from the
+provider registry.
+
+* attention: ``registry.get("attention", model.attention_name).create_layer(d_model, num_heads, **cfg)`` where
+  cfg is ``model.tva`` merged with ``model.attention`` (keyword arguments the provider does not accept are
+  dropped with a debug log). An unknown/unavailable name falls back to the kind's default (registry warning); if
+  the kind has no usable provider at all, a plain causal attention (torch SDPA) is used with a warning.
+* FFN: ``registry.get("ffn", model.ffn_name)`` (``dense`` by default). With ``model.moe.enabled``, every
+  ``model.moe.every``-th block gets a :class:`MoEWrappedFFN` (dense FFN + the ``moe`` ffn provider's layer, which
+  takes its layer from the ``router`` provider ``model.moe.router_name``); when no MoE layer can be built the
+  block keeps its dense FFN and a warning says why.
+* norms: ``model.norm``; backbone ``gpt`` (attention blocks) or ``mamba`` (selective-scan blocks, scan provider
+  ``model.mamba.scan_name``).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from typing import Any, Callable, Mapping, Optional
+
+from torch import nn
+
+from ..core import registry
+from .layers import CausalSelfAttention, MoEWrappedFFN, default_d_ff, make_norm
+from .mamba import MambaMixer
+from .model import APTModel, GPTBlock, MambaBlock
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_VOCAB = 257  # the byte tokenizer
+
+
+def call_accepting(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` with only the keyword arguments its signature accepts (all of them if it takes ``**kw``)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    params = sig.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return fn(*args, **kwargs)
+    names = {p.name for p in params}
+    dropped = sorted(set(kwargs) - names)
+    if dropped:
+        logger.debug("%s does not take %s; not passed", getattr(fn, "__qualname__", fn), ", ".join(dropped))
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in names})
+
+
+class ModelBuilder:
+    def __init__(self, profile_cfg: Mapping[str, Any], vocab_size: Optional[int] = None) -> None:
+        self.cfg = copy.deepcopy(dict(profile_cfg))
+        if "model" not in self.cfg:
+            raise ValueError("profile: no 'model' section")
+        m = self.cfg["model"]
+        m["vocab_size"] = int(vocab_size or m.get("vocab_size") or DEFAULT_VOCAB)
+        self.m = m
+        self.report: dict[str, str] = {}  # component -> provider actually used (and why, if a fallback)
+
+    # ---- components --------------------------------------------------------------------------------------
+    def attention(self) -> nn.Module:
+        m = self.m
+        cfg = dict(m.get("tva") or {})
+        cfg.update(m.get("attention") or {})
+        cfg.setdefault("dropout", float(m.get("dropout", 0.0)))
+        name = m.get("attention_name")
+        try:
+            prov = registry.get("attention", name)
+            layer = call_accepting(prov.create_layer, m["d_model"], m["num_heads"], **cfg)  # type: ignore[attr-defined]
+            self.report["attention"] = prov.name + (f" (fallback: {prov.fallback_reason})"
+                                                    if getattr(prov, "fallback_reason", "") else "")
+            return layer
+        except (registry.RegistryError, AttributeError) as exc:
+            logger.warning("apt model: attention provider %r unusable (%s); using plain causal attention", name, exc)
+            self.report["attention"] = f"builtin causal attention ({exc})"
+            return CausalSelfAttention(m["d_model"], m["num_heads"], dropout=float(m.get("dropout", 0.0)))
+
+    def _d_ff(self, activation: str) -> int:
+        return int(self.m.get("d_ff") or default_d_ff(self.m["d_model"], activation))
+
+    def dense_ffn(self) -> nn.Module:
+        m = self.m
+        act = (m.get("ffn") or {}).get("activation", "gelu")
+        prov = registry.get("ffn", m.get("ffn_name") or None)
+        self.report["ffn"] = prov.name
+        return call_accepting(prov.create_layer, m["d_model"], self._d_ff(act),  # type: ignore[attr-defined]
+                              activation=act, dropout=float(m.get("dropout", 0.0)))
+
+    def moe_ffn(self) -> Optional[nn.Module]:
+        m, moe = self.m, self.m["moe"]
+        act = moe.get("activation") or (m.get("ffn") or {}).get("activation", "swiglu")
+        try:
+            prov = registry.get("ffn", "moe", strict=True)
+            layer = prov.create_layer(  # type: ignore[attr-defined]
+                m["d_model"], self._d_ff(act), num_experts=moe["num_experts"], k=moe["k"],
+                capacity_factor=moe.get("capacity_factor"), min_capacity=moe.get("min_capacity", 4),
+                activation=act, shared_expert=moe.get("shared_expert", False),
+                noisy_gating=moe.get("noisy_gating", False), router_name=moe.get("router_name"),
+                router_cfg=moe.get("router") or {}, balance_coef=moe.get("balance_coef", 0.01),
+                z_coef=moe.get("z_coef", 0.001))
+            self.report["moe"] = getattr(prov, "last_source", prov.name)
+            return layer
+        except (registry.RegistryError, ImportError, TypeError) as exc:
+            logger.warning("apt model: MoE requested but no MoE layer can be built (%s); keeping dense FFNs", exc)
+            self.report["moe"] = f"unavailable ({exc})"
+            return None
+
+    def norm(self) -> nn.Module:
+        return make_norm(self.m.get("norm", "layernorm"), self.m["d_model"], float(self.m.get("norm_eps", 1e-5)))
+
+    # ---- model -------------------------------------------------------------------------------------------
+    def build(self) -> APTModel:
+        m = self.m
+        backbone = m.get("backbone", "gpt")
+        d = m["d_model"]
+        drop = float(m.get("dropout", 0.0))
+        embed = nn.Embedding(m["vocab_size"], d)
+        blocks: list[nn.Module] = []
+        pos = None
+        if backbone == "gpt":
+            pos = nn.Embedding(m["max_seq_len"], d)
+            moe_cfg = m.get("moe") or {}
+            every = int(moe_cfg.get("every", 1))
+            for i in range(m["num_layers"]):
+                ffn = self.dense_ffn()
+                if moe_cfg.get("enabled") and (i + 1) % every == 0:
+                    moe = self.moe_ffn()
+                    if moe is not None:
+                        ffn = MoEWrappedFFN(ffn, moe, active=True)
+                blocks.append(GPTBlock(self.attention(), ffn, self.norm(), self.norm(), drop))
+        elif backbone == "mamba":
+            mc = m.get("mamba") or {}
+            for _ in range(m["num_layers"]):
+                mixer = MambaMixer(d, d_state=mc.get("d_state", 16), d_conv=mc.get("d_conv", 4),
+                                   expand=mc.get("expand", 2), dt_rank=mc.get("dt_rank"),
+                                   scan_name=mc.get("scan_name"))
+                self.report["scan"] = mixer.scan_provider
+                blocks.append(MambaBlock(mixer, self.norm()))
+        else:
+            raise ValueError(f"model.backbone: expected 'gpt' or 'mamba', got {backbone!r}")
+        head = nn.Linear(d, m["vocab_size"], bias=False)
+        std = float(m.get("init_std", 0.02))
+        nn.init.normal_(embed.weight, std=std)
+        if pos is not None:
+            nn.init.normal_(pos.weight, std=std)
+        if m.get("tie_embeddings", True):
+            head.weight = embed.weight
+        else:
+            nn.init.normal_(head.weight, std=std)
+        model = APTModel(self.cfg, embed, blocks, self.norm(), head, pos_embed=pos, dropout=drop)
+        model.build_report = dict(self.report)  # type: ignore[attr-defined]
+        logger.info("apt model: %s backbone, %.2fM parameters, components %s", backbone,
+                    model.num_parameters() / 1e6, self.report)
+        return model

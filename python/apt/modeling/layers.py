@@ -1,0 +1,175 @@
+"""Building blocks the model builder composes: norms, the dense FFN, the MoE wrapper around an FFN, and a plain
+causal self-attention used only when no attention provider can be had (same interface as TVAAttention:
+``forward(x, key_padding_mask=None, cache=None)`` and ``new_cache(batch_size, max_len=None)``)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    raise ValueError(f"model.norm: expected 'layernorm' or 'rmsnorm', got {kind!r}")
+
+
+def default_d_ff(d_model: int, activation: str) -> int:
+    if activation == "swiglu":  # same parameter count as a 4x GELU MLP, rounded up to a multiple of 8
+        return int(math.ceil(8 * d_model / 3 / 8) * 8)
+    return 4 * d_model
+
+
+class DenseFFN(nn.Module):
+    """``W2 act(W1 x)`` (gelu / relu) or ``W2 (silu(W1 x) * W3 x)`` (swiglu), with dropout on the output."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", dropout: float = 0.0) -> None:
+        super().__init__()
+        if activation not in ("gelu", "relu", "swiglu"):
+            raise ValueError(f"activation: expected gelu, relu or swiglu, got {activation!r}")
+        self.activation = activation
+        self.w1 = nn.Linear(d_model, d_ff * (2 if activation == "swiglu" else 1))
+        self.w2 = nn.Linear(d_ff, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w1(x)
+        if self.activation == "swiglu":
+            a, b = h.chunk(2, dim=-1)
+            h = F.silu(a) * b
+        elif self.activation == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.relu(h)
+        return self.drop(self.w2(h))
+
+
+class MoEWrappedFFN(nn.Module):
+    """An FFN slot holding both the dense FFN and a mixture-of-experts layer (``forward(x) -> (y, aux)``).
+
+    While ``active`` is False the dense FFN runs (so MoE can be switched on at a scheduled epoch, by the ``moe``
+    plugin); once active the MoE runs and its aux losses (``balance_loss``, ``z_loss``, already scaled by their
+    coefficients) are kept in ``last_aux`` for the model to collect. ``active`` is a buffer, so it is saved in
+    checkpoints. ``capacity_factor`` and ``temperature`` are forwarded to the MoE layer (schedules set them).
+    """
+
+    def __init__(self, dense: nn.Module, moe: nn.Module, active: bool = True) -> None:
+        super().__init__()
+        self.dense = dense
+        self.moe = moe
+        self.register_buffer("_active", torch.tensor(bool(active)), persistent=True)
+        self.last_aux: dict[str, torch.Tensor] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self._active.item())
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active.fill_(bool(value))
+
+    def _set_moe_attr(self, name: str, value: Any) -> None:
+        if hasattr(self.moe, name):
+            setattr(self.moe, name, value)
+
+    @property
+    def capacity_factor(self) -> Optional[float]:
+        return getattr(self.moe, "capacity_factor", None)
+
+    @capacity_factor.setter
+    def capacity_factor(self, value: Optional[float]) -> None:
+        self._set_moe_attr("capacity_factor", value)
+
+    @property
+    def temperature(self) -> Optional[float]:
+        return getattr(self.moe, "temperature", None)
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._set_moe_attr("temperature", value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            self.last_aux = {}
+            return self.dense(x)
+        shape = x.shape
+        out = self.moe(x.reshape(-1, shape[-1]))
+        y, aux = (out if isinstance(out, tuple) else (out, {}))
+        self.last_aux = {k: v for k, v in (aux or {}).items() if k in ("balance_loss", "z_loss")
+                         and torch.is_tensor(v)}
+        return y.reshape(shape)
+
+
+class KVCache:
+    """Keys and values seen so far, (B, H, L, D) each, grown by concatenation."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
+class CausalSelfAttention(nn.Module):
+    """Plain causal multi-head attention (torch SDPA). Used when the attention kind has no usable provider."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, **_: Any) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        self.h = num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        return KVCache(batch_size)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            if cache.k is not None:
+                k = torch.cat([cache.k, k], dim=2)
+                v = torch.cat([cache.v, v], dim=2)
+            cache.k, cache.v = k, v
+        L = k.shape[2]
+        mask = None
+        if past == 0 and key_padding_mask is None:
+            causal = True
+        else:
+            causal = False
+            qi = torch.arange(past, past + T, device=x.device)[:, None]
+            mask = torch.arange(L, device=x.device)[None, :] <= qi  # True = visible
+            if key_padding_mask is not None:
+                kpm = key_padding_mask
+                if kpm.shape[1] != L:
+                    raise ValueError(f"key_padding_mask: expected (B, {L}), got {tuple(kpm.shape)}")
+                mask = mask[None, None] & ~kpm[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        if mask is not None:  # a row with no visible key gives zeros, not NaN
+            y = torch.nan_to_num(y, nan=0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))

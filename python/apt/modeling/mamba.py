@@ -1,0 +1,157 @@
+"""The Mamba (selective state space) mixer used by the ``mamba`` backbone.
+
+Layout as in Mamba v1: in_proj -> (x, z); x -> causal depthwise conv -> silu -> x_proj -> (dt, B, C);
+y = selective_scan(x, dt_proj(dt), A=-exp(A_log), B, C, D, z, delta_bias, softplus) -> out_proj. The scan comes
+from the registry (kind ``scan``); decoding one token at a time uses the provider's ``selective_state_update``
+with a per-layer conv state (the last d_conv inputs) and ssm state (batch, d_inner, d_state).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import registry
+
+logger = logging.getLogger(__name__)
+
+
+def _selective_scan_local(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+    """Sequential fp32 scan (mamba_ssm semantics; B, C as (batch, N, L)). Used only when the registry has no
+    ``scan`` provider at all."""
+    dtype = u.dtype
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias[None, :, None].float()
+    if delta_softplus:
+        delta = F.softplus(delta)
+    Bf, Cf = B.float(), C.float()
+    batch, dim, L = u.shape
+    h = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for t in range(L):
+        dA = torch.exp(delta[:, :, t, None] * A.float()[None])
+        h = dA * h + (delta[:, :, t] * u[:, :, t])[:, :, None] * Bf[:, None, :, t]
+        ys.append((h * Cf[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + u * D.float()[None, :, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(dtype)
+    return (y, h) if return_last_state else y
+
+
+def _state_update_local(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    dA = torch.exp(dt[:, :, None] * A.float()[None])
+    new = dA * state.float() + (dt * x.float())[:, :, None] * B.float()[:, None, :]
+    state.copy_(new.to(state.dtype))
+    y = (new * C.float()[:, None, :]).sum(-1)
+    if D is not None:
+        y = y + x.float() * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype)
+
+
+def resolve_scan(name: Optional[str]) -> tuple[Callable[..., Any], Callable[..., Any], str]:
+    """(selective_scan_fn, selective_state_update, provider name) for the requested scan provider."""
+    try:
+        prov = registry.get("scan", name)
+        return prov.selective_scan_fn, prov.selective_state_update, prov.name  # type: ignore[attr-defined]
+    except (registry.RegistryError, AttributeError) as exc:
+        logger.warning("apt model: no usable scan provider (%s); using the built-in sequential scan", exc)
+        return _selective_scan_local, _state_update_local, "builtin-sequential"
+
+
+class MambaCache:
+    """Per-layer decode state: conv_state (B, d_inner, d_conv) and ssm_state (B, d_inner, d_state)."""
+
+    def __init__(self, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
+        self.conv_state = conv_state
+        self.ssm_state = ssm_state
+        self.seqlen = 0
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: Optional[int] = None, scan_name: Optional[str] = None,
+                 dt_min: float = 1e-3, dt_max: float = 1e-1) -> None:
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        # dt bias: softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max] (Mamba's initialisation)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.scan_fn, self.step_fn, self.scan_provider = resolve_scan(scan_name)
+
+    def new_cache(self, batch_size: int, device: Any = None, dtype: Any = None) -> MambaCache:
+        w = self.conv1d.weight
+        return MambaCache(torch.zeros(batch_size, self.d_inner, self.d_conv, device=device or w.device,
+                                      dtype=dtype or w.dtype),
+                          torch.zeros(batch_size, self.d_inner, self.d_state, device=device or w.device,
+                                      dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
+        if cache is not None and cache.seqlen > 0:
+            # continuing from a state: one step per token (the scan starts from a zero state)
+            outs = [self.step(x[:, t], cache) for t in range(x.shape[1])]
+            return torch.stack(outs, dim=1)
+        B, L, _ = x.shape
+        xz = self.in_proj(x).transpose(1, 2)  # (B, 2*d_inner, L)
+        xi, z = xz.chunk(2, dim=1)
+        if cache is not None:
+            pad = F.pad(xi, (max(self.d_conv - L, 0), 0))
+            cache.conv_state.copy_(pad[:, :, -self.d_conv:])
+        xc = F.silu(self.conv1d(xi)[..., :L])
+        dbc = self.x_proj(xc.transpose(1, 2))  # (B, L, r + 2N)
+        dt, Bm, Cm = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias goes in as delta_bias
+        A = -torch.exp(self.A_log.float())
+        out = self.scan_fn(xc.contiguous(), delta.contiguous(), A, Bm.transpose(1, 2).contiguous(),
+                           Cm.transpose(1, 2).contiguous(), self.D.float(), z.contiguous(),
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                           return_last_state=cache is not None)
+        if cache is not None:
+            y, last = out
+            cache.ssm_state.copy_(last)
+            cache.seqlen += L
+        else:
+            y = out
+        return self.out_proj(y.transpose(1, 2))
+
+    def step(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """One token: x (B, d_model) -> (B, d_model), updating the cache in place."""
+        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (B, d_inner) each
+        conv = torch.roll(cache.conv_state, shifts=-1, dims=-1)
+        conv[:, :, -1] = xi
+        cache.conv_state.copy_(conv)
+        xc = (conv * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias
+        xc = F.silu(xc)
+        dt, Bm, Cm = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt @ self.dt_proj.weight.t()
+        A = -torch.exp(self.A_log.float())
+        y = self.step_fn(cache.ssm_state, xc, dt, A, Bm, Cm, D=self.D.float(), z=z,
+                         dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        cache.seqlen += 1
+        return self.out_proj(y)

@@ -1,0 +1,116 @@
+"""APTModel: token embedding -> blocks -> final norm -> LM head, for the ``gpt`` backbone (attention + FFN
+blocks, learned positions) and the ``mamba`` backbone (selective-scan blocks, no positions).
+
+``model(input_ids, cache=None) -> logits``; ``model.new_cache(batch_size)`` returns a :class:`ModelCache` that
+forward updates in place, so feeding a sequence in pieces (prefill, then one token at a time) gives the same
+logits as one full forward. After each forward ``model.aux_losses`` holds that forward's auxiliary losses
+(``moe_balance``, ``moe_z``: summed over MoE layers, already scaled) and ``model.hidden_states`` the final
+normalised hidden states (``final``) and, when ``record_hidden`` is set, those after the middle block (``mid``).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .layers import MoEWrappedFFN
+
+
+class ModelCache:
+    """Per-layer caches plus the number of positions already consumed."""
+
+    def __init__(self, layers: list[Any], batch_size: int) -> None:
+        self.layers = layers
+        self.batch_size = batch_size
+        self.pos = 0
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, attn: nn.Module, ffn: nn.Module, norm1: nn.Module, norm2: nn.Module,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.ffn = norm1, attn, norm2, ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        a = self.attn(self.norm1(x), cache=cache)
+        if isinstance(a, tuple):
+            a = a[0]
+        x = x + self.drop(a)
+        return x + self.ffn(self.norm2(x))
+
+    def new_cache(self, batch_size: int, max_len: Optional[int]) -> Any:
+        return self.attn.new_cache(batch_size, max_len=max_len)
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, mixer: nn.Module, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.mixer = norm, mixer
+
+    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), cache=cache)
+
+    def new_cache(self, batch_size: int, max_len: Optional[int]) -> Any:
+        return self.mixer.new_cache(batch_size)
+
+
+class APTModel(nn.Module):
+    def __init__(self, config: dict[str, Any], embed: nn.Embedding, blocks: list[nn.Module], norm_f: nn.Module,
+                 head: nn.Linear, pos_embed: Optional[nn.Embedding] = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.config = config  # the full profile (model.vocab_size resolved)
+        m = config["model"]
+        self.backbone = m["backbone"]
+        self.vocab_size = int(m["vocab_size"])
+        self.max_seq_len = int(m["max_seq_len"]) if self.backbone == "gpt" else None
+        self.embed = embed
+        self.pos_embed = pos_embed
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_f = norm_f
+        self.head = head
+        self.record_hidden = False
+        self.aux_losses: dict[str, torch.Tensor] = {}
+        self.hidden_states: dict[str, torch.Tensor] = {}
+
+    def moe_layers(self) -> list[MoEWrappedFFN]:
+        return [m for m in self.modules() if isinstance(m, MoEWrappedFFN)]
+
+    def new_cache(self, batch_size: int) -> ModelCache:
+        return ModelCache([b.new_cache(batch_size, self.max_seq_len) for b in self.blocks], batch_size)
+
+    def forward(self, input_ids: torch.Tensor, cache: Optional[ModelCache] = None) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected (batch, time), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        x = self.embed(input_ids)
+        past = cache.pos if cache is not None else 0
+        if self.pos_embed is not None:
+            if past + T > self.max_seq_len:
+                raise ValueError(f"input_ids: positions {past}..{past + T - 1} exceed model.max_seq_len "
+                                 f"({self.max_seq_len}); crop the context")
+            x = x + self.pos_embed(torch.arange(past, past + T, device=input_ids.device))[None]
+        x = self.drop(x)
+        hidden: dict[str, torch.Tensor] = {}
+        mid = len(self.blocks) // 2 - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=cache.layers[i] if cache is not None else None)
+            if self.record_hidden and i == max(mid, 0):
+                hidden["mid"] = x
+        x = self.norm_f(x)
+        hidden["final"] = x
+        self.hidden_states = hidden
+        if cache is not None:
+            cache.pos = past + T
+        aux: dict[str, torch.Tensor] = {}
+        for layer in self.moe_layers():
+            for k, v in layer.last_aux.items():
+                name = {"balance_loss": "moe_balance", "z_loss": "moe_z"}[k]
+                aux[name] = aux[name] + v if name in aux else v
+        self.aux_losses = aux
+        return self.head(x)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

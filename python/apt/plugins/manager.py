@@ -1,0 +1,111 @@
+"""PluginManager: builds the enabled plugins from a profile and broadcasts hooks to them in order.
+
+A hook that raises is logged with its traceback, the plugin is disabled for the rest of the run (recorded in
+``disabled`` and as a ``("<name>", "failed:<hook>", epoch, step)`` event), and the broadcast goes on to the next
+plugin: one broken plugin never stops training or generation.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from ..core import registry
+from .base import HookContext, Plugin
+
+logger = logging.getLogger(__name__)
+
+
+class PluginError(ValueError):
+    """A plugin named in a profile cannot be found or built."""
+
+
+def build_plugins(names: Iterable[str], settings: Optional[Mapping[str, Any]] = None) -> list[Plugin]:
+    settings = settings or {}
+    out = []
+    for name in names:
+        try:
+            plugin = registry.get("plugin", name, config=dict(settings.get(name) or {}), strict=True)
+        except registry.RegistryError:
+            known = ", ".join(sorted(i.name for i in registry.list_providers("plugin"))) or "none"
+            raise PluginError(f"unknown plugin {name!r} (registered plugins: {known})") from None
+        except (TypeError, ValueError) as exc:
+            raise PluginError(f"plugin {name!r}: bad settings plugins.{name}: {exc}") from None
+        out.append(plugin)  # type: ignore[arg-type]
+    return out
+
+
+class PluginManager:
+    def __init__(self, plugins: Sequence[Plugin] = ()) -> None:
+        self.plugins: list[Plugin] = list(plugins)
+        self.disabled: dict[str, str] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "PluginManager":
+        section = cfg.get("plugins") or {}
+        return cls(build_plugins(section.get("enabled") or [], section))
+
+    @property
+    def active(self) -> list[Plugin]:
+        return [p for p in self.plugins if p.name not in self.disabled]
+
+    def get(self, name: str) -> Optional[Plugin]:
+        return next((p for p in self.plugins if p.name == name), None)
+
+    def _fail(self, plugin: Plugin, hook: str, exc: BaseException, ctx: Optional[HookContext]) -> None:
+        logger.error("apt plugin %s: hook %s raised %s: %s; plugin disabled, continuing", plugin.name, hook,
+                     type(exc).__name__, exc, exc_info=exc)
+        self.disabled[plugin.name] = f"{hook}: {type(exc).__name__}: {exc}"
+        if ctx is not None:
+            ctx.events.append((plugin.name, f"failed:{hook}", ctx.epoch, ctx.step))
+
+    def broadcast(self, hook: str, ctx: HookContext) -> None:
+        for plugin in self.active:
+            fn = getattr(plugin, hook, None)
+            if fn is None:
+                continue
+            try:
+                fn(ctx)
+            except Exception as exc:  # plugin code is isolated: log, disable, go on
+                self._fail(plugin, hook, exc, ctx)
+
+    def augment_prompt(self, prompt: str, ctx: HookContext) -> str:
+        """Each active plugin's ``augment_prompt`` in turn (a failing one is skipped and disabled)."""
+        for plugin in self.active:
+            try:
+                out = plugin.augment_prompt(prompt, ctx)
+                if not isinstance(out, str):
+                    raise TypeError(f"augment_prompt returned {type(out).__name__}, expected str")
+                prompt = out
+            except Exception as exc:
+                self._fail(plugin, "augment_prompt", exc, ctx)
+        return prompt
+
+    def select_sample(self, candidates: list[Any], ctx: HookContext) -> Optional[Any]:
+        """The first non-None choice of an active plugin's ``select_sample``, else None."""
+        for plugin in self.active:
+            try:
+                choice = plugin.select_sample(candidates, ctx)
+            except Exception as exc:
+                self._fail(plugin, "select_sample", exc, ctx)
+                continue
+            if choice is not None:
+                return choice
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        states = {}
+        for p in self.plugins:
+            try:
+                states[p.name] = p.state_dict()
+            except Exception as exc:
+                self._fail(p, "state_dict", exc, None)
+        return {"plugins": states, "disabled": dict(self.disabled)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.disabled.update(state.get("disabled") or {})
+        for p in self.plugins:
+            if p.name in (state.get("plugins") or {}):
+                try:
+                    p.load_state_dict(state["plugins"][p.name])
+                except Exception as exc:
+                    self._fail(p, "load_state_dict", exc, None)

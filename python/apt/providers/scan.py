@@ -1,0 +1,65 @@
+"""Providers of kind "scan": the Mamba selective scan (forward, backward) and its one-step decode update.
+
+reference (default, pure PyTorch, any device), cpu_native (C++/OpenMP, CPU tensors), triton (CUDA tensors, or CPU
+under TRITON_INTERPRET=1) and cuda (native CUDA kernels). All share mamba_ssm's signatures, so a Mamba model can
+swap them in by name.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from apt.core.registry import Provider
+
+_SCAN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _tensors(inputs: dict[str, Any]):
+    return [(k, v) for k, v in inputs.items() if isinstance(v, torch.Tensor)]
+
+
+class _ScanProvider(Provider):
+    kind = "scan"
+    version = "0.1.0"
+    # the device type this provider runs on ("cpu", "cuda"), None = any
+    device_type: Optional[str] = None
+    dtypes: tuple = _SCAN_DTYPES
+
+    def supports(self, **inputs: Any) -> list[str]:
+        reasons = []
+        for name, t in _tensors(inputs):
+            if self.device_type is not None and t.device.type != self.device_type:
+                reasons.append(f"{name}: {t.device.type} tensor, the {self.name} provider needs {self.device_type} "
+                               f"tensors")
+            if t.is_floating_point() and t.dtype not in self.dtypes:
+                reasons.append(f"{name}: dtype {t.dtype} is not supported by the {self.name} provider")
+        return reasons
+
+    # implemented by subclasses through _impl(): (selective_scan_fn, selective_state_update)
+    def _impl(self):
+        raise NotImplementedError
+
+    def selective_scan_fn(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+        return self._impl()[0](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    def selective_state_update(self, state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+        return self._impl()[1](state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+class ReferenceScan(_ScanProvider):
+    """Pure-PyTorch sequential scan (autograd backward); any device, any float dtype."""
+
+    name = "reference"
+    is_default = True
+    priority = 0
+    description = "Mamba selective scan, pure-PyTorch sequential loop (autograd backward)"
+
+    def _impl(self):
+        from apt_kernels.reference.scan import selective_scan_ref, selective_state_update_ref
+
+        return selective_scan_ref, selective_state_update_ref
+
+
+PROVIDERS = [ReferenceScan]

@@ -1,0 +1,116 @@
+"""Checkpoints: one ``torch.save`` file holding everything to rebuild the model and to resume training exactly.
+
+A training run writes ``<training.out_dir>/last.pt`` (:data:`CHECKPOINT_NAME`; out_dir defaults to
+``apt_runs/<profile name>``) at every epoch end, every ``training.save_every`` steps and when it stops early.
+Contents: ``format`` (version), ``profile`` (the full profile, model.vocab_size resolved), ``model`` (state dict),
+``tokenizer`` (its state: byte, or the BPE merges), and for resuming ``optimizer``, ``scheduler``, ``scaler``,
+``trainer`` (epoch, step, micro-batches consumed in the epoch, loss history), ``plugins`` and ``rng`` (torch CPU
+and CUDA generator states, Python ``random``).
+
+:func:`load_for_inference` -> ``(model, tokenizer, profile)`` with the model in eval mode on ``device``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file is missing, unreadable or not an apt checkpoint."""
+
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu() if torch.is_tensor(state["torch"]) else state["torch"])
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]) if isinstance(py, (list, tuple)) else py)
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+        else:
+            logger.warning("checkpoint has CUDA RNG states for %d devices, this machine has %d: not restored",
+                           len(cuda), torch.cuda.device_count())
+
+
+def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping[str, Any], tokenizer: Any,
+         optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None, scaler: Any = None,
+         trainer_state: Optional[Mapping[str, Any]] = None, plugin_state: Optional[Mapping[str, Any]] = None,
+         rng: bool = True) -> Path:
+    """Write a checkpoint atomically (temporary file, then rename) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "profile": dict(profile),
+        "model": model.state_dict(),
+        "tokenizer": tokenizer.state_dict() if tokenizer is not None else {"type": "byte"},
+    }
+    if optimizer is not None:
+        blob["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        blob["scheduler"] = scheduler.state_dict()
+    if scaler is not None:
+        blob["scaler"] = scaler.state_dict()
+    if trainer_state is not None:
+        blob["trainer"] = dict(trainer_state)
+    if plugin_state is not None:
+        blob["plugins"] = dict(plugin_state)
+    if rng:
+        blob["rng"] = capture_rng()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: Union[str, os.PathLike], map_location: Any = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {type(exc).__name__}: {exc}") from None
+    if not isinstance(blob, dict) or "model" not in blob or "profile" not in blob:
+        raise CheckpointError(f"{path}: not an apt checkpoint (no 'model' / 'profile')")
+    return blob
+
+
+def load_for_inference(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
+                       ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """``(model, tokenizer, profile)`` from a checkpoint file (or a run directory holding ``last.pt``)."""
+    from ..data.tokenizers import tokenizer_from_state
+    from ..modeling.compose import ModelBuilder
+
+    blob = load(path, map_location="cpu")
+    profile = blob["profile"]
+    tokenizer = tokenizer_from_state(blob.get("tokenizer") or {"type": "byte"})
+    model = ModelBuilder(profile, vocab_size=profile["model"].get("vocab_size") or tokenizer.vocab_size).build()
+    missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the model built from the stored profile does not match the weights "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]}); a provider available when "
+                              "training may be missing here (see `apt info`)")
+    model.to(device).eval()
+    return model, tokenizer, profile

@@ -1,0 +1,332 @@
+"""The training loop.
+
+AdamW (weight decay on matrices only), linear warmup then cosine decay to ``lr * min_lr_ratio``, gradient
+clipping, gradient accumulation (``training.grad_accum`` micro-batches per optimizer step), mixed precision on
+CUDA only (bf16 autocast, or fp16 with a GradScaler), hook broadcasts to the enabled plugins (a failing hook
+disables its plugin, training goes on), auxiliary losses (the model's MoE balance / z losses and whatever plugins
+put in ``ctx.aux_losses`` from ``compute_loss``) added to the LM loss, checkpoints to ``<out_dir>/last.pt`` and
+exact resume (model, optimizer, scheduler, scaler, step, position in the epoch, RNG), a progress bar (tqdm when
+installed) with loss and tokens/s.
+
+Loss reported per step = mean over its micro-batches of (LM cross-entropy + aux losses).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..core.config import get_dotted
+from ..core.schedules import Schedules
+from ..data.datasets import TokenBatches, build_data
+from ..modeling.compose import ModelBuilder
+from ..plugins.base import HookContext, Plugin
+from ..plugins.manager import PluginManager
+from . import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"training.device: {name!r} requested but CUDA is not available")
+    return dev
+
+
+def amp_dtype(setting: Any, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``training.amp`` on ``device``; None = full precision. CPU never autocasts."""
+    s = str(setting).lower()
+    if device.type != "cuda" or s in ("off", "false"):
+        if device.type != "cuda" and s in ("bf16", "fp16"):
+            logger.info("training.amp=%s ignored on %s (mixed precision is used on CUDA only)", s, device)
+        return None
+    if s in ("auto", "true"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[s]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the base LR at optimizer step ``step``: linear warmup over ``warmup`` steps, then cosine to
+    ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    t = min(max(step - warmup, 0) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+
+class Trainer:
+    def __init__(self, cfg: Mapping[str, Any], model: Optional[torch.nn.Module] = None, tokenizer: Any = None,
+                 data: Optional[TokenBatches] = None, val_data: Optional[TokenBatches] = None,
+                 plugins: Optional[Sequence[Plugin]] = None, out_dir: Optional[str] = None) -> None:
+        self.cfg = dict(cfg)
+        t = self.cfg["training"]
+        self.t = t
+        self.seed = int(self.cfg.get("seed", 0))
+        torch.manual_seed(self.seed)
+        if data is None:
+            tokenizer, data, val_data = build_data(self.cfg["data"], self.seed, tokenizer)
+        elif tokenizer is None:
+            from ..data.tokenizers import ByteTokenizer
+            tokenizer = ByteTokenizer()
+        self.tokenizer, self.data, self.val_data = tokenizer, data, val_data
+        self.device = pick_device(str(t.get("device", "auto")))
+        if model is None:
+            model = ModelBuilder(self.cfg, vocab_size=tokenizer.vocab_size).build()
+        self.model = model.to(self.device)
+        self.cfg = getattr(model, "config", self.cfg)  # with model.vocab_size resolved
+        self.grad_accum = int(t.get("grad_accum", 1))
+        spe = t.get("steps_per_epoch") or max(1, data.default_batches_per_epoch() // self.grad_accum)
+        self.steps_per_epoch = int(spe)
+        self.total_steps = int(t.get("max_steps") or int(t.get("max_epochs", 1)) * self.steps_per_epoch)
+        self.max_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.optimizer = self._make_optimizer()
+        warm, floor = int(t.get("warmup_steps", 0)), float(t.get("min_lr_ratio", 0.1))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warm, self.total_steps, floor))
+        self.amp_dtype = amp_dtype(t.get("amp", "auto"), self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.schedules = Schedules(self.cfg.get("schedules") or {}, self.max_epochs, self.total_steps)
+        self.plugins = PluginManager(plugins) if plugins is not None else PluginManager.from_config(self.cfg)
+        self.ctx = HookContext(trainer=self, model=self.model, config=self.cfg,
+                               extra={"schedules": self.schedules})
+        name = self.cfg.get("name") or "run"
+        self.out_dir = Path(out_dir or t.get("out_dir") or Path("apt_runs") / name)
+        self.epoch = 0
+        self.step = 0
+        self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.history: list[float] = []  # loss per optimizer step
+        self.val_history: list[float] = []
+        self.tokens_seen = 0
+        resume = t.get("resume")
+        if resume:
+            path = self.out_dir / ckpt.CHECKPOINT_NAME if resume == "auto" else Path(resume)
+            if path.is_file() or resume != "auto":
+                self.load_checkpoint(path)
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay, seen = [], [], set()
+        for _, p in self.model.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        betas = tuple(self.t.get("betas", [0.9, 0.95]))
+        kw: dict[str, Any] = {}
+        if self.device.type == "cuda":
+            kw["fused"] = True
+        return torch.optim.AdamW([{"params": decay, "weight_decay": float(self.t.get("weight_decay", 0.0))},
+                                  {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=float(self.t["lr"]), betas=betas, **kw)  # type: ignore[arg-type]
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / ckpt.CHECKPOINT_NAME
+
+    def save_checkpoint(self, path: Optional[Path] = None) -> Path:
+        state = {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+                 "history": list(self.history), "val_history": list(self.val_history),
+                 "tokens_seen": self.tokens_seen}
+        out = ckpt.save(path or self.checkpoint_path, self.model, self.cfg, self.tokenizer, self.optimizer,
+                        self.scheduler, self.scaler, state, self.plugins.state_dict())
+        logger.info("checkpoint saved: %s (epoch %d, step %d)", out, self.epoch, self.step)
+        return out
+
+    def load_checkpoint(self, path: Path) -> None:
+        blob = ckpt.load(path, map_location="cpu")
+        self.model.load_state_dict(blob["model"])
+        if "optimizer" in blob:
+            self.optimizer.load_state_dict(blob["optimizer"])
+        if "scheduler" in blob:
+            self.scheduler.load_state_dict(blob["scheduler"])
+        if self.scaler is not None and "scaler" in blob:
+            self.scaler.load_state_dict(blob["scaler"])
+        st = blob.get("trainer") or {}
+        self.epoch, self.step = int(st.get("epoch", 0)), int(st.get("step", 0))
+        self.batch_in_epoch = int(st.get("batch_in_epoch", 0))
+        self.history = list(st.get("history", []))
+        self.val_history = list(st.get("val_history", []))
+        self.tokens_seen = int(st.get("tokens_seen", 0))
+        if "plugins" in blob:
+            self.plugins.load_state_dict(blob["plugins"])
+        if "rng" in blob:
+            ckpt.restore_rng(blob["rng"])
+        logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+
+    # ---- loop --------------------------------------------------------------------------------------------
+    def _sync_ctx(self, **kw: Any) -> HookContext:
+        c = self.ctx
+        c.epoch, c.step = self.epoch, self.step
+        for k, v in kw.items():
+            setattr(c, k, v)
+        return c
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ctx = self.ctx
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            ctx.extra["logits"], ctx.extra["targets"] = logits, y
+            self.plugins.broadcast("compute_loss", ctx)
+        aux: dict[str, torch.Tensor] = dict(getattr(self.model, "aux_losses", {}) or {})
+        for k, v in ctx.aux_losses.items():
+            if torch.is_tensor(v):
+                aux[k] = aux[k] + v if k in aux else v
+        total = loss + sum(v.float() for v in aux.values()) if aux else loss
+        ctx.extra.pop("logits", None)
+        return total, {"lm": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int = 20) -> Optional[float]:
+        if self.val_data is None:
+            return None
+        self.model.eval()
+        losses = []
+        for x, y in self.val_data.sequential(max_batches):
+            x, y = x.to(self.device), y.to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                logits = self.model(x)
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+        self.model.train()
+        return sum(losses) / max(len(losses), 1)
+
+    def fit(self, stop_at_step: Optional[int] = None) -> dict[str, Any]:
+        """Train to ``total_steps`` (or stop after optimizer step ``stop_at_step``, saving a checkpoint, as an
+        interrupted run would). Returns a summary (losses, steps, wall time, tokens/s, checkpoint path)."""
+        t = self.t
+        accum = self.grad_accum
+        clip = t.get("grad_clip")
+        log_every = int(t.get("log_every", 10))
+        save_every = t.get("save_every")
+        bar = _progress_bar(self.total_steps, self.step, bool(t.get("progress", True)))
+        self.model.train()
+        start = time.perf_counter()
+        tokens_at_start = self.tokens_seen
+        ctx = self._sync_ctx()
+        self.plugins.broadcast("on_training_start", ctx)
+        stopped = False
+        try:
+            while self.step < self.total_steps and not stopped:
+                ctx = self._sync_ctx()
+                ctx.extra["resumed_mid_epoch"] = self.batch_in_epoch > 0
+                self.plugins.broadcast("on_epoch_start", ctx)
+                n_micro = self.steps_per_epoch * accum
+                batches = self.data.batches(self.epoch, n_micro, skip=self.batch_in_epoch)
+                step_losses: list[float] = []
+                parts_sum: dict[str, float] = {}
+                for x, y in batches:
+                    if self.batch_in_epoch % accum == 0:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        step_losses, parts_sum = [], {}
+                        ctx = self._sync_ctx(batch=(x, y))
+                        self.ctx.aux_losses = {}
+                        self.plugins.broadcast("on_step_start", ctx)
+                    self.ctx.aux_losses = {}
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    self.ctx.batch = (x, y)
+                    total, parts = self._forward_loss(x, y)
+                    scaled = total / accum
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                    step_losses.append(total.item())
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / accum
+                    self.batch_in_epoch += 1
+                    self.tokens_seen += x.numel()
+                    if self.batch_in_epoch % accum:
+                        continue
+                    # optimizer step
+                    if self.scaler is not None:
+                        self.scaler.unscale_(self.optimizer)
+                    grad_norm = None
+                    if clip:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip)))
+                    if self.scaler is not None:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        self.optimizer.step()
+                    self.scheduler.step()
+                    self.step += 1
+                    loss = sum(step_losses) / len(step_losses)
+                    self.history.append(loss)
+                    ctx = self._sync_ctx(loss=loss)
+                    ctx.metrics.update({"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                                        "grad_norm": grad_norm, **{f"loss_{k}": v for k, v in parts_sum.items()}})
+                    self.plugins.broadcast("on_step_end", ctx)
+                    elapsed = time.perf_counter() - start
+                    tps = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+                    ctx.metrics["tokens_per_s"] = tps
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", epoch=self.epoch)
+                    if self.step % log_every == 0 or self.step == 1:
+                        logger.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f tok/s", self.epoch, self.step,
+                                    self.total_steps, loss, ctx.metrics["lr"], tps)
+                    if save_every and self.step % int(save_every) == 0:
+                        self.save_checkpoint()
+                    if self.step >= self.total_steps or (stop_at_step is not None and self.step >= stop_at_step):
+                        stopped = self.step < self.total_steps or self.batch_in_epoch < n_micro
+                        break
+                if stopped:
+                    break
+                # end of epoch
+                val = self.evaluate() if t.get("eval", True) else None
+                if val is not None:
+                    self.val_history.append(val)
+                ctx = self._sync_ctx()
+                ctx.metrics["val_loss"] = val
+                self.plugins.broadcast("on_epoch_end", ctx)
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self.save_checkpoint()
+            if stopped:
+                self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        wall = time.perf_counter() - start
+        ctx = self._sync_ctx()
+        self.plugins.broadcast("on_training_end", ctx)
+        summary = {"steps": self.step, "epochs": self.epoch, "wall_s": wall,
+                   "first_loss": self.history[0] if self.history else None,
+                   "final_loss": self.history[-1] if self.history else None,
+                   "val_losses": list(self.val_history),
+                   "tokens_per_s": (self.tokens_seen - tokens_at_start) / max(wall, 1e-9),
+                   "checkpoint": str(self.checkpoint_path), "disabled_plugins": dict(self.plugins.disabled),
+                   "stopped_early": stopped}
+        logger.info("training done: %s", summary)
+        return summary
+
+
+def train(profile: Any, overrides: Any = None, plugins: Optional[Sequence[str]] = None,
+          **trainer_kw: Any) -> dict[str, Any]:
+    """Load a profile (name, path or mapping), train, return the summary."""
+    from ..core.config import load_profile
+
+    cfg = load_profile(profile, overrides, plugins=plugins)
+    return Trainer(cfg, **trainer_kw).fit()
+
+
+__all__ = ["Trainer", "amp_dtype", "get_dotted", "lr_factor", "pick_device", "train"]

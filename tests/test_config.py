@@ -1,0 +1,107 @@
+"""Profiles: extends-inheritance, dotted overrides, validation errors that name the key, shipped profiles."""
+from __future__ import annotations
+
+import pytest
+
+from apt.core.config import (ConfigError, builtin_profiles, deep_merge, load_profile, parse_overrides,
+                             resolve_profile_path)
+
+
+def test_shipped_profiles_load_and_validate():
+    names = builtin_profiles()
+    for want in ("base", "tiny_debug", "gpt5_moe_reasoning", "mamba_tiny"):
+        assert want in names
+    for n in names:
+        cfg = load_profile(n)
+        assert cfg["name"] == n
+    moe = load_profile("gpt5_moe_reasoning")
+    assert moe["model"]["moe"]["enabled"] is True
+    assert moe["plugins"]["enabled"] == ["moe", "routing", "align"]
+    assert moe["schedules"]["enable_moe_at_epoch"] == 1
+    # inherited from base, not restated in the child
+    assert moe["training"]["weight_decay"] == 0.1
+    assert load_profile("mamba_tiny")["model"]["backbone"] == "mamba"
+
+
+def test_extends_chain_relative_and_deep_merge(tmp_path):
+    (tmp_path / "parent.yaml").write_text("extends: tiny_debug\nmodel:\n  d_model: 32\n  num_heads: 2\n")
+    (tmp_path / "child.yaml").write_text("# comment\nextends: parent.yaml\ntraining:\n  lr: 0.01\n")
+    cfg = load_profile(tmp_path / "child.yaml")
+    assert cfg["model"]["d_model"] == 32 and cfg["model"]["num_layers"] == 2  # parent, grandparent
+    assert cfg["training"]["lr"] == 0.01 and cfg["training"]["max_epochs"] == 2
+    assert cfg["name"] == "tiny_debug"  # inherited name wins over the file stem when set by a parent
+
+
+def test_extends_cycle_and_missing_parent(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_profile(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere\n")
+    with pytest.raises(ConfigError, match="nowhere"):
+        load_profile(tmp_path / "c.yaml")
+
+
+def test_overrides_cli_style_and_mapping():
+    cfg = load_profile("tiny_debug", ["--model.attention_name", "flash_v2", "--training.max_epochs=3",
+                                      "training.lr=1e-3", "--training.betas", "[0.8, 0.9]"])
+    assert cfg["model"]["attention_name"] == "flash_v2"
+    assert cfg["training"]["max_epochs"] == 3
+    assert cfg["training"]["lr"] == pytest.approx(1e-3)
+    assert cfg["training"]["betas"] == [0.8, 0.9]
+    cfg = load_profile("tiny_debug", {"model.d_model": 32, "data.path": "x.txt"})
+    assert cfg["model"]["d_model"] == 32 and cfg["data"]["path"] == "x.txt"
+    assert parse_overrides(["--plugins.align.alpha", "0.5"]) == {"plugins.align.alpha": 0.5}
+    with pytest.raises(ConfigError, match="no value"):
+        parse_overrides(["--training.lr"])
+
+
+def test_plugins_argument_appends():
+    cfg = load_profile("tiny_debug", plugins=["moe,align", "routing"])
+    assert cfg["plugins"]["enabled"] == ["moe", "align", "routing"]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ({"model.atention_name": "x"}, "'model.atention_name' (did you mean 'model.attention_name'?)"),
+    ({"training.max_epochs": "abc"}, "training.max_epochs: expected int"),
+    ({"training.max_epochs": 0}, "training.max_epochs: must be >= 1"),
+    ({"model.norm": "batchnorm"}, "model.norm: 'batchnorm' is not one of"),
+    ({"model.d_model": 30}, "model.d_model (30) must be divisible by model.num_heads"),
+    ({"model.moe.k": 9}, "model.moe.k (9) must be <="),
+    ({"data.seq_len": 1000}, "data.seq_len (1000) exceeds model.max_seq_len"),
+    ({"model.dropout": True}, "model.dropout: expected"),
+    ({"schedules.route_temperature": {"start": 1.0}}, "schedules.route_temperature: missing 'end'"),
+    ({"schedules.route_temperature": {"start": 1, "end": 2, "by": "batch"}}, "route_temperature.by"),
+    ({"schedules.enable_moe_at_epoch": -1}, "schedules.enable_moe_at_epoch"),
+    ({"plugins.enabled": "moe"}, "plugins.enabled: expected list"),
+    ({"model.d_model": None}, "model.d_model must be set"),
+])
+def test_validation_names_the_bad_key(override, fragment):
+    with pytest.raises(ConfigError) as ei:
+        load_profile("tiny_debug", override)
+    assert fragment in str(ei.value)
+
+
+def test_free_sections_pass_through():
+    cfg = load_profile("tiny_debug", {"model.attention.foo": 1, "plugins.myplugin.anything": [1, 2]})
+    assert cfg["model"]["attention"]["foo"] == 1
+    assert cfg["plugins"]["myplugin"]["anything"] == [1, 2]
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_profile(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_profile(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_profile(tmp_path / "list.yaml")
+    assert resolve_profile_path("tiny_debug.yaml").name == "tiny_debug.yaml"
+
+
+def test_deep_merge_does_not_alias():
+    a = {"x": {"y": [1]}}
+    b = deep_merge(a, {"x": {"z": 2}})
+    b["x"]["y"].append(3)
+    assert a == {"x": {"y": [1]}} and b["x"]["z"] == 2

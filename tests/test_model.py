@@ -1,0 +1,118 @@
+"""ModelBuilder / APTModel: gpt and mamba backbones, incremental decoding == full forward, MoE wrapper and aux
+losses, provider fallback."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apt.core.config import load_profile
+from apt.modeling import ModelBuilder
+from apt.modeling.layers import CausalSelfAttention, MoEWrappedFFN
+from apt.modeling.toy import register_toy_router
+
+TINY = {"model.d_model": 32, "model.num_heads": 2, "model.num_layers": 2, "model.max_seq_len": 32,
+        "data.seq_len": 16}
+
+
+def _model(profile: str, **over):
+    cfg = load_profile(profile, {**TINY, **over})
+    torch.manual_seed(0)
+    return ModelBuilder(cfg).build().eval()
+
+
+def _incremental(model, x, prefill):
+    cache = model.new_cache(x.shape[0])
+    outs = [model(x[:, :prefill], cache=cache)]
+    outs += [model(x[:, t:t + 1], cache=cache) for t in range(prefill, x.shape[1])]
+    return torch.cat(outs, dim=1), cache
+
+
+@pytest.mark.parametrize("profile, over", [
+    ("tiny_debug", {}),
+    ("tiny_debug", {"model.norm": "rmsnorm", "model.ffn.activation": "swiglu", "model.tie_embeddings": False}),
+    ("mamba_tiny", {}),
+])
+def test_incremental_decoding_matches_full_forward(profile, over):
+    model = _model(profile, **over)
+    x = torch.randint(0, model.vocab_size, (2, 11))
+    with torch.no_grad():
+        full = model(x)
+        assert full.shape == (2, 11, model.vocab_size)
+        for prefill in (1, 5):
+            inc, cache = _incremental(model, x, prefill)
+            torch.testing.assert_close(inc, full, atol=2e-5, rtol=1e-4)
+            assert cache.pos == 11
+
+
+def test_mamba_chunked_prefill_after_state_matches():
+    model = _model("mamba_tiny")
+    x = torch.randint(0, model.vocab_size, (1, 9))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(1)
+        a = model(x[:, :4], cache=cache)
+        b = model(x[:, 4:], cache=cache)  # several tokens continuing from a state
+    torch.testing.assert_close(torch.cat([a, b], 1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_backward_and_config():
+    model = _model("tiny_debug").train()
+    x = torch.randint(0, model.vocab_size, (2, 8))
+    logits = model(x)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
+    assert model.embed.weight.grad is not None and model.embed.weight.grad.abs().sum() > 0
+    assert model.head.weight is model.embed.weight  # tied
+    assert model.config["model"]["vocab_size"] == 257
+    assert model.hidden_states["final"].shape == (2, 8, 32)
+    assert model.aux_losses == {}
+
+
+def test_positions_beyond_max_seq_len_raise():
+    model = _model("tiny_debug")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(4, dtype=torch.long))
+
+
+def test_unknown_attention_provider_falls_back():
+    model = _model("tiny_debug", **{"model.attention_name": "flash_v2"})
+    x = torch.randint(0, 257, (1, 5))
+    assert model(x).shape == (1, 5, 257)
+    assert "attention" in model.build_report
+
+
+def test_moe_wrapper_switch_and_aux_losses():
+    name = register_toy_router()
+    model = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": name,
+                                    "model.moe.num_experts": 4, "model.moe.every": 2})
+    moes = model.moe_layers()
+    assert len(moes) == 1 and isinstance(moes[0], MoEWrappedFFN)  # every 2nd of 2 blocks
+    x = torch.randint(0, 257, (2, 6))
+    model(x)
+    assert set(model.aux_losses) == {"moe_balance", "moe_z"}
+    assert model.aux_losses["moe_balance"].item() > 0
+    moes[0].active = False
+    model(x)
+    assert model.aux_losses == {}
+    assert "_active" in "".join(model.state_dict())  # the switch is saved in checkpoints
+    moes[0].capacity_factor = 2.0
+    moes[0].temperature = 0.5
+    assert moes[0].moe.capacity_factor == 2.0 and moes[0].moe.temperature == 0.5
+
+
+def test_builtin_attention_fallback_padding_mask():
+    attn = CausalSelfAttention(16, 2).eval()
+    x = torch.randn(2, 5, 16)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    torch.testing.assert_close(attn(x, key_padding_mask=kpm), attn(x))
+    kpm[:, 0] = True
+    y = attn(x, key_padding_mask=kpm)
+    assert torch.isfinite(y).all()
+
+
+def test_bad_backbone():
+    cfg = load_profile("tiny_debug", validate_cfg=False)
+    cfg["model"]["backbone"] = "rnn"
+    with pytest.raises(ValueError, match="backbone"):
+        ModelBuilder(cfg).build()

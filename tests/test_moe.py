@@ -1,0 +1,286 @@
+"""MoE routing reference vs an independent per-token loop (top-k, GShard priority, capacity), gradchecks through
+dispatch/combine and the gate weights, MoEFFN forward/backward, the router providers and bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from apt_kernels.layers.moe import MoEFFN
+from apt_kernels.ops.moe import moe_aux_losses, moe_combine, moe_dispatch, moe_route
+from apt_kernels.reference.moe import (expert_capacity, moe_combine_ref, moe_dispatch_ref, moe_route_ref,
+                                       router_probs)
+from apt_kernels.testing import assert_close
+
+
+def loop_route(logits, k, capacity_factor, min_capacity=4, renormalize=None):
+    """Written from MOE.md with plain Python loops: per token top-k by (prob desc, index asc), then choice rank by
+    choice rank, token by token, a counter per expert."""
+    n, e = logits.shape
+    p = torch.softmax(logits.double(), dim=-1).tolist()
+    pf = torch.softmax(logits.float(), dim=-1).tolist()  # the decisions use the fp32 probabilities
+    choices = [sorted(range(e), key=lambda j: (-pf[t][j], j))[:k] for t in range(n)]
+    cap = None if capacity_factor is None else max(min_capacity, math.ceil(capacity_factor * k * n / e))
+    counter = [0] * e
+    pos = [[0] * k for _ in range(n)]
+    for j in range(k):
+        for t in range(n):
+            ex = choices[t][j]
+            pos[t][j] = counter[ex]
+            counter[ex] += 1
+    kept = [[cap is None or pos[t][j] < cap for j in range(k)] for t in range(n)]
+    renorm = (k > 1) if renormalize is None else renormalize
+    w = []
+    for t in range(n):
+        row = [p[t][ex] for ex in choices[t]]
+        s = sum(row) if renorm else 1.0
+        w.append([v / s for v in row])
+    return choices, pos, kept, cap, counter, w
+
+
+def loop_combine(expert_out, choices, pos, kept, w, cap, counts):
+    n = len(choices)
+    c = expert_out.shape[-1]
+    y = torch.zeros(n, c, dtype=torch.float64)
+    starts = [sum(counts[:ex]) for ex in range(len(counts))]
+    for t in range(n):
+        for j, ex in enumerate(choices[t]):
+            if kept[t][j]:
+                row = expert_out[ex, pos[t][j]] if cap is not None else expert_out[starts[ex] + pos[t][j]]
+                y[t] += w[t][j] * row.double()
+    return y
+
+
+def make_logits(n, e, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(n, e, generator=g)
+    if kind == "equal":
+        return torch.zeros(n, e)
+    if kind == "dup":  # duplicated columns and rows: many exact ties
+        base = torch.randn(n, max(e // 2, 1), generator=g).repeat_interleave(2, dim=1)[:, :e]
+        if e > base.shape[1]:
+            base = torch.cat([base, base[:, :1]], dim=1)
+        return base
+    if kind == "skew":  # everyone wants expert 0 -> heavy dropping
+        lg = torch.randn(n, e, generator=g)
+        lg[:, 0] += 5
+        return lg
+    raise ValueError(kind)
+
+
+CASES = [  # (N, E, k, capacity_factor, logits kind)
+    (1, 1, 1, None, "random"), (1, 1, 1, 1.0, "random"), (7, 2, 1, 0.5, "random"), (7, 2, 2, 1.0, "equal"),
+    (33, 8, 2, 1.25, "random"), (33, 8, 2, 0.5, "skew"), (50, 8, 4, 2.0, "dup"), (64, 64, 4, 1.0, "random"),
+    (65, 64, 1, None, "dup"), (100, 8, 2, None, "skew"), (129, 2, 2, 0.5, "equal"), (17, 64, 2, 1.25, "equal"),
+]
+
+
+@pytest.mark.parametrize("n,e,k,cf,kind", CASES)
+def test_reference_matches_loop(n, e, k, cf, kind):
+    logits = make_logits(n, e, kind, seed=n + e + k)
+    r = moe_route_ref(logits, k, cf, min_capacity=2)
+    choices, pos, kept, cap, counts, w = loop_route(logits, k, cf, min_capacity=2)
+    assert r.capacity == cap
+    assert r.expert_idx.tolist() == choices
+    assert r.position.tolist() == pos
+    assert r.kept.tolist() == kept
+    assert r.tokens_per_expert.tolist() == counts
+    n_drop = sum(not v for row in kept for v in row)
+    assert int(r.dropped) == n_drop
+    assert_close(r.weights.double(), torch.tensor(w, dtype=torch.float64), dtype=torch.float32)
+    x = torch.randn(n, 5)
+    buf = moe_dispatch_ref(x, r)
+    assert buf.shape == r.buffer_shape(5)
+    # each kept assignment's row holds its token; everything else is zero
+    flat = buf.reshape(-1, 5)
+    for t in range(n):
+        for j in range(k):
+            if kept[t][j]:
+                assert torch.equal(flat[r.slot[t, j]], x[t])
+    assert int((r.token_of_slot >= 0).sum()) == n * k - n_drop
+    assert torch.all(flat[r.token_of_slot < 0] == 0)
+    out = torch.randn(buf.shape)
+    assert_close(moe_combine_ref(out, r).double(), loop_combine(out, choices, pos, kept, w, cap, counts),
+                 dtype=torch.float32)
+
+
+def test_capacity_formula():
+    assert expert_capacity(16, 8, 2, 1.25, 4) == 5
+    assert expert_capacity(16, 8, 2, 0.5, 4) == 4
+    assert expert_capacity(10, 3, 1, 1.0, 0) == 4
+    assert expert_capacity(10, 3, 1, None, 4) is None
+
+
+def test_priority_first_choices_before_second():
+    # token 0 prefers expert 0 second; tokens 1, 2 prefer expert 0 first: with cap 2, token 0's 2nd choice drops.
+    logits = torch.tensor([[2.0, 3.0], [3.0, 0.0], [3.0, 0.0]])
+    r = moe_route_ref(logits, 2, capacity_factor=0.5, min_capacity=2)
+    assert r.capacity == 2
+    assert r.position.tolist() == [[0, 2], [0, 1], [1, 2]]
+    assert r.kept.tolist() == [[True, False], [True, True], [True, False]]
+    # all-dropped token gets zero output
+    r1 = moe_route_ref(torch.zeros(5, 2), 1, capacity_factor=0.1, min_capacity=1)
+    out = moe_combine_ref(torch.ones(r1.buffer_shape(3)), r1)
+    assert r1.capacity == 1 and r1.kept[:, 0].tolist() == [True, False, False, False, False]
+    assert torch.all(out[1:] == 0) and torch.all(out[0] == 0.5)
+
+
+def test_ties_go_to_lower_index():
+    r = moe_route_ref(torch.zeros(4, 8), 3, None)
+    assert r.expert_idx.tolist() == [[0, 1, 2]] * 4
+    assert_close(r.weights, torch.full((4, 3), 1 / 3))
+    r = moe_route_ref(torch.tensor([[1.0, 5.0, 5.0, 1.0]]), 2, None)
+    assert r.expert_idx.tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("cf", [None, 0.5, 1.25])
+def test_gradcheck_dispatch_combine_weights(cf):
+    torch.manual_seed(1)
+    n, e, k, c = 9, 4, 2, 3
+    logits = torch.randn(n, e, dtype=torch.float64)
+    x = torch.randn(n, c, dtype=torch.float64)
+    w_exp = torch.randn(e, c, c, dtype=torch.float64)
+
+    def f(lg, xx, ww):
+        r = moe_route(lg, k, cf, min_capacity=1, impl="reference")
+        buf = moe_dispatch(xx, r, impl="reference")
+        if r.capacity is None:  # packed: expert e's rows at offsets[e]..offsets[e+1]
+            ex = torch.repeat_interleave(torch.arange(e), r.kept_per_expert)
+            out = torch.einsum("rc,rcd->rd", buf, ww[ex])
+        else:
+            out = torch.bmm(buf, ww)
+        return moe_combine(out, r, impl="reference")
+
+    args = (logits.requires_grad_(), x.requires_grad_(), w_exp.requires_grad_())
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_aux_losses_formula():
+    torch.manual_seed(2)
+    logits = torch.randn(20, 4, dtype=torch.float64, requires_grad=True)
+    r = moe_route(logits, 2, 1.0, impl="reference")
+    aux = moe_aux_losses(logits, r)
+    p = torch.softmax(logits, -1)
+    counts = torch.zeros(4, dtype=torch.float64)
+    for t in range(20):
+        for j in range(2):
+            counts[r.expert_idx[t, j]] += 1
+    want = 4 * sum(counts[i] / 40 * p[:, i].mean() for i in range(4))
+    assert_close(aux["balance_loss"], want)
+    assert_close(aux["z_loss"], (torch.logsumexp(logits, -1) ** 2).mean())
+    (aux["balance_loss"] + aux["z_loss"]).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("activation,cf,shared,noisy", [("swiglu", 1.25, False, False), ("gelu", None, True, False),
+                                                        ("swiglu", None, False, True), ("gelu", 0.5, True, True)])
+def test_moeffn_forward_backward(activation, cf, shared, noisy):
+    torch.manual_seed(3)
+    m = MoEFFN(8, 12, 4, k=2, capacity_factor=cf, activation=activation, shared_expert=shared, noisy_gating=noisy,
+               router_impl="reference")
+    x = torch.randn(2, 7, 8, requires_grad=True)
+    y, aux = m(x)
+    assert y.shape == x.shape
+    assert set(aux) == {"balance_loss", "z_loss", "tokens_per_expert", "dropped"}
+    assert int(aux["tokens_per_expert"].sum()) == 28
+    (y.square().sum() + aux["balance_loss"] + aux["z_loss"]).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_moeffn_matches_per_token_loop():
+    """The batched-expert layer equals a direct per-token sum over kept experts (eval mode, no noise)."""
+    torch.manual_seed(4)
+    for cf in (None, 0.5):
+        m = MoEFFN(6, 10, 4, k=2, capacity_factor=cf, min_capacity=1, activation="swiglu", router_impl="reference")
+        m.eval()
+        m.temperature = 0.7
+        x = torch.randn(11, 6)
+        y, aux = m(x)
+        logits = m.gate(x) / 0.7
+        r = moe_route_ref(logits, 2, cf, min_capacity=1)
+        want = torch.zeros(11, 6)
+        for t in range(11):
+            for j in range(2):
+                if r.kept[t, j]:
+                    ex = int(r.expert_idx[t, j])
+                    h = torch.nn.functional.silu(x[t] @ m.w_gate[ex]) * (x[t] @ m.w_in[ex])
+                    want[t] += r.weights[t, j] * (h @ m.w_out[ex])
+        assert_close(y, want)
+        assert int(aux["dropped"]) == int(r.dropped)
+
+
+def test_moeffn_temperature_and_capacity_are_mutable():
+    m = MoEFFN(4, 8, 4, k=1, capacity_factor=1.0, router_impl="reference")
+    x = torch.randn(32, 4)
+    m.capacity_factor = 0.25
+    _, aux = m(x)
+    m.capacity_factor = None
+    _, aux2 = m(x)
+    assert int(aux2["dropped"]) == 0
+    m.temperature = 0.0
+    with pytest.raises(ValueError, match="temperature"):
+        m(x)
+
+
+def test_bad_inputs():
+    lg = torch.randn(5, 4)
+    with pytest.raises(ValueError, match="k"):
+        moe_route(lg, 5)
+    with pytest.raises(ValueError, match="k"):
+        moe_route(lg, 0)
+    with pytest.raises(TypeError, match="k"):
+        moe_route(lg, 1.5)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        moe_route(lg, 1, -1.0)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        moe_route(lg, 1, float("nan"))
+    with pytest.raises(ValueError, match="min_capacity"):
+        moe_route(lg, 1, 1.0, min_capacity=-1)
+    with pytest.raises(ValueError, match="logits"):
+        moe_route(torch.randn(5), 1)
+    with pytest.raises(TypeError, match="logits"):
+        moe_route(torch.zeros(5, 4, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="impl"):
+        moe_route(lg, 1, impl="nope")
+    r = moe_route(lg, 2, 1.0)
+    with pytest.raises(ValueError, match="x"):
+        moe_dispatch(torch.randn(6, 3), r)
+    with pytest.raises(TypeError, match="x"):
+        moe_dispatch(torch.zeros(5, 3, dtype=torch.int32), r)
+    with pytest.raises(TypeError, match="routing"):
+        moe_dispatch(torch.randn(5, 3), "routing")
+    with pytest.raises(ValueError, match="expert_out"):
+        moe_combine(torch.randn(4, r.capacity + 1, 3), r)
+    with pytest.raises(ValueError, match="temperature|d_model|k"):
+        MoEFFN(4, 8, 2, k=3)
+    with pytest.raises(ValueError, match="activation"):
+        MoEFFN(4, 8, 2, activation="relu")
+    with pytest.raises(TypeError, match="router_impl"):
+        MoEFFN(4, 8, 2, router_impl=object())
+
+
+def test_router_providers_registered():
+    from apt.core import registry
+
+    names = {i.name: i for i in registry.list_providers("router")}
+    assert set(names) >= {"topk_default", "cpu_native", "triton", "cuda"}
+    assert names["topk_default"].is_default and names["topk_default"].priority == 0
+    assert (names["cpu_native"].priority, names["triton"].priority, names["cuda"].priority) == (10, 20, 30)
+    p = registry.get("router", "topk_default")
+    lg = torch.randn(12, 4)
+    r = p.route(lg, 2, 1.0)
+    x = torch.randn(12, 5)
+    y = p.combine(p.dispatch(x, r), r)
+    assert y.shape == (12, 5)
+    assert set(p.aux_losses(lg, r)) == {"balance_loss", "z_loss"}
+    layer = p.create_layer(5, 8, 4, k=2, capacity_factor=None)
+    out, _ = layer(torch.randn(3, 5))
+    assert out.shape == (3, 5)
+    assert p.supports(x=x) == []
+    reasons = registry.REGISTRY.provider_class("router", "cuda")(None).supports(x=x)
+    assert any("device cpu" in s for s in reasons), reasons  # the cuda router never takes CPU tensors
+    assert registry.REGISTRY.provider_class("router", "triton")(None).supports(x=x.double())

@@ -1,0 +1,140 @@
+"""Trainer: tiny_debug trains end to end on CPU with a falling loss; resume equals an uninterrupted run; hooks are
+broadcast in order; a failing plugin is disabled while training goes on; plugin aux losses join the loss."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from apt.core.config import load_profile
+from apt.plugins.base import Plugin
+from apt.training import Trainer, load_for_inference
+from apt.training.trainer import amp_dtype, lr_factor
+
+SMALL = {"model.d_model": 32, "model.num_heads": 2, "model.num_layers": 1, "model.max_seq_len": 16,
+         "data.seq_len": 16, "data.batch_size": 4, "training.steps_per_epoch": 3, "training.max_epochs": 2,
+         "training.progress": False, "training.warmup_steps": 2, "training.log_every": 1}
+
+
+def _cfg(tmp_path, **over):
+    return load_profile("tiny_debug", {**SMALL, "training.out_dir": str(tmp_path / "run"), **over})
+
+
+class Recorder(Plugin):
+    name = "recorder"
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.calls = []
+
+    def _rec(self, hook, ctx):
+        self.calls.append((hook, ctx.epoch, ctx.step))
+
+    def on_training_start(self, ctx): self._rec("on_training_start", ctx)
+    def on_epoch_start(self, ctx): self._rec("on_epoch_start", ctx)
+    def on_step_start(self, ctx): self._rec("on_step_start", ctx)
+    def on_step_end(self, ctx): self._rec("on_step_end", ctx)
+    def on_epoch_end(self, ctx): self._rec("on_epoch_end", ctx)
+    def on_training_end(self, ctx): self._rec("on_training_end", ctx)
+    def compute_loss(self, ctx): self._rec("compute_loss", ctx)
+
+
+class Boom(Plugin):
+    name = "boom"
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.calls = 0
+
+    def on_step_end(self, ctx):
+        self.calls += 1
+        if ctx.step == 2:
+            raise RuntimeError("boom at step 2")
+
+
+class ConstLoss(Plugin):
+    name = "const"
+
+    def compute_loss(self, ctx):
+        ctx.aux_losses["const"] = torch.tensor(5.0)
+
+
+def test_tiny_debug_trains_and_loss_falls(tmp_path):
+    cfg = load_profile("tiny_debug", {"training.steps_per_epoch": 25, "training.out_dir": str(tmp_path / "r"),
+                                      "training.progress": False})
+    summary = Trainer(cfg).fit()
+    hist = summary["steps"], summary["first_loss"], summary["final_loss"]
+    assert summary["steps"] == 50 and summary["epochs"] == 2, hist
+    assert summary["first_loss"] > 5.0  # ~ln(257) at initialisation
+    assert summary["final_loss"] < summary["first_loss"] - 2.0, hist
+    assert len(summary["val_losses"]) == 2 and summary["val_losses"][-1] < summary["first_loss"] - 2.0
+    model, tok, prof = load_for_inference(tmp_path / "r" / "last.pt")
+    ids = torch.tensor([tok.encode("The keeper")])
+    assert model(ids).shape == (1, ids.shape[1], tok.vocab_size)
+    assert prof["name"] == "tiny_debug" and not model.training
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_equals_uninterrupted(tmp_path, accum):
+    over = {"model.dropout": 0.1, "training.grad_accum": accum}
+    a = Trainer(_cfg(tmp_path / "a", **over))
+    sa = a.fit()
+    b = Trainer(_cfg(tmp_path / "b", **over))
+    sb = b.fit(stop_at_step=4)  # mid epoch 1 (3 steps per epoch)
+    assert sb["stopped_early"] and sb["steps"] == 4
+    torch.manual_seed(1234)  # a fresh process would not share RNG state with the interrupted one
+    c = Trainer(_cfg(tmp_path / "b", **over, **{"training.resume": "auto"}))
+    assert c.step == 4 and c.epoch == 1
+    sc = c.fit()
+    assert sc["steps"] == sa["steps"] == 6
+    assert c.history == a.history
+    for (n, pa), (_, pc) in zip(a.model.state_dict().items(), c.model.state_dict().items()):
+        assert torch.equal(pa, pc), n
+    assert c.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
+
+
+def test_hook_order_and_counts(tmp_path):
+    rec = Recorder()
+    tr = Trainer(_cfg(tmp_path, **{"training.grad_accum": 2}), plugins=[rec])
+    tr.fit()
+    hooks = [c[0] for c in rec.calls]
+    assert hooks[0] == "on_training_start" and hooks[-1] == "on_training_end"
+    assert hooks.count("on_epoch_start") == hooks.count("on_epoch_end") == 2
+    assert hooks.count("on_step_start") == hooks.count("on_step_end") == 6
+    assert hooks.count("compute_loss") == 12  # every micro-batch
+    ends = [c for c in rec.calls if c[0] == "on_step_end"]
+    assert [c[2] for c in ends] == [1, 2, 3, 4, 5, 6] and [c[1] for c in ends] == [0, 0, 0, 1, 1, 1]
+
+
+def test_failing_plugin_is_disabled_and_training_goes_on(tmp_path, caplog):
+    boom, rec = Boom(), Recorder()
+    summary = Trainer(_cfg(tmp_path), plugins=[boom, rec]).fit()
+    assert summary["steps"] == 6
+    assert "boom" in summary["disabled_plugins"] and "boom at step 2" in summary["disabled_plugins"]["boom"]
+    assert boom.calls == 2  # not called after it failed
+    assert [c[0] for c in rec.calls].count("on_step_end") == 6  # the other plugin still gets every hook
+    assert any("boom" in r.getMessage() and "disabled" in r.getMessage() for r in caplog.records)
+
+
+def test_plugin_aux_loss_joins_the_loss(tmp_path):
+    tr = Trainer(_cfg(tmp_path, **{"training.max_epochs": 1, "training.steps_per_epoch": 1}),
+                 plugins=[ConstLoss()])
+    tr.fit()
+    m = tr.ctx.metrics
+    assert m["loss_const"] == pytest.approx(5.0)
+    assert m["loss"] == pytest.approx(m["loss_lm"] + 5.0, rel=1e-5)
+
+
+def test_lr_schedule_and_amp_policy():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert amp_dtype("auto", torch.device("cpu")) is None
+    assert amp_dtype("bf16", torch.device("cpu")) is None
+
+
+def test_max_steps_stops_mid_epoch(tmp_path):
+    summary = Trainer(_cfg(tmp_path, **{"training.max_steps": 4})).fit()
+    assert summary["steps"] == 4 and (tmp_path / "run" / "last.pt").is_file()
