@@ -103,7 +103,7 @@ class RouterCase(BenchCase):
         if missing:
             return [f"no {', '.join(missing)} method"]
         return list(provider.supports(x=inputs["x"], logits=inputs["logits"], k=inputs["k"],
-                                      capacity_factor=CAPACITY_FACTOR))
+                                      num_experts=inputs["logits"].shape[1], capacity_factor=CAPACITY_FACTOR))
 
     @staticmethod
     def _experts(buf: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
