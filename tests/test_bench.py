@@ -117,6 +117,17 @@ def test_scan_and_router_cases_against_fakes():
     assert {s[1] for s in shares} == {"fake_ref"} and len(shares) == 2 and all(s[4] > 0 for s in shares)
 
 
+def test_half_inputs_are_checked_against_the_fp32_reference():
+    reg = fakes.fake_registry(fakes.FakeAttention, fakes.FakeAttentionWrong)
+    rows = runner.run_case(get_case("attention"), "cpu", registry=reg, dtype=torch.bfloat16,
+                           shapes=TINY["attention"][:1], modes=["causal fwd"], **FAST)
+    st = {r.provider: r for r in rows}
+    ref = st["fake_ref"]
+    # the bf16 reference is compared with its own fp32 run: a small, nonzero error within the bf16 tolerance
+    assert ref.status == "ok" and 0 < ref.max_rel_err < 2e-2 and ref.dtype == "bfloat16" and ref.timing
+    assert st["fake_wrong"].status == "wrong"
+
+
 def test_reference_failure_makes_others_unchecked():
     class Broken(fakes.FakeScan):
         name = "broken_ref"

@@ -17,7 +17,7 @@ import torch
 from ..core import registry as _registry
 from . import peers as _peers
 from .cases import get_case
-from .runner import compare_outputs
+from .runner import compare_outputs, upcast
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,8 @@ def _inputs_and_expected(item: Item, case: Any, dtype: torch.dtype) -> tuple[dic
         ref_name = _registry.REGISTRY.default_name(item.kind)
         try:
             ref = _registry.get(item.kind, ref_name, strict=True)
-            _cache["expected"][item.mode] = case.outputs(ref, inputs, item.mode)
+            # fp32 yardstick for half inputs, as in `apt bench`
+            _cache["expected"][item.mode] = case.outputs(ref, upcast(inputs), item.mode)
         except Exception as exc:  # the reference cannot run this shape: providers are timed unchecked
             _cache["expected"][item.mode] = f"reference failed: {type(exc).__name__}: {exc}"
     return inputs, _cache["expected"][item.mode]

@@ -113,8 +113,13 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str = "cpu", *, warmup
     device = torch.device(device)
     if repeats < 1:
         raise ValueError(f"repeats: expected >= 1, got {repeats}")
-    for _ in range(max(0, warmup)):
+    for i in range(max(0, warmup)):
+        t0 = clock()
         fn()
+        _sync(device)
+        # the first call pays for compilation; after a warm call slower than the whole budget, more warm-up is waste
+        if i >= 1 and budget_s is not None and clock() - t0 > budget_s:
+            break
     _sync(device)
     times: list[float] = []
     spent = 0.0
@@ -166,6 +171,9 @@ def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu
     """Bytes one call of ``fn`` needs on top of what was allocated before it (see the module docstring for what
     this means on CUDA and on CPU); None when it cannot be measured here."""
     device = torch.device(device)
+    reset = getattr(fn, "reset", None)
+    if reset is not None:
+        reset()  # drop state the timed calls left behind (gradients), so it is not counted as "before"
     gc.collect()
     if device.type == "cuda":
         _sync(device)
@@ -271,6 +279,14 @@ def compare_outputs(actual: dict[str, torch.Tensor], expected: dict[str, torch.T
     if len(bad) > 3:
         bad = bad[:3] + [f"and {len(bad) - 3} more"]
     return (not bad), worst, "; ".join(bad), tol_out
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def upcast(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The same inputs with fp16/bf16 tensors converted to fp32 (other entries unchanged)."""
+    return {k: (v.float() if isinstance(v, torch.Tensor) and v.dtype in _HALF else v) for k, v in inputs.items()}
 
 
 # ---- environment -------------------------------------------------------------------------------------------
@@ -448,6 +464,10 @@ def run_case(case: BenchCase, device: torch.device | str = "cpu", *, quick: bool
                 # correctness gate, on the same inputs as the timing
                 try:
                     got = case.outputs(cand.impl, inputs, mode)
+                    if cand.is_reference and dtype in _HALF:
+                        # the yardstick is the reference run in fp32 on the same (upcast) inputs, so the half
+                        # reference's own rounding is not charged to the provider under test
+                        ref_got, got = got, case.outputs(cand.impl, upcast(inputs), mode)
                 except Exception as exc:
                     row.status, row.reason = "error", _err(exc)
                     logger.debug("provider %s failed", label, exc_info=True)
@@ -458,6 +478,12 @@ def run_case(case: BenchCase, device: torch.device | str = "cpu", *, quick: bool
                 if cand.is_reference:
                     expected = got
                     row.status, row.max_rel_err = "ok", 0.0
+                    if dtype in _HALF:
+                        ok, err, why, tol = compare_outputs(ref_got, expected, dtype, case.family)
+                        row.max_rel_err, row.tolerance = err, tol
+                        if not ok:
+                            row.reason = f"note: differs from its own fp32 run: {why}"
+                        del ref_got
                 elif not cand.checked:
                     row.status, row.reason = "unchecked", cand.note
                 elif expected is None:

@@ -90,6 +90,7 @@ class AttentionCase(BenchCase):
             o = provider.forward(**args)
             o.backward(grad)
             return o
+        fwd_bwd.reset = lambda: [setattr(t, "grad", None) for t in leaves]  # type: ignore[attr-defined]
         return fwd_bwd
 
     def outputs(self, provider: Any, inputs: dict[str, Any], mode: str) -> dict[str, torch.Tensor]:

@@ -121,6 +121,7 @@ class ScanCase(BenchCase):
             y = provider.selective_scan_fn(**args)
             y.backward(grad)
             return y
+        fwd_bwd.reset = lambda: [setattr(t, "grad", None) for t in leaves]  # type: ignore[attr-defined]
         return fwd_bwd
 
     def outputs(self, provider: Any, inputs: dict[str, Any], mode: str) -> dict[str, torch.Tensor]:
