@@ -462,12 +462,17 @@ def run_case(case: BenchCase, device: torch.device | str = "cpu", *, quick: bool
                     row.status, row.reason = "unsupported", "; ".join(why_not)
                     continue
                 # correctness gate, on the same inputs as the timing
+                ref_got, fp32_note = None, ""
                 try:
                     got = case.outputs(cand.impl, inputs, mode)
                     if cand.is_reference and dtype in _HALF:
                         # the yardstick is the reference run in fp32 on the same (upcast) inputs, so the half
                         # reference's own rounding is not charged to the provider under test
-                        ref_got, got = got, case.outputs(cand.impl, upcast(inputs), mode)
+                        try:
+                            ref_got, got = got, case.outputs(cand.impl, upcast(inputs), mode)
+                        except Exception as exc:  # e.g. out of memory: fall back to the half reference
+                            fp32_note = f"note: fp32 run failed ({_err(exc)}); checks use the {base['dtype']} run"
+                            _free(device)
                 except Exception as exc:
                     row.status, row.reason = "error", _err(exc)
                     logger.debug("provider %s failed", label, exc_info=True)
@@ -477,13 +482,13 @@ def run_case(case: BenchCase, device: torch.device | str = "cpu", *, quick: bool
                     continue
                 if cand.is_reference:
                     expected = got
-                    row.status, row.max_rel_err = "ok", 0.0
-                    if dtype in _HALF:
+                    row.status, row.max_rel_err, row.reason = "ok", 0.0, fp32_note
+                    if ref_got is not None:
                         ok, err, why, tol = compare_outputs(ref_got, expected, dtype, case.family)
                         row.max_rel_err, row.tolerance = err, tol
                         if not ok:
                             row.reason = f"note: differs from its own fp32 run: {why}"
-                        del ref_got
+                    del ref_got
                 elif not cand.checked:
                     row.status, row.reason = "unchecked", cand.note
                 elif expected is None:
