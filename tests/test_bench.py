@@ -284,3 +284,42 @@ def test_apt_bench_quick_real_registry(tmp_path):
             continue
         ref_rows = [r for r in rows if r["provider"] in (default, "torch.bmm") and r["mode"]]
         assert ref_rows and all(r["status"] == "ok" for r in ref_rows), ref_rows
+
+
+# ---- the pytest-benchmark glue -----------------------------------------------------------------------------
+class _FakeBenchmark:
+    """Stands in for pytest-benchmark's fixture: records what run_item asks of it."""
+
+    def __init__(self):
+        self.group, self.extra_info, self.calls = None, {}, 0
+        self.stats = None
+
+    def pedantic(self, fn, rounds, warmup_rounds, iterations):
+        for _ in range(rounds + warmup_rounds):
+            fn()
+        self.calls = rounds
+        self.stats = type("S", (), {"stats": type("M", (), {"median": 1e-3})()})()
+
+
+def test_pytest_support_items_and_run(monkeypatch):
+    from apt.bench import pytest_support
+    from apt.core import registry
+
+    monkeypatch.setattr(registry, "REGISTRY", fakes.fake_registry())
+    found = pytest_support.items("router", device="cpu", grid="quick")
+    ids = [i.id for i in found]
+    assert len(ids) == len(set(ids))
+    # the expert GEMM is one item per shape, run with the reference
+    assert {i.provider for i in found if i.mode == "experts"} == {"fake_ref"}
+    assert {"fake_ref", "fake_wrong", "vllm_fused_moe"} <= {i.provider for i in found}
+    item = next(i for i in found if i.provider == "fake_ref" and i.mode == "dispatch+combine")
+    bm = _FakeBenchmark()
+    pytest_support.run_item(bm, item)
+    assert bm.calls == 5 and bm.group.startswith("router dispatch+combine N=")
+    assert bm.extra_info["provider"] == "fake_ref" and bm.extra_info["GB/s"] > 0
+    wrong = next(i for i in found if i.provider == "fake_wrong" and i.shape == item.shape and i.mode == item.mode)
+    with pytest.raises(pytest.fail.Exception, match="WRONG"):
+        pytest_support.run_item(_FakeBenchmark(), wrong)
+    peer = next(i for i in found if i.provider == "vllm_fused_moe")
+    with pytest.raises(pytest.skip.Exception, match="CUDA only"):
+        pytest_support.run_item(_FakeBenchmark(), peer)

@@ -197,10 +197,13 @@ def write_plots(run: BenchRun, out_dir: str | os.PathLike) -> list[Path]:
             if r.median_s is None or r.x_value is None or r.shape is None:
                 continue
             x_name = r.x_name
-            rest = ", ".join(f"{k}={v}" for k, v in r.shape.items() if k != r.x_name)
-            series.setdefault(f"{r.provider} ({rest})", []).append((float(r.x_value), r.median_s))
+            key = f"{r.provider} ({r.series})" if r.series else r.provider
+            series.setdefault(key, []).append((float(r.x_value), r.median_s))
         if not series:
             continue
+        if any(len(p) > 1 for p in series.values()):
+            # sweeps along other axes (batch, dim...) are single points here: keep the lines readable
+            series = OrderedDict((k, p) for k, p in series.items() if len(p) > 1)
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, pts in series.items():
             pts.sort()

@@ -211,6 +211,7 @@ class BenchResult:
     shape_label: str = ""
     x_name: str = ""
     x_value: Optional[float] = None
+    series: str = ""
     dtype: str = ""
     device: str = ""
     is_reference: bool = False
@@ -440,7 +441,8 @@ def run_case(case: BenchCase, device: torch.device | str = "cpu", *, quick: bool
         x_name, x_value = case.x_axis(shape)
         for mode in mode_list:
             base = dict(kind=case.kind, mode=mode, shape=dict(shape), shape_label=case.label(shape), x_name=x_name,
-                        x_value=x_value, dtype=str(dtype).replace("torch.", ""), device=str(device),
+                        x_value=x_value, series=case.series(shape), dtype=str(dtype).replace("torch.", ""),
+                        device=str(device),
                         metric=case.metric(mode), work=case.work(shape, mode, dtype))
             expected: Optional[dict[str, torch.Tensor]] = None
             ref_problem = "no reference provider" if ref is None else ""
@@ -551,6 +553,9 @@ def run_benchmarks(kinds: Iterable[str] = ("attention", "router", "scan"), devic
     meta["peaks"] = {}
     if device.type == "cpu" and measure_cpu_bandwidth:
         meta["cpu_copy_bandwidth_GBps"] = _peaks.measure_cpu_copy_bandwidth() / 1e9
+    meta["providers"] = {k: [i.as_dict() for i in (registry or _registry.REGISTRY).list_providers(k)]
+                         for k in kinds}
+    meta["peers"] = [p for p in _peers.peer_status(device) if p["kind"] in kinds]
     t0 = time.perf_counter()
     for kind in kinds:
         case = table[kind] if kind in table else get_case(kind)

@@ -28,6 +28,11 @@ class BenchCase:
     def x_axis(self, shape: dict[str, Any]) -> tuple[str, float]:
         raise NotImplementedError
 
+    def series(self, shape: dict[str, Any]) -> str:
+        """Which line of the plots a shape belongs to: the shape parameters other than the x axis, by default."""
+        x = self.x_axis(shape)[0]
+        return ", ".join(f"{k}={v}" for k, v in shape.items() if k != x)
+
     def default_dtype(self, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 

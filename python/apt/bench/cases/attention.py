@@ -42,6 +42,10 @@ class AttentionCase(BenchCase):
     def x_axis(self, shape: dict[str, Any]) -> tuple[str, float]:
         return "T", shape["T"]
 
+    def series(self, shape: dict[str, Any]) -> str:
+        # B and H follow from T and D on the GPU grid (B·T and H·D fixed): one line per head size
+        return f"D={shape['D']}"
+
     def make_inputs(self, shape: dict[str, Any], device: torch.device, dtype: torch.dtype,
                     seed: int = 0) -> dict[str, Any]:
         g = torch.Generator(device="cpu").manual_seed(seed)
