@@ -3,6 +3,7 @@ never timed), report rendering, `apt bench --report`, and `apt bench` end to end
 private registry keep these tests independent of which real kernels are built."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -219,6 +220,11 @@ def test_ratios_and_markdown():
     assert "NVIDIA H100 80GB HBM3" in md and "abc123" in md
     assert "| B=1 H=1 T=64 D=8 | fast | ok | 1 ms" in md and "2.00×" in md
     assert "wrong: o: off" in md and "| attention | gone | unavailable | needs a GPU |" in md
+    assert "vs torch_sdpa" not in md  # no SDPA timings, no column
+    run.results.append(dataclasses.replace(run.results[0], provider="torch_sdpa", is_reference=False,
+                                           timing=runner.TimingStats([4e-3]).as_dict()))
+    md = report.render_markdown(run)
+    assert "| vs torch_sdpa |" in md and "| 4.00× |" in md  # fast (1 ms) vs SDPA (4 ms)
 
 
 def test_json_round_trip(tmp_path):

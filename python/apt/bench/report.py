@@ -76,6 +76,23 @@ def ratios(rows: list[BenchResult]) -> dict[int, tuple[Optional[float], Optional
     return out
 
 
+def ratios_to(rows: list[BenchResult], name: str) -> dict[int, float]:
+    """id(row) -> time of provider ``name`` / row time at the same shape (> 1: the row is faster than ``name``)."""
+    other = {r.shape_label: r.median_s for r in rows
+             if r.provider == name and r.median_s is not None and r.status in ("ok", "unchecked")}
+    return {id(r): other[r.shape_label] / r.median_s for r in rows
+            if r.median_s and r.shape_label in other and r.status in ("ok", "unchecked")}
+
+
+def _ratio_names(kind: str) -> tuple[str, ...]:
+    try:
+        from .cases import get_case
+
+        return get_case(kind).ratio_to
+    except KeyError:
+        return ()
+
+
 def share_rows(results: list[BenchResult]) -> list[tuple[str, str, float, float, float]]:
     """Router: (shape, provider, dispatch+combine time, expert GEMM time, share) for every timed pair."""
     gemm = {r.shape_label: r.median_s for r in results
@@ -110,8 +127,9 @@ def render_markdown(run: BenchRun, heading_level: int = 2, title: Optional[str] 
     for kind, g in (m.get("grids") or {}).items():
         lines.append(f"- {kind} grid: {g.get('doc', '')}")
     lines.append("- columns: median time [IQR] over n timed calls; `vs ref` = reference time / time (> 1 faster); "
-                 "`vs best` = time / fastest time at that shape; `peak mem` = memory the call allocates on top of "
-                 "its inputs (CUDA allocator peak; on CPU peak-RSS growth)")
+                 "`vs best` = time / fastest time at that shape; `vs <peer>` = that peer's time / time (> 1 faster); "
+                 "`peak mem` = memory the call allocates on top of its inputs (CUDA allocator peak; on CPU peak-RSS "
+                 "growth)")
     lines.append("")
     missing = [r for r in run.results if r.mode is None]
     if missing:
@@ -126,6 +144,8 @@ def render_markdown(run: BenchRun, heading_level: int = 2, title: Optional[str] 
         lines.append(f"{h}# {kind}: {mode} ({dtype})")
         lines.append("")
         rat = ratios(rows)
+        extra = [(n, ratios_to(rows, n)) for n in _ratio_names(kind)]
+        extra = [(n, d) for n, d in extra if d]
         table = []
         for r in rows:
             t = r.timing
@@ -133,16 +153,17 @@ def render_markdown(run: BenchRun, heading_level: int = 2, title: Optional[str] 
                                             f"{_fmt_time(t['q3_s'])}] n={t['n']}"
             vs_ref, vs_best = rat.get(id(r), (None, None))
             status = r.status + (f": {r.reason}" if r.reason else "")
-            if r.max_rel_err is not None and not r.is_reference:
+            if r.max_rel_err is not None and (r.max_rel_err > 0 or not r.is_reference):
                 status += f" (err {r.max_rel_err:.1e})"
             table.append([r.shape_label, r.provider + (" (peer)" if r.is_peer else ""), status, time_s,
                           _fmt_metric(r.metric_value, r.metric),
                           "-" if r.pct_of_peak is None else f"{r.pct_of_peak:.1f}%",
                           "-" if vs_ref is None else f"{vs_ref:.2f}×",
-                          "-" if vs_best is None else f"{vs_best:.2f}",
-                          _fmt_bytes(r.peak_mem_bytes)])
+                          "-" if vs_best is None else f"{vs_best:.2f}"]
+                         + [f"{d[id(r)]:.2f}×" if id(r) in d else "-" for _, d in extra]
+                         + [_fmt_bytes(r.peak_mem_bytes)])
         lines += _md_table(["shape", "provider", "status", "median [IQR]", rows[0].metric, "% peak", "vs ref",
-                            "vs best", "peak mem"], table)
+                            "vs best"] + [f"vs {n}" for n, _ in extra] + ["peak mem"], table)
         lines.append("")
     shares = share_rows(run.results)
     if shares:

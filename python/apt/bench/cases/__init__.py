@@ -14,6 +14,8 @@ class BenchCase:
     modes: ClassVar[tuple[str, ...]] = ()
     # modes whose timed work does not depend on the provider (run once, with the reference)
     provider_independent_modes: ClassVar[frozenset[str]] = frozenset()
+    # providers/peers the report gives an extra "vs <name>" ratio column for, when they were timed
+    ratio_to: ClassVar[tuple[str, ...]] = ()
 
     # ---- grids -----------------------------------------------------------------------------------------
     def grid(self, device: torch.device, quick: bool) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ _TVA_COEF = 0.05
 class AttentionCase(BenchCase):
     kind = "attention"
     family = "attention"
+    ratio_to = ("torch_sdpa", "flash_attn")
     modes = ("tva fwd", "tva fwd+bwd", "causal fwd", "causal fwd+bwd")
 
     def grid(self, device: torch.device, quick: bool) -> list[dict[str, Any]]:

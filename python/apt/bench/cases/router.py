@@ -43,6 +43,7 @@ def capacity(shape: dict[str, Any]) -> int:
 class RouterCase(BenchCase):
     kind = "router"
     family = "moe"
+    ratio_to = ("vllm_fused_moe", "megablocks_dmoe")
     modes = (FULL, DC, EXPERTS)
     provider_independent_modes = frozenset({EXPERTS})
 

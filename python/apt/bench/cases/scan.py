@@ -28,6 +28,7 @@ _N = 16
 class ScanCase(BenchCase):
     kind = "scan"
     family = "scan"
+    ratio_to = ("mamba_ssm",)
     modes = ("fwd", "fwd+bwd")
 
     def grid(self, device: torch.device, quick: bool) -> list[dict[str, Any]]:
