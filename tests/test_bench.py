@@ -129,6 +129,20 @@ def test_half_inputs_are_checked_against_the_fp32_reference():
     assert st["fake_wrong"].status == "wrong"
 
 
+def test_triton_interpreter_providers_are_skipped_unless_named(monkeypatch):
+    class Interp(fakes.FakeScan):
+        name, is_default = "triton", False
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reg = fakes.fake_registry(fakes.FakeScan, Interp)
+    kw = dict(registry=reg, shapes=TINY["scan"], modes=["fwd"], **FAST)
+    rows = runner.run_case(get_case("scan"), "cpu", **kw)
+    st = {r.provider: r for r in rows}
+    assert st["triton"].status == "skipped" and "interpreter" in st["triton"].reason
+    rows = runner.run_case(get_case("scan"), "cpu", providers=["triton"], **kw)
+    assert {r.provider: r.status for r in rows} == {"fake_ref": "ok", "triton": "ok"}
+
+
 def test_reference_failure_makes_others_unchecked():
     class Broken(fakes.FakeScan):
         name = "broken_ref"

@@ -28,6 +28,7 @@ class Item:
     provider: str
     device: str
     quick: bool
+    named: bool = False  # asked for by name (--apt-providers)
 
     @property
     def shape_dict(self) -> dict[str, Any]:
@@ -65,7 +66,8 @@ def items(kind: str, device: Optional[str] = None, grid: Optional[str] = None,
                 ref = _registry.REGISTRY.default_name(kind)
                 mode_names = [ref] if ref else []
             for name in mode_names:
-                out.append(Item(kind, mode, tuple(shape.items()), name, device, quick))
+                out.append(Item(kind, mode, tuple(shape.items()), name, device, quick,
+                                named=bool(providers) and name in providers))
     return out
 
 
@@ -84,6 +86,9 @@ def _impl(item: Item) -> Any:
     info = _registry.get_info(item.kind, item.provider)
     if not info.available:
         pytest.skip(f"{item.provider}: {info.reason}")
+    if item.device == "cpu" and "triton" in item.provider and not item.named and \
+            os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes"):
+        pytest.skip(f"{item.provider}: TRITON_INTERPRET=1 would time the interpreter (name it in --apt-providers)")
     return _registry.get(item.kind, item.provider, strict=True)
 
 

@@ -379,6 +379,12 @@ def _candidates(case: BenchCase, reg: _registry.Registry, device: torch.device, 
             missing.append(BenchResult(kind=case.kind, mode=None, provider=info.name, status="unavailable",
                                        reason=info.reason, device=str(device)))
             continue
+        if (device.type == "cpu" and "triton" in info.name and wanted is None
+                and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes")):
+            missing.append(BenchResult(kind=case.kind, mode=None, provider=info.name, status="skipped",
+                                       reason="TRITON_INTERPRET=1: its timing would measure Triton's interpreter "
+                                              "(name it in --providers to run it anyway)", device=str(device)))
+            continue
         try:
             impl = reg.get(case.kind, info.name, strict=True)
         except Exception as exc:
