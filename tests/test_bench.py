@@ -219,7 +219,8 @@ def _synthetic_run():
                                   reason="needs a GPU")]
     meta = {"device_name": "NVIDIA H100 80GB HBM3", "timestamp": "2026-11-22T20:00:00Z", "git_commit": "abc123",
             "torch": "2.13", "apt": "0.1.0", "triton": "3.9", "device_type": "cuda", "cpu_threads": 16,
-            "quick": False, "grids": {"attention": {"doc": "tiny"}}}
+            "quick": False, "grids": {"attention": {"doc": "tiny"}},
+            "peaks": {"attention": {"dtype": "bfloat16", "tflops": 989.0, "GBps": 3350.0}}}
     return runner.BenchRun(meta=meta, results=results)
 
 
@@ -231,7 +232,7 @@ def test_ratios_and_markdown():
     assert rat[id(ref)][0] == pytest.approx(1.0) and rat[id(ref)][1] == pytest.approx(2.0)
     assert id(run.results[2]) not in rat
     md = report.render_markdown(run)
-    assert "NVIDIA H100 80GB HBM3" in md and "abc123" in md
+    assert "NVIDIA H100 80GB HBM3" in md and "abc123" in md and "attention (bfloat16): 989.0 TFLOP/s" in md
     assert "| B=1 H=1 T=64 D=8 | fast | ok | 1 ms" in md and "2.00×" in md
     assert "wrong: o: off" in md and "| attention | gone | unavailable | needs a GPU |" in md
     assert "vs torch_sdpa" not in md  # no SDPA timings, no column

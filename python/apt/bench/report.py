@@ -124,6 +124,11 @@ def render_markdown(run: BenchRun, heading_level: int = 2, title: Optional[str] 
     if m.get("cpu_copy_bandwidth_GBps"):
         lines.append(f"- CPU peak FLOP/s unknown; memory-bound '% peak' is against a measured tensor copy "
                      f"bandwidth of {m['cpu_copy_bandwidth_GBps']:.1f} GB/s (read + write)")
+    if m.get("device_type") == "cuda":
+        pk = [f"{k} ({v['dtype']}): {v.get('tflops') or '?'} TFLOP/s, {v.get('GBps') or '?'} GB/s"
+              for k, v in (m.get("peaks") or {}).items() if v.get("tflops") or v.get("GBps")]
+        lines.append("- '% peak' against datasheet peaks (dense): " + "; ".join(pk) if pk else
+                     "- '% peak' not given: this device is not in apt.bench.peaks.DEVICE_PEAKS")
     for kind, g in (m.get("grids") or {}).items():
         lines.append(f"- {kind} grid: {g.get('doc', '')}")
     lines.append("- columns: median time [IQR] over n timed calls; `vs ref` = reference time / time (> 1 faster); "
