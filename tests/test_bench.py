@@ -344,3 +344,13 @@ def test_pytest_support_items_and_run(monkeypatch):
     peer = next(i for i in found if i.provider == "vllm_fused_moe")
     with pytest.raises(pytest.skip.Exception, match="CUDA only"):
         pytest_support.run_item(_FakeBenchmark(), peer)
+
+
+def test_apt_bench_list(monkeypatch, capsys):
+    from apt.core import registry
+
+    monkeypatch.setattr(registry, "REGISTRY", fakes.fake_registry())
+    assert main(["bench", "--list", "--quick", "--kind", "attention", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "attention (quick cpu grid, 2 shapes" in out and "provider fake_ref (reference): available" in out
+    assert "provider fake_gone: unavailable: fake_gone needs hardware" in out and "peer torch_sdpa: available" in out

@@ -35,6 +35,29 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(kinds: list[str], device: str, quick: bool) -> int:
+    """What a run would do: each kind's grid and every provider/peer with its availability."""
+    import torch
+
+    from ...bench import peers
+    from ...bench.cases import get_case
+    from ...core import registry
+
+    for kind in kinds:
+        case = get_case(kind)
+        grid = case.grid(device, quick)
+        print(f"{kind} ({'quick' if quick else 'full'} {device} grid, {len(grid)} shapes; modes: "
+              f"{', '.join(case.modes)})")
+        print(f"  grid: {case.grid_doc(device, quick)}")
+        for info in registry.list_providers(kind):
+            state = "available" if info.available else f"unavailable: {info.reason}"
+            print(f"  provider {info.name}{' (reference)' if info.is_default else ''}: {state}")
+        for peer in peers.peers_for(kind):
+            ok, why = peer.available(torch.device(device))
+            print(f"  peer {peer.name}: {'available' if ok else 'unavailable: ' + why}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -50,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
         device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: torch reports no CUDA device")
+    kinds = list(KINDS) if args.kind == "all" else [args.kind]
+    if args.list:
+        return _list(kinds, device, args.quick)
     if args.threads == "auto":
         if device == "cpu":
             n = runner.auto_threads()
@@ -60,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(n)
     elif args.threads:
         torch.set_num_threads(int(args.threads))
-    kinds = list(KINDS) if args.kind == "all" else [args.kind]
     dtype: Optional[torch.dtype] = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     progress = None if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
@@ -112,6 +137,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="render benchmarks/RESULTS.md from benchmarks/results/*.json and exit")
     p.add_argument("--results-dir", default=None, help="results directory for --save/--report")
     p.add_argument("--report-out", default=None, help="file --report writes (default benchmarks/RESULTS.md)")
+    p.add_argument("--list", action="store_true", help="print the grids and every provider/peer, run nothing")
     p.add_argument("--fail-on-wrong", action="store_true", help="exit 1 when a provider is reported wrong")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines, no table on stdout")
     p.set_defaults(func=run)
