@@ -5,10 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from apt.core import registry
 from apt.core.config import load_profile
 from apt.modeling import ModelBuilder
 from apt.modeling.layers import CausalSelfAttention, MoEWrappedFFN
 from apt.modeling.toy import register_toy_router
+
+
+def _router() -> str:
+    """The real default router when the MoE layer is installed, else the test-only toy one."""
+    ok = any(i.name == "topk_default" and i.available for i in registry.list_providers("router"))
+    return "topk_default" if ok else register_toy_router()
 
 TINY = {"model.d_model": 32, "model.num_heads": 2, "model.num_layers": 2, "model.max_seq_len": 32,
         "data.seq_len": 16}
@@ -31,8 +38,11 @@ def _incremental(model, x, prefill):
     ("tiny_debug", {}),
     ("tiny_debug", {"model.norm": "rmsnorm", "model.ffn.activation": "swiglu", "model.tie_embeddings": False}),
     ("mamba_tiny", {}),
+    ("mamba_tiny", {"model.mamba.scan_name": "auto"}),
 ])
-def test_incremental_decoding_matches_full_forward(profile, over):
+def test_incremental_decoding_matches_full_forward(profile, over, monkeypatch):
+    # other test modules set TRITON_INTERPRET=1 for the whole process; "auto" must not pick the (slow) interpreter
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = _model(profile, **over)
     x = torch.randint(0, model.vocab_size, (2, 11))
     with torch.no_grad():
@@ -83,7 +93,7 @@ def test_unknown_attention_provider_falls_back():
 
 
 def test_moe_wrapper_switch_and_aux_losses():
-    name = register_toy_router()
+    name = _router()
     model = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": name,
                                     "model.moe.num_experts": 4, "model.moe.every": 2})
     moes = model.moe_layers()
@@ -116,3 +126,49 @@ def test_bad_backbone():
     cfg["model"]["backbone"] = "rnn"
     with pytest.raises(ValueError, match="backbone"):
         ModelBuilder(cfg).build()
+
+
+def test_upcycle_copies_the_dense_ffn_into_every_expert():
+    if not any(i.name == "topk_default" and i.available for i in registry.list_providers("router")):
+        pytest.skip("apt_kernels MoE layer not installed")
+    for act in ("swiglu", "gelu"):
+        model = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": "topk_default",
+                                        "model.moe.activation": act, "model.ffn.activation": act,
+                                        "model.moe.capacity_factor": None})
+        layer = model.moe_layers()[0]
+        with torch.no_grad():
+            layer.dense.w1.bias.zero_()
+            layer.dense.w2.bias.zero_()
+        assert layer.upcycle() == ""
+        x = torch.randn(10, 32)
+        y, _ = layer.moe(x)  # dropless; the top-k weights sum to 1 and every expert is the dense FFN
+        torch.testing.assert_close(y, layer.dense(x), atol=1e-5, rtol=1e-4)
+    model = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": "topk_default",
+                                    "model.moe.activation": "gelu", "model.ffn.activation": "swiglu"})
+    assert "activations differ" in model.moe_layers()[0].upcycle()
+
+
+def test_attention_provider_gets_tva_settings_it_accepts():
+    from apt.core.registry import Provider
+
+    seen = {}
+
+    class RecordingAttention(Provider):
+        kind = "attention"
+        name = "test_recording_attention"
+
+        def create_layer(self, d_model, num_heads, r=4, s=1, tau=0.5, alpha=0.1, window=None, extra=None):
+            seen.update(d_model=d_model, num_heads=num_heads, r=r, s=s, tau=tau, alpha=alpha, window=window,
+                        extra=extra)
+            return CausalSelfAttention(d_model, num_heads)
+
+    registry.REGISTRY.register(RecordingAttention)
+    try:
+        model = _model("tiny_debug", **{"model.attention_name": "test_recording_attention",
+                                        "model.tva.r": 8, "model.tva.window": 4, "model.attention.extra": "x"})
+    finally:
+        registry.REGISTRY.unregister("attention", "test_recording_attention")
+    # dropout (not in the signature) is filtered out; tva keys and model.attention keys are passed
+    assert seen == {"d_model": 32, "num_heads": 2, "r": 8, "s": 1, "tau": 0.18, "alpha": 0.1, "window": 4,
+                    "extra": "x"}
+    assert model.build_report["attention"] == "test_recording_attention"

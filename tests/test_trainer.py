@@ -61,14 +61,14 @@ class ConstLoss(Plugin):
 
 
 def test_tiny_debug_trains_and_loss_falls(tmp_path):
-    cfg = load_profile("tiny_debug", {"training.steps_per_epoch": 25, "training.out_dir": str(tmp_path / "r"),
+    cfg = load_profile("tiny_debug", {"training.steps_per_epoch": 15, "training.out_dir": str(tmp_path / "r"),
                                       "training.progress": False})
     summary = Trainer(cfg).fit()
     hist = summary["steps"], summary["first_loss"], summary["final_loss"]
-    assert summary["steps"] == 50 and summary["epochs"] == 2, hist
+    assert summary["steps"] == 30 and summary["epochs"] == 2, hist
     assert summary["first_loss"] > 5.0  # ~ln(257) at initialisation
-    assert summary["final_loss"] < summary["first_loss"] - 2.0, hist
-    assert len(summary["val_losses"]) == 2 and summary["val_losses"][-1] < summary["first_loss"] - 2.0
+    assert summary["final_loss"] < summary["first_loss"] - 1.5, hist
+    assert len(summary["val_losses"]) == 2 and summary["val_losses"][-1] < summary["first_loss"] - 1.5
     model, tok, prof = load_for_inference(tmp_path / "r" / "last.pt")
     ids = torch.tensor([tok.encode("The keeper")])
     assert model(ids).shape == (1, ids.shape[1], tok.vocab_size)
@@ -138,3 +138,86 @@ def test_lr_schedule_and_amp_policy():
 def test_max_steps_stops_mid_epoch(tmp_path):
     summary = Trainer(_cfg(tmp_path, **{"training.max_steps": 4})).fit()
     assert summary["steps"] == 4 and (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_mamba_backbone_trains(tmp_path):
+    cfg = load_profile("mamba_tiny", {"model.d_model": 32, "data.seq_len": 16, "data.batch_size": 8,
+                                      "training.steps_per_epoch": 16, "training.warmup_steps": 2, "training.lr": 1e-2,
+                                      "training.out_dir": str(tmp_path), "training.progress": False})
+    summary = Trainer(cfg).fit()
+    assert summary["final_loss"] < summary["first_loss"] - 0.8, (summary["first_loss"], summary["final_loss"])
+    model, tok, _ = load_for_inference(tmp_path / "last.pt")
+    assert model.backbone == "mamba"
+
+
+def test_progress_bar_shows_loss_and_tokens_per_second(tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    Trainer(_cfg(tmp_path, **{"training.progress": True, "training.max_epochs": 1})).fit()
+    err = capsys.readouterr().err
+    assert "loss=" in err and "tok_s=" in err
+
+
+@pytest.mark.cuda
+def test_cuda_amp_training_and_resume(tmp_path):
+    over = {"training.device": "cuda", "training.amp": "auto", "training.grad_accum": 2}
+    a = Trainer(_cfg(tmp_path / "a", **over))
+    assert a.amp_dtype in (torch.bfloat16, torch.float16)
+    sa = a.fit()
+    assert math.isfinite(sa["final_loss"])
+    b = Trainer(_cfg(tmp_path / "b", **over))
+    b.fit(stop_at_step=4)
+    c = Trainer(_cfg(tmp_path / "b", **over, **{"training.resume": "auto"}))
+    c.fit()
+    for (n, pa), (_, pc) in zip(a.model.state_dict().items(), c.model.state_dict().items()):
+        torch.testing.assert_close(pa, pc, msg=n)
+
+
+class GradGrab(Plugin):
+    name = "gradgrab"
+
+    def on_step_end(self, ctx):  # gradients of the step just taken are still in .grad here
+        self.grads = {n: p.grad.clone() for n, p in ctx.model.named_parameters() if p.grad is not None}
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    # Two micro-batches of 4 draw the same windows as one batch of 8 (same generator stream), so the accumulated
+    # gradient must equal the big batch's gradient up to float summation order.
+    over = {"training.max_epochs": 1, "training.steps_per_epoch": 1, "training.grad_clip": None}
+    gb, gs = GradGrab(), GradGrab()
+    big = Trainer(_cfg(tmp_path / "big", **over, **{"data.batch_size": 8}), plugins=[gb])
+    small = Trainer(_cfg(tmp_path / "small", **over, **{"data.batch_size": 4, "training.grad_accum": 2}),
+                    plugins=[gs])
+    xb, _ = next(big.data.batches(0, 1))
+    xs = torch.cat([b[0] for b in small.data.batches(0, 2)])
+    assert torch.equal(xb, xs)
+    big.fit()
+    small.fit()
+    assert big.history == pytest.approx(small.history, rel=1e-5)
+    assert gb.grads.keys() == gs.grads.keys() and len(gb.grads) > 5
+    for n in gb.grads:
+        torch.testing.assert_close(gs.grads[n], gb.grads[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+class NaNLoss(Plugin):
+    name = "nanloss"
+
+    def compute_loss(self, ctx):
+        if ctx.step >= 1:
+            ctx.aux_losses["bad"] = torch.tensor(float("nan"))
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(FloatingPointError, match="training loss is nan at epoch 0, step 2"):
+        Trainer(_cfg(tmp_path), plugins=[NaNLoss()]).fit()
+
+
+def test_default_out_dir_and_save_every(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_profile("tiny_debug", {**SMALL, "training.max_epochs": 1, "training.save_every": 2})
+    saved = []
+    tr = Trainer(cfg)
+    orig = tr.save_checkpoint
+    tr.save_checkpoint = lambda path=None: saved.append(tr.step) or orig(path)
+    tr.fit()
+    assert saved == [2, 3]  # every 2 steps, and at the epoch end
+    assert (tmp_path / "apt_runs" / "tiny_debug" / "last.pt").is_file()

@@ -26,7 +26,6 @@ import yaml
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 _NUM = (int, float)
-_ANY = object  # marker: any value
 
 
 class ConfigError(ValueError):

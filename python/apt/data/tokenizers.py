@@ -64,20 +64,38 @@ class BPETokenizer:
         if vocab_size < 257:
             raise ValueError(f"vocab_size: must be >= 257 (256 bytes + end-of-text), got {vocab_size}")
         words = Counter(_PRETOKEN.findall(text))
-        seqs = [(list(w.encode("utf-8")), c) for w, c in words.items()]
+        seqs = [list(w.encode("utf-8")) for w in words]
+        counts = list(words.values())
+        # pair counts over all words, and which words hold each pair; a merge only revisits those words
+        pairs: Counter = Counter()
+        where: dict[tuple[int, int], set[int]] = {}
+        for i, seq in enumerate(seqs):
+            for p in zip(seq, seq[1:]):
+                pairs[p] += counts[i]
+                where.setdefault(p, set()).add(i)
         merges: list[tuple[int, int]] = []
         for new_id in range(256, vocab_size - 1):
-            pairs: Counter = Counter()
-            for seq, c in seqs:
-                for p in zip(seq, seq[1:]):
-                    pairs[p] += c
             if not pairs:
                 break
             best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[0]
             if pairs[best] < 2:
                 break  # merging a pair seen once does not compress anything
             merges.append(best)
-            seqs = [(_merge(seq, best, new_id), c) for seq, c in seqs]
+            for i in where.pop(best, ()):
+                old = seqs[i]
+                new = _merge(old, best, new_id)
+                if len(new) == len(old):
+                    continue  # stale index entry: the pair is no longer in this word
+                c = counts[i]
+                for p in zip(old, old[1:]):
+                    pairs[p] -= c
+                    if pairs[p] <= 0:
+                        del pairs[p]
+                for p in zip(new, new[1:]):
+                    pairs[p] += c
+                    where.setdefault(p, set()).add(i)
+                seqs[i] = new
+            pairs.pop(best, None)
         logger.info("trained BPE: %d merges (vocab %d)", len(merges), len(merges) + 257)
         return cls(merges)
 

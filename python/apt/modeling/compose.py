@@ -2,8 +2,8 @@
 provider registry.
 
 * attention: ``registry.get("attention", model.attention_name).create_layer(d_model, num_heads, **cfg)`` where
-  cfg is ``model.tva`` merged with ``model.attention`` (keyword arguments the provider does not accept are
-  dropped with a debug log). An unknown/unavailable name falls back to the kind's default (registry warning); if
+  cfg is ``model.tva`` merged with ``model.attention``, plus ``dropout`` when create_layer names that parameter
+  (keyword arguments the provider does not accept are dropped with a debug log). An unknown/unavailable name falls back to the kind's default (registry warning); if
   the kind has no usable provider at all, a plain causal attention (torch SDPA) is used with a warning.
 * FFN: ``registry.get("ffn", model.ffn_name)`` (``dense`` by default). With ``model.moe.enabled``, every
   ``model.moe.every``-th block gets a :class:`MoEWrappedFFN` (dense FFN + the ``moe`` ffn provider's layer, which
@@ -47,6 +47,14 @@ def call_accepting(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **{k: v for k, v in kwargs.items() if k in names})
 
 
+def _takes(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` has a parameter called ``name`` (not merely ``**kwargs``)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class ModelBuilder:
     def __init__(self, profile_cfg: Mapping[str, Any], vocab_size: Optional[int] = None) -> None:
         self.cfg = copy.deepcopy(dict(profile_cfg))
@@ -56,22 +64,35 @@ class ModelBuilder:
         m["vocab_size"] = int(vocab_size or m.get("vocab_size") or DEFAULT_VOCAB)
         self.m = m
         self.report: dict[str, str] = {}  # component -> provider actually used (and why, if a fallback)
+        self._attn_provider: Any = None
+        self._attn_error: Optional[Exception] = None
+        self._ffn_provider: Any = None
 
     # ---- components --------------------------------------------------------------------------------------
     def attention(self) -> nn.Module:
         m = self.m
         cfg = dict(m.get("tva") or {})
         cfg.update(m.get("attention") or {})
-        cfg.setdefault("dropout", float(m.get("dropout", 0.0)))
         name = m.get("attention_name")
+        if self._attn_provider is None and self._attn_error is None:  # resolve once: one warning, not per layer
+            try:
+                self._attn_provider = registry.get("attention", name)
+            except registry.RegistryError as exc:
+                self._attn_error = exc
+        prov = self._attn_provider
         try:
-            prov = registry.get("attention", name)
+            if prov is None:
+                raise self._attn_error  # type: ignore[misc]
+            if _takes(prov.create_layer, "dropout"):  # type: ignore[attr-defined]
+                cfg.setdefault("dropout", float(m.get("dropout", 0.0)))
             layer = call_accepting(prov.create_layer, m["d_model"], m["num_heads"], **cfg)  # type: ignore[attr-defined]
             self.report["attention"] = prov.name + (f" (fallback: {prov.fallback_reason})"
                                                     if getattr(prov, "fallback_reason", "") else "")
             return layer
-        except (registry.RegistryError, AttributeError) as exc:
-            logger.warning("apt model: attention provider %r unusable (%s); using plain causal attention", name, exc)
+        except (registry.RegistryError, AttributeError, ImportError) as exc:
+            if "attention" not in self.report:
+                logger.warning("apt model: attention provider %r unusable (%s); using plain causal attention",
+                               name, exc)
             self.report["attention"] = f"builtin causal attention ({exc})"
             return CausalSelfAttention(m["d_model"], m["num_heads"], dropout=float(m.get("dropout", 0.0)))
 
@@ -81,7 +102,9 @@ class ModelBuilder:
     def dense_ffn(self) -> nn.Module:
         m = self.m
         act = (m.get("ffn") or {}).get("activation", "gelu")
-        prov = registry.get("ffn", m.get("ffn_name") or None)
+        if self._ffn_provider is None:
+            self._ffn_provider = registry.get("ffn", m.get("ffn_name") or None)
+        prov = self._ffn_provider
         self.report["ffn"] = prov.name
         return call_accepting(prov.create_layer, m["d_model"], self._d_ff(act),  # type: ignore[attr-defined]
                               activation=act, dropout=float(m.get("dropout", 0.0)))
@@ -129,6 +152,8 @@ class ModelBuilder:
                         ffn = MoEWrappedFFN(ffn, moe, active=True)
                 blocks.append(GPTBlock(self.attention(), ffn, self.norm(), self.norm(), drop))
         elif backbone == "mamba":
+            if (m.get("moe") or {}).get("enabled"):
+                logger.warning("apt model: model.moe.enabled is ignored by the mamba backbone (its blocks have no FFN)")
             mc = m.get("mamba") or {}
             for _ in range(m["num_layers"]):
                 mixer = MambaMixer(d, d_state=mc.get("d_state", 16), d_conv=mc.get("d_conv", 4),

@@ -75,6 +75,7 @@ class MoEWrappedFFN(nn.Module):
         self.moe = moe
         self.register_buffer("_active", torch.tensor(bool(active)), persistent=True)
         self.last_aux: dict[str, torch.Tensor] = {}
+        self.last_stats: dict[str, Any] = {}
 
     @property
     def active(self) -> bool:
@@ -104,15 +105,47 @@ class MoEWrappedFFN(nn.Module):
     def temperature(self, value: float) -> None:
         self._set_moe_attr("temperature", value)
 
+    @torch.no_grad()
+    def upcycle(self) -> str:
+        """Copy the dense FFN's weights into every expert ("sparse upcycling"), so that switching MoE on mid-run
+        starts from what the dense FFN learnt instead of random experts. Returns "" on success, else why not
+        (a different activation or size, or an MoE layer without stacked ``w_in``/``w_out`` experts). The dense
+        biases have no place in the experts and are left out."""
+        d, m = self.dense, self.moe
+        if not isinstance(d, DenseFFN):
+            return f"dense FFN is a {type(d).__name__}, not DenseFFN"
+        w_in, w_out, w_gate = getattr(m, "w_in", None), getattr(m, "w_out", None), getattr(m, "w_gate", None)
+        if not (torch.is_tensor(w_in) and torch.is_tensor(w_out)):
+            return f"{type(m).__name__} has no stacked expert weights w_in / w_out"
+        act = getattr(m, "activation", None)
+        if act != d.activation:
+            return f"activations differ (dense {d.activation}, experts {act})"
+        f = d.w2.in_features
+        if w_in.shape[1:] != (d.w2.out_features, f) or w_out.shape[1:] != (f, d.w2.out_features):
+            return f"sizes differ (dense d_ff {f}, experts {tuple(w_in.shape)})"
+        w1 = d.w1.weight  # (F, C) or (2F, C) for swiglu: silu(first half) * second half
+        if d.activation == "swiglu":
+            if w_gate is None:
+                return "swiglu experts without w_gate"
+            w_gate.copy_(w1[:f].t().unsqueeze(0).expand_as(w_gate))
+            w_in.copy_(w1[f:].t().unsqueeze(0).expand_as(w_in))
+        else:
+            w_in.copy_(w1.t().unsqueeze(0).expand_as(w_in))
+        w_out.copy_(d.w2.weight.t().unsqueeze(0).expand_as(w_out))
+        return ""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
-            self.last_aux = {}
+            self.last_aux, self.last_stats = {}, {}
             return self.dense(x)
         shape = x.shape
         out = self.moe(x.reshape(-1, shape[-1]))
         y, aux = (out if isinstance(out, tuple) else (out, {}))
-        self.last_aux = {k: v for k, v in (aux or {}).items() if k in ("balance_loss", "z_loss")
-                         and torch.is_tensor(v)}
+        aux = aux or {}
+        self.last_aux = {k: v for k, v in aux.items() if k in ("balance_loss", "z_loss") and torch.is_tensor(v)}
+        # routing statistics for monitoring (tokens per expert, dropped assignments), without autograd history
+        self.last_stats = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in aux.items()
+                           if k not in self.last_aux}
         return y.reshape(shape)
 
 

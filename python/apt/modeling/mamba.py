@@ -103,7 +103,27 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
-        self.scan_fn, self.step_fn, self.scan_provider = resolve_scan(scan_name)
+        # "auto": pick, per input device and dtype, the best scan provider that supports them (at first use)
+        self.auto_scan = scan_name == "auto"
+        self._auto_cache: dict[tuple[str, Any], tuple[Callable[..., Any], Callable[..., Any], str]] = {}
+        self.scan_fn, self.step_fn, self.scan_provider = resolve_scan(None if self.auto_scan else scan_name)
+        if self.auto_scan:
+            self.scan_provider = "auto"
+
+    def _select(self, t: torch.Tensor) -> None:
+        if not self.auto_scan:
+            return
+        key = (str(t.device), t.dtype)
+        hit = self._auto_cache.get(key)
+        if hit is None:
+            try:
+                prov = registry.select("scan", None, u=t)
+                hit = (prov.selective_scan_fn, prov.selective_state_update, prov.name)  # type: ignore[attr-defined]
+                logger.info("apt model: scan provider for %s %s tensors: %s", t.device, t.dtype, prov.name)
+            except (registry.RegistryError, AttributeError):
+                hit = (_selective_scan_local, _state_update_local, "builtin-sequential")
+            self._auto_cache[key] = hit
+        self.scan_fn, self.step_fn, self.scan_provider = hit
 
     def new_cache(self, batch_size: int, device: Any = None, dtype: Any = None) -> MambaCache:
         w = self.conv1d.weight
@@ -119,6 +139,7 @@ class MambaMixer(nn.Module):
             return torch.stack(outs, dim=1)
         B, L, _ = x.shape
         xz = self.in_proj(x).transpose(1, 2)  # (B, 2*d_inner, L)
+        self._select(xz)
         xi, z = xz.chunk(2, dim=1)
         if cache is not None:
             pad = F.pad(xi, (max(self.d_conv - L, 0), 0))
@@ -143,6 +164,7 @@ class MambaMixer(nn.Module):
     def step(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """One token: x (B, d_model) -> (B, d_model), updating the cache in place."""
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (B, d_inner) each
+        self._select(xi)
         conv = torch.roll(cache.conv_state, shifts=-1, dims=-1)
         conv[:, :, -1] = xi
         cache.conv_state.copy_(conv)

@@ -21,7 +21,6 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..core.config import get_dotted
 from ..core.schedules import Schedules
 from ..data.datasets import TokenBatches, build_data
 from ..modeling.compose import ModelBuilder
@@ -35,7 +34,10 @@ logger = logging.getLogger(__name__)
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"training.device: {name!r} is not a device ({exc})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"training.device: {name!r} requested but CUDA is not available")
     return dev
@@ -106,6 +108,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.schedules = Schedules(self.cfg.get("schedules") or {}, self.max_epochs, self.total_steps)
         self.plugins = PluginManager(plugins) if plugins is not None else PluginManager.from_config(self.cfg)
+        active_names = {p.name for p in self.plugins.plugins}
+        for key in self.schedules.section:
+            plugin = key[len("enable_"):-len("_at_epoch")] if key.startswith("enable_") and key.endswith(
+                "_at_epoch") else None
+            if plugin and plugin not in active_names:
+                logger.warning("schedules.%s: plugin %r is not enabled (plugins.enabled), so this has no effect",
+                               key, plugin)
         self.ctx = HookContext(trainer=self, model=self.model, config=self.cfg,
                                extra={"schedules": self.schedules})
         name = self.cfg.get("name") or "run"
@@ -234,13 +243,14 @@ class Trainer:
                 self.plugins.broadcast("on_epoch_start", ctx)
                 n_micro = self.steps_per_epoch * accum
                 batches = self.data.batches(self.epoch, n_micro, skip=self.batch_in_epoch)
-                step_losses: list[float] = []
-                parts_sum: dict[str, float] = {}
+                step_losses: list[torch.Tensor] = []
+                parts_sum: dict[str, torch.Tensor] = {}
                 for x, y in batches:
                     if self.batch_in_epoch % accum == 0:
                         self.optimizer.zero_grad(set_to_none=True)
                         step_losses, parts_sum = [], {}
                         ctx = self._sync_ctx(batch=(x, y))
+                        ctx.metrics.clear()  # metrics describe one step; plugins refill them from here
                         self.ctx.aux_losses = {}
                         self.plugins.broadcast("on_step_start", ctx)
                     self.ctx.aux_losses = {}
@@ -249,9 +259,9 @@ class Trainer:
                     total, parts = self._forward_loss(x, y)
                     scaled = total / accum
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                    step_losses.append(total.item())
+                    step_losses.append(total.detach())  # no host sync per micro-batch
                     for k, v in parts.items():
-                        parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / accum
+                        parts_sum[k] = parts_sum[k] + v / accum if k in parts_sum else v / accum
                     self.batch_in_epoch += 1
                     self.tokens_seen += x.numel()
                     if self.batch_in_epoch % accum:
@@ -269,21 +279,26 @@ class Trainer:
                         self.optimizer.step()
                     self.scheduler.step()
                     self.step += 1
-                    loss = sum(step_losses) / len(step_losses)
+                    loss = float(torch.stack(step_losses).float().mean())
+                    if not math.isfinite(loss) and self.scaler is None:
+                        raise FloatingPointError(
+                            f"training loss is {loss} at epoch {self.epoch}, step {self.step}; lower training.lr, "
+                            "keep training.grad_clip on, or check the data")
                     self.history.append(loss)
                     ctx = self._sync_ctx(loss=loss)
-                    ctx.metrics.update({"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                                        "grad_norm": grad_norm, **{f"loss_{k}": v for k, v in parts_sum.items()}})
-                    self.plugins.broadcast("on_step_end", ctx)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    ctx.metrics.update({"loss": loss, "lr": lr,
+                                        "grad_norm": grad_norm, **{f"loss_{k}": float(v) for k, v in parts_sum.items()}})
                     elapsed = time.perf_counter() - start
                     tps = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
                     ctx.metrics["tokens_per_s"] = tps
+                    self.plugins.broadcast("on_step_end", ctx)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", epoch=self.epoch)
                     if self.step % log_every == 0 or self.step == 1:
                         logger.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f tok/s", self.epoch, self.step,
-                                    self.total_steps, loss, ctx.metrics["lr"], tps)
+                                    self.total_steps, loss, lr, tps)
                     if save_every and self.step % int(save_every) == 0:
                         self.save_checkpoint()
                     if self.step >= self.total_steps or (stop_at_step is not None and self.step >= stop_at_step):
@@ -329,4 +344,4 @@ def train(profile: Any, overrides: Any = None, plugins: Optional[Sequence[str]] 
     return Trainer(cfg, **trainer_kw).fit()
 
 
-__all__ = ["Trainer", "amp_dtype", "get_dotted", "lr_factor", "pick_device", "train"]
+__all__ = ["Trainer", "amp_dtype", "lr_factor", "pick_device", "train"]

@@ -1,0 +1,130 @@
+"""``apt train``: train a model from a profile.
+
+    apt train -p tiny_debug
+    apt train -p gpt5_moe_reasoning --plugins moe,align --training.max_epochs 3 --model.attention_name flash_v2
+    apt train -p my.yaml --resume auto
+
+Any profile key can be overridden as ``--section.key VALUE`` (or ``--section.key=VALUE``); values are YAML
+(``3``, ``1e-3``, ``[0.9, 0.95]``, ``null``). The run writes ``<training.out_dir>/last.pt`` (default
+``apt_runs/<profile name>/last.pt``), which ``--resume`` continues and the generation commands load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Optional, Sequence
+
+from ...core.config import ConfigError, builtin_profiles, dump_profile, load_profile
+from ..main import CLIError
+
+logger = logging.getLogger("apt.cli.train")
+
+
+def split_overrides(extras: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(dotted overrides, other leftovers) from argparse's unrecognised arguments."""
+    overrides: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(extras):
+        a = extras[i]
+        key = a.split("=", 1)[0]
+        if a.startswith("--") and "." in key:
+            if "=" in a or i + 1 >= len(extras):
+                overrides.append(a)
+                i += 1
+            else:
+                overrides += [a, extras[i + 1]]
+                i += 2
+        else:
+            rest.append(a)
+            i += 1
+    return overrides, rest
+
+
+def accept_overrides(parser: argparse.ArgumentParser) -> None:
+    """Let ``parser`` take ``--section.key VALUE`` arguments into ``args.overrides``."""
+    original = parser.parse_known_args
+
+    def parse_known_args(args: Optional[Sequence[str]] = None, namespace: Any = None):  # type: ignore[override]
+        ns, extras = original(args, namespace)
+        overrides, rest = split_overrides(extras)
+        ns.overrides = list(getattr(ns, "overrides", None) or []) + overrides
+        return ns, rest
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def load_cli_profile(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    overrides = list(args.overrides or [])
+    for key, value in (extra or {}).items():
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    try:
+        return load_profile(args.profile, overrides, plugins=args.plugins)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ...plugins.manager import PluginError
+    from ...training.checkpoint import CheckpointError
+    from ...training.trainer import Trainer
+
+    extra = {"training.out_dir": args.out_dir, "training.resume": args.resume, "training.max_steps": args.max_steps,
+             "training.device": args.device}
+    if args.no_progress:
+        extra["training.progress"] = False
+    cfg = load_cli_profile(args, extra)
+    if args.print_config:
+        sys.stdout.write(dump_profile(cfg))
+        return 0
+    try:
+        trainer = Trainer(cfg)
+    except (ConfigError, PluginError, CheckpointError) as exc:
+        raise CLIError(str(exc)) from None
+    except ValueError as exc:  # bad values that only show when building (device, tokenizer, data)
+        raise CLIError(f"cannot set up training: {exc}") from None
+    print(f"training {cfg.get('name')}: {trainer.model.num_parameters() / 1e6:.2f}M parameters on "
+          f"{trainer.device}, {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), "
+          f"plugins: {', '.join(p.name for p in trainer.plugins.plugins) or 'none'}", file=sys.stderr)
+    if trainer.step >= trainer.total_steps:
+        print(f"nothing to do: the run in {trainer.out_dir} is already at step {trainer.step} of "
+              f"{trainer.total_steps} (raise --max-steps or --training.max_epochs to continue)")
+        return 0
+    try:
+        summary = trainer.fit()
+    except FloatingPointError as exc:
+        raise CLIError(str(exc)) from None
+    first, last = summary["first_loss"], summary["final_loss"]
+    val = summary["val_losses"][-1] if summary["val_losses"] else None
+    print(f"done: {summary['steps']} steps in {summary['wall_s']:.1f}s, loss {first:.4f} -> {last:.4f}"
+          + (f", val {val:.4f}" if val is not None else "")
+          + f", {summary['tokens_per_s']:,.0f} tokens/s; checkpoint {summary['checkpoint']}")
+    if summary["disabled_plugins"]:
+        for name, why in summary["disabled_plugins"].items():
+            print(f"plugin {name} was disabled: {why}", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model from a profile",
+        description="Train a model from a YAML profile (a built-in name or a path). Any profile key can be "
+                    "overridden as --section.key VALUE, e.g. --training.max_epochs 3 --model.attention_name "
+                    f"flash_v2. Built-in profiles: {', '.join(builtin_profiles())}.",
+        epilog="The run writes <training.out_dir>/last.pt (default apt_runs/<profile>/last.pt).",
+        allow_abbrev=False)
+    p.add_argument("-p", "--profile", required=True, help="profile name (e.g. tiny_debug) or path to a YAML file")
+    p.add_argument("--plugins", action="append", default=None, metavar="NAMES",
+                   help="comma-separated plugins to enable in addition to the profile's plugins.enabled")
+    p.add_argument("--out-dir", default=None, help="output directory (training.out_dir)")
+    p.add_argument("--resume", default=None, metavar="PATH|auto",
+                   help="resume from a checkpoint, or 'auto' for <out_dir>/last.pt when it exists")
+    p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (training.max_steps)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (training.device)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the merged, validated profile and exit")
+    p.set_defaults(func=run, overrides=[])
+    accept_overrides(p)

@@ -1,0 +1,75 @@
+"""Alignment-loss providers (kind ``align``). ``bistate`` (default): the bistate alignment loss.
+
+Bistate alignment loss
+----------------------
+Two states of the same N tokens, ``a`` and ``b`` (N, C) — in training, the hidden states after the middle block
+(``a``) and the final normalised hidden states (``b``) of one forward pass. With unit vectors
+``â_n = a_n / |a_n|`` and ``b̂_n = b_n / |b_n|``::
+
+    L = alpha · stable + beta · align
+    stable = mean_n (1 − â_n · b̂_n)                                    (in [0, 2]; 0 when each pair agrees)
+    align  = mean_n −log softmax_j(â_n · b̂_j / tau_align)[j = n]      (InfoNCE over the N tokens)
+
+``stable`` pulls the two states of each token together; ``align`` asks each token's first state to be closer to
+its own second state than to any other token's, which rules out the collapsed solution (all states equal) that
+``stable`` alone allows. ``tau_align`` > 0 is the contrastive temperature (smaller = sharper). With
+``detach_b`` the second state is a fixed target (no gradient). At most ``max_tokens`` tokens (a fixed-stride
+subsample) enter the N×N similarity matrix.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..core.registry import Provider
+
+
+def bistate_alignment_loss(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, beta: float = 1.0,
+                           tau_align: float = 0.1, max_tokens: Optional[int] = 512,
+                           detach_b: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(alpha·stable + beta·align, {"stable": ..., "align": ...})`` for states a, b of shape (..., C)."""
+    if a.shape != b.shape:
+        raise ValueError(f"b: expected the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
+    if tau_align <= 0:
+        raise ValueError(f"tau_align: must be > 0, got {tau_align}")
+    a2, b2 = a.reshape(-1, a.shape[-1]).float(), b.reshape(-1, b.shape[-1]).float()
+    if detach_b:
+        b2 = b2.detach()
+    n = a2.shape[0]
+    if max_tokens is not None and n > max_tokens:
+        idx = torch.arange(0, n, n / max_tokens, device=a2.device).long()[:max_tokens]
+        a2, b2 = a2[idx], b2[idx]
+    an, bn = F.normalize(a2, dim=-1, eps=1e-6), F.normalize(b2, dim=-1, eps=1e-6)
+    stable = (1.0 - (an * bn).sum(-1)).mean()
+    logits = an @ bn.t() / tau_align
+    align = F.cross_entropy(logits, torch.arange(an.shape[0], device=an.device))
+    return alpha * stable + beta * align, {"stable": stable.detach(), "align": align.detach()}
+
+
+class BistateAlign(Provider):
+    kind: ClassVar[str] = "align"
+    name = "bistate"
+    is_default = True
+    description = "bistate alignment loss: alpha*stable + beta*InfoNCE(tau_align) between two token states"
+
+    def __init__(self, config: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(config)
+        c = self.config
+        self.alpha = float(c.get("alpha", 1.0))
+        self.beta = float(c.get("beta", 1.0))
+        self.tau_align = float(c.get("tau_align", 0.1))
+        self.max_tokens = c.get("max_tokens", 512)
+        self.detach_b = bool(c.get("detach_b", False))
+        if self.tau_align <= 0:
+            raise ValueError(f"tau_align: must be > 0, got {self.tau_align}")
+
+    def loss(self, a: torch.Tensor, b: torch.Tensor, **over: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        kw = dict(alpha=self.alpha, beta=self.beta, tau_align=self.tau_align, max_tokens=self.max_tokens,
+                  detach_b=self.detach_b)
+        kw.update({k: v for k, v in over.items() if v is not None})
+        return bistate_alignment_loss(a, b, **kw)
+
+
+PROVIDERS = [BistateAlign]

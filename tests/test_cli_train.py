@@ -1,0 +1,101 @@
+"""CLI: apt train (overrides, --plugins, errors without tracebacks), apt plugin list / info / enable / disable."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from apt.cli.commands.plugin import edit_enabled_text
+from apt.cli.commands.train import split_overrides
+from apt.cli.main import main
+
+FAST = ["--model.d_model", "32", "--model.num_heads=2", "--model.num_layers", "1", "--data.seq_len", "16",
+        "--data.batch_size", "4", "--training.steps_per_epoch", "3", "--training.max_epochs", "1",
+        "--no-progress"]
+
+
+def test_train_runs_with_overrides_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "-p", "tiny_debug", "--out-dir", str(out), *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "done: 3 steps" in text and (out / "last.pt").is_file()
+    assert main(["train", "-p", "tiny_debug", "--out-dir", str(out), "--resume", "auto", *FAST,
+                 "--training.max_epochs", "2"]) == 0
+    assert "done: 6 steps" in capsys.readouterr().out
+    assert main(["train", "-p", "tiny_debug", "--out-dir", str(out), "--resume", "auto", *FAST,
+                 "--training.max_epochs", "2"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_train_print_config_applies_overrides_and_plugins(capsys):
+    assert main(["train", "-p", "tiny_debug", "--print-config", "--training.max_epochs", "3",
+                 "--model.attention_name", "flash_v2", "--plugins", "moe,routing"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["training"]["max_epochs"] == 3 and cfg["model"]["attention_name"] == "flash_v2"
+    assert cfg["plugins"]["enabled"] == ["moe", "routing"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "-p", "no_such_profile"], "profile 'no_such_profile' not found"),
+    (["train", "-p", "tiny_debug", "--model.atention_name", "x"], "did you mean 'model.attention_name'"),
+    (["train", "-p", "tiny_debug", "--training.max_epochs", "zero"], "training.max_epochs: expected int"),
+    (["train", "-p", "tiny_debug", "--plugins", "nosuch"], "unknown plugin 'nosuch'"),
+    (["train", "-p", "tiny_debug", "--training.lr"], "has no value"),
+    (["train", "-p", "tiny_debug", "--data.path", "/nonexistent/corpus.txt"], "no such file"),
+    (["train", "-p", "tiny_debug", "--device", "tpu"], "training.device: 'tpu' is not a device"),
+    (["plugin", "info", "plugin", "nosuch"], "no provider 'nosuch'"),
+    (["plugin", "list", "--kind", "nokind"], "unknown provider kind"),
+])
+def test_user_errors_are_one_line_exit_2(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_bad_yaml_profile_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1,\n")
+    assert main(["train", "-p", str(bad)]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+
+
+def test_plugin_list_and_info(capsys):
+    assert main(["plugin", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(n in out for n in ("moe", "routing", "align"))
+    assert main(["plugin", "list", "--kind", "dataset"]) == 0
+    assert "jsonl" in capsys.readouterr().out
+    assert main(["plugin", "info", "plugin", "align"]) == 0
+    out = capsys.readouterr().out
+    assert "plugin/align" in out and "tau_align" in out
+    assert main(["plugin"]) == 1
+
+
+def test_plugin_enable_disable_keeps_comments(tmp_path, capsys):
+    f = tmp_path / "p.yaml"
+    f.write_text("# top comment\nextends: tiny_debug\nplugins:\n  # which\n  enabled:  # below\n    - routing\n"
+                 "  align: {alpha: 2.0}  # settings\ntraining:\n  max_epochs: 1  # one\n")
+    assert main(["plugin", "enable", "align", "--profile", str(f)]) == 0
+    text = f.read_text()
+    assert "# top comment" in text and "# settings" in text and "# one" in text and "# which" in text
+    data = yaml.safe_load(text)
+    assert data["plugins"]["enabled"] == ["routing", "align"] and data["plugins"]["align"] == {"alpha": 2.0}
+    assert main(["plugin", "disable", "routing", "--profile", str(f)]) == 0
+    assert yaml.safe_load(f.read_text())["plugins"]["enabled"] == ["align"]
+    assert main(["plugin", "disable", "routing", "--profile", str(f)]) == 0
+    assert "not enabled" in capsys.readouterr().out
+    assert main(["plugin", "enable", "nosuch", "--profile", str(f)]) == 2
+    assert main(["plugin", "enable", "moe", "--profile", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_edit_enabled_text_layouts():
+    assert yaml.safe_load(edit_enabled_text("a: 1\n", ["x"])) == {"a": 1, "plugins": {"enabled": ["x"]}}
+    t = edit_enabled_text("plugins:\n  enabled: [a]\nz: 2\n", ["a", "b"])
+    assert t == "plugins:\n  enabled: [a, b]\nz: 2\n"
+    t = edit_enabled_text("plugins:\n  moe: {}\n", ["moe"])
+    assert yaml.safe_load(t) == {"plugins": {"enabled": ["moe"], "moe": {}}}
+    assert edit_enabled_text("plugins: {enabled: [a]}\n", ["b"]) is None  # flow style: caller rewrites
+
+
+def test_split_overrides():
+    ov, rest = split_overrides(["--a.b", "1", "--c.d=2", "--x", "y", "--e.f"])
+    assert ov == ["--a.b", "1", "--c.d=2", "--e.f"] and rest == ["--x", "y"]
