@@ -62,4 +62,24 @@ class ReferenceScan(_ScanProvider):
         return selective_scan_ref, selective_state_update_ref
 
 
-PROVIDERS = [ReferenceScan]
+class CpuNativeScan(_ScanProvider):
+    """C++/OpenMP kernels (csrc/scan/scan_cpu.cpp): forward, checkpointed backward, decode step; CPU tensors."""
+
+    name = "cpu_native"
+    priority = 10
+    device_type = "cpu"
+    description = "Mamba selective scan, C++/OpenMP CPU kernels (fwd, bwd, decode step)"
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        from apt_kernels.ops.scan import cpu_status
+
+        return cpu_status()
+
+    def _impl(self):
+        from apt_kernels.ops.scan import selective_scan_cpu, selective_state_update_cpu
+
+        return selective_scan_cpu, selective_state_update_cpu
+
+
+PROVIDERS = [ReferenceScan, CpuNativeScan]

@@ -1,0 +1,296 @@
+"""``selective_scan_fn`` / ``selective_state_update``: the Mamba selective scan (SCAN.md) with mamba_ssm's signatures,
+dispatching to the fastest implementation for the inputs' device:
+
+- CUDA tensors: native CUDA kernels (csrc/scan/*.cu) > Triton (apt_kernels/triton/scan.py) > reference;
+- CPU tensors: native C++ (csrc/scan/scan_cpu.cpp) > reference.
+
+Native and Triton paths are ``torch.library`` custom ops (``apt::selective_scan_fwd`` / ``_bwd``, ``apt::
+selective_scan_triton_fwd`` / ``_bwd``, ``apt::selective_state_update``, ...) with fake implementations and an autograd
+formula, so they work under autograd and torch.compile. The forward saves the state every ``CHUNK`` steps; the backward
+recomputes states chunk by chunk from those checkpoints instead of storing all (batch, dim, L, N) of them.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Union
+
+import torch
+
+from .._native import native_family_status, native_module, view
+from ..backends import native_cuda_status, triton_status
+from ..reference.scan import (check_scan_args, check_state_update_args, selective_scan_ref,
+                              selective_state_update_ref)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["selective_scan_fn", "selective_state_update", "selective_scan_cpu", "selective_scan_triton",
+           "selective_scan_cuda", "selective_state_update_cpu", "selective_state_update_triton",
+           "selective_state_update_cuda", "cpu_status", "cuda_status", "CHUNK"]
+
+# Time steps between saved states: backward memory is batch*dim*N*L/CHUNK; recomputation work does not depend on it.
+CHUNK = 64
+
+ScanResult = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _nchunks(L: int, chunk: int) -> int:
+    return (L + chunk - 1) // chunk
+
+
+def pack_bc(M: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """B/C in the scan's layouts -> the kernels' contiguous layouts: (dim, N) stays, (batch, N, L) and
+    (batch, G, N, L) become (batch, G, L, N) so that one time step's N values are contiguous."""
+    if M.dim() == 2:
+        return M.to(acc).contiguous()
+    if M.dim() == 3:
+        M = M.unsqueeze(1)
+    return M.to(acc).transpose(-1, -2).contiguous()
+
+
+def unpack_bc(dM: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_bc` for gradients: back to ``like``'s layout and dtype."""
+    if like.dim() == 2:
+        return dM.to(like.dtype)
+    g = dM.transpose(-1, -2)
+    if like.dim() == 3:
+        g = g.squeeze(1)
+    return g.to(like.dtype)
+
+
+def _opt(t: Optional[torch.Tensor], acc: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(acc).contiguous()
+
+
+def _empty(t: torch.Tensor) -> torch.Tensor:
+    return t.new_empty(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# native ops (CPU kernel here; the CUDA kernel is registered for the same op below)
+@torch.library.custom_op("apt::selective_scan_fwd", mutates_args=())
+def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                 delta_softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = _acc(u.dtype)
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    out = torch.empty_like(u)
+    last = u.new_empty(batch, dim, N, dtype=acc)
+    ckpt = u.new_empty(batch, dim, _nchunks(L, chunk), N, dtype=acc)
+    # keep every converted tensor in a local: view() only takes its pointer
+    Ap, Bp, Cp, Dp, bp = A.to(acc).contiguous(), pack_bc(B, acc), pack_bc(C, acc), _opt(D, acc), _opt(delta_bias, acc)
+    native_module().selective_scan_fwd_cpu(
+        view(u), view(delta), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(out), view(last),
+        view(ckpt), bool(delta_softplus), int(chunk))
+    return out, last, ckpt
+
+
+@_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+    acc = _acc(u.dtype)
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    return (torch.empty_like(u), u.new_empty(batch, dim, N, dtype=acc),
+            u.new_empty(batch, dim, _nchunks(L, chunk), N, dtype=acc))
+
+
+@torch.library.custom_op("apt::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                 dout: torch.Tensor, dlast: Optional[torch.Tensor], ckpt: torch.Tensor, delta_softplus: bool,
+                 chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the inputs' layouts and dtypes; the gradient of an
+    absent optional input is an empty tensor."""
+    acc = _acc(u.dtype)
+    Bp, Cp = pack_bc(B, acc), pack_bc(C, acc)
+    du, ddelta = torch.empty_like(u), torch.empty_like(u)
+    dz = torch.empty_like(u) if z is not None else None
+    dA = torch.empty(A.shape, dtype=acc, device=u.device)
+    dBp, dCp = torch.empty_like(Bp), torch.empty_like(Cp)
+    dD = torch.empty(D.shape, dtype=acc, device=u.device) if D is not None else None
+    dbias = torch.empty(delta_bias.shape, dtype=acc, device=u.device) if delta_bias is not None else None
+    Ap, Dp, bp, dlp = A.to(acc).contiguous(), _opt(D, acc), _opt(delta_bias, acc), _opt(dlast, acc)
+    native_module().selective_scan_bwd_cpu(
+        view(u), view(delta), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(dout), view(dlp),
+        view(ckpt), view(du), view(ddelta), view(dA), view(dBp), view(dCp), view(dD), view(dz), view(dbias),
+        bool(delta_softplus), int(chunk))
+    return _grads_out(u, A, B, C, D, z, delta_bias, du, ddelta, dA, dBp, dCp, dD, dz, dbias)
+
+
+def _grads_out(u, A, B, C, D, z, delta_bias, du, ddelta, dA, dBp, dCp, dD, dz, dbias):
+    return (du, ddelta, dA.to(A.dtype), unpack_bc(dBp, B).contiguous(), unpack_bc(dCp, C).contiguous(),
+            dD.to(D.dtype) if D is not None else _empty(u),
+            dz if z is not None else _empty(u),
+            dbias.to(delta_bias.dtype) if delta_bias is not None else _empty(u))
+
+
+def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt, delta_softplus, chunk):
+    return (torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), B.new_empty(B.shape),
+            C.new_empty(C.shape), torch.empty_like(D) if D is not None else _empty(u),
+            torch.empty_like(u) if z is not None else _empty(u),
+            torch.empty_like(delta_bias) if delta_bias is not None else _empty(u))
+
+
+_scan_bwd_op.register_fake(_bwd_fake)
+
+
+def _make_autograd(fwd_op, bwd_op):
+    def setup_context(ctx, inputs, output):
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk = inputs
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+        ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, dout, dlast, _dckpt):
+        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(u)
+        g = bwd_op(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt, ctx.delta_softplus, ctx.chunk)
+        du, ddelta, dA, dB, dC, dD, dz, dbias = g
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+                dbias if delta_bias is not None else None, None, None)
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+
+
+_make_autograd(_scan_fwd_op, _scan_bwd_op)
+
+
+@torch.library.custom_op("apt::selective_state_update", mutates_args=("state",))
+def _state_update_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                     dt_bias: Optional[torch.Tensor], dt_softplus: bool) -> torch.Tensor:
+    acc = _acc(x.dtype)
+    y = torch.empty_like(x)
+    Ap, Bp, Cp, Dp, bp = A.to(acc).contiguous(), _pack_step_bc(B, acc), _pack_step_bc(C, acc), _opt(D, acc), \
+        _opt(dt_bias, acc)
+    native_module().selective_state_update_cpu(
+        view(state), view(x), view(dt), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(y),
+        bool(dt_softplus))
+    return y
+
+
+@_state_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return torch.empty_like(x)
+
+
+def _pack_step_bc(M: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """(batch, N) or (batch, G, N) -> contiguous (batch, G, 1, N)."""
+    if M.dim() == 2:
+        M = M.unsqueeze(1)
+    return M.to(acc).unsqueeze(2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# availability
+def cpu_status() -> tuple[bool, str]:
+    """(available, reason) of the native CPU scan."""
+    return native_family_status("scan_cpu")
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(available, reason) of the native CUDA scan."""
+    ok, why = native_cuda_status()
+    if not ok:
+        return ok, why
+    return native_family_status("scan_cuda")
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias):
+    """Validate, and give delta and z u's dtype (the kernels take one dtype for u/delta/z)."""
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    if delta.dtype != u.dtype:
+        delta = delta.to(u.dtype)
+    if z is not None and z.dtype != u.dtype:
+        z = z.to(u.dtype)
+    return delta, z
+
+
+def _run(fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state) -> ScanResult:
+    if u.shape[-1] == 0:  # nothing to scan: the kernels assume L >= 1
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    out, last, _ = fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), CHUNK)
+    return (out, last) if return_last_state else out
+
+
+def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                       delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                       return_last_state: bool = False) -> ScanResult:
+    """The native C++ scan, explicitly (RuntimeError when it is unavailable, ValueError for non-CPU tensors)."""
+    delta, z = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    ok, why = cpu_status()
+    if not ok:
+        raise RuntimeError(f"selective_scan_cpu: {why}")
+    if u.device.type != "cpu":
+        raise ValueError(f"u: selective_scan_cpu needs CPU tensors, got device {u.device}")
+    return _run(_scan_fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def selective_state_update_cpu(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                               B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor] = None,
+                               z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
+                               dt_softplus: bool = False) -> torch.Tensor:
+    """The native C++ decode step, explicitly (in place on state; returns y)."""
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+    ok, why = cpu_status()
+    if not ok:
+        raise RuntimeError(f"selective_state_update_cpu: {why}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x: selective_state_update_cpu needs CPU tensors, got device {x.device}")
+    dt = dt.to(x.dtype)
+    z = z.to(x.dtype) if z is not None else None
+    return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+
+
+def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                      delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                      return_last_state: bool = False) -> ScanResult:
+    """Mamba selective scan (mamba_ssm's signature; SCAN.md). u, delta, z: (batch, dim, L); A: (dim, N); B, C:
+    (dim, N), (batch, N, L) or (batch, G, N, L); D, delta_bias: (dim,). Returns y (u's dtype) and, with
+    ``return_last_state``, the final state (batch, dim, N) in fp32. Differentiable in every tensor argument."""
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    impl, fn = _choose_scan(u)
+    logger.debug("selective_scan_fn: using %s for %s %s input", impl, u.device.type, u.dtype)
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                           B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor] = None,
+                           z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
+                           dt_softplus: bool = False) -> torch.Tensor:
+    """One decode step (mamba_ssm's signature): updates ``state`` (batch, dim, N) in place and returns y
+    (batch, dim). B, C: (batch, N) or (batch, G, N)."""
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+    impl, fn = _choose_step(x)
+    logger.debug("selective_state_update: using %s for %s %s input", impl, x.device.type, x.dtype)
+    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _choose_scan(u: torch.Tensor):
+    if u.device.type == "cuda":
+        if cuda_status()[0]:
+            return "cuda", selective_scan_cuda
+        if triton_status()[0]:
+            return "triton", selective_scan_triton
+    elif u.device.type == "cpu" and cpu_status()[0]:
+        return "cpu_native", selective_scan_cpu
+    return "reference", selective_scan_ref
+
+
+def _choose_step(x: torch.Tensor):
+    if x.device.type == "cuda":
+        if cuda_status()[0]:
+            return "cuda", selective_state_update_cuda
+        if triton_status()[0]:
+            return "triton", selective_state_update_triton
+    elif x.device.type == "cpu" and cpu_status()[0]:
+        return "cpu_native", selective_state_update_cpu
+    return "reference", selective_state_update_ref

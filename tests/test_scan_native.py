@@ -1,0 +1,247 @@
+"""cpu_native selective scan (csrc/scan/scan_cpu.cpp) vs the reference: forward, every gradient, decode step,
+layouts, dtypes, strides, chunk boundaries, long sequences; custom-op checks; dispatch; bad input."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import apt_kernels.ops.scan as scan_ops
+from apt_kernels import selective_scan_fn, selective_state_update
+from apt_kernels.ops.scan import cpu_status, selective_scan_cpu, selective_state_update_cpu
+from apt_kernels.reference.scan import random_scan_inputs, selective_scan_ref, selective_state_update_ref
+from apt_kernels.testing import assert_close
+
+pytestmark = [pytest.mark.native, pytest.mark.skipif(not cpu_status()[0], reason=cpu_status()[1] or "n/a")]
+
+
+def check_against_reference(fn, x, *, softplus, last=True, dtype=None, seed=0):
+    """Run fn and the fp64 reference on the same inputs; compare y, last state and every gradient (including the
+    last state's), at the tolerance of the inputs' dtype."""
+    dtype = dtype or x["u"].dtype
+    a = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    r = {k: v.detach().double().requires_grad_() for k, v in x.items()}
+    y, h = fn(**a, delta_softplus=softplus, return_last_state=True)
+    ye, he = selective_scan_ref(**r, delta_softplus=softplus, return_last_state=True)
+    assert y.dtype == x["u"].dtype and y.shape == x["u"].shape
+    assert h.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(y, ye.to(y.dtype), dtype=dtype, family="scan", msg="y")
+    assert_close(h, he.to(h.dtype), dtype=dtype, family="scan", msg="last_state")
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    gh = torch.randn(h.shape, generator=g, dtype=torch.float64) if last else torch.zeros(h.shape, dtype=torch.float64)
+    ((y.double() * gy).sum() + (h.double() * gh).sum() * last).backward()
+    ((ye * gy.to(y.dtype).double()).sum() + (he * gh).sum()).backward()
+    for k in x:
+        assert a[k].grad is not None, k
+        assert a[k].grad.dtype == x[k].dtype and a[k].grad.shape == x[k].shape, k
+        assert_close(a[k].grad, r[k].grad.to(x[k].dtype), dtype=dtype, family="scan", grad=True, msg=f"d{k}")
+
+
+CASES = [  # (layout_B, layout_C, with_D, with_z, with_bias, softplus)
+    ("const", "const", True, True, True, True),
+    ("var", "var", True, True, True, True),
+    ("group", "group", False, False, False, False),
+    ("var", "group", True, False, True, False),
+    ("group", "const", False, True, False, True),
+    ("const", "var", True, True, False, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("N", [16, 5])
+def test_cpu_matches_reference(case, N, monkeypatch):
+    lb, lc, D, z, bias, sp = case
+    monkeypatch.setattr(scan_ops, "CHUNK", 8)  # several checkpoints, and a ragged last chunk
+    x = random_scan_inputs(2, 6, 37, N, layout_B=lb, layout_C=lc, groups=3, with_D=D, with_z=z, with_bias=bias,
+                           generator=torch.Generator().manual_seed(N))
+    check_against_reference(selective_scan_cpu, x, softplus=sp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("N", [8, 3])
+def test_cpu_dtypes(dtype, N):
+    x = random_scan_inputs(2, 5, 29, N, layout_B="group", layout_C="var", groups=5, dtype=dtype,
+                           generator=torch.Generator().manual_seed(7))
+    check_against_reference(selective_scan_cpu, x, softplus=True)
+
+
+@pytest.mark.parametrize("L", [1, 2, 65])
+def test_cpu_short_and_chunk_edges(L):
+    x = random_scan_inputs(1, 3, L, 4, generator=torch.Generator().manual_seed(L))
+    check_against_reference(selective_scan_cpu, x, softplus=True)
+
+
+def test_cpu_long_sequence():
+    """L = 2048 (32 checkpoints of 64 steps) stays within fp32 tolerance of the fp64 reference."""
+    x = random_scan_inputs(1, 3, 2048, 16, layout_B="var", layout_C="var", generator=torch.Generator().manual_seed(9))
+    check_against_reference(selective_scan_cpu, x, softplus=True)
+
+
+def test_cpu_non_contiguous():
+    g = torch.Generator().manual_seed(11)
+    x = random_scan_inputs(2, 6, 13, 4, layout_B="group", layout_C="var", groups=2, generator=g)
+    # (batch, L, dim) storage seen as (batch, dim, L); B/C with a padded N axis
+    for k in ("u", "delta", "z"):
+        x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+    x["B"] = torch.randn(2, 2, 8, 13, generator=g)[:, :, ::2]
+    x["C"] = torch.randn(2, 13, 4, generator=g).transpose(1, 2)
+    x["A"] = (-torch.rand(4, 6, generator=g)).t()
+    x["D"] = torch.randn(12, generator=g)[::2]
+    assert not any(x[k].is_contiguous() for k in ("u", "delta", "z", "B", "C", "A", "D"))
+    check_against_reference(selective_scan_cpu, x, softplus=True)
+
+
+def test_cpu_mixed_dtypes():
+    """mamba_ssm-style mixed dtypes: bf16 u/delta/z/B/C with fp32 A, D, delta_bias; fp32 delta with fp16 u."""
+    x = random_scan_inputs(2, 4, 21, 8, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(12))
+    assert x["A"].dtype == torch.float32
+    check_against_reference(selective_scan_cpu, x, softplus=True)
+    x = random_scan_inputs(1, 4, 9, 4, dtype=torch.float16, generator=torch.Generator().manual_seed(13))
+    x["delta"] = x["delta"].float()
+    check_against_reference(selective_scan_cpu, x, softplus=True, dtype=torch.float16)
+
+
+def test_cpu_without_last_state_and_no_grad_inputs():
+    x = random_scan_inputs(2, 4, 17, 8, generator=torch.Generator().manual_seed(14))
+    y = selective_scan_cpu(**x, delta_softplus=True)
+    assert isinstance(y, torch.Tensor)
+    assert_close(y, selective_scan_ref(**x, delta_softplus=True), family="scan")
+    u = x["u"].clone().requires_grad_()
+    out = selective_scan_cpu(**{**x, "u": u}, delta_softplus=True)
+    out.sum().backward()
+    u2 = x["u"].clone().requires_grad_()
+    selective_scan_ref(**{**x, "u": u2}, delta_softplus=True).sum().backward()
+    assert_close(u.grad, u2.grad, family="scan", grad=True)
+
+
+@pytest.mark.parametrize("lb,lc", [("var", "var"), ("group", "var")])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float16), (torch.float64, torch.float64)])
+def test_cpu_state_update_matches_reference(lb, lc, dtype, state_dtype):
+    g = torch.Generator().manual_seed(15)
+    b, dim, N, G = 3, 6, 16, 3
+    state = torch.randn(b, dim, N, generator=g).to(state_dtype)
+    x, dt, z = (torch.randn(b, dim, generator=g).to(dtype) for _ in range(3))
+    A = -torch.rand(dim, N, generator=g)
+    mk = {"var": lambda: torch.randn(b, N, generator=g).to(dtype), "group": lambda: torch.randn(b, G, N, generator=g)}
+    B, C = mk[lb](), mk[lc]()
+    D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+    s1, s2 = state.clone(), state.clone()
+    y1 = selective_state_update_cpu(s1, x, dt, A, B, C, D, z, bias, True)
+    y2 = selective_state_update_ref(s2, x, dt, A, B, C, D, z, bias, True)
+    assert y1.dtype == dtype and s1.dtype == state_dtype
+    assert_close(y1, y2, dtype=dtype, family="scan")
+    assert_close(s1, s2, dtype=max(dtype, state_dtype, key=lambda t: torch.finfo(t).eps), family="scan")
+    # non-contiguous state (a slice of a bigger cache) is updated in place
+    cache = torch.zeros(b, dim, 2 * N, dtype=state_dtype)
+    cache[..., ::2] = state
+    sv = cache[..., ::2]
+    y3 = selective_state_update_cpu(sv, x, dt, A, B, C, None, None, None, False)
+    s4 = state.clone()
+    assert_close(y3, selective_state_update_ref(s4, x, dt, A, B, C), dtype=dtype, family="scan")
+    assert_close(cache[..., ::2], s4, dtype=max(dtype, state_dtype, key=lambda t: torch.finfo(t).eps), family="scan")
+    assert (cache[..., 1::2] == 0).all()
+
+
+def test_cpu_chunked_scan_carries_state():
+    """Scanning the first part, then decoding the rest step by step from the returned state, equals one whole scan."""
+    x = random_scan_inputs(2, 4, 30, 8, layout_B="group", layout_C="var", groups=2,
+                           generator=torch.Generator().manual_seed(16))
+    whole, last = selective_scan_cpu(**x, delta_softplus=True, return_last_state=True)
+    T1 = 19
+    first, state = selective_scan_cpu(**{k: (v[..., :T1] if v.dim() >= 3 else v) for k, v in x.items()},
+                                      delta_softplus=True, return_last_state=True)
+    ys = [first]
+    for t in range(T1, 30):
+        ys.append(selective_state_update_cpu(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t],
+                                             x["C"][..., t], x["D"], x["z"][..., t], x["delta_bias"], True)[..., None])
+    assert_close(torch.cat(ys, -1), whole, family="scan")
+    assert_close(state, last, family="scan")
+
+
+def test_cpu_opcheck_and_compile():
+    x = random_scan_inputs(2, 4, 9, 4, generator=torch.Generator().manual_seed(17))
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, 4)
+    torch.library.opcheck(torch.ops.apt.selective_scan_fwd.default, args)
+    targs = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.apt.selective_scan_fwd.default, targs)
+    s = torch.randn(2, 4, 4)
+    torch.library.opcheck(torch.ops.apt.selective_state_update.default,
+                          (s, x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0], x["D"],
+                           None, None, True))
+    f = torch.compile(selective_scan_cpu, backend="eager", fullgraph=True)
+    assert_close(f(**x), selective_scan_ref(**x), family="scan")
+
+
+def test_dispatch_picks_cpu_native(caplog):
+    x = random_scan_inputs(1, 2, 5, 4, generator=torch.Generator().manual_seed(18))
+    with caplog.at_level(logging.DEBUG, logger="apt_kernels.ops.scan"):
+        y = selective_scan_fn(**x)
+        s = torch.zeros(1, 2, 4)
+        selective_state_update(s, x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0])
+    assert "selective_scan_fn: using cpu_native" in caplog.text
+    assert "selective_state_update: using cpu_native" in caplog.text
+    assert_close(y, selective_scan_ref(**x), family="scan")
+    y0 = selective_scan_fn(**{k: (v[..., :0] if v.dim() >= 3 else v) for k, v in x.items()})
+    assert y0.shape == (1, 2, 0)
+
+
+def test_provider_cpu_native():
+    from apt.core import registry
+
+    info = registry.get_info("scan", "cpu_native")
+    assert info.available and info.priority == 10
+    prov = registry.get("scan", "cpu_native")
+    x = random_scan_inputs(1, 3, 6, 4, generator=torch.Generator().manual_seed(19))
+    assert_close(prov.selective_scan_fn(**x, delta_softplus=True), selective_scan_ref(**x, delta_softplus=True),
+                 family="scan")
+    assert prov.supports(**x) == []
+    assert any("u: meta tensor" in r for r in prov.supports(u=torch.empty(1, 2, 3, device="meta")))
+    assert registry.select("scan", **x).name == "cpu_native"
+
+
+def test_bad_input_is_a_clear_error():
+    x = random_scan_inputs(2, 4, 5, 3)
+    with pytest.raises(ValueError, match=r"B: expected shape \(2, 3, 5\)"):
+        selective_scan_fn(**{**x, "B": torch.randn(2, 3, 6)})
+    with pytest.raises(ValueError, match=r"C: number of groups 3"):
+        selective_scan_cpu(**{**x, "C": torch.randn(2, 3, 3, 5)})
+    with pytest.raises(TypeError, match=r"u: expected dtype in"):
+        selective_scan_cpu(**{**x, "u": x["u"].int()})
+
+
+def test_native_module_checks_its_inputs():
+    from apt_kernels._native import native_module, view
+
+    m = native_module()
+    u = torch.randn(2, 4, 5)
+    A, B = torch.randn(4, 3), torch.randn(2, 1, 5, 3)
+    out, last, ck = torch.empty_like(u), torch.empty(2, 4, 3), torch.empty(2, 4, 1, 3)
+    ok = [view(u), view(u), view(A), view(B), view(B), None, None, None, view(out), view(last), view(ck), False, 64]
+    m.selective_scan_fwd_cpu(*ok)  # the well-formed call works
+    bad = list(ok)
+    bad[3] = view(torch.randn(2, 1, 5, 4))
+    with pytest.raises(ValueError, match="B: expected size 3 in dim 3"):
+        m.selective_scan_fwd_cpu(*bad)
+    bad = list(ok)
+    bad[2] = view(A.double())
+    with pytest.raises(TypeError, match="A: expected dtype float32"):
+        m.selective_scan_fwd_cpu(*bad)
+    bad = list(ok)
+    bad[3] = view(torch.randn(2, 5, 3).transpose(1, 2)[:, None])
+    with pytest.raises(ValueError, match="B: expected"):
+        m.selective_scan_fwd_cpu(*bad)
+    bad = list(ok)
+    bad[10] = view(torch.empty(2, 4, 2, 3))
+    with pytest.raises(ValueError, match="checkpoints: expected size 1 in dim 2"):
+        m.selective_scan_fwd_cpu(*bad)
+    bad = list(ok)
+    bad[12] = 0
+    with pytest.raises(ValueError, match="chunk: expected >= 1"):
+        m.selective_scan_fwd_cpu(*bad)
+    bad = list(ok)
+    bad[4] = view(torch.randn(2, 3, 5, 3))
+    with pytest.raises(ValueError, match="C: number of groups 3 must divide dim=4"):
+        m.selective_scan_fwd_cpu(*bad)
