@@ -14,14 +14,15 @@ from typing import Callable, Optional
 import torch
 
 from .. import backends
-from .._native import native_module
-from ..reference.tva import Coef, check_tva_inputs, tva_attention_ref
+from .._native import current_stream, native_module, view
+from ..reference.tva import Coef, check_tva_inputs, perturbation_grads, tva_attention_ref
 
 logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "reference", "cpu_native", "triton", "cuda")
 
-__all__ = ["tva_attention", "impl_status", "resolve_impl", "IMPLS", "tva_attention_ref"]
+__all__ = ["tva_attention", "tva_attention_cpu", "tva_attention_cuda", "impl_status", "resolve_impl", "IMPLS",
+           "tva_attention_ref"]
 
 # dtypes the fused kernels take (the reference also takes float64)
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -90,12 +91,123 @@ def _impl_fn(impl: str) -> Callable[..., torch.Tensor]:
 
         return tva_attention_triton
     if impl == "cpu_native":
-        from .tva_native import tva_attention_cpu
-
         return tva_attention_cpu
-    from .tva_native import tva_attention_cuda
-
     return tva_attention_cuda
+
+
+# ---- native (C++ CPU / CUDA) implementation as a custom op ---------------------------------------------------
+@torch.library.custom_op("apt::tva_attention_native", mutates_args=())
+def _native_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor],
+                   gate: Optional[torch.Tensor], coef: torch.Tensor, causal: bool, window: int, sinks: int,
+                   key_padding_mask: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, Tq, _ = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    C = native_module()
+    if q.device.type == "cpu":
+        C.tva_forward_cpu(view(q), view(k), view(v), view(delta), view(gate), float(coef), causal, window, sinks,
+                          view(key_padding_mask), scale, view(o), view(lse))
+    else:
+        C.tva_forward_cuda(view(q), view(k), view(v), view(delta), view(gate), view(coef), causal, window, sinks,
+                           view(key_padding_mask), scale, view(o), view(lse), current_stream(q.device))
+    return o, lse
+
+
+@_native_fwd_op.register_fake
+def _(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
+    B, H, Tq, _ = q.shape
+    return torch.empty_like(q), q.new_empty(B, H, Tq, dtype=torch.float32)
+
+
+@torch.library.custom_op("apt::tva_attention_native_backward", mutates_args=())
+def _native_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, delta: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+                   coef: torch.Tensor, causal: bool, window: int, sinks: int,
+                   key_padding_mask: Optional[torch.Tensor], scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, ddelta (empty without delta), rowdot = Σ_d delta·dO (B, H, Tq) fp32 (empty without delta)."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if delta is not None:
+        ddelta = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        rowdot = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    else:
+        ddelta, rowdot = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+    has = delta is not None
+    C = native_module()
+    args = (view(grad_o), view(q), view(k), view(v), view(o), view(lse), view(delta), view(gate))
+    tail = (causal, window, sinks, view(key_padding_mask), scale, view(dq), view(dk), view(dv),
+            view(ddelta) if has else None, view(rowdot) if has else None)
+    if q.device.type == "cpu":
+        C.tva_backward_cpu(*args, float(coef), *tail)
+    else:
+        C.tva_backward_cuda(*args, view(coef), *tail, current_stream(q.device))
+    return dq, dk, dv, ddelta, rowdot
+
+
+@_native_bwd_op.register_fake
+def _(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
+    has = delta is not None
+    dd = torch.empty_like(q) if has else q.new_empty(0)
+    rd = q.new_empty(q.shape[:3], dtype=torch.float32) if has else q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dd, rd
+
+
+def _native_setup_context(ctx, inputs, output) -> None:
+    q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, delta, gate, coef, kpm)
+    ctx.args = (causal, window, sinks, scale)
+
+
+def _native_backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse, delta, gate, coef, kpm = ctx.saved_tensors
+    causal, window, sinks, scale = ctx.args
+    dq, dk, dv, ddelta, rowdot = _native_bwd_op(grad_o.contiguous(), q, k, v, o, lse, delta, gate, coef, causal,
+                                                window, sinks, kpm, scale)
+    dgate = dcoef = None
+    if delta is None:
+        ddelta = None
+    else:
+        dgate, dcoef = perturbation_grads(rowdot, gate, coef)
+    return dq, dk, dv, ddelta, dgate, dcoef, None, None, None, None, None
+
+
+_native_fwd_op.register_autograd(_native_backward, setup_context=_native_setup_context)
+
+
+def _run_native(impl: str, q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale):
+    a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+    device = torch.device("cuda") if impl == "cuda" else torch.device("cpu")
+    ok, why = impl_status(impl, q.device if q.device.type == device.type else device, a.D, q.dtype)
+    if not ok:
+        raise RuntimeError(f"tva impl {impl!r} is unavailable: {why}")
+    if q.device.type != device.type:
+        raise ValueError(f"q: the {impl} kernels need {device.type} tensors, got device {q.device}")
+    if gate is not None and gate.dtype != q.dtype:
+        gate = gate.to(q.dtype)  # the kernels read gate in the inputs' dtype
+    if not isinstance(coef, torch.Tensor):
+        coef = torch.tensor(float(coef), dtype=torch.float32, device=q.device)
+    elif impl == "cuda" and coef.device != q.device:
+        coef = coef.to(q.device)
+    o, _ = _native_fwd_op(q, k, v, delta, gate, coef, causal, a.window or 0, a.sinks, key_padding_mask, a.scale)
+    return o
+
+
+def tva_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
+                      gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
+                      window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
+                      softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """The fused C++/OpenMP kernel (csrc/tva/tva_cpu.cpp) on CPU tensors; raises RuntimeError when not built."""
+    return _run_native("cpu_native", q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask,
+                       softmax_scale)
+
+
+def tva_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
+                       gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
+                       window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
+                       softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """The fused CUDA kernel (csrc/tva/tva_cuda.cu) on CUDA tensors; raises RuntimeError when not built/no GPU."""
+    return _run_native("cuda", q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
 
 
 def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,

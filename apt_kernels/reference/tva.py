@@ -189,3 +189,14 @@ def random_tva_inputs(B: int = 2, H: int = 2, Tq: int = 5, D: int = 16, Tk: Opti
             kpm[1, : min(2, Tk)] = True
         inputs["key_padding_mask"] = kpm.to(device)
     return inputs
+
+
+def perturbation_grads(rowdot: torch.Tensor, gate: Optional[torch.Tensor], coef: torch.Tensor
+                       ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Gradients of ``coef · gate · delta`` for gate and coef from ``rowdot = Σ_d delta·dO`` (B, H, T) fp32:
+    dGate = coef · rowdot (as (B, T, H)), dCoef = Σ gate · rowdot. Used by the fused kernels' backward."""
+    c = coef.to(device=rowdot.device, dtype=torch.float32)
+    if gate is None:
+        return None, rowdot.sum().to(coef.dtype)
+    g = gate.to(torch.float32).permute(0, 2, 1)
+    return (c * rowdot).permute(0, 2, 1).to(gate.dtype), (rowdot * g).sum().to(coef.dtype)

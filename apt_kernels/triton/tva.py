@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.tva import Coef, check_tva_inputs
+from ..reference.tva import Coef, check_tva_inputs, perturbation_grads
 
 __all__ = ["tva_attention_triton", "MAX_HEAD_DIM"]
 
@@ -368,12 +368,7 @@ def _backward(ctx, grad_o, grad_lse):
     if delta is None:
         ddelta = None
     else:
-        c = coef.float()
-        if gate is not None:
-            dgate = (c * rowdot).permute(0, 2, 1).to(gate.dtype)  # (B, T, H)
-            dcoef = (rowdot * gate.float().permute(0, 2, 1)).sum().to(coef.dtype)
-        else:
-            dcoef = rowdot.sum().to(coef.dtype)
+        dgate, dcoef = perturbation_grads(rowdot, gate, coef)
     return dq, dk, dv, ddelta, dgate, dcoef, None, None, None, None, None
 
 
