@@ -1,0 +1,198 @@
+"""``TVAAttention``: the TVA layer of TVA.md (module level) with an exchangeable attention core and a KV cache.
+
+``y = W_o · merge_heads(softmax(q kᵀ/√D + mask) v + c · g · Δ) + b_o`` with ``Δ = (x U) V``, ``g = sigmoid(W_g m + b_g)``
+(``m``: causal running mean of x over non-padded positions; the plain mean over them in non-causal mode) and
+``c = alpha · tanh(tau)``. The core is any callable with the kernel-contract signature (``tva_attention``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from ..ops.running_mean import running_mean
+
+__all__ = ["TVAAttention", "TVACache"]
+
+Core = Callable[..., torch.Tensor]
+
+
+@dataclasses.dataclass
+class TVACache:
+    """State for incremental decoding, updated in place by ``TVAAttention.forward(x, cache=...)``.
+
+    ``k``/``v``: (B, H, L, D) keys/values so far (preallocated to ``max_len`` when given, else grown);
+    ``x_sum``/``count``: fp32 running sum of the non-padded inputs and their number (the gate's running mean);
+    ``padding``: (B, L) key padding mask so far; ``length``: number of positions seen.
+    """
+
+    batch_size: int
+    max_len: Optional[int] = None
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+    padding: Optional[torch.Tensor] = None
+    x_sum: Optional[torch.Tensor] = None
+    count: Optional[torch.Tensor] = None
+    length: int = 0
+    any_padding: bool = False
+
+    def reset(self) -> None:
+        self.length = 0
+        self.any_padding = False
+        self.k = self.v = self.padding = self.x_sum = self.count = None
+
+
+def _resolve_core(core: Union[str, Core]) -> Core:
+    if callable(core):
+        return core
+    if not isinstance(core, str):
+        raise TypeError(f"core: expected 'auto', an implementation name or a callable, got {type(core).__name__}")
+    if core == "reference":
+        from ..reference.tva import tva_attention_ref
+
+        return tva_attention_ref
+    from ..ops import tva as tva_ops
+
+    if core not in tva_ops.IMPLS:
+        raise ValueError(f"core: expected one of {', '.join(tva_ops.IMPLS)} or a callable, got {core!r}")
+
+    def run(*args, **kwargs):
+        return tva_ops.tva_attention(*args, impl=core, **kwargs)
+
+    run.__name__ = f"tva_attention[{core}]"
+    return run
+
+
+class TVAAttention(nn.Module):
+    """TVA attention layer: ``forward(x (B, T, C), key_padding_mask=None (B, T) True = padded, cache=None) -> y``."""
+
+    def __init__(self, d_model: int, num_heads: int, r: int = 4, s: int = 1, tau: float = 0.18, alpha: float = 0.1,
+                 window: Optional[int] = None, causal: bool = True, dropout: float = 0.0,
+                 core: Union[str, Core] = "auto") -> None:
+        super().__init__()
+        if not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"d_model: expected a positive int, got {d_model!r}")
+        if not isinstance(num_heads, int) or num_heads < 1 or d_model % num_heads:
+            raise ValueError(f"num_heads: expected a positive divisor of d_model={d_model}, got {num_heads!r}")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r: expected a positive int (rank ratio), got {r!r}")
+        if not isinstance(s, int) or s < 0:
+            raise ValueError(f"s: expected a non-negative int (sink tokens), got {s!r}")
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"window: expected None or a positive int, got {window!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
+        self.rank = max(4, d_model // r)
+        self.sinks, self.window, self.causal, self.alpha = s, window, causal, float(alpha)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=True)
+        self.out = nn.Linear(d_model, d_model, bias=True)
+        self.U = nn.Linear(d_model, self.rank, bias=False)
+        self.V = nn.Linear(self.rank, d_model, bias=False)
+        self.gate = nn.Linear(d_model, num_heads, bias=True)
+        self.tau = nn.Parameter(torch.tensor(float(tau)))
+        self.dropout = nn.Dropout(dropout)
+        self.core_spec = core
+        self.core = _resolve_core(core)
+
+    def extra_repr(self) -> str:
+        core = self.core_spec if isinstance(self.core_spec, str) else getattr(self.core, "__qualname__", "callable")
+        return (f"d_model={self.d_model}, num_heads={self.num_heads}, rank={self.rank}, window={self.window}, "
+                f"sinks={self.sinks}, causal={self.causal}, alpha={self.alpha}, core={core}")
+
+    def coef(self) -> torch.Tensor:
+        """``c = alpha · tanh(tau)`` (0-dim tensor, differentiable in tau)."""
+        return self.alpha * torch.tanh(self.tau)
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> TVACache:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+            raise ValueError(f"max_len: expected None or a positive int, got {max_len!r}")
+        if not self.causal:
+            raise ValueError("cache: incremental decoding needs a causal layer (causal=True)")
+        return TVACache(batch_size=batch_size, max_len=max_len)
+
+    # ---- pieces ------------------------------------------------------------------------------------------
+    def _gate_input(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                    cache: Optional[TVACache]) -> torch.Tensor:
+        if cache is None:
+            if self.causal:
+                return running_mean(x, key_padding_mask)
+            keep = (torch.ones(x.shape[:2], dtype=torch.float32, device=x.device) if key_padding_mask is None
+                    else (~key_padding_mask).float())
+            mean = (x.float() * keep[..., None]).sum(1, keepdim=True) / keep.sum(1).clamp_min(1.0)[:, None, None]
+            return mean.expand_as(x).to(x.dtype)
+        # cached: continue the running mean from the stored sum and count
+        keep = (torch.ones(x.shape[:2], dtype=torch.float32, device=x.device) if key_padding_mask is None
+                else (~key_padding_mask).float())
+        xs = torch.cumsum(x.float() * keep[..., None], dim=1)
+        cnt = torch.cumsum(keep, dim=1)
+        if cache.x_sum is not None:
+            xs = xs + cache.x_sum[:, None, :]
+            cnt = cnt + cache.count[:, None]
+        cache.x_sum = xs[:, -1].detach()
+        cache.count = cnt[:, -1].detach()
+        return (xs / cnt.clamp_min(1.0)[..., None]).to(x.dtype)
+
+    def _append(self, cache: TVACache, k: torch.Tensor, v: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        B, H, T, D = k.shape
+        start, end = cache.length, cache.length + T
+        pad = (key_padding_mask if key_padding_mask is not None
+               else torch.zeros(B, T, dtype=torch.bool, device=k.device))
+        cache.any_padding = cache.any_padding or key_padding_mask is not None
+        # the stored history is detached; this call's own k, v keep their graph
+        old_k = None if cache.k is None else cache.k[:, :, :start]
+        old_v = None if cache.v is None else cache.v[:, :, :start]
+        if cache.max_len is not None:
+            if end > cache.max_len:
+                raise ValueError(f"cache: {end} positions exceed max_len={cache.max_len}")
+            if cache.k is None:
+                cache.k = k.new_zeros(B, H, cache.max_len, D)
+                cache.v = v.new_zeros(B, H, cache.max_len, D)
+                cache.padding = torch.zeros(B, cache.max_len, dtype=torch.bool, device=k.device)
+            cache.k[:, :, start:end] = k.detach()
+            cache.v[:, :, start:end] = v.detach()
+            cache.padding[:, start:end] = pad
+            ps = cache.padding[:, :end]
+        else:
+            cache.k = k.detach() if cache.k is None else torch.cat([cache.k, k.detach()], dim=2)
+            cache.v = v.detach() if cache.v is None else torch.cat([cache.v, v.detach()], dim=2)
+            cache.padding = pad if cache.padding is None else torch.cat([cache.padding, pad], dim=1)
+            ps = cache.padding
+        cache.length = end
+        ks = k if old_k is None or start == 0 else torch.cat([old_k, k], dim=2)
+        vs = v if old_v is None or start == 0 else torch.cat([old_v, v], dim=2)
+        return ks, vs, (ps if cache.any_padding else None)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+                cache: Optional[TVACache] = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {shape}")
+        B, T, C = x.shape
+        H, D = self.num_heads, self.head_dim
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (B, T) or key_padding_mask.dtype != torch.bool:
+                raise ValueError(f"key_padding_mask: expected a bool tensor of shape ({B}, {T}), got "
+                                 f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("cache: incremental decoding needs a causal layer (causal=True)")
+            if cache.batch_size != B:
+                raise ValueError(f"cache: made for batch size {cache.batch_size}, got x with B={B}")
+        q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        delta = self.V(self.U(x)).view(B, T, H, D).transpose(1, 2)
+        g = torch.sigmoid(self.gate(self._gate_input(x, key_padding_mask, cache)))
+        kpm = key_padding_mask
+        if cache is not None:
+            k, v, kpm = self._append(cache, k, v, key_padding_mask)
+        o = self.core(q, k, v, delta, g, self.coef(), causal=self.causal, window=self.window,
+                      sinks=self.sinks if self.window is not None else 0, key_padding_mask=kpm,
+                      softmax_scale=1.0 / math.sqrt(D))
+        y = self.out(o.transpose(1, 2).reshape(B, T, C))
+        return self.dropout(y)

@@ -1,0 +1,225 @@
+"""``tva_attention``: fused TVA attention (TVA.md kernel contract), dispatching to the best implementation.
+
+Implementations (``impl``): ``reference`` (dense PyTorch, apt_kernels/reference/tva.py), ``cpu_native`` (C++/OpenMP,
+csrc/tva/tva_cpu.cpp), ``triton`` (apt_kernels/triton/tva.py), ``cuda`` (csrc/tva/tva_cuda.cu). ``auto`` takes, for
+CUDA tensors, cuda then triton; for CPU tensors, cpu_native; the reference otherwise. The fused implementations never
+build the (T, T) score matrix: online softmax over key blocks forward, blockwise recomputation from the saved
+log-sum-exp backward.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from .. import backends
+from .._native import current_stream, native_module, view
+from ..reference.tva import Coef, check_tva_inputs, perturbation_grads, tva_attention_ref
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("auto", "reference", "cpu_native", "triton", "cuda")
+
+__all__ = ["tva_attention", "tva_attention_cpu", "tva_attention_cuda", "impl_status", "resolve_impl", "IMPLS",
+           "tva_attention_ref"]
+
+# dtypes the fused kernels take (the reference also takes float64)
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def impl_status(impl: str, device: Optional[torch.device] = None, head_dim: Optional[int] = None,
+                dtype: Optional[torch.dtype] = None) -> tuple[bool, str]:
+    """(usable, reason) for an implementation, optionally for inputs on ``device`` with ``head_dim``/``dtype``."""
+    if impl == "reference":
+        return True, ""
+    if impl not in IMPLS or impl == "auto":
+        raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
+    if dtype is not None and dtype not in FUSED_DTYPES:
+        return False, f"the {impl} kernels take float32/float16/bfloat16, got {dtype}"
+    if impl == "cpu_native":
+        ok, why = backends.native_family_status("tva")
+        if ok and device is not None and device.type != "cpu":
+            return False, f"cpu_native runs on CPU tensors, got device {device}"
+        if ok and head_dim is not None and head_dim > 256:
+            return False, f"cpu_native takes head dims <= 256, got {head_dim}"
+        return ok, why
+    if impl == "cuda":
+        ok, why = backends.native_cuda_status()
+        if ok:
+            ok, why = backends.native_family_status("tva")
+        if ok and not hasattr(native_module(), "tva_forward_cuda"):
+            ok, why = False, "apt_kernels._C was built without the TVA CUDA kernels"
+        if ok and device is not None and device.type != "cuda":
+            return False, f"the cuda kernels need CUDA tensors, got device {device}"
+        if ok and head_dim is not None and head_dim not in (32, 64, 128):
+            return False, f"the cuda kernels take head dims 32, 64, 128, got {head_dim}"
+        return ok, why
+    # triton
+    ok, why = backends.triton_status()
+    if ok and device is not None and device.type != "cuda" and not backends.triton_interpret():
+        return False, f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {device}"
+    if ok and head_dim is not None and head_dim > 128:
+        return False, f"the triton kernel takes head dims <= 128, got {head_dim}"
+    if ok and dtype == torch.bfloat16 and backends.triton_interpret() and (device is None or device.type == "cpu"):
+        return False, "the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 tl.dot wrongly"
+    return ok, why
+
+
+def resolve_impl(impl: str, device: torch.device, head_dim: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None) -> str:
+    """The concrete implementation for ``impl``; raises RuntimeError when an explicit one cannot take the inputs."""
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl != "auto":
+        ok, why = impl_status(impl, device, head_dim, dtype)
+        if not ok:
+            raise RuntimeError(f"tva impl {impl!r} is unavailable: {why}")
+        return impl
+    order = ("cpu_native",) if device.type == "cpu" else ("cuda", "triton")
+    for cand in order:
+        if impl_status(cand, device, head_dim, dtype)[0]:
+            return cand
+    return "reference"
+
+
+def _impl_fn(impl: str) -> Callable[..., torch.Tensor]:
+    if impl == "reference":
+        return tva_attention_ref
+    if impl == "triton":
+        from ..triton.tva import tva_attention_triton
+
+        return tva_attention_triton
+    if impl == "cpu_native":
+        return tva_attention_cpu
+    return tva_attention_cuda
+
+
+# ---- native (C++ CPU / CUDA) implementation as a custom op ---------------------------------------------------
+@torch.library.custom_op("apt::tva_attention_native", mutates_args=())
+def _native_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor],
+                   gate: Optional[torch.Tensor], coef: torch.Tensor, causal: bool, window: int, sinks: int,
+                   key_padding_mask: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, Tq, _ = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    C = native_module()
+    if q.device.type == "cpu":
+        C.tva_forward_cpu(view(q), view(k), view(v), view(delta), view(gate), float(coef), causal, window, sinks,
+                          view(key_padding_mask), scale, view(o), view(lse))
+    else:
+        C.tva_forward_cuda(view(q), view(k), view(v), view(delta), view(gate), view(coef), causal, window, sinks,
+                           view(key_padding_mask), scale, view(o), view(lse), current_stream(q.device))
+    return o, lse
+
+
+@_native_fwd_op.register_fake
+def _(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
+    B, H, Tq, _ = q.shape
+    return torch.empty_like(q), q.new_empty(B, H, Tq, dtype=torch.float32)
+
+
+@torch.library.custom_op("apt::tva_attention_native_backward", mutates_args=())
+def _native_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, delta: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+                   coef: torch.Tensor, causal: bool, window: int, sinks: int,
+                   key_padding_mask: Optional[torch.Tensor], scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, ddelta (empty without delta), rowdot = Σ_d delta·dO (B, H, Tq) fp32 (empty without delta)."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if delta is not None:
+        ddelta = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        rowdot = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    else:
+        ddelta, rowdot = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+    has = delta is not None
+    C = native_module()
+    args = (view(grad_o), view(q), view(k), view(v), view(o), view(lse), view(delta), view(gate))
+    tail = (causal, window, sinks, view(key_padding_mask), scale, view(dq), view(dk), view(dv),
+            view(ddelta) if has else None, view(rowdot) if has else None)
+    if q.device.type == "cpu":
+        C.tva_backward_cpu(*args, float(coef), *tail)
+    else:
+        C.tva_backward_cuda(*args, view(coef), *tail, current_stream(q.device))
+    return dq, dk, dv, ddelta, rowdot
+
+
+@_native_bwd_op.register_fake
+def _(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
+    has = delta is not None
+    dd = torch.empty_like(q) if has else q.new_empty(0)
+    rd = q.new_empty(q.shape[:3], dtype=torch.float32) if has else q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dd, rd
+
+
+def _native_setup_context(ctx, inputs, output) -> None:
+    q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, delta, gate, coef, kpm)
+    ctx.args = (causal, window, sinks, scale)
+
+
+def _native_backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse, delta, gate, coef, kpm = ctx.saved_tensors
+    causal, window, sinks, scale = ctx.args
+    dq, dk, dv, ddelta, rowdot = _native_bwd_op(grad_o.contiguous(), q, k, v, o, lse, delta, gate, coef, causal,
+                                                window, sinks, kpm, scale)
+    dgate = dcoef = None
+    if delta is None:
+        ddelta = None
+    else:
+        dgate, dcoef = perturbation_grads(rowdot, gate, coef)
+    return dq, dk, dv, ddelta, dgate, dcoef, None, None, None, None, None
+
+
+_native_fwd_op.register_autograd(_native_backward, setup_context=_native_setup_context)
+
+
+def _run_native(impl: str, q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale):
+    a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+    device = torch.device("cuda") if impl == "cuda" else torch.device("cpu")
+    ok, why = impl_status(impl, q.device if q.device.type == device.type else device, a.D, q.dtype)
+    if not ok:
+        raise RuntimeError(f"tva impl {impl!r} is unavailable: {why}")
+    if q.device.type != device.type:
+        raise ValueError(f"q: the {impl} kernels need {device.type} tensors, got device {q.device}")
+    if gate is not None and gate.dtype != q.dtype:
+        gate = gate.to(q.dtype)  # the kernels read gate in the inputs' dtype
+    if not isinstance(coef, torch.Tensor):
+        coef = torch.tensor(float(coef), dtype=torch.float32, device=q.device)
+    elif impl == "cuda" and coef.device != q.device:
+        coef = coef.to(q.device)
+    o, _ = _native_fwd_op(q, k, v, delta, gate, coef, causal, a.window or 0, a.sinks, key_padding_mask, a.scale)
+    return o
+
+
+def tva_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
+                      gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
+                      window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
+                      softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """The fused C++/OpenMP kernel (csrc/tva/tva_cpu.cpp) on CPU tensors; raises RuntimeError when not built."""
+    return _run_native("cpu_native", q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask,
+                       softmax_scale)
+
+
+def tva_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
+                       gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
+                       window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
+                       softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """The fused CUDA kernel (csrc/tva/tva_cuda.cu) on CUDA tensors; raises RuntimeError when not built/no GPU."""
+    return _run_native("cuda", q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+
+
+def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
+                  gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
+                  window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
+                  softmax_scale: Optional[float] = None, impl: str = "auto") -> torch.Tensor:
+    """TVA attention ``o = softmax(q kᵀ·scale + mask) v + coef · gate[..., None] · delta``.
+
+    q (B, H, Tq, D); k, v (B, H, Tk, D) with Tq <= Tk (queries are the last Tq positions); delta (B, H, Tq, D);
+    gate (B, Tq, H); coef float or 0-dim tensor; key_padding_mask (B, Tk) bool, True = padded. Rows with no visible
+    key give zero attention. Differentiable in q, k, v, delta, gate and coef (tensor).
+    """
+    check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+    chosen = resolve_impl(impl, q.device, q.shape[-1], q.dtype)
+    return _impl_fn(chosen)(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)

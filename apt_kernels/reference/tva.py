@@ -1,0 +1,202 @@
+"""Reference TVA attention (TVA.md, kernel contract): dense masked softmax attention plus the gated perturbation.
+
+``o = softmax(q kᵀ · scale + mask) v + coef · gate[..., None] · delta``, softmax accumulated in fp32 (fp64 for fp64
+inputs), autograd for the backward. This is the obviously-right version the fused kernels are tested against; it
+materialises the (Tq, Tk) score matrix, so it is O(T²) in memory.
+
+Queries may be fewer than keys (``Tq <= Tk``, incremental decoding with a KV cache): query ``i`` then sits at
+absolute position ``i + Tk - Tq`` (bottom-right alignment, as in FlashAttention), and the masks use that position.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from .._validate import check_dtype, check_float, check_ndim, check_same_device, check_shape, check_tensor
+
+__all__ = ["tva_attention_ref", "tva_visible_mask", "check_tva_inputs", "TVAArgs", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256
+
+Coef = Union[float, torch.Tensor]
+
+
+class TVAArgs:
+    """Normalised scalar arguments after validation (shared by every implementation)."""
+
+    __slots__ = ("B", "H", "Tq", "Tk", "D", "causal", "window", "sinks", "scale", "coef_is_tensor")
+
+    def __init__(self, B: int, H: int, Tq: int, Tk: int, D: int, causal: bool, window: Optional[int], sinks: int,
+                 scale: float, coef_is_tensor: bool) -> None:
+        self.B, self.H, self.Tq, self.Tk, self.D = B, H, Tq, Tk, D
+        self.causal, self.window, self.sinks, self.scale = causal, window, sinks, scale
+        self.coef_is_tensor = coef_is_tensor
+
+
+def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
+                     gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
+                     window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
+                     softmax_scale: Optional[float] = None) -> TVAArgs:
+    """Validate the kernel-contract arguments; raise ValueError/TypeError naming the offending argument."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_ndim(name, t, 4, "(B, H, T, D)")
+        check_float(name, t)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    check_shape("k", k, (B, H, Tk, D), "(B, H, Tk, D) matching q's B, H, D")
+    check_shape("v", v, (B, H, Tk, D), "(B, H, Tk, D), same as k")
+    if Tq > Tk:
+        raise ValueError(f"q: expected no more queries than keys (Tq <= Tk), got Tq={Tq}, Tk={Tk}")
+    if D > MAX_HEAD_DIM or D < 1:
+        raise ValueError(f"q: head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (same as q), got {t.dtype}")
+    check_same_device("q", q, k=k, v=v, delta=delta, gate=gate, key_padding_mask=key_padding_mask)
+    if delta is not None:
+        check_shape("delta", delta, q.shape, "(B, H, T, D), same as q")
+        check_float("delta", delta)
+        if delta.dtype != q.dtype:
+            raise TypeError(f"delta: expected dtype {q.dtype} (same as q), got {delta.dtype}")
+    if gate is not None:
+        if delta is None:
+            raise ValueError("gate: given without delta (the gate only scales the perturbation delta)")
+        check_shape("gate", gate, (B, Tq, H), "(B, T, H)")
+        check_float("gate", gate)
+    coef_is_tensor = isinstance(coef, torch.Tensor)
+    if coef_is_tensor:
+        if coef.dim() != 0:
+            raise ValueError(f"coef: expected a python float or a 0-dim tensor, got shape {tuple(coef.shape)}")
+        check_float("coef", coef)
+        if coef.device.type != "cpu":  # a CPU 0-dim coef is fine with CUDA inputs (read as a scalar)
+            check_same_device("q", q, coef=coef)
+    elif isinstance(coef, bool) or not isinstance(coef, numbers.Real):
+        raise TypeError(f"coef: expected a python float or a 0-dim tensor, got {type(coef).__name__}")
+    elif not math.isfinite(float(coef)):
+        raise ValueError(f"coef: expected a finite number, got {coef}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+            raise TypeError(f"window: expected None or a positive int, got {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"window: expected None or a positive int, got {window}")
+        window = int(window)
+    if isinstance(sinks, bool) or not isinstance(sinks, numbers.Integral):
+        raise TypeError(f"sinks: expected a non-negative int, got {type(sinks).__name__}")
+    if sinks < 0:
+        raise ValueError(f"sinks: expected a non-negative int, got {sinks}")
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask)
+        check_shape("key_padding_mask", key_padding_mask, (B, Tk), "(B, Tk), True = padded")
+        check_dtype("key_padding_mask", key_padding_mask, torch.bool)
+    if softmax_scale is None:
+        scale = 1.0 / math.sqrt(D)
+    else:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(f"softmax_scale: expected None or a float, got {type(softmax_scale).__name__}")
+        scale = float(softmax_scale)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"softmax_scale: expected a positive finite number, got {softmax_scale}")
+    return TVAArgs(B, H, Tq, Tk, D, causal, window, int(sinks), scale, coef_is_tensor)
+
+
+def tva_visible_mask(Tq: int, Tk: int, causal: bool = True, window: Optional[int] = None, sinks: int = 0,
+                     key_padding_mask: Optional[torch.Tensor] = None,
+                     device: Optional[torch.device] = None) -> torch.Tensor:
+    """Boolean (B or 1, 1, Tq, Tk) mask, True where query i may attend to key j.
+
+    Query i sits at absolute position ``p = i + Tk - Tq``. Causal: ``j <= p``; window W: additionally ``p - W < j``
+    (non-causal: ``|p - j| < W``); the first ``sinks`` keys stay visible through the window (never through
+    causality or padding); padded keys (mask True) are hidden.
+    """
+    if key_padding_mask is not None:
+        device = key_padding_mask.device
+    pos = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
+    j = torch.arange(Tk, device=device)[None, :]
+    vis = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    if causal:
+        vis &= j <= pos
+    if window is not None:
+        in_win = (pos - window < j) if causal else ((pos - j).abs() < window)
+        vis &= in_win | (j < sinks)
+    vis = vis[None, None]
+    if key_padding_mask is not None:
+        vis = vis & ~key_padding_mask[:, None, None, :]
+    return vis
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def perturbation(delta: torch.Tensor, gate: Optional[torch.Tensor], coef: Coef, acc: torch.dtype) -> torch.Tensor:
+    """``coef · gate[..., None] · delta`` in the accumulation dtype; gate (B, T, H) -> (B, H, T, 1)."""
+    term = delta.to(acc)
+    if gate is not None:
+        term = term * gate.to(acc).permute(0, 2, 1)[..., None]
+    if isinstance(coef, torch.Tensor):
+        return term * coef.to(device=delta.device, dtype=acc)
+    return term * float(coef)
+
+
+def tva_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
+                      gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
+                      window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
+                      softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """TVA attention, dense reference. q (B, H, Tq, D); k, v (B, H, Tk, D); delta (B, H, Tq, D); gate (B, Tq, H);
+    coef float or 0-dim tensor; key_padding_mask (B, Tk) bool, True = padded. Returns o in q's dtype.
+
+    A query row with no visible key gets zero attention output (its perturbation is still added).
+    """
+    a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+    acc = _acc_dtype(q.dtype)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * a.scale
+    vis = tva_visible_mask(a.Tq, a.Tk, causal, a.window, a.sinks, key_padding_mask, q.device)
+    row_any = vis.any(dim=-1, keepdim=True)
+    # Fully masked rows: softmax over finite zeros, then multiplied by 0, so neither output nor grads are NaN.
+    s = s.masked_fill(~vis, float("-inf")).masked_fill(~row_any, 0.0)
+    p = torch.softmax(s, dim=-1) * row_any.to(acc)
+    o = torch.matmul(p, v.to(acc))
+    if delta is not None:
+        o = o + perturbation(delta, gate, coef, acc)
+    return o.to(q.dtype)
+
+
+def random_tva_inputs(B: int = 2, H: int = 2, Tq: int = 5, D: int = 16, Tk: Optional[int] = None,
+                      dtype: torch.dtype = torch.float32, device: str = "cpu", pad: bool = False,
+                      coef_tensor: bool = False, seed: int = 0, requires_grad: bool = False) -> dict:
+    """Random kernel-contract inputs (for tests and benchmarks). With ``pad``, batch 0 has its last key padded and,
+    when B > 1, batch 1 its first two keys (so early causal rows there see no key at all)."""
+    g = torch.Generator().manual_seed(seed)
+    Tk = Tq if Tk is None else Tk
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    inputs = dict(q=rnd(B, H, Tq, D), k=rnd(B, H, Tk, D), v=rnd(B, H, Tk, D), delta=rnd(B, H, Tq, D))
+    inputs["gate"] = torch.rand(B, Tq, H, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    coef = 0.37
+    inputs["coef"] = (torch.tensor(coef, dtype=dtype, device=device).requires_grad_(requires_grad)
+                      if coef_tensor else coef)
+    if pad:
+        kpm = torch.zeros(B, Tk, dtype=torch.bool)
+        kpm[0, -1] = True
+        if B > 1:
+            kpm[1, : min(2, Tk)] = True
+        inputs["key_padding_mask"] = kpm.to(device)
+    return inputs
+
+
+def perturbation_grads(rowdot: torch.Tensor, gate: Optional[torch.Tensor], coef: torch.Tensor
+                       ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Gradients of ``coef · gate · delta`` for gate and coef from ``rowdot = Σ_d delta·dO`` (B, H, T) fp32:
+    dGate = coef · rowdot (as (B, T, H)), dCoef = Σ gate · rowdot. Used by the fused kernels' backward."""
+    c = coef.to(device=rowdot.device, dtype=torch.float32)
+    if gate is None:
+        return None, rowdot.sum().to(coef.dtype)
+    g = gate.to(torch.float32).permute(0, 2, 1)
+    return (c * rowdot).permute(0, 2, 1).to(gate.dtype), (rowdot * g).sum().to(coef.dtype)

@@ -1,0 +1,265 @@
+"""TVA attention: reference vs an independent loop formulation, masks, gradients, errors, layer + KV cache, providers."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from apt_kernels.layers.tva import TVAAttention
+from apt_kernels.reference.tva import random_tva_inputs, tva_attention_ref
+from apt_kernels.testing import assert_close
+
+MASKS = list(itertools.product([True, False], [None, 3], [0, 2], [False, True], [0, 3]))
+
+
+def loop_attention(q, k, v, delta=None, gate=None, coef=0.0, causal=True, window=None, sinks=0,
+                   key_padding_mask=None, softmax_scale=None):
+    """Row by row in float64 with the visibility rule spelled out per (query, key) pair."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = softmax_scale or 1.0 / math.sqrt(D)
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(B, H, Tq, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Tq):
+                p = i + Tk - Tq
+                keys = []
+                for j in range(Tk):
+                    if causal and j > p:
+                        continue
+                    if window is not None and j >= sinks:
+                        if causal and not (j > p - window):
+                            continue
+                        if not causal and abs(p - j) >= window:
+                            continue
+                    if key_padding_mask is not None and bool(key_padding_mask[b, j]):
+                        continue
+                    keys.append(j)
+                if keys:
+                    scores = torch.stack([(q[b, h, i] * k[b, h, j]).sum() * scale for j in keys])
+                    w = torch.exp(scores - scores.max())
+                    w = w / w.sum()
+                    out[b, h, i] = sum(w[n] * v[b, h, j] for n, j in enumerate(keys))
+                if delta is not None:
+                    g = 1.0 if gate is None else float(gate[b, i, h])
+                    out[b, h, i] += float(coef) * g * delta[b, h, i].double()
+    return out
+
+
+@pytest.mark.parametrize("causal,window,sinks,pad,extra", MASKS)
+def test_reference_matches_loops(causal, window, sinks, pad, extra):
+    inp = random_tva_inputs(B=2, H=2, Tq=6, Tk=6 + extra, D=8, pad=pad, seed=extra + 7 * sinks)
+    kw = dict(causal=causal, window=window, sinks=sinks)
+    out = tva_attention_ref(**inp, **kw)
+    assert torch.isfinite(out).all()
+    assert_close(out, loop_attention(**inp, **kw).float(), family="attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reference_low_precision_matches_fp64(dtype):
+    inp = random_tva_inputs(B=1, H=3, Tq=33, D=24, pad=True, dtype=dtype, seed=3)
+    out = tva_attention_ref(**inp, window=7, sinks=1)
+    assert out.dtype == dtype
+    exp = tva_attention_ref(**{k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                               for k, v in inp.items()}, window=7, sinks=1)
+    assert_close(out, exp.to(dtype), family="attention")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_delta_equals_sdpa(causal, dtype):
+    inp = random_tva_inputs(B=2, H=3, Tq=11, D=16, dtype=dtype)
+    q, k, v = inp["q"], inp["k"], inp["v"]
+    exp = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert_close(tva_attention_ref(q, k, v, causal=causal), exp, family="attention")
+    # a custom scale, and a head dim above 128
+    q2, k2, v2 = (torch.randn(1, 2, 5, 200, dtype=dtype) for _ in range(3))
+    exp = torch.nn.functional.scaled_dot_product_attention(q2, k2, v2, is_causal=causal, scale=0.05)
+    assert_close(tva_attention_ref(q2, k2, v2, causal=causal, softmax_scale=0.05), exp, family="attention")
+
+
+def test_fully_masked_rows_are_zero_with_finite_grads():
+    inp = random_tva_inputs(B=2, H=2, Tq=5, D=8, pad=True, requires_grad=True, coef_tensor=True)
+    out = tva_attention_ref(**inp, window=2)
+    # batch 1: keys 0 and 1 padded, so causal queries 0 and 1 see nothing: attention part is 0
+    pert = inp["coef"] * inp["gate"].permute(0, 2, 1)[..., None] * inp["delta"]
+    assert (out - pert)[1, :, :2].abs().max() < 1e-6
+    assert (out - pert)[1, :, 2:].abs().max() > 1e-3  # later rows do see keys
+    all_pad = torch.ones(2, 5, dtype=torch.bool)
+    o2 = tva_attention_ref(inp["q"], inp["k"], inp["v"], key_padding_mask=all_pad)
+    assert torch.equal(o2, torch.zeros_like(o2))
+    (out.sum() + o2.sum()).backward()
+    for name in ("q", "k", "v", "delta", "gate", "coef"):
+        assert torch.isfinite(inp[name].grad).all(), name
+
+
+@pytest.mark.parametrize("causal,window,sinks,pad,extra",
+                         [(True, None, 0, False, 0), (True, 2, 1, True, 0), (False, 2, 0, True, 2),
+                          (True, 3, 2, True, 2)])
+def test_gradcheck_float64(causal, window, sinks, pad, extra):
+    inp = random_tva_inputs(B=2, H=2, Tq=4, Tk=4 + extra, D=3, pad=pad, dtype=torch.float64, coef_tensor=True,
+                            requires_grad=True)
+    names = ["q", "k", "v", "delta", "gate", "coef"]
+    kpm = inp.get("key_padding_mask")
+
+    def f(*ts):
+        return tva_attention_ref(*ts[:5], ts[5], causal=causal, window=window, sinks=sinks, key_padding_mask=kpm)
+
+    assert torch.autograd.gradcheck(f, tuple(inp[n] for n in names))
+
+
+def test_bad_inputs_name_the_argument():
+    inp = random_tva_inputs(B=1, H=2, Tq=4, D=8)
+    q, k, v, d, g = inp["q"], inp["k"], inp["v"], inp["delta"], inp["gate"]
+    cases = [
+        (ValueError, "q: expected 4 dims", dict(q=q[0])),
+        (ValueError, "k: expected shape", dict(k=k[:, :1])),
+        (ValueError, "v: expected shape", dict(v=v[..., :4])),
+        (TypeError, "k: expected dtype", dict(k=k.double())),
+        (TypeError, "q: expected dtype in", dict(q=q.int(), k=k.int(), v=v.int())),
+        (ValueError, "delta: expected shape", dict(delta=d[:, :, :2])),
+        (ValueError, "gate: expected shape", dict(delta=d, gate=g.transpose(1, 2))),
+        (ValueError, "gate: given without delta", dict(gate=g)),
+        (ValueError, "coef: expected a python float or a 0-dim tensor", dict(delta=d, coef=torch.ones(2))),
+        (TypeError, "coef: expected", dict(delta=d, coef="x")),
+        (ValueError, "coef: expected a finite", dict(delta=d, coef=float("nan"))),
+        (ValueError, "window: expected None or a positive int", dict(window=0)),
+        (TypeError, "window: expected", dict(window=2.5)),
+        (ValueError, "sinks: expected a non-negative int", dict(sinks=-1)),
+        (ValueError, "key_padding_mask: expected shape", dict(key_padding_mask=torch.zeros(1, 3, dtype=torch.bool))),
+        (TypeError, "key_padding_mask: expected dtype torch.bool", dict(key_padding_mask=torch.zeros(1, 4))),
+        (ValueError, "softmax_scale: expected a positive", dict(softmax_scale=-1.0)),
+        (ValueError, "q: head dim must be in", dict(q=torch.randn(1, 1, 2, 300), k=torch.randn(1, 1, 2, 300),
+                                                    v=torch.randn(1, 1, 2, 300))),
+        (ValueError, "q: expected no more queries than keys", dict(k=k[:, :, :2], v=v[:, :, :2])),
+        (TypeError, "causal: expected a bool", dict(causal=1)),
+    ]
+    for exc, msg, over in cases:
+        args = dict(q=q, k=k, v=v)
+        args.update(over)
+        with pytest.raises(exc, match=msg):
+            tva_attention_ref(**args)
+
+
+# ---- layer ----------------------------------------------------------------------------------------------------
+def _manual_layer(layer: TVAAttention, x, kpm=None):
+    """TVA.md's module-level math written out directly (dense masked softmax, cumsum running mean)."""
+    B, T, C = x.shape
+    H, D = layer.num_heads, layer.head_dim
+    q, k, v = (x @ layer.qkv.weight.T + layer.qkv.bias).split(C, dim=-1)
+    heads = lambda t: t.view(B, T, H, D).transpose(1, 2)  # noqa: E731
+    keep = torch.ones(B, T) if kpm is None else (~kpm).float()
+    if layer.causal:
+        m = torch.cumsum(x * keep[..., None], 1) / torch.cumsum(keep, 1).clamp_min(1)[..., None]
+    else:
+        m = ((x * keep[..., None]).sum(1, keepdim=True) / keep.sum(1).clamp_min(1)[:, None, None]).expand_as(x)
+    g = torch.sigmoid(m @ layer.gate.weight.T + layer.gate.bias)
+    delta = heads(x @ layer.U.weight.T @ layer.V.weight.T)
+    a = loop_attention(heads(q), heads(k), heads(v), causal=layer.causal, window=layer.window,
+                       sinks=layer.sinks if layer.window else 0, key_padding_mask=kpm).float()
+    c = layer.alpha * math.tanh(float(layer.tau))
+    out = a + c * g.permute(0, 2, 1)[..., None] * delta
+    return out.transpose(1, 2).reshape(B, T, C) @ layer.out.weight.T + layer.out.bias
+
+
+@pytest.mark.parametrize("causal,window,pad", [(True, None, False), (True, 3, True), (False, None, True)])
+def test_layer_matches_manual_math(causal, window, pad):
+    torch.manual_seed(0)
+    layer = TVAAttention(16, 2, r=4, s=1, tau=0.5, window=window, causal=causal, core="reference")
+    assert layer.rank == 4 and layer.U.weight.shape == (4, 16) and layer.V.weight.shape == (16, 4)
+    assert layer.U.bias is None and layer.gate.weight.shape == (2, 16) and layer.qkv.bias is not None
+    x = torch.randn(2, 7, 16)
+    kpm = None
+    if pad:
+        kpm = torch.zeros(2, 7, dtype=torch.bool)
+        kpm[1, :2] = True
+        kpm[0, 5:] = True
+    with torch.no_grad():
+        assert_close(layer(x, kpm), _manual_layer(layer, x, kpm), family="attention")
+
+
+@pytest.mark.parametrize("window,pad,max_len", [(None, False, None), (3, True, None), (4, True, 16)])
+def test_layer_kv_cache_matches_full_forward(window, pad, max_len):
+    torch.manual_seed(1)
+    layer = TVAAttention(24, 3, r=2, s=2, window=window, core="reference").eval()
+    x = torch.randn(2, 11, 24)
+    kpm = None
+    if pad:  # left padding on batch 1, as batched generation does
+        kpm = torch.zeros(2, 11, dtype=torch.bool)
+        kpm[1, :3] = True
+    with torch.no_grad():
+        full = layer(x, kpm)
+        cache = layer.new_cache(2, max_len=max_len)
+        outs, t = [], 0
+        for n in (4, 1, 1, 3, 2):
+            outs.append(layer(x[:, t:t + n], None if kpm is None else kpm[:, t:t + n], cache=cache))
+            t += n
+    assert cache.length == 11
+    assert_close(torch.cat(outs, 1), full, family="attention")
+
+
+def test_layer_backward_and_errors():
+    layer = TVAAttention(16, 4, core="reference")
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert x.grad is not None and layer.tau.grad is not None and layer.U.weight.grad is not None
+    with pytest.raises(ValueError, match="num_heads"):
+        TVAAttention(10, 3)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        layer(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="cache: incremental decoding needs a causal layer"):
+        TVAAttention(16, 4, causal=False).new_cache(2)
+    with pytest.raises(ValueError, match="max_len"):
+        c = layer.new_cache(2, max_len=3)
+        layer(torch.randn(2, 4, 16), cache=c)
+    with pytest.raises(ValueError, match="core"):
+        TVAAttention(16, 4, core="nope")
+
+
+def test_layer_takes_a_callable_core():
+    calls = []
+
+    def core(q, k, v, delta=None, gate=None, coef=0.0, **kw):
+        calls.append(kw)
+        return tva_attention_ref(q, k, v, delta, gate, coef, **kw)
+
+    layer = TVAAttention(16, 2, window=4, s=1, core=core)
+    layer(torch.randn(1, 6, 16))
+    assert calls and calls[0]["window"] == 4 and calls[0]["sinks"] == 1
+
+
+# ---- providers ------------------------------------------------------------------------------------------------
+def test_attention_providers():
+    from apt.core.registry import REGISTRY
+
+    names = {i.name: i for i in REGISTRY.list_providers("attention")}
+    assert {"tva_default", "sdpa", "flash_v2", "tva_cpu", "tva_triton", "tva_cuda"} <= set(names)
+    assert names["tva_default"].is_default
+    assert names["flash_v2"].priority == 25 and names["tva_cuda"].priority == 30
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        assert names["flash_v2"].reason == "flash-attn is not installed"
+    inp = random_tva_inputs(B=2, H=2, Tq=6, D=8)
+    flash = REGISTRY.provider_class("attention", "flash_v2")()
+    assert any("perturbation" in r for r in flash.supports(**inp))
+    assert any("cpu tensor" in r for r in flash.supports(**inp))
+    assert REGISTRY.provider_class("attention", "tva_cuda")().supports(q=torch.randn(1, 1, 2, 48))
+    layer = REGISTRY.get("attention", "sdpa").create_layer(16, 2, window=3)
+    assert isinstance(layer, TVAAttention) and layer.window == 3
+    layer(torch.randn(1, 5, 16))
+
+
+@pytest.mark.parametrize("causal,window,sinks,pad,extra", MASKS[::3])
+def test_sdpa_provider_matches_reference(causal, window, sinks, pad, extra):
+    from apt.core.registry import REGISTRY
+
+    sdpa = REGISTRY.get("attention", "sdpa", strict=True)
+    inp = random_tva_inputs(B=2, H=2, Tq=6, Tk=6 + extra, D=8, pad=pad, seed=5)
+    kw = dict(causal=causal, window=window, sinks=sinks)
+    out = sdpa.forward(**inp, **kw)
+    assert torch.isfinite(out).all()
+    assert_close(out, tva_attention_ref(**inp, **kw), family="attention")

@@ -1,0 +1,159 @@
+"""Fused C++ CPU TVA attention (csrc/tva/tva_cpu.cpp) vs the reference: masks, dtypes, gradients, memory."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from apt_kernels.backends import native_family_status
+from apt_kernels.reference.tva import random_tva_inputs, tva_attention_ref
+from apt_kernels.testing import assert_close
+
+if not native_family_status("tva")[0]:
+    pytest.skip(f"native tva ops unavailable: {native_family_status('tva')[1]}", allow_module_level=True)
+
+from apt_kernels.ops.tva import resolve_impl, tva_attention, tva_attention_cpu  # noqa: E402
+
+NAMES = ("q", "k", "v", "delta", "gate", "coef")
+
+
+def _compare(inp, dtype=torch.float32, **kw):
+    out = tva_attention_cpu(**inp, **kw)
+    ref_inp = {k: (v.detach().float().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                   else v) for k, v in inp.items()}
+    ref = tva_attention_ref(**ref_inp, **kw)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_close(out, ref.to(dtype), dtype=dtype, family="attention", msg="o")
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    names = [n for n in NAMES if isinstance(inp.get(n), torch.Tensor) and inp[n].requires_grad]
+    got = torch.autograd.grad(out, [inp[n] for n in names], go)
+    exp = torch.autograd.grad(ref, [ref_inp[n] for n in names], go.float())
+    for n, g, e in zip(names, got, exp):
+        assert torch.isfinite(g).all(), n
+        assert_close(g, e.to(dtype), dtype=dtype, family="attention", grad=True, msg=f"d{n}")
+
+
+@pytest.mark.parametrize("causal,window,sinks,pad,extra", [
+    (True, None, 0, False, 0), (True, None, 0, True, 70), (True, 20, 0, False, 0), (True, 9, 2, True, 0),
+    (True, 30, 70, False, 13), (False, None, 0, True, 5), (False, 17, 1, True, 66), (False, 40, 0, False, 0)])
+def test_cpu_matches_reference(causal, window, sinks, pad, extra):
+    # T = 131 crosses two 64-row blocks and ends in a partial one; D = 24
+    inp = random_tva_inputs(B=2, H=2, Tq=131, Tk=131 + extra, D=24, pad=pad, coef_tensor=True, requires_grad=True,
+                            seed=extra)
+    _compare(inp, causal=causal, window=window, sinks=sinks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_low_precision(dtype):
+    inp = random_tva_inputs(B=1, H=2, Tq=70, D=32, dtype=dtype, pad=True, coef_tensor=True, requires_grad=True)
+    _compare(inp, dtype=dtype, window=20, sinks=1)
+
+
+@pytest.mark.parametrize("Tq,Tk,D", [(1, 1, 8), (1, 130, 64), (2, 2, 200)])
+def test_cpu_short_sequences_and_head_dims(Tq, Tk, D):
+    inp = random_tva_inputs(B=1, H=2, Tq=Tq, Tk=Tk, D=D, coef_tensor=True, requires_grad=True)
+    _compare(inp)
+    _compare(inp, window=7, sinks=1)
+
+
+def test_cpu_fully_masked_rows_noncontiguous_and_no_delta():
+    inp = random_tva_inputs(B=2, H=2, Tq=20, D=16, pad=True, coef_tensor=True, requires_grad=True)
+    inp["key_padding_mask"] = inp["key_padding_mask"].clone()
+    inp["key_padding_mask"][0] = True
+    out = tva_attention_cpu(**inp, window=3)
+    pert = inp["coef"] * inp["gate"].permute(0, 2, 1)[..., None] * inp["delta"]
+    assert (out - pert)[0].abs().max() < 1e-6
+    _compare(inp, window=3)
+    base = torch.randn(2, 70, 2, 3, 16)
+    q, k, v = (base[..., i, :].transpose(1, 2).requires_grad_(True) for i in range(3))
+    _compare(dict(q=q, k=k, v=v))
+    exp = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_close(tva_attention_cpu(q, k, v), exp, family="attention")
+    _compare(dict(q=q, k=k, v=v, delta=torch.randn(2, 2, 70, 16, requires_grad=True), coef=0.5))  # no gate
+
+
+def test_cpu_skips_fully_masked_key_blocks():
+    """NaN keys/values in blocks outside the window band (and not sinks) must never be read."""
+    q = torch.randn(1, 1, 1, 16, requires_grad=True)
+    k, v = torch.randn(1, 1, 5 * 64, 16), torch.randn(1, 1, 5 * 64, 16)
+    k[:, :, 64:256] = float("nan")
+    v[:, :, 64:256] = float("nan")
+    kw = dict(window=32, sinks=2)
+    out = tva_attention_cpu(q, k, v, **kw)
+    k0, v0 = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    assert torch.isfinite(out).all()
+    assert_close(out, tva_attention_ref(q, k0, v0, **kw), family="attention")
+    (gq,) = torch.autograd.grad(out.sum(), q)
+    (eq,) = torch.autograd.grad(tva_attention_ref(q, k0, v0, **kw).sum(), q)
+    assert_close(gq, eq, family="attention", grad=True)
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM")
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_cpu_never_allocates_the_score_matrix():
+    """T = 8192: one (T, T) fp32 matrix is 256 MiB; forward + backward must peak far below that."""
+    T = 8192
+    inp = random_tva_inputs(B=1, H=1, Tq=T, D=16, coef_tensor=True, requires_grad=True)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter
+    base = _peak_rss()
+    out = tva_attention_cpu(**inp)
+    out.sum().backward()
+    grown = _peak_rss() - base
+    assert grown < 32 * 2**20, f"peak RSS grew by {grown / 2**20:.1f} MiB"
+    assert torch.isfinite(inp["q"].grad).all()
+
+
+def test_cpu_dispatch_opcheck_and_native_checks():
+    from apt_kernels._native import native_module, view
+    from apt_kernels.ops.tva import _native_fwd_op
+
+    assert resolve_impl("auto", torch.device("cpu"), 64, torch.float32) == "cpu_native"
+    assert resolve_impl("auto", torch.device("cpu"), 64, torch.float64) == "reference"
+    inp = random_tva_inputs(B=1, H=2, Tq=9, D=16, pad=True)
+    assert_close(tva_attention(**inp), tva_attention_ref(**inp), family="attention")
+    inp = random_tva_inputs(B=1, H=1, Tq=5, D=8, pad=True, coef_tensor=True, requires_grad=True)
+    args = (inp["q"], inp["k"], inp["v"], inp["delta"], inp["gate"], inp["coef"], True, 3, 1,
+            inp["key_padding_mask"], 0.3)
+    torch.library.opcheck(_native_fwd_op, args)
+    C = native_module()
+    q = torch.randn(1, 2, 4, 8)
+    o, lse = torch.empty_like(q), torch.empty(1, 2, 4)
+    with pytest.raises(ValueError, match="k: expected size"):
+        C.tva_forward_cpu(view(q), view(q[:, :1]), view(q), None, None, 0.0, True, 0, 0, None, 1.0, view(o),
+                          view(lse))
+    with pytest.raises(TypeError, match="lse: expected dtype float32"):
+        C.tva_forward_cpu(view(q), view(q), view(q), None, None, 0.0, True, 0, 0, None, 1.0, view(o),
+                          view(lse.double()))
+    with pytest.raises(ValueError, match="gate: given without delta"):
+        C.tva_forward_cpu(view(q), view(q), view(q), None, view(torch.rand(1, 4, 2)), 0.0, True, 0, 0, None, 1.0,
+                          view(o), view(lse))
+
+
+def test_layer_and_provider_use_the_cpu_kernel():
+    from apt.core.registry import REGISTRY
+    from apt_kernels.layers.tva import TVAAttention
+
+    prov = REGISTRY.get("attention", "tva_cpu", strict=True)
+    assert prov.supports(q=torch.randn(1, 1, 2, 64)) == []
+    assert prov.supports(q=torch.randn(1, 1, 2, 64, dtype=torch.float64))
+    torch.manual_seed(0)
+    layer = prov.create_layer(32, 4, window=8, s=1)
+    ref = TVAAttention(32, 4, window=8, s=1, core="reference")
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 40, 32)
+    kpm = torch.zeros(2, 40, dtype=torch.bool)
+    kpm[1, :5] = True
+    assert_close(layer(x, kpm), ref(x, kpm), family="attention")
+    with torch.no_grad():  # incremental decoding through the fused kernel (Tq < Tk)
+        cache = layer.new_cache(2)
+        outs = [layer(x[:, a:b], kpm[:, a:b], cache=cache) for a, b in ((0, 17), (17, 18), (18, 40))]
+        assert_close(torch.cat(outs, 1), ref(x, kpm), family="attention")
