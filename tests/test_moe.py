@@ -9,8 +9,7 @@ import torch
 
 from apt_kernels.layers.moe import MoEFFN
 from apt_kernels.ops.moe import moe_aux_losses, moe_combine, moe_dispatch, moe_route
-from apt_kernels.reference.moe import (expert_capacity, moe_combine_ref, moe_dispatch_ref, moe_route_ref,
-                                       router_probs)
+from apt_kernels.reference.moe import expert_capacity, moe_combine_ref, moe_dispatch_ref, moe_route_ref
 from apt_kernels.testing import assert_close
 
 
@@ -255,6 +254,14 @@ def test_bad_inputs():
         moe_dispatch(torch.randn(5, 3), "routing")
     with pytest.raises(ValueError, match="expert_out"):
         moe_combine(torch.randn(4, r.capacity + 1, 3), r)
+    with pytest.raises(ValueError, match="x: expected device cpu"):
+        moe_dispatch(torch.empty(5, 3, device="meta"), r)
+    with pytest.raises(ValueError, match="expert_out: expected device cpu"):
+        moe_combine(torch.empty(4, r.capacity, 3, device="meta"), r)
+    with pytest.raises(TypeError, match="renormalize"):
+        moe_route(lg, 2, renormalize="yes")
+    with pytest.raises(TypeError, match="capacity_factor"):
+        moe_route(lg, 2, capacity_factor="1.0")
     with pytest.raises(ValueError, match="temperature|d_model|k"):
         MoEFFN(4, 8, 2, k=3)
     with pytest.raises(ValueError, match="activation"):
@@ -284,3 +291,34 @@ def test_router_providers_registered():
     reasons = registry.REGISTRY.provider_class("router", "cuda")(None).supports(x=x)
     assert any("device cpu" in s for s in reasons), reasons  # the cuda router never takes CPU tensors
     assert registry.REGISTRY.provider_class("router", "triton")(None).supports(x=x.double())
+
+
+def test_noisy_gating_only_in_training():
+    torch.manual_seed(7)
+    m = MoEFFN(6, 8, 4, k=2, capacity_factor=None, noisy_gating=True, router_impl="reference")
+    x = torch.randn(30, 6)
+    m.eval()
+    assert torch.equal(m(x)[0], m(x)[0])
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)[0]
+    torch.manual_seed(2)
+    b = m(x)[0]
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+@pytest.mark.parametrize("cf", [None, 1.0])
+def test_empty_batch(impl, cf):
+    lg = torch.randn(0, 4, requires_grad=True)
+    r = moe_route(lg, 2, cf, impl=impl)
+    x = torch.randn(0, 3, requires_grad=True)
+    buf = moe_dispatch(x, r, impl=impl)
+    assert buf.shape == ((0, 3) if cf is None else (4, 4, 3)) and not buf.any()
+    y = moe_combine(buf, r, impl=impl)
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    assert int(r.dropped) == 0 and r.tokens_per_expert.tolist() == [0] * 4
+    m = MoEFFN(3, 5, 4, k=2, capacity_factor=cf, router_impl=impl)
+    out, aux = m(torch.randn(2, 0, 3))
+    assert out.shape == (2, 0, 3)

@@ -22,7 +22,10 @@ __all__ = ["MoEFFN", "OpsRouter"]
 class OpsRouter:
     """Adapter giving the apt_kernels ops the router interface (route / dispatch / combine / aux_losses)."""
 
+    ALIASES = {"topk_default": "reference"}  # the router provider's name for the reference
+
     def __init__(self, impl: str = "auto") -> None:
+        impl = self.ALIASES.get(impl, impl)
         if impl not in IMPLS:
             raise ValueError(f"router_impl: expected one of {', '.join(IMPLS)} or a router object, got {impl!r}")
         self.impl = impl

@@ -137,7 +137,7 @@ class _NativeCUDA:
         tos = torch.empty(n * k if cap < 0 else e * cap, dtype=torch.int64, device=d)
         counts = torch.empty(e, dtype=torch.int64, device=d)
         nb = max(1, (n + 255) // 256)
-        work = torch.empty(k * nb * e, dtype=torch.int64, device=d)
+        work = torch.empty(k * nb * e + e, dtype=torch.int64, device=d)
         native_module().moe_route_cuda(view(probs), int(k), int(cap), view(idx), view(pos), view(slot), view(tos),
                                        view(counts), view(work), current_stream(d))
         return idx, pos, slot, tos, counts
@@ -188,6 +188,8 @@ _BACKENDS: dict[str, Callable[[], Any]] = {
 
 def _register_ops(name: str) -> dict[str, Any]:
     get = _BACKENDS[name]
+    # the C++ kernels take any strides (e.g. the expanded ones of sum()'s gradient); the GPU ones want unit stride
+    as_rows = (lambda t: t) if name == "cpu_native" else (lambda t: t.contiguous())
 
     @torch.library.custom_op(f"apt::moe_route_{name}", mutates_args=())
     def route_op(probs: torch.Tensor, k: int, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -225,7 +227,7 @@ def _register_ops(name: str) -> dict[str, Any]:
 
     def dispatch_backward(ctx, grad):
         (slot,) = ctx.saved_tensors
-        return dispatch_bwd_op(grad.contiguous(), slot, ctx.num_tokens), None, None
+        return dispatch_bwd_op(as_rows(grad), slot, ctx.num_tokens), None, None
 
     dispatch_op.register_autograd(dispatch_backward, setup_context=dispatch_setup)
 
@@ -253,7 +255,7 @@ def _register_ops(name: str) -> dict[str, Any]:
 
     def combine_backward(ctx, grad):
         out, weights, slot, tos = ctx.saved_tensors
-        g_out, g_w = combine_bwd_op(grad.contiguous(), out, weights, slot, tos)
+        g_out, g_w = combine_bwd_op(as_rows(grad), out, weights, slot, tos)
         return g_out, g_w, None, None
 
     combine_op.register_autograd(combine_backward, setup_context=combine_setup)

@@ -160,8 +160,10 @@ def moe_route_ref(logits: torch.Tensor, k: int, capacity_factor: Optional[float]
 def moe_dispatch_ref(x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Gather tokens into the expert buffer: (E, cap, C) in capacity mode, packed (N*k, C) in dropless mode.
     Empty rows are zero."""
-    c = x.shape[1]
+    n, c = x.shape
     src = routing.token_of_slot
+    if n == 0:  # nothing to gather from: every row is empty (a zero row keeps the result connected to x)
+        return torch.cat([x, x.new_zeros(1, c)])[torch.zeros_like(src)].view(routing.buffer_shape(c)) * 0
     rows = x[src.clamp(min=0)]
     rows = torch.where((src >= 0).unsqueeze(1), rows, torch.zeros((), dtype=x.dtype, device=x.device))
     return rows.view(routing.buffer_shape(c))

@@ -134,16 +134,25 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     if delta_softplus:
         dt = F.softplus(dt)
     Af = A.to(acc)
-    Bf = expand_bc(B.to(acc), batch, dim)  # (batch, dim, N[, L])
-    Cf = expand_bc(C.to(acc), batch, dim)
+
+    # Per-step views made once with unbind (whose backward is one stack), never by indexing an expanded (b, d, N, L)
+    # tensor per step (whose backward would materialise that whole tensor L times).
+    def steps(M):  # B or C -> list over t of a tensor broadcastable to (batch, dim, N)
+        M = M.to(acc)
+        if M.dim() == 2:
+            return [M] * L
+        if M.dim() == 3:
+            return [m.unsqueeze(1) for m in M.unbind(-1)]
+        return [m.repeat_interleave(dim // M.shape[1], dim=1) for m in M.unbind(-1)]
+
+    Bs, Cs = steps(B), steps(C)
+    dts, us = dt.unbind(-1), uf.unbind(-1)
     h = torch.zeros(batch, dim, N, dtype=acc, device=u.device)
     ys = []
     for t in range(L):
-        dt_t = dt[:, :, t, None]  # (batch, dim, 1)
-        B_t = Bf if B.dim() == 2 else Bf[..., t]
-        C_t = Cf if C.dim() == 2 else Cf[..., t]
-        h = torch.exp(dt_t * Af) * h + dt_t * B_t * uf[:, :, t, None]
-        ys.append((h * C_t).sum(-1))
+        dt_t = dts[t][..., None]  # (batch, dim, 1)
+        h = torch.exp(dt_t * Af) * h + (dt_t * us[t][..., None]) * Bs[t]
+        ys.append((h * Cs[t]).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else uf.new_zeros(batch, dim, 0)
     if D is not None:
         y = y + uf * D.to(acc)[:, None]

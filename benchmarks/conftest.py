@@ -1,0 +1,39 @@
+"""pytest-benchmark suite: the `apt bench` measurements as pytest items (not collected by the default `pytest`,
+whose testpaths is tests/). Parametrisation comes from apt.bench.pytest_support, one item per (shape, mode,
+provider); every module sets KIND and has a test taking the `bench_item` argument."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("apt bench")
+    g.addoption("--apt-device", default=None, help="cpu or cuda (default: APT_BENCH_DEVICE, else cuda if available)")
+    g.addoption("--apt-grid", default=None, choices=("quick", "full"),
+                help="shape grid (default: APT_BENCH_GRID, else quick)")
+    g.addoption("--apt-providers", default=None, help="comma-separated providers/peers (the reference always runs)")
+
+
+def pytest_configure(config):
+    # like `apt bench --threads auto`: on a busy machine, threads beyond the idle cores make timings meaningless
+    threads = os.environ.get("APT_BENCH_THREADS", "auto")
+    if threads == "auto":
+        from apt.bench.runner import auto_threads
+
+        torch.set_num_threads(auto_threads())
+    else:
+        torch.set_num_threads(int(threads))
+
+
+def pytest_generate_tests(metafunc):
+    if "bench_item" not in metafunc.fixturenames:
+        return
+    from apt.bench.pytest_support import items
+
+    opt = metafunc.config.getoption
+    providers = opt("--apt-providers")
+    found = items(metafunc.module.KIND, device=opt("--apt-device"), grid=opt("--apt-grid"),
+                  providers=[p for p in providers.split(",") if p] if providers else None)
+    metafunc.parametrize("bench_item", found, ids=[i.id for i in found])

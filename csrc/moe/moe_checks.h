@@ -1,0 +1,31 @@
+// Argument checks shared by the MoE CPU and CUDA bindings (raise ValueError/TypeError naming the argument).
+#pragma once
+#include "common/apt_common.h"
+
+namespace apt {
+namespace moe {
+
+inline void check_contiguous(const TensorView& t) {
+  int64_t expect = 1;
+  for (int64_t i = t.ndim() - 1; i >= 0; --i) {
+    if (t.shape[i] != 1) APT_CHECK(t.strides[i] == expect, t.name, ": expected a contiguous tensor");
+    expect *= t.shape[i];
+  }
+}
+
+inline void check_device(const TensorView& t, int device) {
+  if (device < 0) check_cpu(t);
+  else APT_CHECK(t.device == device, t.name, ": expected device cuda:", device, ", got ",
+                 t.device < 0 ? std::string("cpu") : "cuda:" + std::to_string(t.device));
+}
+
+// int64, contiguous, given shape, on `device` (-1 = CPU)
+inline void check_index(const TensorView& t, const std::vector<int64_t>& shape, int device = -1) {
+  check_shape(t, shape);
+  check_dtype(t, DType::Int64);
+  check_device(t, device);
+  check_contiguous(t);
+}
+
+}  // namespace moe
+}  // namespace apt

@@ -1,0 +1,430 @@
+// MoE top-k routing with GShard-priority expert capacity, dispatch (gather rows into the expert buffer) and
+// combine (weighted sum of expert rows back per token), with backwards, on the CPU with OpenMP (design/MOE.md).
+// probs (N, E) fp32/fp64 any strides; x / expert rows fp32/fp16/bf16/fp64 any strides for inputs, outputs and
+// index tensors (int64) contiguous. cap < 0 = dropless (packed rows sorted by expert). All gathers: no atomics.
+#include "common/apt_common.h"
+#include "moe/moe_checks.h"
+
+#include <algorithm>
+#include <atomic>
+
+#ifdef APT_WITH_OPENMP
+#include <omp.h>
+#endif
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace apt {
+namespace {
+
+// Below this many elements a loop runs on one thread: routing is cheap, and on a loaded machine an OpenMP barrier
+// waiting for a descheduled worker costs more than the loop.
+constexpr int64_t kParallelWork = int64_t(1) << 18;
+
+int max_threads() {
+#ifdef APT_WITH_OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+using moe::check_contiguous;
+using moe::check_index;
+
+// Output buffers here are large and freshly allocated, so first-touch page faults cost more than the copy itself
+// (~4x at 160 MB). Ask for transparent huge pages on the 2 MB-aligned interior (what torch does with
+// THP_MEM_ALLOC_ENABLE=1); it only changes paging policy, and is a no-op where THP is off.
+void advise_hugepages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 2 * kHuge) return;
+  uintptr_t lo = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  uintptr_t hi = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+void advise_output(const TensorView& t) { advise_hugepages(t.data, static_cast<size_t>(t.numel()) * dtype_size(t.dtype)); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// routing
+// ---------------------------------------------------------------------------------------------------------------
+
+// Top-k by value with ties to the lower index: scan experts in order and insert with a strict comparison, so an
+// equal value never overtakes one already kept.
+template <typename P>
+void topk_rows(const TensorView& probs, int64_t k, int64_t* idx) {
+  const int64_t N = probs.size(0), E = probs.size(1);
+  const int64_t s0 = probs.stride(0), s1 = probs.stride(1);
+  const P* p = probs.ptr<P>();
+#pragma omp parallel if (N * E > kParallelWork)
+  {
+    std::vector<P> best_v(k);
+    std::vector<int64_t> best_e(k);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      int64_t filled = 0;
+      const P* row = p + n * s0;
+      for (int64_t e = 0; e < E; ++e) {
+        P v = row[e * s1];
+        if (filled == k && !(v > best_v[k - 1])) continue;
+        int64_t i = filled < k ? filled : k - 1;
+        while (i > 0 && v > best_v[i - 1]) {
+          best_v[i] = best_v[i - 1];
+          best_e[i] = best_e[i - 1];
+          --i;
+        }
+        best_v[i] = v;
+        best_e[i] = e;
+        if (filled < k) ++filled;
+      }
+      for (int64_t j = 0; j < k; ++j) idx[n * k + j] = best_e[j];
+    }
+  }
+}
+
+// Queue positions in GShard order (rank-major, token-minor) by a blocked prefix sum: per (rank, token block)
+// expert counts in parallel, an exclusive scan of those counts in priority order, then each block numbers its own
+// assignments starting from its base.
+void positions(const int64_t* idx, int64_t N, int64_t E, int64_t k, int64_t cap, int64_t* pos, int64_t* slot,
+               int64_t* counts) {
+  const int64_t block = std::max<int64_t>(512, (N + 4 * max_threads() - 1) / (4 * max_threads()));
+  const int64_t nb = (N + block - 1) / block;
+  const int64_t units = k * nb;  // unit u = j * nb + b, already in priority order
+  std::vector<int64_t> base(static_cast<size_t>(units * E), 0);
+  const bool par = N * k > kParallelWork;
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t j = u / nb, b = u % nb;
+    int64_t* c = base.data() + u * E;
+    for (int64_t n = b * block, end = std::min(N, (b + 1) * block); n < end; ++n) ++c[idx[n * k + j]];
+  }
+  // exclusive scan over units, per expert
+  std::vector<int64_t> start(static_cast<size_t>(E), 0);
+#pragma omp parallel for schedule(static) if (units * E > kParallelWork)
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t run = 0;
+    for (int64_t u = 0; u < units; ++u) {
+      int64_t c = base[u * E + e];
+      base[u * E + e] = run;
+      run += c;
+    }
+    counts[e] = run;
+  }
+  // dropless rows: expert e's segment starts after all earlier experts' assignments
+  for (int64_t e = 1; e < E; ++e) start[e] = start[e - 1] + counts[e - 1];
+#pragma omp parallel if (par)
+  {
+    std::vector<int64_t> run(static_cast<size_t>(E));
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t j = u / nb, b = u % nb;
+      std::copy(base.begin() + u * E, base.begin() + (u + 1) * E, run.begin());
+      for (int64_t n = b * block, end = std::min(N, (b + 1) * block); n < end; ++n) {
+        const int64_t e = idx[n * k + j];
+        const int64_t p = run[e]++;
+        pos[n * k + j] = p;
+        slot[n * k + j] = cap < 0 ? start[e] + p : (p < cap ? e * cap + p : -1);
+      }
+    }
+  }
+}
+
+void invert_slots(const int64_t* slot, int64_t N, int64_t k, int64_t* tos, int64_t S) {
+#pragma omp parallel for schedule(static) if (S > kParallelWork)
+  for (int64_t s = 0; s < S; ++s) tos[s] = -1;
+#pragma omp parallel for schedule(static) if (N * k > kParallelWork)
+  for (int64_t i = 0; i < N * k; ++i)
+    if (slot[i] >= 0) tos[slot[i]] = i / k;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// dispatch / combine
+// ---------------------------------------------------------------------------------------------------------------
+
+// Indices come from Python: check their range before touching memory (an OpenMP region cannot throw).
+void check_range(const int64_t* v, int64_t count, int64_t lo, int64_t hi, const std::string& name) {
+  std::atomic<bool> bad{false};
+#pragma omp parallel for schedule(static) if (count > kParallelWork)
+  for (int64_t i = 0; i < count; ++i)
+    if (v[i] < lo || v[i] >= hi) bad.store(true, std::memory_order_relaxed);
+  APT_CHECK(!bad.load(), name, ": index out of range [", lo, ", ", hi, ")");
+}
+
+template <typename T>
+inline void copy_row(T* dst, const T* src, int64_t C, int64_t sstride) {
+  if (sstride == 1) {
+    std::memcpy(dst, src, static_cast<size_t>(C) * sizeof(T));
+  } else {
+    for (int64_t c = 0; c < C; ++c) dst[c] = src[c * sstride];
+  }
+}
+
+template <typename T>
+void dispatch_fwd(const TensorView& x, const int64_t* tos, int64_t S, const TensorView& buf) {
+  const int64_t C = x.size(1);
+  const T* xp = x.ptr<T>();
+  T* bp = buf.ptr<T>();
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t t = tos[s];
+    if (t < 0) std::memset(static_cast<void*>(bp + s * C), 0, static_cast<size_t>(C) * sizeof(T));
+    else copy_row(bp + s * C, xp + t * x.stride(0), C, x.stride(1));
+  }
+}
+
+// grad_x[n] = sum over kept j of grad_buf[slot[n, j]]
+template <typename T>
+void dispatch_bwd(const TensorView& g, const int64_t* slot, int64_t k, const TensorView& gx) {
+  const int64_t N = gx.size(0), C = gx.size(1);
+  const T* gp = g.ptr<T>();
+  T* op = gx.ptr<T>();
+#pragma omp parallel
+  {
+    std::vector<acc_t<T>> acc(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      std::fill(acc.begin(), acc.end(), acc_t<T>(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t s = slot[n * k + j];
+        if (s < 0) continue;
+        const T* row = gp + s * g.stride(0);
+        const int64_t cs = g.stride(1);
+        for (int64_t c = 0; c < C; ++c) acc[c] += load_f(row + c * cs);
+      }
+      T* o = op + n * C;
+      for (int64_t c = 0; c < C; ++c) store_f(o + c, acc[c]);
+    }
+  }
+}
+
+// y[n] = sum over kept j of w[n, j] * out[slot[n, j]]
+template <typename T>
+void combine_fwd(const TensorView& out, const TensorView& w, const int64_t* slot, int64_t k, const TensorView& y) {
+  using A = acc_t<T>;
+  const int64_t N = y.size(0), C = y.size(1);
+  const T* op = out.ptr<T>();
+  const A* wp = w.ptr<A>();
+  T* yp = y.ptr<T>();
+#pragma omp parallel
+  {
+    std::vector<A> acc(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t s = slot[n * k + j];
+        if (s < 0) continue;
+        const A wt = wp[n * w.stride(0) + j * w.stride(1)];
+        const T* row = op + s * out.stride(0);
+        const int64_t cs = out.stride(1);
+        if (cs == 1) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) acc[c] += wt * load_f(row + c);
+        } else {
+          for (int64_t c = 0; c < C; ++c) acc[c] += wt * load_f(row + c * cs);
+        }
+      }
+      T* o = yp + n * C;
+      for (int64_t c = 0; c < C; ++c) store_f(o + c, acc[c]);
+    }
+  }
+}
+
+// grad_out[s] = w[t, j] * grad_y[t] for the (t, j) held by row s (zero rows stay zero);
+// grad_w[n, j] = <grad_y[n], out[slot[n, j]]> for kept j, else 0.
+template <typename T>
+void combine_bwd(const TensorView& gy, const TensorView& out, const TensorView& w, const int64_t* slot,
+                 const int64_t* tos, int64_t k, const TensorView& g_out, const TensorView& g_w) {
+  using A = acc_t<T>;
+  const int64_t N = gy.size(0), C = gy.size(1), S = out.size(0);
+  const T* gp = gy.ptr<T>();
+  const T* op = out.ptr<T>();
+  const A* wp = w.ptr<A>();
+  T* go = g_out.ptr<T>();
+  A* gw = g_w.ptr<A>();
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < S; ++s) {
+    T* dst = go + s * C;
+    const int64_t t = tos[s];
+    int64_t j = 0;
+    if (t >= 0)
+      while (j < k && slot[t * k + j] != s) ++j;
+    if (t < 0 || j == k) {
+      std::memset(static_cast<void*>(dst), 0, static_cast<size_t>(C) * sizeof(T));
+      continue;
+    }
+    const A wt = wp[t * w.stride(0) + j * w.stride(1)];
+    const T* src = gp + t * gy.stride(0);
+    const int64_t cs = gy.stride(1);
+    for (int64_t c = 0; c < C; ++c) store_f(dst + c, wt * load_f(src + c * cs));
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t s = slot[n * k + j];
+      double dot = 0.0;
+      if (s >= 0) {
+        const T* a = gp + n * gy.stride(0);
+        const T* b = op + s * out.stride(0);
+        const int64_t as = gy.stride(1), bs = out.stride(1);
+        A part = 0;
+        for (int64_t c = 0; c < C; ++c) part += load_f(a + c * as) * load_f(b + c * bs);
+        dot = part;
+      }
+      gw[n * k + j] = static_cast<A>(dot);
+    }
+  }
+}
+
+DType acc_dtype(DType d) { return d == DType::Float64 ? DType::Float64 : DType::Float32; }
+
+}  // namespace
+
+APT_REGISTER_OPS(moe) {
+  m.def(
+      "moe_route_cpu",
+      [](py::object probs_, int64_t k, int64_t cap, py::object idx_, py::object pos_, py::object slot_,
+         py::object tos_, py::object counts_) {
+        auto probs = TensorView::from(probs_, "probs");
+        auto idx = TensorView::from(idx_, "expert_idx"), pos = TensorView::from(pos_, "position");
+        auto slot = TensorView::from(slot_, "slot"), tos = TensorView::from(tos_, "token_of_slot");
+        auto counts = TensorView::from(counts_, "tokens_per_expert");
+        check_ndim(probs, 2);
+        check_cpu(probs);
+        APT_CHECK_TYPE(probs.dtype == DType::Float32 || probs.dtype == DType::Float64,
+                       "probs: expected float32 or float64, got ", dtype_name(probs.dtype));
+        const int64_t N = probs.size(0), E = probs.size(1);
+        APT_CHECK(E >= 1, "probs: expected at least one expert");
+        APT_CHECK(k >= 1 && k <= E, "k: expected 1 <= k <= num_experts (", E, "), got ", k);
+        APT_CHECK(cap >= -1, "cap: expected -1 (dropless) or a capacity >= 0, got ", cap);
+        check_index(idx, {N, k});
+        check_index(pos, {N, k});
+        check_index(slot, {N, k});
+        check_index(tos, {cap < 0 ? N * k : E * cap});
+        check_index(counts, {E});
+        py::gil_scoped_release nogil;
+        if (probs.dtype == DType::Float32) topk_rows<float>(probs, k, idx.ptr<int64_t>());
+        else topk_rows<double>(probs, k, idx.ptr<int64_t>());
+        positions(idx.ptr<int64_t>(), N, E, k, cap, pos.ptr<int64_t>(), slot.ptr<int64_t>(), counts.ptr<int64_t>());
+        invert_slots(slot.ptr<int64_t>(), N, k, tos.ptr<int64_t>(), tos.size(0));
+      },
+      py::arg("probs"), py::arg("k"), py::arg("cap"), py::arg("expert_idx"), py::arg("position"), py::arg("slot"),
+      py::arg("token_of_slot"), py::arg("tokens_per_expert"),
+      "Top-k (ties to the lower expert), GShard-priority queue positions, capacity drops, buffer rows.");
+  m.def(
+      "moe_dispatch_cpu",
+      [](py::object x_, py::object tos_, py::object buf_) {
+        auto x = TensorView::from(x_, "x"), tos = TensorView::from(tos_, "token_of_slot");
+        auto buf = TensorView::from(buf_, "buf");
+        check_ndim(x, 2);
+        check_float(x);
+        check_cpu(x);
+        check_ndim(tos, 1);
+        check_index(tos, {tos.size(0)});
+        check_shape(buf, {tos.size(0), x.size(1)});
+        check_dtype(buf, x.dtype);
+        check_cpu(buf);
+        check_contiguous(buf);
+        py::gil_scoped_release nogil;
+        check_range(tos.ptr<int64_t>(), tos.size(0), -1, x.size(0), "token_of_slot");
+        advise_output(buf);
+        dispatch_float(x.dtype, "x", [&](auto tag) {
+          dispatch_fwd<decltype(tag)>(x, tos.ptr<int64_t>(), tos.size(0), buf);
+        });
+      },
+      py::arg("x"), py::arg("token_of_slot"), py::arg("buf"), "buf[s] = x[token_of_slot[s]] (zero when -1).");
+  m.def(
+      "moe_dispatch_backward_cpu",
+      [](py::object g_, py::object slot_, py::object gx_) {
+        auto g = TensorView::from(g_, "grad_buf"), slot = TensorView::from(slot_, "slot");
+        auto gx = TensorView::from(gx_, "grad_x");
+        check_ndim(g, 2);
+        check_float(g);
+        check_cpu(g);
+        check_ndim(slot, 2);
+        check_index(slot, slot.shape);
+        check_shape(gx, {slot.size(0), g.size(1)});
+        check_dtype(gx, g.dtype);
+        check_cpu(gx);
+        check_contiguous(gx);
+        py::gil_scoped_release nogil;
+        check_range(slot.ptr<int64_t>(), slot.numel(), -1, g.size(0), "slot");
+        advise_output(gx);
+        dispatch_float(g.dtype, "grad_buf", [&](auto tag) {
+          dispatch_bwd<decltype(tag)>(g, slot.ptr<int64_t>(), slot.size(1), gx);
+        });
+      },
+      py::arg("grad_buf"), py::arg("slot"), py::arg("grad_x"));
+  m.def(
+      "moe_combine_cpu",
+      [](py::object out_, py::object w_, py::object slot_, py::object y_) {
+        auto out = TensorView::from(out_, "expert_out"), w = TensorView::from(w_, "weights");
+        auto slot = TensorView::from(slot_, "slot"), y = TensorView::from(y_, "y");
+        check_ndim(out, 2);
+        check_float(out);
+        check_cpu(out);
+        check_ndim(slot, 2);
+        check_index(slot, slot.shape);
+        check_shape(w, slot.shape);
+        check_dtype(w, acc_dtype(out.dtype));
+        check_cpu(w);
+        check_shape(y, {slot.size(0), out.size(1)});
+        check_dtype(y, out.dtype);
+        check_cpu(y);
+        check_contiguous(y);
+        py::gil_scoped_release nogil;
+        check_range(slot.ptr<int64_t>(), slot.numel(), -1, out.size(0), "slot");
+        advise_output(y);
+        dispatch_float(out.dtype, "expert_out", [&](auto tag) {
+          combine_fwd<decltype(tag)>(out, w, slot.ptr<int64_t>(), slot.size(1), y);
+        });
+      },
+      py::arg("expert_out"), py::arg("weights"), py::arg("slot"), py::arg("y"),
+      "y[n] = sum over kept j of weights[n, j] * expert_out[slot[n, j]].");
+  m.def(
+      "moe_combine_backward_cpu",
+      [](py::object gy_, py::object out_, py::object w_, py::object slot_, py::object tos_, py::object go_,
+         py::object gw_) {
+        auto gy = TensorView::from(gy_, "grad_y"), out = TensorView::from(out_, "expert_out");
+        auto w = TensorView::from(w_, "weights"), slot = TensorView::from(slot_, "slot");
+        auto tos = TensorView::from(tos_, "token_of_slot"), go = TensorView::from(go_, "grad_expert_out");
+        auto gw = TensorView::from(gw_, "grad_weights");
+        check_ndim(out, 2);
+        check_float(out);
+        check_cpu(out);
+        check_ndim(slot, 2);
+        check_index(slot, slot.shape);
+        check_index(tos, {out.size(0)});
+        check_shape(gy, {slot.size(0), out.size(1)});
+        check_dtype(gy, out.dtype);
+        check_cpu(gy);
+        check_shape(w, slot.shape);
+        check_dtype(w, acc_dtype(out.dtype));
+        check_cpu(w);
+        check_shape(go, out.shape);
+        check_dtype(go, out.dtype);
+        check_cpu(go);
+        check_contiguous(go);
+        check_shape(gw, slot.shape);
+        check_dtype(gw, w.dtype);
+        check_cpu(gw);
+        check_contiguous(gw);
+        py::gil_scoped_release nogil;
+        check_range(slot.ptr<int64_t>(), slot.numel(), -1, out.size(0), "slot");
+        check_range(tos.ptr<int64_t>(), tos.numel(), -1, slot.size(0), "token_of_slot");
+        advise_output(go);
+        dispatch_float(out.dtype, "expert_out", [&](auto tag) {
+          combine_bwd<decltype(tag)>(gy, out, w, slot.ptr<int64_t>(), tos.ptr<int64_t>(), slot.size(1), go, gw);
+        });
+      },
+      py::arg("grad_y"), py::arg("expert_out"), py::arg("weights"), py::arg("slot"), py::arg("token_of_slot"),
+      py::arg("grad_expert_out"), py::arg("grad_weights"));
+}
+
+}  // namespace apt

@@ -1,0 +1,277 @@
+// MoE routing (top-k with ties to the lower expert, GShard-priority queue positions by per-block expert counts +
+// exclusive scan over (rank, block) units, capacity drops), dispatch and combine with backwards, in CUDA.
+// Layouts as in moe_cuda.h; k <= 16, E <= 8192; fp32/fp16/bf16 values with fp32 accumulation. Indices read from
+// Python are bounds-checked in the kernels (an out-of-range row is treated as empty, never dereferenced).
+#include "common/apt_cuda.cuh"
+#include "moe/moe_cuda.h"
+
+#include <stdexcept>
+
+namespace apt {
+namespace moe_cuda {
+namespace {
+
+using apt::cuda::from_f;
+using apt::cuda::to_f;
+
+inline unsigned blocks_for(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
+inline int row_threads(int64_t C) {
+  int64_t t = ((C + 31) / 32) * 32;
+  return static_cast<int>(t < 32 ? 32 : (t > 256 ? 256 : t));
+}
+
+__global__ void topk_kernel(const float* __restrict__ p, int64_t N, int64_t E, int64_t sn, int64_t se, int64_t k,
+                            int64_t* __restrict__ idx) {
+  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (n >= N) return;
+  float bv[kMaxK];
+  int64_t be[kMaxK];
+  int64_t filled = 0;
+  const float* row = p + n * sn;
+  for (int64_t e = 0; e < E; ++e) {
+    const float v = row[e * se];
+    if (filled == k && !(v > bv[k - 1])) continue;
+    int64_t i = filled < k ? filled : k - 1;
+    // strict comparison: an equal value never overtakes a lower expert already kept
+    while (i > 0 && v > bv[i - 1]) {
+      bv[i] = bv[i - 1];
+      be[i] = be[i - 1];
+      --i;
+    }
+    bv[i] = v;
+    be[i] = e;
+    if (filled < k) ++filled;
+  }
+  for (int64_t j = 0; j < k; ++j) idx[n * k + j] = be[j];
+}
+
+// counts of each expert among rank-j choices of token block b -> work[(j * nb + b) * E + e]
+__global__ void count_kernel(const int64_t* __restrict__ idx, int64_t N, int64_t E, int64_t k, int64_t nb,
+                             int64_t* __restrict__ work) {
+  extern __shared__ int sh_count[];
+  const int64_t b = blockIdx.x, j = blockIdx.y;
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) sh_count[e] = 0;
+  __syncthreads();
+  const int64_t n = b * kRouteBlock + threadIdx.x;
+  if (n < N) atomicAdd(&sh_count[idx[n * k + j]], 1);
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) work[(j * nb + b) * E + e] = sh_count[e];
+}
+
+// per expert: exclusive scan over the units in priority order (in place), totals
+__global__ void scan_kernel(int64_t* __restrict__ work, int64_t units, int64_t E, int64_t* __restrict__ totals) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= E) return;
+  int64_t run = 0;
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t c = work[u * E + e];
+    work[u * E + e] = run;
+    run += c;
+  }
+  totals[e] = run;
+}
+
+// dropless: expert e's packed rows start after all earlier experts' assignments
+__global__ void start_kernel(const int64_t* __restrict__ totals, int64_t E, int64_t* __restrict__ start) {
+  int64_t run = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    start[e] = run;
+    run += totals[e];
+  }
+}
+
+__global__ void position_kernel(const int64_t* __restrict__ idx, const int64_t* __restrict__ base,
+                                const int64_t* __restrict__ start, int64_t N, int64_t E, int64_t k, int64_t nb,
+                                int64_t cap, int64_t S, int64_t* __restrict__ pos, int64_t* __restrict__ slot,
+                                int64_t* __restrict__ tos) {
+  __shared__ int64_t sh_e[kRouteBlock];
+  const int64_t b = blockIdx.x, j = blockIdx.y;
+  const int64_t n = b * kRouteBlock + threadIdx.x;
+  const int64_t e = n < N ? idx[n * k + j] : -1;
+  sh_e[threadIdx.x] = e;
+  __syncthreads();
+  if (n >= N) return;
+  int64_t before = 0;  // same-expert assignments earlier in this block
+  for (int i = 0; i < static_cast<int>(threadIdx.x); ++i) before += (sh_e[i] == e);
+  const int64_t p = base[(j * nb + b) * E + e] + before;
+  const int64_t s = cap < 0 ? start[e] + p : (p < cap ? e * cap + p : -1);
+  pos[n * k + j] = p;
+  slot[n * k + j] = s;
+  if (s >= 0 && s < S) tos[s] = n;
+}
+
+template <typename T>
+__global__ void dispatch_kernel(const T* __restrict__ x, int64_t N, int64_t C, int64_t sx,
+                                const int64_t* __restrict__ tos, T* __restrict__ buf) {
+  const int64_t s = blockIdx.x;
+  const int64_t t = tos[s];
+  T* dst = buf + s * C;
+  if (t < 0 || t >= N) {
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) dst[c] = from_f<T>(0.f);
+    return;
+  }
+  const T* src = x + t * sx;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) dst[c] = src[c];
+}
+
+template <typename T>
+__global__ void dispatch_bwd_kernel(const T* __restrict__ g, int64_t S, int64_t C, int64_t sg,
+                                    const int64_t* __restrict__ slot, int64_t k, T* __restrict__ gx) {
+  const int64_t n = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t s = slot[n * k + j];
+      if (s >= 0 && s < S) acc += to_f(g[s * sg + c]);
+    }
+    gx[n * C + c] = from_f<T>(acc);
+  }
+}
+
+template <typename T>
+__global__ void combine_kernel(const T* __restrict__ out, int64_t S, int64_t C, int64_t so,
+                               const float* __restrict__ w, const int64_t* __restrict__ slot, int64_t k,
+                               T* __restrict__ y) {
+  const int64_t n = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t s = slot[n * k + j];
+      if (s >= 0 && s < S) acc += w[n * k + j] * to_f(out[s * so + c]);
+    }
+    y[n * C + c] = from_f<T>(acc);
+  }
+}
+
+template <typename T>
+__global__ void combine_bwd_out_kernel(const T* __restrict__ gy, int64_t sgy, int64_t C, const float* __restrict__ w,
+                                       const int64_t* __restrict__ slot, const int64_t* __restrict__ tos, int64_t N,
+                                       int64_t k, T* __restrict__ g_out) {
+  const int64_t s = blockIdx.x;
+  const int64_t t = tos[s];
+  float wt = 0.f;
+  bool found = false;
+  if (t >= 0 && t < N)
+    for (int64_t j = 0; j < k; ++j)
+      if (slot[t * k + j] == s) { wt = w[t * k + j]; found = true; }
+  T* dst = g_out + s * C;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
+    dst[c] = from_f<T>(found ? wt * to_f(gy[t * sgy + c]) : 0.f);
+}
+
+template <typename T>
+__global__ void combine_bwd_w_kernel(const T* __restrict__ gy, int64_t sgy, const T* __restrict__ out, int64_t so,
+                                     int64_t S, int64_t C, const int64_t* __restrict__ slot, int64_t k,
+                                     float* __restrict__ g_w) {
+  __shared__ float red[256];
+  const int64_t n = blockIdx.x;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t s = slot[n * k + j];
+    float part = 0.f;
+    if (s >= 0 && s < S)
+      for (int64_t c = threadIdx.x; c < C; c += blockDim.x) part += to_f(gy[n * sgy + c]) * to_f(out[s * so + c]);
+    red[threadIdx.x] = part;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+      if (threadIdx.x < half) red[threadIdx.x] += red[threadIdx.x + half];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) g_w[n * k + j] = red[0];
+    __syncthreads();
+  }
+}
+
+template <typename F>
+void by_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: f(float{}); break;
+    case 1: f(__half{}); break;
+    case 2: f(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument("moe cuda kernels take float32, float16 or bfloat16 values");
+  }
+}
+
+}  // namespace
+
+void route(const float* probs, int64_t N, int64_t E, int64_t stride_n, int64_t stride_e, int64_t k, int64_t cap,
+           int64_t* expert_idx, int64_t* position, int64_t* slot, int64_t* token_of_slot, int64_t num_slots,
+           int64_t* tokens_per_expert, int64_t* work, uintptr_t stream) {
+  cudaStream_t st = apt::cuda::as_stream(stream);
+  if (num_slots > 0)
+    APT_CUDA_CHECK(cudaMemsetAsync(token_of_slot, 0xff, num_slots * sizeof(int64_t), st));  // all bits set = -1
+  if (N == 0) {
+    APT_CUDA_CHECK(cudaMemsetAsync(tokens_per_expert, 0, E * sizeof(int64_t), st));
+    return;
+  }
+  const int64_t nb = (N + kRouteBlock - 1) / kRouteBlock, units = k * nb;
+  int64_t* start = work + units * E;
+  topk_kernel<<<blocks_for(N, 128), 128, 0, st>>>(probs, N, E, stride_n, stride_e, k, expert_idx);
+  APT_CUDA_CHECK(cudaGetLastError());
+  count_kernel<<<dim3(static_cast<unsigned>(nb), static_cast<unsigned>(k)), kRouteBlock, E * sizeof(int), st>>>(
+      expert_idx, N, E, k, nb, work);
+  APT_CUDA_CHECK(cudaGetLastError());
+  scan_kernel<<<blocks_for(E, 128), 128, 0, st>>>(work, units, E, tokens_per_expert);
+  APT_CUDA_CHECK(cudaGetLastError());
+  start_kernel<<<1, 1, 0, st>>>(tokens_per_expert, E, start);
+  APT_CUDA_CHECK(cudaGetLastError());
+  position_kernel<<<dim3(static_cast<unsigned>(nb), static_cast<unsigned>(k)), kRouteBlock, 0, st>>>(
+      expert_idx, work, start, N, E, k, nb, cap, num_slots, position, slot, token_of_slot);
+  APT_CUDA_CHECK(cudaGetLastError());
+}
+
+void dispatch(int dtype, const void* x, int64_t N, int64_t C, int64_t stride_x, const int64_t* token_of_slot,
+              int64_t S, void* buf, uintptr_t stream) {
+  if (S == 0 || C == 0) return;
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_kernel<T><<<static_cast<unsigned>(S), row_threads(C), 0, apt::cuda::as_stream(stream)>>>(
+        static_cast<const T*>(x), N, C, stride_x, token_of_slot, static_cast<T*>(buf));
+  });
+  APT_CUDA_CHECK(cudaGetLastError());
+}
+
+void dispatch_backward(int dtype, const void* grad_buf, int64_t S, int64_t C, int64_t stride_g, const int64_t* slot,
+                       int64_t N, int64_t k, void* grad_x, uintptr_t stream) {
+  if (N == 0 || C == 0) return;
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_bwd_kernel<T><<<static_cast<unsigned>(N), row_threads(C), 0, apt::cuda::as_stream(stream)>>>(
+        static_cast<const T*>(grad_buf), S, C, stride_g, slot, k, static_cast<T*>(grad_x));
+  });
+  APT_CUDA_CHECK(cudaGetLastError());
+}
+
+void combine(int dtype, const void* out, int64_t S, int64_t C, int64_t stride_o, const float* weights,
+             const int64_t* slot, int64_t N, int64_t k, void* y, uintptr_t stream) {
+  if (N == 0 || C == 0) return;
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    combine_kernel<T><<<static_cast<unsigned>(N), row_threads(C), 0, apt::cuda::as_stream(stream)>>>(
+        static_cast<const T*>(out), S, C, stride_o, weights, slot, k, static_cast<T*>(y));
+  });
+  APT_CUDA_CHECK(cudaGetLastError());
+}
+
+void combine_backward(int dtype, const void* grad_y, int64_t stride_gy, const void* out, int64_t stride_o, int64_t S,
+                      int64_t C, const float* weights, const int64_t* slot, const int64_t* token_of_slot, int64_t N,
+                      int64_t k, void* grad_out, float* grad_weights, uintptr_t stream) {
+  cudaStream_t st = apt::cuda::as_stream(stream);
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (S > 0 && C > 0) {
+      combine_bwd_out_kernel<T><<<static_cast<unsigned>(S), row_threads(C), 0, st>>>(
+          static_cast<const T*>(grad_y), stride_gy, C, weights, slot, token_of_slot, N, k,
+          static_cast<T*>(grad_out));
+      APT_CUDA_CHECK(cudaGetLastError());
+    }
+    if (N > 0) {
+      combine_bwd_w_kernel<T><<<static_cast<unsigned>(N), 256, 0, st>>>(
+          static_cast<const T*>(grad_y), stride_gy, static_cast<const T*>(out), stride_o, S, C, slot, k,
+          grad_weights);
+      APT_CUDA_CHECK(cudaGetLastError());
+    }
+  });
+}
+
+}  // namespace moe_cuda
+}  // namespace apt

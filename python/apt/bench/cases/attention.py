@@ -1,0 +1,126 @@
+"""Attention benchmark: TVA attention (delta, gate, coef) and plain causal attention, forward and forward+backward.
+
+FLOPs follow FlashAttention's benchmark convention: forward = 4·B·H·T²·D (two matmuls), halved for causal masks;
+backward = 2.5 × forward; the TVA epilogue adds 3·B·H·T·D (gate·delta·coef + add), negligible but counted.
+Grids (B·T kept at 16K tokens on GPU so every T costs about the same memory; hidden size H·D = 2048):
+  GPU full : T ∈ {512, 1K, 2K, 4K, 8K, 16K} × D ∈ {64, 128}, B = 16384 / T, H = 2048 / D
+  GPU quick: T ∈ {1K, 4K} × D ∈ {64, 128}, same B, H rule
+  CPU full : T ∈ {128, 256, 512, 1024}, B = 1, H = 4, D = 64
+  CPU quick: T ∈ {64, 256}, B = 1, H = 2, D = 32
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import BenchCase
+
+_TVA_COEF = 0.05
+
+
+class AttentionCase(BenchCase):
+    kind = "attention"
+    family = "attention"
+    ratio_to = ("torch_sdpa", "flash_attn")
+    modes = ("tva fwd", "tva fwd+bwd", "causal fwd", "causal fwd+bwd")
+
+    def grid(self, device: torch.device, quick: bool) -> list[dict[str, Any]]:
+        if torch.device(device).type == "cuda":
+            ts = [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+            return [dict(B=max(1, 16384 // t), H=2048 // d, T=t, D=d) for d in (64, 128) for t in ts]
+        if quick:
+            return [dict(B=1, H=2, T=t, D=32) for t in (64, 256)]
+        return [dict(B=1, H=4, T=t, D=64) for t in (128, 256, 512, 1024)]
+
+    def grid_doc(self, device: torch.device, quick: bool) -> str:
+        if torch.device(device).type == "cuda":
+            return ("T in {1K, 4K}" if quick else "T in 512..16K (powers of 2)") + \
+                " x D in {64, 128}; B = 16384 / T, H = 2048 / D; causal"
+        return ("T in {64, 256}, B=1, H=2, D=32" if quick else "T in {128, 256, 512, 1024}, B=1, H=4, D=64") + \
+            "; causal"
+
+    def x_axis(self, shape: dict[str, Any]) -> tuple[str, float]:
+        return "T", shape["T"]
+
+    def series(self, shape: dict[str, Any]) -> str:
+        # B and H follow from T and D on the GPU grid (B·T and H·D fixed): one line per head size
+        return f"D={shape['D']}"
+
+    def make_inputs(self, shape: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                    seed: int = 0) -> dict[str, Any]:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        B, H, T, D = shape["B"], shape["H"], shape["T"], shape["D"]
+
+        def rnd(*s: int) -> torch.Tensor:
+            return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+
+        return {"q": rnd(B, H, T, D), "k": rnd(B, H, T, D), "v": rnd(B, H, T, D), "delta": rnd(B, H, T, D),
+                "gate": torch.sigmoid(rnd(B, T, H).float()).to(dtype), "coef": _TVA_COEF, "grad": rnd(B, H, T, D)}
+
+    @staticmethod
+    def _args(inputs: dict[str, Any], mode: str) -> dict[str, Any]:
+        args = {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"], "causal": True}
+        if mode.startswith("tva"):
+            args.update(delta=inputs["delta"], gate=inputs["gate"], coef=inputs["coef"])
+        return args
+
+    def unsupported(self, provider: Any, inputs: dict[str, Any], mode: str) -> list[str]:
+        if not callable(getattr(provider, "forward", None)):
+            return ["no forward() method"]
+        return list(provider.supports(**self._args(inputs, mode)))
+
+    def _leaves(self, inputs: dict[str, Any], mode: str) -> dict[str, Any]:
+        args = self._args(inputs, mode)
+        for name in ("q", "k", "v", "delta", "gate"):
+            if name in args:
+                args[name] = args[name].detach().clone().requires_grad_(True)
+        return args
+
+    def build(self, provider: Any, inputs: dict[str, Any], mode: str) -> Callable[[], Any]:
+        if not mode.endswith("bwd"):
+            args = self._args(inputs, mode)
+
+            def fwd() -> Any:
+                with torch.no_grad():
+                    return provider.forward(**args)
+            return fwd
+        args = self._leaves(inputs, mode)
+        grad = inputs["grad"]
+        leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+        def fwd_bwd() -> Any:
+            for t in leaves:
+                t.grad = None
+            o = provider.forward(**args)
+            o.backward(grad)
+            return o
+        fwd_bwd.reset = lambda: [setattr(t, "grad", None) for t in leaves]  # type: ignore[attr-defined]
+        return fwd_bwd
+
+    def outputs(self, provider: Any, inputs: dict[str, Any], mode: str) -> dict[str, torch.Tensor]:
+        if not mode.endswith("bwd"):
+            with torch.no_grad():
+                return {"o": provider.forward(**self._args(inputs, mode))}
+        args = self._leaves(inputs, mode)
+        o = provider.forward(**args)
+        o.backward(inputs["grad"])
+        out = {"o": o.detach()}
+        for name in ("q", "k", "v", "delta", "gate"):
+            if name in args:
+                out[f"grad_{name}"] = args[name].grad
+        return out
+
+    def work(self, shape: dict[str, Any], mode: str, dtype: torch.dtype) -> dict[str, float]:
+        B, H, T, D = shape["B"], shape["H"], shape["T"], shape["D"]
+        fwd = 4.0 * B * H * T * T * D / 2.0  # causal: half of the score matrix
+        if mode.startswith("tva"):
+            fwd += 3.0 * B * H * T * D
+        flops = fwd * (3.5 if mode.endswith("bwd") else 1.0)
+        return {"flops": flops, "tokens": float(B * T)}
+
+    def metric(self, mode: str) -> str:
+        return "TFLOP/s"
+
+    def reference_peer(self) -> Optional[str]:
+        return "torch_sdpa"

@@ -1,0 +1,578 @@
+"""The benchmark runner: for each kind, each shape of its grid and each provider (plus optional peers such as
+flash-attn or mamba_ssm), check the provider against the reference on the same inputs, then time it.
+
+Timing: ``warmup`` untimed calls (Triton compiles, caches warm), then up to ``repeats`` timed calls, each timed on
+its own (CUDA events around the call on GPU, ``time.perf_counter`` on CPU) so the median and the inter-quartile
+range describe the spread; a per-measurement time budget lowers the number of repeats for slow calls (never below
+``min_repeats``).
+
+Correctness gate: a provider whose outputs (and gradients, for fwd+bwd modes) differ from the reference's beyond
+:func:`apt_kernels.testing.tolerance` is reported as ``wrong`` with its error and is not timed. When the reference
+itself cannot run a shape (out of memory, too slow) the provider is timed and reported as ``unchecked``.
+
+Peak memory (``peak_mem_bytes``), measured on one extra call after timing:
+  * CUDA: ``torch.cuda.max_memory_allocated`` during the call minus the memory allocated just before it, i.e. the
+    temporaries and outputs the call allocates on top of its inputs (the caching allocator's reserved memory is not
+    counted);
+  * CPU (Linux): the growth of the process's peak resident set (``VmHWM`` in /proc/self/status, reset through
+    /proc/self/clear_refs just before the call) over the resident set before it. This counts pages the call touched
+    for the first time, so memory the allocator reuses from earlier calls is not counted: read it as an
+    upper bound of fresh memory, not as the exact working set. ``None`` where /proc is unavailable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import os
+import re
+import statistics
+import time
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from ..core import registry as _registry
+from . import peaks as _peaks
+from . import peers as _peers
+from .cases import CASES, BenchCase, get_case
+
+logger = logging.getLogger(__name__)
+
+STATUSES = ("ok", "unchecked", "wrong", "unsupported", "unavailable", "error", "skipped")
+
+
+# ---- timing ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TimingStats:
+    """Per-call times in seconds and their summary (median, quartiles by linear interpolation)."""
+
+    times: list[float]
+    warmup: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.times)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def q1(self) -> float:
+        return _quantile(self.times, 0.25)
+
+    @property
+    def q3(self) -> float:
+        return _quantile(self.times, 0.75)
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def max(self) -> float:
+        return max(self.times)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.times)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"median_s": self.median, "q1_s": self.q1, "q3_s": self.q3, "iqr_s": self.iqr, "min_s": self.min,
+                "max_s": self.max, "mean_s": self.mean, "n": self.n, "warmup": self.warmup,
+                "times_s": list(self.times)}
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    """Quantile with linear interpolation between order statistics (numpy's default method)."""
+    if not xs:
+        raise ValueError("times: need at least one measurement")
+    s = sorted(xs)
+    pos = (len(s) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device | str = "cpu", *, warmup: int = 2, repeats: int = 10,
+            min_repeats: int = 3, budget_s: Optional[float] = None,
+            clock: Callable[[], float] = time.perf_counter) -> TimingStats:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` individually timed calls (fewer when the calls
+    would exceed ``budget_s`` in total, but at least ``min_repeats``)."""
+    device = torch.device(device)
+    if repeats < 1:
+        raise ValueError(f"repeats: expected >= 1, got {repeats}")
+    for i in range(max(0, warmup)):
+        t0 = clock()
+        fn()
+        _sync(device)
+        # the first call pays for compilation; after a warm call slower than the whole budget, more warm-up is waste
+        if i >= 1 and budget_s is not None and clock() - t0 > budget_s:
+            break
+    _sync(device)
+    times: list[float] = []
+    spent = 0.0
+    n_target = repeats
+    while len(times) < n_target:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+        else:
+            t0 = clock()
+            fn()
+            dt = clock() - t0
+        times.append(dt)
+        spent += dt
+        if budget_s is not None and len(times) == 1:
+            # one call tells how many fit in the budget
+            fit = int(budget_s / max(dt, 1e-9))
+            n_target = max(min(repeats, min_repeats), min(repeats, fit))
+    return TimingStats(times, warmup=max(0, warmup))
+
+
+# ---- peak memory -------------------------------------------------------------------------------------------
+_KB = re.compile(r"^(VmHWM|VmRSS):\s+(\d+)\s+kB", re.M)
+
+
+def _proc_mem() -> Optional[dict[str, int]]:
+    try:
+        with open("/proc/self/status") as f:
+            found = {k: int(v) * 1024 for k, v in _KB.findall(f.read())}
+    except OSError:
+        return None
+    return found if len(found) == 2 else None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> Optional[int]:
+    """Bytes one call of ``fn`` needs on top of what was allocated before it (see the module docstring for what
+    this means on CUDA and on CPU); None when it cannot be measured here."""
+    device = torch.device(device)
+    reset = getattr(fn, "reset", None)
+    if reset is not None:
+        reset()  # drop state the timed calls left behind (gradients), so it is not counted as "before"
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del out
+        return max(0, int(peak - before))
+    if not _reset_peak_rss():
+        return None
+    base = _proc_mem()
+    if base is None:
+        return None
+    out = fn()
+    after = _proc_mem()
+    del out
+    if after is None:
+        return None
+    return max(0, after["VmHWM"] - base["VmRSS"])
+
+
+# ---- results -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BenchResult:
+    """One (kind, mode, shape, provider) measurement, or one provider that could not run at all (shape None)."""
+
+    kind: str
+    mode: Optional[str]
+    provider: str
+    status: str
+    reason: str = ""
+    shape: Optional[dict[str, Any]] = None
+    shape_label: str = ""
+    x_name: str = ""
+    x_value: Optional[float] = None
+    series: str = ""
+    dtype: str = ""
+    device: str = ""
+    is_reference: bool = False
+    is_peer: bool = False
+    max_rel_err: Optional[float] = None
+    tolerance: Optional[dict[str, float]] = None
+    timing: Optional[dict[str, Any]] = None
+    peak_mem_bytes: Optional[int] = None
+    work: dict[str, float] = dataclasses.field(default_factory=dict)
+    metric: str = ""
+    metric_value: Optional[float] = None
+    pct_of_peak: Optional[float] = None
+
+    @property
+    def median_s(self) -> Optional[float]:
+        return None if self.timing is None else self.timing["median_s"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class BenchRun:
+    meta: dict[str, Any]
+    results: list[BenchResult]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta, "results": [r.as_dict() for r in self.results]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BenchRun":
+        fields = {f.name for f in dataclasses.fields(BenchResult)}
+        return cls(meta=dict(d.get("meta", {})),
+                   results=[BenchResult(**{k: v for k, v in r.items() if k in fields}) for r in d.get("results", [])])
+
+
+# ---- correctness -------------------------------------------------------------------------------------------
+def compare_outputs(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], dtype: torch.dtype,
+                    family: str) -> tuple[bool, float, str, dict[str, float]]:
+    """(ok, worst max-relative error, reason, tolerance) comparing named outputs; names starting with ``grad_`` use
+    the gradient tolerance. Uses the project's one tolerance table (apt_kernels.testing)."""
+    from apt_kernels.testing import max_rel_error, tolerance
+
+    worst, bad = 0.0, []
+    tol_out = tolerance(dtype, family)
+    for name, exp in expected.items():
+        tol = tolerance(dtype, family, grad=name.startswith("grad_"))
+        act = actual.get(name)
+        if act is None:
+            bad.append(f"{name}: missing")
+            continue
+        if tuple(act.shape) != tuple(exp.shape):
+            bad.append(f"{name}: shape {tuple(act.shape)} != reference {tuple(exp.shape)}")
+            continue
+        a, e = act.detach().double(), exp.detach().double()
+        if not torch.isfinite(a).all() and torch.isfinite(e).all():
+            bad.append(f"{name}: non-finite values")
+            worst = math.inf
+            continue
+        err = max_rel_error(a, e)
+        worst = max(worst, err)
+        if not torch.allclose(a, e, atol=tol["atol"], rtol=tol["rtol"]):
+            absdiff = float((a - e).abs().max())
+            bad.append(f"{name}: max abs diff {absdiff:.3g} (max rel {err:.3g}) beyond atol={tol['atol']:g} "
+                       f"rtol={tol['rtol']:g}")
+    if len(bad) > 3:
+        bad = bad[:3] + [f"and {len(bad) - 3} more"]
+    return (not bad), worst, "; ".join(bad), tol_out
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def upcast(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The same inputs with fp16/bf16 tensors converted to fp32 (other entries unchanged)."""
+    return {k: (v.float() if isinstance(v, torch.Tensor) and v.dtype in _HALF else v) for k, v in inputs.items()}
+
+
+# ---- environment -------------------------------------------------------------------------------------------
+def git_commit(start: Optional[str] = None) -> str:
+    """The commit of the checkout holding this package (or ``start``), with "+dirty" when it has local changes;
+    "unknown" outside a git checkout."""
+    import subprocess
+
+    here = start or os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def auto_threads() -> int:
+    """CPU threads for timing: torch's default, lowered to the cores that are idle right now (cpu_count minus the
+    1-minute load average). On a busy machine, intra-op threads wait on each other at every barrier while the
+    cores serve other processes, and a 25 µs op can read as 12 ms; one thread per idle core avoids that."""
+    n = torch.get_num_threads()
+    try:
+        idle = (os.cpu_count() or n) - os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return n
+    return max(1, min(n, int(idle + 0.5)))
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import datetime
+    import platform
+
+    from apt_kernels import backends
+
+    try:
+        import apt
+
+        apt_version = getattr(apt, "__version__", "unknown")
+    except Exception:  # pragma: no cover - apt is importable whenever this module is
+        apt_version = "unknown"
+    meta: dict[str, Any] = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device_type": device.type,
+        "device_name": _peaks.device_name(device),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": backends.triton_version(),
+        "triton_interpret": backends.triton_interpret(),
+        "apt": apt_version,
+        "git_commit": git_commit(),
+    }
+    return meta
+
+
+# ---- the run -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Candidate:
+    name: str
+    impl: Any  # a Provider instance or a peer adapter
+    is_reference: bool
+    is_peer: bool
+    checked: bool = True  # False for peers with different semantics: timed, reported "unchecked"
+    note: str = ""
+
+
+def _candidates(case: BenchCase, reg: _registry.Registry, device: torch.device, providers: Optional[Iterable[str]],
+                include_peers: bool) -> tuple[list[_Candidate], list[BenchResult]]:
+    wanted = set(providers) if providers is not None else None
+    ref_name = reg.default_name(case.kind)
+    out: list[_Candidate] = []
+    missing: list[BenchResult] = []
+    infos = reg.list_providers(case.kind)
+    if not infos:
+        missing.append(BenchResult(kind=case.kind, mode=None, provider="-", status="unavailable",
+                                   reason=f"no provider of kind {case.kind!r} is registered", device=str(device)))
+    for info in infos:
+        if wanted is not None and info.name not in wanted and info.name != ref_name:
+            continue
+        if not info.available:
+            missing.append(BenchResult(kind=case.kind, mode=None, provider=info.name, status="unavailable",
+                                       reason=info.reason, device=str(device)))
+            continue
+        if (device.type == "cpu" and "triton" in info.name and wanted is None
+                and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes")):
+            missing.append(BenchResult(kind=case.kind, mode=None, provider=info.name, status="skipped",
+                                       reason="TRITON_INTERPRET=1: its timing would measure Triton's interpreter "
+                                              "(name it in --providers to run it anyway)", device=str(device)))
+            continue
+        try:
+            impl = reg.get(case.kind, info.name, strict=True)
+        except Exception as exc:
+            missing.append(BenchResult(kind=case.kind, mode=None, provider=info.name, status="error",
+                                       reason=f"{type(exc).__name__}: {exc}", device=str(device)))
+            continue
+        out.append(_Candidate(info.name, impl, is_reference=(info.name == ref_name), is_peer=False))
+    if include_peers:
+        for peer in _peers.peers_for(case.kind):
+            if wanted is not None and peer.name not in wanted:
+                continue
+            ok, why = peer.available(device)
+            if not ok:
+                missing.append(BenchResult(kind=case.kind, mode=None, provider=peer.name, status="unavailable",
+                                           reason=why, device=str(device), is_peer=True))
+                continue
+            out.append(_Candidate(peer.name, peer, is_reference=False, is_peer=True, checked=peer.checked,
+                                  note=peer.note))
+    # the reference first: its outputs are the yardstick for the others
+    out.sort(key=lambda c: (not c.is_reference, c.is_peer, c.name))
+    return out, missing
+
+
+def _err(exc: BaseException) -> str:
+    msg = f"{type(exc).__name__}: {exc}"
+    return msg if len(msg) < 300 else msg[:297] + "..."
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_case(case: BenchCase, device: torch.device | str = "cpu", *, quick: bool = False,
+             registry: Optional[_registry.Registry] = None, providers: Optional[Iterable[str]] = None,
+             dtype: Optional[torch.dtype] = None, shapes: Optional[list[dict[str, Any]]] = None,
+             modes: Optional[Iterable[str]] = None, warmup: Optional[int] = None, repeats: Optional[int] = None,
+             budget_s: Optional[float] = None, include_peers: bool = True, max_shapes: Optional[int] = None,
+             measure_memory: bool = True, progress: Optional[Callable[[str], None]] = None) -> list[BenchResult]:
+    """Benchmark every available provider of ``case.kind`` on its grid; see the module docstring."""
+    device = torch.device(device)
+    reg = registry if registry is not None else _registry.REGISTRY
+    dtype = dtype or case.default_dtype(device)
+    warmup = (1 if quick else 2) if warmup is None else warmup
+    repeats = (5 if quick else 10) if repeats is None else repeats
+    budget_s = (0.5 if quick else 2.0) if budget_s is None else budget_s
+    grid = shapes if shapes is not None else case.grid(device, quick)
+    if max_shapes is not None:
+        grid = grid[:max_shapes]
+    mode_list = [m for m in case.modes if modes is None or m in set(modes)]
+    cands, results = _candidates(case, reg, device, providers, include_peers)
+    say = progress or (lambda s: logger.info("%s", s))
+    peak_flops, peak_bw = _peaks.device_peaks(device, dtype)
+    ref = next((c for c in cands if c.is_reference), None)
+    if ref is None:
+        say(f"{case.kind}: no reference provider available; providers are timed unchecked")
+    for shape in grid:
+        inputs = case.make_inputs(shape, device, dtype, seed=0)
+        x_name, x_value = case.x_axis(shape)
+        for mode in mode_list:
+            base = dict(kind=case.kind, mode=mode, shape=dict(shape), shape_label=case.label(shape), x_name=x_name,
+                        x_value=x_value, series=case.series(shape), dtype=str(dtype).replace("torch.", ""),
+                        device=str(device),
+                        metric=case.metric(mode), work=case.work(shape, mode, dtype))
+            expected: Optional[dict[str, torch.Tensor]] = None
+            ref_problem = "no reference provider" if ref is None else ""
+            mode_cands = cands
+            if mode in case.provider_independent_modes:
+                # e.g. the expert GEMM of the router: the same torch op whichever provider routes
+                mode_cands = [c for c in cands if c.is_reference][:1]
+            for cand in mode_cands:
+                label = case.provider_label(cand.name, mode)
+                row = BenchResult(provider=label, status="", is_reference=cand.is_reference, is_peer=cand.is_peer,
+                                  **base)
+                results.append(row)
+                say(f"{case.kind} {mode} {row.shape_label} {label}")
+                try:
+                    why_not = case.unsupported(cand.impl, inputs, mode)
+                except Exception as exc:
+                    why_not = [f"supports() raised {_err(exc)}"]
+                if why_not:
+                    row.status, row.reason = "unsupported", "; ".join(why_not)
+                    continue
+                # correctness gate, on the same inputs as the timing
+                ref_got, fp32_note = None, ""
+                try:
+                    got = case.outputs(cand.impl, inputs, mode)
+                    if cand.is_reference and dtype in _HALF:
+                        # the yardstick is the reference run in fp32 on the same (upcast) inputs, so the half
+                        # reference's own rounding is not charged to the provider under test
+                        try:
+                            ref_got, got = got, case.outputs(cand.impl, upcast(inputs), mode)
+                        except Exception as exc:  # e.g. out of memory: fall back to the half reference
+                            fp32_note = f"note: fp32 run failed ({_err(exc)}); checks use the {base['dtype']} run"
+                            _free(device)
+                except Exception as exc:
+                    row.status, row.reason = "error", _err(exc)
+                    logger.debug("provider %s failed", label, exc_info=True)
+                    _free(device)
+                    if cand.is_reference:
+                        ref_problem = f"reference failed: {row.reason}"
+                    continue
+                if cand.is_reference:
+                    expected = got
+                    row.status, row.max_rel_err, row.reason = "ok", 0.0, fp32_note
+                    if ref_got is not None:
+                        ok, err, why, tol = compare_outputs(ref_got, expected, dtype, case.family)
+                        row.max_rel_err, row.tolerance = err, tol
+                        if not ok:
+                            row.reason = f"note: differs from its own fp32 run: {why}"
+                    del ref_got
+                elif not cand.checked:
+                    row.status, row.reason = "unchecked", cand.note
+                elif expected is None:
+                    row.status, row.reason = "unchecked", ref_problem or "reference unavailable"
+                else:
+                    ok, err, why, tol = compare_outputs(got, expected, dtype, case.family)
+                    row.max_rel_err, row.tolerance = err, tol
+                    if not ok:
+                        row.status, row.reason = "wrong", why
+                        continue
+                    row.status = "ok"
+                del got
+                try:
+                    fn = case.build(cand.impl, inputs, mode)
+                    stats = time_fn(fn, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
+                    row.timing = stats.as_dict()
+                    if measure_memory:
+                        row.peak_mem_bytes = measure_peak_memory(fn, device)
+                    del fn
+                except Exception as exc:
+                    row.status, row.reason = "error", _err(exc)
+                    logger.debug("provider %s failed while timed", label, exc_info=True)
+                    _free(device)
+                    continue
+                row.metric_value = case.metric_value(row.work, mode, stats.median)
+                row.pct_of_peak = _pct_of_peak(case, mode, row.work, stats.median, peak_flops, peak_bw)
+            expected = None
+        del inputs
+        _free(device)
+    return results
+
+
+def _pct_of_peak(case: BenchCase, mode: str, work: dict[str, float], seconds: float, peak_flops: Optional[float],
+                 peak_bw: Optional[float]) -> Optional[float]:
+    bound = case.bound(mode)
+    if seconds <= 0:
+        return None
+    if bound == "compute" and peak_flops and work.get("flops"):
+        return 100.0 * work["flops"] / seconds / peak_flops
+    if bound == "memory" and peak_bw and work.get("bytes"):
+        return 100.0 * work["bytes"] / seconds / peak_bw
+    return None
+
+
+def run_benchmarks(kinds: Iterable[str] = ("attention", "router", "scan"), device: torch.device | str = "cpu", *,
+                   quick: bool = False, registry: Optional[_registry.Registry] = None,
+                   cases: Optional[dict[str, BenchCase]] = None, measure_cpu_bandwidth: bool = True,
+                   **kw: Any) -> BenchRun:
+    """Run :func:`run_case` for each kind and wrap the results with the environment (device, versions, commit,
+    device peaks)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for but torch reports no CUDA device")
+    meta = environment(device)
+    meta["quick"] = quick
+    table = cases or CASES
+    results: list[BenchResult] = []
+    meta["kinds"] = list(kinds)
+    meta["grids"] = {}
+    meta["peaks"] = {}
+    if device.type == "cpu" and measure_cpu_bandwidth:
+        meta["cpu_copy_bandwidth_GBps"] = _peaks.measure_cpu_copy_bandwidth() / 1e9
+    meta["providers"] = {k: [i.as_dict() for i in (registry or _registry.REGISTRY).list_providers(k)]
+                         for k in kinds}
+    meta["peers"] = [p for p in _peers.peer_status(device) if p["kind"] in kinds]
+    t0 = time.perf_counter()
+    for kind in kinds:
+        case = table[kind] if kind in table else get_case(kind)
+        dtype = kw.get("dtype") or case.default_dtype(device)
+        flops, bw = _peaks.device_peaks(device, dtype)
+        meta["peaks"][kind] = {"dtype": str(dtype).replace("torch.", ""), "tflops": flops and flops / 1e12,
+                               "GBps": bw and bw / 1e9}
+        grid = kw.get("shapes") or case.grid(device, quick)
+        if kw.get("max_shapes") is not None:
+            grid = grid[: kw["max_shapes"]]
+        meta["grids"][kind] = {"shapes": [case.label(s) for s in grid], "doc": case.grid_doc(device, quick)}
+        results.extend(run_case(case, device, quick=quick, registry=registry, **kw))
+    meta["wall_s"] = time.perf_counter() - t0
+    return BenchRun(meta=meta, results=results)

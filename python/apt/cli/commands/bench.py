@@ -1,0 +1,143 @@
+"""``apt bench``: benchmark every available provider of each kernel kind, or render benchmarks/RESULTS.md."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+KINDS = ("attention", "router", "scan")
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16",
+          "bfloat16": "bfloat16"}
+
+
+def repo_benchmarks_dir() -> Path:
+    """benchmarks/ of the source checkout holding this package, else ./benchmarks."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "benchmarks").is_dir() and (parent / "pyproject.toml").is_file():
+            return parent / "benchmarks"
+    return Path.cwd() / "benchmarks"
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ...bench import report
+
+    results = Path(args.results_dir) if args.results_dir else repo_benchmarks_dir() / "results"
+    target = Path(args.report_out) if args.report_out else results.parent / "RESULTS.md"
+    text = report.render_results(results)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text + "\n")
+    n = len(list(results.glob("*.json"))) if results.is_dir() else 0
+    print(f"apt bench: rendered {n} result file(s) from {results} into {target}")
+    return 0
+
+
+def _list(kinds: list[str], device: str, quick: bool) -> int:
+    """What a run would do: each kind's grid and every provider/peer with its availability."""
+    import torch
+
+    from ...bench import peers
+    from ...bench.cases import get_case
+    from ...core import registry
+
+    for kind in kinds:
+        case = get_case(kind)
+        grid = case.grid(device, quick)
+        print(f"{kind} ({'quick' if quick else 'full'} {device} grid, {len(grid)} shapes; modes: "
+              f"{', '.join(case.modes)})")
+        print(f"  grid: {case.grid_doc(device, quick)}")
+        for info in registry.list_providers(kind):
+            state = "available" if info.available else f"unavailable: {info.reason}"
+            print(f"  provider {info.name}{' (reference)' if info.is_default else ''}: {state}")
+        for peer in peers.peers_for(kind):
+            ok, why = peer.available(torch.device(device))
+            print(f"  peer {peer.name}: {'available' if ok else 'unavailable: ' + why}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..main import CLIError
+
+    if args.report:
+        return _report(args)
+    from ...bench import report, runner
+
+    if args.device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: torch reports no CUDA device")
+    kinds = list(KINDS) if args.kind == "all" else [args.kind]
+    if args.list:
+        return _list(kinds, device, args.quick)
+    if args.threads == "auto":
+        if device == "cpu":
+            n = runner.auto_threads()
+            if n != torch.get_num_threads():
+                print(f"apt bench: using {n} CPU thread(s) of {torch.get_num_threads()}: the others' cores are busy "
+                      f"(load average {os.getloadavg()[0]:.1f}); --threads N overrides",
+                      file=sys.stderr)
+            torch.set_num_threads(n)
+    elif args.threads:
+        torch.set_num_threads(int(args.threads))
+    dtype: Optional[torch.dtype] = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    progress = None if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    kw = dict(providers=providers, dtype=dtype, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
+              include_peers=not args.no_peers, max_shapes=args.max_shapes, progress=progress)
+    bench_run = runner.run_benchmarks(kinds, device, quick=args.quick, **kw)
+    paths = report.write_all(bench_run, args.out, plots=not args.no_plots)
+    if args.save:
+        results = Path(args.results_dir) if args.results_dir else repo_benchmarks_dir() / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        dest = results / report.result_file_name(bench_run)
+        shutil.copyfile(paths["json"], dest)
+        print(f"apt bench: saved {dest} (render with `apt bench --report`)")
+    if not args.quiet:
+        print(report.render_markdown(bench_run))
+    wrong = [r for r in bench_run.results if r.status == "wrong"]
+    print(f"apt bench: {len(bench_run.results)} rows in {bench_run.meta['wall_s']:.1f} s; wrote {paths['markdown']}, "
+          f"{paths['json']}" + (f" and {len(paths['plots'])} plot(s)" if paths["plots"] else "")
+          + (f"; {len(wrong)} WRONG provider result(s)" if wrong else ""))
+    return 1 if (wrong and args.fail_on_wrong) else 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="benchmark every available provider (attention, router, scan) against the reference",
+        description="Check each available provider against the reference on the same inputs, then time it "
+                    "(warm-up, repeats, median and IQR, peak memory) over a documented grid of shapes; write "
+                    "bench.md, bench.json and PNG plots to --out. --quick uses a small grid (under 2 minutes on "
+                    "2 CPU cores). --report renders benchmarks/RESULTS.md from benchmarks/results/*.json.")
+    p.add_argument("--kind", choices=KINDS + ("all",), default="all", help="which kind to benchmark (default all)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--quick", action="store_true", help="small grid, fewer repeats")
+    p.add_argument("--out", default="bench_out", help="output directory (default bench_out/)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated provider/peer names to run (the reference always runs)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 2; quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 10; quick 5)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds per measurement; fewer repeats (min 3) for slow calls (default 2; quick 0.5)")
+    p.add_argument("--max-shapes", type=int, default=None, help="only the first N shapes of each grid")
+    p.add_argument("--threads", default="auto",
+                   help="torch CPU threads, or 'auto' (default): torch's default lowered to the idle cores")
+    p.add_argument("--no-peers", action="store_true", help="skip outside implementations (flash-attn, mamba_ssm...)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--save", action="store_true",
+                   help="also copy the JSON into benchmarks/results/ (device and time in the file name)")
+    p.add_argument("--report", action="store_true",
+                   help="render benchmarks/RESULTS.md from benchmarks/results/*.json and exit")
+    p.add_argument("--results-dir", default=None, help="results directory for --save/--report")
+    p.add_argument("--report-out", default=None, help="file --report writes (default benchmarks/RESULTS.md)")
+    p.add_argument("--list", action="store_true", help="print the grids and every provider/peer, run nothing")
+    p.add_argument("--fail-on-wrong", action="store_true", help="exit 1 when a provider is reported wrong")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines, no table on stdout")
+    p.set_defaults(func=run)
