@@ -221,3 +221,20 @@ def test_default_out_dir_and_save_every(tmp_path, monkeypatch):
     tr.fit()
     assert saved == [2, 3]  # every 2 steps, and at the epoch end
     assert (tmp_path / "apt_runs" / "tiny_debug" / "last.pt").is_file()
+
+
+class CtrlC(Plugin):
+    name = "ctrlc"
+
+    def on_step_end(self, ctx):
+        if ctx.step == 2:
+            raise KeyboardInterrupt
+
+
+def test_keyboard_interrupt_saves_a_resumable_checkpoint(tmp_path):
+    tr = Trainer(_cfg(tmp_path), plugins=[CtrlC()])  # KeyboardInterrupt is not isolated like plugin errors
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    again = Trainer(_cfg(tmp_path, **{"training.resume": "auto"}), plugins=[])
+    assert again.step == 2 and again.batch_in_epoch == 2
+    assert again.fit()["steps"] == 6

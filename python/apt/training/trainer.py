@@ -318,6 +318,12 @@ class Trainer:
                 self.save_checkpoint()
             if stopped:
                 self.save_checkpoint()
+        except KeyboardInterrupt:
+            # keep what was learnt: roll back to the last whole optimizer step and save, so --resume continues
+            self.batch_in_epoch -= self.batch_in_epoch % accum
+            path = self.save_checkpoint()
+            logger.warning("interrupted at epoch %d step %d; checkpoint saved to %s", self.epoch, self.step, path)
+            raise
         finally:
             if bar is not None:
                 bar.close()
