@@ -249,4 +249,4 @@ def test_bpe_tokenizer_travels_in_the_checkpoint(tmp_path):
     assert tok.state_dict() == tr.tokenizer.state_dict() and tok.vocab_size == 300
     text = "The keeper climbed the stairs"
     assert tok.decode(tok.encode(text)) == text
-    assert model(torch.tensor([tok.encode(text)])).shape[-1] == 300
+    assert model(torch.tensor([tok.encode(text)[:16]])).shape[-1] == 300
