@@ -91,7 +91,9 @@ def test_moe_enabled_at_scheduled_epoch_with_capacity_and_temperature_schedules(
         assert last["moe_load_max"] >= 1.0 and last["moe_dropped"] >= 0
 
 
-def test_moe_plugin_puts_another_router_behind_the_layers(tmp_path):
+def test_moe_plugin_puts_another_router_behind_the_layers(tmp_path, monkeypatch):
+    # other test modules set TRITON_INTERPRET=1 process-wide; "auto" must not pick the (slow) interpreter here
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not any(i.name == "topk_default" and i.available for i in registry.list_providers("router")):
         pytest.skip("apt_kernels MoE layer not installed")
     tr, _ = _run(tmp_path, ["moe"], **{"training.max_epochs": 1, "plugins.moe.router": "auto"})

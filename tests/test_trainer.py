@@ -238,3 +238,15 @@ def test_keyboard_interrupt_saves_a_resumable_checkpoint(tmp_path):
     again = Trainer(_cfg(tmp_path, **{"training.resume": "auto"}), plugins=[])
     assert again.step == 2 and again.batch_in_epoch == 2
     assert again.fit()["steps"] == 6
+
+
+def test_bpe_tokenizer_travels_in_the_checkpoint(tmp_path):
+    tr = Trainer(_cfg(tmp_path, **{"data.tokenizer": "bpe", "data.bpe_vocab_size": 300,
+                                   "training.max_epochs": 1, "training.steps_per_epoch": 1}))
+    tr.fit()
+    assert tr.model.vocab_size == 300
+    model, tok, prof = load_for_inference(tmp_path / "run" / "last.pt")
+    assert tok.state_dict() == tr.tokenizer.state_dict() and tok.vocab_size == 300
+    text = "The keeper climbed the stairs"
+    assert tok.decode(tok.encode(text)) == text
+    assert model(torch.tensor([tok.encode(text)[:16]])).shape[-1] == 300
