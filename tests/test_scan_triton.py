@@ -80,5 +80,5 @@ def test_triton_rejects_fp64_and_provider():
     assert registry.get_info("scan", "triton").priority == 20
     assert any("float64" in r for r in prov.supports(**x))
     y = random_scan_inputs(1, 2, 3, 2)
-    assert prov.supports(**y) == []
+    assert any("u: cpu tensor" in r for r in prov.supports(**y))  # runs, but select() should prefer cpu_native
     assert_close(prov.selective_scan_fn(**y), scan_ops.selective_scan_ref(**y), family="scan")

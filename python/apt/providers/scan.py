@@ -97,13 +97,10 @@ class TritonScan(_ScanProvider):
         return triton_status()
 
     def supports(self, **inputs: Any) -> list[str]:
-        from apt_kernels.backends import triton_interpret
-
+        # CPU tensors run only in the (slow, test-only) interpreter: say so, so that select() prefers cpu_native.
         reasons = super().supports(**inputs)
-        if not triton_interpret():
-            reasons += [f"{k}: {t.device.type} tensor, the triton provider needs CUDA tensors (or TRITON_INTERPRET=1)"
-                        for k, t in _tensors(inputs) if t.device.type != "cuda"]
-        return reasons
+        return reasons + [f"{k}: {t.device.type} tensor, the triton provider needs CUDA tensors (CPU ones run only "
+                          f"under TRITON_INTERPRET=1, for tests)" for k, t in _tensors(inputs) if t.device.type != "cuda"]
 
     def _impl(self):
         from apt_kernels.ops.scan import selective_scan_triton, selective_state_update_triton
