@@ -10,33 +10,11 @@ import torch
 import apt_kernels.ops.scan as scan_ops
 from apt_kernels import selective_scan_fn, selective_state_update
 from apt_kernels.ops.scan import cpu_status, selective_scan_cpu, selective_state_update_cpu
-from apt_kernels.reference.scan import random_scan_inputs, selective_scan_ref, selective_state_update_ref
+from apt_kernels.reference.scan import (check_scan_against_reference as check_against_reference, random_scan_inputs,
+                                       selective_scan_ref, selective_state_update_ref)
 from apt_kernels.testing import assert_close
 
 pytestmark = [pytest.mark.native, pytest.mark.skipif(not cpu_status()[0], reason=cpu_status()[1] or "n/a")]
-
-
-def check_against_reference(fn, x, *, softplus, last=True, dtype=None, seed=0):
-    """Run fn and the fp64 reference on the same inputs; compare y, last state and every gradient (including the
-    last state's), at the tolerance of the inputs' dtype."""
-    dtype = dtype or x["u"].dtype
-    a = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
-    r = {k: v.detach().double().requires_grad_() for k, v in x.items()}
-    y, h = fn(**a, delta_softplus=softplus, return_last_state=True)
-    ye, he = selective_scan_ref(**r, delta_softplus=softplus, return_last_state=True)
-    assert y.dtype == x["u"].dtype and y.shape == x["u"].shape
-    assert h.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_close(y, ye.to(y.dtype), dtype=dtype, family="scan", msg="y")
-    assert_close(h, he.to(h.dtype), dtype=dtype, family="scan", msg="last_state")
-    g = torch.Generator().manual_seed(seed)
-    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    gh = torch.randn(h.shape, generator=g, dtype=torch.float64) if last else torch.zeros(h.shape, dtype=torch.float64)
-    ((y.double() * gy).sum() + (h.double() * gh).sum() * last).backward()
-    ((ye * gy.to(y.dtype).double()).sum() + (he * gh).sum()).backward()
-    for k in x:
-        assert a[k].grad is not None, k
-        assert a[k].grad.dtype == x[k].dtype and a[k].grad.shape == x[k].shape, k
-        assert_close(a[k].grad, r[k].grad.to(x[k].dtype), dtype=dtype, family="scan", grad=True, msg=f"d{k}")
 
 
 CASES = [  # (layout_B, layout_C, with_D, with_z, with_bias, softplus)

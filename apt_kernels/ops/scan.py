@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 
 from .._native import native_family_status, native_module, view
-from ..backends import native_cuda_status, triton_status
+from ..backends import native_cuda_status, triton_interpret, triton_status
 from ..reference.scan import (check_scan_args, check_state_update_args, selective_scan_ref,
                               selective_state_update_ref)
 
@@ -185,6 +185,92 @@ def _pack_step_bc(M: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     if M.dim() == 2:
         M = M.unsqueeze(1)
     return M.to(acc).unsqueeze(2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton ops (CUDA tensors; CPU tensors under TRITON_INTERPRET=1). The Triton module is imported on first use only.
+@torch.library.custom_op("apt::selective_scan_triton_fwd", mutates_args=())
+def _triton_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                   delta_softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton.scan import selective_scan_fwd_triton
+
+    return selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+
+
+@_triton_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    return (torch.empty_like(u), u.new_empty(batch, dim, N, dtype=torch.float32),
+            u.new_empty(batch, dim, _nchunks(L, chunk), N, dtype=torch.float32))
+
+
+@torch.library.custom_op("apt::selective_scan_triton_bwd", mutates_args=())
+def _triton_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                   dout: torch.Tensor, dlast: Optional[torch.Tensor], ckpt: torch.Tensor, delta_softplus: bool,
+                   chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton.scan import selective_scan_bwd_triton
+
+    dl = dlast.float().contiguous() if dlast is not None else None
+    du, ddelta, dA, dB, dC, dD, dz, dbias = selective_scan_bwd_triton(
+        u, delta, A, B, C, D, z, delta_bias, dout, dl, ckpt, delta_softplus, chunk)
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dD.to(D.dtype) if D is not None else _empty(u), dz if z is not None else _empty(u),
+            dbias.to(delta_bias.dtype) if delta_bias is not None else _empty(u))
+
+
+_triton_bwd_op.register_fake(_bwd_fake)
+_make_autograd(_triton_fwd_op, _triton_bwd_op)
+
+
+@torch.library.custom_op("apt::selective_state_update_triton", mutates_args=("state",))
+def _triton_step_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                    dt_bias: Optional[torch.Tensor], dt_softplus: bool) -> torch.Tensor:
+    from ..triton.scan import selective_state_update_triton as step
+
+    return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+@_triton_step_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return torch.empty_like(x)
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_triton(name: str, t: torch.Tensor) -> None:
+    ok, why = triton_status()
+    if not ok:
+        raise RuntimeError(f"{name}: {why}")
+    if t.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"u: the Triton scan takes float32/float16/bfloat16 (it accumulates in fp32), got {t.dtype}")
+    if t.device.type != "cuda" and not triton_interpret():
+        raise ValueError(f"u: the Triton scan needs CUDA tensors (or TRITON_INTERPRET=1), got device {t.device}")
+
+
+def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                          D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                          delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                          return_last_state: bool = False) -> ScanResult:
+    """The Triton scan, explicitly (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    delta, z = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    _check_triton("selective_scan_triton", u)
+    return _run(_triton_fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def selective_state_update_triton(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                                  B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor] = None,
+                                  z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
+                                  dt_softplus: bool = False) -> torch.Tensor:
+    """The Triton decode step, explicitly (in place on state; returns y)."""
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+    _check_triton("selective_state_update_triton", x)
+    return _triton_step_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
 
 
 # ---------------------------------------------------------------------------------------------------------------

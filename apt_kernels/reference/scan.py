@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from .._validate import check_float, check_ndim, check_shape, check_tensor
+from ..testing import assert_close as _assert_close
 
 __all__ = ["selective_scan_ref", "selective_state_update_ref", "check_scan_args", "check_state_update_args",
-           "expand_bc"]
+           "expand_bc",
+           "random_scan_inputs", "check_scan_against_reference"]
 
 
 def _check_same_device(ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
@@ -228,3 +230,27 @@ def random_scan_inputs(batch: int, dim: int, L: int, N: int, *, layout_B: str = 
     if with_bias:
         out["delta_bias"] = (torch.rand(dim, generator=g, dtype=pdt) * 0.5 - 0.25).to(device)
     return out
+
+
+def check_scan_against_reference(fn, x: dict, *, softplus: bool, last: bool = True,
+                                 dtype: Optional[torch.dtype] = None, seed: int = 0) -> None:
+    """Test helper: run fn and the fp64 reference on the same inputs; compare y, the last state and every gradient
+    (including the last state's) at the tolerance of the inputs' dtype (``dtype`` overrides it)."""
+    dtype = dtype or x["u"].dtype
+    a = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    r = {k: v.detach().double().requires_grad_() for k, v in x.items()}
+    y, h = fn(**a, delta_softplus=softplus, return_last_state=True)
+    ye, he = selective_scan_ref(**r, delta_softplus=softplus, return_last_state=True)
+    assert y.dtype == x["u"].dtype and y.shape == x["u"].shape
+    assert h.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _assert_close(y, ye.to(y.dtype), dtype=dtype, family="scan", msg="y")
+    _assert_close(h, he.to(h.dtype), dtype=dtype, family="scan", msg="last_state")
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    gh = torch.randn(h.shape, generator=g, dtype=torch.float64) if last else torch.zeros(h.shape, dtype=torch.float64)
+    ((y.double() * gy).sum() + (h.double() * gh).sum() * last).backward()
+    ((ye * gy.to(y.dtype).double()).sum() + (he * gh).sum()).backward()
+    for k in x:
+        assert a[k].grad is not None, k
+        assert a[k].grad.dtype == x[k].dtype and a[k].grad.shape == x[k].shape, k
+        _assert_close(a[k].grad, r[k].grad.to(x[k].dtype), dtype=dtype, family="scan", grad=True, msg=f"d{k}")

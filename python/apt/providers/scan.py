@@ -82,4 +82,30 @@ class CpuNativeScan(_ScanProvider):
         return selective_scan_cpu, selective_state_update_cpu
 
 
-PROVIDERS = [ReferenceScan, CpuNativeScan]
+class TritonScan(_ScanProvider):
+    """Triton kernels (apt_kernels/triton/scan.py): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+
+    name = "triton"
+    priority = 20
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    description = "Mamba selective scan, Triton kernels (fwd, bwd, decode step)"
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        from apt_kernels.backends import triton_status
+
+        return triton_status()
+
+    def supports(self, **inputs: Any) -> list[str]:
+        # CPU tensors run only in the (slow, test-only) interpreter: say so, so that select() prefers cpu_native.
+        reasons = super().supports(**inputs)
+        return reasons + [f"{k}: {t.device.type} tensor, the triton provider needs CUDA tensors (CPU ones run only "
+                          f"under TRITON_INTERPRET=1, for tests)" for k, t in _tensors(inputs) if t.device.type != "cuda"]
+
+    def _impl(self):
+        from apt_kernels.ops.scan import selective_scan_triton, selective_state_update_triton
+
+        return selective_scan_triton, selective_state_update_triton
+
+
+PROVIDERS = [ReferenceScan, CpuNativeScan, TritonScan]
