@@ -185,10 +185,11 @@ def _run_native(impl: str, q, k, v, delta, gate, coef, causal, window, sinks, ke
         raise ValueError(f"q: the {impl} kernels need {device.type} tensors, got device {q.device}")
     if gate is not None and gate.dtype != q.dtype:
         gate = gate.to(q.dtype)  # the kernels read gate in the inputs' dtype
+    # the kernels read coef as an fp32 scalar (CUDA: on the device, so no host sync); .to keeps its gradient
     if not isinstance(coef, torch.Tensor):
         coef = torch.tensor(float(coef), dtype=torch.float32, device=q.device)
-    elif impl == "cuda" and coef.device != q.device:
-        coef = coef.to(q.device)
+    else:
+        coef = coef.to(device=q.device, dtype=torch.float32)
     o, _ = _native_fwd_op(q, k, v, delta, gate, coef, causal, a.window or 0, a.sinks, key_padding_mask, a.scale)
     return o
 

@@ -2,6 +2,7 @@
 // key blocks (never the Tq×Tk matrix), and its backward recomputing P blockwise from the saved log-sum-exp.
 // q, delta, o: (B, H, Tq, D); k, v: (B, H, Tk, D); gate (B, Tq, H); pad (B, Tk) bool True = padded; any strides;
 // fp32/fp16/bf16 storage, fp32 accumulation. OpenMP over batch × heads × blocks. Head dim <= 256.
+// This file also binds the CUDA kernels of tva_cuda.cu (under APT_WITH_CUDA) so the family registers once.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -9,6 +10,9 @@
 
 #include "common/apt_common.h"
 #include "tva/tva_common.h"
+#ifdef APT_WITH_CUDA
+#include "tva/tva_cuda.h"
+#endif
 
 namespace apt {
 namespace {
@@ -265,8 +269,18 @@ void tva_bwd(const Ctx& c, const TensorView& go, const TensorView& o, const floa
 }
 
 // ---- argument checks (the Python side validates too; this keeps direct calls from crashing) ----
+// on_cuda: the tensors must all live on q's CUDA device instead of the CPU
+void check_device(const TensorView& t, bool on_cuda, int device) {
+  if (!on_cuda) {
+    check_cpu(t);
+    return;
+  }
+  check_cuda(t);
+  APT_CHECK(t.device == device, t.name, ": expected cuda:", device, " (same as q), got cuda:", t.device);
+}
+
 Ctx make_ctx(py::object q_, py::object k_, py::object v_, py::object delta_, py::object gate_, double coef,
-             bool causal, int64_t window, int64_t sinks, py::object pad_, double scale) {
+             bool causal, int64_t window, int64_t sinks, py::object pad_, double scale, bool on_cuda = false) {
   Ctx c;
   c.q = TensorView::from(q_, "q");
   c.k = TensorView::from(k_, "k");
@@ -275,7 +289,8 @@ Ctx make_ctx(py::object q_, py::object k_, py::object v_, py::object delta_, py:
   c.gate = TensorView::from_optional(gate_, "gate");
   c.pad = TensorView::from_optional(pad_, "key_padding_mask");
   check_ndim(c.q, 4);
-  check_cpu(c.q);
+  if (on_cuda) check_cuda(c.q); else check_cpu(c.q);
+  const int dev = c.q.device;
   APT_CHECK_TYPE(c.q.dtype == DType::Float32 || c.q.dtype == DType::Float16 || c.q.dtype == DType::BFloat16,
                  "q: expected float32/float16/bfloat16, got ", dtype_name(c.q.dtype));
   c.B = c.q.size(0); c.H = c.q.size(1); c.Tq = c.q.size(2); c.D = c.q.size(3);
@@ -286,23 +301,23 @@ Ctx make_ctx(py::object q_, py::object k_, py::object v_, py::object delta_, py:
   for (const TensorView* t : {&c.k, &c.v}) {
     check_shape(*t, {c.B, c.H, c.Tk, c.D});
     check_dtype(*t, c.q.dtype);
-    check_cpu(*t);
+    check_device(*t, on_cuda, dev);
   }
   if (c.delta.defined()) {
     check_shape(c.delta, {c.B, c.H, c.Tq, c.D});
     check_dtype(c.delta, c.q.dtype);
-    check_cpu(c.delta);
+    check_device(c.delta, on_cuda, dev);
   }
   if (c.gate.defined()) {
     APT_CHECK(c.delta.defined(), "gate: given without delta");
     check_shape(c.gate, {c.B, c.Tq, c.H});
     check_dtype(c.gate, c.q.dtype);
-    check_cpu(c.gate);
+    check_device(c.gate, on_cuda, dev);
   }
   if (c.pad.defined()) {
     check_shape(c.pad, {c.B, c.Tk});
     check_dtype(c.pad, DType::Bool);
-    check_cpu(c.pad);
+    check_device(c.pad, on_cuda, dev);
   }
   APT_CHECK(window >= 0, "window: expected >= 0 (0 = none), got ", window);
   APT_CHECK(sinks >= 0, "sinks: expected >= 0, got ", sinks);
@@ -313,11 +328,48 @@ Ctx make_ctx(py::object q_, py::object k_, py::object v_, py::object delta_, py:
   return c;
 }
 
-void check_out(const TensorView& t, const std::vector<int64_t>& shape, DType dt) {
+void check_out(const TensorView& t, const std::vector<int64_t>& shape, DType dt, bool on_cuda = false,
+               int device = -1) {
   check_shape(t, shape);
   check_dtype(t, dt);
-  check_cpu(t);
+  check_device(t, on_cuda, device);
 }
+
+void check_contiguous3(const TensorView& t, const Ctx& c) {
+  APT_CHECK(t.stride(2) == 1 && t.stride(1) == c.Tq && t.stride(0) == c.H * c.Tq, t.name,
+            ": expected a contiguous tensor");
+}
+
+#ifdef APT_WITH_CUDA
+void copy4(int64_t* dst, const TensorView& t) {
+  for (int i = 0; i < 4; ++i) dst[i] = t.stride(i);
+}
+
+tva::CudaParams cuda_params(const Ctx& c, const TensorView& coef) {
+  check_shape(coef, {});
+  check_dtype(coef, DType::Float32);
+  check_device(coef, true, c.q.device);
+  tva::CudaParams p;
+  p.dtype = static_cast<int>(c.q.dtype);
+  p.device = c.q.device;
+  p.B = c.B; p.H = c.H; p.Tq = c.Tq; p.Tk = c.Tk; p.D = c.D;
+  p.window = c.mask.window; p.sinks = c.mask.sinks; p.causal = c.mask.causal; p.scale = c.scale;
+  APT_CHECK(c.D == 32 || c.D == 64 || c.D == 128, "q: the TVA CUDA kernels take head dims 32, 64, 128, got ", c.D);
+  p.q = c.q.data; p.k = c.k.data; p.v = c.v.data;
+  copy4(p.sq, c.q); copy4(p.sk, c.k); copy4(p.sv, c.v);
+  if (c.delta.defined()) { p.delta = c.delta.data; copy4(p.sdl, c.delta); }
+  if (c.gate.defined()) {
+    p.gate = c.gate.data;
+    for (int i = 0; i < 3; ++i) p.sg[i] = c.gate.stride(i);
+  }
+  if (c.pad.defined()) {
+    p.pad = c.pad.ptr<bool>();
+    p.sp[0] = c.pad.stride(0); p.sp[1] = c.pad.stride(1);
+  }
+  p.coef = coef.ptr<float>();
+  return p;
+}
+#endif
 
 }  // namespace
 
@@ -330,8 +382,7 @@ APT_REGISTER_OPS(tva) {
         auto o = TensorView::from(o_, "o"), lse = TensorView::from(lse_, "lse");
         check_out(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
         check_out(lse, {c.B, c.H, c.Tq}, DType::Float32);
-        APT_CHECK(lse.stride(2) == 1 && lse.stride(1) == c.Tq && lse.stride(0) == c.H * c.Tq,
-                  "lse: expected a contiguous tensor");
+        check_contiguous3(lse, c);
         py::gil_scoped_release nogil;
         dispatch_float(c.q.dtype, "q", [&](auto tag) {
           using T = decltype(tag);
@@ -356,8 +407,7 @@ APT_REGISTER_OPS(tva) {
         check_out(go, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
         check_out(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
         check_out(lse, {c.B, c.H, c.Tq}, DType::Float32);
-        APT_CHECK(lse.stride(2) == 1 && lse.stride(1) == c.Tq && lse.stride(0) == c.H * c.Tq,
-                  "lse: expected a contiguous tensor");
+        check_contiguous3(lse, c);
         check_out(dq, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
         check_out(dk, {c.B, c.H, c.Tk, c.D}, c.q.dtype);
         check_out(dv, {c.B, c.H, c.Tk, c.D}, c.q.dtype);
@@ -365,8 +415,7 @@ APT_REGISTER_OPS(tva) {
           APT_CHECK(ddelta.defined() && rowdot.defined(), "ddelta: required (with rowdot) when delta is given");
           check_out(ddelta, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
           check_out(rowdot, {c.B, c.H, c.Tq}, DType::Float32);
-          APT_CHECK(rowdot.stride(2) == 1 && rowdot.stride(1) == c.Tq && rowdot.stride(0) == c.H * c.Tq,
-                    "rowdot: expected a contiguous tensor");
+          check_contiguous3(rowdot, c);
         }
         py::gil_scoped_release nogil;
         dispatch_float(c.q.dtype, "q", [&](auto tag) {
@@ -381,6 +430,76 @@ APT_REGISTER_OPS(tva) {
       py::arg("key_padding_mask"), py::arg("scale"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
       py::arg("ddelta"), py::arg("rowdot"),
       "Fused TVA attention backward from the saved LSE: dq, dk, dv, ddelta = coef·gate·dO, rowdot = Σ_d delta·dO.");
+#ifdef APT_WITH_CUDA
+  m.def(
+      "tva_forward_cuda",
+      [](py::object q, py::object k, py::object v, py::object delta, py::object gate, py::object coef_, bool causal,
+         int64_t window, int64_t sinks, py::object pad, double scale, py::object o_, py::object lse_,
+         uintptr_t stream) {
+        Ctx c = make_ctx(q, k, v, delta, gate, 0.0, causal, window, sinks, pad, scale, true);
+        auto coef = TensorView::from(coef_, "coef");
+        auto o = TensorView::from(o_, "o"), lse = TensorView::from(lse_, "lse");
+        check_out(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, c.q.device);
+        check_out(lse, {c.B, c.H, c.Tq}, DType::Float32, true, c.q.device);
+        check_contiguous3(lse, c);
+        tva::CudaParams p = cuda_params(c, coef);
+        p.o = o.data;
+        copy4(p.so, o);
+        p.lse = lse.ptr<float>();
+        py::gil_scoped_release nogil;
+        tva::tva_forward_cuda(p, stream);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("delta"), py::arg("gate"), py::arg("coef"),
+      py::arg("causal"), py::arg("window"), py::arg("sinks"), py::arg("key_padding_mask"), py::arg("scale"),
+      py::arg("o"), py::arg("lse"), py::arg("stream"),
+      "Fused TVA attention forward on CUDA (coef: 0-dim fp32 device tensor), on the given stream.");
+  m.def(
+      "tva_backward_cuda",
+      [](py::object grad_o_, py::object q, py::object k, py::object v, py::object o_, py::object lse_,
+         py::object delta, py::object gate, py::object coef_, bool causal, int64_t window, int64_t sinks,
+         py::object pad, double scale, py::object dq_, py::object dk_, py::object dv_, py::object ddelta_,
+         py::object rowdot_, uintptr_t stream) {
+        Ctx c = make_ctx(q, k, v, delta, gate, 0.0, causal, window, sinks, pad, scale, true);
+        auto coef = TensorView::from(coef_, "coef");
+        auto go = TensorView::from(grad_o_, "grad_o"), o = TensorView::from(o_, "o");
+        auto lse = TensorView::from(lse_, "lse");
+        auto dq = TensorView::from(dq_, "dq"), dk = TensorView::from(dk_, "dk"), dv = TensorView::from(dv_, "dv");
+        auto ddelta = TensorView::from_optional(ddelta_, "ddelta");
+        auto rowdot = TensorView::from_optional(rowdot_, "rowdot");
+        const int dev = c.q.device;
+        check_out(go, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
+        check_out(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
+        check_out(lse, {c.B, c.H, c.Tq}, DType::Float32, true, dev);
+        check_contiguous3(lse, c);
+        check_out(dq, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
+        check_out(dk, {c.B, c.H, c.Tk, c.D}, c.q.dtype, true, dev);
+        check_out(dv, {c.B, c.H, c.Tk, c.D}, c.q.dtype, true, dev);
+        tva::CudaParams p = cuda_params(c, coef);
+        if (c.delta.defined()) {
+          APT_CHECK(ddelta.defined() && rowdot.defined(), "ddelta: required (with rowdot) when delta is given");
+          check_out(ddelta, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
+          check_out(rowdot, {c.B, c.H, c.Tq}, DType::Float32, true, dev);
+          check_contiguous3(rowdot, c);
+          p.ddelta = ddelta.data;
+          copy4(p.sdd, ddelta);
+          p.rowdot = rowdot.ptr<float>();
+        }
+        p.o = o.data;
+        copy4(p.so, o);
+        p.lse = lse.ptr<float>();
+        p.go = go.data;
+        copy4(p.sgo, go);
+        p.dq = dq.data; p.dk = dk.data; p.dv = dv.data;
+        copy4(p.sdq, dq); copy4(p.sdk, dk); copy4(p.sdv, dv);
+        py::gil_scoped_release nogil;
+        tva::tva_backward_cuda(p, stream);
+      },
+      py::arg("grad_o"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("delta"),
+      py::arg("gate"), py::arg("coef"), py::arg("causal"), py::arg("window"), py::arg("sinks"),
+      py::arg("key_padding_mask"), py::arg("scale"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+      py::arg("ddelta"), py::arg("rowdot"), py::arg("stream"),
+      "Fused TVA attention backward on CUDA from the saved LSE (see tva_backward_cpu).");
+#endif
 }
 
 }  // namespace apt
