@@ -1,4 +1,4 @@
-"""pytest-benchmark: every attention provider on the attention grid of apt.bench.cases.attention (correctness-checked first)."""
+"""pytest-benchmark: every attention provider on the attention grid of apt.bench.cases.attention (checked first)."""
 from apt.bench.pytest_support import run_item
 
 KIND = "attention"

@@ -6,7 +6,7 @@ Grids (B·T kept at 16K tokens on GPU so every T costs about the same memory; hi
   GPU full : T ∈ {512, 1K, 2K, 4K, 8K, 16K} × D ∈ {64, 128}, B = 16384 / T, H = 2048 / D
   GPU quick: T ∈ {1K, 4K} × D ∈ {64, 128}, same B, H rule
   CPU full : T ∈ {128, 256, 512, 1024}, B = 1, H = 4, D = 64
-  CPU quick: T ∈ {64, 256}, B = 1, H = 2, D = 32
+  CPU quick: T ∈ {128, 512}, B = 1, H = 2, D = 64
 """
 from __future__ import annotations
 
@@ -30,14 +30,14 @@ class AttentionCase(BenchCase):
             ts = [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
             return [dict(B=max(1, 16384 // t), H=2048 // d, T=t, D=d) for d in (64, 128) for t in ts]
         if quick:
-            return [dict(B=1, H=2, T=t, D=32) for t in (64, 256)]
+            return [dict(B=1, H=2, T=t, D=64) for t in (128, 512)]
         return [dict(B=1, H=4, T=t, D=64) for t in (128, 256, 512, 1024)]
 
     def grid_doc(self, device: torch.device, quick: bool) -> str:
         if torch.device(device).type == "cuda":
             return ("T in {1K, 4K}" if quick else "T in 512..16K (powers of 2)") + \
                 " x D in {64, 128}; B = 16384 / T, H = 2048 / D; causal"
-        return ("T in {64, 256}, B=1, H=2, D=32" if quick else "T in {128, 256, 512, 1024}, B=1, H=4, D=64") + \
+        return ("T in {128, 512}, B=1, H=2, D=64" if quick else "T in {128, 256, 512, 1024}, B=1, H=4, D=64") + \
             "; causal"
 
     def x_axis(self, shape: dict[str, Any]) -> tuple[str, float]:

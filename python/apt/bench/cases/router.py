@@ -14,7 +14,7 @@ Grids:
              E sweep {16, 32, 64} at N 16K, C 2048, k 2; k = 1 at N 16K, C 2048, E 64
   GPU quick: N ∈ {4K, 16K} at C 1024, E 8, k 2; k = 1 at N 16K
   CPU full : N ∈ {256, 1K, 4K} at C 128, E 8, k 2; E 32 and k 1 at N 1K
-  CPU quick: N ∈ {256, 1K} at C 64, E 8, k 2; k 1 at N 1K
+  CPU quick: N ∈ {512, 2K} at C 64, E 8, k 2; k 1 at N 2K
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class RouterCase(BenchCase):
             s += [_shape(16384, 2048, 64, 1)]
             return s
         if quick:
-            return [_shape(n, 64, 8, 2) for n in (256, 1024)] + [_shape(1024, 64, 8, 1)]
+            return [_shape(n, 64, 8, 2) for n in (512, 2048)] + [_shape(2048, 64, 8, 1)]
         return ([_shape(n, 128, 8, 2) for n in (256, 1024, 4096)]
                 + [_shape(1024, 128, 32, 2), _shape(1024, 128, 8, 1)])
 
@@ -66,7 +66,7 @@ class RouterCase(BenchCase):
             g = ("N in {4K, 16K} at C 1024, E 8, k 2; k 1 at N 16K" if quick else
                  "N 4K..64K at C 2048, E 8, k 2; C 1024..4096; E 8..64; k 1..2")
         else:
-            g = ("N in {256, 1K} at C 64, E 8, k 2; k 1 at N 1K" if quick else
+            g = ("N in {512, 2K} at C 64, E 8, k 2; k 1 at N 2K" if quick else
                  "N in {256, 1K, 4K} at C 128, E 8, k 2; E 32 and k 1 at N 1K")
         return g + f"; F = 2C, capacity_factor {CAPACITY_FACTOR}, min_capacity {MIN_CAPACITY}"
 

@@ -11,7 +11,7 @@ Grids (N = 16 throughout):
              dim sweep {768, 1024, 1536, 2048} at batch 4, L 2K
   GPU quick: L ∈ {256, 2K} at batch 4, dim 1536
   CPU full : L ∈ {128, 256, 512, 1024} at batch 2, dim 128
-  CPU quick: L ∈ {64, 256} at batch 1, dim 64
+  CPU quick: L ∈ {128, 512} at batch 1, dim 64
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class ScanCase(BenchCase):
                     out.append(s)
             return out
         if quick:
-            return [dict(batch=1, dim=64, N=_N, L=L) for L in (64, 256)]
+            return [dict(batch=1, dim=64, N=_N, L=L) for L in (128, 512)]
         return [dict(batch=2, dim=128, N=_N, L=L) for L in (128, 256, 512, 1024)]
 
     def grid_doc(self, device: torch.device, quick: bool) -> str:
@@ -54,7 +54,7 @@ class ScanCase(BenchCase):
             return ("L in {256, 2K} at batch 4, dim 1536" if quick else
                     "L 256..8K at batch 4, dim 1536; batch 2..16 at dim 768, L 2K; dim 768..2048 at batch 4, L 2K") \
                 + "; N=16, B/C input-dependent, z, D, delta_bias, softplus"
-        return ("L in {64, 256} at batch 1, dim 64" if quick else "L in {128..1024} at batch 2, dim 128") + \
+        return ("L in {128, 512} at batch 1, dim 64" if quick else "L in {128..1024} at batch 2, dim 128") + \
             "; N=16, B/C input-dependent, z, D, delta_bias, softplus"
 
     def x_axis(self, shape: dict[str, Any]) -> tuple[str, float]:
