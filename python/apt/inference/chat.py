@@ -1,0 +1,115 @@
+"""A chat loop over a language model.
+
+The prompt is a plain transcript: an optional system line, then the turns as ``User: ...`` / ``Assistant: ...``
+lines, ending with ``Assistant:`` for the model to continue. A reply ends at end-of-text, at a new ``\\nUser:``
+line, or after ``max_new_tokens``. History is kept within the model's window: the oldest turns are dropped until
+the prompt plus ``max_new_tokens`` fits (the system line is kept).
+
+:func:`run_chat` reads messages line by line from a stream (stdin in ``apt chat``); ``/exit`` or ``/quit`` or
+end of input ends it, ``/reset`` clears the history, ``/help`` lists the commands.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence, TextIO, Union
+
+import torch
+
+from ..plugins.base import Plugin
+from ..plugins.manager import PluginManager
+from .generate import generate, model_window
+
+logger = logging.getLogger(__name__)
+
+HELP = "commands: /exit or /quit (leave), /reset (forget the conversation), /help"
+
+
+class ChatSession:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, system: str = "", max_new_tokens: int = 128,
+                 temperature: float = 0.8, top_k: Optional[int] = 50, top_p: Optional[float] = 0.95,
+                 seed: Optional[int] = None, use_cache: Optional[bool] = None,
+                 plugins: Union[None, PluginManager, Sequence[Plugin]] = None,
+                 user_prefix: str = "User:", bot_prefix: str = "Assistant:") -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.system = system.strip()
+        self.max_new_tokens = int(max_new_tokens)
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        self.seed = seed
+        self.use_cache = use_cache
+        self.plugins = plugins if plugins is None or isinstance(plugins, PluginManager) else PluginManager(plugins)
+        self.user_prefix, self.bot_prefix = user_prefix, bot_prefix
+        self.history: list[tuple[str, str]] = []
+        self.turns = 0  # replies given (also seeds each turn differently)
+        self.dropped = 0  # turns dropped to fit the window
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def _render(self, turns: Sequence[tuple[str, str]], message: str) -> str:
+        lines = [self.system] if self.system else []
+        for user, bot in turns:
+            lines += [f"{self.user_prefix} {user}", f"{self.bot_prefix} {bot}"]
+        lines += [f"{self.user_prefix} {message}", self.bot_prefix]
+        return "\n".join(lines)
+
+    def build_prompt(self, message: str) -> str:
+        """The transcript for ``message``, without the oldest turns that do not fit the window."""
+        window = model_window(self.model)
+        turns = list(self.history)
+        prompt = self._render(turns, message)
+        if window is None:
+            return prompt
+        budget = max(1, window - self.max_new_tokens)
+        while turns and len(self.tokenizer.encode(prompt)) > budget:
+            turns.pop(0)
+            self.dropped += 1
+            prompt = self._render(turns, message)
+        if len(self.tokenizer.encode(prompt)) > budget:
+            logger.warning("chat: the message alone is longer than the model's window (%d tokens) minus "
+                           "max_new_tokens (%d); its start is cut", window, self.max_new_tokens)
+        self.history = turns
+        return prompt
+
+    def reply(self, message: str) -> str:
+        prompt = self.build_prompt(message)
+        seed = None if self.seed is None else self.seed + self.turns
+        text = generate(self.model, self.tokenizer, prompt, max_new_tokens=self.max_new_tokens, seed=seed,
+                        use_cache=self.use_cache, stop=["\n" + self.user_prefix], plugins=self.plugins,
+                        **self.sampling)
+        answer = text.strip()
+        self.history.append((message, answer))
+        self.turns += 1
+        return answer
+
+
+def run_chat(session: ChatSession, input_stream: TextIO, output_stream: TextIO, prompt: str = "> ") -> int:
+    """Read messages from ``input_stream`` until /exit, /quit or end of input; write replies to
+    ``output_stream``. Returns the number of replies."""
+    def out(s: str) -> None:
+        output_stream.write(s)
+        output_stream.flush()
+
+    out(f"chat: {HELP}\n")
+    while True:
+        out(prompt)
+        line = input_stream.readline()
+        if not line:  # end of input
+            out("\n")
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/reset":
+            session.reset()
+            out("(history cleared)\n")
+            continue
+        if message == "/help":
+            out(HELP + "\n")
+            continue
+        if message.startswith("/"):
+            out(f"unknown command {message.split()[0]}; {HELP}\n")
+            continue
+        out(session.reply(message) + "\n")
+    return session.turns
