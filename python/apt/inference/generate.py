@@ -17,6 +17,8 @@ logits (B, T, V)`` and, optionally, ``model.new_cache(batch_size)`` (a cache tha
   prompt goes through ``augment_prompt`` (e.g. retrieval); at every step ``select_sample([default], ctx)`` may
   replace the sampled token by a chosen continuation (e.g. voting), see :func:`_hook_context`. A plugin that
   raises is logged and disabled; generation goes on. With plugins that select samples, prompts run one at a time.
+  The hook contexts of one prompt share one ``metrics`` dict (plugins count there, e.g. how often a vote ran); it
+  comes back as :attr:`GenerationResult.metrics`.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ class GenerationResult:
     prompt_tokens: int  # prompt length in tokens (after cropping to the window)
     finish_reason: str  # "eos", "stop" or "length"
     selections: int = 0  # steps where a plugin chose the continuation (e.g. a vote)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # what plugins recorded for this prompt
 
 
 def model_window(model: torch.nn.Module) -> Optional[int]:
@@ -160,13 +163,16 @@ def _selects_samples(manager: Optional[PluginManager]) -> bool:
     return manager is not None and any(type(p).select_sample is not Plugin.select_sample for p in manager.active)
 
 
-def _hook_context(model: torch.nn.Module, tokenizer: Any, **extra: Any) -> HookContext:
+def _hook_context(model: torch.nn.Module, tokenizer: Any, metrics: Optional[dict[str, Any]] = None,
+                  **extra: Any) -> HookContext:
     """The context generation hooks see. ``extra`` holds, for ``select_sample``: ``logits`` (V,) next-token
     logits, ``entropy`` (nats), ``context`` (token ids so far), ``remaining`` (tokens left to generate),
-    ``sampling`` (temperature, top_k, top_p), ``rollout(k, length) -> list[Candidate]`` (k sampled
-    continuations with the same settings and generator), plus ``tokenizer``; for ``augment_prompt``:
-    ``tokenizer`` and ``window`` (the model's context length or None)."""
-    return HookContext(model=model, config=getattr(model, "config", None), extra={"tokenizer": tokenizer, **extra})
+    ``sampling`` (temperature, top_k, top_p), ``rollout(k, length, temperature=None) -> list[Candidate]``
+    (k sampled continuations with the same settings and generator; ``temperature`` overrides the sampling
+    temperature), plus ``tokenizer``; for ``augment_prompt``: ``tokenizer``, ``window`` (the model's context
+    length or None) and ``max_new_tokens``. ``metrics`` is shared by the contexts of one prompt."""
+    return HookContext(model=model, config=getattr(model, "config", None),
+                       metrics=metrics if metrics is not None else {}, extra={"tokenizer": tokenizer, **extra})
 
 
 def _encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
@@ -179,8 +185,8 @@ def _encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
 def _generate_group(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[list[int]], max_new_tokens: int,
                     temperature: float, top_k: Optional[int], top_p: Optional[float],
                     generator: Optional[torch.Generator], use_cache: bool, stop_at_eos: bool,
-                    stop: Sequence[str], manager: Optional[PluginManager], voting: bool
-                    ) -> list[tuple[list[int], str, int, Optional[str]]]:
+                    stop: Sequence[str], manager: Optional[PluginManager], voting: bool,
+                    metrics: Optional[dict[str, Any]] = None) -> list[tuple[list[int], str, int, Optional[str]]]:
     """Generate for prompts of equal length; per row (tokens, finish_reason, selections, text cut at a stop
     string or None)."""
     device = model_device(model)
@@ -216,11 +222,16 @@ def _generate_group(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[lis
         if voting and manager is not None:  # B == 1 here
             context = stepper.ids[0].tolist()
             default = Candidate([int(tok[0])], float(torch.log_softmax(logits[0], -1)[tok[0]]))
+            left = max_new_tokens - len(out[0])
+
+            def rollout(k: int, length: int, temperature: Optional[float] = None, _ctx: list[int] = context,
+                        _left: int = left, _temp: float = sampling["temperature"]) -> list[Candidate]:
+                return rollouts(model, _ctx, k, min(length, _left), _temp if temperature is None else temperature,
+                                top_k, top_p, generator, eos, use_cache)
+
             ctx = _hook_context(
-                model, tokenizer, logits=logits[0], entropy=float(entropy(logits[0])), context=context,
-                remaining=max_new_tokens - len(out[0]), sampling=sampling,
-                rollout=lambda k, length: rollouts(model, context, k, min(length, max_new_tokens - len(out[0])),
-                                                   temperature, top_k, top_p, generator, eos, use_cache))
+                model, tokenizer, metrics, logits=logits[0], entropy=float(entropy(logits[0])), context=context,
+                remaining=left, sampling=sampling, rollout=rollout)
             choice = manager.select_sample([default], ctx)
             if isinstance(choice, Candidate) and choice.tokens and choice is not default:
                 selections[0] += 1
@@ -279,9 +290,11 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Union[str, Sequenc
     stop = [s for s in (stop or []) if s]
 
     final_prompts = []
-    for p in plist:
+    metrics: list[dict[str, Any]] = [{} for _ in plist]
+    for i, p in enumerate(plist):
         if manager is not None:
-            p = manager.augment_prompt(p, _hook_context(model, tokenizer, window=window))
+            p = manager.augment_prompt(p, _hook_context(model, tokenizer, metrics[i], window=window,
+                                                        max_new_tokens=max_new_tokens))
         final_prompts.append(p)
     encoded = []
     for p in final_prompts:
@@ -309,14 +322,15 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Union[str, Sequenc
                 if max_new_tokens == 0:
                     rows = [([], "length", 0, None)] * len(chunk)
                 else:
+                    # with voting the chunk is one prompt, so its step contexts share that prompt's metrics
                     rows = _generate_group(model, tokenizer, [encoded[i] for i in chunk], max_new_tokens,
                                            temperature, top_k, top_p, generator, cache, stop_at_eos, stop,
-                                           manager, voting)
+                                           manager, voting, metrics[chunk[0]] if voting else None)
                 for i, (toks, why, sel, text) in zip(chunk, rows):
                     results[i] = GenerationResult(prompt=final_prompts[i],
                                                   text=text if text is not None else tokenizer.decode(toks),
                                                   tokens=toks, prompt_tokens=len(encoded[i]), finish_reason=why,
-                                                  selections=sel)
+                                                  selections=sel, metrics=metrics[i])
     finally:
         model.train(was_training)
     final = [r for r in results if r is not None]
