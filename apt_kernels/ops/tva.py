@@ -116,7 +116,8 @@ def _native_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opt
 @_native_fwd_op.register_fake
 def _(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
     B, H, Tq, _ = q.shape
-    return torch.empty_like(q), q.new_empty(B, H, Tq, dtype=torch.float32)
+    # contiguous like the real output (not empty_like, which would copy a transposed q's strides)
+    return q.new_empty(q.shape), q.new_empty(B, H, Tq, dtype=torch.float32)
 
 
 @torch.library.custom_op("apt::tva_attention_native_backward", mutates_args=())
@@ -147,7 +148,7 @@ def _native_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 @_native_bwd_op.register_fake
 def _(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
     has = delta is not None
-    dd = torch.empty_like(q) if has else q.new_empty(0)
+    dd = q.new_empty(q.shape) if has else q.new_empty(0)  # contiguous, as the real op allocates it
     rd = q.new_empty(q.shape[:3], dtype=torch.float32) if has else q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dd, rd
 
