@@ -23,3 +23,18 @@ def seed():
     torch.manual_seed(0)
     return 0
 
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint of a tiny tiny_debug GPT (window 64) trained for 3 steps (about a second on 2 cores), shared
+    by the tests that need a real one (generation and evaluation commands)."""
+    from apt.core.config import load_profile
+    from apt.training import Trainer
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = load_profile("tiny_debug", {"model.d_model": 32, "model.num_heads": 2, "model.num_layers": 1,
+                                      "data.seq_len": 16, "data.batch_size": 4, "training.steps_per_epoch": 3,
+                                      "training.max_epochs": 1, "training.progress": False,
+                                      "training.out_dir": str(out)})
+    return Trainer(cfg).fit()["checkpoint"]
