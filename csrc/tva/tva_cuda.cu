@@ -3,8 +3,13 @@
 // perturbation added before the single write of o, LSE saved; backward = preprocess (Di, dDelta, Σ delta·dO),
 // dK/dV per key block and dQ per query block, recomputing P from the LSE. Any strides; head dims 32/64/128
 // (D/32 threads share one row, reducing dot products with warp shuffles); fp32/fp16/bf16 storage, fp32 math.
+// Design limits, each rejected with a ValueError (tva_cpu.cpp's cuda_params / grid_1d below), never computed wrong:
+// head dim 32, 64 or 128 only (other sizes: the Triton or reference implementations); B·H·ceil(T/64) thread blocks
+// <= 2^31 - 1 (a 1-d grid, so B·H is not bound by gridDim.y's 65535). Static shared memory stays under the 48 KB
+// default (forward/dQ: 2·32·D fp32 tiles = 32 KB at D = 128), so no cudaFuncSetAttribute opt-in is needed.
 #include <cmath>
 #include <stdexcept>
+#include <string>
 
 #include "common/apt_cuda.cuh"
 #include "tva/tva_common.h"
@@ -58,8 +63,9 @@ __global__ void __launch_bounds__(BM*(D / EPT)) tva_fwd_kernel(const CudaParams 
   __shared__ float Ks[BN][D];
   __shared__ float Vs[BN][D];
   __shared__ bool Kok[BN];
-  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t nmb = cdiv(p.Tq, BM);  // 1-d grid (B·H may exceed gridDim.y's 65535): block = bh · nmb + mb
+  const int64_t bh = blockIdx.x / nmb, b = bh / p.H, h = bh % p.H;
+  const int64_t m0 = (blockIdx.x % nmb) * BM;
   const int row = threadIdx.x / TPR, part = threadIdx.x % TPR;
   const int64_t i = m0 + row;
   const bool row_ok = i < p.Tq;
@@ -164,8 +170,9 @@ __global__ void __launch_bounds__(BM*(D / EPT)) tva_bwd_dkdv_kernel(const CudaPa
   __shared__ float Qs[BN][D];
   __shared__ float Gs[BN][D];
   __shared__ float Ls[BN], Ds[BN];
-  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t nnb = cdiv(p.Tk, BM);  // 1-d grid: block = bh · nnb + key block
+  const int64_t bh = blockIdx.x / nnb, b = bh / p.H, h = bh % p.H;
+  const int64_t n0 = (blockIdx.x % nnb) * BM;
   const int row = threadIdx.x / TPR, part = threadIdx.x % TPR;
   const int64_t j = n0 + row;
   const bool kok = key_ok(p, b, j);
@@ -232,8 +239,9 @@ __global__ void __launch_bounds__(BM*(D / EPT)) tva_bwd_dq_kernel(const CudaPara
   __shared__ float Ks[BN][D];
   __shared__ float Vs[BN][D];
   __shared__ bool Kok[BN];
-  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t nmb = cdiv(p.Tq, BM);  // 1-d grid (B·H may exceed gridDim.y's 65535): block = bh · nmb + mb
+  const int64_t bh = blockIdx.x / nmb, b = bh / p.H, h = bh % p.H;
+  const int64_t m0 = (blockIdx.x % nmb) * BM;
   const int row = threadIdx.x / TPR, part = threadIdx.x % TPR;
   const int64_t i = m0 + row;
   const bool row_ok = i < p.Tq;
@@ -302,11 +310,20 @@ void dispatch(const CudaParams& p, F&& f) {
 
 }  // namespace
 
+// 1-d grid of `blocks` per (batch, head): gridDim.x allows 2^31 - 1 blocks, gridDim.y only 65535
+static unsigned grid_1d(const CudaParams& p, int64_t blocks) {
+  const int64_t n = p.B * p.H * blocks;
+  if (n > 0x7fffffffLL)
+    throw std::invalid_argument("q: B·H·ceil(T/64) = " + std::to_string(n) +
+                                " thread blocks exceed the CUDA grid limit (2^31 - 1)");
+  return static_cast<unsigned>(n);
+}
+
 void tva_forward_cuda(const CudaParams& p, uintptr_t stream) {
   if (p.B * p.H * p.Tq == 0) return;
   APT_CUDA_CHECK(cudaSetDevice(p.device));
   cudaStream_t s = cuda::as_stream(stream);
-  dim3 grid(static_cast<unsigned>(cdiv(p.Tq, BM)), static_cast<unsigned>(p.B * p.H));
+  const unsigned grid = grid_1d(p, cdiv(p.Tq, BM));
   dispatch(p, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
@@ -320,6 +337,7 @@ void tva_backward_cuda(const CudaParams& p, uintptr_t stream) {
   APT_CUDA_CHECK(cudaSetDevice(p.device));
   cudaStream_t s = cuda::as_stream(stream);
   const int64_t rows = p.B * p.H * p.Tq;
+  const unsigned gk = grid_1d(p, cdiv(p.Tk, BM)), gq = grid_1d(p, cdiv(p.Tq, BM));
   float* di = nullptr;
   APT_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&di), rows * sizeof(float), s));
   try {
@@ -327,9 +345,7 @@ void tva_backward_cuda(const CudaParams& p, uintptr_t stream) {
       using T = decltype(tag);
       constexpr int D = decltype(dim)::value;
       tva_bwd_pre_kernel<T><<<static_cast<unsigned>(cdiv(rows, 256)), 256, 0, s>>>(p, di);
-      dim3 gk(static_cast<unsigned>(cdiv(p.Tk, BM)), static_cast<unsigned>(p.B * p.H));
       tva_bwd_dkdv_kernel<T, D><<<gk, BM * (D / EPT), 0, s>>>(p, di);
-      dim3 gq(static_cast<unsigned>(cdiv(p.Tq, BM)), static_cast<unsigned>(p.B * p.H));
       tva_bwd_dq_kernel<T, D><<<gq, BM * (D / EPT), 0, s>>>(p, di);
     });
     APT_CUDA_CHECK(cudaGetLastError());
