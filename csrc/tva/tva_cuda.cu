@@ -333,27 +333,34 @@ void tva_forward_cuda(const CudaParams& p, uintptr_t stream) {
 }
 
 void tva_backward_cuda(const CudaParams& p, uintptr_t stream) {
-  if (p.B * p.H * p.Tq == 0) return;
+  // Tq == 0 < Tk still has dk = dv = 0 to write (the outputs are uninitialised torch.empty)
+  if (p.B * p.H * p.Tk == 0) return;
   APT_CUDA_CHECK(cudaSetDevice(p.device));
   cudaStream_t s = cuda::as_stream(stream);
   const int64_t rows = p.B * p.H * p.Tq;
   const unsigned gk = grid_1d(p, cdiv(p.Tk, BM)), gq = grid_1d(p, cdiv(p.Tq, BM));
   float* di = nullptr;
-  APT_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&di), rows * sizeof(float), s));
+  if (rows > 0) APT_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&di), rows * sizeof(float), s));
   try {
     dispatch(p, [&](auto tag, auto dim) {
       using T = decltype(tag);
       constexpr int D = decltype(dim)::value;
-      tva_bwd_pre_kernel<T><<<static_cast<unsigned>(cdiv(rows, 256)), 256, 0, s>>>(p, di);
+      if (rows > 0) {  // a zero-block grid is an invalid launch configuration
+        tva_bwd_pre_kernel<T><<<static_cast<unsigned>(cdiv(rows, 256)), 256, 0, s>>>(p, di);
+        APT_CUDA_CHECK(cudaGetLastError());
+      }
       tva_bwd_dkdv_kernel<T, D><<<gk, BM * (D / EPT), 0, s>>>(p, di);
-      tva_bwd_dq_kernel<T, D><<<gq, BM * (D / EPT), 0, s>>>(p, di);
+      APT_CUDA_CHECK(cudaGetLastError());
+      if (rows > 0) {
+        tva_bwd_dq_kernel<T, D><<<gq, BM * (D / EPT), 0, s>>>(p, di);
+        APT_CUDA_CHECK(cudaGetLastError());
+      }
     });
-    APT_CUDA_CHECK(cudaGetLastError());
   } catch (...) {
-    cudaFreeAsync(di, s);
+    if (di != nullptr) cudaFreeAsync(di, s);
     throw;
   }
-  APT_CUDA_CHECK(cudaFreeAsync(di, s));
+  if (di != nullptr) APT_CUDA_CHECK(cudaFreeAsync(di, s));
 }
 
 }  // namespace tva
