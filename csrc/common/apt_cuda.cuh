@@ -1,5 +1,6 @@
 // CUDA-side helpers shared by the families' .cu files: error checks that throw (the pybind layer turns them
-// into Python exceptions), the stream handed over from Python as an integer, and fp16/bf16 load/store in fp32.
+// into Python exceptions), the stream handed over from Python as an integer, a scoped device switch, and fp16/bf16
+// load/store in fp32.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -19,6 +20,26 @@
 namespace apt {
 namespace cuda {
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// Makes `device` current for the scope and restores the caller's device after (launches go to the current
+// device's context; the stream passed from Python belongs to the tensors' device, which need not be current).
+// A bare cudaSetDevice would leave torch's current device changed behind its back.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    APT_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (prev_ != device) APT_CUDA_CHECK(cudaSetDevice(device));
+    else prev_ = -1;
+  }
+  ~DeviceGuard() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = -1;
+};
 
 template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }

@@ -321,7 +321,7 @@ static unsigned grid_1d(const CudaParams& p, int64_t blocks) {
 
 void tva_forward_cuda(const CudaParams& p, uintptr_t stream) {
   if (p.B * p.H * p.Tq == 0) return;
-  APT_CUDA_CHECK(cudaSetDevice(p.device));
+  cuda::DeviceGuard guard(p.device);
   cudaStream_t s = cuda::as_stream(stream);
   const unsigned grid = grid_1d(p, cdiv(p.Tq, BM));
   dispatch(p, [&](auto tag, auto dim) {
@@ -335,7 +335,7 @@ void tva_forward_cuda(const CudaParams& p, uintptr_t stream) {
 void tva_backward_cuda(const CudaParams& p, uintptr_t stream) {
   // Tq == 0 < Tk still has dk = dv = 0 to write (the outputs are uninitialised torch.empty)
   if (p.B * p.H * p.Tk == 0) return;
-  APT_CUDA_CHECK(cudaSetDevice(p.device));
+  cuda::DeviceGuard guard(p.device);
   cudaStream_t s = cuda::as_stream(stream);
   const int64_t rows = p.B * p.H * p.Tq;
   const unsigned gk = grid_1d(p, cdiv(p.Tk, BM)), gq = grid_1d(p, cdiv(p.Tq, BM));
