@@ -15,7 +15,9 @@ each micro-batch. Parameters that follow a schedule are read from ``ctx.extra["s
 in (after a resume in the middle of an epoch, ``on_epoch_start`` is broadcast again for that epoch).
 
 Generation hooks: ``augment_prompt(prompt, ctx) -> str`` (e.g. retrieval), ``select_sample(candidates, ctx)``
-(e.g. voting over K samples).
+(e.g. voting over K samples). What ``ctx.extra`` holds for each is listed in
+:func:`apt.inference.generate._hook_context`; the contexts of one prompt share ``ctx.metrics``, which comes back
+as ``GenerationResult.metrics``. Built-in generation plugins: ``voter`` and ``retriever``.
 """
 from __future__ import annotations
 
