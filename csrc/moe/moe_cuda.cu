@@ -195,7 +195,8 @@ void by_dtype(int dtype, F&& f) {
 
 void route(const float* probs, int64_t N, int64_t E, int64_t stride_n, int64_t stride_e, int64_t k, int64_t cap,
            int64_t* expert_idx, int64_t* position, int64_t* slot, int64_t* token_of_slot, int64_t num_slots,
-           int64_t* tokens_per_expert, int64_t* work, uintptr_t stream) {
+           int64_t* tokens_per_expert, int64_t* work, int device, uintptr_t stream) {
+  apt::cuda::DeviceGuard guard(device);
   cudaStream_t st = apt::cuda::as_stream(stream);
   if (num_slots > 0)
     APT_CUDA_CHECK(cudaMemsetAsync(token_of_slot, 0xff, num_slots * sizeof(int64_t), st));  // all bits set = -1
@@ -220,8 +221,9 @@ void route(const float* probs, int64_t N, int64_t E, int64_t stride_n, int64_t s
 }
 
 void dispatch(int dtype, const void* x, int64_t N, int64_t C, int64_t stride_x, const int64_t* token_of_slot,
-              int64_t S, void* buf, uintptr_t stream) {
+              int64_t S, void* buf, int device, uintptr_t stream) {
   if (S == 0 || C == 0) return;
+  apt::cuda::DeviceGuard guard(device);
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_kernel<T><<<static_cast<unsigned>(S), row_threads(C), 0, apt::cuda::as_stream(stream)>>>(
@@ -231,8 +233,9 @@ void dispatch(int dtype, const void* x, int64_t N, int64_t C, int64_t stride_x, 
 }
 
 void dispatch_backward(int dtype, const void* grad_buf, int64_t S, int64_t C, int64_t stride_g, const int64_t* slot,
-                       int64_t N, int64_t k, void* grad_x, uintptr_t stream) {
+                       int64_t N, int64_t k, void* grad_x, int device, uintptr_t stream) {
   if (N == 0 || C == 0) return;
+  apt::cuda::DeviceGuard guard(device);
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_bwd_kernel<T><<<static_cast<unsigned>(N), row_threads(C), 0, apt::cuda::as_stream(stream)>>>(
@@ -242,8 +245,9 @@ void dispatch_backward(int dtype, const void* grad_buf, int64_t S, int64_t C, in
 }
 
 void combine(int dtype, const void* out, int64_t S, int64_t C, int64_t stride_o, const float* weights,
-             const int64_t* slot, int64_t N, int64_t k, void* y, uintptr_t stream) {
+             const int64_t* slot, int64_t N, int64_t k, void* y, int device, uintptr_t stream) {
   if (N == 0 || C == 0) return;
+  apt::cuda::DeviceGuard guard(device);
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     combine_kernel<T><<<static_cast<unsigned>(N), row_threads(C), 0, apt::cuda::as_stream(stream)>>>(
@@ -254,7 +258,8 @@ void combine(int dtype, const void* out, int64_t S, int64_t C, int64_t stride_o,
 
 void combine_backward(int dtype, const void* grad_y, int64_t stride_gy, const void* out, int64_t stride_o, int64_t S,
                       int64_t C, const float* weights, const int64_t* slot, const int64_t* token_of_slot, int64_t N,
-                      int64_t k, void* grad_out, float* grad_weights, uintptr_t stream) {
+                      int64_t k, void* grad_out, float* grad_weights, int device, uintptr_t stream) {
+  apt::cuda::DeviceGuard guard(device);
   cudaStream_t st = apt::cuda::as_stream(stream);
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);

@@ -66,7 +66,7 @@ APT_REGISTER_OPS(moe_cuda) {
         py::gil_scoped_release nogil;
         moe_cuda::route(probs.ptr<float>(), N, E, probs.stride(0), probs.stride(1), k, cap, idx.ptr<int64_t>(),
                         pos.ptr<int64_t>(), slot.ptr<int64_t>(), tos.ptr<int64_t>(), S, counts.ptr<int64_t>(),
-                        work.ptr<int64_t>(), stream);
+                        work.ptr<int64_t>(), dev, stream);
       },
       py::arg("probs"), py::arg("k"), py::arg("cap"), py::arg("expert_idx"), py::arg("position"), py::arg("slot"),
       py::arg("token_of_slot"), py::arg("tokens_per_expert"), py::arg("work"), py::arg("stream"));
@@ -82,7 +82,7 @@ APT_REGISTER_OPS(moe_cuda) {
         check_out(buf, {tos.size(0), x.size(1)}, x.dtype, dev);
         py::gil_scoped_release nogil;
         moe_cuda::dispatch(static_cast<int>(x.dtype), x.data, x.size(0), x.size(1), x.stride(0), tos.ptr<int64_t>(),
-                           tos.size(0), buf.data, stream);
+                           tos.size(0), buf.data, dev, stream);
       },
       py::arg("x"), py::arg("token_of_slot"), py::arg("buf"), py::arg("stream"));
   m.def(
@@ -97,7 +97,7 @@ APT_REGISTER_OPS(moe_cuda) {
         check_out(gx, {slot.size(0), g.size(1)}, g.dtype, dev);
         py::gil_scoped_release nogil;
         moe_cuda::dispatch_backward(static_cast<int>(g.dtype), g.data, g.size(0), g.size(1), g.stride(0),
-                                    slot.ptr<int64_t>(), slot.size(0), slot.size(1), gx.data, stream);
+                                    slot.ptr<int64_t>(), slot.size(0), slot.size(1), gx.data, dev, stream);
       },
       py::arg("grad_buf"), py::arg("slot"), py::arg("grad_x"), py::arg("stream"));
   m.def(
@@ -113,7 +113,7 @@ APT_REGISTER_OPS(moe_cuda) {
         check_out(y, {slot.size(0), out.size(1)}, out.dtype, dev);
         py::gil_scoped_release nogil;
         moe_cuda::combine(static_cast<int>(out.dtype), out.data, out.size(0), out.size(1), out.stride(0),
-                          w.ptr<float>(), slot.ptr<int64_t>(), slot.size(0), slot.size(1), y.data, stream);
+                          w.ptr<float>(), slot.ptr<int64_t>(), slot.size(0), slot.size(1), y.data, dev, stream);
       },
       py::arg("expert_out"), py::arg("weights"), py::arg("slot"), py::arg("y"), py::arg("stream"));
   m.def(
@@ -138,7 +138,7 @@ APT_REGISTER_OPS(moe_cuda) {
         py::gil_scoped_release nogil;
         moe_cuda::combine_backward(static_cast<int>(out.dtype), gy.data, gy.stride(0), out.data, out.stride(0),
                                    out.size(0), out.size(1), w.ptr<float>(), slot.ptr<int64_t>(), tos.ptr<int64_t>(),
-                                   slot.size(0), slot.size(1), go.data, gw.ptr<float>(), stream);
+                                   slot.size(0), slot.size(1), go.data, gw.ptr<float>(), dev, stream);
       },
       py::arg("grad_y"), py::arg("expert_out"), py::arg("weights"), py::arg("slot"), py::arg("token_of_slot"),
       py::arg("grad_expert_out"), py::arg("grad_weights"), py::arg("stream"));
