@@ -40,8 +40,16 @@ __all__ = ["Routing", "moe_route", "moe_dispatch", "moe_combine", "moe_aux_losse
 # cap = -1 means dropless.
 # ---------------------------------------------------------------------------------------------------------------
 
-def impl_status(impl: str, device: Optional[torch.device] = None) -> tuple[bool, str]:
-    """(usable, reason) for an implementation, optionally for tensors on ``device``."""
+# what the GPU kernels take (csrc/moe/moe_cuda.h, apt_kernels/triton/moe.py): fp32/fp16/bf16 values, fp32
+# probabilities (so no float64 logits), k <= 16 and E <= 8192 (CUDA), E <= 4096 (Triton)
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_MAX_K, _CUDA_MAX_EXPERTS, _TRITON_MAX_EXPERTS = 16, 8192, 4096
+
+
+def impl_status(impl: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                num_experts: Optional[int] = None, k: Optional[int] = None) -> tuple[bool, str]:
+    """(usable, reason) for an implementation, optionally for tensors on ``device`` of ``dtype`` (values, or the
+    logits for routing) and routing over ``num_experts`` with ``k`` choices."""
     if impl == "reference":
         return True, ""
     if impl == "cpu_native":
@@ -53,27 +61,39 @@ def impl_status(impl: str, device: Optional[torch.device] = None) -> tuple[bool,
         ok, why = backends.native_cuda_status()
         if ok and device is not None and device.type != "cuda":
             return False, f"the cuda kernels need CUDA tensors, got device {device}"
+        if ok and dtype is not None and dtype not in _GPU_DTYPES:
+            return False, f"the cuda kernels take float32/float16/bfloat16, got {dtype}"
+        if ok and num_experts is not None and num_experts > _CUDA_MAX_EXPERTS:
+            return False, f"the cuda router takes at most {_CUDA_MAX_EXPERTS} experts, got {num_experts}"
+        if ok and k is not None and k > _CUDA_MAX_K:
+            return False, f"the cuda router takes k <= {_CUDA_MAX_K}, got {k}"
         return ok, why
     if impl == "triton":
         ok, why = backends.triton_status()
         if ok and device is not None and device.type != "cuda" and not backends.triton_interpret():
             return False, f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {device}"
+        if ok and dtype is not None and dtype not in _GPU_DTYPES:
+            return False, f"the Triton kernels take float32/float16/bfloat16, got {dtype}"
+        if ok and num_experts is not None and num_experts > _TRITON_MAX_EXPERTS:
+            return False, f"the Triton router takes at most {_TRITON_MAX_EXPERTS} experts, got {num_experts}"
         return ok, why
     raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The concrete implementation for ``impl`` on ``device``; raises RuntimeError when an explicit one is unusable."""
+def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                 num_experts: Optional[int] = None, k: Optional[int] = None) -> str:
+    """The concrete implementation for ``impl`` on ``device`` (and ``dtype`` / ``num_experts`` / ``k`` when given);
+    raises RuntimeError when an explicit one is unusable, ``auto`` falls back to the next (finally the reference)."""
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
     if impl != "auto":
-        ok, why = impl_status(impl, device)
+        ok, why = impl_status(impl, device, dtype, num_experts, k)
         if not ok:
             raise RuntimeError(f"moe impl {impl!r} is unavailable: {why}")
         return impl
     order = ("cpu_native",) if device.type == "cpu" else ("cuda", "triton")
     for cand in order:
-        if impl_status(cand, device)[0]:
+        if impl_status(cand, device, dtype, num_experts, k)[0]:
             return cand
     return "reference"
 
@@ -318,7 +338,7 @@ def moe_route(logits: torch.Tensor, k: int, capacity_factor: Optional[float] = N
     Returns a :class:`Routing` whose ``weights`` carry gradients to ``logits``.
     """
     _check_route_args(logits, k, capacity_factor, min_capacity, renormalize)
-    impl = resolve_impl(impl, logits.device)
+    impl = resolve_impl(impl, logits.device, logits.dtype, int(logits.shape[1]), int(k))
     if impl == "reference":
         return moe_route_ref(logits, int(k), capacity_factor, int(min_capacity), renormalize)
     n, e = logits.shape
@@ -346,7 +366,7 @@ def moe_dispatch(x: torch.Tensor, routing: Routing, impl: str = "auto") -> torch
     if x.shape[0] != routing.num_tokens:
         raise ValueError(f"x: expected {routing.num_tokens} tokens (rows) to match the routing, got {x.shape[0]}")
     _check_same_device("x", x, routing)
-    impl = resolve_impl(impl, x.device)
+    impl = resolve_impl(impl, x.device, x.dtype)
     if impl == "reference":
         return moe_dispatch_ref(x, routing)
     buf = OPS[impl]["dispatch"](x.contiguous(), routing.slot, routing.token_of_slot)
@@ -364,7 +384,7 @@ def moe_combine(expert_out: torch.Tensor, routing: Routing, impl: str = "auto") 
     if expert_out.dim() != len(want) or tuple(expert_out.shape) != want:
         raise ValueError(f"expert_out: expected shape {want} (the dispatch buffer), got {tuple(expert_out.shape)}")
     _check_same_device("expert_out", expert_out, routing)
-    impl = resolve_impl(impl, expert_out.device)
+    impl = resolve_impl(impl, expert_out.device, expert_out.dtype)
     if impl == "reference":
         return moe_combine_ref(expert_out, routing)
     weights = routing.weights.to(_acc_dtype(expert_out.dtype))
