@@ -6,6 +6,7 @@ namespace apt {
 namespace moe {
 
 inline void check_contiguous(const TensorView& t) {
+  if (t.numel() == 0) return;  // nothing is indexed; torch gives empty tensors strides like (1, 1) for (S, 0)
   int64_t expect = 1;
   for (int64_t i = t.ndim() - 1; i >= 0; --i) {
     if (t.shape[i] != 1) APT_CHECK(t.strides[i] == expect, t.name, ": expected a contiguous tensor");
