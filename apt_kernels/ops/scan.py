@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._native import native_family_status, native_module, view
+from .._native import current_stream, native_family_status, native_module, view
 from ..backends import native_cuda_status, triton_interpret, triton_status
 from ..reference.scan import (check_scan_args, check_state_update_args, selective_scan_ref,
                               selective_state_update_ref)
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["selective_scan_fn", "selective_state_update", "selective_scan_cpu", "selective_scan_triton",
            "selective_scan_cuda", "selective_state_update_cpu", "selective_state_update_triton",
-           "selective_state_update_cuda", "cpu_status", "cuda_status", "CHUNK"]
+           "selective_state_update_cuda", "cpu_status", "cuda_status", "CHUNK", "CUDA_MAX_N"]
 
 # Time steps between saved states: backward memory is batch*dim*N*L/CHUNK; recomputation work does not depend on it.
 CHUNK = 64
@@ -75,27 +75,32 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
 def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
                  delta_softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = _acc(u.dtype)
-    batch, dim, L = u.shape
-    N = A.shape[1]
-    out = torch.empty_like(u)
-    last = u.new_empty(batch, dim, N, dtype=acc)
-    ckpt = u.new_empty(batch, dim, _nchunks(L, chunk), N, dtype=acc)
+    out, last, ckpt = _fwd_outputs(u, A, chunk)
     # keep every converted tensor in a local: view() only takes its pointer
-    Ap, Bp, Cp, Dp, bp = A.to(acc).contiguous(), pack_bc(B, acc), pack_bc(C, acc), _opt(D, acc), _opt(delta_bias, acc)
+    Ap, Bp, Cp, Dp, bp = _pack_params(A, B, C, D, delta_bias, _acc(u.dtype))
     native_module().selective_scan_fwd_cpu(
         view(u), view(delta), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(out), view(last),
         view(ckpt), bool(delta_softplus), int(chunk))
     return out, last, ckpt
 
 
-@_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+def _fwd_outputs(u: torch.Tensor, A: torch.Tensor, chunk: int):
+    """y (u's layout and dtype), last state (batch, dim, N) and checkpoints (batch, dim, nchunks, N) in fp32/fp64."""
     acc = _acc(u.dtype)
     batch, dim, L = u.shape
     N = A.shape[1]
     return (torch.empty_like(u), u.new_empty(batch, dim, N, dtype=acc),
             u.new_empty(batch, dim, _nchunks(L, chunk), N, dtype=acc))
+
+
+def _pack_params(A, B, C, D, delta_bias, acc):
+    """A, B, C, D, delta_bias in the kernels' layouts (contiguous, accumulation dtype; B/C through pack_bc)."""
+    return A.to(acc).contiguous(), pack_bc(B, acc), pack_bc(C, acc), _opt(D, acc), _opt(delta_bias, acc)
+
+
+@_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+    return _fwd_outputs(u, A, chunk)
 
 
 @torch.library.custom_op("apt::selective_scan_bwd", mutates_args=())
@@ -107,19 +112,24 @@ def _scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the inputs' layouts and dtypes; the gradient of an
     absent optional input is an empty tensor."""
     acc = _acc(u.dtype)
-    Bp, Cp = pack_bc(B, acc), pack_bc(C, acc)
-    du, ddelta = torch.empty_like(u), torch.empty_like(u)
-    dz = torch.empty_like(u) if z is not None else None
-    dA = torch.empty(A.shape, dtype=acc, device=u.device)
-    dBp, dCp = torch.empty_like(Bp), torch.empty_like(Cp)
-    dD = torch.empty(D.shape, dtype=acc, device=u.device) if D is not None else None
-    dbias = torch.empty(delta_bias.shape, dtype=acc, device=u.device) if delta_bias is not None else None
-    Ap, Dp, bp, dlp = A.to(acc).contiguous(), _opt(D, acc), _opt(delta_bias, acc), _opt(dlast, acc)
+    Ap, Bp, Cp, Dp, bp = _pack_params(A, B, C, D, delta_bias, acc)
+    dlp = _opt(dlast, acc)
+    du, ddelta, dz, dA, dBp, dCp, dD, dbias = _bwd_buffers(u, Ap, Bp, Cp, Dp, z, bp, torch.empty)
     native_module().selective_scan_bwd_cpu(
         view(u), view(delta), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(dout), view(dlp),
         view(ckpt), view(du), view(ddelta), view(dA), view(dBp), view(dCp), view(dD), view(dz), view(dbias),
         bool(delta_softplus), int(chunk))
     return _grads_out(u, A, B, C, D, z, delta_bias, du, ddelta, dA, dBp, dCp, dD, dz, dbias)
+
+
+def _bwd_buffers(u, Ap, Bp, Cp, Dp, z, bp, alloc):
+    """du, ddelta, dz (u's layout and dtype; dz None without z) and the packed parameter gradients dA, dB, dC, dD,
+    ddelta_bias (None when absent), allocated by ``alloc`` (torch.empty, or torch.zeros for kernels that add)."""
+    def like(t):
+        return alloc(t.shape, dtype=t.dtype, device=t.device) if t is not None else None
+
+    return (torch.empty_like(u), torch.empty_like(u), torch.empty_like(u) if z is not None else None,
+            like(Ap), like(Bp), like(Cp), like(Dp), like(bp))
 
 
 def _grads_out(u, A, B, C, D, z, delta_bias, du, ddelta, dA, dBp, dCp, dD, dz, dbias):
@@ -165,10 +175,8 @@ _make_autograd(_scan_fwd_op, _scan_bwd_op)
 def _state_update_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                      C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
                      dt_bias: Optional[torch.Tensor], dt_softplus: bool) -> torch.Tensor:
-    acc = _acc(x.dtype)
     y = torch.empty_like(x)
-    Ap, Bp, Cp, Dp, bp = A.to(acc).contiguous(), _pack_step_bc(B, acc), _pack_step_bc(C, acc), _opt(D, acc), \
-        _opt(dt_bias, acc)
+    Ap, Bp, Cp, Dp, bp = _pack_step_params(A, B, C, D, dt_bias, _acc(x.dtype))
     native_module().selective_state_update_cpu(
         view(state), view(x), view(dt), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(y),
         bool(dt_softplus))
@@ -185,6 +193,89 @@ def _pack_step_bc(M: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     if M.dim() == 2:
         M = M.unsqueeze(1)
     return M.to(acc).unsqueeze(2).contiguous()
+
+
+def _pack_step_params(A, B, C, D, dt_bias, acc):
+    return A.to(acc).contiguous(), _pack_step_bc(B, acc), _pack_step_bc(C, acc), _opt(D, acc), _opt(dt_bias, acc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA kernels (csrc/scan/scan_cuda_*.cu) for the same native ops: torch dispatches CUDA tensors here, so the fakes
+# and the autograd formula above serve both devices. B/C/A/D/bias are packed in fp32 exactly as for the CPU kernels.
+
+# Splitting time into parallel pieces costs a first pass over the input (about half a forward), so the forward
+# does it only when batch x dim x lanes leaves the GPU idle: None = choose (_cuda_chunks_per_split), an int forces it.
+CUDA_CHUNKS_PER_SPLIT: Optional[int] = None
+# csrc/scan/scan_cuda.h kMaxN: lanes per channel (<= 32) x states per lane (<= 4)
+CUDA_MAX_N = 128
+_CUDA_THREADS_PER_SM = 1024  # the threads per SM the split heuristic aims at (half of an H100 SM's maximum)
+
+
+def _cuda_lanes(N: int) -> int:
+    """Threads per channel in the CUDA kernels: the next power of two >= N, between 4 and 32."""
+    return min(32, max(4, 1 << (N - 1).bit_length()))
+
+
+def _cuda_chunks_per_split(rows: int, N: int, nchunks: int, device: torch.device) -> int:
+    if CUDA_CHUNKS_PER_SPLIT is not None:
+        return max(1, int(CUDA_CHUNKS_PER_SPLIT))
+    threads = rows * _cuda_lanes(N)
+    target = torch.cuda.get_device_properties(device).multi_processor_count * _CUDA_THREADS_PER_SM
+    if threads >= target or nchunks == 1:
+        return nchunks
+    splits = min(nchunks, -(-target // threads), 65535)
+    return -(-nchunks // splits)
+
+
+def _require_cuda_module(name: str) -> None:
+    ok, why = cuda_status()
+    if not ok:
+        raise RuntimeError(f"{name}: {why}")
+
+
+@_scan_fwd_op.register_kernel("cuda")
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+    _require_cuda_module("apt::selective_scan_fwd (cuda)")
+    f32 = torch.float32
+    out, last, ckpt = _fwd_outputs(u, A, chunk)
+    batch, dim, L = u.shape
+    N, nch = A.shape[1], _nchunks(L, chunk)
+    cps = _cuda_chunks_per_split(batch * dim, N, nch, u.device)
+    splits = -(-nch // cps)
+    seg_state = u.new_empty(batch * dim, splits - 1, N, dtype=f32) if splits > 1 else None
+    seg_dt = u.new_empty(batch * dim, splits - 1, dtype=f32) if splits > 1 else None
+    Ap, Bp, Cp, Dp, bp = _pack_params(A, B, C, D, delta_bias, f32)
+    native_module().selective_scan_fwd_cuda(
+        view(u), view(delta), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(out), view(last),
+        view(ckpt), view(seg_state), view(seg_dt), bool(delta_softplus), int(chunk), int(cps),
+        current_stream(u.device))
+    return out, last, ckpt
+
+
+@_scan_bwd_op.register_kernel("cuda")
+def _(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt, delta_softplus, chunk):
+    _require_cuda_module("apt::selective_scan_bwd (cuda)")
+    f32 = torch.float32
+    Ap, Bp, Cp, Dp, bp = _pack_params(A, B, C, D, delta_bias, f32)
+    dlp = _opt(dlast, f32)
+    # the kernel adds the parameter gradients up with atomics: they start from zero
+    du, ddelta, dz, dA, dBp, dCp, dD, dbias = _bwd_buffers(u, Ap, Bp, Cp, Dp, z, bp, torch.zeros)
+    native_module().selective_scan_bwd_cuda(
+        view(u), view(delta), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(dout), view(dlp),
+        view(ckpt), view(du), view(ddelta), view(dA), view(dBp), view(dCp), view(dD), view(dz), view(dbias),
+        bool(delta_softplus), int(chunk), current_stream(u.device))
+    return _grads_out(u, A, B, C, D, z, delta_bias, du, ddelta, dA, dBp, dCp, dD, dz, dbias)
+
+
+@_state_update_op.register_kernel("cuda")
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    _require_cuda_module("apt::selective_state_update (cuda)")
+    y = torch.empty_like(x)
+    Ap, Bp, Cp, Dp, bp = _pack_step_params(A, B, C, D, dt_bias, torch.float32)
+    native_module().selective_state_update_cuda(
+        view(state), view(x), view(dt), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(y),
+        bool(dt_softplus), current_stream(x.device))
+    return y
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,17 +331,24 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return torch.empty_like(x)
 
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_gpu_impl(name: str, what: str, ok_why: tuple[bool, str], t: torch.Tensor, cpu_ok: bool = False,
+                    hint: str = "") -> None:
+    """For the Triton and CUDA scans: the implementation is usable, and t has a dtype it takes and a CUDA device
+    (or cpu_ok)."""
+    ok, why = ok_why
+    if not ok:
+        raise RuntimeError(f"{name}: {why}")
+    if t.dtype not in _GPU_DTYPES:
+        raise TypeError(f"u: the {what} scan takes float32/float16/bfloat16 (it accumulates in fp32), got {t.dtype}")
+    if t.device.type != "cuda" and not cpu_ok:
+        raise ValueError(f"u: the {what} scan needs CUDA tensors{hint}, got device {t.device}")
 
 
 def _check_triton(name: str, t: torch.Tensor) -> None:
-    ok, why = triton_status()
-    if not ok:
-        raise RuntimeError(f"{name}: {why}")
-    if t.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"u: the Triton scan takes float32/float16/bfloat16 (it accumulates in fp32), got {t.dtype}")
-    if t.device.type != "cuda" and not triton_interpret():
-        raise ValueError(f"u: the Triton scan needs CUDA tensors (or TRITON_INTERPRET=1), got device {t.device}")
+    _check_gpu_impl(name, "Triton", triton_status(), t, cpu_ok=triton_interpret(), hint=" (or TRITON_INTERPRET=1)")
 
 
 def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -271,6 +369,37 @@ def selective_state_update_triton(state: torch.Tensor, x: torch.Tensor, dt: torc
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     _check_triton("selective_state_update_triton", x)
     return _triton_step_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+
+
+def _check_cuda(name: str, t: torch.Tensor, N: int) -> None:
+    _check_gpu_impl(name, "CUDA", cuda_status(), t)
+    if N > CUDA_MAX_N:
+        raise ValueError(f"A: the CUDA scan takes N <= {CUDA_MAX_N} states, got N={N}")
+
+
+def selective_scan_cuda(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                        D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                        delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                        return_last_state: bool = False) -> ScanResult:
+    """The native CUDA scan, explicitly (RuntimeError when it is unavailable, ValueError for non-CUDA tensors,
+    TypeError for fp64)."""
+    delta, z = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    _check_cuda("selective_scan_cuda", u, A.shape[1])
+    return _run(_scan_fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def selective_state_update_cuda(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                                B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor] = None,
+                                z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
+                                dt_softplus: bool = False) -> torch.Tensor:
+    """The native CUDA decode step, explicitly (in place on state; returns y)."""
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+    _check_cuda("selective_state_update_cuda", x, A.shape[1])
+    if state.dtype not in _GPU_DTYPES:
+        raise TypeError(f"state: the CUDA decode step takes float32/float16/bfloat16 states, got {state.dtype}")
+    dt = dt.to(x.dtype)
+    z = z.to(x.dtype) if z is not None else None
+    return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,7 +472,7 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     (dim, N), (batch, N, L) or (batch, G, N, L); D, delta_bias: (dim,). Returns y (u's dtype) and, with
     ``return_last_state``, the final state (batch, dim, N) in fp32. Differentiable in every tensor argument."""
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
-    impl, fn = _choose_scan(u)
+    impl, fn = _choose_scan(u, A.shape[-1])
     logger.debug("selective_scan_fn: using %s for %s %s input", impl, u.device.type, u.dtype)
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
@@ -355,14 +484,14 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     """One decode step (mamba_ssm's signature): updates ``state`` (batch, dim, N) in place and returns y
     (batch, dim). B, C: (batch, N) or (batch, G, N)."""
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
-    impl, fn = _choose_step(x)
+    impl, fn = _choose_step(x, A.shape[-1])
     logger.debug("selective_state_update: using %s for %s %s input", impl, x.device.type, x.dtype)
     return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
-def _choose_scan(u: torch.Tensor):
-    if u.device.type == "cuda":
-        if cuda_status()[0]:
+def _choose_scan(u: torch.Tensor, N: int):
+    if u.device.type == "cuda" and u.dtype in _GPU_DTYPES:
+        if cuda_status()[0] and N <= CUDA_MAX_N:
             return "cuda", selective_scan_cuda
         if triton_status()[0]:
             return "triton", selective_scan_triton
@@ -371,9 +500,9 @@ def _choose_scan(u: torch.Tensor):
     return "reference", selective_scan_ref
 
 
-def _choose_step(x: torch.Tensor):
-    if x.device.type == "cuda":
-        if cuda_status()[0]:
+def _choose_step(x: torch.Tensor, N: int):
+    if x.device.type == "cuda" and x.dtype in _GPU_DTYPES:
+        if cuda_status()[0] and N <= CUDA_MAX_N:
             return "cuda", selective_state_update_cuda
         if triton_status()[0]:
             return "triton", selective_state_update_triton

@@ -108,4 +108,35 @@ class TritonScan(_ScanProvider):
         return selective_scan_triton, selective_state_update_triton
 
 
-PROVIDERS = [ReferenceScan, CpuNativeScan, TritonScan]
+class CudaScan(_ScanProvider):
+    """Native CUDA kernels (csrc/scan/scan_cuda_*.cu): forward split over L when batch x dim is small, checkpointed
+    backward, decode step; CUDA tensors, fp32/fp16/bf16 with fp32 accumulation, N <= 128."""
+
+    name = "cuda"
+    priority = 30
+    device_type = "cuda"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    description = "Mamba selective scan, native CUDA kernels (fwd, bwd, decode step)"
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        from apt_kernels.ops.scan import cuda_status
+
+        return cuda_status()
+
+    def supports(self, **inputs: Any) -> list[str]:
+        from apt_kernels.ops.scan import CUDA_MAX_N
+
+        reasons = super().supports(**inputs)
+        A = inputs.get("A")
+        if isinstance(A, torch.Tensor) and A.dim() == 2 and A.shape[1] > CUDA_MAX_N:
+            reasons.append(f"A: N={A.shape[1]} states, the cuda provider takes at most {CUDA_MAX_N}")
+        return reasons
+
+    def _impl(self):
+        from apt_kernels.ops.scan import selective_scan_cuda, selective_state_update_cuda
+
+        return selective_scan_cuda, selective_state_update_cuda
+
+
+PROVIDERS = [ReferenceScan, CpuNativeScan, TritonScan, CudaScan]
