@@ -251,3 +251,125 @@ def test_cpu_native_backward_with_expanded_grad():
         grads.append((x.grad, w.grad))
     assert_close(grads[1][0], grads[0][0], grad=True)
     assert_close(grads[1][1], grads[0][1], grad=True)
+
+
+def test_gpu_impl_status_checks_dtype_experts_k(monkeypatch):
+    """auto must skip GPU kernels that cannot take the inputs (float64, E > 8192 / 4096, k > 16) instead of
+    choosing them and failing in the C++ checks; an explicit impl says why it is unusable."""
+    from apt_kernels.ops import moe as moe_ops
+
+    monkeypatch.setattr(moe_ops.backends, "native_cuda_status", lambda: (True, ""))
+    monkeypatch.setattr(moe_ops.backends, "triton_status", lambda: (True, ""))
+    gpu = torch.device("cuda")
+    assert moe_ops.impl_status("cuda", gpu, torch.bfloat16, 8192, 16) == (True, "")
+    assert moe_ops.resolve_impl("auto", gpu, torch.float32, 8, 2) == "cuda"
+    assert moe_ops.resolve_impl("auto", gpu, torch.float64) == "reference"
+    assert moe_ops.resolve_impl("auto", gpu, torch.float32, 9000, 2) == "reference"
+    assert moe_ops.resolve_impl("auto", gpu, torch.float32, 8, 17) == "triton"
+    assert moe_ops.resolve_impl("auto", gpu, torch.float32, 5000, 17) == "reference"
+    for args, why in (((torch.float64,), "float64"), ((torch.float32, 9000), "8192 experts"),
+                      ((torch.float32, 8, 17), "k <= 16")):
+        with pytest.raises(RuntimeError, match=why):
+            moe_ops.resolve_impl("cuda", gpu, *args)
+    assert moe_ops.resolve_impl("auto", torch.device("cpu"), torch.float64) == "cpu_native"
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_non_contiguous_inputs_and_expanded_grads():
+    lg = torch.randn(8, 40, device="cuda")[:, ::5]  # (8, 8) strided logits
+    r = moe_route(lg, 2, 1.0, impl="cuda")
+    r_ref = moe_route(lg.cpu(), 2, 1.0, impl="reference")
+    assert_same_routing(r, r_ref)
+    x = torch.randn(24, 8, device="cuda").t()  # (8, 24) non-contiguous
+    assert torch.equal(moe_dispatch(x, r, impl="cuda").cpu(), moe_dispatch(x.cpu(), r_ref, impl="reference"))
+    out = torch.randn(r.buffer_shape(15) + (2,), device="cuda")[..., 0]  # strided last dim
+    assert_close(moe_combine(out, r, impl="cuda").cpu(), moe_combine(out.cpu(), r_ref, impl="reference"))
+    grads = []
+    for impl, dev in (("reference", "cpu"), ("cuda", "cuda")):
+        xx = torch.randn(40, 16, generator=torch.Generator().manual_seed(1)).to(dev).requires_grad_()
+        w = torch.randn(40, 8, generator=torch.Generator().manual_seed(2)).to(dev).requires_grad_()
+        rr = moe_route(w, 2, 1.0, impl=impl)
+        moe_combine(moe_dispatch(xx, rr, impl=impl) * 2, rr, impl=impl).sum().backward()  # expanded grad_y
+        grads.append((xx.grad.cpu(), w.grad.cpu()))
+    assert_close(grads[1][0], grads[0][0], grad=True)
+    assert_close(grads[1][1], grads[0][1], grad=True)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("n,e,k,cf,kind", [
+    (600, 1000, 16, 1.0, "dup"),     # k at the limit, E > blockDim in the count kernel
+    (64, 8192, 16, None, "random"),  # E at the limit (32 KB of shared counts)
+    (300, 5000, 1, 0.5, "equal"),    # more experts than the Triton router takes; all ties
+    (70001, 8, 2, 1.25, "dup"),      # 274 token blocks: the scan across (rank, block) units
+    (5000, 16, 4, 0.25, "skew"),     # heavy dropping
+])
+def test_cuda_matches_reference_at_the_limits(n, e, k, cf, kind):
+    check_impl("cuda", n, e, k, cf, kind, torch.float32, device="cuda", c=8)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_auto_falls_back_and_explicit_cuda_explains():
+    lg = torch.randn(50, 8, dtype=torch.float64, device="cuda", requires_grad=True)
+    x = torch.randn(50, 6, dtype=torch.float64, device="cuda")
+    r = moe_route(lg, 2, 1.0)  # float64: not the cuda kernels
+    r_ref = moe_route(lg.detach().cpu(), 2, 1.0, impl="reference")
+    assert_same_routing(r, r_ref)
+    y = moe_combine(moe_dispatch(x, r), r)
+    assert_close(y.cpu(), moe_combine(moe_dispatch(x.cpu(), r_ref, impl="reference"), r_ref, impl="reference"))
+    with pytest.raises(RuntimeError, match="float64"):
+        moe_route(lg, 2, 1.0, impl="cuda")
+    lg32 = torch.randn(40, 20, device="cuda")
+    assert_same_routing(moe_route(lg32, 17, None), moe_route(lg32.cpu(), 17, None, impl="reference"))
+    with pytest.raises(RuntimeError, match="k <= 16"):
+        moe_route(lg32, 17, None, impl="cuda")
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_zero_channels():
+    r = moe_route(torch.randn(6, 4, device="cuda"), 2, 1.0, impl="cuda")
+    x = torch.randn(6, 0, device="cuda")
+    buf = moe_dispatch(x, r, impl="cuda")
+    assert buf.shape == r.buffer_shape(0)
+    assert moe_combine(buf, r, impl="cuda").shape == (6, 0)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_side_stream_graph_capture_and_current_device():
+    """Every launch goes on torch's current stream (a side stream; a CUDA graph capture breaks on any launch
+    elsewhere) and torch's current device is left as it was."""
+    lg = torch.randn(300, 8, device="cuda")
+    x = torch.randn(300, 32, device="cuda")
+    r_ref = moe_route(lg.cpu(), 2, 1.0, impl="reference")
+    y_ref = moe_combine(moe_dispatch(x.cpu(), r_ref, impl="reference"), r_ref, impl="reference")
+    dev = torch.cuda.current_device()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        r = moe_route(lg, 2, 1.0, impl="cuda")
+        y = moe_combine(moe_dispatch(x, r, impl="cuda"), r, impl="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.cuda.current_device() == dev
+    assert_same_routing(r, r_ref)
+    assert_close(y.cpu(), y_ref, family="moe")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        r_g = moe_route(lg, 2, 1.0, impl="cuda")
+        y_g = moe_combine(moe_dispatch(x, r_g, impl="cuda"), r_g, impl="cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(r_g.slot.cpu(), r_ref.slot) and torch.equal(r_g.token_of_slot.cpu(), r_ref.token_of_slot)
+    assert_close(y_g.cpu(), y_ref, family="moe")
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_second_device():
+    torch.cuda.set_device(0)
+    check_impl("cuda", 300, 8, 2, 1.0, "random", torch.float32, device="cuda:1")
+    assert torch.cuda.current_device() == 0
