@@ -87,9 +87,16 @@ def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] =
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
     if impl != "auto":
-        ok, why = impl_status(impl, device, dtype, num_experts, k)
+        ok, why = impl_status(impl, device)
         if not ok:
             raise RuntimeError(f"moe impl {impl!r} is unavailable: {why}")
+        # the back end exists but cannot take these inputs: a dtype is a TypeError, a size a ValueError
+        ok, why = impl_status(impl, device, dtype)
+        if not ok:
+            raise TypeError(f"moe impl {impl!r}: {why}")
+        ok, why = impl_status(impl, device, dtype, num_experts, k)
+        if not ok:
+            raise ValueError(f"moe impl {impl!r}: {why}")
         return impl
     order = ("cpu_native",) if device.type == "cpu" else ("cuda", "triton")
     for cand in order:
