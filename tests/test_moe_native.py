@@ -267,9 +267,9 @@ def test_gpu_impl_status_checks_dtype_experts_k(monkeypatch):
     assert moe_ops.resolve_impl("auto", gpu, torch.float32, 9000, 2) == "reference"
     assert moe_ops.resolve_impl("auto", gpu, torch.float32, 8, 17) == "triton"
     assert moe_ops.resolve_impl("auto", gpu, torch.float32, 5000, 17) == "reference"
-    for args, why in (((torch.float64,), "float64"), ((torch.float32, 9000), "8192 experts"),
-                      ((torch.float32, 8, 17), "k <= 16")):
-        with pytest.raises(RuntimeError, match=why):
+    for args, exc, why in (((torch.float64,), TypeError, "float64"), ((torch.float32, 9000), ValueError, "8192 experts"),
+                           ((torch.float32, 8, 17), ValueError, "k <= 16")):
+        with pytest.raises(exc, match=why):
             moe_ops.resolve_impl("cuda", gpu, *args)
     assert moe_ops.resolve_impl("auto", torch.device("cpu"), torch.float64) == "cpu_native"
 
