@@ -55,3 +55,12 @@ def test_without_native_module_everything_still_runs():
 def test_cli_without_command_prints_help():
     r = run_apt()
     assert r.returncode == 1 and "usage: apt" in r.stdout
+
+
+def test_closed_stdout_is_not_a_traceback():
+    """`apt info | head -1`: the reader leaves early; apt exits quietly instead of printing BrokenPipeError."""
+    proc = subprocess.Popen([sys.executable, "-m", "apt", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) in (0, 141) and "Traceback" not in err, err
