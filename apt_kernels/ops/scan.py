@@ -208,7 +208,7 @@ def _pack_step_params(A, B, C, D, dt_bias, acc):
 CUDA_CHUNKS_PER_SPLIT: Optional[int] = None
 # csrc/scan/scan_cuda.h kMaxN: lanes per channel (<= 32) x states per lane (<= 4)
 CUDA_MAX_N = 128
-_CUDA_THREADS_PER_SM = 1024  # the threads per SM the split heuristic aims at (half of an H100 SM's maximum)
+_CUDA_THREADS_PER_SM = 512  # threads per SM below which the forward splits time (16 warps; an SM holds 64)
 
 
 def _cuda_lanes(N: int) -> int:
