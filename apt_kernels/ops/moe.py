@@ -83,7 +83,9 @@ def impl_status(impl: str, device: Optional[torch.device] = None, dtype: Optiona
 def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] = None,
                  num_experts: Optional[int] = None, k: Optional[int] = None) -> str:
     """The concrete implementation for ``impl`` on ``device`` (and ``dtype`` / ``num_experts`` / ``k`` when given);
-    raises RuntimeError when an explicit one is unusable, ``auto`` falls back to the next (finally the reference)."""
+    an explicit one raises RuntimeError when its back end is unavailable here, TypeError when it cannot take
+    ``dtype`` and ValueError when ``num_experts`` / ``k`` exceed its limits; ``auto`` falls back to the next
+    (finally the reference)."""
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
     if impl != "auto":
