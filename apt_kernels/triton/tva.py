@@ -72,8 +72,10 @@ def _tva_fwd_kernel(
     HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # B*H on axis 0 (up to 2^31-1 programs; axes 1-2 stop at 65535); 64-bit, since bh * T * D and b * stride
+    # overflow int32 past 2^31 elements
+    bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     m_start = pid_m * BLOCK_M
@@ -133,8 +135,10 @@ def _tva_bwd_pre_kernel(
     HAS_DELTA: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Di = Σ_d dO·A with A = o - coef·gate·delta; dDelta = coef·gate·dO; rowdot = Σ_d delta·dO."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # B*H on axis 0 (up to 2^31-1 programs; axes 1-2 stop at 65535); 64-bit, since bh * T * D and b * stride
+    # overflow int32 past 2^31 elements
+    bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -167,8 +171,10 @@ def _tva_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    # B*H on axis 0 (up to 2^31-1 programs; axes 1-2 stop at 65535); 64-bit, since bh * T * D and b * stride
+    # overflow int32 past 2^31 elements
+    bh = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
     b = bh // H
     h = bh % H
     n_start = pid_n * BLOCK_N
@@ -226,8 +232,10 @@ def _tva_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # B*H on axis 0 (up to 2^31-1 programs; axes 1-2 stop at 65535); 64-bit, since bh * T * D and b * stride
+    # overflow int32 past 2^31 elements
+    bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     m_start = pid_m * BLOCK_M
@@ -294,7 +302,7 @@ def _tva_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Option
     pad, spb = _pad_arg(key_padding_mask, q)
     cfg = _cfg(q, D)
     dummy = q
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
+    grid = (B * H, triton.cdiv(Tq, cfg["BLOCK_M"]))
     _tva_fwd_kernel[grid](
         q, k, v, delta if delta is not None else dummy, gate if gate is not None else dummy, coef, pad, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *_s4(delta),
@@ -324,7 +332,7 @@ def _tva_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     has_delta = delta is not None
     ddelta = torch.empty(q.shape, dtype=delta.dtype, device=q.device) if has_delta else q.new_empty(0)
     rowdot = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device) if has_delta else di.new_empty(0)
-    grid_m = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
+    grid_m = (B * H, triton.cdiv(Tq, cfg["BLOCK_M"]))
     _tva_bwd_pre_kernel[grid_m](
         o, grad_o, delta if has_delta else q, gate if gate is not None else q, coef, di,
         ddelta if has_delta else di, rowdot if has_delta else di,
@@ -337,7 +345,7 @@ def _tva_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
     common = dict(CAUSAL=causal, HAS_WINDOW=window > 0, HAS_PAD=key_padding_mask is not None, **cfg)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride(), spb)
-    _tva_bwd_dkdv_kernel[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * H)](
+    _tva_bwd_dkdv_kernel[(B * H, triton.cdiv(Tk, cfg["BLOCK_N"]))](
         q, k, v, grad_o, lse, di, pad, dk, dv, *strides, H, Tq, Tk, D, max(window, 1), sinks, scale, **common)
     _tva_bwd_dq_kernel[grid_m](
         q, k, v, grad_o, lse, di, pad, dq, *strides, H, Tq, Tk, D, max(window, 1), sinks, scale, **common)
