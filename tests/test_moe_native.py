@@ -373,3 +373,15 @@ def test_cuda_second_device():
     torch.cuda.set_device(0)
     check_impl("cuda", 300, 8, 2, 1.0, "random", torch.float32, device="cuda:1")
     assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_on_gpu_more_than_65535_token_blocks():
+    """E = 4096 gives 2-token blocks: 140000 tokens are 70000 blocks, past grid axis 1's 65535 programs, so the
+    count/position kernels must keep the token blocks on axis 0."""
+    from apt_kernels.backends import triton_interpret, triton_status
+
+    if not triton_status()[0] or triton_interpret():
+        pytest.skip("needs compiled Triton on a GPU")
+    check_impl("triton", 140000, 4096, 1, 1.0, "random", torch.float32, device="cuda", c=4)

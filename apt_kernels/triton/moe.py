@@ -44,8 +44,8 @@ def _topk_kernel(p_ptr, idx_ptr, N, E, stride_n, stride_e, K: tl.constexpr, BLOC
 
 @triton.jit
 def _count_kernel(idx_ptr, cnt_ptr, N, E, NB, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    j = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(0)  # token blocks on axis 0: axes 1-2 stop at 65535 programs
+    j = tl.program_id(1)
     rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_E)
     e = tl.load(idx_ptr + rows * K + j, mask=rows < N, other=-1)
@@ -75,8 +75,8 @@ def _scan_kernel(cnt_ptr, tot_ptr, start_ptr, U, E, BLOCK_U: tl.constexpr, BLOCK
 @triton.jit
 def _position_kernel(idx_ptr, base_ptr, start_ptr, pos_ptr, slot_ptr, tos_ptr, N, E, NB, cap,
                      K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    j = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(0)  # token blocks on axis 0: axes 1-2 stop at 65535 programs
+    j = tl.program_id(1)
     rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     cols = tl.arange(0, BLOCK_E)
@@ -114,16 +114,16 @@ def route(probs: torch.Tensor, k: int, cap: int):
         return idx, pos, slot, tos, counts
     work = torch.empty(k * nb * e, dtype=torch.int64, device=dev)
     _topk_kernel[(nb,)](probs, idx, n, e, probs.stride(0), probs.stride(1), K=k, BLOCK_N=block_n, BLOCK_E=block_e)
-    _count_kernel[(k, nb)](idx, work, n, e, nb, K=k, BLOCK_N=block_n, BLOCK_E=block_e)
+    _count_kernel[(nb, k)](idx, work, n, e, nb, K=k, BLOCK_N=block_n, BLOCK_E=block_e)
     _scan_kernel[(1,)](work, counts, start, k * nb, e, BLOCK_U=max(1, min(64, 8192 // block_e)), BLOCK_E=block_e)
-    _position_kernel[(k, nb)](idx, work, start, pos, slot, tos, n, e, nb, cap, K=k, BLOCK_N=block_n,
+    _position_kernel[(nb, k)](idx, work, start, pos, slot, tos, n, e, nb, cap, K=k, BLOCK_N=block_n,
                               BLOCK_E=block_e)
     return idx, pos, slot, tos, counts
 
 
 @triton.jit
 def _dispatch_kernel(x_ptr, tos_ptr, buf_ptr, C, stride_x, BLOCK_C: tl.constexpr):
-    s = tl.program_id(0)
+    s = tl.program_id(0).to(tl.int64)  # s * stride overflows int32 past 2^31 elements
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cols < C
     t = tl.load(tos_ptr + s)
@@ -133,7 +133,7 @@ def _dispatch_kernel(x_ptr, tos_ptr, buf_ptr, C, stride_x, BLOCK_C: tl.constexpr
 
 @triton.jit
 def _dispatch_bwd_kernel(g_ptr, slot_ptr, gx_ptr, C, stride_g, K: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # n * stride overflows int32 past 2^31 elements
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cols < C
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -145,7 +145,7 @@ def _dispatch_bwd_kernel(g_ptr, slot_ptr, gx_ptr, C, stride_g, K: tl.constexpr, 
 
 @triton.jit
 def _combine_kernel(out_ptr, w_ptr, slot_ptr, y_ptr, C, stride_o, K: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # n * stride overflows int32 past 2^31 elements
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cols < C
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -160,7 +160,7 @@ def _combine_kernel(out_ptr, w_ptr, slot_ptr, y_ptr, C, stride_o, K: tl.constexp
 @triton.jit
 def _combine_bwd_out_kernel(gy_ptr, w_ptr, slot_ptr, tos_ptr, go_ptr, C, stride_gy, K: tl.constexpr,
                             BLOCK_C: tl.constexpr):
-    s = tl.program_id(0)
+    s = tl.program_id(0).to(tl.int64)  # s * stride overflows int32 past 2^31 elements
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cols < C
     t = tl.load(tos_ptr + s)
@@ -176,7 +176,7 @@ def _combine_bwd_out_kernel(gy_ptr, w_ptr, slot_ptr, tos_ptr, go_ptr, C, stride_
 @triton.jit
 def _combine_bwd_w_kernel(gy_ptr, out_ptr, slot_ptr, gw_ptr, C, stride_gy, stride_o, K: tl.constexpr,
                           BLOCK_C: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # n * stride overflows int32 past 2^31 elements
     for j in tl.static_range(K):
         s = tl.load(slot_ptr + n * K + j)
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
