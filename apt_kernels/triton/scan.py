@@ -30,7 +30,7 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      B_VAR: tl.constexpr, C_VAR: tl.constexpr, CHUNK: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: pid_b * stride overflows int32 past 2^31 elements
     pid_g = tl.program_id(1)
     pid_d = tl.program_id(2)
     loc = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -96,7 +96,7 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      HAS_DLAST: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr, CHUNK: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: pid_b * stride overflows int32 past 2^31 elements
     pid_g = tl.program_id(1)
     pid_d = tl.program_id(2)
     loc = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -230,7 +230,7 @@ def _state_update_kernel(s_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
                          dim, N, dpg_b, dpg_c,
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: pid_b * stride overflows int32 past 2^31 elements
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = d < dim
     n = tl.arange(0, BLOCK_N)
