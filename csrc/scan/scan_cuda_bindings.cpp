@@ -32,6 +32,22 @@ void copy3(const TensorView& t, int64_t* s) {
   for (int i = 0; i < 3; ++i) s[i] = t.stride(i);
 }
 
+// B or C: constant (dim, N) when allow_const, else packed (batch, G, steps, N) with G dividing dim. Returns G
+// (0 for the constant layout).
+int64_t check_bc(const TensorView& m, int64_t batch, int64_t dim, int64_t steps, int64_t N, int dev,
+                 bool allow_const) {
+  if (allow_const && m.ndim() == 2) {
+    check_f32(m, {dim, N}, dev);
+    return 0;
+  }
+  APT_CHECK(m.ndim() == 4, m.name, ": expected ", allow_const ? "(dim, N) or " : "", "packed (batch, G, ", steps,
+            ", N), got ", m.ndim(), " dims");
+  const int64_t G = m.size(1);
+  APT_CHECK(G >= 1 && dim % G == 0, m.name, ": number of groups ", G, " must divide dim=", dim);
+  check_f32(m, {batch, G, steps, N}, dev);
+  return G;
+}
+
 // u, delta, z (optional), A, B, C, D, bias: checked and filled into p; returns u's view.
 TensorView unpack_inputs(scan_cuda::ScanParams& p, Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj z_,
                          Obj bias_, bool softplus, int64_t chunk) {
@@ -70,18 +86,10 @@ TensorView unpack_inputs(scan_cuda::ScanParams& p, Obj u_, Obj delta_, Obj A_, O
     copy3(z, p.sz);
   }
   p.A = A.ptr<float>();
-  for (const TensorView* m : {&B, &C}) {
-    int64_t G = 0;
-    if (m->ndim() == 2) {
-      check_f32(*m, {dim, N}, dev);
-    } else {
-      APT_CHECK(m->ndim() == 4, m->name, ": expected (dim, N) or packed (batch, G, L, N), got ", m->ndim(), " dims");
-      G = m->size(1);
-      APT_CHECK(G >= 1 && dim % G == 0, m->name, ": number of groups ", G, " must divide dim=", dim);
-      check_f32(*m, {batch, G, L, N}, dev);
-    }
-    if (m == &B) { p.B = m->ptr<float>(); p.gB = G; } else { p.C = m->ptr<float>(); p.gC = G; }
-  }
+  p.gB = check_bc(B, batch, dim, L, N, dev, true);
+  p.gC = check_bc(C, batch, dim, L, N, dev, true);
+  p.B = B.ptr<float>();
+  p.C = C.ptr<float>();
   if (D.defined()) { check_f32(D, {dim}, dev); p.D = D.ptr<float>(); }
   if (bias.defined()) { check_f32(bias, {dim}, dev); p.bias = bias.ptr<float>(); }
   return u;
@@ -187,13 +195,10 @@ void selective_state_update(Obj state_, Obj x_, Obj dt_, Obj A_, Obj B_, Obj C_,
   if (z.defined()) check_like(z, x);
   check_f32(A, {dim, N}, dev);
   scan_cuda::StepParams p;
-  for (const TensorView* m : {&B, &C}) {
-    check_ndim(*m, 4);
-    const int64_t G = m->size(1);
-    APT_CHECK(G >= 1 && dim % G == 0, m->name, ": number of groups ", G, " must divide dim=", dim);
-    check_f32(*m, {batch, G, 1, N}, dev);
-    if (m == &B) { p.B = m->ptr<float>(); p.gB = G; } else { p.C = m->ptr<float>(); p.gC = G; }
-  }
+  p.gB = check_bc(B, batch, dim, 1, N, dev, false);
+  p.gC = check_bc(C, batch, dim, 1, N, dev, false);
+  p.B = B.ptr<float>();
+  p.C = C.ptr<float>();
   if (D.defined()) { check_f32(D, {dim}, dev); p.D = D.ptr<float>(); }
   if (bias.defined()) { check_f32(bias, {dim}, dev); p.bias = bias.ptr<float>(); }
   p.dtype = static_cast<int>(x.dtype);

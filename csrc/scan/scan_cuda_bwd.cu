@@ -38,14 +38,10 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
 
   bool ok[NPT];
   float A[NPT], Bc[NPT], Cc[NPT], g[NPT], dA[NPT], dBc[NPT], dCc[NPT];
+  load_channel<NL, NPT>(p, s, lane, Bv, Cv, ok, A, Bc, Cc);
 #pragma unroll
   for (int j = 0; j < NPT; ++j) {
-    const int64_t n = lane + j * NL;
-    ok[j] = s.active && n < N;
-    A[j] = ok[j] ? p.A[s.d * N + n] : 0.f;
-    Bc[j] = ok[j] && !Bv ? p.B[s.d * N + n] : 0.f;
-    Cc[j] = ok[j] && !Cv ? p.C[s.d * N + n] : 0.f;
-    g[j] = ok[j] && p.dlast ? p.dlast[s.row * N + n] : 0.f;
+    g[j] = ok[j] && p.dlast ? p.dlast[s.row * N + lane + j * NL] : 0.f;  // adjoint of h_{L-1}
     dA[j] = dBc[j] = dCc[j] = 0.f;
   }
   float dD_acc = 0.f, dbias_acc = 0.f;  // this lane's steps (k = k0 + lane) of its channel
@@ -69,22 +65,12 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
     for (int k0 = 0; k0 < K; k0 += NL) {
       float acc[NL];
 #pragma unroll
-      for (int i = 0; i < NL; ++i) {
-        const int k = k0 + i;
-        acc[i] = 0.f;
-        if (k < K) {
-          const int64_t t = t0 + k;
-          const float dt = s_dt[cc][k], dtu = dt * s_u[cc][k];
-#pragma unroll
-          for (int j = 0; j < NPT; ++j) {
-            const int64_t n = lane + j * NL;
-            const float Bt = Bv ? (ok[j] ? Bv[t * N + n] : 0.f) : Bc[j];
-            h[j] = __expf(dt * A[j]) * h[j] + dtu * Bt;
-            s_h[(k + 1) * NS + j * NT + tid] = h[j];
-            if (p.z) acc[i] += h[j] * (Cv ? (ok[j] ? Cv[t * N + n] : 0.f) : Cc[j]);
-          }
-        }
-      }
+      for (int i = 0; i < NL; ++i) acc[i] = 0.f;
+      advance_tile<NL, NPT>(h, A, Bc, ok, Bv, s_dt[cc], s_u[cc], t0, k0, K, N, lane,
+                            [&](int i, int j, int64_t t, float hj) {
+                              s_h[(k0 + i + 1) * NS + j * NT + tid] = hj;
+                              if (p.z) acc[i] += hj * bc_at(Cv, Cc[j], ok[j], t, N, lane + j * NL);
+                            });
       if (p.z) {
         const float y = reduce_scatter<NL>(acc, lane);
         const int k = k0 + lane;
@@ -106,8 +92,7 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
 #pragma unroll
           for (int j = 0; j < NPT; ++j) {
             const int64_t n = lane + j * NL;
-            const float Bt = Bv ? (ok[j] ? Bv[t * N + n] : 0.f) : Bc[j];
-            const float Ct = Cv ? (ok[j] ? Cv[t * N + n] : 0.f) : Cc[j];
+            const float Bt = bc_at(Bv, Bc[j], ok[j], t, N, n), Ct = bc_at(Cv, Cc[j], ok[j], t, N, n);
             const float hp = s_h[k * NS + j * NT + tid], hc = s_h[(k + 1) * NS + j * NT + tid];
             const float e = __expf(dt * A[j]);
             const float gn = g[j] + Ct * dy;  // adjoint of h_t
@@ -182,6 +167,14 @@ void selective_scan_bwd(const ScanParams& p, uintptr_t stream) {
                             (p.gC ? static_cast<size_t>(p.chunk) * NL * NPT : 0);
       const size_t bytes = floats * sizeof(float);
       auto kernel = scan_bwd_kernel<T, NL, NPT>;
+      cudaFuncAttributes attr{};
+      APT_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+      int optin = 0;
+      APT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device));
+      if (bytes + attr.sharedSizeBytes > static_cast<size_t>(optin))
+        throw std::invalid_argument("selective_scan_bwd_cuda: N=" + std::to_string(p.N) + " with chunk=" +
+                                    std::to_string(p.chunk) + " needs " + std::to_string(bytes + attr.sharedSizeBytes) +
+                                    " bytes of shared memory per block, the device allows " + std::to_string(optin));
       APT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(bytes)));
       kernel<<<grid_x(tl.blocks), NT, bytes, st>>>(p, tl, nchunks);

@@ -109,6 +109,48 @@ __device__ __forceinline__ float group_sum(float v) {
   return v;
 }
 
+// This thread's states n = lane + j * NL: whether they exist (ok), A and the constant B/C (0 when packed).
+template <int NL, int NPT>
+__device__ __forceinline__ void load_channel(const ScanParams& p, const Slot& s, int lane, const float* Bv,
+                                             const float* Cv, bool (&ok)[NPT], float (&A)[NPT], float (&Bc)[NPT],
+                                             float (&Cc)[NPT]) {
+#pragma unroll
+  for (int j = 0; j < NPT; ++j) {
+    const int64_t n = lane + j * NL, o = s.d * p.N + n;
+    ok[j] = s.active && n < p.N;
+    A[j] = ok[j] ? p.A[o] : 0.f;
+    Bc[j] = ok[j] && !Bv ? p.B[o] : 0.f;
+    Cc[j] = ok[j] && !Cv ? p.C[o] : 0.f;
+  }
+}
+
+// B_t or C_t at state n: from the packed row Mv when there is one, else the constant Mc; 0 on padding lanes.
+__device__ __forceinline__ float bc_at(const float* Mv, float Mc, bool ok, int64_t t, int64_t N, int64_t n) {
+  return Mv ? (ok ? Mv[t * N + n] : 0.f) : Mc;
+}
+
+// The recurrence over the tile of steps k0 .. k0 + NL - 1 of a staged chunk (steps >= K skipped):
+// h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t for this thread's NPT states, then on_state(i, j, t, h_t).
+template <int NL, int NPT, typename F>
+__device__ __forceinline__ void advance_tile(float (&h)[NPT], const float (&A)[NPT], const float (&Bc)[NPT],
+                                             const bool (&ok)[NPT], const float* Bv, const float* dts,
+                                             const float* us, int64_t t0, int k0, int K, int64_t N, int lane,
+                                             F&& on_state) {
+#pragma unroll
+  for (int i = 0; i < NL; ++i) {
+    const int k = k0 + i;
+    if (k < K) {
+      const int64_t t = t0 + k;
+      const float dt = dts[k], dtu = dt * us[k];
+#pragma unroll
+      for (int j = 0; j < NPT; ++j) {
+        h[j] = __expf(dt * A[j]) * h[j] + dtu * bc_at(Bv, Bc[j], ok[j], t, N, lane + j * NL);
+        on_state(i, j, t, h[j]);
+      }
+    }
+  }
+}
+
 // Per-chunk staging: for the block's channels and steps t0 <= t < t0 + K, dt (bias, softplus) and u; for the
 // backward also dy (times silu(z) when z is given), the factor of dz (dy * dsilu(z), times y later) and d softplus.
 // Padding channels get zeros, so they contribute nothing anywhere.

@@ -28,15 +28,9 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
 
   bool ok[NPT];
   float A[NPT], Bc[NPT], Cc[NPT], h[NPT];
+  load_channel<NL, NPT>(p, s, lane, Bv, Cv, ok, A, Bc, Cc);
 #pragma unroll
-  for (int j = 0; j < NPT; ++j) {
-    const int64_t n = lane + j * NL;
-    ok[j] = s.active && n < N;
-    A[j] = ok[j] ? p.A[s.d * N + n] : 0.f;
-    Bc[j] = ok[j] && !Bv ? p.B[s.d * N + n] : 0.f;
-    Cc[j] = ok[j] && !Cv ? p.C[s.d * N + n] : 0.f;
-    h[j] = 0.f;
-  }
+  for (int j = 0; j < NPT; ++j) h[j] = 0.f;
   // seg_state (rows, nsplits - 1, N), seg_dt (rows, nsplits - 1)
   if (kFinal) {
     for (int64_t q = 0; q < split; ++q) {
@@ -59,28 +53,17 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
     __syncthreads();  // the previous chunk's staged values are no longer read
     load_stage<T, false>(p, tl, CPB, NT, t0, K, sg);
     __syncthreads();
+    if (!kFinal) {
+      for (int k = 0; k < K; ++k) dt_sum += s_dt[cc][k];
+    }
     for (int k0 = 0; k0 < K; k0 += NL) {
       float acc[NL];
 #pragma unroll
-      for (int i = 0; i < NL; ++i) {
-        const int k = k0 + i;
-        acc[i] = 0.f;
-        if (k < K) {
-          const int64_t t = t0 + k;
-          const float dt = s_dt[cc][k], dtu = dt * s_u[cc][k];
-          dt_sum += dt;
-#pragma unroll
-          for (int j = 0; j < NPT; ++j) {
-            const int64_t n = lane + j * NL;
-            const float Bt = Bv ? (ok[j] ? Bv[t * N + n] : 0.f) : Bc[j];
-            h[j] = __expf(dt * A[j]) * h[j] + dtu * Bt;
-            if (kFinal) {
-              const float Ct = Cv ? (ok[j] ? Cv[t * N + n] : 0.f) : Cc[j];
-              acc[i] += h[j] * Ct;
-            }
-          }
-        }
-      }
+      for (int i = 0; i < NL; ++i) acc[i] = 0.f;
+      advance_tile<NL, NPT>(h, A, Bc, ok, Bv, s_dt[cc], s_u[cc], t0, k0, K, N, lane,
+                            [&](int i, int j, int64_t t, float hj) {
+                              if (kFinal) acc[i] += hj * bc_at(Cv, Cc[j], ok[j], t, N, lane + j * NL);
+                            });
       if (kFinal) {
         float y = reduce_scatter<NL>(acc, lane);  // this lane's step: k0 + lane
         const int k = k0 + lane;
