@@ -15,7 +15,7 @@ import torch
 
 from .. import backends
 from .._native import current_stream, native_module, view
-from ..reference.tva import Coef, check_tva_inputs, perturbation_grads, tva_attention_ref
+from ..reference.tva import Coef, check_tva_inputs, register_fused_tva_op, tva_attention_ref
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +113,6 @@ def _native_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opt
     return o, lse
 
 
-@_native_fwd_op.register_fake
-def _(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
-    B, H, Tq, _ = q.shape
-    # contiguous like the real output (not empty_like, which would copy a transposed q's strides)
-    return q.new_empty(q.shape), q.new_empty(B, H, Tq, dtype=torch.float32)
-
-
 @torch.library.custom_op("apt::tva_attention_native_backward", mutates_args=())
 def _native_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, delta: Optional[torch.Tensor], gate: Optional[torch.Tensor],
@@ -127,7 +120,7 @@ def _native_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                    key_padding_mask: Optional[torch.Tensor], scale: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, ddelta (empty without delta), rowdot = Σ_d delta·dO (B, H, Tq) fp32 (empty without delta)."""
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fakes
     if delta is not None:
         ddelta = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         rowdot = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
@@ -145,35 +138,7 @@ def _native_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return dq, dk, dv, ddelta, rowdot
 
 
-@_native_bwd_op.register_fake
-def _(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
-    has = delta is not None
-    dd = q.new_empty(q.shape) if has else q.new_empty(0)  # contiguous, as the real op allocates it
-    rd = q.new_empty(q.shape[:3], dtype=torch.float32) if has else q.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dd, rd
-
-
-def _native_setup_context(ctx, inputs, output) -> None:
-    q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, delta, gate, coef, kpm)
-    ctx.args = (causal, window, sinks, scale)
-
-
-def _native_backward(ctx, grad_o, grad_lse):
-    q, k, v, o, lse, delta, gate, coef, kpm = ctx.saved_tensors
-    causal, window, sinks, scale = ctx.args
-    dq, dk, dv, ddelta, rowdot = _native_bwd_op(grad_o.contiguous(), q, k, v, o, lse, delta, gate, coef, causal,
-                                                window, sinks, kpm, scale)
-    dgate = dcoef = None
-    if delta is None:
-        ddelta = None
-    else:
-        dgate, dcoef = perturbation_grads(rowdot, gate, coef)
-    return dq, dk, dv, ddelta, dgate, dcoef, None, None, None, None, None
-
-
-_native_fwd_op.register_autograd(_native_backward, setup_context=_native_setup_context)
+register_fused_tva_op(_native_fwd_op, _native_bwd_op)
 
 
 def _run_native(impl: str, q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale):

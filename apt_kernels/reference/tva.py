@@ -200,3 +200,42 @@ def perturbation_grads(rowdot: torch.Tensor, gate: Optional[torch.Tensor], coef:
         return None, rowdot.sum().to(coef.dtype)
     g = gate.to(torch.float32).permute(0, 2, 1)
     return (c * rowdot).permute(0, 2, 1).to(gate.dtype), (rowdot * g).sum().to(coef.dtype)
+
+
+def register_fused_tva_op(fwd_op, bwd_op) -> None:
+    """The fake implementations and the autograd formula shared by the fused TVA custom ops (native C++/CUDA,
+    Triton): ``fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) -> (o, lse)``,
+    ``bwd_op(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) ->
+    (dq, dk, dv, ddelta, rowdot)`` (ddelta and rowdot empty without delta). The real ops allocate every output
+    contiguous, so the fakes do too (``empty_like`` would copy a transposed q's strides)."""
+
+    @fwd_op.register_fake
+    def _fwd_fake(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @bwd_op.register_fake
+    def _bwd_fake(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
+        has = delta is not None
+        dd = q.new_empty(q.shape) if has else q.new_empty(0)
+        rd = q.new_empty(q.shape[:3], dtype=torch.float32) if has else q.new_empty(0, dtype=torch.float32)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dd, rd
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse, delta, gate, coef, kpm)
+        ctx.args = (causal, window, sinks, scale)
+
+    def backward(ctx, grad_o, grad_lse):
+        q, k, v, o, lse, delta, gate, coef, kpm = ctx.saved_tensors
+        causal, window, sinks, scale = ctx.args
+        dq, dk, dv, ddelta, rowdot = bwd_op(grad_o.contiguous(), q, k, v, o, lse, delta, gate, coef, causal,
+                                            window, sinks, kpm, scale)
+        dgate = dcoef = None
+        if delta is None:
+            ddelta = None
+        else:
+            dgate, dcoef = perturbation_grads(rowdot, gate, coef)
+        return dq, dk, dv, ddelta, dgate, dcoef, None, None, None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.tva import Coef, check_tva_inputs, perturbation_grads
+from ..reference.tva import Coef, check_tva_inputs, register_fused_tva_op
 
 __all__ = ["tva_attention_triton", "MAX_HEAD_DIM"]
 
@@ -313,12 +313,6 @@ def _tva_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Option
     return o, lse
 
 
-@_tva_fwd_op.register_fake
-def _(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
-    B, H, Tq, _ = q.shape
-    return torch.empty_like(q), q.new_empty(B, H, Tq, dtype=torch.float32)
-
-
 @torch.library.custom_op("apt::tva_attention_triton_backward", mutates_args=())
 def _tva_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                 lse: torch.Tensor, delta: Optional[torch.Tensor], gate: Optional[torch.Tensor], coef: torch.Tensor,
@@ -352,35 +346,7 @@ def _tva_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     return dq, dk, dv, ddelta, rowdot
 
 
-@_tva_bwd_op.register_fake
-def _(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
-    B, H, Tq, _ = q.shape
-    dd = torch.empty_like(q) if delta is not None else q.new_empty(0)
-    rd = q.new_empty(B, H, Tq, dtype=torch.float32) if delta is not None else q.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dd, rd
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, delta, gate, coef, kpm)
-    ctx.args = (causal, window, sinks, scale)
-
-
-def _backward(ctx, grad_o, grad_lse):
-    q, k, v, o, lse, delta, gate, coef, kpm = ctx.saved_tensors
-    causal, window, sinks, scale = ctx.args
-    dq, dk, dv, ddelta, rowdot = _tva_bwd_op(grad_o.contiguous(), q, k, v, o, lse, delta, gate, coef, causal,
-                                              window, sinks, kpm, scale)
-    dgate = dcoef = None
-    if delta is None:
-        ddelta = None
-    else:
-        dgate, dcoef = perturbation_grads(rowdot, gate, coef)
-    return dq, dk, dv, ddelta, dgate, dcoef, None, None, None, None, None
-
-
-_tva_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+register_fused_tva_op(_tva_fwd_op, _tva_bwd_op)
 
 
 def tva_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
