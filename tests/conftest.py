@@ -1,11 +1,19 @@
 """Shared fixtures. Tests run on the CPU; Triton tests set TRITON_INTERPRET=1 themselves (module level, before
-triton is imported) and are marked ``triton``; CUDA tests are marked ``cuda`` and skipped without a device."""
+triton is imported) and are marked ``triton``; CUDA tests are marked ``cuda`` and skipped without a device.
+
+Without a CUDA device TRITON_INTERPRET=1 is set here, before any test module is collected: Triton builds each
+``@triton.jit`` function for one mode when its module is imported, so a module imported first without it (say by
+a provider check while collecting another file) would break the interpreter tests of any subset of files that
+happens to collect that file first. The whole suite ends up in that state anyway."""
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Keep the suite within CI's 2 cores and deterministic.
 torch.set_num_threads(int(os.environ.get("APT_TEST_THREADS", "2")))
