@@ -47,6 +47,11 @@ def _load() -> None:
         logger.debug("apt_kernels: %s", _reason)
 
 
+# Load at import, not on first use: the first use may be inside torch.compile, where dynamo cannot trace an
+# import (fullgraph=True fails, otherwise the graph breaks). Importing the .so is cheap and never raises.
+_load()
+
+
 def native_module() -> Optional[ModuleType]:
     """The compiled module, or None when it is unavailable (see :func:`native_status`)."""
     _load()

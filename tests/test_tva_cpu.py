@@ -157,3 +157,22 @@ def test_layer_and_provider_use_the_cpu_kernel():
         cache = layer.new_cache(2)
         outs = [layer(x[:, a:b], kpm[:, a:b], cache=cache) for a, b in ((0, 17), (17, 18), (18, 40))]
         assert_close(torch.cat(outs, 1), ref(x, kpm), family="attention")
+
+
+def test_native_op_under_torch_compile():
+    """fullgraph torch.compile (aot_eager: dynamo tracing, fake tensors, the registered autograd) gives the eager
+    output and gradients, masks and padding included."""
+    inp = random_tva_inputs(B=2, H=2, Tq=33, Tk=33, D=16, coef_tensor=True, requires_grad=True, pad=True, seed=4)
+
+    def f(q, k, v, delta, gate, coef, key_padding_mask):
+        return tva_attention(q, k, v, delta=delta, gate=gate, coef=coef, key_padding_mask=key_padding_mask,
+                             window=8, sinks=1, impl="cpu_native")
+
+    leaves = [inp[n] for n in NAMES]
+    eager = f(**inp)
+    g_eager = torch.autograd.grad(eager.sum(), leaves)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(**inp)
+    g_comp = torch.autograd.grad(compiled.sum(), leaves)
+    torch.testing.assert_close(compiled, eager)
+    for n, a, b in zip(NAMES, g_comp, g_eager):
+        torch.testing.assert_close(a, b, msg=n)
