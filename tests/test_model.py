@@ -106,6 +106,13 @@ def test_moe_wrapper_switch_and_aux_losses():
     model(x)
     assert model.aux_losses == {}
     assert "_active" in "".join(model.state_dict())  # the switch is saved in checkpoints
+    fresh = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": name,
+                                    "model.moe.num_experts": 4, "model.moe.every": 2})
+    assert fresh.moe_layers()[0].active
+    fresh.load_state_dict(model.state_dict())  # ... and restored from them
+    assert not fresh.moe_layers()[0].active
+    fresh(x)
+    assert fresh.aux_losses == {}
     moes[0].capacity_factor = 2.0
     moes[0].temperature = 0.5
     assert moes[0].moe.capacity_factor == 2.0 and moes[0].moe.temperature == 0.5
@@ -172,3 +179,22 @@ def test_attention_provider_gets_tva_settings_it_accepts():
     assert seen == {"d_model": 32, "num_heads": 2, "r": 8, "s": 1, "tau": 0.18, "alpha": 0.1, "window": 4,
                     "extra": "x"}
     assert model.build_report["attention"] == "test_recording_attention"
+
+
+def test_moe_model_under_torch_compile_fullgraph():
+    """A GPT with MoE blocks compiles as one graph (aot_eager: fake tensors and autograd of every op) and gives the
+    eager logits and gradients; switching MoE off recompiles instead of reading a device flag in forward."""
+    model = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": _router(),
+                                    "model.moe.num_experts": 4, "model.moe.every": 2})
+    x = torch.randint(0, 257, (2, 8))
+    eager = model(x)
+    g_eager = torch.autograd.grad(eager.square().mean(), list(model.parameters()), allow_unused=True)
+    compiled_model = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled_model(x)
+    g_comp = torch.autograd.grad(out.square().mean(), list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(g_comp, g_eager):
+        if b is not None:
+            torch.testing.assert_close(a, b)
+    model.moe_layers()[0].active = False
+    torch.testing.assert_close(compiled_model(x), model(x))

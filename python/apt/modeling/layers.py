@@ -74,16 +74,24 @@ class MoEWrappedFFN(nn.Module):
         self.dense = dense
         self.moe = moe
         self.register_buffer("_active", torch.tensor(bool(active)), persistent=True)
+        # forward branches on this Python mirror of the buffer: reading the buffer (.item()) would sync the device
+        # every step and is a data-dependent branch that torch.compile cannot trace (it guards on the bool instead)
+        self._active_flag = bool(active)
         self.last_aux: dict[str, torch.Tensor] = {}
         self.last_stats: dict[str, Any] = {}
 
     @property
     def active(self) -> bool:
-        return bool(self._active.item())
+        return self._active_flag
 
     @active.setter
     def active(self, value: bool) -> None:
+        self._active_flag = bool(value)
         self._active.fill_(bool(value))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._active_flag = bool(self._active.item())
 
     def _set_moe_attr(self, name: str, value: Any) -> None:
         if hasattr(self.moe, name):
