@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from apt_kernels import backends
-from apt_kernels.reference.tva import random_tva_inputs, tva_attention_ref
+from apt_kernels.reference.tva import check_tva_against_reference, random_tva_inputs, tva_attention_ref
 from apt_kernels.testing import assert_close
 
 cuda = pytest.mark.cuda
 
-NAMES = ("q", "k", "v", "delta", "gate", "coef")
 MASKS = [(True, None, 0, False, 0), (True, None, 0, True, 40), (True, 50, 3, True, 0), (False, None, 0, True, 7),
          (False, 33, 1, False, 0)]
 
@@ -32,19 +31,7 @@ def _impls():
 def _compare(impl, inp, dtype, **kw):
     from apt_kernels.ops.tva import tva_attention
 
-    out = tva_attention(**inp, **kw, impl=impl)
-    ref_inp = {k: (v.detach().float().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point()
-                   else v) for k, v in inp.items()}
-    ref = tva_attention_ref(**ref_inp, **kw)
-    assert out.dtype == dtype and torch.isfinite(out).all()
-    assert_close(out, ref.to(dtype), dtype=dtype, family="attention", msg=f"{impl} o")
-    go = torch.randn(out.shape, device=out.device, dtype=dtype)
-    names = [n for n in NAMES if isinstance(inp.get(n), torch.Tensor) and inp[n].requires_grad]
-    got = torch.autograd.grad(out, [inp[n] for n in names], go)
-    exp = torch.autograd.grad(ref, [ref_inp[n] for n in names], go.float())
-    for n, g, e in zip(names, got, exp):
-        assert torch.isfinite(g).all(), n
-        assert_close(g, e.to(dtype), dtype=dtype, family="attention", grad=True, msg=f"{impl} d{n}")
+    check_tva_against_reference(lambda **a: tva_attention(**a, impl=impl), inp, dtype, msg=impl, **kw)
 
 
 @cuda

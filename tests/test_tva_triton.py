@@ -11,7 +11,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from apt_kernels import backends  # noqa: E402
-from apt_kernels.reference.tva import random_tva_inputs, tva_attention_ref  # noqa: E402
+from apt_kernels.reference.tva import check_tva_against_reference, random_tva_inputs, tva_attention_ref  # noqa: E402,E501
 from apt_kernels.testing import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -20,23 +20,9 @@ if not backends.triton_status()[0]:
 
 from apt_kernels.triton.tva import tva_attention_triton  # noqa: E402
 
-NAMES = ("q", "k", "v", "delta", "gate", "coef")
-
 
 def _compare(inp, dtype=torch.float32, **kw):
-    out = tva_attention_triton(**inp, **kw)
-    ref_inp = {k: (v.detach().float().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point()
-                   else v) for k, v in inp.items()}
-    ref = tva_attention_ref(**ref_inp, **kw)
-    assert torch.isfinite(out).all()
-    assert_close(out, ref.to(dtype), dtype=dtype, family="attention", msg="o")
-    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    names = [n for n in NAMES if isinstance(inp.get(n), torch.Tensor) and inp[n].requires_grad]
-    got = torch.autograd.grad(out, [inp[n] for n in names], go)
-    exp = torch.autograd.grad(ref, [ref_inp[n] for n in names], go.float())
-    for n, g, e in zip(names, got, exp):
-        assert torch.isfinite(g).all(), n
-        assert_close(g, e.to(dtype), dtype=dtype, family="attention", grad=True, msg=f"d{n}")
+    check_tva_against_reference(tva_attention_triton, inp, dtype, **kw)
 
 
 @pytest.mark.parametrize("causal,window,sinks,pad,extra", [

@@ -191,6 +191,28 @@ def random_tva_inputs(B: int = 2, H: int = 2, Tq: int = 5, D: int = 16, Tk: Opti
     return inputs
 
 
+def check_tva_against_reference(fn, inp: dict, dtype: torch.dtype = torch.float32, msg: str = "", **kw) -> None:
+    """Test helper: ``fn(**inp, **kw)`` vs :func:`tva_attention_ref` on fp32 copies of the same inputs. Checks the
+    output (dtype, finite, the tolerance table's "attention" entry for ``dtype``) and, for one random dO, the
+    gradient of every floating input that requires grad (q, k, v, delta, gate, coef)."""
+    from ..testing import assert_close
+
+    out = fn(**inp, **kw)
+    ref_inp = {k: (v.detach().float().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                   else v) for k, v in inp.items()}
+    ref = tva_attention_ref(**ref_inp, **kw)
+    assert out.dtype == dtype and torch.isfinite(out).all(), f"{msg} o: dtype {out.dtype} or not finite"
+    assert_close(out, ref.to(dtype), dtype=dtype, family="attention", msg=f"{msg} o")
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=out.device, dtype=dtype)
+    names = [n for n in ("q", "k", "v", "delta", "gate", "coef")
+             if isinstance(inp.get(n), torch.Tensor) and inp[n].requires_grad]
+    got = torch.autograd.grad(out, [inp[n] for n in names], go)
+    exp = torch.autograd.grad(ref, [ref_inp[n] for n in names], go.float())
+    for n, g, e in zip(names, got, exp):
+        assert torch.isfinite(g).all(), f"{msg} d{n} not finite"
+        assert_close(g, e.to(dtype), dtype=dtype, family="attention", grad=True, msg=f"{msg} d{n}")
+
+
 def perturbation_grads(rowdot: torch.Tensor, gate: Optional[torch.Tensor], coef: torch.Tensor
                        ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
     """Gradients of ``coef · gate · delta`` for gate and coef from ``rowdot = Σ_d delta·dO`` (B, H, T) fp32:
