@@ -9,24 +9,13 @@ import torch
 
 from apt_kernels.backends import native_cuda_status, native_status
 from apt_kernels.ops.moe import OPS, moe_combine, moe_dispatch, moe_route
+from apt_kernels.reference.moe import check_same_routing, random_router_logits
 from apt_kernels.testing import assert_close
 
 requires_native = pytest.mark.skipif(not native_status()[0], reason="apt_kernels._C is not built")
 pytestmark = requires_native
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-
-
-def logits_for(n, e, kind, seed):
-    g = torch.Generator().manual_seed(seed)
-    if kind == "equal":
-        return torch.zeros(n, e)
-    lg = torch.randn(n, e, generator=g)
-    if kind == "dup":
-        lg = lg[:, torch.arange(e) // 2]  # pairs of identical columns
-    if kind == "skew":
-        lg[:, 0] += 4
-    return lg
 
 
 # (N, E, k, capacity_factor, kind): a sample of the E x k x cf x N space with ties
@@ -37,21 +26,12 @@ CASES = [
 ]
 
 
-def assert_same_routing(a, b):
-    assert a.capacity == b.capacity
-    for f in ("expert_idx", "position", "kept", "slot", "token_of_slot", "tokens_per_expert", "kept_per_expert",
-              "offsets"):
-        assert torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()), f
-    assert int(a.dropped) == int(b.dropped)
-    assert_close(a.weights.cpu(), b.weights.cpu())
-
-
 def check_impl(impl, n, e, k, cf, kind, dtype, device="cpu", c=24):
-    lg_ref = logits_for(n, e, kind, seed=n * 7 + e + k).requires_grad_()
+    lg_ref = random_router_logits(n, e, kind, seed=n * 7 + e + k).requires_grad_()
     lg = lg_ref.detach().to(device).requires_grad_()
     r_ref = moe_route(lg_ref, k, cf, min_capacity=2, impl="reference")
     r = moe_route(lg, k, cf, min_capacity=2, impl=impl)
-    assert_same_routing(r, r_ref)
+    check_same_routing(r, r_ref)
     g = torch.Generator().manual_seed(n)
     x_ref = torch.randn(n, c, generator=g).to(dtype).requires_grad_()
     x = x_ref.detach().to(device).requires_grad_()
@@ -89,7 +69,7 @@ def test_cpu_native_dtypes(dtype, cf):
 def test_cpu_native_non_contiguous_inputs():
     lg = torch.randn(8, 40)[:, ::5]  # (8, 8) strided logits
     r = moe_route(lg, 2, 1.0, impl="cpu_native")
-    assert_same_routing(r, moe_route(lg, 2, 1.0, impl="reference"))
+    check_same_routing(r, moe_route(lg, 2, 1.0, impl="reference"))
     x = torch.randn(24, 8).t()  # (8, 24) non-contiguous
     assert torch.equal(moe_dispatch(x, r, impl="cpu_native"), moe_dispatch(x, r, impl="reference"))
     out = torch.randn(r.buffer_shape(15) + (2,))[..., 0]  # strided last dim
@@ -227,7 +207,7 @@ def test_provider_cpu_native_via_registry():
     p = registry.get("router", "cpu_native", strict=True)
     lg = torch.randn(50, 8)
     r = p.route(lg, 2, 1.0)
-    assert_same_routing(r, registry.get("router", "topk_default").route(lg, 2, 1.0))
+    check_same_routing(r, registry.get("router", "topk_default").route(lg, 2, 1.0))
     x = torch.randn(50, 6)
     assert_close(p.combine(p.dispatch(x, r), r), moe_combine(moe_dispatch(x, r, impl="reference"), r,
                                                              impl="reference"))
@@ -280,7 +260,7 @@ def test_cuda_non_contiguous_inputs_and_expanded_grads():
     lg = torch.randn(8, 40, device="cuda")[:, ::5]  # (8, 8) strided logits
     r = moe_route(lg, 2, 1.0, impl="cuda")
     r_ref = moe_route(lg.cpu(), 2, 1.0, impl="reference")
-    assert_same_routing(r, r_ref)
+    check_same_routing(r, r_ref)
     x = torch.randn(24, 8, device="cuda").t()  # (8, 24) non-contiguous
     assert torch.equal(moe_dispatch(x, r, impl="cuda").cpu(), moe_dispatch(x.cpu(), r_ref, impl="reference"))
     out = torch.randn(r.buffer_shape(15) + (2,), device="cuda")[..., 0]  # strided last dim
@@ -316,13 +296,13 @@ def test_cuda_auto_falls_back_and_explicit_cuda_explains():
     x = torch.randn(50, 6, dtype=torch.float64, device="cuda")
     r = moe_route(lg, 2, 1.0)  # float64: not the cuda kernels
     r_ref = moe_route(lg.detach().cpu(), 2, 1.0, impl="reference")
-    assert_same_routing(r, r_ref)
+    check_same_routing(r, r_ref)
     y = moe_combine(moe_dispatch(x, r), r)
     assert_close(y.cpu(), moe_combine(moe_dispatch(x.cpu(), r_ref, impl="reference"), r_ref, impl="reference"))
     with pytest.raises(TypeError, match="float64"):
         moe_route(lg, 2, 1.0, impl="cuda")
     lg32 = torch.randn(40, 20, device="cuda")
-    assert_same_routing(moe_route(lg32, 17, None), moe_route(lg32.cpu(), 17, None, impl="reference"))
+    check_same_routing(moe_route(lg32, 17, None), moe_route(lg32.cpu(), 17, None, impl="reference"))
     with pytest.raises(ValueError, match="k <= 16"):
         moe_route(lg32, 17, None, impl="cuda")
 
@@ -354,7 +334,7 @@ def test_cuda_side_stream_graph_capture_and_current_device():
         y = moe_combine(moe_dispatch(x, r, impl="cuda"), r, impl="cuda")
     torch.cuda.current_stream().wait_stream(side)
     assert torch.cuda.current_device() == dev
-    assert_same_routing(r, r_ref)
+    check_same_routing(r, r_ref)
     assert_close(y.cpu(), y_ref, family="moe")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -11,33 +11,13 @@ import torch  # noqa: E402
 
 from apt_kernels.backends import triton_status  # noqa: E402
 from apt_kernels.ops.moe import moe_combine, moe_dispatch, moe_route  # noqa: E402
+from apt_kernels.reference.moe import check_same_routing, random_router_logits  # noqa: E402
 from apt_kernels.testing import assert_close  # noqa: E402
 
 pytestmark = [pytest.mark.triton,
               pytest.mark.skipif(not triton_status()[0], reason=triton_status()[1] or "triton unavailable")]
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
-
-def logits_for(n, e, kind, seed):
-    g = torch.Generator().manual_seed(seed)
-    if kind == "equal":
-        return torch.zeros(n, e)
-    lg = torch.randn(n, e, generator=g)
-    if kind == "dup":
-        lg = lg[:, torch.arange(e) // 2]
-    if kind == "skew":
-        lg[:, 0] += 4
-    return lg
-
-
-def assert_same_routing(a, b):
-    assert a.capacity == b.capacity
-    for f in ("expert_idx", "position", "kept", "slot", "token_of_slot", "tokens_per_expert", "kept_per_expert",
-              "offsets"):
-        assert torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()), f
-    assert int(a.dropped) == int(b.dropped)
-    assert_close(a.weights.cpu(), b.weights.cpu())
 
 
 # sampled (N, E, k, capacity_factor, kind); kept small for the interpreter
@@ -48,11 +28,11 @@ CASES = [(1, 1, 1, None, "random"), (5, 2, 2, 0.5, "equal"), (9, 64, 4, 1.0, "du
 @pytest.mark.parametrize("n,e,k,cf,kind", CASES)
 def test_triton_matches_reference(n, e, k, cf, kind):
     c = 20
-    lg_ref = logits_for(n, e, kind, n + e + k).requires_grad_()
+    lg_ref = random_router_logits(n, e, kind, n + e + k).requires_grad_()
     lg = lg_ref.detach().to(DEVICE).requires_grad_()
     r_ref = moe_route(lg_ref, k, cf, min_capacity=2, impl="reference")
     r = moe_route(lg, k, cf, min_capacity=2, impl="triton")
-    assert_same_routing(r, r_ref)
+    check_same_routing(r, r_ref)
     g = torch.Generator().manual_seed(n)
     x_ref = torch.randn(n, c, generator=g).requires_grad_()
     x = x_ref.detach().to(DEVICE).requires_grad_()

@@ -190,3 +190,34 @@ def moe_aux_losses_ref(logits: torch.Tensor, routing: Routing) -> dict[str, torc
     z = torch.logsumexp(logits.to(acc), dim=-1)
     z_loss = (z * z).mean() if n else torch.zeros((), dtype=acc, device=logits.device)
     return {"balance_loss": balance, "z_loss": z_loss}
+
+
+# ---- test helpers (shared by the tests of every router implementation) --------------------------------------
+def random_router_logits(n: int, e: int, kind: str = "random", seed: int = 0) -> torch.Tensor:
+    """(n, e) fp32 router logits of a kind that stresses routing: ``random``; ``equal`` (all zero: every choice a
+    tie, broken by the lower expert index); ``dup`` (pairs of identical columns: exact ties between two experts);
+    ``skew`` (expert 0 favoured: heavy dropping at small capacity)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "equal":
+        return torch.zeros(n, e)
+    lg = torch.randn(n, e, generator=g)
+    if kind == "dup":
+        lg = lg[:, torch.arange(e) // 2]
+    elif kind == "skew":
+        lg[:, 0] += 4
+    elif kind != "random":
+        raise ValueError(f"kind: expected random, equal, dup or skew, got {kind!r}")
+    return lg
+
+
+def check_same_routing(a: Routing, b: Routing) -> None:
+    """Test helper: two routings make exactly the same decisions (experts, queue positions, kept set, buffer
+    slots, counts, drops) and the same weights within fp32 tolerance."""
+    from ..testing import assert_close
+
+    assert a.capacity == b.capacity, (a.capacity, b.capacity)
+    for f in ("expert_idx", "position", "kept", "slot", "token_of_slot", "tokens_per_expert", "kept_per_expert",
+              "offsets"):
+        assert torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()), f
+    assert int(a.dropped) == int(b.dropped)
+    assert_close(a.weights.cpu(), b.weights.cpu())
