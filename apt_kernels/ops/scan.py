@@ -220,8 +220,10 @@ def _cuda_chunks_per_split(rows: int, N: int, nchunks: int, device: torch.device
     if CUDA_CHUNKS_PER_SPLIT is not None:
         return max(1, int(CUDA_CHUNKS_PER_SPLIT))
     threads = rows * _cuda_lanes(N)
+    if threads == 0 or nchunks == 1:  # batch or dim 0: nothing runs (and no division by zero below)
+        return max(nchunks, 1)
     target = torch.cuda.get_device_properties(device).multi_processor_count * _CUDA_THREADS_PER_SM
-    if threads >= target or nchunks == 1:
+    if threads >= target:
         return nchunks
     splits = min(nchunks, -(-target // threads), 65535)
     return -(-nchunks // splits)
