@@ -177,7 +177,7 @@ void selective_scan_fwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
              z.defined() ? z.ptr<T>() : nullptr, z.defined() ? strides3(z) : S3{},
              out.ptr<T>(), strides3(out), nullptr, S3{}};
     const int nth = omp_threads();
-    std::vector<Acc> scratch(static_cast<size_t>(nth) * (p.N + 3 * chunk));
+    std::vector<Acc> scratch(static_cast<size_t>(nth) * generic::fwd_scratch_per_thread(p.N, chunk));
     py::gil_scoped_release nogil;
     if (use_avx2()) {
 #ifdef APT_SCAN_AVX2
@@ -233,17 +233,15 @@ void selective_scan_bwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
     const int nth = omp_threads();
     const int64_t total = dA.numel() + dB.numel() + dC.numel() + (D.defined() ? p.dim : 0) +
                           (bias.defined() ? p.dim : 0);
-    const int64_t per_thread = (chunk + 1) * p.N + chunk * p.N + 2 * chunk + p.N;
     std::vector<Acc> priv(static_cast<size_t>(nth) * total, Acc(0));
-    std::vector<Acc> scratch(static_cast<size_t>(nth) * per_thread);
+    std::vector<Acc> scratch(static_cast<size_t>(nth) * generic::bwd_scratch_per_thread(p.N, chunk));
     py::gil_scoped_release nogil;
     if (use_avx2()) {
 #ifdef APT_SCAN_AVX2
-      avx2::scan_bwd<T>(io, p, gr, ckpt.ptr<Acc>(), chunk, softplus_dt, priv.data(), scratch.data(), per_thread, nth);
+      avx2::scan_bwd<T>(io, p, gr, ckpt.ptr<Acc>(), chunk, softplus_dt, priv.data(), scratch.data(), nth);
 #endif
     } else {
-      generic::scan_bwd<T>(io, p, gr, ckpt.ptr<Acc>(), chunk, softplus_dt, priv.data(), scratch.data(), per_thread,
-                           nth);
+      generic::scan_bwd<T>(io, p, gr, ckpt.ptr<Acc>(), chunk, softplus_dt, priv.data(), scratch.data(), nth);
     }
   });
 }

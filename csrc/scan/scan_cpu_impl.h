@@ -3,12 +3,13 @@
 // include nowhere else. Inner loops run over the N contiguous state entries so they vectorise.
 
 // exp for the inner loops: Cody-Waite range reduction + degree-6 polynomial (rel. error ~2e-7, fp32 rounding level)
-// that the compiler vectorises, unlike a libm call. Below -87.3 the result is not 0 but a value < 1e-30 (the power of
-// two is clamped to 2^-126), above 88.7 it is inf. The clamp is on the integer exponent: clamping x itself makes GCC
-// branch (it folds exp of the clamp bounds) and then refuse to vectorise the loop.
+// that the compiler vectorises, unlike a libm call. Below -87 the result is 0 (a mask on the bits), from 88.03 (where
+// the exponent reaches 128) it is inf, NaN stays NaN. Clamping x itself, or a float select, makes GCC branch (it
+// folds exp of the bounds) and then refuse to vectorise the loop; integer clamps and masks do not.
 static inline float fexp(float x) {
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float kf = (x * 1.44269504088896341f + shifter) - shifter;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, left in the low mantissa bits
+  const float kshift = x * 1.44269504088896341f + shifter;
+  const float kf = kshift - shifter;
   float r = x - kf * 0.693359375f;  // ln2 split in a high part exact in fp32 ...
   r = r - kf * -2.12194440e-4f;      // ... and the low remainder
   float p = 1.0f / 720.0f;
@@ -18,36 +19,44 @@ static inline float fexp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t k = static_cast<int32_t>(kf);
-  k = k < -126 ? -126 : k;
+  int32_t k;
+  std::memcpy(&k, &kshift, 4);
+  k -= 0x4b400000;  // the bits of the shifter; k >= -126 wherever the mask below keeps the result
   k = k > 128 ? 128 : k;
   int32_t bits = (k + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
-  return p * scale;
+  const float res = p * scale;
+  int32_t rbits;
+  std::memcpy(&rbits, &res, 4);
+  rbits &= -static_cast<int32_t>(!(x < -87.0f));
+  float out;
+  std::memcpy(&out, &rbits, 4);
+  return out;
 }
 static inline double fexp(double x) { return std::exp(x); }
 
-// log1p(y) for y >= 0 without libm (a libm call per time step cost as much as the whole N loop): w = 1 + y = m 2^e,
+// log1p(y) for y >= 0 without libm (a libm call per time step cost as much as the whole N loop): w = 1 + y = m 2^e
+// with m in [sqrt(1/2), sqrt(2)) (found by offsetting the bits, no select, so that loops over it vectorise),
 // log m = 2 atanh((m-1)/(m+1)) by its series (|s| < 0.172, 5 terms: ~1e-7), plus the rounding error of 1 + y.
 static inline float flog1p(float y) {
   const float w = 1.0f + y;
   const float c = (y - (w - 1.0f)) / w;
+  const int32_t off = 0x3f3504f3;  // bits of sqrt(1/2)
   int32_t bits;
   std::memcpy(&bits, &w, 4);
-  int32_t e = ((bits >> 23) & 0xff) - 127;
-  int32_t mbits = (bits & 0x7fffff) | 0x3f800000;
+  const int32_t t = bits - off;
+  const int32_t e = t >> 23;
+  const int32_t mbits = (t & 0x7fffff) + off;
   float m;
   std::memcpy(&m, &mbits, 4);
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
   const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
   const float lm = 2.0f * s * (1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9)))));
   return static_cast<float>(e) * 0.693147180559945f + lm + c;
 }
-// softplus with torch's threshold (x > 20 -> x) and sigmoid, fast in fp32, libm in fp64.
-static inline float softplus(float x) { return x <= 20.0f ? flog1p(fexp(x)) : x; }
+// softplus, fast in fp32 (libm in fp64, with torch's threshold x > 20 -> x): as max(x, 0) + log1p(exp(-|x|)),
+// which needs no threshold (past 20 the log1p term is below x's rounding) and no select, so chunk loops vectorise.
+static inline float softplus(float x) { return std::max(x, 0.0f) + flog1p(fexp(-std::fabs(x))); }
 static inline double softplus(double x) { return x <= 20.0 ? std::log1p(std::exp(x)) : x; }
 static inline float sigmoid(float x) { return 1.0f / (1.0f + fexp(-x)); }
 static inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
@@ -67,37 +76,72 @@ static inline int64_t bc_offset(const Packed<Acc>& p, bool isB, int64_t b, int64
   return bc_row(p, isB, b, d, ts) - (isB ? p.B : p.C);
 }
 
+// Partial sums kept per time step for the dot products over N (y_t = <C_t, h_t>, <g_t, B_t>, ...): W lanes, W | N.
+// The horizontal reduction of the W lanes then runs once per chunk, vectorised over the steps (reduce_lanes),
+// instead of once per step inside the recurrence. W = 1 (a plain per-step reduction) for a runtime N.
+template <int NT> constexpr int lanes_for() { return NT > 0 && NT % 8 == 0 ? 8 : (NT > 0 && NT % 4 == 0 ? 4 : 1); }
+constexpr int kMaxLanes = 8;
+
+// out[k] = sum of the W partial sums ps[k * W .. k * W + W - 1], 0 <= k < K.
+template <int W, typename Acc> static inline void reduce_lanes(const Acc* ps, int64_t K, Acc* out) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) {
+    Acc s = 0;
+    for (int l = 0; l < W; ++l) s += ps[k * W + l];
+    out[k] = s;
+  }
+}
+
+// Per-thread scratch sizes (values of the accumulation dtype) of scan_fwd and scan_bwd.
+static inline int64_t fwd_scratch_per_thread(int64_t N, int64_t chunk) { return N + 3 * chunk + kMaxLanes * chunk; }
+static inline int64_t bwd_scratch_per_thread(int64_t N, int64_t chunk) {
+  return (2 * chunk + 1) * N + N + 7 * chunk + 2 * kMaxLanes * chunk;
+}
+
 // dt_t (bias, softplus) and u_t for t0 <= t < t0 + K of row (b, d), into contiguous buffers: the transcendental
-// part then runs as one vectorised loop per chunk instead of once per step inside the recurrence.
+// part then runs as one vectorised loop per chunk instead of once per step inside the recurrence. With `sig`, also
+// d softplus / d raw there (sigmoid(raw), 1 past the threshold), for the backward.
 template <typename T>
 static inline void load_dt_u(const IO<T>& io, int64_t b, int64_t d, int64_t t0, int64_t K, acc_t<T> bias,
-                             bool softplus_dt, acc_t<T>* dts, acc_t<T>* us) {
+                             bool softplus_dt, acc_t<T>* dts, acc_t<T>* us, acc_t<T>* sig = nullptr) {
+  using Acc = acc_t<T>;
   for (int64_t k = 0; k < K; ++k) {
     dts[k] = load_f(io.delta + io.sdelta.at(b, d, t0 + k)) + bias;
     us[k] = load_f(io.u + io.su.at(b, d, t0 + k));
   }
-  if (softplus_dt) {
+  if (!softplus_dt) return;
+  if (sig) {
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) dts[k] = softplus(dts[k]);
+    for (int64_t k = 0; k < K; ++k) sig[k] = dts[k] <= Acc(20) ? sigmoid(dts[k]) : Acc(1);
   }
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) dts[k] = softplus(dts[k]);
+}
+
+// Loads the K values of a (batch, dim, L) tensor of row (b, d) from t0 into a contiguous buffer.
+template <typename T>
+static inline void load_row(const T* x, const S3& s, int64_t b, int64_t d, int64_t t0, int64_t K, acc_t<T>* out) {
+  for (int64_t k = 0; k < K; ++k) out[k] = load_f(x + s.at(b, d, t0 + k));
 }
 
 // NT > 0: N known at compile time (the inner loops unroll fully and the state stays in registers); 0: runtime N.
-// scratch: per thread N + 3 * chunk values.
+// scratch: per thread fwd_scratch_per_thread values.
 template <typename T, int NT>
 void scan_fwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, acc_t<T>* last, acc_t<T>* ckpt, int64_t chunk,
                 bool softplus_dt, acc_t<T>* scratch) {
   using Acc = acc_t<T>;
+  constexpr int W = lanes_for<NT>();
   const int64_t batch = p.batch, dim = p.dim, L = p.L, N = NT > 0 ? NT : p.N;
   const int64_t nchunks = (L + chunk - 1) / chunk;
 #pragma omp parallel
   {
-    Acc* mine = scratch + static_cast<int64_t>(omp_thread()) * (N + 3 * chunk);
+    Acc* mine = scratch + static_cast<int64_t>(omp_thread()) * fwd_scratch_per_thread(N, chunk);
     Acc hreg[NT > 0 ? NT : 1];  // with a compile-time N the state lives in registers
     Acc* h = NT > 0 ? hreg : mine;
     Acc* dts = mine + N;
     Acc* us = dts + chunk;
     Acc* ys = us + chunk;
+    Acc* ps = ys + chunk;  // chunk x W partial sums of y
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < batch * dim; ++i) {
       const int64_t b = i / dim, d = i % dim;
@@ -117,17 +161,23 @@ void scan_fwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, acc_t<T>* last, acc_
           const Acc dt = dts[k], dtu = dt * us[k];
           const Acc* Bt = Bp + t * Bts;
           const Acc* Ct = Cp + t * Cts;
-          Acc y = 0;
-#pragma omp simd reduction(+ : y)
-          for (int64_t n = 0; n < N; ++n) {
-            Acc hn = fexp(dt * Ad[n]) * h[n] + dtu * Bt[n];
-            h[n] = hn;
-            y += hn * Ct[n];
+          Acc part[W] = {};
+          for (int64_t n0 = 0; n0 < N; n0 += W) {
+#pragma omp simd
+            for (int l = 0; l < W; ++l) {
+              const int64_t n = n0 + l;
+              Acc hn = fexp(dt * Ad[n]) * h[n] + dtu * Bt[n];
+              h[n] = hn;
+              part[l] += hn * Ct[n];
+            }
           }
-          ys[k] = y + Dd * us[k];
+          for (int l = 0; l < W; ++l) ps[k * W + l] = part[l];
         }
+        reduce_lanes<W>(ps, K, ys);
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) ys[k] += Dd * us[k];
         if (io.z) {
-          for (int64_t k = 0; k < K; ++k) dts[k] = load_f(io.z + io.sz.at(b, d, t0 + k));  // reuse as z buffer
+          load_row(io.z, io.sz, b, d, t0, K, dts);  // reuse as z buffer
 #pragma omp simd
           for (int64_t k = 0; k < K; ++k) ys[k] *= dts[k] * sigmoid(dts[k]);
         }
@@ -152,13 +202,16 @@ void scan_fwd(const IO<T>& io, const Packed<acc_t<T>>& p, acc_t<T>* last, acc_t<
 // Gradients. Adjoint g of h_t, carried backwards: g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1} (+ dlast at t = L-1);
 // then dB_t = g_t dt_t u_t, du_t += dt_t <g_t, B_t>, ddt_t = <g_t, B_t u_t + A exp(dt_t A) h_{t-1}>,
 // dA += g_t dt_t exp(dt_t A) h_{t-1}. h_{t-1} is recomputed chunk by chunk from the forward's checkpoints.
+// Per chunk: recompute the states (and y_t for the z gate), then the z gate's gradients for the whole chunk, then
+// the adjoint walk, which keeps the per-step dot products as W-lane partial sums; du and ddelta are finished for
+// the whole chunk after it (nothing in the recurrence depends on them).
 // dA/dB/dC/dD/dbias are summed over (b, d) into per-thread private buffers `priv` (zeroed, nthreads * total), then
 // reduced into the outputs, so there are no races and no atomics.
 template <typename T, int NT>
 void scan_bwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, const acc_t<T>* ckpt,
-                int64_t chunk, bool softplus_dt, acc_t<T>* priv, acc_t<T>* scratch, int64_t scratch_per_thread,
-                int nthreads) {
+                int64_t chunk, bool softplus_dt, acc_t<T>* priv, acc_t<T>* scratch, int nthreads) {
   using Acc = acc_t<T>;
+  constexpr int W = lanes_for<NT>();
   const int64_t batch = p.batch, dim = p.dim, L = p.L, N = NT > 0 ? NT : p.N;
   const int64_t nchunks = (L + chunk - 1) / chunk;
   const int64_t nA = dim * N;
@@ -174,12 +227,20 @@ void scan_bwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, 
     Acc* pC = pB + nB;
     Acc* pD = pC + nC;
     Acc* pbias = pD + nD;
-    Acc* hs = scratch + th * scratch_per_thread;  // (chunk + 1) x N states: h_{t0-1} .. h_{t1-1}
-    Acc* dAs = hs + (chunk + 1) * N;               // chunk x N: exp(dt_t A)
-    Acc* dts = dAs + chunk * N;                    // chunk: dt_t
-    Acc* us = dts + chunk;                         // chunk: u_t
+    Acc* hs = scratch + th * bwd_scratch_per_thread(N, chunk);  // (chunk + 1) x N states: h_{t0-1} .. h_{t1-1}
+    Acc* dAs = hs + (chunk + 1) * N;  // chunk x N: exp(dt_t A)
+    Acc* gbuf = dAs + chunk * N;      // N: adjoint of h (runtime N)
+    Acc* dts = gbuf + N;              // chunk each: dt_t, u_t, dsoftplus/draw, dy_t, z_t, and two dot products
+    Acc* us = dts + chunk;
+    Acc* sig = us + chunk;
+    Acc* dys = sig + chunk;
+    Acc* zs = dys + chunk;
+    Acc* sgB = zs + chunk;
+    Acc* sgAh = sgB + chunk;
+    Acc* pgB = sgAh + chunk;          // chunk x W partial sums of <g_t, B_t> (and of y_t before the adjoint walk)
+    Acc* pgAh = pgB + kMaxLanes * chunk;  // chunk x W partial sums of <g_t, A exp(dt_t A) h_{t-1}>
     Acc greg[NT > 0 ? NT : 1];
-    Acc* g = NT > 0 ? greg : us + chunk;           // N: adjoint of h
+    Acc* g = NT > 0 ? greg : gbuf;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < batch * dim; ++i) {
       const int64_t b = i / dim, d = i % dim;
@@ -197,26 +258,45 @@ void scan_bwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, 
         const int64_t t0 = c * chunk, K = std::min(chunk, L - t0);
         const Acc* ck = ckpt + (i * nchunks + c) * N;
         for (int64_t n = 0; n < N; ++n) hs[n] = ck[n];
-        load_dt_u(io, b, d, t0, K, bias, softplus_dt, dts, us);
-        for (int64_t k = 0; k < K; ++k) {  // recompute this chunk's states
+        load_dt_u(io, b, d, t0, K, bias, softplus_dt, dts, us, sig);
+        for (int64_t k = 0; k < K; ++k) {  // recompute this chunk's states (and y_t's partial sums for the z gate)
           const int64_t t = t0 + k;
           const Acc dt = dts[k];
           const Acc dtu = dt * us[k];
           const Acc* Bt = Bp + t * Bts;
+          const Acc* Ct = Cp + t * Cts;
           const Acc* hp = hs + k * N;
           Acc* hc = hs + (k + 1) * N;
           Acc* e = dAs + k * N;
+          Acc part[W] = {};
+          for (int64_t n0 = 0; n0 < N; n0 += W) {
 #pragma omp simd
-          for (int64_t n = 0; n < N; ++n) {
-            Acc en = fexp(dt * Ad[n]);
-            e[n] = en;
-            hc[n] = en * hp[n] + dtu * Bt[n];
+            for (int l = 0; l < W; ++l) {
+              const int64_t n = n0 + l;
+              Acc en = fexp(dt * Ad[n]);
+              e[n] = en;
+              Acc hn = en * hp[n] + dtu * Bt[n];
+              hc[n] = hn;
+              part[l] += hn * Ct[n];
+            }
           }
+          if (io.z) for (int l = 0; l < W; ++l) pgB[k * W + l] = part[l];
         }
-        for (int64_t k = K - 1; k >= 0; --k) {  // and walk it backwards
+        load_row(io.dout, io.sdout, b, d, t0, K, dys);
+        if (io.z) {  // dz, and dy through the gate
+          reduce_lanes<W>(pgB, K, sgB);  // y_t before the gate
+          load_row(io.z, io.sz, b, d, t0, K, zs);
+#pragma omp simd
+          for (int64_t k = 0; k < K; ++k) {
+            const Acc y = sgB[k] + Dd * us[k], zz = zs[k], sg = sigmoid(zz), dy = dys[k];
+            sgAh[k] = dy * y * sg * (Acc(1) + zz * (Acc(1) - sg));  // dz
+            dys[k] = dy * zz * sg;
+          }
+          for (int64_t k = 0; k < K; ++k) store_f(gr.dz + gr.sdz.at(b, d, t0 + k), sgAh[k]);
+        }
+        for (int64_t k = K - 1; k >= 0; --k) {  // the adjoint, backwards through the chunk
           const int64_t t = t0 + k;
           const Acc dt = dts[k];
-          const Acc uu = us[k];
           const Acc* Bt = Bp + t * Bts;
           const Acc* Ct = Cp + t * Cts;
           Acc* dBt = dBp + t * Bts;
@@ -224,39 +304,43 @@ void scan_bwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, 
           const Acc* hp = hs + k * N;
           const Acc* hc = hs + (k + 1) * N;
           const Acc* e = dAs + k * N;
-          Acc dy = load_f(io.dout + io.sdout.at(b, d, t));
-          if (io.z) {
-            Acc y = 0;
-#pragma omp simd reduction(+ : y)
-            for (int64_t n = 0; n < N; ++n) y += hc[n] * Ct[n];
-            y += Dd * uu;
-            const Acc zz = load_f(io.z + io.sz.at(b, d, t));
-            const Acc sg = sigmoid(zz);
-            store_f(gr.dz + gr.sdz.at(b, d, t), dy * y * sg * (Acc(1) + zz * (Acc(1) - sg)));
-            dy = dy * zz * sg;
+          const Acc dy = dys[k];
+          const Acc dtu = dt * us[k];
+          Acc part_gB[W] = {}, part_gAh[W] = {};
+          for (int64_t n0 = 0; n0 < N; n0 += W) {
+#pragma omp simd
+            for (int l = 0; l < W; ++l) {
+              const int64_t n = n0 + l;
+              const Acc gn = g[n] + Ct[n] * dy;
+              const Acc geh = gn * e[n] * hp[n];
+              dCt[n] += dy * hc[n];
+              dBt[n] += gn * dtu;
+              dAd[n] += geh * dt;
+              part_gB[l] += gn * Bt[n];
+              part_gAh[l] += geh * Ad[n];
+              g[n] = gn * e[n];
+            }
           }
+          for (int l = 0; l < W; ++l) {
+            pgB[k * W + l] = part_gB[l];
+            pgAh[k * W + l] = part_gAh[l];
+          }
+        }
+        reduce_lanes<W>(pgB, K, sgB);
+        reduce_lanes<W>(pgAh, K, sgAh);
+#pragma omp simd reduction(+ : dD_acc, dbias_acc)
+        for (int64_t k = 0; k < K; ++k) {
+          const Acc dy = dys[k], uu = us[k];
           dD_acc += dy * uu;
-          const Acc dtu = dt * uu;
-          Acc sum_gB = 0, sum_gAh = 0;
-#pragma omp simd reduction(+ : sum_gB, sum_gAh)
-          for (int64_t n = 0; n < N; ++n) {
-            const Acc gn = g[n] + Ct[n] * dy;
-            const Acc geh = gn * e[n] * hp[n];
-            dCt[n] += dy * hc[n];
-            dBt[n] += gn * dtu;
-            dAd[n] += geh * dt;
-            sum_gB += gn * Bt[n];
-            sum_gAh += geh * Ad[n];
-            g[n] = gn * e[n];
-          }
-          store_f(gr.du + gr.sdu.at(b, d, t), dy * Dd + dt * sum_gB);
-          Acc ddt = sum_gB * uu + sum_gAh;
-          if (softplus_dt) {
-            const Acc raw = load_f(io.delta + io.sdelta.at(b, d, t)) + bias;
-            if (raw <= Acc(20)) ddt *= sigmoid(raw);
-          }
+          zs[k] = dy * Dd + dts[k] * sgB[k];  // du
+          Acc ddt = sgB[k] * uu + sgAh[k];
+          if (softplus_dt) ddt *= sig[k];
           dbias_acc += ddt;
-          store_f(gr.ddelta + gr.sddelta.at(b, d, t), ddt);
+          sgAh[k] = ddt;
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          store_f(gr.du + gr.sdu.at(b, d, t0 + k), zs[k]);
+          store_f(gr.ddelta + gr.sddelta.at(b, d, t0 + k), sgAh[k]);
         }
       }
       if (p.D) pD[d] += dD_acc;
@@ -278,13 +362,12 @@ void scan_bwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, 
 
 template <typename T>
 void scan_bwd(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, const acc_t<T>* ckpt,
-              int64_t chunk, bool softplus_dt, acc_t<T>* priv, acc_t<T>* scratch, int64_t scratch_per_thread,
-              int nthreads) {
+              int64_t chunk, bool softplus_dt, acc_t<T>* priv, acc_t<T>* scratch, int nthreads) {
   switch (p.N) {
-    case 16: scan_bwd_n<T, 16>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, scratch_per_thread, nthreads); break;
-    case 8: scan_bwd_n<T, 8>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, scratch_per_thread, nthreads); break;
-    case 4: scan_bwd_n<T, 4>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, scratch_per_thread, nthreads); break;
-    default: scan_bwd_n<T, 0>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, scratch_per_thread, nthreads);
+    case 16: scan_bwd_n<T, 16>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, nthreads); break;
+    case 8: scan_bwd_n<T, 8>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, nthreads); break;
+    case 4: scan_bwd_n<T, 4>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, nthreads); break;
+    default: scan_bwd_n<T, 0>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, nthreads);
   }
 }
 
