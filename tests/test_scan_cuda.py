@@ -273,6 +273,18 @@ def test_cuda_opcheck_and_compile():
 
 
 @pytest.mark.cuda
+def test_cuda_bwd_fake_strides_with_transposed_A():
+    """The backward's fake gives a contiguous dA, as the kernel does, also for a transposed A (it copied A's strides)."""
+    x = {k: v.cuda() for k, v in _inputs(2, 4, 70, 4, CASES[1], seed=24).items()}
+    A = x["A"].t().contiguous().t()
+    _, _, ck = torch.ops.apt.selective_scan_fwd(x["u"], x["delta"], A, x["B"], x["C"], x["D"], x["z"],
+                                                x["delta_bias"], True, 64)
+    torch.library.opcheck(torch.ops.apt.selective_scan_bwd.default,
+                          (x["u"], x["delta"], A, x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+                           torch.randn_like(x["u"]), None, ck, True, 64))
+
+
+@pytest.mark.cuda
 def test_cuda_dispatch_and_provider(caplog):
     from apt.core import registry
 
@@ -421,6 +433,22 @@ def test_cuda_bindings_reject_cpu_tensors():
                                       0)
 
 
+def test_bwd_fake_matches_the_kernels_strides():
+    """The backward's fake (shared by the CPU and CUDA kernels) returns contiguous parameter gradients, as both kernels
+    do: empty_like(A) kept a transposed A's strides, a mismatch torch.compile asserts on."""
+    from apt_kernels.ops.scan import cpu_status
+
+    if not cpu_status()[0]:
+        pytest.skip(cpu_status()[1])
+    x = _inputs(2, 4, 10, 3, CASES[1], seed=25)
+    A = x["A"].t().contiguous().t()
+    _, _, ck = torch.ops.apt.selective_scan_fwd(x["u"], x["delta"], A, x["B"], x["C"], x["D"], x["z"],
+                                                x["delta_bias"], True, 64)
+    torch.library.opcheck(torch.ops.apt.selective_scan_bwd.default,
+                          (x["u"], x["delta"], A, x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+                           torch.randn_like(x["u"]), None, ck, True, 64))
+
+
 def test_split_heuristic(monkeypatch):
     """Time is split only when batch x dim x lanes leaves the GPU underused; a forced value wins."""
     class Props:
@@ -434,5 +462,6 @@ def test_split_heuristic(monkeypatch):
     cps = scan_ops._cuda_chunks_per_split(64, 16, nch, dev)  # 1024 threads on 132 SMs: split
     assert 1 <= cps < nch
     assert scan_ops._cuda_chunks_per_split(64, 16, 1, dev) == 1
+    assert scan_ops._cuda_chunks_per_split(0, 16, nch, dev) == nch  # batch or dim 0: no split (was a ZeroDivisionError)
     monkeypatch.setattr(scan_ops, "CUDA_CHUNKS_PER_SPLIT", 3)
     assert scan_ops._cuda_chunks_per_split(4 * 1536, 16, nch, dev) == 3

@@ -140,10 +140,12 @@ def _grads_out(u, A, B, C, D, z, delta_bias, du, ddelta, dA, dBp, dCp, dD, dz, d
 
 
 def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt, delta_softplus, chunk):
-    return (torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), B.new_empty(B.shape),
-            C.new_empty(C.shape), torch.empty_like(D) if D is not None else _empty(u),
+    # dA/dB/dC/dD/ddelta_bias are contiguous whatever the inputs' strides (the kernels write packed buffers), so not
+    # empty_like (which keeps a transposed A's strides); du/ddelta/dz are empty_like(u) as in the kernels
+    return (torch.empty_like(u), torch.empty_like(u), A.new_empty(A.shape), B.new_empty(B.shape),
+            C.new_empty(C.shape), D.new_empty(D.shape) if D is not None else _empty(u),
             torch.empty_like(u) if z is not None else _empty(u),
-            torch.empty_like(delta_bias) if delta_bias is not None else _empty(u))
+            delta_bias.new_empty(delta_bias.shape) if delta_bias is not None else _empty(u))
 
 
 _scan_bwd_op.register_fake(_bwd_fake)
