@@ -198,6 +198,19 @@ def test_cuda_int64_indexing():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("batch,dim", [(0, 4), (2, 0)])
+def test_cuda_empty_batch_or_dim(batch, dim):
+    """No rows with L > 64 (several chunks): empty y and last state, zero parameter gradients (the split heuristic
+    once divided by the zero thread count)."""
+    x = {k: v.cuda().requires_grad_() for k, v in _inputs(batch, dim, 130, 16, CASES[1], seed=23).items()}
+    y, last = selective_scan_cuda(**x, delta_softplus=True, return_last_state=True)
+    assert y.shape == (batch, dim, 130) and last.shape == (batch, dim, 16)
+    (y.float().sum() + last.sum()).backward()
+    for k, v in x.items():
+        assert v.grad is not None and v.grad.shape == v.shape and not v.grad.any(), k
+
+
+@pytest.mark.cuda
 def test_cuda_side_stream():
     x = {k: v.cuda() for k, v in _inputs(2, 6, 100, 16, CASES[1], seed=22).items()}
     expect = selective_scan_ref(**x, delta_softplus=True)

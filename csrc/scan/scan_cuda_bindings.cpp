@@ -138,9 +138,10 @@ void selective_scan_bwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
   auto dlast = TensorView::from_optional(dlast_, "dlast_state"), dD = TensorView::from_optional(dD_, "dD"),
        dz = TensorView::from_optional(dz_, "dz"), dbias = TensorView::from_optional(dbias_, "ddelta_bias");
   for (const TensorView* t : {&dout, &du, &ddelta}) check_like(*t, u);
-  APT_CHECK((p.z != nullptr) == dz.defined(), "dz: must be given exactly when z is");
-  APT_CHECK((p.D != nullptr) == dD.defined(), "dD: must be given exactly when D is");
-  APT_CHECK((p.bias != nullptr) == dbias.defined(), "ddelta_bias: must be given exactly when delta_bias is");
+  // by the arguments, not by p.z/p.D/p.bias: an empty tensor (batch or dim 0) has a null data pointer
+  APT_CHECK((!z_.is_none()) == dz.defined(), "dz: must be given exactly when z is");
+  APT_CHECK((!D_.is_none()) == dD.defined(), "dD: must be given exactly when D is");
+  APT_CHECK((!bias_.is_none()) == dbias.defined(), "ddelta_bias: must be given exactly when delta_bias is");
   const int64_t nchunks = (p.L + chunk - 1) / chunk;
   check_f32(ckpt, {p.batch, p.dim, nchunks, p.N}, p.device);
   if (dlast.defined()) {
