@@ -488,7 +488,7 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     """One decode step (mamba_ssm's signature): updates ``state`` (batch, dim, N) in place and returns y
     (batch, dim). B, C: (batch, N) or (batch, G, N)."""
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
-    impl, fn = _choose_step(x, A.shape[-1])
+    impl, fn = _choose_step(x, A.shape[-1], state.dtype)
     logger.debug("selective_state_update: using %s for %s %s input", impl, x.device.type, x.dtype)
     return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
@@ -504,9 +504,10 @@ def _choose_scan(u: torch.Tensor, N: int):
     return "reference", selective_scan_ref
 
 
-def _choose_step(x: torch.Tensor, N: int):
+def _choose_step(x: torch.Tensor, N: int, state_dtype: torch.dtype = torch.float32):
     if x.device.type == "cuda" and x.dtype in _GPU_DTYPES:
-        if cuda_status()[0] and N <= CUDA_MAX_N:
+        # the CUDA decode step raises TypeError for an fp64 state: not chosen for one
+        if cuda_status()[0] and N <= CUDA_MAX_N and state_dtype in _GPU_DTYPES:
             return "cuda", selective_state_update_cuda
         if triton_status()[0]:
             return "triton", selective_state_update_triton
