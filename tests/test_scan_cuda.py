@@ -223,6 +223,70 @@ def test_cuda_side_stream():
 
 
 @pytest.mark.cuda
+def test_cuda_graph_capture():
+    """Forward, backward (which sets its dynamic shared memory attribute on every call) and decode step captured in
+    one CUDA graph and replayed: the same results as eager. Fails if a host call in the launchers is illegal while a
+    stream is being captured."""
+    x = {k: v.cuda() for k, v in _inputs(2, 6, 100, 16, CASES[1], seed=26).items()}
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, 64)
+    fwd, bwd = torch.ops.apt.selective_scan_fwd.default, torch.ops.apt.selective_scan_bwd.default
+    dout = torch.randn_like(x["u"])
+    step = tuple(t[..., 0].contiguous() for t in (x["u"], x["delta"])) + (x["A"],) + \
+        tuple(t[..., 0].contiguous() for t in (x["B"], x["C"])) + (x["D"], x["z"][..., 0].contiguous(), x["delta_bias"])
+    state0 = torch.randn(2, 6, 16, device="cuda")
+    y0, l0, ck0 = fwd(*args)
+    g0 = bwd(*args[:8], dout, l0, ck0, True, 64)
+    s0 = state0.clone()
+    ys0 = selective_state_update_cuda(s0, *step, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
+        _, l1, ck1 = fwd(*args)
+        bwd(*args[:8], dout, l1, ck1, True, 64)
+    torch.cuda.current_stream().wait_stream(side)
+    state = state0.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, last, ck = fwd(*args)
+        grads = bwd(*args[:8], dout, last, ck, True, 64)
+        ys = selective_state_update_cuda(state, *step, True)
+    state.copy_(state0)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    torch.testing.assert_close(last, l0, rtol=0, atol=0)
+    torch.testing.assert_close(ys, ys0, rtol=0, atol=0)
+    torch.testing.assert_close(state, s0, rtol=0, atol=0)
+    for a, b in zip(grads, g0):  # atomics: any order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_on_a_device_that_is_not_current():
+    """Tensors on cuda:1 while cuda:0 is current: every launch goes to cuda:1 (the launchers' device guard, the
+    stream of cuda:1), and the current device is cuda:0 again after."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    x = _inputs(2, 6, 130, 16, CASES[1], seed=27)
+
+    def run(**kw):
+        d = {k: (v.to("cuda:1") if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        y, last = selective_scan_cuda(**d)
+        return y.cpu(), last.cpu()
+
+    with torch.cuda.device(0):
+        check_scan_against_reference(run, x, softplus=True)
+        state = torch.randn(2, 6, 16, device="cuda:1")
+        ref = state.cpu().clone()
+        args = [x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0], x["D"], x["z"][..., 0],
+                x["delta_bias"]]
+        y = selective_state_update_cuda(state, *[t.to("cuda:1") for t in args], True)
+        assert_close(y.cpu(), selective_state_update_ref(ref, *args, True), family="scan")
+        assert_close(state.cpu(), ref, family="scan")
+        assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("lb,lc", [("var", "var"), ("group", "var"), ("var", "group")])
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)])
