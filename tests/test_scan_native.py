@@ -81,6 +81,39 @@ def test_cpu_mixed_dtypes():
     check_against_reference(selective_scan_cpu, x, softplus=True, dtype=torch.float16)
 
 
+ISAS = ["generic", "avx2", "avx512"]  # APT_SCAN_CPU_ISA caps the kernel build used (to what the CPU runs)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("batch,dim,L,N,groups", [
+    (2, 7, 70, 16, 1),    # odd dim, L with a ragged last chunk and a remainder of the 8-step lane reduction
+    (1, 1, 9, 16, 1),     # dim = 1
+    (3, 6, 131, 32, 3),   # N = 32 (several vectors per step), groups, rows split across threads
+    (2, 4, 67, 8, 2),     # N = 8: 8 lanes in every build
+    (2, 3, 66, 12, 1),    # N = 12: 4 lanes
+    (1, 2, 40, 5, 1),     # runtime N: one lane
+])
+def test_cpu_lane_layouts_and_isas(isa, batch, dim, L, N, groups, monkeypatch):
+    """The per-step dot products are kept as W-lane partial sums (W = 16, 8, 4 or 1 by N and the build) and reduced
+    8 steps at a time: every W, chunk tails, and every kernel build this CPU runs, forward and all gradients."""
+    monkeypatch.setenv("APT_SCAN_CPU_ISA", isa)
+    x = random_scan_inputs(batch, dim, L, N, layout_B="group" if groups > 1 else "var", layout_C="var",
+                           groups=groups, generator=torch.Generator().manual_seed(L + N))
+    check_against_reference(selective_scan_cpu, x, softplus=True)
+    x = random_scan_inputs(batch, dim, L, N, layout_B="const", layout_C="group" if groups > 1 else "const",
+                           groups=groups, with_z=False, with_bias=False, generator=torch.Generator().manual_seed(L))
+    check_against_reference(selective_scan_cpu, x, softplus=False)
+
+
+def test_cpu_extreme_delta():
+    """softplus(delta) for huge |delta| (the vectorised softplus, and exp of very negative dt * A) stays finite."""
+    x = random_scan_inputs(1, 4, 20, 16, generator=torch.Generator().manual_seed(3))
+    x["delta"] = x["delta"] * 0 + torch.tensor([-1e30, -50.0, 30.0, 1e20]).view(1, 4, 1)
+    y = selective_scan_cpu(**x, delta_softplus=True)
+    assert torch.isfinite(y).all()
+    assert_close(y, selective_scan_ref(**x, delta_softplus=True), family="scan")
+
+
 def test_cpu_without_last_state_and_no_grad_inputs():
     x = random_scan_inputs(2, 4, 17, 8, generator=torch.Generator().manual_seed(14))
     y = selective_scan_cpu(**x, delta_softplus=True)

@@ -79,18 +79,60 @@ static inline int64_t bc_offset(const Packed<Acc>& p, bool isB, int64_t b, int64
 // Partial sums kept per time step for the dot products over N (y_t = <C_t, h_t>, <g_t, B_t>, ...): W lanes, W | N.
 // The horizontal reduction of the W lanes then runs once per chunk, vectorised over the steps (reduce_lanes),
 // instead of once per step inside the recurrence. W = 1 (a plain per-step reduction) for a runtime N.
-template <int NT> constexpr int lanes_for() { return NT > 0 && NT % 8 == 0 ? 8 : (NT > 0 && NT % 4 == 0 ? 4 : 1); }
-constexpr int kMaxLanes = 8;
+// kVecLanes (fp32 lanes of the widest vector of the build) is set by scan_cpu.cpp before including this file.
+template <int NT> constexpr int lanes_for() {
+  return NT <= 0 ? 1 : NT % kVecLanes == 0 ? kVecLanes : NT % 8 == 0 ? 8 : NT % 4 == 0 ? 4 : 1;
+}
+constexpr int kMaxLanes = 16;
 
-// out[k] = sum of the W partial sums ps[k * W .. k * W + W - 1], 0 <= k < K.
-template <int W, typename Acc> static inline void reduce_lanes(const Acc* ps, int64_t K, Acc* out) {
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) {
+// out[k] = sum of the W partial sums ps[k * W .. k * W + W - 1], k0 <= k < K.
+template <int W, typename Acc> static inline void reduce_lanes_tail(const Acc* ps, int64_t k0, int64_t K, Acc* out) {
+  for (int64_t k = k0; k < K; ++k) {
     Acc s = 0;
     for (int l = 0; l < W; ++l) s += ps[k * W + l];
     out[k] = s;
   }
 }
+template <int W, typename Acc> static inline void reduce_lanes(const Acc* ps, int64_t K, Acc* out) {
+  reduce_lanes_tail<W>(ps, 0, K, out);
+}
+#if defined(__GNUC__) || defined(__clang__)
+// fp32 with 8 lanes: 8 steps at a time by a transpose-and-add tree in GCC vector types (one shufps/vperm2f128 and
+// add per node with AVX, pairs of SSE ops in the generic build): 21 vector ops for 8 sums instead of 6 per sum.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+static inline v8f pair_sum(v8f a, v8f b) {  // within each 128-bit half: [a0+a1, a2+a3, b0+b1, b2+b3]
+  return __builtin_shuffle(a, b, v8i{0, 2, 8, 10, 4, 6, 12, 14}) + __builtin_shuffle(a, b, v8i{1, 3, 9, 11, 5, 7, 13, 15});
+}
+// The 8 sums of r[0..7], as one vector.
+static inline v8f sum8x8(const v8f* r) {
+  const v8f e = pair_sum(pair_sum(r[0], r[1]), pair_sum(r[2], r[3]));  // rows 0-3, low and high halves
+  const v8f f = pair_sum(pair_sum(r[4], r[5]), pair_sum(r[6], r[7]));
+  return __builtin_shuffle(e, f, v8i{0, 1, 2, 3, 8, 9, 10, 11}) + __builtin_shuffle(e, f, v8i{4, 5, 6, 7, 12, 13, 14, 15});
+}
+template <int W> static inline void reduce_lanes_f32(const float* ps, int64_t K, float* out) {
+  static_assert(W == 8 || W == 16, "8 or 16 lanes");
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    v8f r[8];
+    for (int i = 0; i < 8; ++i) {
+      std::memcpy(&r[i], ps + (k + i) * W, sizeof(v8f));
+      if (W == 16) {
+        v8f hi;
+        std::memcpy(&hi, ps + (k + i) * W + 8, sizeof(v8f));
+        r[i] += hi;
+      }
+    }
+    const v8f sum = sum8x8(r);
+    std::memcpy(out + k, &sum, sizeof sum);
+  }
+  reduce_lanes_tail<W>(ps, k, K, out);
+}
+template <> inline void reduce_lanes<8, float>(const float* ps, int64_t K, float* out) { reduce_lanes_f32<8>(ps, K, out); }
+template <> inline void reduce_lanes<16, float>(const float* ps, int64_t K, float* out) {
+  reduce_lanes_f32<16>(ps, K, out);
+}
+#endif
 
 // Per-thread scratch sizes (values of the accumulation dtype) of scan_fwd and scan_bwd.
 static inline int64_t fwd_scratch_per_thread(int64_t N, int64_t chunk) { return N + 3 * chunk + kMaxLanes * chunk; }
@@ -171,7 +213,7 @@ void scan_fwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, acc_t<T>* last, acc_
               part[l] += hn * Ct[n];
             }
           }
-          for (int l = 0; l < W; ++l) ps[k * W + l] = part[l];
+          std::memcpy(ps + k * W, part, sizeof part);
         }
         reduce_lanes<W>(ps, K, ys);
 #pragma omp simd
@@ -280,7 +322,7 @@ void scan_bwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, 
               part[l] += hn * Ct[n];
             }
           }
-          if (io.z) for (int l = 0; l < W; ++l) pgB[k * W + l] = part[l];
+          if (io.z) std::memcpy(pgB + k * W, part, sizeof part);
         }
         load_row(io.dout, io.sdout, b, d, t0, K, dys);
         if (io.z) {  // dz, and dy through the gate
@@ -321,10 +363,8 @@ void scan_bwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, 
               g[n] = gn * e[n];
             }
           }
-          for (int l = 0; l < W; ++l) {
-            pgB[k * W + l] = part_gB[l];
-            pgAh[k * W + l] = part_gAh[l];
-          }
+          std::memcpy(pgB + k * W, part_gB, sizeof part_gB);
+          std::memcpy(pgAh + k * W, part_gAh, sizeof part_gAh);
         }
         reduce_lanes<W>(pgB, K, sgB);
         reduce_lanes<W>(pgAh, K, sgAh);
