@@ -2,7 +2,7 @@
 // recomputing states chunk by chunk; O(batch*dim*L/chunk*N) saved memory) and the decode step. OpenMP over
 // batch x dim. u/delta/z/out and their grads: fp32/fp16/bf16/fp64, any strides; A, B, C, D, delta_bias arrive packed
 // by Python in the accumulation dtype (fp32, fp64 for fp64 u): A (dim, N); B/C (dim, N) or (batch, G, L, N).
-// Kernels are built twice (generic x86-64 and AVX2+FMA) and picked at run time.
+// Kernels are built three times (generic x86-64, AVX2+FMA, AVX-512) and the widest the CPU runs is picked at run time.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -202,8 +202,12 @@ void selective_scan_fwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
     py::gil_scoped_release nogil;
     switch (best_isa()) {
 #ifdef APT_SCAN_AVX2
-      case Isa::avx512: avx512::scan_fwd<T>(io, p, last.ptr<Acc>(), ckpt.ptr<Acc>(), chunk, softplus_dt, scratch.data()); break;
-      case Isa::avx2: avx2::scan_fwd<T>(io, p, last.ptr<Acc>(), ckpt.ptr<Acc>(), chunk, softplus_dt, scratch.data()); break;
+      case Isa::avx512:
+        avx512::scan_fwd<T>(io, p, last.ptr<Acc>(), ckpt.ptr<Acc>(), chunk, softplus_dt, scratch.data());
+        break;
+      case Isa::avx2:
+        avx2::scan_fwd<T>(io, p, last.ptr<Acc>(), ckpt.ptr<Acc>(), chunk, softplus_dt, scratch.data());
+        break;
 #endif
       default: generic::scan_fwd<T>(io, p, last.ptr<Acc>(), ckpt.ptr<Acc>(), chunk, softplus_dt, scratch.data());
     }
@@ -259,8 +263,12 @@ void selective_scan_bwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
     py::gil_scoped_release nogil;
     switch (best_isa()) {
 #ifdef APT_SCAN_AVX2
-      case Isa::avx512: avx512::scan_bwd<T>(io, p, gr, ckpt.ptr<Acc>(), chunk, softplus_dt, priv.data(), scratch.data(), nth); break;
-      case Isa::avx2: avx2::scan_bwd<T>(io, p, gr, ckpt.ptr<Acc>(), chunk, softplus_dt, priv.data(), scratch.data(), nth); break;
+      case Isa::avx512:
+        avx512::scan_bwd<T>(io, p, gr, ckpt.ptr<Acc>(), chunk, softplus_dt, priv.data(), scratch.data(), nth);
+        break;
+      case Isa::avx2:
+        avx2::scan_bwd<T>(io, p, gr, ckpt.ptr<Acc>(), chunk, softplus_dt, priv.data(), scratch.data(), nth);
+        break;
 #endif
       default: generic::scan_bwd<T>(io, p, gr, ckpt.ptr<Acc>(), chunk, softplus_dt, priv.data(), scratch.data(), nth);
     }

@@ -1,5 +1,5 @@
 // Mamba selective scan CPU kernels (forward with chunk checkpoints, backward by in-chunk recomputation, decode step).
-// Included twice by scan_cpu.cpp, inside namespace apt::scan_cpu::<isa> (once generic, once built for AVX2+FMA);
+// Included by scan_cpu.cpp once per build, inside namespace apt::scan_cpu::<isa> (generic, AVX2+FMA, AVX-512);
 // include nowhere else. Inner loops run over the N contiguous state entries so they vectorise.
 
 // exp for the inner loops: Cody-Waite range reduction + degree-6 polynomial (rel. error ~2e-7, fp32 rounding level)
@@ -86,7 +86,8 @@ template <int NT> constexpr int lanes_for() {
 constexpr int kMaxLanes = 16;
 
 // out[k] = sum of the W partial sums ps[k * W .. k * W + W - 1], k0 <= k < K.
-template <int W, typename Acc> static inline void reduce_lanes_tail(const Acc* ps, int64_t k0, int64_t K, Acc* out) {
+template <int W, typename Acc>
+static inline void reduce_lanes_tail(const Acc* ps, int64_t k0, int64_t K, Acc* out) {
   for (int64_t k = k0; k < K; ++k) {
     Acc s = 0;
     for (int l = 0; l < W; ++l) s += ps[k * W + l];
@@ -102,13 +103,15 @@ template <int W, typename Acc> static inline void reduce_lanes(const Acc* ps, in
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 static inline v8f pair_sum(v8f a, v8f b) {  // within each 128-bit half: [a0+a1, a2+a3, b0+b1, b2+b3]
-  return __builtin_shuffle(a, b, v8i{0, 2, 8, 10, 4, 6, 12, 14}) + __builtin_shuffle(a, b, v8i{1, 3, 9, 11, 5, 7, 13, 15});
+  return __builtin_shuffle(a, b, v8i{0, 2, 8, 10, 4, 6, 12, 14}) +
+         __builtin_shuffle(a, b, v8i{1, 3, 9, 11, 5, 7, 13, 15});
 }
 // The 8 sums of r[0..7], as one vector.
 static inline v8f sum8x8(const v8f* r) {
   const v8f e = pair_sum(pair_sum(r[0], r[1]), pair_sum(r[2], r[3]));  // rows 0-3, low and high halves
   const v8f f = pair_sum(pair_sum(r[4], r[5]), pair_sum(r[6], r[7]));
-  return __builtin_shuffle(e, f, v8i{0, 1, 2, 3, 8, 9, 10, 11}) + __builtin_shuffle(e, f, v8i{4, 5, 6, 7, 12, 13, 14, 15});
+  return __builtin_shuffle(e, f, v8i{0, 1, 2, 3, 8, 9, 10, 11}) +
+         __builtin_shuffle(e, f, v8i{4, 5, 6, 7, 12, 13, 14, 15});
 }
 template <int W> static inline void reduce_lanes_f32(const float* ps, int64_t K, float* out) {
   static_assert(W == 8 || W == 16, "8 or 16 lanes");
@@ -128,7 +131,9 @@ template <int W> static inline void reduce_lanes_f32(const float* ps, int64_t K,
   }
   reduce_lanes_tail<W>(ps, k, K, out);
 }
-template <> inline void reduce_lanes<8, float>(const float* ps, int64_t K, float* out) { reduce_lanes_f32<8>(ps, K, out); }
+template <> inline void reduce_lanes<8, float>(const float* ps, int64_t K, float* out) {
+  reduce_lanes_f32<8>(ps, K, out);
+}
 template <> inline void reduce_lanes<16, float>(const float* ps, int64_t K, float* out) {
   reduce_lanes_f32<16>(ps, K, out);
 }
