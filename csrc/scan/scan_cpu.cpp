@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/apt_common.h"
+#include "common/apt_cpu_simd.h"
 
 #ifdef APT_WITH_OPENMP
 #include <omp.h>
@@ -98,23 +99,12 @@ constexpr int kVecLanes = 16;
 #endif
 
 // The widest build this CPU runs; APT_SCAN_CPU_ISA=generic|avx2 caps it (read on every call, for the tests).
-enum class Isa { generic, avx2, avx512 };
-Isa best_isa() {
+using Isa = CpuIsa;
 #ifdef APT_SCAN_AVX2
-  static const Isa cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                                 __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
-                             ? Isa::avx512
-                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::avx2
-                                                                                            : Isa::generic;
-  const char* cap = std::getenv("APT_SCAN_CPU_ISA");
-  const Isa most = !cap ? Isa::avx512 : std::strcmp(cap, "generic") == 0 ? Isa::generic
-                                      : std::strcmp(cap, "avx2") == 0   ? Isa::avx2
-                                                                        : Isa::avx512;
-  return std::min(cpu, most);
+Isa best_isa() { return best_cpu_isa("APT_SCAN_CPU_ISA", true); }
 #else
-  return Isa::generic;
+Isa best_isa() { return best_cpu_isa("APT_SCAN_CPU_ISA", false); }
 #endif
-}
 
 // ---------------------------------------------------------------- argument checks and unpacking
 bool is_contiguous(const TensorView& t) {

@@ -2,39 +2,7 @@
 // Included by scan_cpu.cpp once per build, inside namespace apt::scan_cpu::<isa> (generic, AVX2+FMA, AVX-512);
 // include nowhere else. Inner loops run over the N contiguous state entries so they vectorise.
 
-// exp for the inner loops: Cody-Waite range reduction + degree-6 polynomial (rel. error ~2e-7, fp32 rounding level)
-// that the compiler vectorises, unlike a libm call. Below -87 the result is 0 (a mask on the bits), from 88.03 (where
-// the exponent reaches 128) it is inf, NaN stays NaN. Clamping x itself, or a float select, makes GCC branch (it
-// folds exp of the bounds) and then refuse to vectorise the loop; integer clamps and masks do not.
-static inline float fexp(float x) {
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, left in the low mantissa bits
-  const float kshift = x * 1.44269504088896341f + shifter;
-  const float kf = kshift - shifter;
-  float r = x - kf * 0.693359375f;  // ln2 split in a high part exact in fp32 ...
-  r = r - kf * -2.12194440e-4f;      // ... and the low remainder
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t k;
-  std::memcpy(&k, &kshift, 4);
-  k -= 0x4b400000;  // the bits of the shifter; k >= -126 wherever the mask below keeps the result
-  k = k > 128 ? 128 : k;
-  int32_t bits = (k + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  const float res = p * scale;
-  int32_t rbits;
-  std::memcpy(&rbits, &res, 4);
-  rbits &= -static_cast<int32_t>(!(x < -87.0f));
-  float out;
-  std::memcpy(&out, &rbits, 4);
-  return out;
-}
-static inline double fexp(double x) { return std::exp(x); }
+// fexp (the vectorisable exp) comes from common/apt_cpu_simd.h.
 
 // log1p(y) for y >= 0 without libm (a libm call per time step cost as much as the whole N loop): w = 1 + y = m 2^e
 // with m in [sqrt(1/2), sqrt(2)) (found by offsetting the bits, no select, so that loops over it vectorise),

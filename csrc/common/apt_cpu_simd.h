@@ -1,0 +1,74 @@
+// CPU helpers shared by the kernel families that build their inner loops once per instruction set (scan, tva):
+// a vectorisable exp, and the pick of the widest build the CPU runs (x86-64 generic, AVX2+FMA, AVX-512).
+// Everything here is inline and target-neutral, so the AVX2/AVX-512 builds inline it and vectorise it themselves.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace apt {
+
+// exp for the inner loops: Cody-Waite range reduction + degree-6 polynomial (rel. error ~2e-7, fp32 rounding level)
+// that the compiler vectorises, unlike a libm call. Below -87 the result is 0 (a mask on the bits; -inf and NaN
+// minus inf give 0 too), from 88.03 (where the exponent reaches 128) it is inf, NaN stays NaN. Clamping x itself, or
+// a float select, makes GCC branch (it folds exp of the bounds) and then refuse to vectorise the loop; integer clamps
+// and masks do not.
+static inline float fexp(float x) {
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, left in the low mantissa bits
+  const float kshift = x * 1.44269504088896341f + shifter;
+  const float kf = kshift - shifter;
+  float r = x - kf * 0.693359375f;  // ln2 split in a high part exact in fp32 ...
+  r = r - kf * -2.12194440e-4f;      // ... and the low remainder
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t k;
+  std::memcpy(&k, &kshift, 4);
+  k -= 0x4b400000;  // the bits of the shifter; k >= -126 wherever the mask below keeps the result
+  k = k > 128 ? 128 : k;
+  int32_t bits = (k + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  const float res = p * scale;
+  int32_t rbits;
+  std::memcpy(&rbits, &res, 4);
+  rbits &= -static_cast<int32_t>(!(x < -87.0f));
+  float out;
+  std::memcpy(&out, &rbits, 4);
+  return out;
+}
+static inline double fexp(double x) { return std::exp(x); }
+
+// The kernel builds, narrowest first.
+enum class CpuIsa { generic, avx2, avx512 };
+
+// The widest build this CPU runs, capped by the environment variable `cap_env` (generic|avx2|avx512, read on every
+// call so tests can switch it). `built` is false where only the generic build exists (not GCC on x86-64).
+inline CpuIsa best_cpu_isa(const char* cap_env, bool built) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (!built) return CpuIsa::generic;
+  static const CpuIsa cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
+                                ? CpuIsa::avx512
+                            : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? CpuIsa::avx2
+                                                                                               : CpuIsa::generic;
+  const char* cap = std::getenv(cap_env);
+  const CpuIsa most = !cap ? CpuIsa::avx512 : std::strcmp(cap, "generic") == 0 ? CpuIsa::generic
+                                            : std::strcmp(cap, "avx2") == 0   ? CpuIsa::avx2
+                                                                              : CpuIsa::avx512;
+  return std::min(cpu, most);
+#else
+  (void)cap_env;
+  (void)built;
+  return CpuIsa::generic;
+#endif
+}
+
+}  // namespace apt
