@@ -1,7 +1,9 @@
 // Fused TVA attention on the CPU: o = softmax(q kᵀ·scale + mask) v + coef·gate·delta with an online softmax over
 // key blocks (never the Tq×Tk matrix), and its backward recomputing P blockwise from the saved log-sum-exp.
 // q, delta, o: (B, H, Tq, D); k, v: (B, H, Tk, D); gate (B, Tq, H); pad (B, Tk) bool True = padded; any strides;
-// fp32/fp16/bf16 storage, fp32 accumulation. OpenMP over batch × heads × blocks. Head dim <= 256.
+// fp32/fp16/bf16 storage, fp32 accumulation. Head dim <= 256. The inputs are packed once per call into dense fp32
+// panels (O(T·D), padded to whole blocks), the kernels (tva_cpu_impl.h, built generic / AVX2 / AVX-512 and picked at
+// run time) run register-tiled 64×64 block products on them, OpenMP over batch·heads × blocks.
 // This file also binds the CUDA kernels of tva_cuda.cu (under APT_WITH_CUDA) so the family registers once.
 #include <algorithm>
 #include <cmath>
@@ -9,6 +11,7 @@
 #include <vector>
 
 #include "common/apt_common.h"
+#include "common/apt_cpu_simd.h"
 #include "tva/tva_common.h"
 #ifdef APT_WITH_CUDA
 #include "tva/tva_cuda.h"
@@ -19,76 +22,16 @@ namespace {
 
 using tva::MaskSpec;
 
-constexpr int64_t BM = 64;  // query rows per block
-constexpr int64_t BN = 64;  // keys per block
+constexpr int64_t kBlk = 64;  // query rows and keys per block (the micro-kernels' column count)
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-
-// ---- fp32 micro-kernels: every inner loop is an axpy over a contiguous row, so it vectorises ----
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define APT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define APT_SIMD_CLONES
-#endif
-
-// C (m×n) = A (m×D) · Bt (D×n)
-APT_SIMD_CLONES void mm_nt(const float* A, const float* Bt, float* C, int64_t m, int64_t n, int64_t D) {
-  for (int64_t i = 0; i < m; ++i) {
-    float* c = C + i * n;
-    for (int64_t j = 0; j < n; ++j) c[j] = 0.f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float a = A[i * D + d];
-      const float* b = Bt + d * n;
-      for (int64_t j = 0; j < n; ++j) c[j] += a * b[j];
-    }
-  }
-}
-
-// C (m×D) += P (m×n) · V (n×D)
-APT_SIMD_CLONES void mm_acc(const float* P, const float* V, float* C, int64_t m, int64_t n, int64_t D) {
-  for (int64_t i = 0; i < m; ++i) {
-    float* c = C + i * D;
-    for (int64_t j = 0; j < n; ++j) {
-      const float p = P[i * n + j];
-      if (p == 0.f) continue;
-      const float* v = V + j * D;
-      for (int64_t d = 0; d < D; ++d) c[d] += p * v[d];
-    }
-  }
-}
-
-// C (n×D) += Pᵀ (n×m) · X (m×D)
-APT_SIMD_CLONES void mm_tn_acc(const float* P, const float* X, float* C, int64_t m, int64_t n, int64_t D) {
-  for (int64_t i = 0; i < m; ++i) {
-    const float* x = X + i * D;
-    for (int64_t j = 0; j < n; ++j) {
-      const float p = P[i * n + j];
-      if (p == 0.f) continue;
-      float* c = C + j * D;
-      for (int64_t d = 0; d < D; ++d) c[d] += p * x[d];
-    }
-  }
-}
 
 // Strided (b, h, t, d) element of a 4-d view.
 template <typename T>
-inline const T* at4(const TensorView& t, int64_t b, int64_t h, int64_t s, int64_t d) {
-  return t.ptr<T>() + b * t.stride(0) + h * t.stride(1) + s * t.stride(2) + d * t.stride(3);
-}
-template <typename T>
-inline T* at4w(const TensorView& t, int64_t b, int64_t h, int64_t s, int64_t d) {
+inline T* at4(const TensorView& t, int64_t b, int64_t h, int64_t s, int64_t d) {
   return t.ptr<T>() + b * t.stride(0) + h * t.stride(1) + s * t.stride(2) + d * t.stride(3);
 }
 
-// rows [r0, r0+n) of a (B, H, T, D) view -> dense fp32 (n×D), or transposed (D×n)
-template <typename T>
-void load_rows(const TensorView& t, int64_t b, int64_t h, int64_t r0, int64_t n, float* out, bool transpose) {
-  const int64_t D = t.size(3);
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t d = 0; d < D; ++d) {
-      float x = load_f(at4<T>(t, b, h, r0 + r, d));
-      if (transpose) out[d * n + r] = x; else out[r * D + d] = x;
-    }
-}
+inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
 struct Ctx {
   TensorView q, k, v, delta, gate, pad;
@@ -104,77 +47,172 @@ struct Ctx {
   }
 };
 
-// S (bm×bn) *= scale, masked entries -> -inf
-void mask_scores(const Ctx& c, int64_t b, int64_t m0, int64_t bm, int64_t n0, int64_t bn, float* S) {
-  const int64_t off = c.Tk - c.Tq;
-  for (int64_t i = 0; i < bm; ++i) {
-    const int64_t p = m0 + i + off;
-    for (int64_t j = 0; j < bn; ++j) {
-      const int64_t kj = n0 + j;
-      bool ok = tva::visible(c.mask, p, kj) && !c.padded(b, kj);
-      S[i * bn + j] = ok ? S[i * bn + j] * c.scale : NEG_INF;
-    }
+// What the kernels of tva_cpu_impl.h read: dense fp32 copies, per batch·head, with the head dim padded to Dp (a
+// multiple of 16) and the rows to Tqp/Tkp (multiples of kBlk), zeros in the padding. "t" layouts are transposed
+// (Dp × T), so that a block's scores are a product of two row-major panels. q is scaled by the softmax scale.
+struct Packed {
+  int64_t B, H, Tq, Tk, Dp, Tqp, Tkp;
+  MaskSpec mask;
+  float scale;
+  const float *qp = nullptr, *qt = nullptr, *kp = nullptr, *kt = nullptr, *vp = nullptr, *vt = nullptr;
+  const float *gp = nullptr, *gt = nullptr;  // grad_o (backward)
+  const float* kbias = nullptr;              // (B, Tkp): 0, or -inf for padded keys and keys past Tk
+  bool any_pad = false;
+  const float *lse = nullptr, *di = nullptr;  // (BH, Tqp), backward; lse +inf past Tq
+};
+
+// The whole rectangle of (query position, key) pairs [p0, p1] × [n0, n1] is inside the causal/window band. With
+// the sinks ignored the band is convex, so its four corners decide; sinks only add visible pairs.
+inline bool band_covers(const MaskSpec& m, int64_t p0, int64_t p1, int64_t n0, int64_t n1) {
+  MaskSpec s = m;
+  s.sinks = 0;
+  return tva::visible(s, p0, n0) && tva::visible(s, p0, n1) && tva::visible(s, p1, n0) && tva::visible(s, p1, n1);
+}
+
+namespace generic {
+constexpr int kR = 2, kCV = 1;
+#include "tva/tva_cpu_impl.h"
+}  // namespace generic
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define APT_TVA_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+constexpr int kR = 4, kCV = 1;  // 4 rows × 16 columns: 8 ymm accumulators
+#include "tva/tva_cpu_impl.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+namespace avx512 {
+constexpr int kR = 4, kCV = 4;  // 4 rows × 64 columns: 16 zmm accumulators
+#include "tva/tva_cpu_impl.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+// APT_TVA_CPU_ISA=generic|avx2 caps the build used (read on every call, for the tests).
+CpuIsa tva_isa() {
+#ifdef APT_TVA_AVX2
+  return best_cpu_isa("APT_TVA_CPU_ISA", true);
+#else
+  return best_cpu_isa("APT_TVA_CPU_ISA", false);
+#endif
+}
+
+void run_forward(const Packed& p, float* a, float* lse) {
+  switch (tva_isa()) {
+#ifdef APT_TVA_AVX2
+    case CpuIsa::avx512: avx512::forward(p, a, lse); return;
+    case CpuIsa::avx2: avx2::forward(p, a, lse); return;
+#endif
+    default: generic::forward(p, a, lse);
   }
+}
+
+void run_backward(const Packed& p, float* dq, float* dk, float* dv) {
+  switch (tva_isa()) {
+#ifdef APT_TVA_AVX2
+    case CpuIsa::avx512: avx512::backward(p, dq, dk, dv); return;
+    case CpuIsa::avx2: avx2::backward(p, dq, dk, dv); return;
+#endif
+    default: generic::backward(p, dq, dk, dv);
+  }
+}
+
+// (B, H, T, D) view times `mul` -> packed (BH, Tp, Dp) rows and/or (BH, Dp, Tp) transposed (either may be null;
+// both buffers arrive zeroed). One task per (batch·head, row block): rows first, then the block transposed from them.
+template <typename T>
+void pack(const TensorView& t, int64_t Tp, int64_t Dp, float mul, float* rows, float* cols) {
+  const int64_t B = t.size(0), H = t.size(1), T_ = t.size(2), D = t.size(3), nb = tva::cdiv(T_, kBlk);
+#pragma omp parallel
+  {
+    std::vector<float> tmp(rows ? 0 : kBlk * Dp, 0.0f);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t rb = 0; rb < nb; ++rb) {
+        const int64_t b = bh / H, h = bh % H, r0 = rb * kBlk, n = std::min(kBlk, T_ - r0);
+        float* dst = rows ? rows + (bh * Tp + r0) * Dp : tmp.data();
+        for (int64_t r = 0; r < n; ++r) {
+          const T* src = at4<T>(t, b, h, r0 + r, 0);
+          const int64_t sd = t.stride(3);
+          float* o = dst + r * Dp;
+          if (sd == 1) {
+            for (int64_t d = 0; d < D; ++d) o[d] = load_f(src + d) * mul;
+          } else {
+            for (int64_t d = 0; d < D; ++d) o[d] = load_f(src + d * sd) * mul;
+          }
+        }
+        if (cols)
+          for (int64_t d = 0; d < D; ++d) {
+            float* o = cols + (bh * Dp + d) * Tp + r0;
+            for (int64_t r = 0; r < n; ++r) o[r] = dst[r * Dp + d];
+          }
+      }
+  }
+}
+
+// The packed (BH, Tp, Dp) rows -> a (B, H, T, D) view of dtype T.
+template <typename T>
+void unpack(const float* src, int64_t Tp, int64_t Dp, const TensorView& t) {
+  const int64_t B = t.size(0), H = t.size(1), T_ = t.size(2), D = t.size(3);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t bh = 0; bh < B * H; ++bh)
+    for (int64_t r = 0; r < T_; ++r) {
+      const float* s = src + (bh * Tp + r) * Dp;
+      T* o = at4<T>(t, bh / H, bh % H, r, 0);
+      for (int64_t d = 0; d < D; ++d) store_f(o + d * t.stride(3), s[d]);
+    }
+}
+
+Packed packed_shape(const Ctx& c, std::vector<float>& kbias) {
+  Packed p;
+  p.B = c.B; p.H = c.H; p.Tq = c.Tq; p.Tk = c.Tk;
+  p.Dp = round_up(c.D, 16);
+  p.Tqp = round_up(c.Tq, kBlk);
+  p.Tkp = round_up(c.Tk, kBlk);
+  p.mask = c.mask;
+  p.scale = c.scale;
+  kbias.assign(c.B * p.Tkp, NEG_INF);
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t j = 0; j < c.Tk; ++j) {
+      const bool pad = c.padded(b, j);
+      p.any_pad |= pad;
+      kbias[b * p.Tkp + j] = pad ? NEG_INF : 0.0f;
+    }
+  p.kbias = kbias.data();
+  return p;
 }
 
 template <typename T>
 void tva_fwd(const Ctx& c, const TensorView& o, float* lse) {
-  const int64_t nmb = tva::cdiv(c.Tq, BM), D = c.D;
-#pragma omp parallel for collapse(3) schedule(dynamic)
-  for (int64_t b = 0; b < c.B; ++b)
-    for (int64_t h = 0; h < c.H; ++h)
-      for (int64_t mb = 0; mb < nmb; ++mb) {
-        const int64_t m0 = mb * BM, bm = std::min(BM, c.Tq - m0);
-        std::vector<float> Q(bm * D), Kt(D * BN), V(BN * D), S(bm * BN), acc(bm * D, 0.f);
-        std::vector<float> mrow(bm, NEG_INF), lrow(bm, 0.f);
-        load_rows<T>(c.q, b, h, m0, bm, Q.data(), false);
-        auto kb = tva::key_blocks(c.mask, m0, bm, BN);
-        for (int64_t it = 0; it < kb.count(); ++it) {
-          const int64_t n0 = kb.start(it, BN), bn = std::min(BN, c.Tk - n0);
-          load_rows<T>(c.k, b, h, n0, bn, Kt.data(), true);
-          load_rows<T>(c.v, b, h, n0, bn, V.data(), false);
-          mm_nt(Q.data(), Kt.data(), S.data(), bm, bn, D);
-          mask_scores(c, b, m0, bm, n0, bn, S.data());
-          for (int64_t i = 0; i < bm; ++i) {
-            float* s = S.data() + i * bn;
-            float mx = mrow[i];
-            for (int64_t j = 0; j < bn; ++j) mx = std::max(mx, s[j]);
-            // no visible key yet: keep acc/l at 0 and avoid (-inf) - (-inf)
-            const float msafe = mx == NEG_INF ? 0.f : mx;
-            const float alpha = std::exp(mrow[i] - msafe);
-            float sum = 0.f;
-            for (int64_t j = 0; j < bn; ++j) { s[j] = std::exp(s[j] - msafe); sum += s[j]; }
-            lrow[i] = lrow[i] * alpha + sum;
-            float* a = acc.data() + i * D;
-            for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
-            mrow[i] = mx;
-          }
-          mm_acc(S.data(), V.data(), acc.data(), bm, bn, D);
-        }
-        for (int64_t i = 0; i < bm; ++i) {
-          const int64_t t = m0 + i;
-          const bool empty = lrow[i] == 0.f;
-          const float inv = empty ? 0.f : 1.f / lrow[i];
-          float cg = 0.f;
-          if (c.delta.defined()) cg = c.coef * c.gate_at<T>(b, t, h);
-          for (int64_t d = 0; d < D; ++d) {
-            float val = acc[i * D + d] * inv;
-            if (c.delta.defined()) val += cg * load_f(at4<T>(c.delta, b, h, t, d));
-            store_f(at4w<T>(o, b, h, t, d), val);
-          }
-          lse[(b * c.H + h) * c.Tq + t] =
-              empty ? std::numeric_limits<float>::infinity() : mrow[i] + std::log(lrow[i]);
-        }
+  if (c.B * c.H * c.Tq == 0) return;
+  std::vector<float> kbias;
+  Packed p = packed_shape(c, kbias);
+  const int64_t BH = c.B * c.H, D = c.D;
+  std::vector<float> qp(BH * p.Tqp * p.Dp), kt(BH * p.Dp * p.Tkp), vp(BH * p.Tkp * p.Dp), a(BH * p.Tqp * p.Dp);
+  pack<T>(c.q, p.Tqp, p.Dp, c.scale, qp.data(), nullptr);
+  pack<T>(c.k, p.Tkp, p.Dp, 1.0f, nullptr, kt.data());
+  pack<T>(c.v, p.Tkp, p.Dp, 1.0f, vp.data(), nullptr);
+  p.qp = qp.data(); p.kt = kt.data(); p.vp = vp.data();
+  run_forward(p, a.data(), lse);
+  // epilogue: o = A + coef·gate·delta
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t bh = 0; bh < BH; ++bh)
+    for (int64_t t = 0; t < c.Tq; ++t) {
+      const int64_t b = bh / c.H, h = bh % c.H;
+      const float* ar = a.data() + (bh * p.Tqp + t) * p.Dp;
+      T* out = at4<T>(o, b, h, t, 0);
+      const int64_t so = o.stride(3);
+      if (c.delta.defined()) {
+        const float cg = c.coef * c.gate_at<T>(b, t, h);
+        const T* dl = at4<T>(c.delta, b, h, t, 0);
+        const int64_t sd = c.delta.stride(3);
+        for (int64_t d = 0; d < D; ++d) store_f(out + d * so, ar[d] + cg * load_f(dl + d * sd));
+      } else {
+        for (int64_t d = 0; d < D; ++d) store_f(out + d * so, ar[d]);
       }
-}
-
-// P = exp(S·scale - lse) on visible entries, 0 elsewhere (S in, P out)
-void probs(const Ctx& c, int64_t b, int64_t m0, int64_t bm, int64_t n0, int64_t bn, const float* lse, float* S) {
-  mask_scores(c, b, m0, bm, n0, bn, S);
-  for (int64_t i = 0; i < bm; ++i)
-    for (int64_t j = 0; j < bn; ++j) {
-      float& s = S[i * bn + j];
-      s = s == NEG_INF ? 0.f : std::exp(s - lse[i]);
     }
 }
 
@@ -182,90 +220,47 @@ template <typename T>
 void tva_bwd(const Ctx& c, const TensorView& go, const TensorView& o, const float* lse, const TensorView& dq,
              const TensorView& dk, const TensorView& dv, const TensorView& ddelta, float* rowdot) {
   const int64_t D = c.D, BH = c.B * c.H;
-  std::vector<float> Di(BH * c.Tq);
-  // Di = Σ_d dO·A with A = o - coef·gate·delta; dDelta = coef·gate·dO; rowdot = Σ_d delta·dO
+  if (BH == 0) return;
+  std::vector<float> kbias;
+  Packed p = packed_shape(c, kbias);
+  const int64_t Dp = p.Dp, Tqp = p.Tqp, Tkp = p.Tkp;
+  // Di = Σ_d dO·A with A = o - coef·gate·delta; dDelta = coef·gate·dO; rowdot = Σ_d delta·dO; lse padded (+inf)
+  std::vector<float> di(BH * Tqp, 0.0f), lsep(BH * Tqp, std::numeric_limits<float>::infinity());
 #pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < c.B; ++b)
-    for (int64_t h = 0; h < c.H; ++h)
-      for (int64_t t = 0; t < c.Tq; ++t) {
-        const float cg = c.delta.defined() ? c.coef * c.gate_at<T>(b, t, h) : 0.f;
-        float di = 0.f, rd = 0.f;
-        for (int64_t d = 0; d < D; ++d) {
-          const float g = load_f(at4<T>(go, b, h, t, d));
-          float a = load_f(at4<T>(o, b, h, t, d));
-          if (c.delta.defined()) {
-            const float dl = load_f(at4<T>(c.delta, b, h, t, d));
-            a -= cg * dl;
-            rd += dl * g;
-            store_f(at4w<T>(ddelta, b, h, t, d), cg * g);
-          }
-          di += g * a;
+  for (int64_t bh = 0; bh < BH; ++bh)
+    for (int64_t t = 0; t < c.Tq; ++t) {
+      const int64_t b = bh / c.H, h = bh % c.H;
+      const float cg = c.delta.defined() ? c.coef * c.gate_at<T>(b, t, h) : 0.f;
+      float s = 0.f, rd = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float g = load_f(at4<T>(go, b, h, t, d));
+        float a = load_f(at4<T>(o, b, h, t, d));
+        if (c.delta.defined()) {
+          const float dl = load_f(at4<T>(c.delta, b, h, t, d));
+          a -= cg * dl;
+          rd += dl * g;
+          store_f(at4<T>(ddelta, b, h, t, d), cg * g);
         }
-        Di[(b * c.H + h) * c.Tq + t] = di;
-        if (c.delta.defined()) rowdot[(b * c.H + h) * c.Tq + t] = rd;
+        s += g * a;
       }
-  // dK, dV: one task per key block, looping over the query blocks that can see it
-  const int64_t nnb = tva::cdiv(c.Tk, BN);
-#pragma omp parallel for collapse(3) schedule(dynamic)
-  for (int64_t b = 0; b < c.B; ++b)
-    for (int64_t h = 0; h < c.H; ++h)
-      for (int64_t nb = 0; nb < nnb; ++nb) {
-        const int64_t n0 = nb * BN, bn = std::min(BN, c.Tk - n0);
-        std::vector<float> Kt(D * bn), Vt(D * bn), Q(BM * D), G(BM * D), S(BM * bn), dP(BM * bn);
-        std::vector<float> dK(bn * D, 0.f), dV(bn * D, 0.f);
-        load_rows<T>(c.k, b, h, n0, bn, Kt.data(), true);
-        load_rows<T>(c.v, b, h, n0, bn, Vt.data(), true);
-        int64_t i_lo, i_hi;
-        tva::query_range(c.mask, n0, bn, &i_lo, &i_hi);
-        const float* lse_bh = lse + (b * c.H + h) * c.Tq;
-        const float* di_bh = Di.data() + (b * c.H + h) * c.Tq;
-        for (int64_t m0 = (i_lo / BM) * BM; m0 < i_hi; m0 += BM) {
-          const int64_t bm = std::min(BM, c.Tq - m0);
-          load_rows<T>(c.q, b, h, m0, bm, Q.data(), false);
-          load_rows<T>(go, b, h, m0, bm, G.data(), false);
-          mm_nt(Q.data(), Kt.data(), S.data(), bm, bn, D);
-          probs(c, b, m0, bm, n0, bn, lse_bh + m0, S.data());
-          mm_tn_acc(S.data(), G.data(), dV.data(), bm, bn, D);
-          mm_nt(G.data(), Vt.data(), dP.data(), bm, bn, D);
-          for (int64_t i = 0; i < bm; ++i)
-            for (int64_t j = 0; j < bn; ++j) dP[i * bn + j] = S[i * bn + j] * (dP[i * bn + j] - di_bh[m0 + i]);
-          mm_tn_acc(dP.data(), Q.data(), dK.data(), bm, bn, D);
-        }
-        for (int64_t j = 0; j < bn; ++j)
-          for (int64_t d = 0; d < D; ++d) {
-            store_f(at4w<T>(dk, b, h, n0 + j, d), dK[j * D + d] * c.scale);
-            store_f(at4w<T>(dv, b, h, n0 + j, d), dV[j * D + d]);
-          }
-      }
-  // dQ: one task per query block, looping over the same key blocks as the forward
-  const int64_t nmb = tva::cdiv(c.Tq, BM);
-#pragma omp parallel for collapse(3) schedule(dynamic)
-  for (int64_t b = 0; b < c.B; ++b)
-    for (int64_t h = 0; h < c.H; ++h)
-      for (int64_t mb = 0; mb < nmb; ++mb) {
-        const int64_t m0 = mb * BM, bm = std::min(BM, c.Tq - m0);
-        std::vector<float> Q(bm * D), G(bm * D), Kt(D * BN), K(BN * D), Vt(D * BN), S(bm * BN), dP(bm * BN);
-        std::vector<float> dQ(bm * D, 0.f);
-        load_rows<T>(c.q, b, h, m0, bm, Q.data(), false);
-        load_rows<T>(go, b, h, m0, bm, G.data(), false);
-        const float* lse_bh = lse + (b * c.H + h) * c.Tq + m0;
-        const float* di_bh = Di.data() + (b * c.H + h) * c.Tq + m0;
-        auto kb = tva::key_blocks(c.mask, m0, bm, BN);
-        for (int64_t it = 0; it < kb.count(); ++it) {
-          const int64_t n0 = kb.start(it, BN), bn = std::min(BN, c.Tk - n0);
-          load_rows<T>(c.k, b, h, n0, bn, Kt.data(), true);
-          load_rows<T>(c.k, b, h, n0, bn, K.data(), false);
-          load_rows<T>(c.v, b, h, n0, bn, Vt.data(), true);
-          mm_nt(Q.data(), Kt.data(), S.data(), bm, bn, D);
-          probs(c, b, m0, bm, n0, bn, lse_bh, S.data());
-          mm_nt(G.data(), Vt.data(), dP.data(), bm, bn, D);
-          for (int64_t i = 0; i < bm; ++i)
-            for (int64_t j = 0; j < bn; ++j) dP[i * bn + j] = S[i * bn + j] * (dP[i * bn + j] - di_bh[i]);
-          mm_acc(dP.data(), K.data(), dQ.data(), bm, bn, D);
-        }
-        for (int64_t i = 0; i < bm; ++i)
-          for (int64_t d = 0; d < D; ++d) store_f(at4w<T>(dq, b, h, m0 + i, d), dQ[i * D + d] * c.scale);
-      }
+      di[bh * Tqp + t] = s;
+      lsep[bh * Tqp + t] = lse[bh * c.Tq + t];
+      if (c.delta.defined()) rowdot[bh * c.Tq + t] = rd;
+    }
+  std::vector<float> qp(BH * Tqp * Dp), qt(BH * Dp * Tqp), gp(BH * Tqp * Dp), gt(BH * Dp * Tqp);
+  std::vector<float> kp(BH * Tkp * Dp), kt(BH * Dp * Tkp), vp(BH * Tkp * Dp), vt(BH * Dp * Tkp);
+  pack<T>(c.q, Tqp, Dp, c.scale, qp.data(), qt.data());
+  pack<T>(go, Tqp, Dp, 1.0f, gp.data(), gt.data());
+  pack<T>(c.k, Tkp, Dp, 1.0f, kp.data(), kt.data());
+  pack<T>(c.v, Tkp, Dp, 1.0f, vp.data(), vt.data());
+  p.qp = qp.data(); p.qt = qt.data(); p.gp = gp.data(); p.gt = gt.data();
+  p.kp = kp.data(); p.kt = kt.data(); p.vp = vp.data(); p.vt = vt.data();
+  p.lse = lsep.data(); p.di = di.data();
+  std::vector<float> dqp(BH * Tqp * Dp), dkp(BH * Tkp * Dp), dvp(BH * Tkp * Dp);
+  run_backward(p, dqp.data(), dkp.data(), dvp.data());
+  unpack<T>(dqp.data(), Tqp, Dp, dq);
+  unpack<T>(dkp.data(), Tkp, Dp, dk);
+  unpack<T>(dvp.data(), Tkp, Dp, dv);
 }
 
 // ---- argument checks (the Python side validates too; this keeps direct calls from crashing) ----

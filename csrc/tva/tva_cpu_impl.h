@@ -1,0 +1,248 @@
+// TVA attention CPU kernels on packed fp32 operands (tva_cpu.cpp packs and unpacks them; see Packed there).
+// Included by tva_cpu.cpp once per build, inside namespace apt::tva_cpu::<isa> (generic, AVX2+FMA, AVX-512), after
+// kR (rows of a register tile) and kCV (16-float vectors per column tile) are defined; include nowhere else.
+// Every product is a register-tiled micro-kernel on 64×64 blocks (kBlk) in one of two shapes:
+//   nt:  C (rows×64) = A (rows×K, row-major) · Bt (K×64 columns of a transposed operand)  (scores, dP)
+//   acc: C (rows×N) = alpha∘C + A (rows×K) · B (K×N, row-major)                            (P·V, dV, dK, dQ)
+// with K the padded head dim Dp (a multiple of 16) or the 64 of a block, so no loop has a tail.
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));  // unaligned loads/stores
+
+static inline v16 ld(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+static inline void st(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+static inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+
+template <int R, int CV>
+static inline void nt_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t K) {
+  v16 acc[R][CV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) acc[r][c] = v16{};
+  for (int64_t kk = 0; kk < K; ++kk) {
+    v16 b[CV];
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) b[c] = ld(B + kk * ldb + 16 * c);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float a = A[r * lda + kk];
+#pragma GCC unroll 4
+      for (int c = 0; c < CV; ++c) acc[r][c] += a * b[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) st(C + r * kBlk + 16 * c, acc[r][c]);
+}
+
+// C (rows×kBlk, dense) = A (rows×K, lda) · Bt (K×kBlk, ldb); rows a multiple of kR
+static inline void gemm_nt(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* C, int64_t rows,
+                           int64_t K) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kR)
+    for (int64_t j0 = 0; j0 < kBlk; j0 += 16 * kCV)
+      nt_tile<kR, kCV>(A + i0 * lda, lda, Bt + j0, ldb, C + i0 * kBlk + j0, K);
+}
+
+template <int R, int CV>
+static inline void acc_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                            int64_t K, const float* alpha) {
+  v16 acc[R][CV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const float s = alpha ? alpha[r] : 1.0f;
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) acc[r][c] = ld(C + r * ldc + 16 * c) * s;
+  }
+  for (int64_t kk = 0; kk < K; ++kk) {
+    v16 b[CV];
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) b[c] = ld(B + kk * ldb + 16 * c);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float a = A[r * lda + kk];
+#pragma GCC unroll 4
+      for (int c = 0; c < CV; ++c) acc[r][c] += a * b[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) st(C + r * ldc + 16 * c, acc[r][c]);
+}
+
+// C (rows×N, ldc) = alpha[i]·C + A (rows×K, lda) · B (K×N, ldb); alpha null = 1; N a multiple of 16
+static inline void gemm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                            int64_t rows, int64_t K, int64_t N, const float* alpha) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kR) {
+    const float* al = alpha ? alpha + i0 : nullptr;
+    const float* a = A + i0 * lda;
+    float* c = C + i0 * ldc;
+    int64_t j0 = 0;
+    for (; j0 + 16 * kCV <= N; j0 += 16 * kCV) acc_tile<kR, kCV>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
+    if (kCV > 2)
+      for (; j0 + 32 <= N; j0 += 32) acc_tile<kR, 2>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
+    for (; j0 < N; j0 += 16) acc_tile<kR, 1>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
+  }
+}
+
+// Masks a score block: rows are queries m0.. and columns keys n0.. (or, transposed, rows keys and columns queries).
+// Padded keys and keys past Tk get -inf from the key bias; the causal/window band is applied elementwise only on
+// the blocks it cuts.
+static inline void mask_block(const Packed& p, int64_t b, int64_t m0, int64_t n0, int64_t rows, bool transposed,
+                              float* S) {
+  const int64_t nq = transposed ? kBlk : rows, nk = transposed ? rows : kBlk;
+  if (p.any_pad || n0 + nk > p.Tk) {
+    const float* kb = p.kbias + b * p.Tkp + n0;
+    if (!transposed) {
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < kBlk; ++j) S[i * kBlk + j] += kb[j];
+    } else {
+      for (int64_t j = 0; j < rows; ++j)
+        for (int64_t i = 0; i < kBlk; ++i) S[j * kBlk + i] += kb[j];
+    }
+  }
+  const int64_t p0 = m0 + p.Tk - p.Tq;
+  if (band_covers(p.mask, p0, p0 + nq - 1, n0, n0 + nk - 1)) return;
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t j = 0; j < nk; ++j)
+      if (!tva::visible(p.mask, p0 + i, n0 + j)) S[transposed ? j * kBlk + i : i * kBlk + j] = NEG_INF;
+}
+
+// Online-softmax step on a masked score block (rows×kBlk): S becomes exp(S - m_new), alpha = exp(m_old - m_new),
+// l = l·alpha + Σ exp. Rows with no visible key so far keep m = -inf, l = 0 (exp against 0, never -inf - -inf).
+static inline void softmax_step(float* S, int64_t rows, float* m, float* l, float* alpha) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = S + i * kBlk;
+    v16 mv = vmax(vmax(ld(s), ld(s + 16)), vmax(ld(s + 32), ld(s + 48)));
+    float mx = m[i];
+    for (int e = 0; e < 16; ++e) mx = mv[e] > mx ? mv[e] : mx;
+    const float ms = mx == NEG_INF ? 0.0f : mx;
+    alpha[i] = fexp(m[i] - ms);
+    for (int64_t j = 0; j < kBlk; ++j) s[j] = fexp(s[j] - ms);
+    const v16 sv = (ld(s) + ld(s + 16)) + (ld(s + 32) + ld(s + 48));
+    float sum = 0.0f;
+    for (int e = 0; e < 16; ++e) sum += sv[e];
+    l[i] = l[i] * alpha[i] + sum;
+    m[i] = mx;
+  }
+}
+
+static inline int64_t round_rows(int64_t n) { return (n + kR - 1) / kR * kR; }
+
+// Forward: one task per (query block, batch·head), the longest causal blocks first. a: (BH, Tqp, Dp) normalised
+// attention; lse: (BH, Tq), +inf on rows with no visible key.
+void forward(const Packed& p, float* a, float* lse) {
+  const int64_t BH = p.B * p.H, Dp = p.Dp, nmb = tva::cdiv(p.Tq, kBlk), ntask = BH * nmb;
+#pragma omp parallel
+  {
+    std::vector<float> S(kBlk * kBlk), acc(kBlk * Dp);
+    float m[kBlk], l[kBlk], alpha[kBlk];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntask; ++t) {
+      const int64_t mb = nmb - 1 - t / BH, bh = t % BH, b = bh / p.H;
+      const int64_t m0 = mb * kBlk, bm = std::min(kBlk, p.Tq - m0), mr = round_rows(bm);
+      const float* Q = p.qp + (bh * p.Tqp + m0) * Dp;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m, m + kBlk, NEG_INF);
+      std::fill(l, l + kBlk, 0.0f);
+      const auto kb = tva::key_blocks(p.mask, m0, bm, kBlk);
+      for (int64_t it = 0; it < kb.count(); ++it) {
+        const int64_t n0 = kb.start(it, kBlk);
+        gemm_nt(Q, Dp, p.kt + bh * Dp * p.Tkp + n0, p.Tkp, S.data(), mr, Dp);
+        mask_block(p, b, m0, n0, mr, false, S.data());
+        softmax_step(S.data(), mr, m, l, alpha);
+        gemm_acc(S.data(), kBlk, p.vp + (bh * p.Tkp + n0) * Dp, Dp, acc.data(), Dp, mr, kBlk, Dp, alpha);
+      }
+      for (int64_t i = 0; i < bm; ++i) {
+        const float inv = l[i] == 0.0f ? 0.0f : 1.0f / l[i];
+        float* out = a + (bh * p.Tqp + m0 + i) * Dp;
+        for (int64_t d = 0; d < Dp; ++d) out[d] = acc[i * Dp + d] * inv;
+        lse[bh * p.Tq + m0 + i] = l[i] == 0.0f ? INFINITY : m[i] + std::log(l[i]);
+      }
+    }
+  }
+}
+
+// P = exp(S - lse) on a masked block; lse per query (rows, or columns when transposed). +inf lse (no visible key,
+// or a padding row past Tq) and -inf scores give 0.
+static inline void probs(float* S, int64_t rows, const float* lse, bool transposed) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = S + r * kBlk;
+    if (transposed) {
+      for (int64_t c = 0; c < kBlk; ++c) s[c] = fexp(s[c] - lse[c]);
+    } else {
+      const float L = lse[r];
+      for (int64_t c = 0; c < kBlk; ++c) s[c] = fexp(s[c] - L);
+    }
+  }
+}
+
+// dS = P ∘ (dP - Di), Di per query (rows, or columns when transposed)
+static inline void dscores(const float* P, float* dP, int64_t rows, const float* di, bool transposed) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* pr = P + r * kBlk;
+    float* g = dP + r * kBlk;
+    if (transposed) {
+      for (int64_t c = 0; c < kBlk; ++c) g[c] = pr[c] * (g[c] - di[c]);
+    } else {
+      const float D = di[r];
+      for (int64_t c = 0; c < kBlk; ++c) g[c] = pr[c] * (g[c] - D);
+    }
+  }
+}
+
+// Backward (FlashAttention-2 split): dK, dV per key block over the query blocks that see it (scores computed
+// transposed, keys as rows), then dQ per query block over its key blocks. dq/dk/dv: (BH, Tqp|Tkp, Dp), dq and dk
+// with the softmax scale applied.
+void backward(const Packed& p, float* dq, float* dk, float* dv) {
+  const int64_t BH = p.B * p.H, Dp = p.Dp;
+  const int64_t nnb = tva::cdiv(p.Tk, kBlk), nmb = tva::cdiv(p.Tq, kBlk);
+#pragma omp parallel
+  {
+    std::vector<float> S(kBlk * kBlk), dP(kBlk * kBlk), acc1(kBlk * Dp), acc2(kBlk * Dp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < BH * nnb; ++t) {
+      const int64_t nb = t / BH, bh = t % BH, b = bh / p.H;
+      const int64_t n0 = nb * kBlk, bn = std::min(kBlk, p.Tk - n0), nr = round_rows(bn);
+      std::fill(acc1.begin(), acc1.end(), 0.0f);  // dK
+      std::fill(acc2.begin(), acc2.end(), 0.0f);  // dV
+      const float* Kr = p.kp + (bh * p.Tkp + n0) * Dp;
+      const float* Vr = p.vp + (bh * p.Tkp + n0) * Dp;
+      int64_t i_lo, i_hi;
+      tva::query_range(p.mask, n0, bn, &i_lo, &i_hi);
+      for (int64_t m0 = (i_lo / kBlk) * kBlk; m0 < i_hi; m0 += kBlk) {
+        gemm_nt(Kr, Dp, p.qt + bh * Dp * p.Tqp + m0, p.Tqp, S.data(), nr, Dp);
+        mask_block(p, b, m0, n0, nr, true, S.data());
+        probs(S.data(), nr, p.lse + bh * p.Tqp + m0, true);
+        gemm_acc(S.data(), kBlk, p.gp + (bh * p.Tqp + m0) * Dp, Dp, acc2.data(), Dp, nr, kBlk, Dp, nullptr);
+        gemm_nt(Vr, Dp, p.gt + bh * Dp * p.Tqp + m0, p.Tqp, dP.data(), nr, Dp);
+        dscores(S.data(), dP.data(), nr, p.di + bh * p.Tqp + m0, true);
+        gemm_acc(dP.data(), kBlk, p.qp + (bh * p.Tqp + m0) * Dp, Dp, acc1.data(), Dp, nr, kBlk, Dp, nullptr);
+      }
+      std::copy(acc1.begin(), acc1.begin() + bn * Dp, dk + (bh * p.Tkp + n0) * Dp);
+      std::copy(acc2.begin(), acc2.begin() + bn * Dp, dv + (bh * p.Tkp + n0) * Dp);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < BH * nmb; ++t) {
+      const int64_t mb = nmb - 1 - t / BH, bh = t % BH, b = bh / p.H;
+      const int64_t m0 = mb * kBlk, bm = std::min(kBlk, p.Tq - m0), mr = round_rows(bm);
+      std::fill(acc1.begin(), acc1.end(), 0.0f);  // dQ
+      const float* Qr = p.qp + (bh * p.Tqp + m0) * Dp;
+      const float* Gr = p.gp + (bh * p.Tqp + m0) * Dp;
+      const auto kb = tva::key_blocks(p.mask, m0, bm, kBlk);
+      for (int64_t it = 0; it < kb.count(); ++it) {
+        const int64_t n0 = kb.start(it, kBlk);
+        gemm_nt(Qr, Dp, p.kt + bh * Dp * p.Tkp + n0, p.Tkp, S.data(), mr, Dp);
+        mask_block(p, b, m0, n0, mr, false, S.data());
+        probs(S.data(), mr, p.lse + bh * p.Tqp + m0, false);
+        gemm_nt(Gr, Dp, p.vt + bh * Dp * p.Tkp + n0, p.Tkp, dP.data(), mr, Dp);
+        dscores(S.data(), dP.data(), mr, p.di + bh * p.Tqp + m0, false);
+        gemm_acc(dP.data(), kBlk, p.kp + (bh * p.Tkp + n0) * Dp, Dp, acc1.data(), Dp, mr, kBlk, Dp, nullptr);
+      }
+      float* out = dq + (bh * p.Tqp + m0) * Dp;
+      for (int64_t i = 0; i < bm * Dp; ++i) out[i] = acc1[i] * p.scale;
+    }
+  }
+}
