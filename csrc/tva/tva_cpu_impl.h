@@ -45,7 +45,7 @@ static inline void gemm_nt(const float* A, int64_t lda, const float* Bt, int64_t
       nt_tile<kR, kCV>(A + i0 * lda, lda, Bt + j0, ldb, C + i0 * kBlk + j0, K);
 }
 
-template <int R, int CV>
+template <int R, int CV, bool TA>
 static inline void acc_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                             int64_t K, const float* alpha) {
   v16 acc[R][CV];
@@ -61,7 +61,7 @@ static inline void acc_tile(const float* A, int64_t lda, const float* B, int64_t
     for (int c = 0; c < CV; ++c) b[c] = ld(B + kk * ldb + 16 * c);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const float a = A[r * lda + kk];
+      const float a = TA ? A[kk * lda + r] : A[r * lda + kk];
 #pragma GCC unroll 4
       for (int c = 0; c < CV; ++c) acc[r][c] += a * b[c];
     }
@@ -72,19 +72,30 @@ static inline void acc_tile(const float* A, int64_t lda, const float* B, int64_t
     for (int c = 0; c < CV; ++c) st(C + r * ldc + 16 * c, acc[r][c]);
 }
 
+template <bool TA>
+static inline void gemm_acc_impl(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                                 int64_t rows, int64_t K, int64_t N, const float* alpha) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kR) {
+    const float* al = alpha ? alpha + i0 : nullptr;
+    const float* a = TA ? A + i0 : A + i0 * lda;
+    float* c = C + i0 * ldc;
+    int64_t j0 = 0;
+    for (; j0 + 16 * kCV <= N; j0 += 16 * kCV) acc_tile<kR, kCV, TA>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
+    if (kCV > 2)
+      for (; j0 + 32 <= N; j0 += 32) acc_tile<kR, 2, TA>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
+    for (; j0 < N; j0 += 16) acc_tile<kR, 1, TA>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
+  }
+}
+
 // C (rows×N, ldc) = alpha[i]·C + A (rows×K, lda) · B (K×N, ldb); alpha null = 1; N a multiple of 16
 static inline void gemm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                             int64_t rows, int64_t K, int64_t N, const float* alpha) {
-  for (int64_t i0 = 0; i0 < rows; i0 += kR) {
-    const float* al = alpha ? alpha + i0 : nullptr;
-    const float* a = A + i0 * lda;
-    float* c = C + i0 * ldc;
-    int64_t j0 = 0;
-    for (; j0 + 16 * kCV <= N; j0 += 16 * kCV) acc_tile<kR, kCV>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
-    if (kCV > 2)
-      for (; j0 + 32 <= N; j0 += 32) acc_tile<kR, 2>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
-    for (; j0 < N; j0 += 16) acc_tile<kR, 1>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
-  }
+  gemm_acc_impl<false>(A, lda, B, ldb, C, ldc, rows, K, N, alpha);
+}
+// C (rows×N, ldc) += Aᵀ · B with A stored (K×rows, lda): dQ from the transposed dS of the fused backward
+static inline void gemm_acc_ta(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                               int64_t rows, int64_t K, int64_t N) {
+  gemm_acc_impl<true>(A, lda, B, ldb, C, ldc, rows, K, N, nullptr);
 }
 
 // Masks a score block: rows are queries m0.. and columns keys n0.. (or, transposed, rows keys and columns queries).
@@ -193,56 +204,76 @@ static inline void dscores(const float* P, float* dP, int64_t rows, const float*
   }
 }
 
-// Backward (FlashAttention-2 split): dK, dV per key block over the query blocks that see it (scores computed
-// transposed, keys as rows), then dQ per query block over its key blocks. dq/dk/dv: (BH, Tqp|Tkp, Dp), dq and dk
-// with the softmax scale applied.
+// dK, dV of key block nb of batch·head bh over the query blocks that see it (scores transposed: keys as rows); with
+// dq given, also adds dS·K into its rows (dq: this batch·head's (Tqp, Dp), unscaled).
+static inline void dkdv_block(const Packed& p, int64_t bh, int64_t nb, float* S, float* dP, float* dK, float* dV,
+                              float* dq, float* dk, float* dv) {
+  const int64_t Dp = p.Dp, b = bh / p.H;
+  const int64_t n0 = nb * kBlk, bn = std::min(kBlk, p.Tk - n0), nr = round_rows(bn);
+  std::fill(dK, dK + kBlk * Dp, 0.0f);
+  std::fill(dV, dV + kBlk * Dp, 0.0f);
+  const float* Kr = p.kp + (bh * p.Tkp + n0) * Dp;
+  const float* Vr = p.vp + (bh * p.Tkp + n0) * Dp;
+  int64_t i_lo, i_hi;
+  tva::query_range(p.mask, n0, bn, &i_lo, &i_hi);
+  for (int64_t m0 = (i_lo / kBlk) * kBlk; m0 < i_hi; m0 += kBlk) {
+    gemm_nt(Kr, Dp, p.qt + bh * Dp * p.Tqp + m0, p.Tqp, S, nr, Dp);
+    mask_block(p, b, m0, n0, nr, true, S);
+    probs(S, nr, p.lse + bh * p.Tqp + m0, true);
+    gemm_acc(S, kBlk, p.gp + (bh * p.Tqp + m0) * Dp, Dp, dV, Dp, nr, kBlk, Dp, nullptr);
+    gemm_nt(Vr, Dp, p.gt + bh * Dp * p.Tqp + m0, p.Tqp, dP, nr, Dp);
+    dscores(S, dP, nr, p.di + bh * p.Tqp + m0, true);
+    gemm_acc(dP, kBlk, p.qp + (bh * p.Tqp + m0) * Dp, Dp, dK, Dp, nr, kBlk, Dp, nullptr);
+    if (dq) gemm_acc_ta(dP, kBlk, Kr, Dp, dq + m0 * Dp, Dp, std::min(kBlk, p.Tqp - m0), nr, Dp);
+  }
+  std::copy(dK, dK + bn * Dp, dk + (bh * p.Tkp + n0) * Dp);
+  std::copy(dV, dV + bn * Dp, dv + (bh * p.Tkp + n0) * Dp);
+}
+
+// Backward, FlashAttention-2 style, from the saved LSE. dq/dk/dv: (BH, Tqp|Tkp, Dp), zeroed on entry; dq and dk
+// come out with the softmax scale applied. With at least as many batch·heads as threads (evenly shared), one task
+// per batch·head walks its key blocks and accumulates dQ as it goes (5 block products per block pair); otherwise
+// the work is split finer: dK, dV per key block, then dQ per query block recomputing P and dP (7 products).
 void backward(const Packed& p, float* dq, float* dk, float* dv) {
   const int64_t BH = p.B * p.H, Dp = p.Dp;
   const int64_t nnb = tva::cdiv(p.Tk, kBlk), nmb = tva::cdiv(p.Tq, kBlk);
+  const int64_t nth = omp_threads();
+  const bool fused = BH >= nth && (BH % nth == 0 || BH >= 4 * nth);
 #pragma omp parallel
   {
     std::vector<float> S(kBlk * kBlk), dP(kBlk * kBlk), acc1(kBlk * Dp), acc2(kBlk * Dp);
+    if (fused) {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < BH * nnb; ++t) {
-      const int64_t nb = t / BH, bh = t % BH, b = bh / p.H;
-      const int64_t n0 = nb * kBlk, bn = std::min(kBlk, p.Tk - n0), nr = round_rows(bn);
-      std::fill(acc1.begin(), acc1.end(), 0.0f);  // dK
-      std::fill(acc2.begin(), acc2.end(), 0.0f);  // dV
-      const float* Kr = p.kp + (bh * p.Tkp + n0) * Dp;
-      const float* Vr = p.vp + (bh * p.Tkp + n0) * Dp;
-      int64_t i_lo, i_hi;
-      tva::query_range(p.mask, n0, bn, &i_lo, &i_hi);
-      for (int64_t m0 = (i_lo / kBlk) * kBlk; m0 < i_hi; m0 += kBlk) {
-        gemm_nt(Kr, Dp, p.qt + bh * Dp * p.Tqp + m0, p.Tqp, S.data(), nr, Dp);
-        mask_block(p, b, m0, n0, nr, true, S.data());
-        probs(S.data(), nr, p.lse + bh * p.Tqp + m0, true);
-        gemm_acc(S.data(), kBlk, p.gp + (bh * p.Tqp + m0) * Dp, Dp, acc2.data(), Dp, nr, kBlk, Dp, nullptr);
-        gemm_nt(Vr, Dp, p.gt + bh * Dp * p.Tqp + m0, p.Tqp, dP.data(), nr, Dp);
-        dscores(S.data(), dP.data(), nr, p.di + bh * p.Tqp + m0, true);
-        gemm_acc(dP.data(), kBlk, p.qp + (bh * p.Tqp + m0) * Dp, Dp, acc1.data(), Dp, nr, kBlk, Dp, nullptr);
+      for (int64_t bh = 0; bh < BH; ++bh) {
+        float* dqb = dq + bh * p.Tqp * Dp;
+        for (int64_t nb = 0; nb < nnb; ++nb)
+          dkdv_block(p, bh, nb, S.data(), dP.data(), acc1.data(), acc2.data(), dqb, dk, dv);
+        for (int64_t i = 0; i < p.Tqp * Dp; ++i) dqb[i] *= p.scale;
       }
-      std::copy(acc1.begin(), acc1.begin() + bn * Dp, dk + (bh * p.Tkp + n0) * Dp);
-      std::copy(acc2.begin(), acc2.begin() + bn * Dp, dv + (bh * p.Tkp + n0) * Dp);
-    }
+    } else {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < BH * nmb; ++t) {
-      const int64_t mb = nmb - 1 - t / BH, bh = t % BH, b = bh / p.H;
-      const int64_t m0 = mb * kBlk, bm = std::min(kBlk, p.Tq - m0), mr = round_rows(bm);
-      std::fill(acc1.begin(), acc1.end(), 0.0f);  // dQ
-      const float* Qr = p.qp + (bh * p.Tqp + m0) * Dp;
-      const float* Gr = p.gp + (bh * p.Tqp + m0) * Dp;
-      const auto kb = tva::key_blocks(p.mask, m0, bm, kBlk);
-      for (int64_t it = 0; it < kb.count(); ++it) {
-        const int64_t n0 = kb.start(it, kBlk);
-        gemm_nt(Qr, Dp, p.kt + bh * Dp * p.Tkp + n0, p.Tkp, S.data(), mr, Dp);
-        mask_block(p, b, m0, n0, mr, false, S.data());
-        probs(S.data(), mr, p.lse + bh * p.Tqp + m0, false);
-        gemm_nt(Gr, Dp, p.vt + bh * Dp * p.Tkp + n0, p.Tkp, dP.data(), mr, Dp);
-        dscores(S.data(), dP.data(), mr, p.di + bh * p.Tqp + m0, false);
-        gemm_acc(dP.data(), kBlk, p.kp + (bh * p.Tkp + n0) * Dp, Dp, acc1.data(), Dp, mr, kBlk, Dp, nullptr);
+      for (int64_t t = 0; t < BH * nnb; ++t)
+        dkdv_block(p, t % BH, t / BH, S.data(), dP.data(), acc1.data(), acc2.data(), nullptr, dk, dv);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < BH * nmb; ++t) {
+        const int64_t mb = nmb - 1 - t / BH, bh = t % BH, b = bh / p.H;
+        const int64_t m0 = mb * kBlk, bm = std::min(kBlk, p.Tq - m0), mr = round_rows(bm);
+        std::fill(acc1.begin(), acc1.end(), 0.0f);  // dQ
+        const float* Qr = p.qp + (bh * p.Tqp + m0) * Dp;
+        const float* Gr = p.gp + (bh * p.Tqp + m0) * Dp;
+        const auto kb = tva::key_blocks(p.mask, m0, bm, kBlk);
+        for (int64_t it = 0; it < kb.count(); ++it) {
+          const int64_t n0 = kb.start(it, kBlk);
+          gemm_nt(Qr, Dp, p.kt + bh * Dp * p.Tkp + n0, p.Tkp, S.data(), mr, Dp);
+          mask_block(p, b, m0, n0, mr, false, S.data());
+          probs(S.data(), mr, p.lse + bh * p.Tqp + m0, false);
+          gemm_nt(Gr, Dp, p.vt + bh * Dp * p.Tkp + n0, p.Tkp, dP.data(), mr, Dp);
+          dscores(S.data(), dP.data(), mr, p.di + bh * p.Tqp + m0, false);
+          gemm_acc(dP.data(), kBlk, p.kp + (bh * p.Tkp + n0) * Dp, Dp, acc1.data(), Dp, mr, kBlk, Dp, nullptr);
+        }
+        float* out = dq + (bh * p.Tqp + m0) * Dp;
+        for (int64_t i = 0; i < bm * Dp; ++i) out[i] = acc1[i] * p.scale;
       }
-      float* out = dq + (bh * p.Tqp + m0) * Dp;
-      for (int64_t i = 0; i < bm * Dp; ++i) out[i] = acc1[i] * p.scale;
     }
   }
 }
