@@ -45,6 +45,21 @@ def test_cpu_short_sequences_and_head_dims(Tq, Tk, D):
     _compare(inp, window=7, sinks=1)
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("bwd", ["fused", "split"])
+def test_cpu_every_build_and_backward_form(monkeypatch, isa, bwd):
+    """APT_TVA_CPU_ISA caps the kernel build (to what the CPU runs); APT_TVA_CPU_BWD picks the backward's form
+    (fused: dQ accumulated in the key-block pass, one task per batch·head; split: dK/dV then dQ). D = 40 pads to 48,
+    so the AVX-512 column tiles take their 32- and 16-wide tails; Tq < Tk, a window with sinks and padding."""
+    monkeypatch.setenv("APT_TVA_CPU_ISA", isa)
+    monkeypatch.setenv("APT_TVA_CPU_BWD", bwd)
+    inp = random_tva_inputs(B=2, H=3, Tq=150, Tk=190, D=40, pad=True, coef_tensor=True, requires_grad=True, seed=3)
+    _compare(inp, window=50, sinks=2)
+    _compare(inp)
+    inp = random_tva_inputs(B=1, H=1, Tq=70, Tk=70, D=64, coef_tensor=True, requires_grad=True, seed=5)
+    _compare(inp, causal=False)
+
+
 def test_cpu_fully_masked_rows_noncontiguous_and_no_delta():
     inp = random_tva_inputs(B=2, H=2, Tq=20, D=16, pad=True, coef_tensor=True, requires_grad=True)
     inp["key_padding_mask"] = inp["key_padding_mask"].clone()

@@ -7,6 +7,8 @@
 // This file also binds the CUDA kernels of tva_cuda.cu (under APT_WITH_CUDA) so the family registers once.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -70,6 +72,7 @@ struct Packed {
   const float* kbias = nullptr;              // (B, Tkp): 0, or -inf for padded keys and keys past Tk
   bool any_pad = false;
   const float *lse = nullptr, *di = nullptr;  // (BH, Tqp), backward; lse +inf past Tq
+  int bwd_split = -1;  // backward form: -1 by the head count, 0 fused, 1 split (APT_TVA_CPU_BWD, for the tests)
 };
 
 // The whole rectangle of (query position, key) pairs [p0, p1] × [n0, n1] is inside the causal/window band. With
@@ -267,6 +270,7 @@ void tva_bwd(const Ctx& c, const TensorView& go, const TensorView& o, const floa
   p.qp = qp.data(); p.qt = qt.data(); p.gp = gp.data(); p.gt = gt.data();
   p.kp = kp.data(); p.kt = kt.data(); p.vp = vp.data(); p.vt = vt.data();
   p.lse = lsep.data(); p.di = di.data();
+  if (const char* f = std::getenv("APT_TVA_CPU_BWD")) p.bwd_split = std::strcmp(f, "split") == 0 ? 1 : 0;
   std::vector<float> dqp(BH * Tqp * Dp), dkp(BH * Tkp * Dp), dvp(BH * Tkp * Dp);
   run_backward(p, dqp.data(), dkp.data(), dvp.data());
   unpack<T>(dqp.data(), Tqp, Dp, dq);

@@ -238,7 +238,7 @@ void backward(const Packed& p, float* dq, float* dk, float* dv) {
   const int64_t BH = p.B * p.H, Dp = p.Dp;
   const int64_t nnb = tva::cdiv(p.Tk, kBlk), nmb = tva::cdiv(p.Tq, kBlk);
   const int64_t nth = omp_threads();
-  const bool fused = BH >= nth && (BH % nth == 0 || BH >= 4 * nth);
+  const bool fused = p.bwd_split < 0 ? BH >= nth && (BH % nth == 0 || BH >= 4 * nth) : p.bwd_split == 0;
 #pragma omp parallel
   {
     std::vector<float> S(kBlk * kBlk), dP(kBlk * kBlk), acc1(kBlk * Dp), acc2(kBlk * Dp);
