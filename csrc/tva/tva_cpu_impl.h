@@ -13,39 +13,9 @@ static inline v16 ld(const float* p) { return *reinterpret_cast<const v16u*>(p);
 static inline void st(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
 static inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
 
-template <int R, int CV>
-static inline void nt_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t K) {
-  v16 acc[R][CV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < CV; ++c) acc[r][c] = v16{};
-  for (int64_t kk = 0; kk < K; ++kk) {
-    v16 b[CV];
-#pragma GCC unroll 4
-    for (int c = 0; c < CV; ++c) b[c] = ld(B + kk * ldb + 16 * c);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const float a = A[r * lda + kk];
-#pragma GCC unroll 4
-      for (int c = 0; c < CV; ++c) acc[r][c] += a * b[c];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < CV; ++c) st(C + r * kBlk + 16 * c, acc[r][c]);
-}
-
-// C (rows×kBlk, dense) = A (rows×K, lda) · Bt (K×kBlk, ldb); rows a multiple of kR
-static inline void gemm_nt(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* C, int64_t rows,
-                           int64_t K) {
-  for (int64_t i0 = 0; i0 < rows; i0 += kR)
-    for (int64_t j0 = 0; j0 < kBlk; j0 += 16 * kCV)
-      nt_tile<kR, kCV>(A + i0 * lda, lda, Bt + j0, ldb, C + i0 * kBlk + j0, K);
-}
-
-template <int R, int CV, bool TA>
+// One R×(16·CV) register tile of C = [alpha∘C +] op(A) · B over K: op(A) = A (rows×K, lda) or, with TA, Aᵀ of A
+// stored (K×rows, lda); ZERO starts from 0 instead of loading C.
+template <int R, int CV, bool TA, bool ZERO>
 static inline void acc_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                             int64_t K, const float* alpha) {
   v16 acc[R][CV];
@@ -53,7 +23,7 @@ static inline void acc_tile(const float* A, int64_t lda, const float* B, int64_t
   for (int r = 0; r < R; ++r) {
     const float s = alpha ? alpha[r] : 1.0f;
 #pragma GCC unroll 4
-    for (int c = 0; c < CV; ++c) acc[r][c] = ld(C + r * ldc + 16 * c) * s;
+    for (int c = 0; c < CV; ++c) acc[r][c] = ZERO ? v16{} : ld(C + r * ldc + 16 * c) * s;
   }
   for (int64_t kk = 0; kk < K; ++kk) {
     v16 b[CV];
@@ -72,6 +42,14 @@ static inline void acc_tile(const float* A, int64_t lda, const float* B, int64_t
     for (int c = 0; c < CV; ++c) st(C + r * ldc + 16 * c, acc[r][c]);
 }
 
+// C (rows×kBlk, dense) = A (rows×K, lda) · Bt (K×kBlk, ldb); rows a multiple of kR
+static inline void gemm_nt(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* C, int64_t rows,
+                           int64_t K) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kR)
+    for (int64_t j0 = 0; j0 < kBlk; j0 += 16 * kCV)
+      acc_tile<kR, kCV, false, true>(A + i0 * lda, lda, Bt + j0, ldb, C + i0 * kBlk + j0, kBlk, K, nullptr);
+}
+
 template <bool TA>
 static inline void gemm_acc_impl(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                                  int64_t rows, int64_t K, int64_t N, const float* alpha) {
@@ -80,10 +58,11 @@ static inline void gemm_acc_impl(const float* A, int64_t lda, const float* B, in
     const float* a = TA ? A + i0 : A + i0 * lda;
     float* c = C + i0 * ldc;
     int64_t j0 = 0;
-    for (; j0 + 16 * kCV <= N; j0 += 16 * kCV) acc_tile<kR, kCV, TA>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
+    for (; j0 + 16 * kCV <= N; j0 += 16 * kCV)
+      acc_tile<kR, kCV, TA, false>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
     if (kCV > 2)
-      for (; j0 + 32 <= N; j0 += 32) acc_tile<kR, 2, TA>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
-    for (; j0 < N; j0 += 16) acc_tile<kR, 1, TA>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
+      for (; j0 + 32 <= N; j0 += 32) acc_tile<kR, 2, TA, false>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
+    for (; j0 < N; j0 += 16) acc_tile<kR, 1, TA, false>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
   }
 }
 
