@@ -83,6 +83,9 @@ inline bool band_covers(const MaskSpec& m, int64_t p0, int64_t p1, int64_t n0, i
   return tva::visible(s, p0, n0) && tva::visible(s, p0, n1) && tva::visible(s, p1, n0) && tva::visible(s, p1, n1);
 }
 
+// The kernels pass 64-byte vectors only between inlined functions of one build: no ABI crosses a build boundary.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 namespace generic {
 constexpr int kR = 2, kCV = 1;
 #include "tva/tva_cpu_impl.h"
@@ -105,6 +108,7 @@ constexpr int kR = 4, kCV = 4;  // 4 rows × 64 columns: 16 zmm accumulators
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
+#pragma GCC diagnostic pop
 
 // APT_TVA_CPU_ISA=generic|avx2 caps the build used (read on every call, for the tests).
 CpuIsa tva_isa() {
