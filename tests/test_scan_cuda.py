@@ -12,8 +12,8 @@ import torch
 import apt_kernels.ops.scan as scan_ops
 from apt_kernels import selective_scan_fn, selective_state_update
 from apt_kernels.ops.scan import cuda_status, selective_scan_cuda, selective_state_update_cuda
-from apt_kernels.reference.scan import (check_scan_against_reference, random_scan_inputs, selective_scan_ref,
-                                        selective_state_update_ref)
+from apt_kernels.reference.scan import (check_scan_against_reference, check_scan_then_decode, random_scan_inputs,
+                                        selective_scan_ref, selective_state_update_ref)
 from apt_kernels.testing import assert_close
 
 CASES = [  # (layout_B, layout_C, with_D, with_z, with_bias, softplus)
@@ -322,16 +322,7 @@ def test_cuda_state_update_matches_reference(lb, lc, dtype, state_dtype, N):
 def test_cuda_chunked_scan_carries_state():
     """Scanning the first part, then decoding the rest from the returned state, equals one whole scan."""
     x = {k: v.cuda() for k, v in _inputs(2, 4, 150, 8, ("group", "var", True, True, True, True), seed=16).items()}
-    whole, last = selective_scan_cuda(**x, delta_softplus=True, return_last_state=True)
-    T1 = 131
-    first, state = selective_scan_cuda(**{k: (v[..., :T1] if v.dim() >= 3 else v) for k, v in x.items()},
-                                       delta_softplus=True, return_last_state=True)
-    ys = [first]
-    for t in range(T1, 150):
-        ys.append(selective_state_update_cuda(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t],
-                                              x["C"][..., t], x["D"], x["z"][..., t], x["delta_bias"], True)[..., None])
-    assert_close(torch.cat(ys, -1), whole, family="scan")
-    assert_close(state, last, family="scan")
+    check_scan_then_decode(selective_scan_cuda, selective_state_update_cuda, x, 131)
 
 
 @pytest.mark.cuda

@@ -10,8 +10,9 @@ import torch
 import apt_kernels.ops.scan as scan_ops
 from apt_kernels import selective_scan_fn, selective_state_update
 from apt_kernels.ops.scan import cpu_status, selective_scan_cpu, selective_state_update_cpu
-from apt_kernels.reference.scan import (check_scan_against_reference as check_against_reference, random_scan_inputs,
-                                       selective_scan_ref, selective_state_update_ref)
+from apt_kernels.reference.scan import (check_scan_against_reference as check_against_reference,
+                                       check_scan_then_decode, random_scan_inputs, selective_scan_ref,
+                                       selective_state_update_ref)
 from apt_kernels.testing import assert_close
 
 pytestmark = [pytest.mark.native, pytest.mark.skipif(not cpu_status()[0], reason=cpu_status()[1] or "n/a")]
@@ -160,16 +161,7 @@ def test_cpu_chunked_scan_carries_state():
     """Scanning the first part, then decoding the rest step by step from the returned state, equals one whole scan."""
     x = random_scan_inputs(2, 4, 30, 8, layout_B="group", layout_C="var", groups=2,
                            generator=torch.Generator().manual_seed(16))
-    whole, last = selective_scan_cpu(**x, delta_softplus=True, return_last_state=True)
-    T1 = 19
-    first, state = selective_scan_cpu(**{k: (v[..., :T1] if v.dim() >= 3 else v) for k, v in x.items()},
-                                      delta_softplus=True, return_last_state=True)
-    ys = [first]
-    for t in range(T1, 30):
-        ys.append(selective_state_update_cpu(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t],
-                                             x["C"][..., t], x["D"], x["z"][..., t], x["delta_bias"], True)[..., None])
-    assert_close(torch.cat(ys, -1), whole, family="scan")
-    assert_close(state, last, family="scan")
+    check_scan_then_decode(selective_scan_cpu, selective_state_update_cpu, x, 19)
 
 
 def test_cpu_opcheck_and_compile():

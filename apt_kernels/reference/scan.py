@@ -254,3 +254,17 @@ def check_scan_against_reference(fn, x: dict, *, softplus: bool, last: bool = Tr
         assert a[k].grad is not None, k
         assert a[k].grad.dtype == x[k].dtype and a[k].grad.shape == x[k].shape, k
         _assert_close(a[k].grad, r[k].grad.to(x[k].dtype), dtype=dtype, family="scan", grad=True, msg=f"d{k}")
+
+
+def check_scan_then_decode(scan_fn, step_fn, x: dict, split: int) -> None:
+    """Test helper: scanning ``x[..., :split]`` with ``scan_fn`` and decoding the remaining steps one by one with
+    ``step_fn`` from the returned state equals one whole scan (y and the last state), with softplus on."""
+    whole, last = scan_fn(**x, delta_softplus=True, return_last_state=True)
+    first, state = scan_fn(**{k: (v[..., :split] if v.dim() >= 3 else v) for k, v in x.items()},
+                           delta_softplus=True, return_last_state=True)
+    ys = [first]
+    for t in range(split, x["u"].shape[-1]):
+        ys.append(step_fn(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t], x["C"][..., t], x["D"],
+                          x["z"][..., t], x["delta_bias"], True)[..., None])
+    _assert_close(torch.cat(ys, -1), whole, family="scan")
+    _assert_close(state, last, family="scan")
