@@ -134,7 +134,8 @@ def _native_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     if q.device.type == "cpu":
         C.tva_backward_cpu(*args, float(coef), *tail)
     else:
-        C.tva_backward_cuda(*args, view(coef), *tail, current_stream(q.device))
+        di = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # kernel scratch, torch's allocator
+        C.tva_backward_cuda(*args, view(coef), *tail, view(di), current_stream(q.device))
     return dq, dk, dv, ddelta, rowdot
 
 

@@ -473,7 +473,7 @@ APT_REGISTER_OPS(tva) {
       [](py::object grad_o_, py::object q, py::object k, py::object v, py::object o_, py::object lse_,
          py::object delta, py::object gate, py::object coef_, bool causal, int64_t window, int64_t sinks,
          py::object pad, double scale, py::object dq_, py::object dk_, py::object dv_, py::object ddelta_,
-         py::object rowdot_, uintptr_t stream) {
+         py::object rowdot_, py::object di_, uintptr_t stream) {
         Ctx c = make_ctx(q, k, v, delta, gate, 0.0, causal, window, sinks, pad, scale, true);
         auto coef = TensorView::from(coef_, "coef");
         auto go = TensorView::from(grad_o_, "grad_o"), o = TensorView::from(o_, "o");
@@ -481,6 +481,7 @@ APT_REGISTER_OPS(tva) {
         auto dq = TensorView::from(dq_, "dq"), dk = TensorView::from(dk_, "dk"), dv = TensorView::from(dv_, "dv");
         auto ddelta = TensorView::from_optional(ddelta_, "ddelta");
         auto rowdot = TensorView::from_optional(rowdot_, "rowdot");
+        auto di = TensorView::from(di_, "di");
         const int dev = c.q.device;
         check_out(go, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
         check_out(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
@@ -489,7 +490,10 @@ APT_REGISTER_OPS(tva) {
         check_out(dq, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
         check_out(dk, {c.B, c.H, c.Tk, c.D}, c.q.dtype, true, dev);
         check_out(dv, {c.B, c.H, c.Tk, c.D}, c.q.dtype, true, dev);
+        check_out(di, {c.B, c.H, c.Tq}, DType::Float32, true, dev);
+        check_contiguous3(di, c);
         tva::CudaParams p = cuda_params(c, coef);
+        p.di = di.ptr<float>();
         if (c.delta.defined()) {
           APT_CHECK(ddelta.defined() && rowdot.defined(), "ddelta: required (with rowdot) when delta is given");
           check_out(ddelta, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
@@ -512,8 +516,9 @@ APT_REGISTER_OPS(tva) {
       py::arg("grad_o"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("delta"),
       py::arg("gate"), py::arg("coef"), py::arg("causal"), py::arg("window"), py::arg("sinks"),
       py::arg("key_padding_mask"), py::arg("scale"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
-      py::arg("ddelta"), py::arg("rowdot"), py::arg("stream"),
-      "Fused TVA attention backward on CUDA from the saved LSE (see tva_backward_cpu).");
+      py::arg("ddelta"), py::arg("rowdot"), py::arg("di"), py::arg("stream"),
+      "Fused TVA attention backward on CUDA from the saved LSE (see tva_backward_cpu); di: (B, H, Tq) fp32 "
+      "scratch.");
 #endif
 }
 

@@ -339,28 +339,23 @@ void tva_backward_cuda(const CudaParams& p, uintptr_t stream) {
   cudaStream_t s = cuda::as_stream(stream);
   const int64_t rows = p.B * p.H * p.Tq;
   const unsigned gk = grid_1d(p, cdiv(p.Tk, BM)), gq = grid_1d(p, cdiv(p.Tq, BM));
-  float* di = nullptr;
-  if (rows > 0) APT_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&di), rows * sizeof(float), s));
-  try {
-    dispatch(p, [&](auto tag, auto dim) {
-      using T = decltype(tag);
-      constexpr int D = decltype(dim)::value;
-      if (rows > 0) {  // a zero-block grid is an invalid launch configuration
-        tva_bwd_pre_kernel<T><<<static_cast<unsigned>(cdiv(rows, 256)), 256, 0, s>>>(p, di);
-        APT_CUDA_CHECK(cudaGetLastError());
-      }
-      tva_bwd_dkdv_kernel<T, D><<<gk, BM * (D / EPT), 0, s>>>(p, di);
+  // di (rowsum(dO * O)) comes from the caller (torch's caching allocator: counted in its memory stats, reused,
+  // no allocation of ours inside a captured graph)
+  float* di = p.di;
+  dispatch(p, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    if (rows > 0) {  // a zero-block grid is an invalid launch configuration
+      tva_bwd_pre_kernel<T><<<static_cast<unsigned>(cdiv(rows, 256)), 256, 0, s>>>(p, di);
       APT_CUDA_CHECK(cudaGetLastError());
-      if (rows > 0) {
-        tva_bwd_dq_kernel<T, D><<<gq, BM * (D / EPT), 0, s>>>(p, di);
-        APT_CUDA_CHECK(cudaGetLastError());
-      }
-    });
-  } catch (...) {
-    if (di != nullptr) cudaFreeAsync(di, s);
-    throw;
-  }
-  if (di != nullptr) APT_CUDA_CHECK(cudaFreeAsync(di, s));
+    }
+    tva_bwd_dkdv_kernel<T, D><<<gk, BM * (D / EPT), 0, s>>>(p, di);
+    APT_CUDA_CHECK(cudaGetLastError());
+    if (rows > 0) {
+      tva_bwd_dq_kernel<T, D><<<gq, BM * (D / EPT), 0, s>>>(p, di);
+      APT_CUDA_CHECK(cudaGetLastError());
+    }
+  });
 }
 
 }  // namespace tva

@@ -27,6 +27,7 @@ struct CudaParams {
   void *dq = nullptr, *dk = nullptr, *dv = nullptr, *ddelta = nullptr;
   int64_t sdq[4] = {}, sdk[4] = {}, sdv[4] = {}, sdd[4] = {};
   float* rowdot = nullptr;  // (B, H, Tq) contiguous, with delta
+  float* di = nullptr;      // (B, H, Tq) contiguous fp32 scratch: rowsum(dO * O), from the caller's allocator
 };
 
 void tva_forward_cuda(const CudaParams& p, uintptr_t stream);
