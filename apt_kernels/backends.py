@@ -13,7 +13,8 @@ import torch
 
 from ._native import native_cuda_status, native_family_status, native_status
 
-__all__ = ["native_status", "native_family_status", "native_cuda_status", "triton_status", "cuda_device_status", "triton_interpret"]
+__all__ = ["native_status", "native_family_status", "native_cuda_status", "triton_status", "compiled_triton_status",
+           "cuda_device_status", "triton_interpret"]
 
 
 def triton_interpret() -> bool:
@@ -41,6 +42,15 @@ def triton_status() -> tuple[bool, str]:
     if torch.cuda.is_available() or triton_interpret():
         return True, ""
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
+
+
+def compiled_triton_status() -> tuple[bool, str]:
+    """Triton kernels compiled for a CUDA device (not the CPU interpreter): what GPU tests of the Triton paths need."""
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA device"
+    if triton_interpret():
+        return False, "TRITON_INTERPRET=1 is set in this process"
+    return triton_status()
 
 
 def cuda_device_status() -> tuple[bool, str]:

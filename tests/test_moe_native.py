@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from apt_kernels.backends import native_cuda_status, native_status
+from apt_kernels.backends import compiled_triton_status, native_cuda_status, native_status
 from apt_kernels.ops.moe import OPS, moe_combine, moe_dispatch, moe_route
 from apt_kernels.reference.moe import check_same_routing, random_router_logits
 from apt_kernels.testing import assert_close
@@ -355,15 +355,31 @@ def test_cuda_second_device():
     assert torch.cuda.current_device() == 0
 
 
+requires_compiled_triton = pytest.mark.skipif(not compiled_triton_status()[0],
+                                              reason=compiled_triton_status()[1] or "triton")
+
+
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_compiled_triton
+@pytest.mark.parametrize("n,e,k,cf,kind", CASES)
+def test_compiled_triton_matches_reference(n, e, k, cf, kind):
+    """The compiled Triton router on a GPU (tests/test_moe_triton.py runs it only in the CPU interpreter)."""
+    check_impl("triton", n, e, k, cf, kind, torch.float32, device="cuda")
+
+
+@pytest.mark.cuda
+@requires_compiled_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_triton_dtypes(dtype):
+    check_impl("triton", 300, 8, 2, 1.0, "random", dtype, device="cuda")
+    check_impl("triton", 300, 8, 2, None, "dup", dtype, device="cuda")
+
+
+@pytest.mark.cuda
+@requires_compiled_triton
 def test_triton_on_gpu_more_than_65535_token_blocks():
     """E = 4096 gives 2-token blocks: 140000 tokens are 70000 blocks, past grid axis 1's 65535 programs, so the
     count/position kernels must keep the token blocks on axis 0."""
-    from apt_kernels.backends import triton_interpret, triton_status
-
-    if not triton_status()[0] or triton_interpret():
-        pytest.skip("needs compiled Triton on a GPU")
     check_impl("triton", 140000, 4096, 1, 1.0, "random", torch.float32, device="cuda", c=4)
 
 

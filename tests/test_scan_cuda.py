@@ -11,6 +11,7 @@ import torch
 
 import apt_kernels.ops.scan as scan_ops
 from apt_kernels import selective_scan_fn, selective_state_update
+from apt_kernels.backends import compiled_triton_status
 from apt_kernels.ops.scan import cuda_status, selective_scan_cuda, selective_state_update_cuda
 from apt_kernels.reference.scan import (check_scan_against_reference, check_scan_then_decode, random_scan_inputs,
                                         selective_scan_ref, selective_state_update_ref)
@@ -545,3 +546,40 @@ def test_split_heuristic(monkeypatch):
     assert scan_ops._cuda_chunks_per_split(0, 16, nch, dev) == nch  # batch or dim 0: no split (was a ZeroDivisionError)
     monkeypatch.setattr(scan_ops, "CUDA_CHUNKS_PER_SPLIT", 3)
     assert scan_ops._cuda_chunks_per_split(4 * 1536, 16, nch, dev) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the compiled Triton scan on the same device (tests/test_scan_triton.py runs it only in the CPU interpreter)
+requires_compiled_triton = pytest.mark.skipif(not compiled_triton_status()[0],
+                                              reason=compiled_triton_status()[1] or "triton")
+
+
+@pytest.mark.cuda
+@requires_compiled_triton
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("L", [1, 65, 2048])
+def test_compiled_triton_matches_reference(case, L):
+    from apt_kernels.ops.scan import selective_scan_triton
+
+    dim = 6 if "group" in case[:2] else 7
+    x = _inputs(2, dim, L, 16, case, seed=L)
+    check_scan_against_reference(on_cuda(selective_scan_triton), x, softplus=case[5])
+
+
+@pytest.mark.cuda
+@requires_compiled_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_triton_half_dtypes(dtype):
+    from apt_kernels.ops.scan import selective_scan_triton
+
+    x = _inputs(2, 8, 130, 16, CASES[1], dtype=dtype, seed=3)
+    check_scan_against_reference(on_cuda(selective_scan_triton), x, softplus=True)
+
+
+@pytest.mark.cuda
+@requires_compiled_triton
+def test_compiled_triton_decode_continues_the_scan():
+    from apt_kernels.ops.scan import selective_scan_triton, selective_state_update_triton
+
+    x = {k: v.cuda() for k, v in _inputs(2, 4, 150, 8, ("group", "var", True, True, True, True), seed=16).items()}
+    check_scan_then_decode(selective_scan_triton, selective_state_update_triton, x, 131)
