@@ -51,6 +51,7 @@ def test_chat_reads_stdin_until_eof(tiny_checkpoint, monkeypatch, capsys):
     assert main(["chat", tiny_checkpoint, "--max-new-tokens", "6", "--seed", "0", "--plugins", "voter"]) == 0
     captured = capsys.readouterr()
     assert "history cleared" in captured.out and "chat: 2 replies" in captured.err
+    assert "chat: commands" not in captured.out  # piped input: replies only, no banner or prompt
     assert "voter_steps=" in captured.err
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert main(["chat", tiny_checkpoint]) == 0 and "chat: 0 replies" in capsys.readouterr().err

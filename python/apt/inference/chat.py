@@ -82,14 +82,17 @@ class ChatSession:
         return answer
 
 
-def run_chat(session: ChatSession, input_stream: TextIO, output_stream: TextIO, prompt: str = "> ") -> int:
+def run_chat(session: ChatSession, input_stream: TextIO, output_stream: TextIO, prompt: str = "> ",
+             banner: bool = True) -> int:
     """Read messages from ``input_stream`` until /exit, /quit or end of input; write replies to
-    ``output_stream``. Returns the number of replies."""
+    ``output_stream`` (after a line naming the commands, unless ``banner`` is False). Returns the number of
+    replies."""
     def out(s: str) -> None:
         output_stream.write(s)
         output_stream.flush()
 
-    out(f"chat: {HELP}\n")
+    if banner:
+        out(f"chat: {HELP}\n")
     while True:
         out(prompt)
         line = input_stream.readline()

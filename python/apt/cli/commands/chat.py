@@ -23,9 +23,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, profile = load_checkpoint(args)
     plugins = build_generation_plugins(args, profile)
     session = ChatSession(model, tokenizer, system=args.system, plugins=plugins, **kwargs)
-    # the "> " prompt only helps a person typing; piped input gets the replies alone
+    # the banner and the "> " prompt only help a person typing; piped input gets the replies alone
     interactive = sys.stdin.isatty()
-    turns = run_chat(session, sys.stdin, sys.stdout, prompt="> " if interactive else "")
+    turns = run_chat(session, sys.stdin, sys.stdout, prompt="> " if interactive else "", banner=interactive)
     print(f"chat: {turns} replies", file=sys.stderr)
     if plugins is not None:
         voter = plugins.get("voter")
