@@ -29,14 +29,10 @@ DTYPE_CODES = {
 
 _module: Optional[ModuleType] = None
 _reason: str = ""
-_loaded = False
 
 
 def _load() -> None:
-    global _module, _reason, _loaded
-    if _loaded:
-        return
-    _loaded = True
+    global _module, _reason
     if os.environ.get("APT_DISABLE_NATIVE", "").lower() in ("1", "true", "yes"):
         _reason = "disabled by APT_DISABLE_NATIVE"
         return
@@ -54,13 +50,11 @@ _load()
 
 def native_module() -> Optional[ModuleType]:
     """The compiled module, or None when it is unavailable (see :func:`native_status`)."""
-    _load()
     return _module
 
 
 def native_status() -> tuple[bool, str]:
     """(available, reason) for the compiled CPU module."""
-    _load()
     return (_module is not None, _reason)
 
 
