@@ -149,19 +149,26 @@ def test_cpu_native_speed_dispatch_combine():
 requires_cuda = pytest.mark.skipif(not native_cuda_status()[0], reason=native_cuda_status()[1] or "cuda")
 
 
+requires_compiled_triton = pytest.mark.skipif(not compiled_triton_status()[0],
+                                              reason=compiled_triton_status()[1] or "triton")
+# the GPU implementations: native CUDA, and compiled Triton (tests/test_moe_triton.py runs Triton only in the
+# CPU interpreter)
+GPU_IMPLS = [pytest.param("cuda", marks=requires_cuda), pytest.param("triton", marks=requires_compiled_triton)]
+
+
 @pytest.mark.cuda
-@requires_cuda
+@pytest.mark.parametrize("impl", GPU_IMPLS)
 @pytest.mark.parametrize("n,e,k,cf,kind", CASES)
-def test_cuda_matches_reference(n, e, k, cf, kind):
-    check_impl("cuda", n, e, k, cf, kind, torch.float32, device="cuda")
+def test_gpu_matches_reference(impl, n, e, k, cf, kind):
+    check_impl(impl, n, e, k, cf, kind, torch.float32, device="cuda")
 
 
 @pytest.mark.cuda
-@requires_cuda
+@pytest.mark.parametrize("impl", GPU_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_dtypes(dtype):
-    check_impl("cuda", 300, 8, 2, 1.0, "random", dtype, device="cuda")
-    check_impl("cuda", 300, 8, 2, None, "dup", dtype, device="cuda")
+def test_gpu_dtypes(impl, dtype):
+    check_impl(impl, 300, 8, 2, 1.0, "random", dtype, device="cuda")
+    check_impl(impl, 300, 8, 2, None, "dup", dtype, device="cuda")
 
 
 def test_cuda_bindings_reject_cpu_tensors():
@@ -353,26 +360,6 @@ def test_cuda_second_device():
     torch.cuda.set_device(0)
     check_impl("cuda", 300, 8, 2, 1.0, "random", torch.float32, device="cuda:1")
     assert torch.cuda.current_device() == 0
-
-
-requires_compiled_triton = pytest.mark.skipif(not compiled_triton_status()[0],
-                                              reason=compiled_triton_status()[1] or "triton")
-
-
-@pytest.mark.cuda
-@requires_compiled_triton
-@pytest.mark.parametrize("n,e,k,cf,kind", CASES)
-def test_compiled_triton_matches_reference(n, e, k, cf, kind):
-    """The compiled Triton router on a GPU (tests/test_moe_triton.py runs it only in the CPU interpreter)."""
-    check_impl("triton", n, e, k, cf, kind, torch.float32, device="cuda")
-
-
-@pytest.mark.cuda
-@requires_compiled_triton
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_compiled_triton_dtypes(dtype):
-    check_impl("triton", 300, 8, 2, 1.0, "random", dtype, device="cuda")
-    check_impl("triton", 300, 8, 2, None, "dup", dtype, device="cuda")
 
 
 @pytest.mark.cuda

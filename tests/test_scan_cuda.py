@@ -13,18 +13,13 @@ import apt_kernels.ops.scan as scan_ops
 from apt_kernels import selective_scan_fn, selective_state_update
 from apt_kernels.backends import compiled_triton_status
 from apt_kernels.ops.scan import cuda_status, selective_scan_cuda, selective_state_update_cuda
+from apt_kernels.reference.scan import SCAN_CASES as CASES
 from apt_kernels.reference.scan import (check_scan_against_reference, check_scan_then_decode, random_scan_inputs,
                                         selective_scan_ref, selective_state_update_ref)
 from apt_kernels.testing import assert_close
 
-CASES = [  # (layout_B, layout_C, with_D, with_z, with_bias, softplus)
-    ("const", "const", True, True, True, True),
-    ("var", "var", True, True, True, True),
-    ("group", "group", False, False, False, False),
-    ("var", "group", True, False, True, False),
-    ("group", "const", False, True, False, True),
-    ("const", "var", True, True, False, False),
-]
+requires_compiled_triton = pytest.mark.skipif(not compiled_triton_status()[0],
+                                              reason=compiled_triton_status()[1] or "triton")
 
 
 def _gapped(t: torch.Tensor) -> torch.Tensor:
@@ -51,6 +46,16 @@ def _inputs(batch, dim, L, N, case, dtype=torch.float32, groups=2, seed=0):
     lb, lc, D, z, bias, _ = case
     return random_scan_inputs(batch, dim, L, N, layout_B=lb, layout_C=lc, groups=groups, dtype=dtype, with_D=D,
                               with_z=z, with_bias=bias, generator=torch.Generator().manual_seed(seed))
+
+
+def _opcheck_bwd_with_transposed_A(x: dict) -> None:
+    """opcheck of apt::selective_scan_bwd (fake vs real outputs, strides included) with a transposed A."""
+    A = x["A"].t().contiguous().t()
+    _, _, ck = torch.ops.apt.selective_scan_fwd(x["u"], x["delta"], A, x["B"], x["C"], x["D"], x["z"],
+                                                x["delta_bias"], True, 64)
+    torch.library.opcheck(torch.ops.apt.selective_scan_bwd.default,
+                          (x["u"], x["delta"], A, x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+                           torch.randn_like(x["u"]), None, ck, True, 64))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,10 +325,14 @@ def test_cuda_state_update_matches_reference(lb, lc, dtype, state_dtype, N):
 
 
 @pytest.mark.cuda
-def test_cuda_chunked_scan_carries_state():
-    """Scanning the first part, then decoding the rest from the returned state, equals one whole scan."""
+@pytest.mark.parametrize("impl", ["cuda", pytest.param("triton", marks=requires_compiled_triton)])
+def test_gpu_chunked_scan_carries_state(impl):
+    """Scanning the first part, then decoding the rest from the returned state, equals one whole scan (native CUDA
+    and compiled Triton)."""
+    scan, step = {"cuda": (selective_scan_cuda, selective_state_update_cuda),
+                  "triton": (scan_ops.selective_scan_triton, scan_ops.selective_state_update_triton)}[impl]
     x = {k: v.cuda() for k, v in _inputs(2, 4, 150, 8, ("group", "var", True, True, True, True), seed=16).items()}
-    check_scan_then_decode(selective_scan_cuda, selective_state_update_cuda, x, 131)
+    check_scan_then_decode(scan, step, x, 131)
 
 
 @pytest.mark.cuda
@@ -344,13 +353,7 @@ def test_cuda_opcheck_and_compile():
 @pytest.mark.cuda
 def test_cuda_bwd_fake_strides_with_transposed_A():
     """The backward's fake gives a contiguous dA, as the kernel does, also for a transposed A (it copied A's strides)."""
-    x = {k: v.cuda() for k, v in _inputs(2, 4, 70, 4, CASES[1], seed=24).items()}
-    A = x["A"].t().contiguous().t()
-    _, _, ck = torch.ops.apt.selective_scan_fwd(x["u"], x["delta"], A, x["B"], x["C"], x["D"], x["z"],
-                                                x["delta_bias"], True, 64)
-    torch.library.opcheck(torch.ops.apt.selective_scan_bwd.default,
-                          (x["u"], x["delta"], A, x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
-                           torch.randn_like(x["u"]), None, ck, True, 64))
+    _opcheck_bwd_with_transposed_A({k: v.cuda() for k, v in _inputs(2, 4, 70, 4, CASES[1], seed=24).items()})
 
 
 @pytest.mark.cuda
@@ -509,13 +512,7 @@ def test_bwd_fake_matches_the_kernels_strides():
 
     if not cpu_status()[0]:
         pytest.skip(cpu_status()[1])
-    x = _inputs(2, 4, 10, 3, CASES[1], seed=25)
-    A = x["A"].t().contiguous().t()
-    _, _, ck = torch.ops.apt.selective_scan_fwd(x["u"], x["delta"], A, x["B"], x["C"], x["D"], x["z"],
-                                                x["delta_bias"], True, 64)
-    torch.library.opcheck(torch.ops.apt.selective_scan_bwd.default,
-                          (x["u"], x["delta"], A, x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
-                           torch.randn_like(x["u"]), None, ck, True, 64))
+    _opcheck_bwd_with_transposed_A(_inputs(2, 4, 10, 3, CASES[1], seed=25))
 
 
 def test_decode_dispatch_skips_cuda_for_an_fp64_state(monkeypatch):
@@ -550,8 +547,6 @@ def test_split_heuristic(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------------
 # the compiled Triton scan on the same device (tests/test_scan_triton.py runs it only in the CPU interpreter)
-requires_compiled_triton = pytest.mark.skipif(not compiled_triton_status()[0],
-                                              reason=compiled_triton_status()[1] or "triton")
 
 
 @pytest.mark.cuda
@@ -575,11 +570,3 @@ def test_compiled_triton_half_dtypes(dtype):
     x = _inputs(2, 8, 130, 16, CASES[1], dtype=dtype, seed=3)
     check_scan_against_reference(on_cuda(selective_scan_triton), x, softplus=True)
 
-
-@pytest.mark.cuda
-@requires_compiled_triton
-def test_compiled_triton_decode_continues_the_scan():
-    from apt_kernels.ops.scan import selective_scan_triton, selective_state_update_triton
-
-    x = {k: v.cuda() for k, v in _inputs(2, 4, 150, 8, ("group", "var", True, True, True, True), seed=16).items()}
-    check_scan_then_decode(selective_scan_triton, selective_state_update_triton, x, 131)

@@ -10,22 +10,13 @@ import torch
 import apt_kernels.ops.scan as scan_ops
 from apt_kernels import selective_scan_fn, selective_state_update
 from apt_kernels.ops.scan import cpu_status, selective_scan_cpu, selective_state_update_cpu
+from apt_kernels.reference.scan import SCAN_CASES as CASES
 from apt_kernels.reference.scan import (check_scan_against_reference as check_against_reference,
                                        check_scan_then_decode, random_scan_inputs, selective_scan_ref,
                                        selective_state_update_ref)
 from apt_kernels.testing import assert_close
 
 pytestmark = [pytest.mark.native, pytest.mark.skipif(not cpu_status()[0], reason=cpu_status()[1] or "n/a")]
-
-
-CASES = [  # (layout_B, layout_C, with_D, with_z, with_bias, softplus)
-    ("const", "const", True, True, True, True),
-    ("var", "var", True, True, True, True),
-    ("group", "group", False, False, False, False),
-    ("var", "group", True, False, True, False),
-    ("group", "const", False, True, False, True),
-    ("const", "var", True, True, False, False),
-]
 
 
 @pytest.mark.parametrize("case", CASES)

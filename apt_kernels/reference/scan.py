@@ -232,6 +232,18 @@ def random_scan_inputs(batch: int, dim: int, L: int, N: int, *, layout_B: str = 
     return out
 
 
+# Test cases shared by every scan implementation's tests: (layout_B, layout_C, with_D, with_z, with_bias, softplus),
+# covering each B/C layout pair and each optional input on and off.
+SCAN_CASES = [
+    ("const", "const", True, True, True, True),
+    ("var", "var", True, True, True, True),
+    ("group", "group", False, False, False, False),
+    ("var", "group", True, False, True, False),
+    ("group", "const", False, True, False, True),
+    ("const", "var", True, True, False, False),
+]
+
+
 def check_scan_against_reference(fn, x: dict, *, softplus: bool, last: bool = True,
                                  dtype: Optional[torch.dtype] = None, seed: int = 0) -> None:
     """Test helper: run fn and the fp64 reference on the same inputs; compare y, the last state and every gradient
