@@ -81,7 +81,8 @@ def test_cuda_lengths(L):
 @pytest.mark.parametrize("cps", [1, 2, 3, 100])
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]])
 def test_cuda_forced_splits(cps, case, monkeypatch):
-    """L = 300 is 5 chunks: 5, 3, 2 and 1 parallel pieces (the first pass, the combine and the main pass)."""
+    """L = 300 is 5 chunks: 5, 3, 2 and 1 parallel pieces, forward and backward (each direction's pre-pass, the
+    combine and the main pass), with a last-state gradient flowing through every piece."""
     monkeypatch.setattr(scan_ops, "CUDA_CHUNKS_PER_SPLIT", cps)
     x = _inputs(3, 6, 300, 16, case, groups=3, seed=cps)
     check_scan_against_reference(on_cuda(selective_scan_cuda), x, softplus=case[5])
@@ -448,6 +449,46 @@ def test_cuda_native_module_checks_its_inputs():
     bad(2, view(torch.randn(4, 129, device=dev)), ValueError, "A: the CUDA scan takes 1 <= N <= 128")
 
 
+@pytest.mark.cuda
+def test_cuda_native_backward_checks_its_split_workspace():
+    """The backward binding: a split over time needs the (rows, splits-1, N) adjoints and (rows, splits-1) dt sums;
+    each split count gives the same gradients as one piece."""
+    from apt_kernels._native import current_stream, native_module, view
+
+    m = native_module()
+    dev = torch.device("cuda")
+    st = current_stream(dev)
+    g = torch.Generator(device=dev).manual_seed(3)
+    u, delta, dout = (torch.randn(2, 4, 6, device=dev, generator=g) for _ in range(3))
+    A = -torch.rand(4, 3, device=dev, generator=g)
+    B, C = torch.randn(2, 1, 6, 3, device=dev, generator=g), torch.randn(4, 3, device=dev, generator=g)
+    ck = torch.empty(2, 4, 3, 3, device=dev)  # chunk 2: 3 chunks
+    last = torch.empty(2, 4, 3, device=dev)
+    m.selective_scan_fwd_cuda(view(u), view(delta), view(A), view(B), view(C), None, None, None,
+                              view(torch.empty_like(u)), view(last), view(ck), None, None, False, 2, 3, st)
+    dlast = torch.randn(2, 4, 3, device=dev, generator=g)
+
+    def bwd(cps, seg_state, seg_dt):
+        out = [torch.zeros_like(u), torch.zeros_like(u), torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)]
+        m.selective_scan_bwd_cuda(view(u), view(delta), view(A), view(B), view(C), None, None, None, view(dout),
+                                  view(dlast), view(ck), *map(view, out[:2]), *map(view, out[2:]), None, None, None,
+                                  view(seg_state), view(seg_dt), False, 2, cps, st)
+        return out
+
+    whole = bwd(3, None, None)
+    with pytest.raises(ValueError, match="seg_state, seg_dt: needed with 3 splits"):
+        bwd(1, None, None)
+    with pytest.raises(ValueError, match="seg_state: expected size 3 in dim 2"):
+        bwd(1, torch.empty(8, 2, 4, device=dev), torch.empty(8, 2, device=dev))
+    with pytest.raises(ValueError, match="chunks_per_split: expected >= 1"):
+        bwd(0, None, None)
+    for cps in (1, 2):
+        splits = -(-3 // cps)
+        got = bwd(cps, torch.empty(8, splits - 1, 3, device=dev), torch.empty(8, splits - 1, device=dev))
+        for name, a, b in zip(("du", "ddelta", "dA", "dB", "dC"), got, whole):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name, c=cps: f"{n} cps={c}: {m}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # everywhere (no device needed)
 def test_without_a_device_the_cuda_provider_says_why(monkeypatch, caplog):
@@ -499,6 +540,11 @@ def test_cuda_bindings_reject_cpu_tensors():
         m.selective_scan_fwd_cuda(view(u), view(u), view(A), view(B), view(B), None, None, None, view(u),
                                   view(torch.empty(2, 4, 3)), view(torch.empty(2, 4, 1, 3)), None, None, False, 64, 1,
                                   0)
+    gA, gB = torch.zeros(4, 3), torch.zeros(2, 1, 5, 3)
+    with pytest.raises(ValueError, match="u: expected a CUDA tensor"):
+        m.selective_scan_bwd_cuda(view(u), view(u), view(A), view(B), view(B), None, None, None, view(u), None,
+                                  view(torch.empty(2, 4, 1, 3)), view(u), view(u), view(gA), view(gB), view(gB), None,
+                                  None, None, None, None, False, 64, 1, 0)
     with pytest.raises(ValueError, match="state: expected a CUDA tensor"):
         m.selective_state_update_cuda(view(torch.zeros(2, 4, 3)), view(u[..., 0]), view(u[..., 0]), view(A),
                                       view(B[:, :, :1]), view(B[:, :, :1]), None, None, None, view(u[..., 0]), False,

@@ -205,12 +205,13 @@ def _pack_step_params(A, B, C, D, dt_bias, acc):
 # CUDA kernels (csrc/scan/scan_cuda_*.cu) for the same native ops: torch dispatches CUDA tensors here, so the fakes
 # and the autograd formula above serve both devices. B/C/A/D/bias are packed in fp32 exactly as for the CPU kernels.
 
-# Splitting time into parallel pieces costs a first pass over the input (about half a forward), so the forward
-# does it only when batch x dim x lanes leaves the GPU idle: None = choose (_cuda_chunks_per_split), an int forces it.
+# Splitting time into parallel pieces costs a first pass over the input (about half a forward; in the backward a
+# pass over dt, dy and C), so both directions split only when batch x dim x lanes leaves the GPU idle: None = choose
+# (_cuda_chunks_per_split), an int forces it.
 CUDA_CHUNKS_PER_SPLIT: Optional[int] = None
 # csrc/scan/scan_cuda.h kMaxN: lanes per channel (<= 32) x states per lane (<= 4)
 CUDA_MAX_N = 128
-_CUDA_THREADS_PER_SM = 512  # threads per SM below which the forward splits time (16 warps; an SM holds 64)
+_CUDA_THREADS_PER_SM = 512  # threads per SM below which time is split (16 warps; an SM holds 64)
 
 
 def _cuda_lanes(N: int) -> int:
@@ -231,6 +232,20 @@ def _cuda_chunks_per_split(rows: int, N: int, nchunks: int, device: torch.device
     return -(-nchunks // splits)
 
 
+def _cuda_split_workspace(u: torch.Tensor, N: int, chunk: int
+                          ) -> tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """chunks_per_split and the kernels' workspace for it: (rows, splits-1, N) states (forward) or adjoints
+    (backward), (rows, splits-1) sums of dt; None with one split."""
+    batch, dim, L = u.shape
+    nch = _nchunks(L, chunk)
+    cps = _cuda_chunks_per_split(batch * dim, N, nch, u.device)
+    splits = -(-nch // cps)
+    if splits == 1:
+        return cps, None, None
+    f32 = torch.float32
+    return cps, u.new_empty(batch * dim, splits - 1, N, dtype=f32), u.new_empty(batch * dim, splits - 1, dtype=f32)
+
+
 def _require_cuda_module(name: str) -> None:
     ok, why = cuda_status()
     if not ok:
@@ -242,12 +257,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
     _require_cuda_module("apt::selective_scan_fwd (cuda)")
     f32 = torch.float32
     out, last, ckpt = _fwd_outputs(u, A, chunk)
-    batch, dim, L = u.shape
-    N, nch = A.shape[1], _nchunks(L, chunk)
-    cps = _cuda_chunks_per_split(batch * dim, N, nch, u.device)
-    splits = -(-nch // cps)
-    seg_state = u.new_empty(batch * dim, splits - 1, N, dtype=f32) if splits > 1 else None
-    seg_dt = u.new_empty(batch * dim, splits - 1, dtype=f32) if splits > 1 else None
+    cps, seg_state, seg_dt = _cuda_split_workspace(u, A.shape[1], chunk)
     Ap, Bp, Cp, Dp, bp = _pack_params(A, B, C, D, delta_bias, f32)
     native_module().selective_scan_fwd_cuda(
         view(u), view(delta), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(out), view(last),
@@ -264,10 +274,11 @@ def _(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt, delta_softplus, ch
     dlp = _opt(dlast, f32)
     # the kernel adds the parameter gradients up with atomics: they start from zero
     du, ddelta, dz, dA, dBp, dCp, dD, dbias = _bwd_buffers(u, Ap, Bp, Cp, Dp, z, bp, torch.zeros)
+    cps, seg_state, seg_dt = _cuda_split_workspace(u, A.shape[1], chunk)
     native_module().selective_scan_bwd_cuda(
         view(u), view(delta), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(dout), view(dlp),
         view(ckpt), view(du), view(ddelta), view(dA), view(dBp), view(dCp), view(dD), view(dz), view(dbias),
-        bool(delta_softplus), int(chunk), current_stream(u.device))
+        view(seg_state), view(seg_dt), bool(delta_softplus), int(chunk), int(cps), current_stream(u.device))
     return _grads_out(u, A, B, C, D, z, delta_bias, du, ddelta, dA, dBp, dCp, dD, dz, dbias)
 
 

@@ -26,8 +26,11 @@ struct ScanParams {
   int64_t sout[3] = {};
   float* last = nullptr;
   // Parallel over L: the chunks are cut into ceil(nchunks / chunks_per_split) splits; with more than one, a first
-  // pass writes each split's end state from h = 0 (seg_state (batch*dim, splits-1, N)) and its sum of dt
-  // (seg_dt (batch*dim, splits-1)), and the main pass starts every split from the combination of the earlier ones.
+  // pass writes one (batch*dim, splits-1, N) fp32 workspace entry per split and each split's sum of dt
+  // (seg_dt (batch*dim, splits-1)), and the main pass starts every split from the combination of the others.
+  // Forward: seg_state[split s < S-1] = the end state of s from h = 0; the main pass folds in the earlier splits.
+  // Backward: seg_state[s - 1] (s >= 1) = the adjoint at the start of split s from a zero adjoint at its end; the
+  // main pass folds in the later splits.
   int64_t chunks_per_split = 1 << 30;
   float *seg_state = nullptr, *seg_dt = nullptr;
   // backward

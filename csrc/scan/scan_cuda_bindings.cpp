@@ -95,19 +95,12 @@ TensorView unpack_inputs(scan_cuda::ScanParams& p, Obj u_, Obj delta_, Obj A_, O
   return u;
 }
 
-void selective_scan_fwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj z_, Obj bias_, Obj out_, Obj last_,
-                        Obj ckpt_, Obj seg_state_, Obj seg_dt_, bool softplus, int64_t chunk,
-                        int64_t chunks_per_split, uintptr_t stream) {
-  scan_cuda::ScanParams p;
-  const TensorView u = unpack_inputs(p, u_, delta_, A_, B_, C_, D_, z_, bias_, softplus, chunk);
-  auto out = TensorView::from(out_, "out"), last = TensorView::from(last_, "last_state"),
-       ckpt = TensorView::from(ckpt_, "checkpoints");
+// The time split (scan_cuda.h): chunks_per_split, and the workspace seg_state (rows, splits-1, N) and
+// seg_dt (rows, splits-1) when it makes several splits.
+void unpack_splits(scan_cuda::ScanParams& p, Obj seg_state_, Obj seg_dt_, int64_t chunks_per_split) {
   auto seg_state = TensorView::from_optional(seg_state_, "seg_state"),
        seg_dt = TensorView::from_optional(seg_dt_, "seg_dt");
-  check_like(out, u);
-  const int64_t nchunks = (p.L + chunk - 1) / chunk;
-  check_f32(last, {p.batch, p.dim, p.N}, p.device);
-  check_f32(ckpt, {p.batch, p.dim, nchunks, p.N}, p.device);
+  const int64_t nchunks = (p.L + p.chunk - 1) / p.chunk;
   APT_CHECK(chunks_per_split >= 1, "chunks_per_split: expected >= 1, got ", chunks_per_split);
   const int64_t nsplits = (nchunks + chunks_per_split - 1) / chunks_per_split;
   APT_CHECK(nsplits <= 65535, "chunks_per_split: ", nsplits, " splits, at most 65535");
@@ -118,18 +111,33 @@ void selective_scan_fwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
     p.seg_state = seg_state.ptr<float>();
     p.seg_dt = seg_dt.ptr<float>();
   }
+  p.chunks_per_split = chunks_per_split;
+}
+
+void selective_scan_fwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj z_, Obj bias_, Obj out_, Obj last_,
+                        Obj ckpt_, Obj seg_state_, Obj seg_dt_, bool softplus, int64_t chunk,
+                        int64_t chunks_per_split, uintptr_t stream) {
+  scan_cuda::ScanParams p;
+  const TensorView u = unpack_inputs(p, u_, delta_, A_, B_, C_, D_, z_, bias_, softplus, chunk);
+  auto out = TensorView::from(out_, "out"), last = TensorView::from(last_, "last_state"),
+       ckpt = TensorView::from(ckpt_, "checkpoints");
+  check_like(out, u);
+  const int64_t nchunks = (p.L + chunk - 1) / chunk;
+  check_f32(last, {p.batch, p.dim, p.N}, p.device);
+  check_f32(ckpt, {p.batch, p.dim, nchunks, p.N}, p.device);
+  unpack_splits(p, seg_state_, seg_dt_, chunks_per_split);
   p.out = out.data;
   copy3(out, p.sout);
   p.last = last.ptr<float>();
   p.ckpt = ckpt.ptr<float>();
-  p.chunks_per_split = chunks_per_split;
   py::gil_scoped_release nogil;
   scan_cuda::selective_scan_fwd(p, stream);
 }
 
 void selective_scan_bwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj z_, Obj bias_, Obj dout_,
                         Obj dlast_, Obj ckpt_, Obj du_, Obj ddelta_, Obj dA_, Obj dB_, Obj dC_, Obj dD_, Obj dz_,
-                        Obj dbias_, bool softplus, int64_t chunk, uintptr_t stream) {
+                        Obj dbias_, Obj seg_state_, Obj seg_dt_, bool softplus, int64_t chunk,
+                        int64_t chunks_per_split, uintptr_t stream) {
   scan_cuda::ScanParams p;
   const TensorView u = unpack_inputs(p, u_, delta_, A_, B_, C_, D_, z_, bias_, softplus, chunk);
   auto dout = TensorView::from(dout_, "dout"), ckpt = TensorView::from(ckpt_, "checkpoints"),
@@ -168,6 +176,7 @@ void selective_scan_bwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
   p.dA = dA.ptr<float>();
   p.dB = dB.ptr<float>();
   p.dC = dC.ptr<float>();
+  unpack_splits(p, seg_state_, seg_dt_, chunks_per_split);
   py::gil_scoped_release nogil;
   scan_cuda::selective_scan_bwd(p, stream);
 }
@@ -240,8 +249,9 @@ APT_REGISTER_OPS(scan_cuda) {
   m.def("selective_scan_bwd_cuda", &selective_scan_bwd, py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"),
         py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("dout"), py::arg("dlast_state"),
         py::arg("checkpoints"), py::arg("du"), py::arg("ddelta"), py::arg("dA"), py::arg("dB"), py::arg("dC"),
-        py::arg("dD"), py::arg("dz"), py::arg("ddelta_bias"), py::arg("delta_softplus"), py::arg("chunk"),
-        py::arg("stream"), "Selective scan backward on CUDA from the forward's checkpoints (dA/dB/dC/dD/dbias zeroed).");
+        py::arg("dD"), py::arg("dz"), py::arg("ddelta_bias"), py::arg("seg_state"), py::arg("seg_dt"),
+        py::arg("delta_softplus"), py::arg("chunk"), py::arg("chunks_per_split"), py::arg("stream"),
+        "Selective scan backward on CUDA from the forward's checkpoints (dA/dB/dC/dD/dbias zeroed).");
   m.def("selective_state_update_cuda", &selective_state_update, py::arg("state"), py::arg("x"), py::arg("dt"),
         py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"), py::arg("dt_bias"), py::arg("y"),
         py::arg("dt_softplus"), py::arg("stream"), "One decode step of the selective scan on CUDA, in place on state.");

@@ -3,6 +3,9 @@
 // carrying the adjoint g of h (g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}). No (batch, dim, L, N) tensor is formed.
 // Sums over channels/batch (dA, dD, dbias, constant dB/dC) are fp32 atomics at the end; a packed (batch, G, L, N) dB/dC
 // is summed over the block's channels in shared memory per chunk, then added with one atomic per (block, t, n).
+// Parallel over L too, as the forward: g is affine in the adjoint at a split's end (g_start = exp(A sum dt) g_end +
+// g0, g0 the start adjoint from g_end = 0), so a light pre-pass (dt, dy and C only) gives every split but the first
+// its g0 and sum of dt, and the main pass starts each split from dlast folded through the later ones.
 // The caller zeroes dA, dB, dC, dD, dbias. Layouts and limits in scan_cuda.h (N <= 128, chunk <= 64).
 #include "scan/scan_cuda_common.cuh"
 
@@ -10,9 +13,59 @@ namespace apt {
 namespace scan_cuda {
 namespace {
 
+// The pre-pass over split s = blockIdx.y + 1: the adjoint at the split's start from a zero adjoint at its end into
+// seg_state[(row, s - 1)], the split's sum of dt into seg_dt. Reads dt, dy (z) and C; no states, no u, no B.
 template <typename T, int NL, int NPT>
 __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
-    scan_bwd_kernel(const ScanParams p, const Tiling tl, const int64_t nchunks) {
+    scan_bwd_adjoint_kernel(const ScanParams p, const Tiling tl, const int64_t nchunks, const int64_t nsplits) {
+  constexpr int CPB = channels_per_block(NL, NPT), NT = CPB * NL;
+  __shared__ float s_dt[CPB][kSP];
+  __shared__ float s_u[CPB][kSP];
+  __shared__ float s_dy[CPB][kSP];
+  __shared__ float s_dzf[CPB][kSP];
+  __shared__ float s_dsp[CPB][kSP];
+  const Stage sg{s_dt, s_u, s_dy, s_dzf, s_dsp};
+  const int tid = threadIdx.x, cc = tid / NL, lane = tid % NL;
+  const Slot s = locate(p, tl, CPB, cc);
+  const int64_t N = p.N, L = p.L, split = static_cast<int64_t>(blockIdx.y) + 1;
+  const int64_t c_begin = split * p.chunks_per_split;
+  const int64_t c_end = c_begin + p.chunks_per_split < nchunks ? c_begin + p.chunks_per_split : nchunks;
+  const float* Bv = var_row(p.B, p.gB, p, s);
+  const float* Cv = var_row(p.C, p.gC, p, s);
+
+  bool ok[NPT];
+  float A[NPT], Bc[NPT], Cc[NPT], g[NPT];
+  load_channel<NL, NPT>(p, s, lane, Bv, Cv, ok, A, Bc, Cc);
+#pragma unroll
+  for (int j = 0; j < NPT; ++j) g[j] = 0.f;
+  float dt_sum = 0.f;
+  for (int64_t c = c_end - 1; c >= c_begin; --c) {
+    const int64_t t0 = c * p.chunk;
+    const int K = static_cast<int>(L - t0 < p.chunk ? L - t0 : p.chunk);
+    __syncthreads();  // the previous chunk's staged values are no longer read
+    load_stage<T, true, false>(p, tl, CPB, NT, t0, K, sg);
+    __syncthreads();
+#pragma unroll 4
+    for (int k = K - 1; k >= 0; --k) {  // unrolled: the C loads and exps of later steps issue ahead of the g chain
+      const int64_t t = t0 + k;
+      const float dt = s_dt[cc][k], dy = s_dy[cc][k];
+#pragma unroll
+      for (int j = 0; j < NPT; ++j)
+        g[j] = (g[j] + bc_at(Cv, Cc[j], ok[j], t, N, lane + j * NL) * dy) * __expf(dt * A[j]);
+      dt_sum += dt;
+    }
+  }
+  const int64_t w = s.row * (nsplits - 1) + (split - 1);
+#pragma unroll
+  for (int j = 0; j < NPT; ++j)
+    if (ok[j]) p.seg_state[w * N + lane + j * NL] = g[j];
+  if (s.active && lane == 0) p.seg_dt[w] = dt_sum;
+}
+
+// The main pass over split s = blockIdx.y (chunks c_begin .. c_end - 1, last first).
+template <typename T, int NL, int NPT>
+__global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
+    scan_bwd_kernel(const ScanParams p, const Tiling tl, const int64_t nchunks, const int64_t nsplits) {
   constexpr int CPB = channels_per_block(NL, NPT), NT = CPB * NL;
   constexpr int NS = NT * NPT;   // states per block: one column of s_h per (lane slot, j)
   constexpr int NP = NL * NPT;   // padded N: row pitch of s_dB / s_dC
@@ -29,7 +82,9 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
   float* s_dC = s_dB + (p.gB ? p.chunk * NP : 0);          // (chunk, NP) when C is packed
   const int tid = threadIdx.x, cc = tid / NL, lane = tid % NL;
   const Slot s = locate(p, tl, CPB, cc);
-  const int64_t N = p.N, L = p.L;
+  const int64_t N = p.N, L = p.L, split = blockIdx.y;
+  const int64_t c_begin = split * p.chunks_per_split;
+  const int64_t c_end = c_begin + p.chunks_per_split < nchunks ? c_begin + p.chunks_per_split : nchunks;
   const float* Bv = var_row(p.B, p.gB, p, s);
   const float* Cv = var_row(p.C, p.gC, p, s);
   float* dBv = Bv ? p.dB + (Bv - p.B) : nullptr;
@@ -44,9 +99,17 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
     g[j] = ok[j] && p.dlast ? p.dlast[s.row * N + lane + j * NL] : 0.f;  // adjoint of h_{L-1}
     dA[j] = dBc[j] = dCc[j] = 0.f;
   }
+  // the adjoint at this split's end: dlast carried through the later splits, last first
+  for (int64_t q = nsplits - 1; q > split; --q) {
+    const int64_t w = s.row * (nsplits - 1) + (q - 1);
+    const float sdt = s.active ? p.seg_dt[w] : 0.f;
+#pragma unroll
+    for (int j = 0; j < NPT; ++j)
+      if (ok[j]) g[j] = __expf(A[j] * sdt) * g[j] + p.seg_state[w * N + lane + j * NL];
+  }
   float dD_acc = 0.f, dbias_acc = 0.f;  // this lane's steps (k = k0 + lane) of its channel
 
-  for (int64_t c = nchunks - 1; c >= 0; --c) {
+  for (int64_t c = c_end - 1; c >= c_begin; --c) {
     const int64_t t0 = c * p.chunk;
     const int K = static_cast<int>(L - t0 < p.chunk ? L - t0 : p.chunk);
     __syncthreads();  // the previous chunk's staged values and dB/dC sums are no longer read
@@ -151,11 +214,15 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
 
 void selective_scan_bwd(const ScanParams& p, uintptr_t stream) {
   if (p.batch * p.dim == 0) return;
-  if (p.L < 1 || p.chunk < 1 || p.chunk > kMaxChunk)
-    throw std::invalid_argument("selective_scan_bwd_cuda: bad L / chunk");
+  if (p.L < 1 || p.chunk < 1 || p.chunk > kMaxChunk || p.chunks_per_split < 1)
+    throw std::invalid_argument("selective_scan_bwd_cuda: bad L / chunk / chunks_per_split");
+  const int64_t nchunks = (p.L + p.chunk - 1) / p.chunk;
+  const int64_t nsplits = (nchunks + p.chunks_per_split - 1) / p.chunks_per_split;
+  if (nsplits > 65535) throw std::invalid_argument("selective_scan_bwd_cuda: more than 65535 splits");
+  if (nsplits > 1 && (!p.seg_state || !p.seg_dt))
+    throw std::invalid_argument("selective_scan_bwd_cuda: several splits need seg_state and seg_dt");
   DeviceGuard guard(p.device);
   const cudaStream_t st = apt::cuda::as_stream(stream);
-  const int64_t nchunks = (p.L + p.chunk - 1) / p.chunk;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_lanes(p.N, [&](auto nl, auto npt) {
@@ -177,7 +244,13 @@ void selective_scan_bwd(const ScanParams& p, uintptr_t stream) {
                                     " bytes of shared memory per block, the device allows " + std::to_string(optin));
       APT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(bytes)));
-      kernel<<<grid_x(tl.blocks), NT, bytes, st>>>(p, tl, nchunks);
+      const unsigned gx = grid_x(tl.blocks);
+      if (nsplits > 1) {
+        scan_bwd_adjoint_kernel<T, NL, NPT><<<dim3(gx, static_cast<unsigned>(nsplits - 1)), NT, 0, st>>>(
+            p, tl, nchunks, nsplits);
+        APT_CUDA_CHECK(cudaGetLastError());
+      }
+      kernel<<<dim3(gx, static_cast<unsigned>(nsplits)), NT, bytes, st>>>(p, tl, nchunks, nsplits);
       APT_CUDA_CHECK(cudaGetLastError());
     });
   });

@@ -161,7 +161,8 @@ struct Stage {
   float (*dzf)[kSP];  // backward only
   float (*dsp)[kSP];  // backward only
 };
-template <typename T, bool kBwd>
+// kU = false leaves u unread (zeros): the backward's adjoint pre-pass needs only dt and dy.
+template <typename T, bool kBwd, bool kU = true>
 __device__ void load_stage(const ScanParams& p, const Tiling& tl, int cpb, int nthreads, int64_t t0, int K,
                            const Stage& sg) {
   const int64_t blk = blockIdx.x;
@@ -175,7 +176,7 @@ __device__ void load_stage(const ScanParams& p, const Tiling& tl, int cpb, int n
       const int64_t d = gt * tl.dpt + dloc, t = t0 + k;
       const float raw = ld<T>(p.delta, off3(p.sdelta, b, d, t)) + (p.bias ? p.bias[d] : 0.f);
       dt = p.softplus ? softplus_f(raw) : raw;
-      uu = ld<T>(p.u, off3(p.su, b, d, t));
+      if (kU) uu = ld<T>(p.u, off3(p.su, b, d, t));
       if (kBwd) {
         if (p.softplus && raw <= 20.f) dsp = sigmoid_f(raw);
         dy = ld<T>(p.dout, off3(p.sdout, b, d, t));
