@@ -39,12 +39,13 @@ def tolerance(dtype: torch.dtype, family: Optional[str] = None, grad: bool = Fal
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[torch.dtype] = None,
-                 family: Optional[str] = None, grad: bool = False, msg: str = "") -> None:
-    """torch.testing.assert_close with the table's tolerance for ``dtype`` (default: expected's dtype)."""
+                 family: Optional[str] = None, grad: bool = False, msg: str = "", equal_nan: bool = False) -> None:
+    """torch.testing.assert_close with the table's tolerance for ``dtype`` (default: expected's dtype); with
+    ``equal_nan`` a NaN matches a NaN in the same place."""
     dtype = dtype or expected.dtype
     tol = tolerance(dtype, family, grad)
     torch.testing.assert_close(actual.to(expected.dtype), expected, atol=tol["atol"], rtol=tol["rtol"],
-                               msg=(lambda m: f"{msg}: {m}") if msg else None)
+                               equal_nan=equal_nan, msg=(lambda m: f"{msg}: {m}") if msg else None)
 
 
 def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -9,7 +9,8 @@ import torch
 
 from apt_kernels.layers.moe import MoEFFN
 from apt_kernels.ops.moe import moe_aux_losses, moe_combine, moe_dispatch, moe_route
-from apt_kernels.reference.moe import expert_capacity, moe_combine_ref, moe_dispatch_ref, moe_route_ref
+from apt_kernels.reference.moe import (expert_capacity, moe_combine_ref, moe_dispatch_ref, moe_route_ref, router_probs,
+                                      topk_ref)
 from apt_kernels.testing import assert_close
 
 
@@ -132,6 +133,18 @@ def test_ties_go_to_lower_index():
     assert_close(r.weights, torch.full((4, 3), 1 / 3))
     r = moe_route_ref(torch.tensor([[1.0, 5.0, 5.0, 1.0]]), 2, None)
     assert r.expert_idx.tolist() == [[1, 2]]
+
+
+def test_nan_ranks_first():
+    """The reference's stable descending sort ranks NaN above every number, NaNs by increasing expert index (the
+    rule every provider follows); softmax turns a row with a +inf or NaN logit, or only -inf ones, into all NaN."""
+    nan, inf = float("nan"), float("inf")
+    assert topk_ref(torch.tensor([[0.2, nan, 0.8, nan, 0.8]]), 5).tolist() == [[1, 3, 2, 4, 0]]
+    assert topk_ref(torch.tensor([[nan] * 4], dtype=torch.float64), 3).tolist() == [[0, 1, 2]]
+    for row in ([1.0, inf, 2.0], [nan, 0.0, 1.0], [-inf] * 3):
+        assert torch.isnan(router_probs(torch.tensor([row]))).all()
+    r = moe_route_ref(torch.tensor([[1.0, -inf, -inf, 2.0]]), 3, None)  # -inf: probability 0, ties to the lower
+    assert r.expert_idx.tolist() == [[3, 0, 1]]
 
 
 @pytest.mark.parametrize("cf", [None, 0.5, 1.25])

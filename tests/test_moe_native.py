@@ -9,7 +9,8 @@ import torch
 
 from apt_kernels.backends import compiled_triton_status, native_cuda_status, native_status
 from apt_kernels.ops.moe import OPS, moe_combine, moe_dispatch, moe_route
-from apt_kernels.reference.moe import check_same_routing, random_router_logits
+from apt_kernels.reference.moe import (check_route_op, check_same_routing, expert_capacity, nan_router_probs,
+                                      random_router_logits)
 from apt_kernels.testing import assert_close
 
 requires_native = pytest.mark.skipif(not native_status()[0], reason="apt_kernels._C is not built")
@@ -58,6 +59,28 @@ def check_impl(impl, n, e, k, cf, kind, dtype, device="cpu", c=24):
 @pytest.mark.parametrize("n,e,k,cf,kind", CASES)
 def test_cpu_native_matches_reference(n, e, k, cf, kind):
     check_impl("cpu_native", n, e, k, cf, kind, torch.float32)
+
+
+# (N, E, k, capacity_factor) for non-finite router input; 4200 x 64 takes the OpenMP path of the CPU top-k
+NONFINITE_CASES = [(30, 1, 1, None), (30, 2, 2, 1.0), (60, 8, 1, 0.5), (60, 8, 4, None), (90, 64, 2, 1.25),
+                   (90, 64, 4, 0.5), (4200, 64, 2, None)]
+
+
+def check_nonfinite(impl, n, e, k, cf, dtype=torch.float32, device="cpu"):
+    """Logits with +inf, -inf and NaN entries (all-NaN softmax rows, zero-probability ties) through moe_route, and
+    probabilities mixing NaN with numbers through the route op itself: the reference's decisions, NaN ranked above
+    every number and NaNs by increasing expert index."""
+    lg = random_router_logits(n, e, "nonfinite", seed=n + e + k).to(dtype)
+    check_same_routing(moe_route(lg.to(device), k, cf, min_capacity=2, impl=impl),
+                       moe_route(lg, k, cf, min_capacity=2, impl="reference"))
+    probs = nan_router_probs(n, e, seed=n * e + k, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    check_route_op(OPS[impl]["route"], probs.to(device), k, expert_capacity(n, e, k, cf, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,e,k,cf", NONFINITE_CASES)
+def test_cpu_native_nonfinite_logits_and_nan_probs(n, e, k, cf, dtype):
+    check_nonfinite("cpu_native", n, e, k, cf, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -169,6 +192,13 @@ def test_gpu_matches_reference(impl, n, e, k, cf, kind):
 def test_gpu_dtypes(impl, dtype):
     check_impl(impl, 300, 8, 2, 1.0, "random", dtype, device="cuda")
     check_impl(impl, 300, 8, 2, None, "dup", dtype, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("n,e,k,cf", NONFINITE_CASES + [(300, 1000, 16, 1.0)])
+def test_gpu_nonfinite_logits_and_nan_probs(impl, n, e, k, cf):
+    check_nonfinite(impl, n, e, k, cf, device="cuda")
 
 
 def test_cuda_bindings_reject_cpu_tensors():

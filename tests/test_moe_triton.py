@@ -10,8 +10,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from apt_kernels.backends import triton_status  # noqa: E402
-from apt_kernels.ops.moe import moe_combine, moe_dispatch, moe_route  # noqa: E402
-from apt_kernels.reference.moe import check_same_routing, random_router_logits  # noqa: E402
+from apt_kernels.ops.moe import OPS, moe_combine, moe_dispatch, moe_route  # noqa: E402
+from apt_kernels.reference.moe import (check_route_op, check_same_routing, expert_capacity,  # noqa: E402
+                                      nan_router_probs, random_router_logits)
 from apt_kernels.testing import assert_close  # noqa: E402
 
 pytestmark = [pytest.mark.triton,
@@ -48,6 +49,18 @@ def test_triton_matches_reference(n, e, k, cf, kind):
     (y * gy.to(DEVICE)).sum().backward()
     assert_close(x.grad.cpu(), x_ref.grad, family="moe", grad=True)
     assert_close(lg.grad.cpu(), lg_ref.grad, family="moe", grad=True)
+
+
+@pytest.mark.parametrize("n,e,k,cf", [(12, 2, 1, None), (12, 2, 2, 1.0), (15, 8, 4, 0.5), (15, 64, 2, None),
+                                      (10, 64, 4, 1.25)])
+def test_triton_nonfinite_logits_and_nan_probs(n, e, k, cf):
+    """Logits with +inf, -inf and NaN entries through moe_route, probabilities mixing NaN with numbers through the
+    route op: the reference's decisions (NaN above every number, NaNs by increasing expert index)."""
+    lg = random_router_logits(n, e, "nonfinite", seed=n + e + k)
+    check_same_routing(moe_route(lg.to(DEVICE), k, cf, min_capacity=2, impl="triton"),
+                       moe_route(lg, k, cf, min_capacity=2, impl="reference"))
+    probs = nan_router_probs(n, e, seed=n * e + k)
+    check_route_op(OPS["triton"]["route"], probs.to(DEVICE), k, expert_capacity(n, e, k, cf, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

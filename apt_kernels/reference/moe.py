@@ -5,7 +5,7 @@ positions, kept/dropped) must match exactly, values and gradients within the dty
 
 Conventions used by all implementations:
   * probabilities ``p = softmax(logits)`` in fp32 (fp64 when the logits are fp64, so gradcheck works);
-  * top-k by ``p`` with ties going to the lower expert index;
+  * top-k by ``p`` with ties going to the lower expert index, NaN ranked above every number (NaNs by index);
   * GShard priority: assignment (token n, choice j) has priority index ``j * N + n``; an expert's queue position is
     the number of earlier assignments (in that order) to the same expert, computed by a prefix sum;
   * capacity mode: buffer (E, cap, C), row ``e * cap + pos``; dropless mode: packed buffer (N * k, C) sorted by
@@ -91,7 +91,8 @@ def router_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def topk_ref(probs: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, k) indices of the k largest probabilities per row, ties to the lower index (stable descending sort)."""
+    """(N, k) indices of the k largest probabilities per row, ties to the lower index (stable descending sort, which
+    ranks NaN above every number)."""
     return torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :k].contiguous()
 
 
@@ -196,7 +197,9 @@ def moe_aux_losses_ref(logits: torch.Tensor, routing: Routing) -> dict[str, torc
 def random_router_logits(n: int, e: int, kind: str = "random", seed: int = 0) -> torch.Tensor:
     """(n, e) fp32 router logits of a kind that stresses routing: ``random``; ``equal`` (all zero: every choice a
     tie, broken by the lower expert index); ``dup`` (pairs of identical columns: exact ties between two experts);
-    ``skew`` (expert 0 favoured: heavy dropping at small capacity)."""
+    ``skew`` (expert 0 favoured: heavy dropping at small capacity); ``nonfinite`` (rows cycling through: finite, one
+    +inf, one NaN, every other entry -inf (probability 0: ties), all -inf, +inf next to -inf; softmax makes a row
+    with +inf, NaN or only -inf all NaN)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "equal":
         return torch.zeros(n, e)
@@ -205,14 +208,67 @@ def random_router_logits(n: int, e: int, kind: str = "random", seed: int = 0) ->
         lg = lg[:, torch.arange(e) // 2]
     elif kind == "skew":
         lg[:, 0] += 4
+    elif kind == "nonfinite":
+        inf = float("inf")
+        for r, c in enumerate(torch.randint(0, e, (n,), generator=g).tolist()):
+            case = r % 6
+            if case == 1:
+                lg[r, c] = inf
+            elif case == 2:
+                lg[r, c] = float("nan")
+            elif case == 3:
+                lg[r, (torch.arange(e) + r) % 2 == 0] = -inf
+            elif case == 4:
+                lg[r] = -inf
+            elif case == 5:
+                lg[r, c] = inf
+                lg[r, (c + 1) % e] = -inf
     elif kind != "random":
-        raise ValueError(f"kind: expected random, equal, dup or skew, got {kind!r}")
+        raise ValueError(f"kind: expected random, equal, dup, skew or nonfinite, got {kind!r}")
     return lg
+
+
+def nan_router_probs(n: int, e: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, e) router probabilities (softmax of ``dup`` logits: exact ties) with NaN entries, for the route ops
+    themselves (softmax never mixes NaN with numbers in a row, the ops take any probabilities): rows cycle through
+    none, one, about a third, about two thirds and all entries NaN; ranked like the reference, a NaN comes before
+    every number and NaNs come by increasing expert index."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(random_router_logits(n, e, "dup", seed).to(dtype), dim=-1)
+    rows = torch.arange(n)
+    case = rows % 5
+    frac = torch.tensor([0.0, 0.0, 1 / 3, 2 / 3, 1.0])[case]
+    nan = torch.rand(n, e, generator=g) < frac[:, None]  # rand < 1: case 4 all NaN
+    nan[rows, torch.randint(0, e, (n,), generator=g)] |= case == 1
+    return p.masked_fill(nan, float("nan"))
+
+
+def check_route_op(route, probs: torch.Tensor, k: int, capacity: Optional[int]) -> None:
+    """Test helper: a back end's route op ``route(probs, k, cap) -> (expert_idx, position, slot, token_of_slot,
+    tokens_per_expert)`` (cap -1: dropless) makes exactly the reference's decisions on ``probs`` (any values, NaN
+    included)."""
+    e = probs.shape[1]
+    p = probs.detach().cpu()
+    idx_ref = topk_ref(p, k)
+    pos_ref, counts_ref = queue_positions_ref(idx_ref, e)
+    ref = finish_routing(p, idx_ref, p.gather(1, idx_ref), pos_ref, counts_ref, e, capacity)
+    idx, pos, slot, tos, counts = route(probs, k, -1 if capacity is None else capacity)
+    for name, got, want in (("expert_idx", idx, ref.expert_idx), ("position", pos, ref.position),
+                            ("kept", slot >= 0, ref.kept), ("slot", slot, ref.slot),
+                            ("token_of_slot", tos, ref.token_of_slot), ("tokens_per_expert", counts,
+                                                                         ref.tokens_per_expert)):
+        got = got.cpu()
+        assert got.shape == want.shape, (name, tuple(got.shape), tuple(want.shape))
+        if not torch.equal(got, want):
+            bad = (got != want).reshape(got.shape[0], -1).any(1).nonzero()[:3, 0]
+            rows = "; ".join(f"{int(i)}: {got[i].tolist()} != {want[i].tolist()}" for i in bad)
+            raise AssertionError(f"{name} differs from the reference (row: got != expected) {rows}")
 
 
 def check_same_routing(a: Routing, b: Routing) -> None:
     """Test helper: two routings make exactly the same decisions (experts, queue positions, kept set, buffer
-    slots, counts, drops) and the same weights within fp32 tolerance."""
+    slots, counts, drops) and the same weights within fp32 tolerance (NaN where the other has NaN: a row of
+    non-finite logits)."""
     from ..testing import assert_close
 
     assert a.capacity == b.capacity, (a.capacity, b.capacity)
@@ -220,4 +276,4 @@ def check_same_routing(a: Routing, b: Routing) -> None:
               "offsets"):
         assert torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()), f
     assert int(a.dropped) == int(b.dropped)
-    assert_close(a.weights.cpu(), b.weights.cpu())
+    assert_close(a.weights.cpu(), b.weights.cpu(), equal_nan=True)

@@ -36,10 +36,17 @@ def _topk_kernel(p_ptr, idx_ptr, N, E, stride_n, stride_e, K: tl.constexpr, BLOC
     rmask = rows < N
     m = rmask[:, None] & (cols[None, :] < E)
     p = tl.load(p_ptr + rows[:, None] * stride_n + cols[None, :] * stride_e, mask=m, other=-1.0).to(tl.float32)
+    # the reference's order (a stable descending sort) ranks NaN above every number, NaNs by increasing expert:
+    # take a row's lowest-index NaN while it has one, else the argmax of its numbers; argmax itself never sees a NaN
+    nan = p != p
     for j in tl.static_range(K):
-        best = tl.argmax(p, axis=1, tie_break_left=True)  # ties -> lowest expert index
+        first_nan = tl.min(tl.where(nan, cols[None, :], BLOCK_E), axis=1)  # BLOCK_E: no NaN left in the row
+        top = tl.argmax(tl.where(nan, -2.0, p), axis=1, tie_break_left=True)  # ties -> lowest expert index
+        best = tl.where(first_nan < BLOCK_E, first_nan, top)
         tl.store(idx_ptr + rows * K + j, best.to(tl.int64), mask=rmask)
-        p = tl.where(cols[None, :] == best[:, None], -2.0, p)  # below every probability and the padding
+        taken = cols[None, :] == best[:, None]
+        p = tl.where(taken, -2.0, p)  # below every probability and the padding
+        nan = nan & ~taken
 
 
 @triton.jit

@@ -4,6 +4,7 @@
 // index tensors (int64) contiguous. cap < 0 = dropless (packed rows sorted by expert). All gathers: no atomics.
 #include "common/apt_common.h"
 #include "moe/moe_checks.h"
+#include "moe/moe_topk.h"
 
 #include <algorithm>
 #include <atomic>
@@ -32,6 +33,7 @@ int max_threads() {
 
 using moe::check_contiguous;
 using moe::check_index;
+using moe::ranks_before;
 
 // Output buffers here are large and freshly allocated, so first-touch page faults cost more than the copy itself
 // (~4x at 160 MB). Ask for transparent huge pages on the 2 MB-aligned interior (what torch does with
@@ -55,8 +57,9 @@ void advise_output(const TensorView& t) { advise_hugepages(t.data, static_cast<s
 // routing
 // ---------------------------------------------------------------------------------------------------------------
 
-// Top-k by value with ties to the lower index: scan experts in order and insert with a strict comparison, so an
-// equal value never overtakes one already kept.
+// Top-k by value with ties to the lower index, NaN ranked above every number (moe/moe_topk.h): scan experts in
+// order and insert with the strict ranks_before, so an equal value (or a NaN after a NaN) never overtakes one
+// already kept.
 template <typename P>
 void topk_rows(const TensorView& probs, int64_t k, int64_t* idx) {
   const int64_t N = probs.size(0), E = probs.size(1);
@@ -72,9 +75,9 @@ void topk_rows(const TensorView& probs, int64_t k, int64_t* idx) {
       const P* row = p + n * s0;
       for (int64_t e = 0; e < E; ++e) {
         P v = row[e * s1];
-        if (filled == k && !(v > best_v[k - 1])) continue;
+        if (filled == k && !ranks_before(v, best_v[k - 1])) continue;
         int64_t i = filled < k ? filled : k - 1;
-        while (i > 0 && v > best_v[i - 1]) {
+        while (i > 0 && ranks_before(v, best_v[i - 1])) {
           best_v[i] = best_v[i - 1];
           best_e[i] = best_e[i - 1];
           --i;

@@ -4,6 +4,7 @@
 // Python are bounds-checked in the kernels (an out-of-range row is treated as empty, never dereferenced).
 #include "common/apt_cuda.cuh"
 #include "moe/moe_cuda.h"
+#include "moe/moe_topk.h"
 
 #include <stdexcept>
 
@@ -30,10 +31,10 @@ __global__ void topk_kernel(const float* __restrict__ p, int64_t N, int64_t E, i
   const float* row = p + n * sn;
   for (int64_t e = 0; e < E; ++e) {
     const float v = row[e * se];
-    if (filled == k && !(v > bv[k - 1])) continue;
+    if (filled == k && !moe::ranks_before(v, bv[k - 1])) continue;
     int64_t i = filled < k ? filled : k - 1;
-    // strict comparison: an equal value never overtakes a lower expert already kept
-    while (i > 0 && v > bv[i - 1]) {
+    // strict comparison (NaN above every number): an equal value never overtakes a lower expert already kept
+    while (i > 0 && moe::ranks_before(v, bv[i - 1])) {
       bv[i] = bv[i - 1];
       be[i] = be[i - 1];
       --i;
