@@ -1,47 +1,84 @@
 #!/usr/bin/env bash
-# One GPU session's checks in one call (the device machine has torch, triton, cmake, ninja, pybind11 and
-# scikit-build-core, no network): build with CUDA, run the GPU tests, then `apt bench` on the device and save its
-# JSON. Everything lands in $OUT (default gpu_out/): logs, junit XML, bench.md/json/plots, results/*.json to commit
-# under benchmarks/results/. Each step is time-boxed so a hang in one still returns the others.
-#   OUT=... BENCH=quick|full|none TEST_TIMEOUT=300 scripts/gpu_check.sh
+# One GPU session's checks (the device machine has torch, triton, cmake, ninja, pybind11 and scikit-build-core, no
+# network): build with CUDA, run the GPU tests, `apt bench` on the device, optionally the Triton TVA tuning sweep.
+# $OUT (default gpu_out/) gets at most a few files, since the device tool returns 8: the bench's result JSON (to
+# commit under benchmarks/results/), gpu_tests.log (one line per test file, then every failure) and details.tar.gz
+# (build log, per-file test logs and junit XML, bench.md/json/plots, tuning log). Each step is time-boxed so a hang
+# in one still returns the others.
+#   OUT=... STEPS="build test bench" BENCH=quick|full TEST_TIMEOUT=360 BENCH_TIMEOUT=240 scripts/gpu_check.sh
+# One device command may run 10 minutes: split the steps over two calls when they do not fit (the build stays on a
+# warm machine), e.g. STEPS="build test" then STEPS="bench tune".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
+STEPS=${STEPS:-build test bench}
 BENCH=${BENCH:-quick}
 mkdir -p "$OUT"
+OUTF=$OUT
+OUT="$OUTF/d"  # the details, packed into one file on exit
+mkdir -p "$OUT"
+pack() { tar czf "$OUTF/details.tar.gz" -C "$OUT" . 2>/dev/null; cp "$OUT"/results/*.json "$OUTF"/ 2>/dev/null
+         cp "$OUT/gpu_tests.log" "$OUTF"/ 2>/dev/null; rm -rf "$OUT"; }
+trap pack EXIT
+export PYTHONUNBUFFERED=1
 step() { echo "== $* ($(date +%T))"; }
+has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 step nvidia-smi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-head -15 "$OUT/nvidia-smi.txt"
+head -12 "$OUT/nvidia-smi.txt"
 
-step build
-# one architecture for the device at hand keeps the build to a minute or two
-ARCH=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')" 2>/dev/null || echo 90)
-if ! APT_CUDA=ON APT_CUDA_ARCHS="${APT_CUDA_ARCHS:-$ARCH}" timeout 900 \
-    pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -60 "$OUT/build.log"
-  echo "BUILD FAILED"
-  exit 1
+if has build; then
+  step build
+  # one architecture for the device at hand keeps the build to a minute or two
+  ARCH=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')" 2>/dev/null || echo 90)
+  if ! APT_CUDA=ON APT_CUDA_ARCHS="${APT_CUDA_ARCHS:-$ARCH}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) timeout 900 \
+      pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    tail -60 "$OUT/build.log"
+    echo "BUILD FAILED"
+    exit 1
+  fi
 fi
 python -m apt info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
 
-step GPU tests
-# The CPU suite's Triton tests set TRITON_INTERPRET=1 at import, which would turn the compiled Triton path off for
-# the whole process: run the files with GPU tests in their own process, interpreter off.
-GPU_TESTS=$(grep -l -E "pytest.mark.cuda|device=\"cuda\"" tests/test_*.py | grep -v -E "_triton\.py$" | tr '\n' ' ')
-echo "files: $GPU_TESTS"
-TRITON_INTERPRET=0 timeout "${TEST_TIMEOUT:-420}" python -m pytest -q -rs -x --junitxml="$OUT/gpu_tests.xml" \
-  $GPU_TESTS > "$OUT/gpu_tests.log" 2>&1
-echo "pytest rc=$?"
-tail -40 "$OUT/gpu_tests.log"
+if has test; then
+  step GPU tests
+  # The CPU suite's Triton tests set TRITON_INTERPRET=1 at import, which would turn the compiled Triton path off for
+  # the whole process: the files with GPU tests run with the interpreter off, each in its own process, so a kernel
+  # fault that poisons one CUDA context cannot fail the other files.
+  FILES=$(grep -l -E "pytest.mark.cuda|device=\"cuda\"" tests/test_*.py | grep -v -E "_triton\.py$")
+  n=$(echo $FILES | wc -w)
+  per=$(( ${TEST_TIMEOUT:-360} / (n > 0 ? n : 1) + 30 ))
+  deadline=$(( $(date +%s) + ${TEST_TIMEOUT:-360} ))
+  : > "$OUT/gpu_tests.log"
+  for f in $FILES; do
+    left=$(( deadline - $(date +%s) ))
+    [ $left -lt 20 ] && { echo "$f: skipped, out of time" | tee -a "$OUT/gpu_tests.log"; continue; }
+    t=$(( per < left ? per : left ))
+    name=$(basename "$f" .py)
+    sel=""; [[ "$name" == *_cuda ]] || sel="-m cuda"  # elsewhere only the GPU tests (the CPU ones ran in CI)
+    TRITON_INTERPRET=0 timeout "$t" python -m pytest -q -rfEs --maxfail=25 -p no:cacheprovider $sel \
+      --junitxml="$OUT/$name.xml" "$f" > "$OUT/$name.log" 2>&1
+    rc=$?
+    echo "$f: rc=$rc $(tail -1 "$OUT/$name.log")" | tee -a "$OUT/gpu_tests.log"
+  done
+  # the failures of every file, for the reply's tail
+  grep -h -E "^(FAILED|ERROR) " "$OUT"/test_*.log | head -60 | tee -a "$OUT/gpu_tests.log"
+fi
 
-if [ "$BENCH" != "none" ]; then
+if has bench; then
   step "apt bench ($BENCH)"
   FLAG=""; [ "$BENCH" = quick ] && FLAG="--quick"
-  timeout "${BENCH_TIMEOUT:-600}" python -m apt bench --device cuda $FLAG --out "$OUT/bench" --save \
+  timeout "${BENCH_TIMEOUT:-240}" python -m apt bench --device cuda $FLAG --out "$OUT/bench" --save \
     --results-dir "$OUT/results" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"
-  tail -20 "$OUT/bench.log"
+  tail -30 "$OUT/bench.log"
+fi
+
+if has tune && [ -f benchmarks/tune_tva_triton.py ]; then
+  step "Triton TVA tuning sweep"
+  timeout "${TUNE_TIMEOUT:-150}" python benchmarks/tune_tva_triton.py > "$OUT/tune_tva.log" 2>&1
+  echo "tune rc=$?"
+  tail -30 "$OUT/tune_tva.log"
 fi
 step done
