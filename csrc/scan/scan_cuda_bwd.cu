@@ -28,8 +28,7 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
   const int tid = threadIdx.x, cc = tid / NL, lane = tid % NL;
   const Slot s = locate(p, tl, CPB, cc);
   const int64_t N = p.N, L = p.L, split = static_cast<int64_t>(blockIdx.y) + 1;
-  const int64_t c_begin = split * p.chunks_per_split;
-  const int64_t c_end = c_begin + p.chunks_per_split < nchunks ? c_begin + p.chunks_per_split : nchunks;
+  const ChunkRange cr = split_chunks(p, nchunks, split);
   const float* Bv = var_row(p.B, p.gB, p, s);
   const float* Cv = var_row(p.C, p.gC, p, s);
 
@@ -39,7 +38,7 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
 #pragma unroll
   for (int j = 0; j < NPT; ++j) g[j] = 0.f;
   float dt_sum = 0.f;
-  for (int64_t c = c_end - 1; c >= c_begin; --c) {
+  for (int64_t c = cr.end - 1; c >= cr.begin; --c) {
     const int64_t t0 = c * p.chunk;
     const int K = static_cast<int>(L - t0 < p.chunk ? L - t0 : p.chunk);
     __syncthreads();  // the previous chunk's staged values are no longer read
@@ -62,7 +61,7 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
   if (s.active && lane == 0) p.seg_dt[w] = dt_sum;
 }
 
-// The main pass over split s = blockIdx.y (chunks c_begin .. c_end - 1, last first).
+// The main pass over split s = blockIdx.y (its chunks cr.begin .. cr.end - 1, last first).
 template <typename T, int NL, int NPT>
 __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
     scan_bwd_kernel(const ScanParams p, const Tiling tl, const int64_t nchunks, const int64_t nsplits) {
@@ -83,8 +82,7 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
   const int tid = threadIdx.x, cc = tid / NL, lane = tid % NL;
   const Slot s = locate(p, tl, CPB, cc);
   const int64_t N = p.N, L = p.L, split = blockIdx.y;
-  const int64_t c_begin = split * p.chunks_per_split;
-  const int64_t c_end = c_begin + p.chunks_per_split < nchunks ? c_begin + p.chunks_per_split : nchunks;
+  const ChunkRange cr = split_chunks(p, nchunks, split);
   const float* Bv = var_row(p.B, p.gB, p, s);
   const float* Cv = var_row(p.C, p.gC, p, s);
   float* dBv = Bv ? p.dB + (Bv - p.B) : nullptr;
@@ -109,7 +107,7 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
   }
   float dD_acc = 0.f, dbias_acc = 0.f;  // this lane's steps (k = k0 + lane) of its channel
 
-  for (int64_t c = c_end - 1; c >= c_begin; --c) {
+  for (int64_t c = cr.end - 1; c >= cr.begin; --c) {
     const int64_t t0 = c * p.chunk;
     const int K = static_cast<int>(L - t0 < p.chunk ? L - t0 : p.chunk);
     __syncthreads();  // the previous chunk's staged values and dB/dC sums are no longer read

@@ -69,6 +69,15 @@ __device__ __forceinline__ Slot locate(const ScanParams& p, const Tiling& tl, in
   s.row = s.b * p.dim + s.d;
   return s;
 }
+// The chunks [begin, end) of time split `split` (ScanParams::chunks_per_split).
+struct ChunkRange {
+  int64_t begin, end;
+};
+__device__ __forceinline__ ChunkRange split_chunks(const ScanParams& p, int64_t nchunks, int64_t split) {
+  const int64_t begin = split * p.chunks_per_split;
+  return {begin, begin + p.chunks_per_split < nchunks ? begin + p.chunks_per_split : nchunks};
+}
+
 // Row of the packed (batch, G, L, N) B or C at t = 0 for this block, or null for a constant (dim, N) one.
 __device__ __forceinline__ const float* var_row(const float* M, int64_t G, const ScanParams& p, const Slot& s) {
   if (G == 0) return nullptr;

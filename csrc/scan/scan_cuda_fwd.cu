@@ -21,8 +21,7 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
   const int tid = threadIdx.x, cc = tid / NL, lane = tid % NL;
   const Slot s = locate(p, tl, CPB, cc);
   const int64_t N = p.N, L = p.L, split = blockIdx.y;
-  const int64_t c_begin = split * p.chunks_per_split;
-  const int64_t c_end = c_begin + p.chunks_per_split < nchunks ? c_begin + p.chunks_per_split : nchunks;
+  const ChunkRange cr = split_chunks(p, nchunks, split);
   const float* Bv = var_row(p.B, p.gB, p, s);
   const float* Cv = var_row(p.C, p.gC, p, s);
 
@@ -42,7 +41,7 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
     }
   }
   float dt_sum = 0.f;
-  for (int64_t c = c_begin; c < c_end; ++c) {
+  for (int64_t c = cr.begin; c < cr.end; ++c) {
     const int64_t t0 = c * p.chunk;
     const int K = static_cast<int>(L - t0 < p.chunk ? L - t0 : p.chunk);
     if (kFinal) {
