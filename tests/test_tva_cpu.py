@@ -115,6 +115,25 @@ def test_cpu_never_allocates_the_score_matrix():
     assert torch.isfinite(inp["q"].grad).all()
 
 
+def test_gpu_auto_order_by_dtype(monkeypatch):
+    """On CUDA tensors auto takes Triton first in half precision (tensor-core tl.dot) and the CUDA kernel first in
+    fp32 (both FMA there); each falls back to the other, then to the reference."""
+    from apt_kernels.ops import tva as tva_ops
+
+    up = {"cuda": True, "triton": True}
+    monkeypatch.setattr(tva_ops, "impl_status", lambda impl, *a: (up[impl], "" if up[impl] else "down"))
+    gpu = torch.device("cuda")
+    assert resolve_impl("auto", gpu, 64, torch.bfloat16) == "triton"
+    assert resolve_impl("auto", gpu, 64, torch.float16) == "triton"
+    assert resolve_impl("auto", gpu, 64, torch.float32) == "cuda"
+    up["triton"] = False
+    assert resolve_impl("auto", gpu, 64, torch.float16) == "cuda"
+    up["triton"], up["cuda"] = True, False
+    assert resolve_impl("auto", gpu, 64, torch.float32) == "triton"
+    up["triton"] = False
+    assert resolve_impl("auto", gpu, 64, torch.float32) == "reference"
+
+
 def test_cpu_dispatch_opcheck_and_native_checks():
     from apt_kernels._native import native_module, view
     from apt_kernels.ops.tva import _native_fwd_op

@@ -2,7 +2,8 @@
 
 Implementations (``impl``): ``reference`` (dense PyTorch, apt_kernels/reference/tva.py), ``cpu_native`` (C++/OpenMP,
 csrc/tva/tva_cpu.cpp), ``triton`` (apt_kernels/triton/tva.py), ``cuda`` (csrc/tva/tva_cuda.cu). ``auto`` takes, for
-CUDA tensors, cuda then triton; for CPU tensors, cpu_native; the reference otherwise. The fused implementations never
+CUDA tensors, triton then cuda in half precision (Triton's dot runs on tensor cores, the CUDA kernel's math is fp32
+FMA) and cuda then triton in fp32; for CPU tensors, cpu_native; the reference otherwise. The fused implementations never
 build the (T, T) score matrix: online softmax over key blocks forward, blockwise recomputation from the saved
 log-sum-exp backward.
 """
@@ -76,7 +77,13 @@ def resolve_impl(impl: str, device: torch.device, head_dim: Optional[int] = None
         if not ok:
             raise RuntimeError(f"tva impl {impl!r} is unavailable: {why}")
         return impl
-    order = ("cpu_native",) if device.type == "cpu" else ("cuda", "triton")
+    if device.type == "cpu":
+        order: tuple[str, ...] = ("cpu_native",)
+    elif dtype in (torch.float16, torch.bfloat16, None):
+        # the Triton kernel's tl.dot runs on tensor cores in half precision; the CUDA kernel does fp32 FMA math
+        order = ("triton", "cuda")
+    else:
+        order = ("cuda", "triton")  # fp32: both are FMA (Triton's fp32 dot is IEEE, not TF32)
     for cand in order:
         if impl_status(cand, device, head_dim, dtype)[0]:
             return cand
