@@ -45,6 +45,14 @@ def test_cpu_short_sequences_and_head_dims(Tq, Tk, D):
     _compare(inp, window=7, sinks=1)
 
 
+@pytest.mark.parametrize("go_layout", ["expanded", "transposed"])
+def test_cpu_strided_output_gradient(go_layout):
+    """dO as autograd hands it over from o.sum(2) (stride 0 over time) or through a transpose: read through its
+    strides, not copied."""
+    inp = random_tva_inputs(B=2, H=2, Tq=70, Tk=80, D=24, pad=True, coef_tensor=True, requires_grad=True, seed=9)
+    _compare(inp, window=30, sinks=1, go_layout=go_layout)
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 @pytest.mark.parametrize("bwd", ["fused", "split"])
 def test_cpu_every_build_and_backward_form(monkeypatch, isa, bwd):

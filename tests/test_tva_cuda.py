@@ -47,6 +47,16 @@ def test_cuda_matches_reference(impl, dtype, D, causal, window, sinks, pad, extr
 
 @cuda
 @pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("go_layout", ["expanded", "transposed"])
+def test_cuda_strided_output_gradient(impl, go_layout):
+    """dO with stride 0 over time (from o.sum(2)) or time innermost: the kernels read it through its strides."""
+    inp = random_tva_inputs(B=2, H=2, Tq=100, Tk=130, D=64, dtype=torch.float16, device="cuda", pad=True,
+                            coef_tensor=True, requires_grad=True, seed=11)
+    _compare(impl, inp, torch.float16, window=40, sinks=2, go_layout=go_layout)
+
+
+@cuda
+@pytest.mark.parametrize("impl", _impls())
 def test_cuda_decode_and_fully_masked_rows(impl):
     inp = random_tva_inputs(B=2, H=2, Tq=1, Tk=300, D=64, device="cuda", pad=True, coef_tensor=True,
                             requires_grad=True)

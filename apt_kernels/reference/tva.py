@@ -191,10 +191,12 @@ def random_tva_inputs(B: int = 2, H: int = 2, Tq: int = 5, D: int = 16, Tk: Opti
     return inputs
 
 
-def check_tva_against_reference(fn, inp: dict, dtype: torch.dtype = torch.float32, msg: str = "", **kw) -> None:
+def check_tva_against_reference(fn, inp: dict, dtype: torch.dtype = torch.float32, msg: str = "",
+                                go_layout: str = "dense", **kw) -> None:
     """Test helper: ``fn(**inp, **kw)`` vs :func:`tva_attention_ref` on fp32 copies of the same inputs. Checks the
     output (dtype, finite, the tolerance table's "attention" entry for ``dtype``) and, for one random dO, the
-    gradient of every floating input that requires grad (q, k, v, delta, gate, coef)."""
+    gradient of every floating input that requires grad (q, k, v, delta, gate, coef). ``go_layout``: dO "dense",
+    "expanded" (stride 0 over time, as from ``o.sum(2)``) or "transposed" (time innermost)."""
     from ..testing import assert_close
 
     out = fn(**inp, **kw)
@@ -203,7 +205,14 @@ def check_tva_against_reference(fn, inp: dict, dtype: torch.dtype = torch.float3
     ref = tva_attention_ref(**ref_inp, **kw)
     assert out.dtype == dtype and torch.isfinite(out).all(), f"{msg} o: dtype {out.dtype} or not finite"
     assert_close(out, ref.to(dtype), dtype=dtype, family="attention", msg=f"{msg} o")
-    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=out.device, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    B, H, T, D = out.shape
+    if go_layout == "expanded":
+        go = torch.randn(B, H, 1, D, generator=g).to(device=out.device, dtype=dtype).expand(out.shape)
+    elif go_layout == "transposed":
+        go = torch.randn(B, H, D, T, generator=g).to(device=out.device, dtype=dtype).transpose(2, 3)
+    else:
+        go = torch.randn(out.shape, generator=g).to(device=out.device, dtype=dtype)
     names = [n for n in ("q", "k", "v", "delta", "gate", "coef")
              if isinstance(inp.get(n), torch.Tensor) and inp[n].requires_grad]
     got = torch.autograd.grad(out, [inp[n] for n in names], go)
@@ -251,8 +260,9 @@ def register_fused_tva_op(fwd_op, bwd_op) -> None:
     def backward(ctx, grad_o, grad_lse):
         q, k, v, o, lse, delta, gate, coef, kpm = ctx.saved_tensors
         causal, window, sinks, scale = ctx.args
-        dq, dk, dv, ddelta, rowdot = bwd_op(grad_o.contiguous(), q, k, v, o, lse, delta, gate, coef, causal,
-                                            window, sinks, kpm, scale)
+        # every kernel reads dO through its strides: no copy of an expanded (stride-0) or transposed gradient
+        dq, dk, dv, ddelta, rowdot = bwd_op(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, kpm,
+                                            scale)
         dgate = dcoef = None
         if delta is None:
             ddelta = None
