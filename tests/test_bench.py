@@ -358,3 +358,31 @@ def test_apt_bench_list(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "attention (quick cpu grid, 2 shapes" in out and "provider fake_ref (reference): available" in out
     assert "provider fake_gone: unavailable: fake_gone needs hardware" in out and "peer torch_sdpa: available" in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--kind", "scan", "--providers", "bogus"], "'bogus' for kind(s) scan"),
+    (["--kind", "all", "--providers", "fake_ref,bogus,nope"], "'bogus', 'nope' for kind(s) attention, router, scan"),
+    (["--kind", "scan", "--providers", "bogus", "--list"], "'bogus'"),
+])
+def test_apt_bench_unknown_provider_is_an_error(argv, fragment, monkeypatch, tmp_path, capsys):
+    """A misspelt --providers name stops the run (exit 2) and lists the valid names; nothing is written."""
+    from apt.core import registry
+
+    monkeypatch.setattr(registry, "REGISTRY", fakes.fake_registry())
+    out = tmp_path / "out"
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(out), "-q", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("apt bench: error: --providers: unknown name(s) ") and fragment in err
+    assert "scan: fake_ref, fake_wrong, mamba_ssm" in err  # the valid names: providers, then peers
+    assert not out.exists()
+
+
+def test_bench_provider_names_valid_for_one_kind_are_accepted():
+    reg = fakes.fake_registry()
+    runner.check_provider_names(["attention", "scan"], ["torch_sdpa", "mamba_ssm", "fake_wrong"], reg)
+    runner.check_provider_names(["scan"], None, reg)
+    with pytest.raises(ValueError, match=r"providers: unknown name\(s\) 'torch_sdpa' for kind\(s\) scan"):
+        runner.check_provider_names(["scan"], ["torch_sdpa"], reg)  # an attention peer, not a scan one
+    with pytest.raises(ValueError, match="'bogus'"):
+        runner.run_benchmarks(["scan"], "cpu", registry=reg, providers=["bogus"], measure_cpu_bandwidth=False)

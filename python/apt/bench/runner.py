@@ -362,6 +362,27 @@ class _Candidate:
     note: str = ""
 
 
+def check_provider_names(kinds: Iterable[str], providers: Optional[Iterable[str]],
+                         registry: Optional[_registry.Registry] = None) -> None:
+    """Raise ``ValueError`` when a name in ``providers`` is neither a provider nor a peer of any of ``kinds``
+    (a name valid for one of the kinds is fine: ``--kind all --providers cpu_native``). The message lists the
+    unknown names and the valid ones of each kind."""
+    if providers is None:
+        return
+    reg = registry if registry is not None else _registry.REGISTRY
+    kinds = list(kinds)
+    valid: dict[str, list[str]] = {}
+    for kind in kinds:
+        names = [i.name for i in reg.list_providers(kind)]
+        valid[kind] = names + [p.name for p in _peers.peers_for(kind) if p.name not in names]
+    known = {n for names in valid.values() for n in names}
+    unknown = [n for n in dict.fromkeys(providers) if n not in known]
+    if unknown:
+        listing = "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in valid.items())
+        raise ValueError(f"providers: unknown name(s) {', '.join(repr(n) for n in unknown)} for kind(s) "
+                         f"{', '.join(kinds)}; valid names (providers and peers) are {listing}")
+
+
 def _candidates(case: BenchCase, reg: _registry.Registry, device: torch.device, providers: Optional[Iterable[str]],
                 include_peers: bool) -> tuple[list[_Candidate], list[BenchResult]]:
     wanted = set(providers) if providers is not None else None
@@ -550,6 +571,10 @@ def run_benchmarks(kinds: Iterable[str] = ("attention", "router", "scan"), devic
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: cuda was asked for but torch reports no CUDA device")
+    kinds = list(kinds)
+    if kw.get("providers") is not None:
+        kw["providers"] = list(kw["providers"])
+        check_provider_names(kinds, kw["providers"], registry)
     meta = environment(device)
     meta["quick"] = quick
     table = cases or CASES

@@ -74,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: torch reports no CUDA device")
     kinds = list(KINDS) if args.kind == "all" else [args.kind]
+    # an empty --providers (e.g. "$NAMES" unset in a script) means every provider, as when it is not given
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    try:
+        runner.check_provider_names(kinds, providers)
+    except ValueError as exc:
+        raise CLIError(f"--{exc}") from None
     if args.list:
         return _list(kinds, device, args.quick)
     if args.threads == "auto":
@@ -87,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
     elif args.threads:
         torch.set_num_threads(int(args.threads))
     dtype: Optional[torch.dtype] = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     progress = None if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     kw = dict(providers=providers, dtype=dtype, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
               include_peers=not args.no_peers, max_shapes=args.max_shapes, progress=progress)
@@ -120,7 +125,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="small grid, fewer repeats")
     p.add_argument("--out", default="bench_out", help="output directory (default bench_out/)")
     p.add_argument("--providers", default=None,
-                   help="comma-separated provider/peer names to run (the reference always runs)")
+                   help="comma-separated provider/peer names to run (the reference always runs); a name that is no "
+                        "provider or peer of the kinds run is an error")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 2; quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 10; quick 5)")
