@@ -155,6 +155,8 @@ def test_reference_state_update_bad_input():
         selective_state_update_ref(s, **{**args, "B": torch.randn(2, 3, 3)})
     with pytest.raises(TypeError, match=r"dt_bias: expected dtype in"):
         selective_state_update_ref(s, **args, dt_bias=torch.ones(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"A: expected device cpu \(same as state\), got meta"):
+        selective_state_update_ref(s, **{**args, "A": args["A"].to("meta")})
 
 
 def test_provider_registry_reference():

@@ -337,6 +337,20 @@ def test_gpu_chunked_scan_carries_state(impl):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["cuda", pytest.param("triton", marks=requires_compiled_triton)])
+def test_gpu_wide_delta_and_empty_inputs(impl):
+    """fp32 delta/z/dt next to fp16 u/x are used at fp32 (not rounded to fp16); zero batch, dim or N give empty
+    outputs with a working backward (native CUDA and compiled Triton)."""
+    from apt_kernels.reference.scan import check_empty_scan, check_wide_delta_next_to_half_u
+
+    scan, step = {"cuda": (selective_scan_cuda, selective_state_update_cuda),
+                  "triton": (scan_ops.selective_scan_triton, scan_ops.selective_state_update_triton)}[impl]
+    check_wide_delta_next_to_half_u(scan, step, device="cuda")
+    for shape in ((0, 3, 4), (2, 0, 4), (2, 3, 0)):
+        check_empty_scan(scan, step, *shape, device="cuda")
+
+
+@pytest.mark.cuda
 def test_cuda_opcheck_and_compile():
     x = {k: v.cuda() for k, v in _inputs(2, 4, 70, 4, CASES[1], seed=17).items()}
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, 64)

@@ -11,9 +11,9 @@ import apt_kernels.ops.scan as scan_ops
 from apt_kernels import selective_scan_fn, selective_state_update
 from apt_kernels.ops.scan import cpu_status, selective_scan_cpu, selective_state_update_cpu
 from apt_kernels.reference.scan import SCAN_CASES as CASES
-from apt_kernels.reference.scan import (check_scan_against_reference as check_against_reference,
-                                       check_scan_then_decode, random_scan_inputs, selective_scan_ref,
-                                       selective_state_update_ref)
+from apt_kernels.reference.scan import (check_empty_scan, check_scan_against_reference as check_against_reference,
+                                       check_scan_then_decode, check_wide_delta_next_to_half_u, random_scan_inputs,
+                                       selective_scan_ref, selective_state_update_ref)
 from apt_kernels.testing import assert_close
 
 pytestmark = [pytest.mark.native, pytest.mark.skipif(not cpu_status()[0], reason=cpu_status()[1] or "n/a")]
@@ -239,3 +239,64 @@ def test_native_module_checks_its_inputs():
     bad[4] = view(torch.randn(2, 3, 5, 3))
     with pytest.raises(ValueError, match="C: number of groups 3 must divide dim=4"):
         m.selective_scan_fwd_cpu(*bad)
+
+
+def test_cpu_fp32_delta_next_to_half_u_is_not_rounded():
+    """An fp32 delta/z (and decode dt) next to fp16 u/x is used at fp32, as the reference does. It used to be rounded
+    to fp16 first: the fp32 last state was then 3e-4 off the reference on the same inputs."""
+    for scan, step in ((selective_scan_cpu, selective_state_update_cpu), (selective_scan_fn, selective_state_update)):
+        check_wide_delta_next_to_half_u(scan, step)
+
+
+@pytest.mark.parametrize("batch,dim,N", [(0, 3, 4), (2, 0, 4), (2, 3, 0)])
+def test_cpu_empty_batch_dim_or_state(batch, dim, N):
+    """Zero batch, dim or N: empty outputs as the reference gives, and a working backward (the native checks used to
+    reject torch's strides of empty tensors as non-contiguous)."""
+    for scan, step in ((selective_scan_cpu, selective_state_update_cpu), (selective_scan_fn, selective_state_update)):
+        check_empty_scan(scan, step, batch, dim, N)
+
+
+def test_cpu_zero_length_scan_backward():
+    """L = 0 with neither D nor z: y is empty but still part of the graph, so backward works (it did not)."""
+    u = torch.randn(2, 3, 0, requires_grad=True)
+    for fn in (selective_scan_cpu, selective_scan_fn, selective_scan_ref):
+        y = fn(u, u, -torch.rand(3, 2), torch.randn(2, 2, 0), torch.randn(2, 2, 0))
+        y.sum().backward()
+        assert u.grad.shape == u.shape
+
+
+def test_dispatch_compiles_fullgraph():
+    """selective_scan_fn and selective_state_update trace whole (their debug log of the choice is skipped while
+    compiling: dynamo cannot trace a logger call)."""
+    x = random_scan_inputs(2, 4, 9, 4, generator=torch.Generator().manual_seed(33))
+    f = torch.compile(selective_scan_fn, backend="eager", fullgraph=True)
+    assert_close(f(**x, delta_softplus=True), selective_scan_ref(**x, delta_softplus=True), family="scan")
+    s = torch.randn(2, 4, 4)
+    sr = s.clone()
+    step = (x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0], x["D"])
+    g = torch.compile(selective_state_update, backend="eager", fullgraph=True)
+    assert_close(g(s, *step), selective_state_update_ref(sr, *step), family="scan")
+    assert_close(s, sr, family="scan")
+
+
+def test_decode_step_with_inputs_that_require_grad():
+    """The fast decode steps have no backward: selective_state_update takes the reference for inputs that require
+    grad (a backward then works); the explicit cpu step raises naming the argument; under no_grad it runs."""
+    g = torch.Generator().manual_seed(34)
+    x, dt = torch.randn(2, 4, generator=g, requires_grad=True), torch.rand(2, 4, generator=g)
+    A, B, C = -torch.rand(4, 3, generator=g), torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    s0 = torch.randn(2, 4, 3, generator=g)
+    s, sr = s0.clone(), s0.clone()
+    y = selective_state_update(s, x, dt, A, B, C)  # s is now part of the graph (the reference writes it in place)
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    xr = x.detach().clone().requires_grad_()
+    (gr,) = torch.autograd.grad(selective_state_update_ref(sr, xr, dt, A, B, C).sum(), [xr])
+    assert_close(gx, gr, family="scan", grad=True)
+    with pytest.raises(ValueError, match="x: requires grad, but the fast decode steps are inference kernels"):
+        selective_state_update_cpu(s0.clone(), x, dt, A, B, C)
+    with pytest.raises(ValueError, match="state: requires grad"):
+        selective_state_update_cpu(s0.clone().requires_grad_(), x.detach(), dt, A, B, C)
+    with torch.no_grad():
+        s1, s2 = s0.clone(), s0.clone()
+        assert_close(selective_state_update_cpu(s1, x, dt, A, B, C), selective_state_update_ref(s2, x, dt, A, B, C),
+                     family="scan")

@@ -82,3 +82,12 @@ def test_triton_rejects_fp64_and_provider():
     y = random_scan_inputs(1, 2, 3, 2)
     assert any("u: cpu tensor" in r for r in prov.supports(**y))  # runs, but select() should prefer cpu_native
     assert_close(prov.selective_scan_fn(**y), scan_ops.selective_scan_ref(**y), family="scan")
+
+
+def test_triton_wide_delta_and_empty_inputs():
+    """fp32 delta/z/dt next to fp16 u/x are used at fp32; zero batch, dim or N give empty outputs."""
+    from apt_kernels.reference.scan import check_empty_scan, check_wide_delta_next_to_half_u
+
+    check_wide_delta_next_to_half_u(selective_scan_triton, selective_state_update_triton)
+    for shape in ((0, 3, 4), (2, 0, 4), (2, 3, 0)):
+        check_empty_scan(selective_scan_triton, selective_state_update_triton, *shape)

@@ -371,9 +371,9 @@ def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
                           delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
                           return_last_state: bool = False) -> ScanResult:
     """The Triton scan, explicitly (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
-    delta, z = _prepare(u, delta, A, B, C, D, z, delta_bias)
-    _check_triton("selective_scan_triton", u)
-    return _run(_triton_fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    u0, (u, delta, z) = u, _prepare(u, delta, A, B, C, D, z, delta_bias)
+    _check_triton("selective_scan_triton", u0)
+    return _run(_triton_fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, u0.dtype)
 
 
 def selective_state_update_triton(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -383,7 +383,7 @@ def selective_state_update_triton(state: torch.Tensor, x: torch.Tensor, dt: torc
     """The Triton decode step, explicitly (in place on state; returns y)."""
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     _check_triton("selective_state_update_triton", x)
-    return _triton_step_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    return _run_step(_triton_step_op, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 def _check_cuda(name: str, t: torch.Tensor, N: int) -> None:
@@ -398,9 +398,9 @@ def selective_scan_cuda(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
                         return_last_state: bool = False) -> ScanResult:
     """The native CUDA scan, explicitly (RuntimeError when it is unavailable, ValueError for non-CUDA tensors,
     TypeError for fp64)."""
-    delta, z = _prepare(u, delta, A, B, C, D, z, delta_bias)
-    _check_cuda("selective_scan_cuda", u, A.shape[1])
-    return _run(_scan_fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    u0, (u, delta, z) = u, _prepare(u, delta, A, B, C, D, z, delta_bias)
+    _check_cuda("selective_scan_cuda", u0, A.shape[1])
+    return _run(_scan_fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, u0.dtype)
 
 
 def selective_state_update_cuda(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -412,9 +412,7 @@ def selective_state_update_cuda(state: torch.Tensor, x: torch.Tensor, dt: torch.
     _check_cuda("selective_state_update_cuda", x, A.shape[1])
     if state.dtype not in _GPU_DTYPES:
         raise TypeError(f"state: the CUDA decode step takes float32/float16/bfloat16 states, got {state.dtype}")
-    dt = dt.to(x.dtype)
-    z = z.to(x.dtype) if z is not None else None
-    return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    return _run_step(_state_update_op, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -432,21 +430,56 @@ def cuda_status() -> tuple[bool, str]:
     return native_family_status("scan_cuda")
 
 
+def _acc_dtype(*ts: Optional[torch.Tensor]) -> torch.dtype:
+    """The reference's accumulation dtype: fp64 when one of ts is fp64, else fp32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _common_io(x: torch.Tensor, *others: Optional[torch.Tensor], acc_from: tuple = ()) -> list:
+    """[x, *others] in one dtype, as the kernels take one dtype for these: unchanged when they share x's dtype;
+    else all in the reference's accumulation dtype (of x and acc_from), so that an fp32 delta next to an fp16 u is
+    not rounded to fp16 (the reference computes it in fp32). The caller casts the output back to x's dtype."""
+    if all(t is None or t.dtype == x.dtype for t in others):
+        return [x, *others]
+    acc = _acc_dtype(x, *acc_from)
+    return [t if t is None else t.to(acc) for t in (x, *others)]
+
+
+def _step_needs_grad(*ts: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _run_step(step_op, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> torch.Tensor:
+    """A fast decode step on validated inputs: x/dt/z in one dtype (_common_io), y back in x's dtype; empty inputs
+    (batch, dim or N of 0) go to the reference. The fast steps are inference kernels without a backward, so an
+    input that requires grad is an error here (selective_state_update sends those to the reference)."""
+    for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("dt_bias", dt_bias)):
+        if _step_needs_grad(t):
+            raise ValueError(f"{name}: requires grad, but the fast decode steps are inference kernels without a "
+                             "backward; run under torch.no_grad(), or use selective_state_update_ref")
+    if state.numel() == 0:
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    x_io, dt, z = _common_io(x, dt, z, acc_from=(state,))
+    return step_op(state, x_io, dt, A, B, C, D, z, dt_bias, bool(dt_softplus)).to(x.dtype)
+
+
 def _prepare(u, delta, A, B, C, D, z, delta_bias):
-    """Validate, and give delta and z u's dtype (the kernels take one dtype for u/delta/z)."""
+    """Validate; u, delta and z in one dtype (_common_io)."""
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
-    if delta.dtype != u.dtype:
-        delta = delta.to(u.dtype)
-    if z is not None and z.dtype != u.dtype:
-        z = z.to(u.dtype)
-    return delta, z
+    return _common_io(u, delta, z)
 
 
-def _run(fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state) -> ScanResult:
-    if u.shape[-1] == 0:  # nothing to scan: the kernels assume L >= 1
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    out, last, _ = fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), CHUNK)
-    return (out, last) if return_last_state else out
+def _run(fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+         out_dtype: torch.dtype) -> ScanResult:
+    if u.numel() == 0 or A.shape[1] == 0:  # nothing to scan: the kernels assume L, N >= 1 and dense strides
+        out = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    else:
+        out = fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), CHUNK)[:2]
+        out = out if return_last_state else out[0]
+    if return_last_state:
+        return out[0].to(out_dtype), out[1]
+    return out.to(out_dtype)
 
 
 def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -454,13 +487,13 @@ def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
                        delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
                        return_last_state: bool = False) -> ScanResult:
     """The native C++ scan, explicitly (RuntimeError when it is unavailable, ValueError for non-CPU tensors)."""
-    delta, z = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    u0, (u, delta, z) = u, _prepare(u, delta, A, B, C, D, z, delta_bias)
     ok, why = cpu_status()
     if not ok:
         raise RuntimeError(f"selective_scan_cpu: {why}")
     if u.device.type != "cpu":
         raise ValueError(f"u: selective_scan_cpu needs CPU tensors, got device {u.device}")
-    return _run(_scan_fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return _run(_scan_fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, u0.dtype)
 
 
 def selective_state_update_cpu(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -474,9 +507,7 @@ def selective_state_update_cpu(state: torch.Tensor, x: torch.Tensor, dt: torch.T
         raise RuntimeError(f"selective_state_update_cpu: {why}")
     if x.device.type != "cpu":
         raise ValueError(f"x: selective_state_update_cpu needs CPU tensors, got device {x.device}")
-    dt = dt.to(x.dtype)
-    z = z.to(x.dtype) if z is not None else None
-    return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    return _run_step(_state_update_op, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -488,7 +519,8 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     ``return_last_state``, the final state (batch, dim, N) in fp32. Differentiable in every tensor argument."""
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     impl, fn = _choose_scan(u, A.shape[-1])
-    logger.debug("selective_scan_fn: using %s for %s %s input", impl, u.device.type, u.dtype)
+    if not torch.compiler.is_compiling():  # dynamo cannot trace a logger call (fullgraph would fail)
+        logger.debug("selective_scan_fn: using %s for %s %s input", impl, u.device.type, u.dtype)
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
@@ -499,8 +531,12 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     """One decode step (mamba_ssm's signature): updates ``state`` (batch, dim, N) in place and returns y
     (batch, dim). B, C: (batch, N) or (batch, G, N)."""
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
-    impl, fn = _choose_step(x, A.shape[-1], state.dtype)
-    logger.debug("selective_state_update: using %s for %s %s input", impl, x.device.type, x.dtype)
+    if _step_needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
+        impl, fn = "reference (an input requires grad)", selective_state_update_ref  # the one with a backward
+    else:
+        impl, fn = _choose_step(x, A.shape[-1], state.dtype)
+    if not torch.compiler.is_compiling():
+        logger.debug("selective_state_update: using %s for %s %s input", impl, x.device.type, x.dtype)
     return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 

@@ -16,13 +16,13 @@ from ..testing import assert_close as _assert_close
 
 __all__ = ["selective_scan_ref", "selective_state_update_ref", "check_scan_args", "check_state_update_args",
            "expand_bc",
-           "random_scan_inputs", "check_scan_against_reference"]
+           "random_scan_inputs", "check_scan_against_reference", "check_wide_delta_next_to_half_u", "check_empty_scan"]
 
 
-def _check_same_device(ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+def _check_same_device(ref: torch.Tensor, ref_name: str, **others: Optional[torch.Tensor]) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
-            raise ValueError(f"{name}: expected device {ref.device} (same as u), got {t.device}")
+            raise ValueError(f"{name}: expected device {ref.device} (same as {ref_name}), got {t.device}")
 
 
 def _check_bc(name: str, t: torch.Tensor, batch: int, dim: int, N: int, L: Optional[int]) -> int:
@@ -76,7 +76,7 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> tuple
     if delta_bias is not None:
         check_shape("delta_bias", check_tensor("delta_bias", delta_bias), (dim,), "(dim,)")
         check_float("delta_bias", delta_bias)
-    _check_same_device(u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    _check_same_device(u, "u", delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
     return gb, gc
 
 
@@ -102,7 +102,7 @@ def check_state_update_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None)
     if dt_bias is not None:
         check_shape("dt_bias", check_tensor("dt_bias", dt_bias), (dim,), "(dim,)")
         check_float("dt_bias", dt_bias)
-    _check_same_device(state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    _check_same_device(state, "state", x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
 
 
 def expand_bc(t: torch.Tensor, batch: int, dim: int, time: bool = True) -> torch.Tensor:
@@ -155,7 +155,8 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
         dt_t = dts[t][..., None]  # (batch, dim, 1)
         h = torch.exp(dt_t * Af) * h + (dt_t * us[t][..., None]) * Bs[t]
         ys.append((h * Cs[t]).sum(-1))
-    y = torch.stack(ys, dim=-1) if ys else uf.new_zeros(batch, dim, 0)
+    # L = 0: an empty y that still hangs off u and delta, so that a backward through it works (and gives zeros)
+    y = torch.stack(ys, dim=-1) if ys else (uf + dt) * 0
     if D is not None:
         y = y + uf * D.to(acc)[:, None]
     if z is not None:
@@ -280,3 +281,49 @@ def check_scan_then_decode(scan_fn, step_fn, x: dict, split: int) -> None:
                           x["z"][..., t], x["delta_bias"], True)[..., None])
     _assert_close(torch.cat(ys, -1), whole, family="scan")
     _assert_close(state, last, family="scan")
+
+
+def check_wide_delta_next_to_half_u(scan_fn, step_fn, device: Union[str, torch.device] = "cpu") -> None:
+    """Test helper: an fp32 delta and z next to fp16 u (and an fp32 dt next to fp16 x in the decode step) are used at
+    fp32, as the reference uses them: the fp32 last state and decode state match it at fp32 tolerance, y at fp16's;
+    y and du keep u's dtype, ddelta delta's."""
+    g = torch.Generator().manual_seed(31)
+    x = random_scan_inputs(1, 4, 256, 4, dtype=torch.float16, generator=g)
+    x["delta"] = torch.rand(1, 4, 256, generator=g) * 0.5 + 0.01
+    x["z"] = x["z"].float()
+    x = {k: v.to(device).requires_grad_() for k, v in x.items()}
+    yr, hr = selective_scan_ref(**x, return_last_state=True)
+    gr = torch.autograd.grad(hr.sum() + yr.float().sum(), [x["delta"], x["u"]])
+    y, h = scan_fn(**x, return_last_state=True)
+    assert y.dtype == torch.float16 and h.dtype == torch.float32
+    _assert_close(h, hr, dtype=torch.float32, family="scan", msg="last_state")
+    _assert_close(y, yr, dtype=torch.float16, family="scan", msg="y")
+    dd, du = torch.autograd.grad(h.sum() + y.float().sum(), [x["delta"], x["u"]])
+    assert dd.dtype == torch.float32 and du.dtype == torch.float16
+    _assert_close(dd, gr[0], dtype=torch.float16, family="scan", grad=True, msg="ddelta")
+    s0 = torch.randn(1, 4, 4, generator=g).to(device)
+    args = [t.detach() for t in (x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0])]
+    sr, s = s0.clone(), s0.clone()
+    y_ref = selective_state_update_ref(sr, *args, dt_softplus=True)
+    y = step_fn(s, *args, dt_softplus=True)
+    assert y.dtype == torch.float16
+    _assert_close(s, sr, dtype=torch.float32, family="scan", msg="state")
+    _assert_close(y, y_ref, dtype=torch.float16, family="scan", msg="decode y")
+
+
+def check_empty_scan(scan_fn, step_fn, batch: int, dim: int, N: int,
+                     device: Union[str, torch.device] = "cpu") -> None:
+    """Test helper: with batch, dim or N of 0 the scan gives empty y / last state of the right shapes with a working
+    backward, and the decode step an empty y."""
+    g = torch.Generator().manual_seed(32)
+    leaf = lambda t: t.to(device).requires_grad_()  # noqa: E731
+    u, delta = leaf(torch.randn(batch, dim, 5, generator=g)), leaf(torch.rand(batch, dim, 5, generator=g))
+    A, D = leaf(-torch.rand(dim, N, generator=g)), leaf(torch.randn(dim, generator=g))
+    B, C = (torch.randn(batch, N, 5, generator=g).to(device) for _ in range(2))
+    y, h = scan_fn(u, delta, A, B, C, D, delta_softplus=True, return_last_state=True)
+    assert y.shape == (batch, dim, 5) and h.shape == (batch, dim, N)
+    (y.sum() + h.sum()).backward()
+    assert u.grad.shape == u.shape and A.grad.shape == A.shape
+    state = torch.zeros(batch, dim, N, device=device)
+    y = step_fn(state, u[..., 0].detach(), delta[..., 0].detach(), A.detach(), B[..., 0], C[..., 0], D.detach())
+    assert y.shape == (batch, dim)
