@@ -300,3 +300,35 @@ def test_decode_step_with_inputs_that_require_grad():
         s1, s2 = s0.clone(), s0.clone()
         assert_close(selective_state_update_cpu(s1, x, dt, A, B, C), selective_state_update_ref(s2, x, dt, A, B, C),
                      family="scan")
+
+
+@pytest.mark.parametrize("groups,sliced", [(1, False), (2, False), (4, True)])
+def test_decode_step_mamba2_head_layout(groups, sliced):
+    """mamba_ssm's Mamba-2 decode layout (state (b, h, p, n), A (h, p, n), B/C (b, g, n), D/dt_bias (h, p)) equals
+    the 3-d step run head by head; a state whose head axis cannot merge with its rows is updated in place too."""
+    g = torch.Generator().manual_seed(35)
+    b, H, P, N = 2, 4, 3, 5
+    big = torch.randn(b, 2 * H, P, N, generator=g)
+    state = big[:, ::2] if sliced else big[:, :H].clone()
+    x, dt, z = (torch.randn(b, H, P, generator=g) for _ in range(3))
+    A = (-torch.rand(H, 1, 1, generator=g)).expand(H, P, N)  # Mamba-2 ties A over headdim and N (stride 0)
+    B, C = torch.randn(b, groups, N, generator=g), torch.randn(b, groups, N, generator=g)
+    D, dt_bias = torch.randn(H, P, generator=g), torch.randn(H, P, generator=g)
+    ref_state = state.clone()
+    ys = []
+    for h in range(H):
+        s3 = ref_state[:, h].clone()
+        gi = h // (H // groups)
+        ys.append(selective_state_update_ref(s3, x[:, h], dt[:, h], A[h].contiguous(), B[:, gi], C[:, gi], D[h],
+                                             z[:, h], dt_bias[h], True))
+        ref_state[:, h] = s3
+    y = selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
+    assert y.shape == (b, H, P)
+    assert_close(y, torch.stack(ys, 1), family="scan")
+    assert_close(state, ref_state, family="scan")
+    if sliced:
+        assert_close(big[:, ::2], ref_state, family="scan")  # written through to the caller's storage
+    with pytest.raises(ValueError, match=r"A: with a 4-d state .* expected shape \(nheads, headdim, N\)"):
+        selective_state_update(state, x, dt, A[:, :, :2], B, C)
+    with pytest.raises(ValueError, match="B: ngroups=3 must divide nheads=4"):
+        selective_state_update(state, x, dt, A, torch.randn(b, 3, N), C)

@@ -529,7 +529,11 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
                            z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
                            dt_softplus: bool = False) -> torch.Tensor:
     """One decode step (mamba_ssm's signature): updates ``state`` (batch, dim, N) in place and returns y
-    (batch, dim). B, C: (batch, N) or (batch, G, N)."""
+    (batch, dim). B, C: (batch, N) or (batch, G, N). mamba_ssm's Mamba-2 head layout works too: state
+    (batch, nheads, headdim, N), x/dt/z (batch, nheads, headdim), A (nheads, headdim, N), D/dt_bias
+    (nheads, headdim), B/C (batch, ngroups, N) with ngroups dividing nheads; y is then (batch, nheads, headdim)."""
+    if isinstance(state, torch.Tensor) and state.dim() == 4:
+        return _state_update_heads(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     if _step_needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
         impl, fn = "reference (an input requires grad)", selective_state_update_ref  # the one with a backward
@@ -538,6 +542,41 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     if not torch.compiler.is_compiling():
         logger.debug("selective_state_update: using %s for %s %s input", impl, x.device.type, x.dtype)
     return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _state_update_heads(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> torch.Tensor:
+    """The Mamba-2 head layout as the channel layout: head h, row i is channel h·headdim + i. With G groups over
+    nheads heads, channel c reads group c // (nheads·headdim / G) = h // (nheads / G), the group of its head, so B/C
+    pass unchanged."""
+    b, H, P, N = state.shape
+    for name, t, shape, what in (("x", x, (b, H, P), "(batch, nheads, headdim)"),
+                                 ("dt", dt, (b, H, P), "(batch, nheads, headdim)"),
+                                 ("A", A, (H, P, N), "(nheads, headdim, N)"),
+                                 ("D", D, (H, P), "(nheads, headdim)"), ("z", z, (b, H, P), "(batch, nheads, headdim)"),
+                                 ("dt_bias", dt_bias, (H, P), "(nheads, headdim)")):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: with a 4-d state (batch, nheads, headdim, N) = {tuple(state.shape)}, expected "
+                             f"shape {what} = {shape}, got {tuple(t.shape)}")
+    for name, t in (("B", B), ("C", C)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != b or t.shape[2] != N:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: with a 4-d state, expected shape (batch, ngroups, N) = ({b}, G, {N}), got {got}")
+        if t.shape[1] < 1 or H % t.shape[1] != 0:
+            raise ValueError(f"{name}: ngroups={t.shape[1]} must divide nheads={H}")
+    try:
+        flat, copied = state.view(b, H * P, N), False
+    except RuntimeError:  # heads and rows not mergeable (e.g. a sliced head axis): work on a copy
+        flat, copied = state.reshape(b, H * P, N), True
+    chan = lambda t: None if t is None else t.reshape(*t.shape[:-2], H * P)  # noqa: E731 (…, H, P) -> (…, H·P)
+    y = selective_state_update(flat, chan(x), chan(dt), A.reshape(H * P, N), B, C, chan(D), chan(z), chan(dt_bias),
+                               dt_softplus)
+    if copied:
+        state.copy_(flat.view(b, H, P, N))
+    return y.view(b, H, P)
 
 
 def _choose_scan(u: torch.Tensor, N: int):
