@@ -52,6 +52,39 @@ def test_without_native_module_everything_still_runs():
     assert "unavailable (disabled by APT_DISABLE_NATIVE)" in info.stdout
 
 
+FALLBACK = "apt registry: asked for scan/nonexistent, using scan/reference instead: 'nonexistent' is not registered"
+
+
+def test_fallback_warning_reaches_a_library_user_without_logging_setup():
+    """No logging configured: the fallback warning still reaches stderr (logging's last-resort handler; `apt`
+    attaches no NullHandler that would swallow it), once, and stdout stays clean."""
+    code = "import apt\nprint(apt.get('scan', 'nonexistent').name)\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "reference\n"
+    assert r.stderr.count(FALLBACK) == 1, r.stderr
+
+
+def test_fallback_warning_follows_the_programs_logging_setup():
+    code = ("import logging\nlogging.basicConfig(format='LOG %(levelname)s %(name)s: %(message)s')\n"
+            "import apt\napt.get('scan', 'nonexistent')\n"
+            "logging.getLogger('apt').setLevel(logging.ERROR)\napt.get('scan', 'other')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count(FALLBACK) == 1 and f"LOG WARNING apt.core.registry: {FALLBACK}" in r.stderr, r.stderr
+    assert "scan/other" not in r.stderr  # silenced by the level set on the apt logger
+
+
+def test_cli_prints_a_fallback_warning_once(tmp_path):
+    r = run_apt("train", "-p", "tiny_debug", "--model.attention_name", "nonexistent", "--max-steps", "1",
+                "--no-progress", "--out-dir", str(tmp_path / "run"), "--model.d_model", "16", "--model.num_layers",
+                "1", "--model.num_heads", "2", "--data.seq_len", "16")
+    assert r.returncode == 0, r.stderr
+    line = "apt registry: asked for attention/nonexistent, using attention/tva_default instead"
+    assert r.stderr.count(line) == 1, r.stderr
+    assert f"WARNING apt.core.registry: {line}" in r.stderr  # the CLI's own format, not the last-resort one
+
+
 def test_cli_without_command_prints_help():
     r = run_apt()
     assert r.returncode == 1 and "usage: apt" in r.stdout

@@ -1,12 +1,15 @@
 """apt: the APT microkernel (registry, profiles, schedules, model builder, trainer, plugins, CLI) on top of
-the ``apt_kernels`` kernel library."""
+the ``apt_kernels`` kernel library.
+
+Logging: the ``apt`` loggers get no handler here (deliberately no ``logging.NullHandler``), so when the program has
+configured no logging at all, Python's last-resort handler prints WARNING and above to stderr: a registry fallback
+("asked for scan/cuda, using scan/reference instead: ...") is seen, not swallowed. Any logging configuration the
+program makes (``logging.basicConfig``, the ``apt`` CLI's own) replaces that; ``logging.getLogger("apt")
+.setLevel(logging.ERROR)`` silences it.
+"""
 from __future__ import annotations
 
-import logging
-
 __version__ = "0.1.0"
-
-logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 from .core.registry import get, get_info, list_providers, register  # noqa: E402
 
