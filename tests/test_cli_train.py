@@ -51,6 +51,19 @@ def test_user_errors_are_one_line_exit_2(argv, fragment, capsys):
     assert fragment in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--training.bogus", "3"], "--training.bogus: unknown key 'training.bogus' (did you mean "),
+    (["--trainig.max_epochs", "1"], "--trainig.max_epochs: unknown key 'trainig.max_epochs' (did you mean "
+                                    "'training.max_epochs'?)"),
+    (["--training.max_epochs", "abc"], "--training.max_epochs: expected int, got str 'abc'"),
+    (["--max-steps", "0"], "--max-steps: must be >= 1 or null, got 0"),
+])
+def test_bad_override_is_blamed_on_the_command_line(argv, message, capsys):
+    assert main(["train", "-p", "tiny_debug", "--print-config", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"apt train: error: {message}") and "tiny_debug.yaml" not in err, err
+
+
 def test_bad_yaml_profile_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1,\n")

@@ -105,3 +105,36 @@ def test_deep_merge_does_not_alias():
     b = deep_merge(a, {"x": {"z": 2}})
     b["x"]["y"].append(3)
     assert a == {"x": {"y": [1]}} and b["x"]["z"] == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--training.bogus", "3"], "--training.bogus: unknown key 'training.bogus'"),
+    (["--trainig.max_epochs", "1"], "--trainig.max_epochs: unknown key 'trainig.max_epochs' "
+                                    "(did you mean 'training.max_epochs'?)"),
+    (["--training.max_epochs", "abc"], "--training.max_epochs: expected int, got str 'abc'"),
+    (["--training.max_epochs=0"], "--training.max_epochs: must be >= 1, got 0"),
+    (["--model.norm", "batchnorm"], "--model.norm: 'batchnorm' is not one of"),
+    (["--model.num_heads", "5"], "--model.num_heads: model.d_model (64) must be divisible by model.num_heads (5)"),
+    (["--training", "{max_epochs: x}"], "--training: training.max_epochs: expected int"),
+    (["--schedules.route_temperature", "{start: 1}"], "--schedules.route_temperature: "),
+    (["training.max_epochs=abc"], "override training.max_epochs: expected int"),
+    ({"training.bogus": 1}, "override training.bogus: unknown key 'training.bogus'"),
+])
+def test_override_errors_name_the_override_not_the_file(override, message):
+    with pytest.raises(ConfigError) as ei:
+        load_profile("tiny_debug", override)
+    assert str(ei.value).startswith(message), str(ei.value)
+    assert "tiny_debug.yaml" not in str(ei.value)
+
+
+def test_errors_in_the_file_still_name_the_file(tmp_path):
+    (tmp_path / "p.yaml").write_text("extends: tiny_debug\ntraining:\n  bogus: 1\n  max_epochs: 0\n")
+    with pytest.raises(ConfigError) as ei:  # an unrelated override does not take the blame
+        load_profile(tmp_path / "p.yaml", ["--training.lr", "0.1", "--training.max_epochs", "2"])
+    assert str(ei.value) == f"{tmp_path / 'p.yaml'}: unknown key 'training.bogus' (did you mean 'training.betas'?)"
+    (tmp_path / "q.yaml").write_text("extends: tiny_debug\ntraining:\n  max_epochs: 0\n")
+    with pytest.raises(ConfigError, match=r"q\.yaml: training\.max_epochs: must be >= 1, got 0"):
+        load_profile(tmp_path / "q.yaml", ["--training.lr", "0.1"])
+    assert load_profile(tmp_path / "q.yaml", ["--training.max_epochs", "2"])["training"]["max_epochs"] == 2
+    with pytest.raises(ConfigError, match=r"^--max-steps: must be >= 1 or null, got 0$"):
+        load_profile("tiny_debug", ["training.max_steps=0"], override_labels={"training.max_steps": "--max-steps"})

@@ -7,8 +7,10 @@ applied last, with values parsed as YAML scalars (``3`` -> int, ``1e-3`` -> floa
 
 Every merged profile is validated against :data:`SCHEMA`: an unknown key, a value of the wrong type or an
 impossible combination raises :class:`ConfigError` whose message names the key (and, for a misspelt key, the
-closest known one). Free-form sections (provider arguments such as ``model.attention`` and the per-plugin
-settings under ``plugins.<name>``) are passed through unchecked: their owner validates them.
+closest known one) and where it came from: the profile file, or the override as the user wrote it
+(``--training.bogus: unknown key 'training.bogus'``) when an override set it. Free-form sections (provider
+arguments such as ``model.attention`` and the per-plugin settings under ``plugins.<name>``) are passed through
+unchecked: their owner validates them.
 
 The result is a plain nested ``dict`` (what checkpoints store and what ``ModelBuilder`` takes).
 """
@@ -29,7 +31,8 @@ _NUM = (int, float)
 
 
 class ConfigError(ValueError):
-    """A profile cannot be loaded or is invalid. The message names the profile and the offending key."""
+    """A profile cannot be loaded or is invalid. The message names the offending key and its source (the profile
+    file, or the override that set it)."""
 
 
 # dotted key -> (accepted types, allow None). Sections listed in FREE_SECTIONS accept any sub-keys.
@@ -206,11 +209,19 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
 def parse_overrides(items: Union[None, Sequence[str], Mapping[str, Any]]) -> dict[str, Any]:
     """Dotted overrides from CLI-style strings (``["--a.b", "1", "--c.d=x", "e.f=2"]``) or a mapping
     (``{"a.b": 1}``) into ``{"a.b": value}``; string values are parsed as YAML scalars."""
+    return {key: value for key, (value, _) in _parse_overrides_labelled(items).items()}
+
+
+def _parse_overrides_labelled(items: Union[None, Sequence[str], Mapping[str, Any]]) -> dict[str, tuple[Any, str]]:
+    """Like :func:`parse_overrides`, with each value paired with how the user wrote its key: ``--a.b`` for a
+    command-line flag, ``override a.b`` otherwise. Validation errors about the key name that label rather than
+    the profile file."""
     if items is None:
         return {}
     if isinstance(items, Mapping):
-        return {str(k).lstrip("-"): (_parse_value(v) if isinstance(v, str) else v) for k, v in items.items()}
-    out: dict[str, Any] = {}
+        return {str(k).lstrip("-"): ((_parse_value(v) if isinstance(v, str) else v), f"override {str(k).lstrip('-')}")
+                for k, v in items.items()}
+    out: dict[str, tuple[Any, str]] = {}
     it = list(items)
     i = 0
     while i < len(it):
@@ -230,7 +241,7 @@ def parse_overrides(items: Union[None, Sequence[str], Mapping[str, Any]]) -> dic
             i += 2
         if not key or not re.fullmatch(r"[A-Za-z_][\w\-]*(\.[\w\-]+)*", key):
             raise ConfigError(f"override {tok!r}: {key!r} is not a dotted key")
-        out[key] = _parse_value(val)
+        out[key] = (_parse_value(val), f"--{key}" if tok.startswith("--") else f"override {key}")
     return out
 
 
@@ -271,9 +282,14 @@ def get_dotted(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
 
 def load_profile(profile: Union[str, os.PathLike, Mapping[str, Any]],
                  overrides: Union[None, Sequence[str], Mapping[str, Any]] = None,
-                 plugins: Optional[Iterable[str]] = None, validate_cfg: bool = True) -> dict[str, Any]:
+                 plugins: Optional[Iterable[str]] = None, validate_cfg: bool = True,
+                 override_labels: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
     """Load a profile (name, path or an already-parsed mapping), resolve ``extends:``, apply ``overrides`` and the
-    extra ``plugins`` to enable, validate, and return the nested dict. Profiles are merged over ``base``."""
+    extra ``plugins`` to enable, validate, and return the nested dict. Profiles are merged over ``base``.
+
+    A validation error about an overridden key names the override, not the profile file: ``--training.lr`` for
+    a command-line style override, ``override training.lr`` for the others, or its entry in ``override_labels``
+    (``{"training.max_steps": "--max-steps"}``: the option the user typed)."""
     if isinstance(profile, Mapping):
         data = copy.deepcopy(dict(profile))
         parent = data.pop("extends", "base")
@@ -287,7 +303,8 @@ def load_profile(profile: Union[str, os.PathLike, Mapping[str, Any]],
         if path != (PROFILE_DIR / "base.yaml").resolve():
             cfg = deep_merge(_load_chain((PROFILE_DIR / "base.yaml").resolve(), ()), cfg)
         cfg.setdefault("name", path.stem)
-    for key, value in parse_overrides(overrides).items():
+    labelled = _parse_overrides_labelled(overrides)
+    for key, (value, _) in labelled.items():
         set_dotted(cfg, key, value)
     if plugins:
         enabled = list(get_dotted(cfg, "plugins.enabled", []) or [])
@@ -298,63 +315,106 @@ def load_profile(profile: Union[str, os.PathLike, Mapping[str, Any]],
                     enabled.append(name)
         set_dotted(cfg, "plugins.enabled", enabled)
     if validate_cfg:
-        validate(cfg, source=src)
+        labels = {key: label for key, (_, label) in labelled.items()}
+        labels.update({k: v for k, v in (override_labels or {}).items() if k in labels})
+        validate(cfg, source=src, overrides=labels)
     return cfg
 
 
 # ---- validation --------------------------------------------------------------------------------------------
-def validate(cfg: Mapping[str, Any], source: str = "profile") -> None:
+class _Where:
+    """Who to blame for a key: the override that set it (or a section above it), named as the user wrote it
+    (``--training.lr``), else the profile ``source``."""
+
+    def __init__(self, source: str, overrides: Optional[Mapping[str, str]]) -> None:
+        self.source = source
+        self.overrides = dict(overrides or {})
+
+    def override_of(self, key: str) -> Optional[str]:
+        """The override key that set ``key``, a section above it, or (``key`` being a section) a key below it."""
+        for o in self.overrides:
+            if key == o or key.startswith(o + ".") or o.startswith(key + "."):
+                return o
+        return None
+
+    def key(self, key: str) -> str:
+        """Prefix of a message about one key: ``<file>: key`` or ``--key`` (``--section: key`` for a key inside a
+        section given whole on the command line)."""
+        o = self.override_of(key)
+        if o is None:
+            return f"{self.source}: {key}"
+        label = self.overrides[o]
+        return label if o == key or o.startswith(key + ".") else f"{label}: {key}"
+
+    def of(self, *keys: str) -> str:
+        """Prefix of a message about a combination of keys: the first overridden one's label, else the file."""
+        for k in keys:
+            o = self.override_of(k)
+            if o is not None:
+                return self.overrides[o]
+        return self.source
+
+
+def validate(cfg: Mapping[str, Any], source: str = "profile", overrides: Optional[Mapping[str, str]] = None) -> None:
     """Raise :class:`ConfigError` naming the first bad key: unknown keys, wrong types, bad choices, impossible
-    combinations."""
+    combinations. ``overrides`` maps the dotted keys set after loading ``source`` (by the command line or a
+    mapping) to how to name them (``--training.lr``); an error about such a key names it instead of ``source``."""
     sections = _known_sections()
     known = set(SCHEMA)
+    where = _Where(source, overrides)
 
     def walk(node: Mapping[str, Any], prefix: str) -> None:
         for k, v in node.items():
             if not isinstance(k, str):
-                raise ConfigError(f"{source}: key {k!r} under {prefix or 'top level'} is not a string")
+                raise ConfigError(f"{where.of(prefix.rstrip('.'))}: key {k!r} under {prefix or 'top level'} "
+                                  f"is not a string")
             key = f"{prefix}{k}"
             if any(key == f or key.startswith(f + ".") for f in FREE_SECTIONS):
                 if key in SCHEMA:
-                    _check_type(key, v, source)
+                    _check_type(key, v, where)
                 continue
             if prefix == "plugins." and k != "enabled":
                 if v is not None and not isinstance(v, dict):
-                    raise ConfigError(f"{source}: plugins.{k}: expected a mapping of plugin settings, got {v!r}")
+                    raise ConfigError(f"{where.key(key)}: expected a mapping of plugin settings, got {v!r}")
                 continue  # per-plugin settings: the plugin validates them
             if key in known:
-                _check_type(key, v, source)
+                _check_type(key, v, where)
             elif key in sections:
                 if v is None:
                     continue
                 if not isinstance(v, Mapping):
-                    raise ConfigError(f"{source}: {key}: expected a section (mapping), got {type(v).__name__} {v!r}")
+                    raise ConfigError(f"{where.key(key)}: expected a section (mapping), got {type(v).__name__} {v!r}")
                 walk(v, key + ".")
             else:
+                o = where.override_of(key)
+                if o is not None:  # name the key as typed: 'trainig.max_epochs', not just 'trainig'
+                    close = difflib.get_close_matches(o, list(known | sections), n=1, cutoff=0.6)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ConfigError(f"{where.overrides[o]}: unknown key {o!r}{hint}")
                 close = difflib.get_close_matches(key, list(known | sections), n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(f"{source}: unknown key {key!r}{hint}")
 
     walk(cfg, "")
-    _check_semantics(cfg, source)
+    _check_semantics(cfg, where)
 
 
-def _check_type(key: str, value: Any, source: str) -> None:
+def _check_type(key: str, value: Any, where: _Where) -> None:
     types, nullable = SCHEMA[key]
     if value is None:
         if not nullable:
-            raise ConfigError(f"{source}: {key} must be set (got null)")
+            raise ConfigError(f"{where.key(key)} must be set (got null)")
         return
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         names = " or ".join("number" if t is float else t.__name__ for t in types if t is not int or float not in types)
-        raise ConfigError(f"{source}: {key}: expected {names}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where.key(key)}: expected {names}, got {type(value).__name__} {value!r}")
     choices = CHOICES.get(key)
     if choices and isinstance(value, str) and value not in choices:
-        raise ConfigError(f"{source}: {key}: {value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{where.key(key)}: {value!r} is not one of {', '.join(choices)}")
 
 
-def _check_semantics(cfg: Mapping[str, Any], source: str) -> None:
+def _check_semantics(cfg: Mapping[str, Any], where: _Where) -> None:
     g = lambda k, d=None: get_dotted(cfg, k, d)  # noqa: E731
     for key in ("model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len", "data.seq_len",
                 "data.batch_size", "training.max_epochs", "training.grad_accum", "model.moe.num_experts",
@@ -362,34 +422,36 @@ def _check_semantics(cfg: Mapping[str, Any], source: str) -> None:
                 "training.log_every"):
         v = g(key)
         if isinstance(v, int) and v < 1:
-            raise ConfigError(f"{source}: {key}: must be >= 1, got {v}")
+            raise ConfigError(f"{where.key(key)}: must be >= 1, got {v}")
     for key in ("training.max_steps", "training.steps_per_epoch", "training.save_every", "model.d_ff",
                 "model.vocab_size"):
         v = g(key)
         if isinstance(v, int) and v < 1:
-            raise ConfigError(f"{source}: {key}: must be >= 1 or null, got {v}")
+            raise ConfigError(f"{where.key(key)}: must be >= 1 or null, got {v}")
     d, h = g("model.d_model"), g("model.num_heads")
     if g("model.backbone") == "gpt" and isinstance(d, int) and isinstance(h, int) and d % h:
-        raise ConfigError(f"{source}: model.d_model ({d}) must be divisible by model.num_heads ({h})")
+        raise ConfigError(f"{where.of('model.d_model', 'model.num_heads')}: model.d_model ({d}) must be divisible by "
+                          f"model.num_heads ({h})")
     if isinstance(g("model.moe.k"), int) and isinstance(g("model.moe.num_experts"), int) \
             and g("model.moe.k") > g("model.moe.num_experts"):
-        raise ConfigError(f"{source}: model.moe.k ({g('model.moe.k')}) must be <= model.moe.num_experts "
-                          f"({g('model.moe.num_experts')})")
+        raise ConfigError(f"{where.of('model.moe.k', 'model.moe.num_experts')}: model.moe.k ({g('model.moe.k')}) "
+                          f"must be <= model.moe.num_experts ({g('model.moe.num_experts')})")
     sl, ml = g("data.seq_len"), g("model.max_seq_len")
     if g("model.backbone") == "gpt" and isinstance(sl, int) and isinstance(ml, int) and sl > ml:
-        raise ConfigError(f"{source}: data.seq_len ({sl}) exceeds model.max_seq_len ({ml})")
+        raise ConfigError(f"{where.of('data.seq_len', 'model.max_seq_len')}: data.seq_len ({sl}) exceeds "
+                          f"model.max_seq_len ({ml})")
     lr = g("training.lr")
     if isinstance(lr, (int, float)) and lr <= 0:
-        raise ConfigError(f"{source}: training.lr: must be > 0, got {lr}")
+        raise ConfigError(f"{where.key('training.lr')}: must be > 0, got {lr}")
     vf = g("data.val_fraction")
     if isinstance(vf, (int, float)) and not 0 <= vf < 1:
-        raise ConfigError(f"{source}: data.val_fraction: must be in [0, 1), got {vf}")
+        raise ConfigError(f"{where.key('data.val_fraction')}: must be in [0, 1), got {vf}")
     betas = g("training.betas")
     if isinstance(betas, list) and (len(betas) != 2 or not all(isinstance(b, (int, float)) for b in betas)):
-        raise ConfigError(f"{source}: training.betas: expected two numbers, got {betas!r}")
+        raise ConfigError(f"{where.key('training.betas')}: expected two numbers, got {betas!r}")
     enabled = g("plugins.enabled") or []
     if not all(isinstance(p, str) for p in enabled):
-        raise ConfigError(f"{source}: plugins.enabled: expected a list of plugin names, got {enabled!r}")
+        raise ConfigError(f"{where.key('plugins.enabled')}: expected a list of plugin names, got {enabled!r}")
     sched = g("schedules")
     if sched:
         from .schedules import validate_schedules
@@ -397,7 +459,9 @@ def _check_semantics(cfg: Mapping[str, Any], source: str) -> None:
         try:
             validate_schedules(sched)
         except ValueError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+            # blame the override whose schedule the message names (or one that set the whole section)
+            named = [k for k in where.overrides if k == "schedules" or (k.startswith("schedules.") and k in str(exc))]
+            raise ConfigError(f"{where.of(*named) if named else where.source}: {exc}") from None
 
 
 def dump_profile(cfg: Mapping[str, Any]) -> str:

@@ -56,13 +56,16 @@ def accept_overrides(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
-def load_cli_profile(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def load_cli_profile(args: argparse.Namespace, extra: Optional[dict[str, Any]] = None,
+                     extra_labels: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The profile with the ``--section.key`` overrides and ``extra`` (profile keys set by named options; an error
+    about one names the option in ``extra_labels``, e.g. ``--max-steps``) applied."""
     overrides = list(args.overrides or [])
     for key, value in (extra or {}).items():
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
     try:
-        return load_profile(args.profile, overrides, plugins=args.plugins)
+        return load_profile(args.profile, overrides, plugins=args.plugins, override_labels=extra_labels)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
 
@@ -76,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
              "training.device": args.device}
     if args.no_progress:
         extra["training.progress"] = False
-    cfg = load_cli_profile(args, extra)
+    labels = {"training.out_dir": "--out-dir", "training.resume": "--resume", "training.max_steps": "--max-steps",
+              "training.device": "--device", "training.progress": "--no-progress"}
+    cfg = load_cli_profile(args, extra, labels)
     if args.print_config:
         sys.stdout.write(dump_profile(cfg))
         return 0
