@@ -11,23 +11,38 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (one line per name; each family owns its block)
+# public name -> module that defines it (one line per name; each family owns its block). Every name in an
+# apt_kernels/ops/*.py ``__all__`` is here, except the back-end introspection helpers (``impl_status``,
+# ``resolve_impl``, ``IMPLS``, ``cpu_status``, ``cuda_status``, ``CHUNK``, ``CUDA_MAX_N``): several families define
+# them, so they stay qualified (``apt_kernels.ops.tva.impl_status``). tests/test_exports.py checks both halves.
 _LAZY: dict[str, str] = {
     # shared
     "running_mean": "apt_kernels.ops.running_mean",
+    "running_mean_native": "apt_kernels.ops.running_mean",
     "running_mean_ref": "apt_kernels.reference.common",
     # TVA attention
     "tva_attention": "apt_kernels.ops.tva",
+    "tva_attention_cpu": "apt_kernels.ops.tva",
+    "tva_attention_cuda": "apt_kernels.ops.tva",
     "tva_attention_ref": "apt_kernels.reference.tva",
     "TVAAttention": "apt_kernels.layers.tva",
     # MoE
+    "Routing": "apt_kernels.ops.moe",
     "moe_route": "apt_kernels.ops.moe",
     "moe_dispatch": "apt_kernels.ops.moe",
     "moe_combine": "apt_kernels.ops.moe",
+    "moe_grouped_ffn": "apt_kernels.ops.moe",
+    "moe_aux_losses": "apt_kernels.ops.moe",
     "MoEFFN": "apt_kernels.layers.moe",
     # selective scan
     "selective_scan_fn": "apt_kernels.ops.scan",
     "selective_state_update": "apt_kernels.ops.scan",
+    "selective_scan_cpu": "apt_kernels.ops.scan",
+    "selective_scan_triton": "apt_kernels.ops.scan",
+    "selective_scan_cuda": "apt_kernels.ops.scan",
+    "selective_state_update_cpu": "apt_kernels.ops.scan",
+    "selective_state_update_triton": "apt_kernels.ops.scan",
+    "selective_state_update_cuda": "apt_kernels.ops.scan",
     "selective_scan_ref": "apt_kernels.reference.scan",
     "selective_state_update_ref": "apt_kernels.reference.scan",
 }

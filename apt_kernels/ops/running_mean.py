@@ -16,6 +16,8 @@ from ..reference.common import running_mean_ref
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["running_mean", "running_mean_native"]
+
 
 @torch.library.custom_op("apt::running_mean", mutates_args=())
 def _running_mean_op(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
