@@ -231,8 +231,8 @@ def test_cuda_side_stream():
 
 @pytest.mark.cuda
 def test_cuda_graph_capture():
-    """Forward, backward (which sets its dynamic shared memory attribute on every call) and decode step captured in
-    one CUDA graph and replayed: the same results as eager. Fails if a host call in the launchers is illegal while a
+    """Forward, backward (whose shared-memory opt-in may be raised while capturing) and decode step captured in one
+    CUDA graph and replayed: the same results as eager. Fails if a host call in the launchers is illegal while a
     stream is being captured."""
     x = {k: v.cuda() for k, v in _inputs(2, 6, 100, 16, CASES[1], seed=26).items()}
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, 64)

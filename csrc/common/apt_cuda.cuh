@@ -5,9 +5,12 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cstdint>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
-#include <cstdint>
+#include <utility>
 
 #define APT_CUDA_CHECK(expr)                                                                        \
   do {                                                                                              \
@@ -40,6 +43,37 @@ class DeviceGuard {
  private:
   int prev_ = -1;
 };
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory on `device`: the opt-in attribute is raised once per
+// (kernel, device) to the largest size asked so far, and the kernel's static size and the device's limit are read
+// once, since these driver calls cost microseconds on every launch otherwise. Throws std::invalid_argument
+// (ValueError in Python) with describe() + the sizes when the device cannot give that much.
+template <typename K, typename F>
+void ensure_dynamic_smem(K* kernel, int device, size_t bytes, F&& describe) {
+  struct State {
+    size_t static_bytes = 0, granted = 0;
+    int optin = -1;
+  };
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, State> states;
+  std::lock_guard<std::mutex> lock(mu);
+  State& st = states[{reinterpret_cast<const void*>(kernel), device}];
+  if (st.optin < 0) {
+    cudaFuncAttributes attr{};
+    APT_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    int optin = 0;
+    APT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    st.static_bytes = attr.sharedSizeBytes;
+    st.optin = optin;
+  }
+  if (bytes + st.static_bytes > static_cast<size_t>(st.optin))
+    throw std::invalid_argument(describe() + " needs " + std::to_string(bytes + st.static_bytes) +
+                                " bytes of shared memory per block, the device allows " + std::to_string(st.optin));
+  if (bytes > st.granted) {
+    APT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    st.granted = bytes;
+  }
+}
 
 template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }

@@ -232,16 +232,9 @@ void selective_scan_bwd(const ScanParams& p, uintptr_t stream) {
                             (p.gC ? static_cast<size_t>(p.chunk) * NL * NPT : 0);
       const size_t bytes = floats * sizeof(float);
       auto kernel = scan_bwd_kernel<T, NL, NPT>;
-      cudaFuncAttributes attr{};
-      APT_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-      int optin = 0;
-      APT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device));
-      if (bytes + attr.sharedSizeBytes > static_cast<size_t>(optin))
-        throw std::invalid_argument("selective_scan_bwd_cuda: N=" + std::to_string(p.N) + " with chunk=" +
-                                    std::to_string(p.chunk) + " needs " + std::to_string(bytes + attr.sharedSizeBytes) +
-                                    " bytes of shared memory per block, the device allows " + std::to_string(optin));
-      APT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(bytes)));
+      apt::cuda::ensure_dynamic_smem(kernel, p.device, bytes, [&] {
+        return "selective_scan_bwd_cuda: N=" + std::to_string(p.N) + " with chunk=" + std::to_string(p.chunk);
+      });
       const unsigned gx = grid_x(tl.blocks);
       if (nsplits > 1) {
         scan_bwd_adjoint_kernel<T, NL, NPT><<<dim3(gx, static_cast<unsigned>(nsplits - 1)), NT, 0, st>>>(

@@ -232,23 +232,7 @@ void dispatch_lanes(int64_t N, F&& f) {
   else throw std::invalid_argument("selective scan CUDA: N=" + std::to_string(N) + " exceeds " + std::to_string(kMaxN));
 }
 
-// Makes `device` current for the launches of one call and restores the caller's device after.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    APT_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != device) APT_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceGuard() {
-    int cur = prev_;
-    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-};
+using apt::cuda::DeviceGuard;
 
 inline unsigned grid_x(int64_t blocks) {
   if (blocks > 0x7fffffffLL) throw std::invalid_argument("selective scan CUDA: too many channel blocks");
