@@ -181,11 +181,14 @@ def test_attention_provider_gets_tva_settings_it_accepts():
     assert model.build_report["attention"] == "test_recording_attention"
 
 
-def test_moe_model_under_torch_compile_fullgraph():
-    """A GPT with MoE blocks compiles as one graph (aot_eager: fake tensors and autograd of every op) and gives the
-    eager logits and gradients; switching MoE off recompiles instead of reading a device flag in forward."""
+@pytest.mark.parametrize("capacity_factor", [1.25, None])
+def test_moe_model_under_torch_compile_fullgraph(capacity_factor):
+    """A GPT with MoE blocks (capacity or dropless) compiles as one graph (aot_eager: fake tensors and autograd of
+    every op) and gives the eager logits and gradients; switching MoE off recompiles instead of reading a device
+    flag in forward."""
     model = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": _router(),
-                                    "model.moe.num_experts": 4, "model.moe.every": 2})
+                                    "model.moe.num_experts": 4, "model.moe.every": 2,
+                                    "model.moe.capacity_factor": capacity_factor})
     x = torch.randint(0, 257, (2, 8))
     eager = model(x)
     g_eager = torch.autograd.grad(eager.square().mean(), list(model.parameters()), allow_unused=True)

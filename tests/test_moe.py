@@ -1,5 +1,6 @@
 """MoE routing reference vs an independent per-token loop (top-k, GShard priority, capacity), gradchecks through
-dispatch/combine and the gate weights, MoEFFN forward/backward, the router providers and bad input."""
+dispatch/combine and the gate weights, MoEFFN forward/backward, the dropless grouped expert FFN (vs a per-expert
+loop; fullgraph torch.compile with inductor), the router providers and bad input."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from apt_kernels.layers.moe import MoEFFN
-from apt_kernels.ops.moe import moe_aux_losses, moe_combine, moe_dispatch, moe_route
+from apt_kernels.ops import moe as moe_ops
+from apt_kernels.ops.moe import moe_aux_losses, moe_combine, moe_dispatch, moe_grouped_ffn, moe_route
 from apt_kernels.reference.moe import (expert_capacity, moe_combine_ref, moe_dispatch_ref, moe_route_ref, router_probs,
                                       topk_ref)
 from apt_kernels.testing import assert_close
@@ -223,6 +225,118 @@ def test_moeffn_matches_per_token_loop():
                     want[t] += r.weights[t, j] * (h @ m.w_out[ex])
         assert_close(y, want)
         assert int(aux["dropped"]) == int(r.dropped)
+
+
+def loop_grouped_ffn(x, offsets, w_in, w_gate, w_out):
+    """Per-expert loop over the packed segments (plain autograd): the definition moe_grouped_ffn must match."""
+    outs = []
+    for e in range(w_in.shape[0]):
+        h = x[int(offsets[e]):int(offsets[e + 1])]
+        up = h @ w_in[e]
+        act = torch.nn.functional.silu(h @ w_gate[e]) * up if w_gate is not None else torch.nn.functional.gelu(up)
+        outs.append(act @ w_out[e])
+    return torch.cat(outs) if outs else x.new_zeros(0, w_out.shape[2])
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("counts", [[3, 0, 7, 1], [5], [0, 0, 2], [0, 0, 0], [1, 1, 1, 1]])
+def test_grouped_ffn_matches_per_expert_loop(activation, counts):
+    """Values and gradients (x and every weight) equal the per-expert loop; empty experts, one expert, no rows."""
+    g = torch.Generator().manual_seed(sum(counts) + len(counts))
+    e, c, f, c_out = len(counts), 5, 7, 3
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    x = torch.randn(sum(counts), c, generator=g, requires_grad=True)
+    w_in = torch.randn(e, c, f, generator=g, requires_grad=True)
+    w_gate = torch.randn(e, c, f, generator=g, requires_grad=True) if activation == "swiglu" else None
+    w_out = torch.randn(e, f, c_out, generator=g, requires_grad=True)
+    leaves = [t for t in (x, w_in, w_gate, w_out) if t is not None]
+    y = moe_grouped_ffn(x, offsets, w_in, w_gate, w_out, activation)
+    want = loop_grouped_ffn(x, offsets, w_in, w_gate, w_out)
+    assert y.shape == (sum(counts), c_out)
+    assert_close(y, want)
+    gy = torch.randn(y.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(want, leaves, gy)):
+        assert_close(a, b)
+    with torch.no_grad():
+        assert_close(moe_grouped_ffn(x, offsets, w_in, w_gate, w_out, activation), want)
+
+
+def test_grouped_ffn_gradcheck_and_opcheck():
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([0, 0, 5, 7])
+    x = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w_in, w_gate = (torch.randn(3, 3, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    w_out = torch.randn(3, 4, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: moe_grouped_ffn(a[0], offsets, *a[1:], "swiglu"),
+                                    (x, w_in, w_gate, w_out))
+    assert torch.autograd.gradcheck(lambda a, b, d: moe_grouped_ffn(a, offsets, b, None, d, "gelu"), (x, w_in, w_out))
+    for gate in (w_gate, None):
+        torch.library.opcheck(moe_ops._grouped_ffn_op, (x, offsets, w_in, gate, w_out))
+        saved = [t.detach() for t in moe_ops._grouped_ffn_op(x, offsets, w_in, gate, w_out)[1:]]
+        torch.library.opcheck(moe_ops._grouped_ffn_bwd_op,
+                              (torch.randn(7, 2, dtype=torch.float64, generator=g), *saved, w_in.detach(),
+                               None if gate is None else gate.detach(), w_out.detach()))
+
+
+def test_grouped_ffn_bad_inputs():
+    x, off = torch.randn(6, 4), torch.tensor([0, 2, 6])
+    w, wo = torch.randn(2, 4, 5), torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="activation"):
+        moe_grouped_ffn(x, off, w, w, wo, "relu")
+    with pytest.raises(ValueError, match="w_gate"):
+        moe_grouped_ffn(x, off, w, None, wo, "swiglu")
+    with pytest.raises(TypeError, match="offsets"):
+        moe_grouped_ffn(x, off.int(), w, w, wo)
+    with pytest.raises(ValueError, match="offsets"):
+        moe_grouped_ffn(x, torch.tensor([0]), w, w, wo)
+    with pytest.raises(TypeError, match="w_out"):
+        moe_grouped_ffn(x, off, w, w, wo.double())
+    with pytest.raises(ValueError, match="w_in"):
+        moe_grouped_ffn(x, off, w.to("meta"), w, wo)
+    with pytest.raises(ValueError, match="weights"):
+        moe_grouped_ffn(x, off, torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.randn(3, 5, 4))
+
+
+def _compiled_vs_eager(m, shapes, dynamic, backend="inductor"):
+    """A fullgraph compile (default: inductor) of MoEFFN (output + aux losses) equals eager, values and gradients to
+    x and every parameter, for each input shape in turn; returns the number of compiled frames."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def f(x):
+        y, aux = m(x)
+        return y, aux["balance_loss"] + aux["z_loss"]
+
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(f, backend=counter, fullgraph=True, dynamic=dynamic)
+    for i, shape in enumerate(shapes):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(i), requires_grad=True)
+        leaves = [x] + list(m.parameters())
+        results = []
+        for fn in (f, compiled):
+            y, loss = fn(x)
+            results.append([y.detach(), loss.detach()] +
+                           list(torch.autograd.grad(y.square().sum() + loss, leaves)))
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a)
+    return counter.frame_count
+
+
+@pytest.mark.parametrize("activation,e,k,shape,shared,backend", [("swiglu", 4, 2, (2, 16, 32), False, "inductor"),
+                                                                ("gelu", 1, 1, (1, 1, 32), True, "aot_eager")])
+def test_moeffn_dropless_compiles_fullgraph(activation, e, k, shape, shared, backend):
+    """Dropless mode under fullgraph torch.compile (static shapes): the per-expert row counts are data, the grouped
+    FFN custom op keeps them out of the graph's shapes. Edge cases (E = k = 1, one token) with aot_eager to save
+    an inductor compile: the shapes are traced the same way."""
+    torch.manual_seed(11)
+    m = MoEFFN(32, 64, e, k=k, capacity_factor=None, activation=activation, shared_expert=shared)
+    assert _compiled_vs_eager(m, [shape], dynamic=False, backend=backend) == 1
+
+
+def test_moeffn_dropless_compiles_fullgraph_dynamic():
+    """dynamic=True: one graph serves several token counts (k = E: every expert takes every token)."""
+    torch.manual_seed(12)
+    m = MoEFFN(32, 64, 3, k=3, capacity_factor=None, activation="swiglu")
+    assert _compiled_vs_eager(m, [(2, 8, 32), (3, 5, 32)], dynamic=True) == 1
 
 
 def test_moeffn_temperature_and_capacity_are_mutable():

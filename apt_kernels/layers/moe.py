@@ -1,8 +1,9 @@
 """``MoEFFN``: a mixture-of-experts feed-forward block (top-k router, expert capacity, SwiGLU/GELU experts).
 
 The experts' weights are stacked (E, C, F) / (E, F, C) parameters, so all experts run as one batched GEMM
-(``torch.bmm``) over the (E, cap, C) dispatch buffer. Dropless mode packs rows by expert and pads each expert's
-segment to the largest one (one host sync for that size) before the same bmm, again with no loop over experts.
+(``torch.bmm``) over the (E, cap, C) dispatch buffer. Dropless mode packs rows by expert; ``moe_grouped_ffn`` (a
+custom op, so the data-dependent segment sizes never reach a compiled graph) pads each expert's segment to the
+largest one (one host sync for that size) before the same bmm, again with no loop over experts.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.moe import IMPLS, moe_aux_losses, moe_combine, moe_dispatch, moe_route
+from ..ops.moe import IMPLS, moe_aux_losses, moe_combine, moe_dispatch, moe_grouped_ffn, moe_route
 from ..reference.moe import Routing
 
 __all__ = ["MoEFFN", "OpsRouter"]
@@ -144,16 +145,8 @@ class MoEFFN(nn.Module):
             w_gate = self.w_gate.to(buf.dtype)
         if routing.capacity is not None:
             return _expert_ffn(buf, w_in, w_gate, w_out, self.activation)
-        # dropless: packed rows sorted by expert -> pad each expert's segment to the longest, bmm, unpad
-        e, c = self.num_experts, buf.shape[1]
-        width = max(int(routing.kept_per_expert.max()), 1) if buf.shape[0] else 1
-        expert_of_row = torch.repeat_interleave(torch.arange(e, device=buf.device), routing.kept_per_expert,
-                                                output_size=buf.shape[0])
-        pos_of_row = torch.arange(buf.shape[0], device=buf.device) - routing.offsets[expert_of_row]
-        padded_row = expert_of_row * width + pos_of_row
-        padded = buf.new_zeros(e * width, c).index_copy(0, padded_row, buf).view(e, width, c)
-        out = _expert_ffn(padded, w_in, w_gate, w_out, self.activation)
-        return out.view(e * width, c).index_select(0, padded_row)
+        # dropless: packed rows sorted by expert, per-expert counts data-dependent -> the grouped-FFN custom op
+        return moe_grouped_ffn(buf, routing.offsets, w_in, w_gate, w_out, self.activation)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         up = self.shared_in(x)

@@ -1,4 +1,5 @@
-"""MoE routing, dispatch and combine: public ops ``moe_route``, ``moe_dispatch``, ``moe_combine``, ``moe_aux_losses``.
+"""MoE routing, dispatch and combine: public ops ``moe_route``, ``moe_dispatch``, ``moe_combine``, ``moe_aux_losses``,
+and ``moe_grouped_ffn`` (the experts' FFN on the packed dropless buffer, one bmm per projection, compilable).
 
 Implementations (``impl``): ``reference`` (pure PyTorch, apt_kernels/reference/moe.py), ``cpu_native`` (C++/OpenMP,
 csrc/moe/moe_cpu.cpp), ``triton`` (apt_kernels/triton/moe.py), ``cuda`` (csrc/moe/moe_cuda.cu); ``auto`` picks the
@@ -15,6 +16,7 @@ import numbers
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import backends
 from .._native import current_stream, native_module, view
@@ -26,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "reference", "cpu_native", "triton", "cuda")
 
-__all__ = ["Routing", "moe_route", "moe_dispatch", "moe_combine", "moe_aux_losses", "impl_status", "resolve_impl",
-           "IMPLS"]
+__all__ = ["Routing", "moe_route", "moe_dispatch", "moe_combine", "moe_grouped_ffn", "moe_aux_losses",
+           "impl_status", "resolve_impl", "IMPLS"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,6 +297,95 @@ def _register_ops(name: str) -> dict[str, Any]:
 OPS: dict[str, dict[str, Any]] = {name: _register_ops(name) for name in _BACKENDS}
 
 
+# ---- grouped expert FFN on the packed dropless buffer ------------------------------------------------------------
+# Expert e's rows are x[offsets[e]:offsets[e+1]]. Eager: scatter the rows into an (E, width, C) zero-padded buffer
+# (width = the largest segment, >= 1; one host sync), one bmm per projection, gather the rows back. The per-expert
+# row counts are data, so this is a custom op: under torch.compile its main output keeps x's static row count and
+# the padding stays inside. The forward op also returns what its backward needs (the padded rows, input and
+# pre-activations, as autograd would save them; their width is an unbacked size in the fake implementation, only
+# ever passed to the backward op). w_gate None means gelu, else swiglu. Not twice differentiable.
+
+def _padded_rows(offsets: torch.Tensor, m: int) -> tuple[torch.Tensor, int]:
+    """Row of each packed row in the (E * width) padded buffer, and width (>= 1)."""
+    counts = offsets[1:] - offsets[:-1]
+    e = counts.shape[0]
+    width = max(int(counts.max()), 1) if m else 1
+    expert_of_row = torch.repeat_interleave(torch.arange(e, device=offsets.device), counts, output_size=m)
+    pos_of_row = torch.arange(m, device=offsets.device) - offsets[expert_of_row]
+    return expert_of_row * width + pos_of_row, width
+
+
+@torch.library.custom_op("apt::moe_grouped_ffn", mutates_args=())
+def _grouped_ffn_op(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
+                    w_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor, torch.Tensor]:
+    """-> out (M, C_out), rows (M,), padded x, up, gate (empty for gelu) and activation (E, width, .)."""
+    e, c = w_in.shape[0], x.shape[1]
+    rows, width = _padded_rows(offsets, x.shape[0])
+    h = x.new_zeros(e * width, c).index_copy_(0, rows, x).view(e, width, c)
+    up = torch.bmm(h, w_in)
+    if w_gate is not None:
+        gate = torch.bmm(h, w_gate)
+        act = F.silu(gate) * up
+    else:
+        gate, act = x.new_empty(0), F.gelu(up)
+    out = torch.bmm(act, w_out)
+    return out.view(e * width, -1).index_select(0, rows), rows, h, up, gate, act
+
+
+@_grouped_ffn_op.register_fake
+def _(x, offsets, w_in, w_gate, w_out):
+    m, c, (e, _, f) = x.shape[0], x.shape[1], w_in.shape
+    width = torch.library.get_ctx().new_dynamic_size(min=1)
+    gate = x.new_empty((e, width, f)) if w_gate is not None else x.new_empty(0)
+    return (x.new_empty((m, w_out.shape[2])), offsets.new_empty((m,)), x.new_empty((e, width, c)),
+            x.new_empty((e, width, f)), gate, x.new_empty((e, width, f)))
+
+
+@torch.library.custom_op("apt::moe_grouped_ffn_backward", mutates_args=())
+def _grouped_ffn_bwd_op(grad_out: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, up: torch.Tensor,
+                        gate: torch.Tensor, act: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
+                        w_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> grad of x (M, C), w_in, w_gate (empty for gelu), w_out; the forward's autograd formulas on the padded
+    buffers (padding rows of h and act are zero, so they add nothing to the weight gradients)."""
+    e, width, c = h.shape
+    g_o = grad_out.new_zeros(e * width, grad_out.shape[1]).index_copy_(0, rows, grad_out).view(e, width, -1)
+    g_w_out = torch.bmm(act.transpose(1, 2), g_o)
+    g_act = torch.bmm(g_o, w_out.transpose(1, 2))
+    ht = h.transpose(1, 2)
+    if w_gate is not None:
+        g_up = g_act * F.silu(gate)
+        g_gate = torch.ops.aten.silu_backward(g_act * up, gate)
+        g_w_gate = torch.bmm(ht, g_gate)
+        g_h = torch.baddbmm(torch.bmm(g_gate, w_gate.transpose(1, 2)), g_up, w_in.transpose(1, 2))
+    else:
+        g_up = torch.ops.aten.gelu_backward(g_act, up)
+        g_w_gate = h.new_empty(0)
+        g_h = torch.bmm(g_up, w_in.transpose(1, 2))
+    g_w_in = torch.bmm(ht, g_up)
+    return g_h.view(e * width, c).index_select(0, rows), g_w_in, g_w_gate, g_w_out
+
+
+@_grouped_ffn_bwd_op.register_fake
+def _(grad_out, rows, h, up, gate, act, w_in, w_gate, w_out):
+    g_w_gate = torch.empty_like(w_gate) if w_gate is not None else h.new_empty(0)
+    return h.new_empty((rows.shape[0], h.shape[2])), torch.empty_like(w_in), g_w_gate, torch.empty_like(w_out)
+
+
+def _grouped_ffn_setup(ctx, inputs, output):
+    _, _, w_in, w_gate, w_out = inputs
+    ctx.has_gate = w_gate is not None
+    ctx.save_for_backward(*output[1:], w_in, w_gate, w_out)
+
+
+def _grouped_ffn_backward(ctx, grad_out, *_):
+    g_x, g_in, g_gate, g_out = _grouped_ffn_bwd_op(grad_out, *ctx.saved_tensors)
+    return g_x, None, g_in, (g_gate if ctx.has_gate else None), g_out
+
+
+_grouped_ffn_op.register_autograd(_grouped_ffn_backward, setup_context=_grouped_ffn_setup)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,6 +490,44 @@ def moe_combine(expert_out: torch.Tensor, routing: Routing, impl: str = "auto") 
     weights = routing.weights.to(_acc_dtype(expert_out.dtype))
     flat = expert_out.reshape(-1, c).contiguous()
     return OPS[impl]["combine"](flat, weights.contiguous(), routing.slot, routing.token_of_slot)
+
+
+def moe_grouped_ffn(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
+                    w_out: torch.Tensor, activation: str = "swiglu") -> torch.Tensor:
+    """Expert FFN on packed rows: rows ``offsets[e]:offsets[e+1]`` of ``x`` (M, C) go through expert e,
+    ``act(x W_in[e]) W_out[e]`` with ``act(u) = silu(x W_gate[e]) * u`` (swiglu) or ``gelu(u)``: (M, C_out).
+
+    ``offsets`` (E+1,) int64 starts at 0 and ends at M (``routing.offsets`` of a dropless routing); ``w_in`` /
+    ``w_gate`` (E, C, F), ``w_out`` (E, F, C_out), all in x's dtype and on its device; ``w_gate`` is None for gelu.
+    All experts run as one batched GEMM per projection. A custom op: the output shapes never depend on the routing,
+    so it compiles (fullgraph, static or dynamic shapes). Differentiable once (x and the weights)."""
+    check_ndim("x", x, 2, "(M, C)")
+    check_float("x", x)
+    if activation not in ("swiglu", "gelu"):
+        raise ValueError(f"activation: expected 'swiglu' or 'gelu', got {activation!r}")
+    if (w_gate is None) != (activation == "gelu"):
+        raise ValueError(f"w_gate: expected {'None' if activation == 'gelu' else 'a tensor'} for {activation}")
+    check_ndim("offsets", offsets, 1, "(E+1,)")
+    if offsets.dtype != torch.int64:
+        raise TypeError(f"offsets: expected int64, got {offsets.dtype}")
+    if offsets.shape[0] < 2:
+        raise ValueError(f"offsets: expected E+1 >= 2 entries, got shape {tuple(offsets.shape)}")
+    e, c = offsets.shape[0] - 1, x.shape[1]
+    for name, t in (("offsets", offsets), ("w_in", w_in), ("w_gate", w_gate), ("w_out", w_out)):
+        if t is None:
+            continue
+        if name != "offsets":
+            check_ndim(name, t, 3, "(E, C, F)" if name != "w_out" else "(E, F, C_out)")
+            if t.dtype != x.dtype:
+                raise TypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected x's device {x.device}, got {t.device}")
+    f = w_in.shape[2]
+    if tuple(w_in.shape) != (e, c, f) or (w_gate is not None and tuple(w_gate.shape) != (e, c, f)) \
+            or tuple(w_out.shape[:2]) != (e, f):
+        raise ValueError(f"weights: expected w_in/w_gate ({e}, {c}, F) and w_out ({e}, F, C_out) for {e} experts "
+                         f"and {c} channels, got w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)}")
+    return _grouped_ffn_op(x, offsets, w_in, w_gate, w_out)[0]
 
 
 def moe_aux_losses(logits: torch.Tensor, routing: Routing) -> dict[str, torch.Tensor]:
