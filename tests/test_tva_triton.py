@@ -48,6 +48,8 @@ def test_triton_low_precision(dtype):
         pytest.skip("the Triton interpreter computes bfloat16 tl.dot wrongly (fine on GPUs)")
     inp = random_tva_inputs(B=1, H=2, Tq=19, D=32, dtype=dtype, pad=True, coef_tensor=True, requires_grad=True)
     _compare(inp, dtype=dtype, window=6, sinks=1)
+    inp = random_tva_inputs(B=1, H=2, Tq=64, D=32, dtype=dtype, coef_tensor=True, requires_grad=True)
+    _compare(inp, dtype=dtype)  # with full (unmasked) blocks
 
 
 def test_triton_no_delta_and_float_coef_and_scale():
@@ -98,10 +100,12 @@ def test_triton_opcheck():
 def test_triton_skips_fully_masked_key_blocks():
     """Keys in blocks that no query of a block can see hold NaN: visiting such a block would poison the output
     (0·NaN in P·V) and dQ; the sink block and the window's blocks are still used."""
-    from apt_kernels.triton.tva import _cfg
+    from apt_kernels.triton.tva import kernel_configs
 
     q = torch.randn(1, 1, 1, 16)
-    bn = _cfg(q, 16)["BLOCK_N"]
+    cfgs = kernel_configs(q.device, q.dtype, 16)
+    bn = cfgs["fwd"].block_n
+    assert cfgs["dq"].block_n == bn
     Tk = 5 * bn
     k, v = torch.randn(1, 1, Tk, 16), torch.randn(1, 1, Tk, 16)
     k[:, :, bn:4 * bn] = float("nan")
@@ -115,3 +119,82 @@ def test_triton_skips_fully_masked_key_blocks():
     (gq,) = torch.autograd.grad(out.sum(), q)
     (eq,) = torch.autograd.grad(tva_attention_ref(q, k0, v0, **kw).sum(), q)
     assert_close(gq, eq, family="attention", grad=True)
+
+
+# Interior ("full") blocks: T of a few blocks so that tiles wholly below the diagonal / inside the window exist and
+# take the unmasked path; Tq < Tk shifts the diagonal; T = 96 is a multiple of every block size used here.
+# (64, 64, False, 2, 40): non-causal, sinks reaching past the window's right edge (once missed by the key ranges).
+FULL_BLOCK_CASES = [  # Tq, Tk, causal, window, sinks, pad, D
+    (96, 96, True, None, 0, False, 32), (37, 101, True, None, 0, False, 24), (80, 100, True, 40, 2, False, 16),
+    (96, 96, True, 33, 20, False, 16), (70, 96, False, 30, 1, False, 16), (64, 64, False, 2, 40, False, 16),
+    (96, 96, True, 24, 3, True, 24)]
+
+
+@pytest.mark.parametrize("blocks", [None, "fwd=32,16,4,2;dkdv=16,32,4,2;dq=16,32,4,2",
+                                    "fwd=16,32,4,2;dkdv=32,16,4,2;dq=32,16,4,2"])
+@pytest.mark.parametrize("Tq,Tk,causal,window,sinks,pad,D", FULL_BLOCK_CASES)
+def test_triton_full_blocks(monkeypatch, blocks, Tq, Tk, causal, window, sinks, pad, D):
+    """Interior blocks with the interpreter's 16x16 blocks and with BLOCK_M != BLOCK_N (as on GPUs, where the
+    full-block bounds of the query and key sides differ)."""
+    if blocks is not None:
+        monkeypatch.setenv("APT_TVA_TRITON_CONFIG", blocks)
+    inp = random_tva_inputs(B=2, H=1, Tq=Tq, Tk=Tk, D=D, pad=pad, coef_tensor=True, requires_grad=True,
+                            seed=Tq + Tk)
+    _compare(inp, causal=causal, window=window, sinks=sinks)
+
+
+def test_triton_full_blocks_skip_the_mask(monkeypatch):
+    """Causal T = 96 in 16x16 blocks: only the 6 diagonal blocks of each kernel go through the mask (21 visited);
+    an all-False padding mask sends every block through it, with the same result."""
+    from apt_kernels.triton import tva
+
+    monkeypatch.delenv("APT_TVA_TRITON_CONFIG", raising=False)
+    calls = [0]
+    visible = tva._visible
+
+    def counting(*args, **kw):
+        calls[0] += 1
+        return visible(*args, **kw)
+
+    monkeypatch.setattr(tva, "_visible", counting)
+    inp = random_tva_inputs(B=1, H=1, Tq=96, D=16, requires_grad=True)
+    qkv = [inp[n] for n in ("q", "k", "v")]
+    go = torch.randn(1, 1, 96, 16)
+    got = []
+    for kpm in (None, torch.zeros(1, 96, dtype=torch.bool)):
+        calls[0] = 0
+        out = tva_attention_triton(*qkv, key_padding_mask=kpm)
+        fwd_calls = calls[0]
+        grads = torch.autograd.grad(out, qkv, go)
+        got.append((fwd_calls, calls[0] - fwd_calls, out, grads))
+    assert got[0][:2] == (6, 12) and got[1][:2] == (21, 42)
+    assert_close(got[0][2], got[1][2], family="attention")
+    for g, e in zip(got[0][3], got[1][3]):
+        assert_close(g, e, family="attention", grad=True)
+
+
+def test_triton_config_override(monkeypatch):
+    from apt_kernels.triton import tva
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("APT_TVA_TRITON_CONFIG", raising=False)
+    assert set(tva.kernel_configs(cpu, torch.float32, 64).values()) == {tva.KernelConfig(16, 16, 4, 1)}
+    monkeypatch.setenv("APT_TVA_TRITON_CONFIG", "fwd=32,16,8,3; dq=16,32,4,2")
+    cfgs = tva.kernel_configs(cpu, torch.float16, 64)
+    assert cfgs["fwd"] == (32, 16, 8, 3) and cfgs["dq"] == (16, 32, 4, 2) and cfgs["dkdv"] == (16, 16, 4, 1)
+    monkeypatch.setitem(tva.CONFIG_OVERRIDES, "fwd", (64, 16, 4, 2))  # the dict wins over the variable
+    assert tva.kernel_configs(cpu, torch.float16, 64)["fwd"] == (64, 16, 4, 2)
+    for bad in ("fwd=48,16,4,2", "bwd=16,16,4,2", "fwd=16,16", "fwd", "dq=16,16,3,2"):
+        with pytest.raises(ValueError, match="APT_TVA_TRITON_CONFIG"):
+            tva.parse_config_spec(bad)
+
+
+def test_triton_gpu_configs_fit_shared_memory():
+    """The GPU tables' shared-memory estimates: sm_90 within 227 KB, the default and fp32 tables within ~100 KB
+    (sm_86/89), for every head dim up to 128."""
+    from apt_kernels.triton import tva
+
+    for table, elem, limit in ((tva._SM90_16BIT, 2, 227), (tva._DEFAULT_16BIT, 2, 96), (tva._FP32, 4, 96)):
+        for (kernel, bucket), cfg in table.items():
+            for D in (16, 32, 64) if bucket == 64 else (96, 128):
+                assert tva.smem_estimate(kernel, cfg, D, elem) <= limit * 1024, (kernel, D, cfg)

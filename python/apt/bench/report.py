@@ -111,11 +111,30 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def commit_text(meta: dict[str, Any]) -> str:
+    """The commit of a run as the report says it: where it was read from, and the build-time commit labelled as
+    such when it adds something (no checkout answered, or the working tree has moved on since the build)."""
+    commit = str(meta.get("git_commit") or "unknown")
+    source, built = meta.get("git_commit_source"), meta.get("build_commit")
+    text = f"commit `{commit}`" + (f" ({source})" if source else "")
+    if built and built != commit:
+        text += f"; package built from `{built}` (recorded at build time; the working tree may differ)"
+    return text
+
+
+def short_commit(meta: dict[str, Any]) -> str:
+    """A dozen characters of the run's commit for a table cell; the build-time one, marked, when nothing else."""
+    commit = str(meta.get("git_commit") or "unknown")
+    if commit == "unknown" and meta.get("build_commit"):
+        return f"`{str(meta['build_commit'])[:12]}` (build)"
+    return f"`{commit[:12]}`"
+
+
 def render_markdown(run: BenchRun, heading_level: int = 2, title: Optional[str] = None) -> str:
     m = run.meta
     h = "#" * heading_level
     lines = [f"{h} {title or 'apt bench'} — {m.get('device_name', '?')}", ""]
-    lines.append(f"- when: {m.get('timestamp', '?')}; commit `{m.get('git_commit', 'unknown')}`; "
+    lines.append(f"- when: {m.get('timestamp', '?')}; {commit_text(m)}; "
                  f"apt {m.get('apt', '?')}, torch {m.get('torch', '?')}, triton {m.get('triton') or 'none'}"
                  + (" (TRITON_INTERPRET=1)" if m.get("triton_interpret") else ""))
     lines.append(f"- device: {m.get('device_type', '?')}; CPU threads {m.get('cpu_threads', '?')}"
@@ -291,7 +310,7 @@ def render_results(results_dir: str | os.PathLike) -> str:
     lines.append("|---|---|---|---|")
     for f, run in runs:
         lines.append(f"| {f.name} | {run.meta.get('device_name', '?')} | {run.meta.get('timestamp', '?')} | "
-                     f"`{str(run.meta.get('git_commit', 'unknown'))[:12]}` |")
+                     f"{short_commit(run.meta)} |")
     lines.append("")
     for f, run in runs:
         lines.append(render_markdown(run, heading_level=2, title=f.name))

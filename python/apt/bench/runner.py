@@ -29,6 +29,7 @@ import os
 import re
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -291,21 +292,83 @@ def upcast(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- environment -------------------------------------------------------------------------------------------
-def git_commit(start: Optional[str] = None) -> str:
-    """The commit of the checkout holding this package (or ``start``), with "+dirty" when it has local changes;
-    "unknown" outside a git checkout."""
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _git(path: str, *args: str) -> Optional[str]:
     import subprocess
 
-    here = start or os.path.dirname(os.path.abspath(__file__))
     try:
-        sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        r = subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def _checkout_commit(path: str) -> Optional[str]:
+    """HEAD of the git checkout holding ``path``, with "+dirty" when tracked files have local changes."""
+    sha = _git(path, "rev-parse", "HEAD")
+    if not sha:
+        return None
+    dirty = _git(path, "status", "--porcelain", "--untracked-files=no")
+    return sha + ("+dirty" if dirty else "")
+
+
+def _project_checkout(path: str) -> Optional[str]:
+    """The top of the git checkout holding ``path`` when that checkout is this project's (its pyproject.toml names
+    the apt-kernels distribution), else None: never the commit of some unrelated repository around a venv."""
+    top = _git(path, "rev-parse", "--show-toplevel")
+    if not top:
+        return None
+    try:
+        with open(os.path.join(top, "pyproject.toml"), encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return top if re.search(r'(?m)^name\s*=\s*"apt-kernels"\s*$', text) else None
+
+
+def build_commit() -> Optional[str]:
+    """The commit the installed package was built from (recorded in apt_kernels/_build_info.py by the wheel build,
+    with "+dirty" for uncommitted changes then), or None for an in-place build or one from outside a checkout."""
+    try:
+        from apt_kernels import _build_info  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    sha = getattr(_build_info, "GIT_COMMIT", None)
+    if not sha:
+        return None
+    return str(sha) + ("+dirty" if getattr(_build_info, "GIT_DIRTY", False) else "")
+
+
+def commit_info(cwd: Optional[str] = None) -> dict[str, Optional[str]]:
+    """Which commit a run comes from, and how that is known:
+
+    * ``git_commit``: the checkout holding the running package (a source tree or an editable install:
+      ``git_commit_source`` "package checkout"), else the checkout of the working directory when it is this
+      project's (after a plain ``pip install .`` run inside the checkout: "working-directory checkout"; the
+      installed package may have been built from another commit), else "unknown" (source None);
+    * ``build_commit``: the commit the installed package was built from, whatever the working tree holds now; None
+      without a wheel's record."""
+    out: dict[str, Optional[str]] = {"git_commit": "unknown", "git_commit_source": None,
+                                     "build_commit": build_commit()}
+    top = _project_checkout(_PACKAGE_DIR)
+    # the package must be the checkout's own python/apt, not a venv's site-packages that happens to lie inside it
+    if top and Path(_PACKAGE_DIR).resolve().is_relative_to(Path(top).resolve() / "python" / "apt"):
+        out["git_commit"], out["git_commit_source"] = _checkout_commit(top) or "unknown", "package checkout"
+        return out
+    top = _project_checkout(cwd or os.getcwd())
+    if top:
+        out["git_commit"], out["git_commit_source"] = _checkout_commit(top) or "unknown", "working-directory checkout"
+    return out
+
+
+def git_commit(start: Optional[str] = None) -> str:
+    """The commit of the checkout holding ``start`` ("+dirty" with local changes; "unknown" outside a checkout),
+    or without ``start`` the one :func:`commit_info` reports."""
+    if start is not None:
+        return _checkout_commit(start) or "unknown"
+    return commit_info()["git_commit"] or "unknown"
 
 
 def auto_threads() -> int:
@@ -346,7 +409,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "triton": backends.triton_version(),
         "triton_interpret": backends.triton_interpret(),
         "apt": apt_version,
-        "git_commit": git_commit(),
+        **commit_info(),
     }
     return meta
 
