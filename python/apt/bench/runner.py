@@ -331,8 +331,10 @@ def _project_checkout(path: str) -> Optional[str]:
 def build_commit() -> Optional[str]:
     """The commit the installed package was built from (recorded in apt_kernels/_build_info.py by the wheel build,
     with "+dirty" for uncommitted changes then), or None for an in-place build or one from outside a checkout."""
+    import importlib
+
     try:
-        from apt_kernels import _build_info  # type: ignore[attr-defined]
+        _build_info = importlib.import_module("apt_kernels._build_info")
     except ImportError:
         return None
     sha = getattr(_build_info, "GIT_COMMIT", None)
