@@ -24,7 +24,10 @@ def _compare(inp, dtype=torch.float32, **kw):
 
 @pytest.mark.parametrize("causal,window,sinks,pad,extra", [
     (True, None, 0, False, 0), (True, None, 0, True, 70), (True, 20, 0, False, 0), (True, 9, 2, True, 0),
-    (True, 30, 70, False, 13), (False, None, 0, True, 5), (False, 17, 1, True, 66), (False, 40, 0, False, 0)])
+    (True, 30, 70, False, 13), (False, None, 0, True, 5), (False, 17, 1, True, 66), (False, 40, 0, False, 0),
+    # non-causal, sinks past the window's right edge: the key range and the dK/dV query range used to stop at the
+    # window and miss them (o off by 0.8)
+    (False, 5, 120, False, 0), (False, 6, 100, True, 9)])
 def test_cpu_matches_reference(causal, window, sinks, pad, extra):
     # T = 131 crosses two 64-row blocks and ends in a partial one; D = 24
     inp = random_tva_inputs(B=2, H=2, Tq=131, Tk=131 + extra, D=24, pad=pad, coef_tensor=True, requires_grad=True,

@@ -13,7 +13,7 @@ from apt_kernels.testing import assert_close
 cuda = pytest.mark.cuda
 
 MASKS = [(True, None, 0, False, 0), (True, None, 0, True, 40), (True, 50, 3, True, 0), (False, None, 0, True, 7),
-         (False, 33, 1, False, 0)]
+         (False, 33, 1, False, 0), (False, 6, 130, False, 0)]  # the last: sinks past the window's right edge
 
 
 def _impls():

@@ -50,7 +50,9 @@ APT_HD KeyBlocks key_blocks(const MaskSpec& m, int64_t m0, int64_t bm, int64_t b
   int64_t lo = 0;
   if (m.window > 0) {
     lo = imax(0, p_min - m.window + 1);
-    if (!m.causal) hi = imin(m.Tk, p_max + m.window);
+    // non-causal: sinks past the window's right edge stay visible (the main run, which starts at or before them
+    // whenever sinks > lo, reaches them)
+    if (!m.causal) hi = imax(imin(m.Tk, p_max + m.window), imin(m.sinks, m.Tk));
   }
   int64_t sink_hi = imin(imin(m.sinks, lo), hi);
   KeyBlocks r;
@@ -66,7 +68,7 @@ APT_HD void query_range(const MaskSpec& m, int64_t n0, int64_t bn, int64_t* i_lo
   int64_t n_max = imin(n0 + bn, m.Tk) - 1;
   int64_t p_lo = 0;
   if (m.causal) p_lo = n0;
-  else if (m.window > 0) p_lo = n0 - m.window + 1;
+  else if (m.window > 0) p_lo = n0 < m.sinks ? 0 : n0 - m.window + 1;  // a block holding sinks: every query
   int64_t p_hi = m.Tk;
   if (m.window > 0 && n0 >= m.sinks) p_hi = imin(m.Tk, n_max + m.window);
   *i_lo = imax(p_lo - off, 0);
