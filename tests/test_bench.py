@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from apt.bench import fakes, peaks, report, runner
+from apt.bench import targets as tg
 from apt.bench.cases import get_case
 from apt.bench.cases.router import capacity
 from apt.cli.main import main
@@ -386,3 +387,257 @@ def test_bench_provider_names_valid_for_one_kind_are_accepted():
         runner.check_provider_names(["scan"], ["torch_sdpa"], reg)  # an attention peer, not a scan one
     with pytest.raises(ValueError, match="'bogus'"):
         runner.run_benchmarks(["scan"], "cpu", registry=reg, providers=["bogus"], measure_cpu_bandwidth=False)
+
+
+# ---- performance targets (apt bench --targets) -------------------------------------------------------------
+def _trow(provider, t, mode="fwd", ref=False, status="ok", reason="", kind="scan", metric="GB/s", value=None):
+    """A result row at one shape: timed in ``t`` seconds (None: not timed), or, with mode None, a provider that
+    could not run at all."""
+    return runner.BenchResult(kind=kind, mode=mode, provider=provider, status=status, reason=reason,
+                              shape_label="" if mode is None else "batch=1 dim=4 N=4 L=8", is_reference=ref,
+                              timing=None if t is None else runner.TimingStats([t]).as_dict(), metric=metric,
+                              metric_value=value)
+
+
+_TROWS = [_trow("ref", 10e-3, ref=True), _trow("fast", 1e-3), _trow("slow", 20e-3),
+          _trow("bad", None, status="wrong", reason="y: max abs diff 0.5"),
+          _trow("picky", None, status="unsupported", reason="no fp64"),
+          _trow("gone", None, mode=None, status="unavailable", reason="gone is not installed"),
+          _trow("ref", 40e-3, mode="experts", ref=True)]
+
+
+@pytest.mark.parametrize("check, verdict, value, fragments", [
+    (tg.speedup(["fast"], "fwd", at_least=5), "MET", 10.0, ["10.0× (fast 1 ms, ref 10 ms)"]),
+    (tg.speedup(["fast"], "fwd", at_least=20), "NOT MET", 10.0, ["10.0×"]),
+    (tg.speedup(["slow"], "fwd", "fast", at_least=1), "NOT MET", 0.05, ["0.05× (slow 20 ms, fast 1 ms)"]),
+    # the best of several: the fastest counts, the others' reasons are noted
+    (tg.speedup(["gone", "slow", "fast"], "fwd", at_least=5), "MET", 10.0,
+     ["best of gone, slow, fast: fast", "gone unavailable: gone is not installed"]),
+    (tg.time_within(["slow"], "fwd", "ref", at_most=1.15), "NOT MET", 2.0, ["2.00×"]),
+    (tg.time_within(["fast"], "fwd", "ref", at_most=1.15), "MET", 0.1, []),
+    # a share of another mode's time (the router's dispatch+combine vs the expert GEMM)
+    (tg.time_share(["fast"], "fwd", tg.REFERENCE, "experts", under=0.10), "MET", 0.025,
+     ["2.5% (fast 1 ms, ref 40 ms)"]),
+    (tg.time_share(["ref"], "fwd", tg.REFERENCE, "experts", under=0.10), "NOT MET", 0.25, ["25.0%"]),
+    # a wrong provider fails its target; one that cannot run makes it unmeasurable, with the reason
+    (tg.speedup(["bad"], "fwd", at_least=1), "NOT MET", None, ["bad gives wrong results (y: max abs diff 0.5)"]),
+    (tg.speedup(["gone"], "fwd", at_least=1), "NOT MEASURABLE", None, ["gone unavailable: gone is not installed"]),
+    (tg.speedup(["picky"], "fwd", at_least=1), "NOT MEASURABLE", None, ["picky unsupported: no fp64"]),
+    (tg.speedup(["fast"], "fwd", "mamba_ssm", at_least=1), "NOT MEASURABLE", None, ["mamba_ssm is not registered"]),
+    (tg.speedup(["fast"], "fwd+bwd", at_least=1), "NOT MEASURABLE", None, ["fast is not registered"]),
+])
+def test_target_check_verdicts(check, verdict, value, fragments):
+    out = check(_TROWS, {"device_type": "cpu"})
+    assert out.verdict == verdict, out
+    assert (out.value is None) if value is None else out.value == pytest.approx(value)
+    text = out.measured + " | " + out.reason
+    assert all(f in text for f in fragments), text
+    assert (out.measured == "-") == (value is None)
+
+
+def test_target_bandwidth_check():
+    rows = [_trow("ref", 1.0, ref=True, value=10.0), _trow("fast", 0.1, value=3000.0), _trow("slow", 0.2, value=1500.0)]
+    check = tg.bandwidth(["slow", "fast"], "fwd", at_least_pct=60)
+    assert check.threshold == "≥ 60% of HBM bandwidth"
+    out = check(rows, {"device_type": "cpu"})
+    assert out.verdict == "NOT MEASURABLE" and "needs a CUDA device" in out.reason
+    cuda = {"device_type": "cuda", "device_name": "NVIDIA GeForce GTX 1080", "peaks": {"scan": {"GBps": None}}}
+    out = check(rows, cuda)
+    assert out.verdict == "NOT MEASURABLE" and "no peak bandwidth known for this device (NVIDIA GeForce" in out.reason
+    h200 = {"device_type": "cuda", "device_name": "NVIDIA H200", "peaks": {"scan": {"GBps": 4800.0}}}
+    out = check(rows, h200)
+    assert out.verdict == "MET" and out.value == pytest.approx(62.5)
+    assert "62.5% (3000 of 4800 GB/s, fast)" in out.measured
+    out = check(rows, {**h200, "peaks": {"scan": {"GBps": 6000.0}}})
+    assert out.verdict == "NOT MET" and out.value == pytest.approx(50.0)
+
+
+def _tiny_target(name, check, providers, device="cpu", modes=("fwd",), kind="scan", shape=None):
+    return tg.Target(name, kind, device, 3, f"the issue's words for {name}", f"title of {name}",
+                     shape or dict(TINY[kind][0]), tuple(modes), tuple(providers), check)
+
+
+def test_evaluate_a_check_that_raises_is_not_measurable():
+    def boom(rows, meta):
+        raise KeyError("peaks")
+
+    res = tg.evaluate(_tiny_target("boom", tg.Check("≥ 1", boom), ["fast"]), _TROWS, {"device_name": "CPU x"}, "s")
+    assert res.verdict == "NOT MEASURABLE" and "the check failed: KeyError" in res.reason and res.measured_on == "CPU x"
+
+
+class _FastScan(fakes.FakeScan):
+    name, is_default = "fake_fast", False
+
+
+def _tiny_targets():
+    """Deterministic verdicts whatever the timings: thresholds far from any ratio two equal fakes can have."""
+    scan = [
+        _tiny_target("scan.met", tg.speedup(["fake_fast"], "fwd", at_least=1e-6), ["fake_fast"]),
+        _tiny_target("scan.not_met", tg.speedup(["fake_fast"], "fwd", at_least=1e6), ["fake_fast"]),
+        _tiny_target("scan.wrong", tg.speedup(["fake_wrong"], "fwd+bwd", at_least=1e-6), ["fake_wrong"],
+                     modes=("fwd+bwd",)),
+        _tiny_target("scan.peer", tg.speedup(["fake_fast"], "fwd", "mamba_ssm", at_least=1),
+                     ["fake_fast", "mamba_ssm"]),
+        _tiny_target("scan.gpu", tg.speedup(["fake_fast"], "fwd", at_least=1), ["fake_fast"], device="cuda"),
+    ]
+    router = [_tiny_target("router.met", tg.time_share(["fake_ref"], "dispatch+combine", tg.REFERENCE, "experts",
+                                                       under=1e6), ["fake_ref"], kind="router",
+                           modes=("dispatch+combine", "experts"))]
+    return scan, router
+
+
+def test_run_targets_with_fakes():
+    scan, router = _tiny_targets()
+    reg = fakes.fake_registry(fakes.FakeScan, fakes.FakeScanWrong, _FastScan, fakes.FakeRouter)
+    run = tg.run_targets(["scan", "router"], "cpu", targets=scan + router, registry=reg, warmup=0, repeats=2,
+                         budget_s=0.05, progress=lambda s: None, measure_cpu_bandwidth=False)
+    got = {t.name: t for t in run.targets}
+    assert [t.name for t in run.targets] == [t.name for t in scan + router]
+    assert {n: t.verdict for n, t in got.items()} == {
+        "scan.met": "MET", "scan.not_met": "NOT MET", "scan.wrong": "NOT MET", "scan.peer": "NOT MEASURABLE",
+        "scan.gpu": "NOT MEASURABLE", "router.met": "MET"}
+    assert "mamba_ssm unavailable: mamba_ssm runs on CUDA only" in got["scan.peer"].reason
+    assert got["scan.gpu"].reason.startswith("needs a CUDA device") and got["scan.gpu"].measured_on == ""
+    assert "gives wrong results" in got["scan.wrong"].reason and got["scan.met"].measured_on.startswith("CPU")
+    assert got["scan.met"].shape_label == "batch=1 dim=4 N=4 L=8"
+    assert got["scan.met"].threshold == "≥ 1e-06× vs the reference"
+    # the four CPU scan targets share a shape: one runner call, each (provider, mode) measured once
+    rows = [(r.provider, r.mode) for r in run.results if r.kind == "scan"]
+    assert sorted(rows) == sorted([("fake_ref", "fwd"), ("fake_ref", "fwd+bwd"), ("fake_fast", "fwd"),
+                                   ("fake_fast", "fwd+bwd"), ("fake_wrong", "fwd"), ("fake_wrong", "fwd+bwd"),
+                                   ("mamba_ssm", None)])
+    assert all(r.peak_mem_bytes is None for r in run.results)  # no memory calls in a targets run
+    assert {(r.provider, r.mode) for r in run.results if r.kind == "router"} == {
+        ("fake_ref", "dispatch+combine"), ("torch.bmm", "experts")}
+    assert run.meta["targets_only"] and "batch=1 dim=4 N=4 L=8" in run.meta["grids"]["scan"]["doc"]
+    with pytest.raises(ValueError, match="unique"):
+        tg.run_targets(["scan"], "cpu", targets=scan[:1] * 2, registry=reg, measure_cpu_bandwidth=False)
+
+
+def test_slow_correctness_call_is_the_warmup():
+    import time as _time
+
+    class Slow(fakes.FakeScan):
+        name, is_default, calls = "slow_ref", True, 0
+
+        def selective_scan_fn(self, *a, **kw):
+            type(self).calls += 1
+            _time.sleep(0.06)
+            return super().selective_scan_fn(*a, **kw)
+
+    rows = runner.run_case(get_case("scan"), "cpu", registry=fakes.fake_registry(Slow), shapes=TINY["scan"],
+                           modes=["fwd"], warmup=2, repeats=10, budget_s=0.05, measure_memory=False,
+                           include_peers=False, progress=lambda s: None)
+    assert rows[0].status == "ok" and rows[0].timing["warmup"] == 0 and rows[0].timing["n"] == 3
+    assert Slow.calls == 1 + 3  # the correctness call, then the minimum of timed calls; no warm-up call
+    rows = runner.run_case(get_case("scan"), "cpu", registry=fakes.fake_registry(fakes.FakeScan), shapes=TINY["scan"],
+                           modes=["fwd"], warmup=2, repeats=3, budget_s=10.0, measure_memory=False,
+                           include_peers=False, progress=lambda s: None)
+    assert rows[0].timing["warmup"] == 2
+
+
+def _targets_run():
+    run = _synthetic_run()
+    base = dict(kind="attention", device="cuda", issue=5, quote="fused TVA fwd+bwd within 1.15× the time of SDPA",
+                shape=dict(B=1, H=1, T=64, D=8), shape_label="B=1 H=1 T=64 D=8", modes=["tva fwd+bwd"],
+                providers=["fast"], threshold="time ≤ 1.15× torch_sdpa's")
+    run.targets = [
+        runner.TargetResult(name="a.met", title="fast vs sdpa", verdict="MET", measured="0.50× (fast 1 ms, sdpa 2 ms)",
+                            value=0.5, measured_on="NVIDIA H100 80GB HBM3", **base),
+        runner.TargetResult(name="a.gone", title="gone vs sdpa", verdict="NOT MEASURABLE",
+                            reason="gone unavailable: needs a GPU", measured_on="NVIDIA H100 80GB HBM3", **base),
+        runner.TargetResult(name="s.cpu", title="cpu_native vs the reference", verdict="NOT MEASURABLE",
+                            reason="a CPU target (run with --device cpu)",
+                            **{**base, "kind": "scan", "device": "cpu", "issue": 3, "quote": "CPU native ≥ 10×"}),
+    ]
+    return run
+
+
+def test_targets_markdown_json_and_results_report(tmp_path):
+    run = _targets_run()
+    md = report.render_markdown(run)
+    assert md.index("### Targets") < md.index("### Providers not run") < md.index("### attention: causal fwd")
+    assert "(1 MET, 0 NOT MET, 2 NOT MEASURABLE)" in md
+    assert "| target | device | shape | measured | threshold | verdict |" in md
+    assert ("| attention: fast vs sdpa (#5) | NVIDIA H100 80GB HBM3 | B=1 H=1 T=64 D=8 | 0.50× (fast 1 ms, sdpa 2 ms) "
+            "| time ≤ 1.15× torch_sdpa's | **MET** |") in md
+    assert "| CPU | B=1 H=1 T=64 D=8 | - | time ≤ 1.15× torch_sdpa's | **NOT MEASURABLE**: a CPU target" in md
+    assert md.count("- #5: “fused TVA fwd+bwd within 1.15× the time of SDPA”") == 1 and "- #3: “CPU native ≥ 10×”" in md
+    assert "### Targets" not in report.render_markdown(_synthetic_run())
+    # JSON: a "targets" list next to the results, read back as the same records; absent without --targets
+    p = report.write_json(run, tmp_path / "results" / "t.json")
+    data = json.loads(p.read_text())
+    assert [t["verdict"] for t in data["targets"]] == ["MET", "NOT MEASURABLE", "NOT MEASURABLE"]
+    assert report.load_json(p).targets == run.targets
+    assert "targets" not in _synthetic_run().as_dict() and report.load_json(
+        report.write_json(_synthetic_run(), tmp_path / "plain.json")).targets is None
+    # benchmarks/RESULTS.md: the targets of the files that have them
+    report.write_json(_synthetic_run(), tmp_path / "results" / "plain.json")
+    text = report.render_results(tmp_path / "results")
+    assert "| file | device | when | commit | targets |" in text
+    assert "| t.json | NVIDIA H100 80GB HBM3 |" in text and "| 1 MET, 0 NOT MET, 2 NOT MEASURABLE |" in text
+    assert "`abc123` | - |" in text and text.count("### Targets") == 1
+
+
+def test_apt_bench_targets_end_to_end(tmp_path, monkeypatch, capsys):
+    from apt.bench.cases.attention import AttentionCase
+    from apt.bench.cases.router import RouterCase
+    from apt.bench.cases.scan import ScanCase
+    from apt.core import registry
+
+    scan, router = _tiny_targets()
+    monkeypatch.setattr(ScanCase, "targets", lambda self: scan)
+    monkeypatch.setattr(RouterCase, "targets", lambda self: router)
+    monkeypatch.setattr(AttentionCase, "targets", lambda self: [])
+    monkeypatch.setattr(registry, "REGISTRY", fakes.fake_registry(*fakes.ALL_FAKES, _FastScan))
+    out, results = tmp_path / "out", tmp_path / "results"
+    argv = ["bench", "--targets", "--device", "cpu", "--repeats", "2", "--warmup", "0", "--budget", "0.05",
+            "--no-plots", "--out", str(out), "--save", "--results-dir", str(results)]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "### Targets" in stdout and "apt bench: targets: 2 MET, 2 NOT MET, 2 NOT MEASURABLE" in stdout
+    data = json.loads((out / "bench.json").read_text())
+    assert {t["name"]: t["verdict"] for t in data["targets"]}["scan.gpu"] == "NOT MEASURABLE"
+    assert {r["provider"] for r in data["results"]} >= {"fake_ref", "fake_fast", "torch.bmm"}
+    md = (out / "bench.md").read_text()
+    assert md.index("### Targets") < md.index("### scan: fwd (float32)")
+    assert "**NOT MEASURABLE**: needs a CUDA device" in md
+    saved = list(results.glob("cpu_*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["targets"] == data["targets"]
+    assert main(["bench", "--report", "--results-dir", str(results), "--report-out", str(tmp_path / "R.md")]) == 0
+    text = (tmp_path / "R.md").read_text()
+    assert "### Targets" in text and "| 2 MET, 2 NOT MET, 2 NOT MEASURABLE |" in text
+    # --list --targets says what would run, and runs nothing
+    assert main(["bench", "--targets", "--list", "--kind", "scan", "--device", "cpu"]) == 0
+    listing = capsys.readouterr().out
+    assert "scan.met (issue #3; runs): title of scan.met at batch=1 dim=4 N=4 L=8" in listing
+    assert "scan.gpu (issue #3; not run: needs a CUDA device" in listing
+
+
+@pytest.mark.parametrize("flag", [["--quick"], ["--providers", "fake_ref"], ["--max-shapes", "1"], ["--no-peers"]])
+def test_apt_bench_targets_rejects_grid_flags(flag, tmp_path, capsys):
+    assert main(["bench", "--targets", "--device", "cpu", "--out", str(tmp_path / "o"), "-q", *flag]) == 2
+    assert f"cannot be combined with {flag[0]}" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_the_issues_targets_are_well_formed():
+    """The real target list: unique names, the issues' shapes, and only provider/peer names the kinds know."""
+    from apt.bench import peers
+    from apt.core import registry
+
+    every = tg.all_targets(["attention", "router", "scan"])
+    assert len({t.name for t in every}) == len(every)
+    by = {t.name: t for t in every}
+    assert by["scan.cpu.fwd+bwd"].shape == dict(batch=2, dim=768, N=16, L=2048)
+    assert by["scan.cpu.fwd"].threshold == "≥ 10× vs the reference"
+    assert by["router.cpu.dispatch+combine"].shape == dict(N=4096, C=1024, E=8, k=2, F=2048)
+    assert by["router.cuda.triton.share_of_experts"].shape["N"] == 16384
+    att = [t for t in every if t.kind == "attention"]
+    assert {(t.shape["T"], t.shape["D"]) for t in att} == {(4096, 64), (8192, 64), (4096, 128), (8192, 128)}
+    assert all(t.shape["B"] * t.shape["T"] == 16384 and t.shape["H"] * t.shape["D"] == 2048 for t in att)
+    assert {t.device for t in every} == {"cpu", "cuda"} and {t.issue for t in every} == {3, 4, 5}
+    for t in every:
+        case = get_case(t.kind)
+        known = {i.name for i in registry.list_providers(t.kind)} | {p.name for p in peers.peers_for(t.kind)}
+        assert set(t.providers) <= known, (t.name, set(t.providers) - known)
+        assert set(t.modes) <= set(case.modes) and t.quote and t.threshold

@@ -5,6 +5,8 @@ Columns: ``median`` time with the inter-quartile range; the kind's metric (TFLOP
 against the device's datasheet peak (compute-bound modes) or bandwidth (memory-bound modes; on the CPU the measured
 copy bandwidth); ``vs ref`` = reference time / provider time (> 1: faster than the reference); ``vs best`` =
 provider time / fastest time at that shape (1.00 = fastest); peak memory as defined in :mod:`apt.bench.runner`.
+A run of ``apt bench --targets`` starts with a "Targets" table: each performance target of the issues, what was
+measured, its threshold and MET / NOT MET / NOT MEASURABLE with the reason (:mod:`apt.bench.targets`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .runner import BenchResult, BenchRun
+from .runner import VERDICTS, BenchResult, BenchRun, TargetResult
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,9 @@ def _fmt_time(s: Optional[float]) -> str:
     if s >= 1e-3:
         return f"{s * 1e3:.3g} ms"
     return f"{s * 1e6:.3g} µs"
+
+
+fmt_time = _fmt_time
 
 
 def _fmt_metric(v: Optional[float], metric: str) -> str:
@@ -130,6 +135,32 @@ def short_commit(meta: dict[str, Any]) -> str:
     return f"`{commit[:12]}`"
 
 
+def target_summary(targets: Iterable[TargetResult]) -> str:
+    """How many targets got each verdict, e.g. "2 MET, 1 NOT MET, 9 NOT MEASURABLE"."""
+    n = {v: 0 for v in VERDICTS}
+    for t in targets:
+        n[t.verdict] = n.get(t.verdict, 0) + 1
+    return ", ".join(f"{c} {v}" for v, c in n.items())
+
+
+def targets_section(targets: list[TargetResult], h: str = "##") -> list[str]:
+    """The "Targets" table (target, device, shape, measured, threshold, verdict) and the issues' wording."""
+    lines = [f"{h}# Targets", "",
+             f"The performance targets of the project's issues ({target_summary(targets)}); the rows they were "
+             "measured from are in the tables below.", ""]
+    table = []
+    for t in targets:
+        device = t.measured_on if t.measured_on else {"cuda": "CUDA device", "cpu": "CPU"}.get(t.device, t.device)
+        verdict = f"**{t.verdict}**" + (f": {t.reason}" if t.reason else "")
+        table.append([f"{t.kind}: {t.title} (#{t.issue})", device, t.shape_label, t.measured, t.threshold, verdict])
+    lines += _md_table(["target", "device", "shape", "measured", "threshold", "verdict"], table)
+    lines += ["", "In the issues' words:", ""]
+    for issue, quote in dict.fromkeys((t.issue, t.quote) for t in targets):
+        lines.append(f"- #{issue}: “{quote}”")
+    lines.append("")
+    return lines
+
+
 def render_markdown(run: BenchRun, heading_level: int = 2, title: Optional[str] = None) -> str:
     m = run.meta
     h = "#" * heading_level
@@ -139,6 +170,7 @@ def render_markdown(run: BenchRun, heading_level: int = 2, title: Optional[str] 
                  + (" (TRITON_INTERPRET=1)" if m.get("triton_interpret") else ""))
     lines.append(f"- device: {m.get('device_type', '?')}; CPU threads {m.get('cpu_threads', '?')}"
                  + (f"; grid: {'quick' if m.get('quick') else 'full'}" if "quick" in m else "")
+                 + ("; shapes: the issues' performance targets (--targets)" if m.get("targets_only") else "")
                  + (f"; wall time {m['wall_s']:.1f} s" if m.get("wall_s") is not None else ""))
     if m.get("cpu_copy_bandwidth_GBps"):
         lines.append(f"- CPU peak FLOP/s unknown; memory-bound '% peak' is against a measured tensor copy "
@@ -155,6 +187,8 @@ def render_markdown(run: BenchRun, heading_level: int = 2, title: Optional[str] 
                  "`peak mem` = memory the call allocates on top of its inputs (CUDA allocator peak; on CPU peak-RSS "
                  "growth)")
     lines.append("")
+    if run.targets:
+        lines += targets_section(run.targets, h)
     missing = [r for r in run.results if r.mode is None]
     if missing:
         lines.append(f"{h}# Providers not run")
@@ -306,11 +340,11 @@ def render_results(results_dir: str | os.PathLike) -> str:
         lines += [NO_RESULTS_NOTE, ""]
         return "\n".join(lines)
     runs.sort(key=lambda fr: fr[1].meta.get("timestamp", ""), reverse=True)
-    lines.append("| file | device | when | commit |")
-    lines.append("|---|---|---|---|")
+    lines.append("| file | device | when | commit | targets |")
+    lines.append("|---|---|---|---|---|")
     for f, run in runs:
         lines.append(f"| {f.name} | {run.meta.get('device_name', '?')} | {run.meta.get('timestamp', '?')} | "
-                     f"{short_commit(run.meta)} |")
+                     f"{short_commit(run.meta)} | {target_summary(run.targets) if run.targets else '-'} |")
     lines.append("")
     for f, run in runs:
         lines.append(render_markdown(run, heading_level=2, title=f.name))

@@ -4,7 +4,7 @@ flash-attn or mamba_ssm), check the provider against the reference on the same i
 Timing: ``warmup`` untimed calls (Triton compiles, caches warm), then up to ``repeats`` timed calls, each timed on
 its own (CUDA events around the call on GPU, ``time.perf_counter`` on CPU) so the median and the inter-quartile
 range describe the spread; a per-measurement time budget lowers the number of repeats for slow calls (never below
-``min_repeats``).
+``min_repeats``), and a correctness call slower than the budget counts as the warm-up (no untimed call more).
 
 Correctness gate: a provider whose outputs (and gradients, for fwd+bwd modes) differ from the reference's beyond
 :func:`apt_kernels.testing.tolerance` is reported as ``wrong`` with its error and is not timed. When the reference
@@ -42,6 +42,8 @@ from .cases import CASES, BenchCase, get_case
 logger = logging.getLogger(__name__)
 
 STATUSES = ("ok", "unchecked", "wrong", "unsupported", "unavailable", "error", "skipped")
+MET, NOT_MET, NOT_MEASURABLE = "MET", "NOT MET", "NOT MEASURABLE"
+VERDICTS = (MET, NOT_MET, NOT_MEASURABLE)  # of a performance target (apt.bench.targets)
 
 
 # ---- timing ------------------------------------------------------------------------------------------------
@@ -235,18 +237,52 @@ class BenchResult:
 
 
 @dataclasses.dataclass
+class TargetResult:
+    """The verdict on one performance target of an issue (see :mod:`apt.bench.targets`): MET, NOT MET or
+    NOT MEASURABLE, what was measured against which threshold, and why when it could not be measured."""
+
+    name: str
+    kind: str
+    device: str  # the device type the target is set for: "cpu" or "cuda"
+    issue: int
+    quote: str  # the issue's wording
+    title: str  # what is compared, e.g. "cpu_native vs reference, fwd"
+    shape: dict[str, Any]
+    shape_label: str
+    modes: list[str]
+    providers: list[str]
+    threshold: str
+    verdict: str
+    measured: str = "-"
+    value: Optional[float] = None
+    reason: str = ""
+    measured_on: str = ""  # the device name of the run, when the target was run
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _records(cls: type, rows: Iterable[dict[str, Any]]) -> list[Any]:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return [cls(**{k: v for k, v in r.items() if k in fields}) for r in rows]
+
+
+@dataclasses.dataclass
 class BenchRun:
     meta: dict[str, Any]
     results: list[BenchResult]
+    targets: Optional[list[TargetResult]] = None  # set by `apt bench --targets`
 
     def as_dict(self) -> dict[str, Any]:
-        return {"meta": self.meta, "results": [r.as_dict() for r in self.results]}
+        d: dict[str, Any] = {"meta": self.meta, "results": [r.as_dict() for r in self.results]}
+        if self.targets is not None:
+            d["targets"] = [t.as_dict() for t in self.targets]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BenchRun":
-        fields = {f.name for f in dataclasses.fields(BenchResult)}
-        return cls(meta=dict(d.get("meta", {})),
-                   results=[BenchResult(**{k: v for k, v in r.items() if k in fields}) for r in d.get("results", [])])
+        return cls(meta=dict(d.get("meta", {})), results=_records(BenchResult, d.get("results", [])),
+                   targets=_records(TargetResult, d["targets"]) if d.get("targets") is not None else None)
 
 
 # ---- correctness -------------------------------------------------------------------------------------------
@@ -558,7 +594,10 @@ def run_case(case: BenchCase, device: torch.device | str = "cpu", *, quick: bool
                 # correctness gate, on the same inputs as the timing
                 ref_got, fp32_note = None, ""
                 try:
+                    t_check = time.perf_counter()
                     got = case.outputs(cand.impl, inputs, mode)
+                    _sync(device)
+                    check_s = time.perf_counter() - t_check
                     if cand.is_reference and dtype in _HALF:
                         # the yardstick is the reference run in fp32 on the same (upcast) inputs, so the half
                         # reference's own rounding is not charged to the provider under test
@@ -597,7 +636,10 @@ def run_case(case: BenchCase, device: torch.device | str = "cpu", *, quick: bool
                 del got
                 try:
                     fn = case.build(cand.impl, inputs, mode)
-                    stats = time_fn(fn, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
+                    # a correctness call slower than the whole budget has compiled and warmed what the timed calls
+                    # run, on the same inputs: a warm-up call more would only cost time (slow reference rows)
+                    row_warmup = 0 if check_s > budget_s else warmup
+                    stats = time_fn(fn, device, warmup=row_warmup, repeats=repeats, budget_s=budget_s)
                     row.timing = stats.as_dict()
                     if measure_memory:
                         row.peak_mem_bytes = measure_peak_memory(fn, device)
@@ -627,24 +669,19 @@ def _pct_of_peak(case: BenchCase, mode: str, work: dict[str, float], seconds: fl
     return None
 
 
-def run_benchmarks(kinds: Iterable[str] = ("attention", "router", "scan"), device: torch.device | str = "cpu", *,
-                   quick: bool = False, registry: Optional[_registry.Registry] = None,
-                   cases: Optional[dict[str, BenchCase]] = None, measure_cpu_bandwidth: bool = True,
-                   **kw: Any) -> BenchRun:
-    """Run :func:`run_case` for each kind and wrap the results with the environment (device, versions, commit,
-    device peaks)."""
+def run_meta(kinds: Iterable[str], device: torch.device | str, *, registry: Optional[_registry.Registry] = None,
+             cases: Optional[dict[str, BenchCase]] = None, dtype: Optional[torch.dtype] = None,
+             measure_cpu_bandwidth: bool = True) -> dict[str, Any]:
+    """The environment of a run over ``kinds`` (:func:`environment`) plus each kind's dtype and device peaks, the
+    providers and peers with their availability, and (CPU) the measured copy bandwidth; ``grids`` is left empty
+    for the caller."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: cuda was asked for but torch reports no CUDA device")
     kinds = list(kinds)
-    if kw.get("providers") is not None:
-        kw["providers"] = list(kw["providers"])
-        check_provider_names(kinds, kw["providers"], registry)
-    meta = environment(device)
-    meta["quick"] = quick
     table = cases or CASES
-    results: list[BenchResult] = []
-    meta["kinds"] = list(kinds)
+    meta = environment(device)
+    meta["kinds"] = kinds
     meta["grids"] = {}
     meta["peaks"] = {}
     if device.type == "cpu" and measure_cpu_bandwidth:
@@ -652,13 +689,34 @@ def run_benchmarks(kinds: Iterable[str] = ("attention", "router", "scan"), devic
     meta["providers"] = {k: [i.as_dict() for i in (registry or _registry.REGISTRY).list_providers(k)]
                          for k in kinds}
     meta["peers"] = [p for p in _peers.peer_status(device) if p["kind"] in kinds]
+    for kind in kinds:
+        case = table[kind] if kind in table else get_case(kind)
+        dt = dtype or case.default_dtype(device)
+        flops, bw = _peaks.device_peaks(device, dt)
+        meta["peaks"][kind] = {"dtype": str(dt).replace("torch.", ""), "tflops": flops and flops / 1e12,
+                               "GBps": bw and bw / 1e9}
+    return meta
+
+
+def run_benchmarks(kinds: Iterable[str] = ("attention", "router", "scan"), device: torch.device | str = "cpu", *,
+                   quick: bool = False, registry: Optional[_registry.Registry] = None,
+                   cases: Optional[dict[str, BenchCase]] = None, measure_cpu_bandwidth: bool = True,
+                   **kw: Any) -> BenchRun:
+    """Run :func:`run_case` for each kind and wrap the results with the environment (device, versions, commit,
+    device peaks)."""
+    device = torch.device(device)
+    kinds = list(kinds)
+    if kw.get("providers") is not None:
+        kw["providers"] = list(kw["providers"])
+        check_provider_names(kinds, kw["providers"], registry)
+    meta = run_meta(kinds, device, registry=registry, cases=cases, dtype=kw.get("dtype"),
+                    measure_cpu_bandwidth=measure_cpu_bandwidth)
+    meta["quick"] = quick
+    table = cases or CASES
+    results: list[BenchResult] = []
     t0 = time.perf_counter()
     for kind in kinds:
         case = table[kind] if kind in table else get_case(kind)
-        dtype = kw.get("dtype") or case.default_dtype(device)
-        flops, bw = _peaks.device_peaks(device, dtype)
-        meta["peaks"][kind] = {"dtype": str(dtype).replace("torch.", ""), "tflops": flops and flops / 1e12,
-                               "GBps": bw and bw / 1e9}
         grid = kw.get("shapes") or case.grid(device, quick)
         if kw.get("max_shapes") is not None:
             grid = grid[: kw["max_shapes"]]

@@ -81,6 +81,12 @@ class BenchCase:
         """"compute" or "memory": which device peak the "% of peak" column is taken against."""
         return "compute" if self.metric(mode) == "TFLOP/s" else "memory"
 
+    # ---- performance targets ------------------------------------------------------------------------------
+    def targets(self) -> list[Any]:
+        """The performance targets the project's issues set for this kind, as :class:`apt.bench.targets.Target`
+        records (shape, modes, providers, the issue's wording, a check); run by ``apt bench --targets``."""
+        return []
+
 
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()

@@ -7,6 +7,9 @@ Grids (B·T kept at 16K tokens on GPU so every T costs about the same memory; hi
   GPU quick: T ∈ {1K, 4K} × D ∈ {64, 128}, same B, H rule
   CPU full : T ∈ {128, 256, 512, 1024}, B = 1, H = 4, D = 64
   CPU quick: T ∈ {128, 512}, B = 1, H = 2, D = 64
+Targets (issue #5, set "on an H100", measured on any CUDA device, ``apt bench --targets``): tva_triton and tva_cuda
+"tva fwd+bwd" within 1.15× the time of torch SDPA's flash backend ("causal fwd+bwd") at T 4K, 8K × D 64, 128 (the GPU
+grid's B, H rule), and ≥ 5× faster than the reference (tva_default) at T 8K.
 """
 from __future__ import annotations
 
@@ -14,9 +17,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..targets import Target, speedup, time_within
 from . import BenchCase
 
 _TVA_COEF = 0.05
+_ISSUE = 5
+_SDPA_QUOTE = ("Targets on an H100: fused TVA fwd+bwd within 1.15× the time of SDPA-flash for plain causal attention "
+               "of the same shape (the perturbation nearly free)")
+_REF_QUOTE = "Targets on an H100: [fused TVA fwd+bwd] ≥ 5× faster than the reference at T=8K"
 
 
 class AttentionCase(BenchCase):
@@ -124,3 +132,19 @@ class AttentionCase(BenchCase):
 
     def reference_peer(self) -> Optional[str]:
         return "torch_sdpa"
+
+    def targets(self) -> list[Target]:
+        out = []
+        for d in (64, 128):
+            for t in (4096, 8192):
+                shape = dict(B=16384 // t, H=2048 // d, T=t, D=d)
+                for p in ("tva_triton", "tva_cuda"):
+                    out.append(Target(f"attention.cuda.{p}.vs_sdpa.T{t}_D{d}", self.kind, "cuda", _ISSUE, _SDPA_QUOTE,
+                                      f"{p} tva fwd+bwd vs torch_sdpa (flash) causal fwd+bwd", shape,
+                                      ("tva fwd+bwd", "causal fwd+bwd"), (p, "torch_sdpa"),
+                                      time_within((p,), "tva fwd+bwd", "torch_sdpa", "causal fwd+bwd", at_most=1.15)))
+                    if t == 8192:
+                        out.append(Target(f"attention.cuda.{p}.vs_reference.T{t}_D{d}", self.kind, "cuda", _ISSUE,
+                                          _REF_QUOTE, f"{p} vs the reference, tva fwd+bwd", shape, ("tva fwd+bwd",),
+                                          (p,), speedup((p,), "tva fwd+bwd", at_least=5)))
+        return out

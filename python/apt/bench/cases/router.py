@@ -15,6 +15,8 @@ Grids:
   GPU quick: N ∈ {4K, 16K} at C 1024, E 8, k 2; k = 1 at N 16K
   CPU full : N ∈ {256, 1K, 4K} at C 128, E 8, k 2; E 32 and k 1 at N 1K
   CPU quick: N ∈ {512, 2K} at C 64, E 8, k 2; k 1 at N 2K
+Targets (issue #4, ``apt bench --targets``): CPU ``cpu_native`` dispatch+combine ≥ 5× the reference at N 4K, C 1024,
+E 8, k 2; GPU dispatch+combine (cuda, triton) under 10% of the expert GEMM time at N 16K, C 4096, E 8, k 2.
 """
 from __future__ import annotations
 
@@ -24,11 +26,17 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..targets import REFERENCE, Target, speedup, time_share
 from . import BenchCase, dtype_size
 
 CAPACITY_FACTOR = 1.25
 MIN_CAPACITY = 4
 FULL, DC, EXPERTS = "route+dispatch+experts+combine", "dispatch+combine", "experts"
+
+
+_ISSUE = 4
+_CPU_QUOTE = "CPU native dispatch+combine ≥ 5× the reference on this machine"
+_GPU_QUOTE = "on a GPU, dispatch+combine under 10% of the expert GEMM time at N=16K, C=4096, E=8, k=2"
 
 
 def _shape(N: int, C: int, E: int, k: int) -> dict[str, Any]:
@@ -154,3 +162,13 @@ class RouterCase(BenchCase):
 
     def metric(self, mode: str) -> str:
         return {FULL: "tokens/s", DC: "GB/s", EXPERTS: "TFLOP/s"}[mode]
+
+    def targets(self) -> list[Target]:
+        out = [Target("router.cpu.dispatch+combine", self.kind, "cpu", _ISSUE, _CPU_QUOTE,
+                      f"cpu_native vs the reference, {DC}", _shape(4096, 1024, 8, 2), (DC,), ("cpu_native",),
+                      speedup(("cpu_native",), DC, at_least=5))]
+        for p in ("cuda", "triton"):
+            out.append(Target(f"router.cuda.{p}.share_of_experts", self.kind, "cuda", _ISSUE, _GPU_QUOTE,
+                              f"{p} {DC} vs the expert GEMM ({EXPERTS})", _shape(16384, 4096, 8, 2), (DC, EXPERTS),
+                              (p,), time_share((p,), DC, REFERENCE, EXPERTS, under=0.10, what="the expert GEMM")))
+        return out

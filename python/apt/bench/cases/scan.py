@@ -12,6 +12,9 @@ Grids (N = 16 throughout):
   GPU quick: L ∈ {256, 2K} at batch 4, dim 1536
   CPU full : L ∈ {128, 256, 512, 1024} at batch 2, dim 128; L 2K at batch 2, dim 256
   CPU quick: L ∈ {128, 512} at batch 1, dim 64
+Targets (issue #3, ``apt bench --targets``): CPU ``cpu_native`` ≥ 10× the reference at batch 2, dim 768, L 2K (fwd,
+fwd+bwd); GPU fwd+bwd of the best of cuda/triton at least as fast as mamba_ssm and ≥ 60% of HBM bandwidth at batch 2,
+dim 768 and batch 16, dim 2048, L 2K.
 """
 from __future__ import annotations
 
@@ -20,9 +23,14 @@ from typing import Any, Callable
 
 import torch
 
+from ..targets import Target, bandwidth, speedup
 from . import BenchCase, dtype_size
 
 _N = 16
+_ISSUE = 3
+_CPU_QUOTE = "CPU native ≥ 10× faster than the reference at L=2048 on this machine"
+_GPU_QUOTE = "on a GPU, forward+backward at least as fast as mamba_ssm's CUDA kernel and ≥ 60% of HBM bandwidth"
+_GPU_OURS = ("cuda", "triton")
 
 
 class ScanCase(BenchCase):
@@ -152,3 +160,18 @@ class ScanCase(BenchCase):
     def metric(self, mode: str) -> str:
         return "GB/s"
 
+    def targets(self) -> list[Target]:
+        cpu = dict(batch=2, dim=768, N=_N, L=2048)
+        out = [Target(f"scan.cpu.{mode}", self.kind, "cpu", _ISSUE, _CPU_QUOTE, f"cpu_native vs the reference, {mode}",
+                      cpu, (mode,), ("cpu_native",), speedup(("cpu_native",), mode, at_least=10))
+               for mode in self.modes]
+        ours = ", ".join(_GPU_OURS)
+        for b, d in ((2, 768), (16, 2048)):
+            shape = dict(batch=b, dim=d, N=_N, L=2048)
+            out.append(Target(f"scan.cuda.vs_mamba_ssm.b{b}_d{d}", self.kind, "cuda", _ISSUE, _GPU_QUOTE,
+                              f"best of {ours} vs mamba_ssm, fwd+bwd", shape, ("fwd+bwd",),
+                              _GPU_OURS + ("mamba_ssm",), speedup(_GPU_OURS, "fwd+bwd", "mamba_ssm", at_least=1)))
+            out.append(Target(f"scan.cuda.hbm.b{b}_d{d}", self.kind, "cuda", _ISSUE, _GPU_QUOTE,
+                              f"best of {ours}: HBM bandwidth, fwd+bwd", shape, ("fwd+bwd",), _GPU_OURS,
+                              bandwidth(_GPU_OURS, "fwd+bwd", at_least_pct=60)))
+        return out

@@ -58,6 +58,20 @@ def _list(kinds: list[str], device: str, quick: bool) -> int:
     return 0
 
 
+def _list_targets(kinds: list[str], device: str) -> int:
+    """The performance targets of ``kinds``: which ``--targets`` would run on ``device``, and why not the others."""
+    import torch
+
+    from ...bench import targets
+    from ...bench.cases import get_case
+
+    for t in targets.all_targets(kinds):
+        where = "runs" if t.device == device else f"not run: {targets.not_run_reason(t.device, torch.device(device))}"
+        print(f"{t.name} (issue #{t.issue}; {where}): {t.title} at {get_case(t.kind).label(t.shape)}; "
+              f"threshold {t.threshold}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -76,10 +90,19 @@ def run(args: argparse.Namespace) -> int:
     kinds = list(KINDS) if args.kind == "all" else [args.kind]
     # an empty --providers (e.g. "$NAMES" unset in a script) means every provider, as when it is not given
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    if args.targets:
+        clash = [flag for flag, on in (("--quick", args.quick), ("--providers", providers is not None),
+                                       ("--max-shapes", args.max_shapes is not None), ("--no-peers", args.no_peers))
+                 if on]
+        if clash:
+            raise CLIError(f"--targets runs the issues' shapes, modes and providers: it cannot be combined with "
+                           f"{', '.join(clash)}")
     try:
         runner.check_provider_names(kinds, providers)
     except ValueError as exc:
         raise CLIError(f"--{exc}") from None
+    if args.targets and args.list:
+        return _list_targets(kinds, device)
     if args.list:
         return _list(kinds, device, args.quick)
     if args.threads == "auto":
@@ -94,9 +117,15 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(args.threads))
     dtype: Optional[torch.dtype] = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     progress = None if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
-    kw = dict(providers=providers, dtype=dtype, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
-              include_peers=not args.no_peers, max_shapes=args.max_shapes, progress=progress)
-    bench_run = runner.run_benchmarks(kinds, device, quick=args.quick, **kw)
+    if args.targets:
+        from ...bench import targets
+
+        bench_run = targets.run_targets(kinds, device, dtype=dtype, warmup=args.warmup, repeats=args.repeats,
+                                        budget_s=args.budget, progress=progress)
+    else:
+        kw = dict(providers=providers, dtype=dtype, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
+                  include_peers=not args.no_peers, max_shapes=args.max_shapes, progress=progress)
+        bench_run = runner.run_benchmarks(kinds, device, quick=args.quick, **kw)
     paths = report.write_all(bench_run, args.out, plots=not args.no_plots)
     if args.save:
         results = Path(args.results_dir) if args.results_dir else repo_benchmarks_dir() / "results"
@@ -110,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"apt bench: {len(bench_run.results)} rows in {bench_run.meta['wall_s']:.1f} s; wrote {paths['markdown']}, "
           f"{paths['json']}" + (f" and {len(paths['plots'])} plot(s)" if paths["plots"] else "")
           + (f"; {len(wrong)} WRONG provider result(s)" if wrong else ""))
+    if bench_run.targets is not None:
+        print(f"apt bench: targets: {report.target_summary(bench_run.targets)}")
     return 1 if (wrong and args.fail_on_wrong) else 0
 
 
@@ -119,7 +150,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Check each available provider against the reference on the same inputs, then time it "
                     "(warm-up, repeats, median and IQR, peak memory) over a documented grid of shapes; write "
                     "bench.md, bench.json and PNG plots to --out. --quick uses a small grid (under 2 minutes on "
-                    "2 CPU cores). --report renders benchmarks/RESULTS.md from benchmarks/results/*.json.")
+                    "2 CPU cores). --targets runs only the shapes the issues set performance targets at and "
+                    "reports each target MET / NOT MET / NOT MEASURABLE. --report renders benchmarks/RESULTS.md "
+                    "from benchmarks/results/*.json.")
     p.add_argument("--kind", choices=KINDS + ("all",), default="all", help="which kind to benchmark (default all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="small grid, fewer repeats")
@@ -139,6 +172,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--save", action="store_true",
                    help="also copy the JSON into benchmarks/results/ (device and time in the file name)")
+    p.add_argument("--targets", action="store_true",
+                   help="run the issues' performance targets (their shapes, modes and providers) and report each as "
+                        "MET / NOT MET / NOT MEASURABLE with the measured value and threshold; targets set for "
+                        "another device type are listed as not measurable (CPU ones run here in well under 2 "
+                        "minutes; --device cuda runs the GPU ones); --list --targets lists them")
     p.add_argument("--report", action="store_true",
                    help="render benchmarks/RESULTS.md from benchmarks/results/*.json and exit")
     p.add_argument("--results-dir", default=None, help="results directory for --save/--report")
