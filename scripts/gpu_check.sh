@@ -5,9 +5,10 @@
 # commit under benchmarks/results/), gpu_tests.log (one line per test file, then every failure) and details.tar.gz
 # (build log, per-file test logs and junit XML, bench.md/json/plots, tuning log). Each step is time-boxed so a hang
 # in one still returns the others.
-#   OUT=... STEPS="build test bench" BENCH=quick|full TEST_TIMEOUT=360 BENCH_TIMEOUT=240 scripts/gpu_check.sh
+#   OUT=... STEPS="build test bench targets tune" BENCH=quick|full TEST_TIMEOUT=360 BENCH_TIMEOUT=240 \
+#     scripts/gpu_check.sh
 # One device command may run 10 minutes: split the steps over two calls when they do not fit (the build stays on a
-# warm machine), e.g. STEPS="build test" then STEPS="bench tune".
+# warm machine), e.g. STEPS="build test" then STEPS="targets bench tune" (the issues' targets first: they decide).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -73,6 +74,15 @@ if has bench; then
     --results-dir "$OUT/results" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"
   tail -30 "$OUT/bench.log"
+fi
+
+if has targets; then
+  step "apt bench --targets"
+  timeout "${TARGETS_TIMEOUT:-240}" python -m apt bench --device cuda --targets --out "$OUT/targets" --save \
+    --results-dir "$OUT/results" > "$OUT/targets.log" 2>&1
+  echo "targets rc=$?"
+  grep -E "^\| .*\*\*(MET|NOT MET|NOT MEASURABLE)\*\*" "$OUT/targets/bench.md" 2>/dev/null | head -40 \
+    || tail -30 "$OUT/targets.log"
 fi
 
 if has tune && [ -f benchmarks/tune_tva_triton.py ]; then
