@@ -59,26 +59,45 @@ __global__ void count_kernel(const int64_t* __restrict__ idx, int64_t N, int64_t
   for (int64_t e = threadIdx.x; e < E; e += blockDim.x) work[(j * nb + b) * E + e] = sh_count[e];
 }
 
-// per expert: exclusive scan over the units in priority order (in place), totals
-__global__ void scan_kernel(int64_t* __restrict__ work, int64_t units, int64_t E, int64_t* __restrict__ totals) {
-  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (e >= E) return;
-  int64_t run = 0;
-  for (int64_t u = 0; u < units; ++u) {
-    const int64_t c = work[u * E + e];
-    work[u * E + e] = run;
-    run += c;
+// Exclusive prefix sums of in[i * stride] (i < count) into out[i * stride] (out may be in: each thread reads its
+// element before it writes it), by one whole block of kScanThreads threads, a tile of kScanThreads elements at a
+// time (a Hillis-Steele scan in shared memory, carried across tiles). Returns the total, to every thread.
+constexpr int kScanThreads = 256;
+__device__ int64_t block_exclusive_scan(const int64_t* in, int64_t* out, int64_t count, int64_t stride) {
+  __shared__ int64_t sh[kScanThreads];
+  const int tid = threadIdx.x;
+  int64_t carry = 0;
+  for (int64_t i0 = 0; i0 < count; i0 += kScanThreads) {
+    const int64_t i = i0 + tid;
+    const int64_t c = i < count ? in[i * stride] : 0;
+    sh[tid] = c;
+    __syncthreads();
+    for (int off = 1; off < kScanThreads; off <<= 1) {
+      const int64_t v = tid >= off ? sh[tid - off] : 0;
+      __syncthreads();
+      sh[tid] += v;
+      __syncthreads();
+    }
+    if (i < count) out[i * stride] = carry + sh[tid] - c;
+    carry += sh[kScanThreads - 1];
+    __syncthreads();  // every thread has read sh[last] before the next tile overwrites sh
   }
-  totals[e] = run;
+  return carry;
 }
 
-// dropless: expert e's packed rows start after all earlier experts' assignments
-__global__ void start_kernel(const int64_t* __restrict__ totals, int64_t E, int64_t* __restrict__ start) {
-  int64_t run = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    start[e] = run;
-    run += totals[e];
-  }
+// one block per expert e: exclusive scan of its counts over the units in priority order (in place), and its total
+// (parallel over the units: k·N/256 of them, 512 at N = 64K, k = 2, which one thread per expert walked serially)
+__global__ void __launch_bounds__(kScanThreads)
+    scan_kernel(int64_t* __restrict__ work, int64_t units, int64_t E, int64_t* __restrict__ totals) {
+  const int64_t e = blockIdx.x;
+  const int64_t total = block_exclusive_scan(work + e, work + e, units, E);
+  if (threadIdx.x == 0) totals[e] = total;
+}
+
+// dropless: expert e's packed rows start after all earlier experts' assignments (one block)
+__global__ void __launch_bounds__(kScanThreads)
+    start_kernel(const int64_t* __restrict__ totals, int64_t E, int64_t* __restrict__ start) {
+  block_exclusive_scan(totals, start, E, 1);
 }
 
 __global__ void position_kernel(const int64_t* __restrict__ idx, const int64_t* __restrict__ base,
@@ -212,9 +231,9 @@ void route(const float* probs, int64_t N, int64_t E, int64_t stride_n, int64_t s
   count_kernel<<<dim3(static_cast<unsigned>(nb), static_cast<unsigned>(k)), kRouteBlock, E * sizeof(int), st>>>(
       expert_idx, N, E, k, nb, work);
   APT_CUDA_CHECK(cudaGetLastError());
-  scan_kernel<<<blocks_for(E, 128), 128, 0, st>>>(work, units, E, tokens_per_expert);
+  scan_kernel<<<static_cast<unsigned>(E), kScanThreads, 0, st>>>(work, units, E, tokens_per_expert);
   APT_CUDA_CHECK(cudaGetLastError());
-  start_kernel<<<1, 1, 0, st>>>(tokens_per_expert, E, start);
+  start_kernel<<<1, kScanThreads, 0, st>>>(tokens_per_expert, E, start);
   APT_CUDA_CHECK(cudaGetLastError());
   position_kernel<<<dim3(static_cast<unsigned>(nb), static_cast<unsigned>(k)), kRouteBlock, 0, st>>>(
       expert_idx, work, start, N, E, k, nb, cap, num_slots, position, slot, token_of_slot);
