@@ -45,24 +45,33 @@ python -m apt info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
 if has test; then
   step GPU tests
   # The CPU suite's Triton tests set TRITON_INTERPRET=1 at import, which would turn the compiled Triton path off for
-  # the whole process: the files with GPU tests run with the interpreter off, each in its own process, so a kernel
-  # fault that poisons one CUDA context cannot fail the other files. They run at the same time (the GPU has room for
-  # all, and Triton's first compiles of each kernel variant are CPU-bound: 16 cores), each within TEST_TIMEOUT.
-  FILES=$(grep -l -E "pytest.mark.cuda|device=\"cuda\"" tests/test_*.py | grep -v -E "_triton\.py$")
+  # the whole process: the GPU tests run with the interpreter off, in TEST_SHARDS processes at the same time (their
+  # tests dealt round-robin, so each process compiles its share of the Triton kernel variants: the first compile of
+  # each is CPU-bound and the device machine has 16 cores; a kernel fault that poisons one CUDA context fails only
+  # its shard), each within TEST_TIMEOUT. In files not named *_cuda.py only the tests marked cuda run (the CPU ones
+  # ran in CI).
+  : > "$OUT/ids.txt"
+  for f in $(grep -l -E "pytest.mark.cuda|device=\"cuda\"" tests/test_*.py | grep -v -E "_triton\.py$"); do
+    sel=""; [[ "$(basename "$f" .py)" == *_cuda ]] || sel="-m cuda"
+    TRITON_INTERPRET=0 python -m pytest --collect-only -q -p no:cacheprovider $sel "$f" 2>/dev/null \
+      | grep "::" >> "$OUT/ids.txt"
+  done
+  SHARDS=${TEST_SHARDS:-8}
+  echo "$(wc -l < "$OUT/ids.txt") GPU tests in $SHARDS shards"
   : > "$OUT/gpu_tests.log"
   pids=()
-  for f in $FILES; do
-    name=$(basename "$f" .py)
-    sel=""; [[ "$name" == *_cuda ]] || sel="-m cuda"  # elsewhere only the GPU tests (the CPU ones ran in CI)
-    ( TRITON_INTERPRET=0 timeout "${TEST_TIMEOUT:-360}" python -m pytest -q -rfEs --maxfail=25 -p no:cacheprovider \
-        $sel --junitxml="$OUT/$name.xml" "$f" > "$OUT/$name.log" 2>&1
-      echo "$f: rc=$? $(tail -1 "$OUT/$name.log")" >> "$OUT/gpu_tests.log" ) &
+  for i in $(seq 0 $((SHARDS - 1))); do
+    awk -v s="$SHARDS" -v i="$i" 'NR % s == i' "$OUT/ids.txt" > "$OUT/shard$i.txt"
+    [ -s "$OUT/shard$i.txt" ] || continue
+    ( TRITON_INTERPRET=0 timeout "${TEST_TIMEOUT:-360}" python -m pytest -q -rfEs -p no:cacheprovider \
+        --junitxml="$OUT/shard$i.xml" $(cat "$OUT/shard$i.txt") > "$OUT/shard$i.log" 2>&1
+      echo "shard $i: rc=$? $(tail -1 "$OUT/shard$i.log")" >> "$OUT/gpu_tests.log" ) &
     pids+=($!)
   done
   wait "${pids[@]}"
   cat "$OUT/gpu_tests.log"
-  # the failures of every file, for the reply's tail
-  grep -h -E "^(FAILED|ERROR) " "$OUT"/test_*.log | head -60 | tee -a "$OUT/gpu_tests.log"
+  # the failures of every shard, for the reply's tail
+  grep -h -E "^(FAILED|ERROR) " "$OUT"/shard*.log | sort | head -80 | tee -a "$OUT/gpu_tests.log"
 fi
 
 if has bench; then
