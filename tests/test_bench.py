@@ -528,8 +528,8 @@ def test_slow_correctness_call_is_the_warmup():
     rows = runner.run_case(get_case("scan"), "cpu", registry=fakes.fake_registry(Slow), shapes=TINY["scan"],
                            modes=["fwd"], warmup=2, repeats=10, budget_s=0.05, measure_memory=False,
                            include_peers=False, progress=lambda s: None)
-    assert rows[0].status == "ok" and rows[0].timing["warmup"] == 0 and rows[0].timing["n"] == 3
-    assert Slow.calls == 1 + 3  # the correctness call, then the minimum of timed calls; no warm-up call
+    assert rows[0].status == "ok" and rows[0].timing["warmup"] == 1 and rows[0].timing["n"] == 3
+    assert Slow.calls == 1 + 1 + 3  # the correctness call, one warm-up call (not 2), the minimum of timed calls
     rows = runner.run_case(get_case("scan"), "cpu", registry=fakes.fake_registry(fakes.FakeScan), shapes=TINY["scan"],
                            modes=["fwd"], warmup=2, repeats=3, budget_s=10.0, measure_memory=False,
                            include_peers=False, progress=lambda s: None)

@@ -10,7 +10,7 @@ import torch
 from apt_kernels.backends import compiled_triton_status, native_cuda_status, native_status
 from apt_kernels.ops.moe import OPS, moe_combine, moe_dispatch, moe_route
 from apt_kernels.reference.moe import (check_route_op, check_same_routing, expert_capacity, nan_router_probs,
-                                      random_router_logits)
+                                      random_router_logits, wild_router_probs)
 from apt_kernels.testing import assert_close
 
 requires_native = pytest.mark.skipif(not native_status()[0], reason="apt_kernels._C is not built")
@@ -73,8 +73,9 @@ def check_nonfinite(impl, n, e, k, cf, dtype=torch.float32, device="cpu"):
     lg = random_router_logits(n, e, "nonfinite", seed=n + e + k).to(dtype)
     check_same_routing(moe_route(lg.to(device), k, cf, min_capacity=2, impl=impl),
                        moe_route(lg, k, cf, min_capacity=2, impl="reference"))
-    probs = nan_router_probs(n, e, seed=n * e + k, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    check_route_op(OPS[impl]["route"], probs.to(device), k, expert_capacity(n, e, k, cf, 2))
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    for probs in (nan_router_probs(n, e, seed=n * e + k, dtype=pdt), wild_router_probs(n, e, seed=n + k, dtype=pdt)):
+        check_route_op(OPS[impl]["route"], probs.to(device), k, expert_capacity(n, e, k, cf, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

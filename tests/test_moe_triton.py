@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from apt_kernels.backends import triton_status  # noqa: E402
 from apt_kernels.ops.moe import OPS, moe_combine, moe_dispatch, moe_route  # noqa: E402
 from apt_kernels.reference.moe import (check_route_op, check_same_routing, expert_capacity,  # noqa: E402
-                                      nan_router_probs, random_router_logits)
+                                      nan_router_probs, random_router_logits, wild_router_probs)
 from apt_kernels.testing import assert_close  # noqa: E402
 
 pytestmark = [pytest.mark.triton,
@@ -59,8 +59,8 @@ def test_triton_nonfinite_logits_and_nan_probs(n, e, k, cf):
     lg = random_router_logits(n, e, "nonfinite", seed=n + e + k)
     check_same_routing(moe_route(lg.to(DEVICE), k, cf, min_capacity=2, impl="triton"),
                        moe_route(lg, k, cf, min_capacity=2, impl="reference"))
-    probs = nan_router_probs(n, e, seed=n * e + k)
-    check_route_op(OPS["triton"]["route"], probs.to(DEVICE), k, expert_capacity(n, e, k, cf, 2))
+    for probs in (nan_router_probs(n, e, seed=n * e + k), wild_router_probs(n, e, seed=n + k)):
+        check_route_op(OPS["triton"]["route"], probs.to(DEVICE), k, expert_capacity(n, e, k, cf, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

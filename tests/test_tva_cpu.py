@@ -48,6 +48,20 @@ def test_cpu_short_sequences_and_head_dims(Tq, Tk, D):
     _compare(inp, window=7, sinks=1)
 
 
+def test_cpu_training_after_an_inference_mode_call():
+    """A float coef's tensor is cached per value: made first under inference_mode, it must still be savable for
+    backward in a later training call (an inference tensor raised 'Inference tensors cannot be saved for
+    backward')."""
+    inp = random_tva_inputs(B=1, H=2, Tq=9, D=16, seed=13)
+    args = {k: inp[k] for k in ("q", "k", "v", "delta", "gate")}
+    with torch.inference_mode():
+        tva_attention(**args, coef=0.123, impl="cpu_native")
+    q = args["q"].clone().requires_grad_()
+    out = tva_attention(**{**args, "q": q}, coef=0.123, impl="cpu_native")
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
 @pytest.mark.parametrize("go_layout", ["expanded", "transposed"])
 def test_cpu_strided_output_gradient(go_layout):
     """dO as autograd hands it over from o.sum(2) (stride 0 over time) or through a transpose: read through its

@@ -152,7 +152,10 @@ register_fused_tva_op(_native_fwd_op, _native_bwd_op)
 
 @functools.lru_cache(maxsize=64)
 def _coef_const(value: float, device: torch.device) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float32, device=device)
+    # never an inference tensor, even when first made under torch.inference_mode(): autograd saves coef, and a
+    # cached inference tensor would break every later training call with this value
+    with torch.inference_mode(False):
+        return torch.tensor(value, dtype=torch.float32, device=device)
 
 
 def _coef_tensor(value: float, device: torch.device) -> torch.Tensor:

@@ -243,6 +243,18 @@ def nan_router_probs(n: int, e: int, seed: int = 0, dtype: torch.dtype = torch.f
     return p.masked_fill(nan, float("nan"))
 
 
+def wild_router_probs(n: int, e: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, e) values a route op may be given besides probabilities (the ops take any values): exact ties, numbers
+    below -1, and by row: some -inf, only -inf, some +inf, some NaN. Ranked like the reference's stable descending
+    sort: NaN, +inf, the numbers, -inf, ties by increasing expert index."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randint(-3, 3, (n, e), generator=g).to(dtype) * 0.75
+    case = (torch.arange(n) % 4)[:, None]
+    r = torch.rand(n, e, generator=g)
+    v = v.masked_fill((case == 0) & (r < 0.5), float("-inf")).masked_fill(case == 1, float("-inf"))
+    return v.masked_fill((case == 2) & (r < 0.25), float("inf")).masked_fill((case == 3) & (r < 0.3), float("nan"))
+
+
 def check_route_op(route, probs: torch.Tensor, k: int, capacity: Optional[int]) -> None:
     """Test helper: a back end's route op ``route(probs, k, cap) -> (expert_idx, position, slot, token_of_slot,
     tokens_per_expert)`` (cap -1: dropless) makes exactly the reference's decisions on ``probs`` (any values, NaN

@@ -38,14 +38,22 @@ def _topk_kernel(p_ptr, idx_ptr, N, E, stride_n, stride_e, K: tl.constexpr, BLOC
     p = tl.load(p_ptr + rows[:, None] * stride_n + cols[None, :] * stride_e, mask=m, other=-1.0).to(tl.float32)
     # the reference's order (a stable descending sort) ranks NaN above every number, NaNs by increasing expert:
     # take a row's lowest-index NaN while it has one, else the argmax of its numbers; argmax itself never sees a NaN
+    # Padding columns and taken experts are never chosen (avail), whatever the values: -inf (or any number, since
+    # the back-end op takes any values) must still beat them. Among the numbers, the argmax with ties to the lowest
+    # index; when every number left is -inf, the lowest available index (the reference's order too).
     nan = p != p
+    avail = m
     for j in tl.static_range(K):
-        first_nan = tl.min(tl.where(nan, cols[None, :], BLOCK_E), axis=1)  # BLOCK_E: no NaN left in the row
-        top = tl.argmax(tl.where(nan, -2.0, p), axis=1, tie_break_left=True)  # ties -> lowest expert index
+        first_nan = tl.min(tl.where(nan & avail, cols[None, :], BLOCK_E), axis=1)  # BLOCK_E: no NaN left
+        num = avail & ~nan
+        key = tl.where(num, p, float("-inf"))
+        top = tl.argmax(key, axis=1, tie_break_left=True)  # ties -> lowest expert index
+        first_num = tl.min(tl.where(num, cols[None, :], BLOCK_E), axis=1)
+        top = tl.where(tl.max(key, axis=1) == float("-inf"), first_num, top)
         best = tl.where(first_nan < BLOCK_E, first_nan, top)
         tl.store(idx_ptr + rows * K + j, best.to(tl.int64), mask=rmask)
         taken = cols[None, :] == best[:, None]
-        p = tl.where(taken, -2.0, p)  # below every probability and the padding
+        avail = avail & ~taken
         nan = nan & ~taken
 
 

@@ -48,16 +48,25 @@ class DeviceGuard {
 // (kernel, device) to the largest size asked so far, and the kernel's static size and the device's limit are read
 // once, since these driver calls cost microseconds on every launch otherwise. Throws std::invalid_argument
 // (ValueError in Python) with describe() + the sizes when the device cannot give that much.
+struct SmemOptIn {
+  size_t static_bytes = 0, granted = 0;
+  int optin = -1;  // -1: not read yet
+};
+// One table for the whole module (an inline function's statics are unique), whatever the call site: two launchers
+// of one kernel must agree on what was granted.
+inline std::mutex& smem_opt_in_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+inline SmemOptIn& smem_opt_in(const void* kernel, int device) {
+  static std::map<std::pair<const void*, int>, SmemOptIn> states;
+  return states[{kernel, device}];
+}
+
 template <typename K, typename F>
 void ensure_dynamic_smem(K* kernel, int device, size_t bytes, F&& describe) {
-  struct State {
-    size_t static_bytes = 0, granted = 0;
-    int optin = -1;
-  };
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, State> states;
-  std::lock_guard<std::mutex> lock(mu);
-  State& st = states[{reinterpret_cast<const void*>(kernel), device}];
+  std::lock_guard<std::mutex> lock(smem_opt_in_mutex());
+  SmemOptIn& st = smem_opt_in(reinterpret_cast<const void*>(kernel), device);
   if (st.optin < 0) {
     cudaFuncAttributes attr{};
     APT_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));

@@ -636,9 +636,10 @@ def run_case(case: BenchCase, device: torch.device | str = "cpu", *, quick: bool
                 del got
                 try:
                     fn = case.build(cand.impl, inputs, mode)
-                    # a correctness call slower than the whole budget has compiled and warmed what the timed calls
-                    # run, on the same inputs: a warm-up call more would only cost time (slow reference rows)
-                    row_warmup = 0 if check_s > budget_s else warmup
+                    # a correctness call slower than the whole budget has compiled what the timed calls run, on the
+                    # same inputs (its time may be mostly a JIT compile): one warm-up call is then enough, and more
+                    # would only cost time (slow reference rows)
+                    row_warmup = min(warmup, 1) if check_s > budget_s else warmup
                     stats = time_fn(fn, device, warmup=row_warmup, repeats=repeats, budget_s=budget_s)
                     row.timing = stats.as_dict()
                     if measure_memory:
