@@ -6,7 +6,9 @@
 # (build log, per-file test logs and junit XML, bench.md/json/plots, tuning log). Each step is time-boxed so a hang
 # in one still returns the others.
 #   OUT=... STEPS="build test bench targets tune" BENCH=quick|full TEST_TIMEOUT=360 BENCH_TIMEOUT=240 \
-#     scripts/gpu_check.sh
+#     CALL_BUDGET=570 scripts/gpu_check.sh
+# Every step's time limit is also cut to what is left of CALL_BUDGET seconds since the script started, so that the
+# call returns (with its files) before the device tool's 600 s limit kills it.
 # One device command may run 10 minutes: split the steps over two calls when they do not fit (the build stays on a
 # warm machine), e.g. STEPS="build test" then STEPS="targets bench tune" (the issues' targets first: they decide).
 set -uo pipefail
@@ -22,6 +24,10 @@ pack() { tar czf "$OUTF/details.tar.gz" -C "$OUT" . 2>/dev/null; cp "$OUT"/resul
          cp "$OUT/gpu_tests.log" "$OUTF"/ 2>/dev/null; rm -rf "$OUT"; }
 trap pack EXIT
 export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+# seconds a step may still take so that the whole call ends by CALL_BUDGET (a device command stops at 600 s)
+left() { local l=$(( ${CALL_BUDGET:-570} - ($(date +%s) - T0) )); echo $(( l < 30 ? 30 : l )); }
+cap() { local want=$1 l; l=$(left); echo $(( want < l ? want : l )); }
 step() { echo "== $* ($(date +%T))"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 
@@ -33,7 +39,7 @@ if has build; then
   step build
   # one architecture for the device at hand keeps the build to a minute or two
   ARCH=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')" 2>/dev/null || echo 90)
-  if ! APT_CUDA=ON APT_CUDA_ARCHS="${APT_CUDA_ARCHS:-$ARCH}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) timeout 900 \
+  if ! APT_CUDA=ON APT_CUDA_ARCHS="${APT_CUDA_ARCHS:-$ARCH}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) timeout "$(cap 900)" \
       pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
     tail -60 "$OUT/build.log"
     echo "BUILD FAILED"
@@ -57,13 +63,14 @@ if has test; then
       | grep "::" >> "$OUT/ids.txt"
   done
   SHARDS=${TEST_SHARDS:-8}
-  echo "$(wc -l < "$OUT/ids.txt") GPU tests in $SHARDS shards"
+  TT=$(cap "${TEST_TIMEOUT:-360}")
+  echo "$(wc -l < "$OUT/ids.txt") GPU tests in $SHARDS shards, at most ${TT} s"
   : > "$OUT/gpu_tests.log"
   pids=()
   for i in $(seq 0 $((SHARDS - 1))); do
     awk -v s="$SHARDS" -v i="$i" 'NR % s == i' "$OUT/ids.txt" > "$OUT/shard$i.txt"
     [ -s "$OUT/shard$i.txt" ] || continue
-    ( TRITON_INTERPRET=0 timeout "${TEST_TIMEOUT:-360}" python -m pytest -q -rfEs -p no:cacheprovider \
+    ( TRITON_INTERPRET=0 timeout "$TT" python -m pytest -q -rfEs -p no:cacheprovider \
         --junitxml="$OUT/shard$i.xml" $(cat "$OUT/shard$i.txt") > "$OUT/shard$i.log" 2>&1
       echo "shard $i: rc=$? $(tail -1 "$OUT/shard$i.log")" >> "$OUT/gpu_tests.log" ) &
     pids+=($!)
@@ -77,7 +84,7 @@ fi
 if has bench; then
   step "apt bench ($BENCH)"
   FLAG=""; [ "$BENCH" = quick ] && FLAG="--quick"
-  timeout "${BENCH_TIMEOUT:-240}" python -m apt bench --device cuda $FLAG --out "$OUT/bench" --save \
+  timeout "$(cap "${BENCH_TIMEOUT:-240}")" python -m apt bench --device cuda $FLAG --out "$OUT/bench" --save \
     --results-dir "$OUT/results" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"
   tail -30 "$OUT/bench.log"
@@ -85,7 +92,7 @@ fi
 
 if has targets; then
   step "apt bench --targets"
-  timeout "${TARGETS_TIMEOUT:-240}" python -m apt bench --device cuda --targets --out "$OUT/targets" --save \
+  timeout "$(cap "${TARGETS_TIMEOUT:-240}")" python -m apt bench --device cuda --targets --out "$OUT/targets" --save \
     --results-dir "$OUT/results" > "$OUT/targets.log" 2>&1
   echo "targets rc=$?"
   grep -E "^\| .*\*\*(MET|NOT MET|NOT MEASURABLE)\*\*" "$OUT/targets/bench.md" 2>/dev/null | head -40 \
@@ -94,7 +101,7 @@ fi
 
 if has tune && [ -f benchmarks/tune_tva_triton.py ]; then
   step "Triton TVA tuning sweep"
-  timeout "${TUNE_TIMEOUT:-150}" python benchmarks/tune_tva_triton.py > "$OUT/tune_tva.log" 2>&1
+  timeout "$(cap "${TUNE_TIMEOUT:-150}")" python benchmarks/tune_tva_triton.py > "$OUT/tune_tva.log" 2>&1
   echo "tune rc=$?"
   tail -30 "$OUT/tune_tva.log"
 fi
