@@ -421,11 +421,13 @@ def main(argv=None):
             fn = getattr(mod, kern)
             sig, cx, attrs = specialize(fn, args, kwargs)
             key = (kern, tuple(sorted(sig.items())), tuple(sorted((k, repr(v)) for k, v in cx.items())),
-                   tuple(sorted(attrs)))
+                   tuple(sorted(attrs)), kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))
             if key in seen:
                 continue
             seen.add(key)
-            jobs.append((label, w, kern, sig, cx, attrs, 4, 3, a.arch))  # the launchers use Triton's defaults
+            # the launch's num_warps/num_stages, else Triton's defaults
+            jobs.append((label, w, kern, sig, cx, attrs, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3),
+                         a.arch))
     if "tva" in which:
         jobs += [j + (a.arch,) for j in tva_jobs()]
     print(f"triton_aot_check: {len(jobs)} variants for sm_{a.arch} ({', '.join(which)}), {a.jobs} processes",

@@ -128,7 +128,9 @@ def route(probs: torch.Tensor, k: int, cap: int):
         counts.zero_()
         return idx, pos, slot, tos, counts
     work = torch.empty(k * nb * e, dtype=torch.int64, device=dev)
-    _topk_kernel[(nb,)](probs, idx, n, e, probs.stride(0), probs.stride(1), K=k, BLOCK_N=block_n, BLOCK_E=block_e)
+    # 8 warps for the big (BLOCK_N, BLOCK_E) tiles: at 4, 64 values per thread spilled (K=3, E 33..64; sm_90 AOT)
+    _topk_kernel[(nb,)](probs, idx, n, e, probs.stride(0), probs.stride(1), K=k, BLOCK_N=block_n, BLOCK_E=block_e,
+                        num_warps=8 if block_n * block_e >= 8192 else 4)
     _count_kernel[(nb, k)](idx, work, n, e, nb, K=k, BLOCK_N=block_n, BLOCK_E=block_e)
     _scan_kernel[(1,)](work, counts, start, k * nb, e, BLOCK_U=max(1, min(64, 8192 // block_e)), BLOCK_E=block_e)
     _position_kernel[(nb, k)](idx, work, start, pos, slot, tos, n, e, nb, cap, K=k, BLOCK_N=block_n,
