@@ -142,13 +142,7 @@ def _flag_sets(names, full):
     for n in names:
         sets.append({m: m != n for m in names})
         sets.append({m: m == n for m in names})
-    out, seen = [], set()
-    for s in sets:
-        k = tuple(s.values())
-        if k not in seen:
-            seen.add(k)
-            out.append(s)
-    return out
+    return list({tuple(s.values()): s for s in sets}.values())  # without repeats, in first-seen order
 
 
 def scan_launches(full):

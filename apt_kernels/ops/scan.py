@@ -430,18 +430,13 @@ def cuda_status() -> tuple[bool, str]:
     return native_family_status("scan_cuda")
 
 
-def _acc_dtype(*ts: Optional[torch.Tensor]) -> torch.dtype:
-    """The reference's accumulation dtype: fp64 when one of ts is fp64, else fp32."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
-
-
 def _common_io(x: torch.Tensor, *others: Optional[torch.Tensor], acc_from: tuple = ()) -> list:
     """[x, *others] in one dtype, as the kernels take one dtype for these: unchanged when they share x's dtype;
     else all in the reference's accumulation dtype (of x and acc_from), so that an fp32 delta next to an fp16 u is
     not rounded to fp16 (the reference computes it in fp32). The caller casts the output back to x's dtype."""
     if all(t is None or t.dtype == x.dtype for t in others):
         return [x, *others]
-    acc = _acc_dtype(x, *acc_from)
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in (x, *acc_from)) else torch.float32
     return [t if t is None else t.to(acc) for t in (x, *others)]
 
 
@@ -473,13 +468,11 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias):
 def _run(fwd_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
          out_dtype: torch.dtype) -> ScanResult:
     if u.numel() == 0 or A.shape[1] == 0:  # nothing to scan: the kernels assume L, N >= 1 and dense strides
-        out = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        y, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
     else:
-        out = fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), CHUNK)[:2]
-        out = out if return_last_state else out[0]
-    if return_last_state:
-        return out[0].to(out_dtype), out[1]
-    return out.to(out_dtype)
+        y, last, _ = fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), CHUNK)
+    y = y.to(out_dtype)
+    return (y, last) if return_last_state else y
 
 
 def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
