@@ -488,7 +488,7 @@ def moe_combine(expert_out: torch.Tensor, routing: Routing, impl: str = "auto") 
     if impl == "reference":
         return moe_combine_ref(expert_out, routing)
     weights = routing.weights.to(_acc_dtype(expert_out.dtype))
-    flat = expert_out.reshape(-1, c).contiguous()
+    flat = expert_out.flatten(0, -2).contiguous()  # not reshape(-1, c): with c = 0 the -1 is ambiguous
     return OPS[impl]["combine"](flat, weights.contiguous(), routing.slot, routing.token_of_slot)
 
 

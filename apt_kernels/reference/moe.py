@@ -289,3 +289,54 @@ def check_same_routing(a: Routing, b: Routing) -> None:
         assert torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()), f
     assert int(a.dropped) == int(b.dropped)
     assert_close(a.weights.cpu(), b.weights.cpu(), equal_nan=True)
+
+
+def check_moe_impl(impl: str, n: int, e: int, k: int, cf: Optional[float], kind: str, dtype: torch.dtype,
+                   device: str = "cpu", c: int = 24) -> None:
+    """Test helper: ``impl``'s route, dispatch and combine on ``device`` vs the reference on the CPU, for logits of
+    :func:`random_router_logits` ``kind``: the same routing decisions, a bit-exact dispatch buffer, the combined
+    output within the "moe" tolerance of ``dtype``, and the gradients of x and the logits."""
+    from ..ops.moe import moe_combine, moe_dispatch, moe_route
+    from ..testing import assert_close
+
+    lg_ref = random_router_logits(n, e, kind, seed=n * 7 + e + k).requires_grad_()
+    lg = lg_ref.detach().to(device).requires_grad_()
+    r_ref = moe_route(lg_ref, k, cf, min_capacity=2, impl="reference")
+    r = moe_route(lg, k, cf, min_capacity=2, impl=impl)
+    check_same_routing(r, r_ref)
+    g = torch.Generator().manual_seed(n)
+    x_ref = torch.randn(n, c, generator=g).to(dtype).requires_grad_()
+    x = x_ref.detach().to(device).requires_grad_()
+    buf_ref = moe_dispatch(x_ref, r_ref, impl="reference")
+    buf = moe_dispatch(x, r, impl=impl)
+    assert buf.shape == buf_ref.shape and buf.dtype == dtype
+    assert torch.equal(buf.cpu(), buf_ref)  # a pure copy: bit-exact
+    # expert "compute": scale rows so gradients through dispatch and combine differ per row
+    scale = torch.randn(buf_ref.shape[:-1] + (1,), generator=g).to(dtype)
+    out_ref = buf_ref * scale
+    out = buf * scale.to(device)
+    y_ref = moe_combine(out_ref, r_ref, impl="reference")
+    y = moe_combine(out, r, impl=impl)
+    assert y.dtype == dtype
+    assert_close(y.cpu(), y_ref, family="moe")
+    gy = torch.randn(n, c, generator=g).to(dtype)
+    (y_ref.float() * gy.float()).sum().backward()
+    (y.float() * gy.to(device).float()).sum().backward()
+    assert_close(x.grad.cpu(), x_ref.grad, family="moe", grad=True)
+    assert_close(lg.grad.cpu(), lg_ref.grad, dtype=torch.float32 if dtype == torch.float64 else dtype,
+                 family="moe", grad=True)
+
+
+def check_moe_nonfinite(impl: str, n: int, e: int, k: int, cf: Optional[float], dtype: torch.dtype = torch.float32,
+                        device: str = "cpu") -> None:
+    """Test helper: logits with +inf, -inf and NaN entries (all-NaN softmax rows, zero-probability ties) through
+    moe_route, and probabilities mixing NaN with numbers through ``impl``'s route op itself: the reference's
+    decisions, NaN ranked above every number and NaNs by increasing expert index."""
+    from ..ops.moe import OPS, moe_route
+
+    lg = random_router_logits(n, e, "nonfinite", seed=n + e + k).to(dtype)
+    check_same_routing(moe_route(lg.to(device), k, cf, min_capacity=2, impl=impl),
+                       moe_route(lg, k, cf, min_capacity=2, impl="reference"))
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    for probs in (nan_router_probs(n, e, seed=n * e + k, dtype=pdt), wild_router_probs(n, e, seed=n + k, dtype=pdt)):
+        check_route_op(OPS[impl]["route"], probs.to(device), k, expert_capacity(n, e, k, cf, 2))
