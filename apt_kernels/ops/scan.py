@@ -252,8 +252,9 @@ def _require_cuda_module(name: str) -> None:
         raise RuntimeError(f"{name}: {why}")
 
 
+# Named (not `_`) so that tests/test_cuda_emu.py can run them on CPU tensors against the emulated kernels.
 @_scan_fwd_op.register_kernel("cuda")
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+def _scan_fwd_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
     _require_cuda_module("apt::selective_scan_fwd (cuda)")
     f32 = torch.float32
     out, last, ckpt = _fwd_outputs(u, A, chunk)
@@ -267,7 +268,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
 
 
 @_scan_bwd_op.register_kernel("cuda")
-def _(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt, delta_softplus, chunk):
+def _scan_bwd_cuda(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt, delta_softplus, chunk):
     _require_cuda_module("apt::selective_scan_bwd (cuda)")
     f32 = torch.float32
     Ap, Bp, Cp, Dp, bp = _pack_params(A, B, C, D, delta_bias, f32)
@@ -283,7 +284,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt, delta_softplus, ch
 
 
 @_state_update_op.register_kernel("cuda")
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+def _state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     _require_cuda_module("apt::selective_state_update (cuda)")
     y = torch.empty_like(x)
     Ap, Bp, Cp, Dp, bp = _pack_step_params(A, B, C, D, dt_bias, torch.float32)

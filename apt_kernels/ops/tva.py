@@ -108,11 +108,18 @@ def _impl_fn(impl: str) -> Callable[..., torch.Tensor]:
 def _native_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor],
                    gate: Optional[torch.Tensor], coef: torch.Tensor, causal: bool, window: int, sinks: int,
                    key_padding_mask: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _native_forward(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale,
+                           cuda=q.device.type != "cpu")
+
+
+# The ops' bodies, with the kernel family chosen by `cuda`, not by the device: tests/test_cuda_emu.py runs the
+# CUDA branch on CPU tensors against the emulated kernels.
+def _native_forward(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, *, cuda: bool):
     B, H, Tq, _ = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     C = native_module()
-    if q.device.type == "cpu":
+    if not cuda:
         C.tva_forward_cpu(view(q), view(k), view(v), view(delta), view(gate), float(coef), causal, window, sinks,
                           view(key_padding_mask), scale, view(o), view(lse))
     else:
@@ -128,6 +135,12 @@ def _native_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                    key_padding_mask: Optional[torch.Tensor], scale: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, ddelta (empty without delta), rowdot = Σ_d delta·dO (B, H, Tq) fp32 (empty without delta)."""
+    return _native_backward(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask,
+                            scale, cuda=q.device.type != "cpu")
+
+
+def _native_backward(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, *,
+                     cuda: bool):
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fakes
     if delta is not None:
         ddelta = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -139,7 +152,7 @@ def _native_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     args = (view(grad_o), view(q), view(k), view(v), view(o), view(lse), view(delta), view(gate))
     tail = (causal, window, sinks, view(key_padding_mask), scale, view(dq), view(dk), view(dv),
             view(ddelta) if has else None, view(rowdot) if has else None)
-    if q.device.type == "cpu":
+    if not cuda:
         C.tva_backward_cpu(*args, float(coef), *tail)
     else:
         di = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # kernel scratch, torch's allocator
@@ -166,11 +179,15 @@ def _coef_tensor(value: float, device: torch.device) -> torch.Tensor:
     return _coef_const(value, device)
 
 
+# The device type each native implementation runs on (tests/test_cuda_emu.py runs "cuda" on CPU tensors).
+_NATIVE_DEVICE = {"cpu_native": "cpu", "cuda": "cuda"}
+
+
 def _run_native(impl: str, q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale,
                 checked: Optional[TVAArgs] = None):
     """``checked``: the inputs' TVAArgs when the caller (tva_attention) has validated them and resolved ``impl``."""
     a = checked
-    device = torch.device("cuda") if impl == "cuda" else torch.device("cpu")
+    device = torch.device(_NATIVE_DEVICE[impl])
     if a is None:
         a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
         ok, why = impl_status(impl, q.device if q.device.type == device.type else device, a.D, q.dtype)

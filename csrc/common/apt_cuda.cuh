@@ -12,6 +12,11 @@
 #include <string>
 #include <utility>
 
+// The block's dynamic shared memory as a T array (a macro so that tests/cuda_emu can give it a host definition).
+#ifndef APT_DYNAMIC_SMEM
+#define APT_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 #define APT_CUDA_CHECK(expr)                                                                        \
   do {                                                                                              \
     cudaError_t _e = (expr);                                                                        \

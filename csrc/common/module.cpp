@@ -13,7 +13,12 @@ std::vector<OpFamily>& op_families() {
 }
 }  // namespace apt
 
-PYBIND11_MODULE(_C, m) {
+// Another name only for the test build of tests/cuda_emu (the CUDA kernels emulated on the host).
+#ifndef APT_MODULE_NAME
+#define APT_MODULE_NAME _C
+#endif
+
+PYBIND11_MODULE(APT_MODULE_NAME, m) {
   m.doc() = "apt_kernels native kernels (CPU C++ always; CUDA when built with nvcc). No libtorch dependency.";
 #ifdef APT_WITH_CUDA
   m.attr("with_cuda") = true;

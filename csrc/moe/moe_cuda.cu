@@ -49,7 +49,7 @@ __global__ void topk_kernel(const float* __restrict__ p, int64_t N, int64_t E, i
 // counts of each expert among rank-j choices of token block b -> work[(j * nb + b) * E + e]
 __global__ void count_kernel(const int64_t* __restrict__ idx, int64_t N, int64_t E, int64_t k, int64_t nb,
                              int64_t* __restrict__ work) {
-  extern __shared__ int sh_count[];
+  APT_DYNAMIC_SMEM(int, sh_count);
   const int64_t b = blockIdx.x, j = blockIdx.y;
   for (int64_t e = threadIdx.x; e < E; e += blockDim.x) sh_count[e] = 0;
   __syncthreads();

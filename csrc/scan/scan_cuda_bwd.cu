@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(channels_per_block(NL, NPT) * NL)
   __shared__ float s_dy[CPB][kSP];
   __shared__ float s_dzf[CPB][kSP];
   __shared__ float s_dsp[CPB][kSP];
-  extern __shared__ float s_dyn[];
+  APT_DYNAMIC_SMEM(float, s_dyn);
   const Stage sg{s_dt, s_u, s_dy, s_dzf, s_dsp};
   // s_h[k * NS + j * NT + tid]: state h_{t0 + k - 1} of (this thread, j), k = 0 .. chunk (k = 0: the checkpoint)
   float* s_h = s_dyn;
