@@ -116,8 +116,14 @@ def _digest(cu_files: list[Path]) -> str:
         if p.is_file():
             h.update(str(p.relative_to(ROOT)).encode())
             h.update(p.read_bytes())
-    h.update(" ".join(FLAGS + [sys.version]).encode())
+    h.update(" ".join(_flags() + [sys.version]).encode())
     return h.hexdigest()[:16]
+
+
+def _flags() -> list[str]:
+    # APT_CUDA_EMU_CXXFLAGS: extra flags for a one-off check, e.g. "-fsanitize=address" (then run python with
+    # LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0)
+    return FLAGS + os.environ.get("APT_CUDA_EMU_CXXFLAGS", "").split()
 
 
 def build(out_root: Optional[Path] = None, jobs: int = 2) -> Path:
@@ -149,7 +155,7 @@ def build(out_root: Optional[Path] = None, jobs: int = 2) -> Path:
 
     def compile_one(src: Path) -> Path:
         obj = out / (src.parent.name + "_" + src.stem + ".o")  # selftest.cu: gen/cuda_emu/selftest.cu
-        cmd = [cxx, *FLAGS, *inc, "-x", "c++", "-c", str(src), "-o", str(obj)]
+        cmd = [cxx, *_flags(), *inc, "-x", "c++", "-c", str(src), "-o", str(obj)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"compiling {src} for the CUDA emulator failed:\n{r.stderr[-6000:]}")
@@ -158,7 +164,7 @@ def build(out_root: Optional[Path] = None, jobs: int = 2) -> Path:
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         objs = list(pool.map(compile_one, units))
     tmp = out / f"{MODULE}.tmp{ext}"
-    r = subprocess.run([cxx, "-shared", *map(str, objs), "-o", str(tmp)], capture_output=True, text=True)
+    r = subprocess.run([cxx, "-shared", *_flags(), *map(str, objs), "-o", str(tmp)], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"linking the CUDA emulator failed:\n{r.stderr[-6000:]}")
     os.replace(tmp, target)  # atomic: a concurrent build sees the whole module or none

@@ -13,6 +13,9 @@
 //
 // Not modelled: warp-synchronous code without a shuffle or barrier, memory outside the tensors, performance.
 #pragma once
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 #if defined(__x86_64__)
 // tests/cuda_emu/emu_runtime.cpp: saves the callee-saved registers on this stack, stores its pointer in *save_sp,
 // switches to load_sp and pops them there. No system call, unlike swapcontext (which also saves the signal mask):
@@ -267,6 +270,10 @@ inline void trampoline() {
 }
 
 inline void init_fiber(Fiber& f, unsigned char* stack, size_t bytes) {
+#if defined(__SANITIZE_ADDRESS__)
+  // a fiber abandoned mid-kernel (a failed launch) never unwound: its frames' redzones would stay poisoned
+  __asan_unpoison_memory_region(stack, bytes);
+#endif
 #if defined(__x86_64__)
   // what apt_emu_switch pops: r15 r14 r13 r12 rbx rbp, then trampoline as the return address, then a null return
   // address for trampoline's own frame; sp 16-byte aligned so that trampoline starts as if just called
