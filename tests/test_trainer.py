@@ -250,3 +250,26 @@ def test_bpe_tokenizer_travels_in_the_checkpoint(tmp_path):
     text = "The keeper climbed the stairs"
     assert tok.decode(tok.encode(text)) == text
     assert model(torch.tensor([tok.encode(text)[:16]])).shape[-1] == 300
+
+
+class LrAtStepEnd(Plugin):
+    name = "lrgrab"
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.reported, self.used = [], []
+
+    def on_step_start(self, ctx):  # the LR the coming optimizer step uses
+        self.used.append(ctx.trainer.optimizer.param_groups[0]["lr"])
+
+    def on_step_end(self, ctx):
+        self.reported.append(ctx.metrics["lr"])
+
+
+def test_lr_metric_is_the_lr_the_step_used(tmp_path):
+    grab = LrAtStepEnd()
+    tr = Trainer(_cfg(tmp_path, **{"training.warmup_steps": 3}), plugins=[grab])
+    tr.fit()
+    base = float(tr.t["lr"])
+    assert grab.used[:3] == pytest.approx([base / 3, 2 * base / 3, base])  # linear warmup, step 1 at lr / warmup
+    assert grab.reported == pytest.approx(grab.used)

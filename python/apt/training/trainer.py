@@ -277,6 +277,7 @@ class Trainer:
                         self.scaler.update()
                     else:
                         self.optimizer.step()
+                    lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used, before the scheduler moves on
                     self.scheduler.step()
                     self.step += 1
                     loss = float(torch.stack(step_losses).float().mean())
@@ -286,7 +287,6 @@ class Trainer:
                             "keep training.grad_clip on, or check the data")
                     self.history.append(loss)
                     ctx = self._sync_ctx(loss=loss)
-                    lr = self.optimizer.param_groups[0]["lr"]
                     ctx.metrics.update({"loss": loss, "lr": lr,
                                         "grad_norm": grad_norm, **{f"loss_{k}": float(v) for k, v in parts_sum.items()}})
                     elapsed = time.perf_counter() - start
