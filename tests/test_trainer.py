@@ -273,3 +273,11 @@ def test_lr_metric_is_the_lr_the_step_used(tmp_path):
     base = float(tr.t["lr"])
     assert grab.used[:3] == pytest.approx([base / 3, 2 * base / 3, base])  # linear warmup, step 1 at lr / warmup
     assert grab.reported == pytest.approx(grab.used)
+
+
+def test_resume_from_another_models_checkpoint_names_the_mismatch(tmp_path):
+    from apt.training.checkpoint import CheckpointError
+
+    Trainer(_cfg(tmp_path, **{"training.max_steps": 1})).fit()
+    with pytest.raises(CheckpointError, match=r"last\.pt.*does not match.*model\.d_model"):
+        Trainer(_cfg(tmp_path, **{"model.d_model": 48, "training.resume": "auto"}))

@@ -163,7 +163,15 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         blob = ckpt.load(path, map_location="cpu")
-        self.model.load_state_dict(blob["model"])
+        try:
+            self.model.load_state_dict(blob["model"])
+        except RuntimeError as exc:  # missing / unexpected keys, size mismatches
+            first = str(exc).strip().splitlines()
+            detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
+            raise ckpt.CheckpointError(
+                f"{path}: the checkpoint's model does not match the one this profile builds ({detail}); resume "
+                "with the profile it was trained with (model.d_model, model.num_layers, ... as stored in it)"
+            ) from None
         if "optimizer" in blob:
             self.optimizer.load_state_dict(blob["optimizer"])
         if "scheduler" in blob:
