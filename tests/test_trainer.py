@@ -281,3 +281,20 @@ def test_resume_from_another_models_checkpoint_names_the_mismatch(tmp_path):
     Trainer(_cfg(tmp_path, **{"training.max_steps": 1})).fit()
     with pytest.raises(CheckpointError, match=r"last\.pt.*does not match.*model\.d_model"):
         Trainer(_cfg(tmp_path, **{"model.d_model": 48, "training.resume": "auto"}))
+
+
+def test_val_loss_is_the_mean_over_tokens(tmp_path):
+    from apt.data.datasets import TokenBatches
+
+    g = torch.Generator().manual_seed(0)
+    train = TokenBatches(torch.randint(0, 256, (400,), generator=g), 16, 4)
+    val = TokenBatches(torch.randint(0, 256, (16 * 5 + 1,), generator=g), 16, 4)  # 5 windows: batches of 4 and 1
+    tr = Trainer(_cfg(tmp_path), data=train, val_data=val)
+    batches = list(val.sequential(20))
+    assert [x.shape[0] for x, _ in batches] == [4, 1]  # a mean of the two batch means would weigh 1 window as 4
+    tr.model.eval()
+    with torch.no_grad():
+        nll = [torch.nn.functional.cross_entropy(tr.model(x).flatten(0, 1), y.flatten(), reduction="sum")
+               for x, y in batches]
+    expect = float(sum(nll)) / sum(y.numel() for _, y in batches)
+    assert tr.evaluate() == pytest.approx(expect, rel=1e-5)

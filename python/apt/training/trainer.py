@@ -219,15 +219,17 @@ class Trainer:
         if self.val_data is None:
             return None
         self.model.eval()
-        losses = []
+        total, count = 0.0, 0
         for x, y in self.val_data.sequential(max_batches):
             x, y = x.to(self.device), y.to(self.device)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 logits = self.model(x)
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+            # summed, then divided by all tokens: the last batch may hold fewer windows
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
         self.model.train()
-        return sum(losses) / max(len(losses), 1)
+        return total / max(count, 1)
 
     def fit(self, stop_at_step: Optional[int] = None) -> dict[str, Any]:
         """Train to ``total_steps`` (or stop after optimizer step ``stop_at_step``, saving a checkpoint, as an
