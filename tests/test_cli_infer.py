@@ -78,6 +78,7 @@ def test_eval_prints_perplexity(tiny_checkpoint, tmp_path, capsys):
     (["generate", "{text}", "--prompt", "x"], "cannot read checkpoint"),
     (["eval", "{ckpt}", "--file", "{short}"], "too short"),
     (["eval", "{ckpt}", "--file", "{text}", "--context", "999"], "exceeds the model's window"),
+    (["eval", "{ckpt}", "--file", "{text}", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
     (["generate", "{ckpt}", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
     (["generate", "{ckpt}", "--prompt", "x", "--plugins", "moe"], "no generation hooks"),
     (["generate", "{ckpt}", "--prompt", "x", "--plugins", "nosuch"], "unknown plugin 'nosuch'"),

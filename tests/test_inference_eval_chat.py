@@ -73,6 +73,13 @@ def test_perplexity_errors():
         perplexity(m, [1])
 
 
+def test_perplexity_batch_size_must_be_positive():
+    m = BigramPosLM()
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"batch_size: must be >= 1, got " + str(bad)):
+            perplexity(m, [1, 2, 3, 4], context=2, batch_size=bad)
+
+
 def test_real_models_eval_file(tmp_path):
     text = "the quick brown fox jumps over the lazy dog. " * 6
     f = tmp_path / "t.txt"

@@ -74,6 +74,8 @@ def perplexity(model: torch.nn.Module, ids: Union[Sequence[int], torch.Tensor], 
         stride = context if streaming else max(1, context // 2)
     if not 1 <= stride <= context:
         raise ValueError(f"stride: must be in [1, context={context}], got {stride}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
     total = 0.0
@@ -94,7 +96,7 @@ def perplexity(model: torch.nn.Module, ids: Union[Sequence[int], torch.Tensor], 
             for b, s, e in wins:
                 by_len.setdefault(e - 1 - b, []).append((b, s, e))
             for length, group in by_len.items():
-                for i in range(0, len(group), max(1, batch_size)):
+                for i in range(0, len(group), batch_size):
                     part = group[i:i + batch_size]
                     x = torch.stack([ids_t[b:e - 1] for b, _, e in part]).to(device)
                     logp = torch.log_softmax(model(x).float(), -1)

@@ -21,6 +21,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not Path(args.file).is_file():  # before loading the model: a typo should fail fast
         raise CLIError(f"--file: no such file: {args.file}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size: must be >= 1, got {args.batch_size}")
     model, tokenizer, _ = load_checkpoint(args)
     try:
         res = evaluate_file(model, tokenizer, args.file, context=args.context, stride=args.stride,
