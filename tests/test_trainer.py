@@ -138,6 +138,7 @@ def test_lr_schedule_and_amp_policy():
 def test_max_steps_stops_mid_epoch(tmp_path):
     summary = Trainer(_cfg(tmp_path, **{"training.max_steps": 4})).fit()
     assert summary["steps"] == 4 and (tmp_path / "run" / "last.pt").is_file()
+    assert not summary["stopped_early"]  # it ran every step it was asked for, though mid-epoch
 
 
 def test_mamba_backbone_trains(tmp_path):

@@ -346,7 +346,8 @@ class Trainer:
                    "val_losses": list(self.val_history),
                    "tokens_per_s": (self.tokens_seen - tokens_at_start) / max(wall, 1e-9),
                    "checkpoint": str(self.checkpoint_path), "disabled_plugins": dict(self.plugins.disabled),
-                   "stopped_early": stopped}
+                   # before total_steps; reaching it mid-epoch (max_steps) skips the epoch end but is no early stop
+                   "stopped_early": self.step < self.total_steps}
         logger.info("training done: %s", summary)
         return summary
 
