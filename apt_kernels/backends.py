@@ -66,3 +66,39 @@ def triton_version() -> str | None:
     import triton
 
     return getattr(triton, "__version__", "unknown")
+
+
+def fix_triton_interpreter_bf16_dot() -> bool:
+    """Under TRITON_INTERPRET=1, make the interpreter's ``tl.dot`` right for bfloat16 operands; True when it is.
+
+    Triton's interpreter keeps bfloat16 tensors as their uint16 bit patterns (numpy has no bfloat16) and its dot
+    multiplies those integers. This wraps its ``create_dot`` to widen bfloat16 operands to float32 first, which is
+    what a GPU computes (a bf16 x bf16 product is exact in fp32, and the accumulator is fp32). Idempotent; other
+    dtypes are passed through untouched. Called by the Triton modules that use tl.dot when they are imported."""
+    if not triton_interpret():
+        return False
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter as ti
+    except Exception:  # no interpreter to fix
+        return False
+    builder = getattr(ti, "InterpreterBuilder", None)
+    orig = getattr(builder, "create_dot", None)
+    if orig is None or not hasattr(ti, "TensorHandle"):
+        return False
+    if getattr(orig, "_apt_bf16_fix", False):
+        return True
+
+    def widen(h):
+        if h.dtype != tl.bfloat16:
+            return h
+        return ti.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    @functools.wraps(orig)
+    def create_dot(self, a, b, d, *args, **kwargs):
+        return orig(self, widen(a), widen(b), d, *args, **kwargs)
+
+    create_dot._apt_bf16_fix = True
+    builder.create_dot = create_dot
+    return True

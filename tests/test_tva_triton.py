@@ -44,8 +44,6 @@ def test_triton_short_sequences(Tq, Tk):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_low_precision(dtype):
-    if dtype == torch.bfloat16 and backends.triton_interpret():
-        pytest.skip("the Triton interpreter computes bfloat16 tl.dot wrongly (fine on GPUs)")
     inp = random_tva_inputs(B=1, H=2, Tq=19, D=32, dtype=dtype, pad=True, coef_tensor=True, requires_grad=True)
     _compare(inp, dtype=dtype, window=6, sinks=1)
     inp = random_tva_inputs(B=1, H=2, Tq=64, D=32, dtype=dtype, coef_tensor=True, requires_grad=True)

@@ -63,8 +63,6 @@ def impl_status(impl: str, device: Optional[torch.device] = None, head_dim: Opti
         return False, f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {device}"
     if ok and head_dim is not None and head_dim > 128:
         return False, f"the triton kernel takes head dims <= 128, got {head_dim}"
-    if ok and dtype == torch.bfloat16 and backends.triton_interpret() and (device is None or device.type == "cpu"):
-        return False, "the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 tl.dot wrongly"
     return ok, why
 
 

@@ -34,7 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import fix_triton_interpreter_bf16_dot
 from ..reference.tva import Coef, check_tva_inputs, register_fused_tva_op
+
+fix_triton_interpreter_bf16_dot()  # a no-op on GPUs; makes bfloat16 tl.dot right under TRITON_INTERPRET=1
 
 __all__ = ["tva_attention_triton", "MAX_HEAD_DIM", "KernelConfig", "CONFIG_OVERRIDES", "kernel_configs",
            "table_configs", "parse_config_spec", "smem_estimate"]
