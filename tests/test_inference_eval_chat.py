@@ -3,6 +3,7 @@ path, and the chat loop driven by scripted input streams."""
 from __future__ import annotations
 
 import io
+import logging
 import math
 
 import pytest
@@ -154,6 +155,15 @@ def test_chat_history_fits_window():
     prompt = s.build_prompt("last")
     assert len(TOK.encode(prompt)) <= 96 - 16 and s.dropped > 0
     assert prompt.endswith("User: last\nAssistant:") and "message number 5" in prompt
+
+
+def test_chat_warns_once_when_max_new_tokens_fills_the_window(caplog):
+    s = ChatSession(EchoLM(window=32), TOK, temperature=0, max_new_tokens=40)
+    with caplog.at_level(logging.WARNING, logger="apt.inference.chat"):
+        for msg in ("hi", "there", "again"):
+            assert s.reply(msg) == "ok"
+    msgs = [r.getMessage() for r in caplog.records if r.name == "apt.inference.chat"]
+    assert len(msgs) == 1 and "max_new_tokens (40) is not below the model's window (32" in msgs[0], msgs
 
 
 def test_chat_on_real_model_runs():

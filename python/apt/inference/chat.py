@@ -41,6 +41,7 @@ class ChatSession:
         self.history: list[tuple[str, str]] = []
         self.turns = 0  # replies given (also seeds each turn differently)
         self.dropped = 0  # turns dropped to fit the window
+        self._warned_window = False
 
     def reset(self) -> None:
         self.history.clear()
@@ -64,7 +65,14 @@ class ChatSession:
             turns.pop(0)
             self.dropped += 1
             prompt = self._render(turns, message)
-        if len(self.tokenizer.encode(prompt)) > budget:
+        if self.max_new_tokens >= window:
+            # no prompt fits beside such a reply: say that (once), not that this message is too long
+            if not self._warned_window:
+                self._warned_window = True
+                logger.warning("chat: max_new_tokens (%d) is not below the model's window (%d tokens), so no "
+                               "earlier turn fits beside the reply: each message is answered without the "
+                               "conversation; lower max_new_tokens to keep it", self.max_new_tokens, window)
+        elif len(self.tokenizer.encode(prompt)) > budget:
             logger.warning("chat: the message alone is longer than the model's window (%d tokens) minus "
                            "max_new_tokens (%d); its start is cut", window, self.max_new_tokens)
         self.history = turns
