@@ -8,12 +8,14 @@ largest one (one host sync for that size) before the same bmm, again with no loo
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validate import check_float
 from ..ops.moe import IMPLS, moe_aux_losses, moe_combine, moe_dispatch, moe_grouped_ffn, moe_route
 from ..reference.moe import Routing
 
@@ -79,6 +81,11 @@ class MoEFFN(nn.Module):
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
             if v < 1:
                 raise ValueError(f"{name}: expected >= 1, got {v}")
+        for name, v in (("balance_coef", balance_coef), ("z_coef", z_coef)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+            if not math.isfinite(v):
+                raise ValueError(f"{name}: expected a finite number, got {v}")
         if k > num_experts:
             raise ValueError(f"k: expected k <= num_experts ({num_experts}), got {k}")
         if activation not in ("swiglu", "gelu"):
@@ -131,8 +138,9 @@ class MoEFFN(nn.Module):
 
     def router_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean logits / temperature, logits used for routing: plus noise in training with noisy gating)."""
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"temperature: expected a number > 0, got {self.temperature!r}")
+        # inf would pass "> 0" and silently make every token's router uniform
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < math.inf):
+            raise ValueError(f"temperature: expected a finite number > 0, got {self.temperature!r}")
         clean = self.gate(x) / self.temperature
         if self.noise is not None and self.training:
             std = F.softplus(self.noise(x).float())
@@ -158,6 +166,7 @@ class MoEFFN(nn.Module):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected shape (..., {self.d_model}), got {tuple(x.shape)}")
+        check_float("x", x)
         shape = x.shape
         flat = x.reshape(-1, self.d_model)
         clean, logits = self.router_logits(flat)

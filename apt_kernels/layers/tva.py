@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
+from .._validate import check_float, check_tensor
 from ..ops.running_mean import running_mean
 
 __all__ = ["TVAAttention", "TVACache"]
@@ -45,6 +47,10 @@ class TVACache:
         self.k = self.v = self.padding = self.x_sum = self.count = None
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _resolve_core(core: Union[str, Core]) -> Core:
     if callable(core):
         return core
@@ -73,16 +79,22 @@ class TVAAttention(nn.Module):
                  window: Optional[int] = None, causal: bool = True, dropout: float = 0.0,
                  core: Union[str, Core] = "auto") -> None:
         super().__init__()
-        if not isinstance(d_model, int) or d_model < 1:
+        # bool is an int subclass: True would pass as 1 (d_model, window) and then fail far from here
+        if not _is_int(d_model) or d_model < 1:
             raise ValueError(f"d_model: expected a positive int, got {d_model!r}")
-        if not isinstance(num_heads, int) or num_heads < 1 or d_model % num_heads:
+        if not _is_int(num_heads) or num_heads < 1 or d_model % num_heads:
             raise ValueError(f"num_heads: expected a positive divisor of d_model={d_model}, got {num_heads!r}")
-        if not isinstance(r, int) or r < 1:
+        if not _is_int(r) or r < 1:
             raise ValueError(f"r: expected a positive int (rank ratio), got {r!r}")
-        if not isinstance(s, int) or s < 0:
+        if not _is_int(s) or s < 0:
             raise ValueError(f"s: expected a non-negative int (sink tokens), got {s!r}")
-        if window is not None and (not isinstance(window, int) or window < 1):
+        if window is not None and (not _is_int(window) or window < 1):
             raise ValueError(f"window: expected None or a positive int, got {window!r}")
+        for name, value in (("tau", tau), ("alpha", alpha), ("dropout", dropout)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
@@ -108,9 +120,9 @@ class TVAAttention(nn.Module):
         return self.alpha * torch.tanh(self.tau)
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> TVACache:
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-        if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+        if max_len is not None and (not _is_int(max_len) or max_len < 1):
             raise ValueError(f"max_len: expected None or a positive int, got {max_len!r}")
         if not self.causal:
             raise ValueError("cache: incremental decoding needs a causal layer (causal=True)")
@@ -171,16 +183,20 @@ class TVAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 cache: Optional[TVACache] = None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {shape}")
+        check_tensor("x", x)
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        check_float("x", x)
         B, T, C = x.shape
         H, D = self.num_heads, self.head_dim
         if key_padding_mask is not None:
+            check_tensor("key_padding_mask", key_padding_mask)
             if key_padding_mask.shape != (B, T) or key_padding_mask.dtype != torch.bool:
                 raise ValueError(f"key_padding_mask: expected a bool tensor of shape ({B}, {T}), got "
                                  f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
         if cache is not None:
+            if not isinstance(cache, TVACache):
+                raise TypeError(f"cache: expected a TVACache (from new_cache), got {type(cache).__name__}")
             if not self.causal:
                 raise ValueError("cache: incremental decoding needs a causal layer (causal=True)")
             if cache.batch_size != B:

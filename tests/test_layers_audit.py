@@ -1,0 +1,63 @@
+"""Audit of the model layers (TVAAttention, MoEFFN) against TVA.md / MOE.md: argument checks that name the argument,
+and layer behaviour the per-op tests do not reach."""
+import math
+
+import pytest
+import torch
+
+from apt_kernels.layers.moe import MoEFFN
+from apt_kernels.layers.tva import TVAAttention
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(d_model=True, num_heads=1), ValueError, "d_model"),
+    (dict(num_heads=True), ValueError, "num_heads"),
+    (dict(window=True), ValueError, "window"),
+    (dict(s=False), ValueError, "s"),
+    (dict(tau="0.2"), TypeError, "tau"),
+    (dict(tau=float("nan")), ValueError, "tau"),
+    (dict(alpha=None), TypeError, "alpha"),
+    (dict(alpha=float("inf")), ValueError, "alpha"),
+    (dict(dropout="0.1"), TypeError, "dropout"),
+])
+def test_tva_constructor_names_bad_argument(kwargs, exc, name):
+    args = dict(d_model=16, num_heads=2, core="reference")
+    args.update(kwargs)
+    with pytest.raises(exc, match=f"^{name}:"):
+        TVAAttention(**args)
+
+
+def test_tva_forward_names_bad_argument():
+    layer = TVAAttention(16, 2, core="reference")
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(TypeError, match="^x:"):
+        layer(x.tolist())
+    with pytest.raises(TypeError, match="^x:"):
+        layer(torch.zeros(2, 5, 16, dtype=torch.long))
+    with pytest.raises(TypeError, match="^key_padding_mask:"):
+        layer(x, [[False] * 5] * 2)
+    with pytest.raises(TypeError, match="^cache:"):
+        layer(x, cache=object())
+    with pytest.raises(ValueError, match="^batch_size:"):
+        layer.new_cache(True)
+    with pytest.raises(ValueError, match="^max_len:"):
+        layer.new_cache(2, max_len=True)
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(balance_coef="0.01"), TypeError, "balance_coef"),
+    (dict(z_coef=None), TypeError, "z_coef"),
+    (dict(balance_coef=float("nan")), ValueError, "balance_coef"),
+])
+def test_moe_constructor_names_bad_argument(kwargs, exc, name):
+    with pytest.raises(exc, match=f"^{name}:"):
+        MoEFFN(4, 8, 4, router_impl="reference", **kwargs)
+
+
+def test_moe_forward_names_bad_argument():
+    m = MoEFFN(4, 8, 4, router_impl="reference")
+    with pytest.raises(TypeError, match="^x:"):
+        m(torch.zeros(3, 4, dtype=torch.long))
+    m.temperature = math.inf  # would make every router distribution uniform
+    with pytest.raises(ValueError, match="^temperature:"):
+        m(torch.randn(3, 4))
