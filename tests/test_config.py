@@ -75,6 +75,13 @@ def test_plugins_argument_appends():
     ({"schedules.enable_moe_at_epoch": -1}, "schedules.enable_moe_at_epoch"),
     ({"plugins.enabled": "moe"}, "plugins.enabled: expected list"),
     ({"model.d_model": None}, "model.d_model must be set"),
+    # numbers the trainer would take silently and misuse (a negative grad_clip flips the gradient's sign)
+    ({"training.grad_clip": -1.0}, "training.grad_clip: must be >= 0 or null (0 or null: no clipping), got -1.0"),
+    ({"training.warmup_steps": -5}, "training.warmup_steps: must be >= 0, got -5"),
+    ({"training.weight_decay": -0.1}, "training.weight_decay: must be >= 0, got -0.1"),
+    ({"training.min_lr_ratio": 1.5}, "training.min_lr_ratio: must be in [0, 1], got 1.5"),
+    ({"model.dropout": 1.0}, "model.dropout: must be in [0, 1), got 1.0"),
+    ({"model.norm_eps": 0}, "model.norm_eps: must be > 0, got 0"),
 ])
 def test_validation_names_the_bad_key(override, fragment):
     with pytest.raises(ConfigError) as ei:

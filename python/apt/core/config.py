@@ -443,6 +443,17 @@ def _check_semantics(cfg: Mapping[str, Any], where: _Where) -> None:
     lr = g("training.lr")
     if isinstance(lr, (int, float)) and lr <= 0:
         raise ConfigError(f"{where.key('training.lr')}: must be > 0, got {lr}")
+    # numbers the trainer would take without complaint and misuse (a negative grad_clip flips the gradient)
+    ranges = (("training.grad_clip", lambda v: v >= 0, "must be >= 0 or null (0 or null: no clipping)"),
+              ("training.warmup_steps", lambda v: v >= 0, "must be >= 0"),
+              ("training.weight_decay", lambda v: v >= 0, "must be >= 0"),
+              ("training.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+              ("model.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+              ("model.norm_eps", lambda v: v > 0, "must be > 0"))
+    for key, ok, rule in ranges:
+        v = g(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not ok(v):
+            raise ConfigError(f"{where.key(key)}: {rule}, got {v}")
     vf = g("data.val_fraction")
     if isinstance(vf, (int, float)) and not 0 <= vf < 1:
         raise ConfigError(f"{where.key('data.val_fraction')}: must be in [0, 1), got {vf}")
