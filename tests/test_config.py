@@ -82,6 +82,7 @@ def test_plugins_argument_appends():
     ({"training.min_lr_ratio": 1.5}, "training.min_lr_ratio: must be in [0, 1], got 1.5"),
     ({"model.dropout": 1.0}, "model.dropout: must be in [0, 1), got 1.0"),
     ({"model.norm_eps": 0}, "model.norm_eps: must be > 0, got 0"),
+    ({"plugins.enabled": ["routing", "moe", "routing"]}, "plugins.enabled: 'routing' is listed twice"),
 ])
 def test_validation_names_the_bad_key(override, fragment):
     with pytest.raises(ConfigError) as ei:

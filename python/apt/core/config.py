@@ -463,6 +463,9 @@ def _check_semantics(cfg: Mapping[str, Any], where: _Where) -> None:
     enabled = g("plugins.enabled") or []
     if not all(isinstance(p, str) for p in enabled):
         raise ConfigError(f"{where.key('plugins.enabled')}: expected a list of plugin names, got {enabled!r}")
+    twice = next((p for i, p in enumerate(enabled) if p in enabled[:i]), None)
+    if twice is not None:  # two instances would get every hook twice and share one checkpoint slot
+        raise ConfigError(f"{where.key('plugins.enabled')}: {twice!r} is listed twice")
     sched = g("schedules")
     if sched:
         from .schedules import validate_schedules
