@@ -155,6 +155,10 @@ def test_emulator_poisons_dynamic_smem_and_checks_launches(emu_module):
                                       (1, 32, 49 * 1024, "dynamic shared memory")):
         with pytest.raises(RuntimeError, match=what):
             emu_module.emu_launch(_view(out), grid, threads, smem)
+    out = torch.zeros(128)
+    emu_module.emu_bounded(_view(out), 64)
+    with pytest.raises(RuntimeError, match=r"128 threads for a kernel declared __launch_bounds__\(64\)"):
+        emu_module.emu_bounded(_view(out), 128)
 
 
 # ---- selective scan (csrc/scan/scan_cuda_*.cu) --------------------------------------------------------------------

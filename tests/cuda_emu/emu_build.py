@@ -6,7 +6,8 @@ The ``.cu`` and ``.cuh`` files (and ``selftest.cu``: kernels with the bugs the e
 - ``kernel<<<grid, block, smem, stream>>>(args)`` -> ``::apt_emu::launch(::apt_emu::LaunchConfig(grid, block, smem,
   stream), kernel, args)``;
 - ``__shared__ T a[X];`` -> ``static char site; auto& a = ::apt_emu::shared_var<T[X]>(&site);``: per-block storage,
-  poisoned at the start of each block.
+  poisoned at the start of each block;
+- ``__launch_bounds__(X)`` kernels start with ``::apt_emu::check_launch_bounds(X);``.
 The module is cached under ``build/cuda_emu/<hash of the sources and flags>/`` (or
 ``$APT_CUDA_EMU_BUILD_DIR/<hash>/``).
 
@@ -102,6 +103,33 @@ def rewrite_shared(src: str, where: str) -> str:
     return _SHARED.sub(one, src)
 
 
+def rewrite_launch_bounds(src: str, where: str) -> str:
+    """``__global__ void __launch_bounds__(X) k(...) {`` -> the same with ``::apt_emu::check_launch_bounds(X);``
+    first in the body, on the same line: a launch with more threads per block than X fails as on a GPU."""
+    out, pos = [], 0
+    while True:
+        j = src.find("__launch_bounds__(", pos)
+        if j < 0:
+            out.append(src[pos:])
+            return "".join(out)
+        a = j + len("__launch_bounds__")
+        b = _find_matching(src, a, "(", ")", 1)
+        args, depth, cut = src[a + 1:b], 0, None  # (max threads[, min blocks per SM]): the first top-level comma
+        for i, ch in enumerate(args):
+            depth += (ch == "(") - (ch == ")")
+            if ch == "," and depth == 0:
+                cut = i
+                break
+        bound = args[:cut]
+        params = src.index("(", b + 1)  # the kernel's parameter list
+        body = src.index("{", _find_matching(src, params, "(", ")", 1))
+        if src[b + 1:body].count(";"):
+            raise ValueError(f"{where}: __launch_bounds__ not followed by a kernel definition")
+        out.append(src[pos:body + 1])
+        out.append(f" ::apt_emu::check_launch_bounds({bound});")
+        pos = body + 1
+
+
 def _includes() -> list[str]:
     import pybind11
 
@@ -148,7 +176,8 @@ def build(out_root: Optional[Path] = None, jobs: int = 2) -> Path:
     for src in cu_files + sorted(CSRC.glob("*/*.cuh")):
         dst = gen / src.parent.name / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_text(f'#line 1 "{src}"\n' + rewrite_shared(rewrite_launches(src.read_text()), str(src)))
+        text = rewrite_launch_bounds(rewrite_shared(rewrite_launches(src.read_text()), str(src)), str(src))
+        dst.write_text(f'#line 1 "{src}"\n' + text)
         if src.suffix == ".cu":
             units.append(dst)
     inc = [f"-I{gen}"] + _includes()

@@ -36,6 +36,9 @@ __global__ void uninitialised_smem_kernel(float* out) {
   out[threadIdx.x] = s[threadIdx.x];
 }
 
+// declared for at most 64 threads per block
+__global__ void __launch_bounds__(64) bounded_kernel(float* out) { out[threadIdx.x] = 1.f; }
+
 float* fptr(const pybind11::object& t) { return apt::TensorView::from(t, "t").ptr<float>(); }
 
 }  // namespace
@@ -55,6 +58,10 @@ APT_REGISTER_OPS(cuda_emu_selftest) {
   });
   m.def("emu_uninitialised_smem", [](pybind11::object out) {
     uninitialised_smem_kernel<<<1, 32, 32 * sizeof(float)>>>(fptr(out));
+    APT_CUDA_CHECK(cudaGetLastError());
+  });
+  m.def("emu_bounded", [](pybind11::object out, unsigned threads) {
+    bounded_kernel<<<1, threads>>>(fptr(out));
     APT_CUDA_CHECK(cudaGetLastError());
   });
   m.def("emu_launch", [](pybind11::object out, unsigned grid, unsigned threads, size_t smem) {

@@ -428,6 +428,16 @@ void launch(const LaunchConfig& c, void (*kernel)(P...), A&&... args) {
   run_grid(c.grid, c.block, c.smem, reinterpret_cast<const void*>(kernel), body);
 }
 
+// First statement of a __launch_bounds__(max_threads) kernel (emu_build.py): a GPU refuses the launch when the
+// block is bigger ("too many resources requested"), since registers were allotted for max_threads.
+inline void check_launch_bounds(long long max_threads) {
+  const dim3& b = S().bdim;
+  const long long n = static_cast<long long>(b.x) * b.y * b.z;
+  if (n > max_threads)
+    fail("a block of " + std::to_string(n) + " threads for a kernel declared __launch_bounds__(" +
+         std::to_string(max_threads) + ")");
+}
+
 }  // namespace apt_emu
 
 #define threadIdx (::apt_emu::thread_idx())
