@@ -339,6 +339,17 @@ def test_moeffn_dropless_compiles_fullgraph_dynamic():
     assert _compiled_vs_eager(m, [(2, 8, 32), (3, 5, 32)], dynamic=True) == 1
 
 
+def test_moeffn_capacity_mode_compiles_fullgraph_with_an_annealed_capacity_factor():
+    """Capacity mode with dynamic=True, where dynamo makes capacity_factor a SymFloat: the argument check used
+    math.isnan/isinf, which fullgraph rejected ("torch.* op returned non-Tensor"). Changing the factor (annealing,
+    as the layer invites) must still equal eager."""
+    torch.manual_seed(13)
+    m = MoEFFN(32, 64, 4, k=2, capacity_factor=1.25, activation="swiglu")
+    assert _compiled_vs_eager(m, [(2, 8, 32)], dynamic=True, backend="aot_eager") >= 1
+    m.capacity_factor = 0.7
+    _compiled_vs_eager(m, [(2, 8, 32)], dynamic=True, backend="aot_eager")
+
+
 def test_moeffn_temperature_and_capacity_are_mutable():
     m = MoEFFN(4, 8, 4, k=1, capacity_factor=1.0, router_impl="reference")
     x = torch.randn(32, 4)

@@ -403,8 +403,8 @@ def _check_route_args(logits: Any, k: Any, capacity_factor: Any, min_capacity: A
     if capacity_factor is not None:
         if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, numbers.Real):
             raise TypeError(f"capacity_factor: expected a float or None, got {type(capacity_factor).__name__}")
-        cf = float(capacity_factor)
-        if math.isnan(cf) or math.isinf(cf) or cf <= 0:
+        # comparisons, not math.isnan/isinf: under torch.compile a dynamic float is a SymFloat, which math.* reject
+        if not (0.0 < capacity_factor < math.inf):
             raise ValueError(f"capacity_factor: expected a finite number > 0 or None (dropless), got {capacity_factor}")
     if isinstance(min_capacity, bool) or not isinstance(min_capacity, numbers.Integral):
         raise TypeError(f"min_capacity: expected an int, got {type(min_capacity).__name__}")
