@@ -123,6 +123,22 @@ def test_auto_and_select(reg):
     assert chosen.name == "ref"
 
 
+def test_select_with_no_fitting_provider_warns_asked_used_why(reg, caplog):
+    reg.register(make("attention", "ref", default=True,
+                      supports=lambda inp: ["T > 8192"] if inp.get("T", 0) > 8192 else []))
+    reg.register(make("attention", "fast", priority=10, ok=False, why="no GPU"))
+    with caplog.at_level(logging.WARNING, logger="apt.core.registry"):
+        chosen = reg.select("attention", names=["fast", "nope"], T=100)
+    assert chosen.name == "ref"
+    assert "fast, nope" in caplog.text and "fast: no GPU" in caplog.text and "nope: not registered" in caplog.text
+    assert "using the default attention/ref" in caplog.text
+    assert chosen.fallback_reason == "fast: no GPU; nope: not registered"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="apt.core.registry"):
+        assert reg.select("attention", T=10_000).name == "ref"
+    assert "ref: T > 8192" in caplog.text
+
+
 def test_entry_points_register_classes_callables_and_isolate_failures(reg, monkeypatch):
     import sys
     import types

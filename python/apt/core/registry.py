@@ -213,7 +213,7 @@ class Registry:
     def select(self, kind: str, names: Optional[Iterable[str]] = None, config: Optional[dict[str, Any]] = None,
                **inputs: Any) -> Provider:
         """The first provider (by priority, or in the order of ``names``) that is available and supports
-        ``inputs``; the default if none does. Reasons for skipping each are logged at debug level."""
+        ``inputs``; the default if none does, with a warning that names the candidates and why each was skipped."""
         slot = self._check_kind(kind)
         order = list(names) if names is not None else [
             c.name for c in sorted(slot.values(), key=lambda c: (-c.priority, not c.is_default, c.name))]
@@ -232,8 +232,13 @@ class Registry:
                 inst.fallback_reason = "; ".join(reasons)  # type: ignore[attr-defined]
                 return inst
             reasons.append(f"{name}: {'; '.join(not_ok)}")
-        logger.debug("apt registry: select(%s) found no provider: %s", kind, "; ".join(reasons))
-        return self.get(kind, None, config)
+        inst = self.get(kind, None, config)
+        why = "; ".join(reasons)
+        # the fallback rule: say what was asked for, what is used and why (here even the default may not fit)
+        logger.warning("apt registry: no %s provider among %s supports these inputs (%s); using the default %s/%s",
+                       kind, ", ".join(order) or "none", why, kind, inst.name)
+        inst.fallback_reason = why  # type: ignore[attr-defined]
+        return inst
 
     def list_providers(self, kind: Optional[str] = None) -> list[ProviderInfo]:
         kinds = [kind] if kind is not None else self.kinds()
