@@ -207,6 +207,11 @@ def test_unknown_plugin_and_bad_settings():
         build_plugins(["routing"], {"routing": {"temperatur": 2.0}})
     with pytest.raises(PluginError, match="tau_align"):
         build_plugins(["align"], {"align": {"tau_align": -1}})
+    # a value of the wrong type names the setting (it said only "invalid literal for int()")
+    with pytest.raises(PluginError, match=r"plugins.voter: k: expected int, got 'abc'"):
+        build_plugins(["voter"], {"voter": {"k": "abc"}})
+    with pytest.raises(PluginError, match=r"plugins.routing: temperature: expected float, got \[1\]"):
+        build_plugins(["routing"], {"routing": {"temperature": [1]}})
 
 
 def test_resume_with_scheduled_plugins_equals_uninterrupted(tmp_path):

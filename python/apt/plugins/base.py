@@ -22,7 +22,7 @@ as ``GenerationResult.metrics``. Built-in generation plugins: ``voter`` and ``re
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from ..core.registry import Provider
 
@@ -67,6 +67,15 @@ class Plugin(Provider):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def setting(self, key: str, default: Any, cast: Callable[[Any], Any]) -> Any:
+        """``config[key]`` (``default`` when absent) through ``cast``; a value ``cast`` rejects raises ValueError
+        naming the setting and the value (build_plugins adds ``plugins.<name>``)."""
+        value = self.config.get(key, default)
+        try:
+            return cast(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected {getattr(cast, '__name__', 'a valid value')}, got {value!r}") from None
 
     def emit(self, ctx: HookContext, event: str) -> None:
         """Record ``event`` (e.g. "enabled") in ``ctx.events`` as (plugin, event, epoch, step)."""

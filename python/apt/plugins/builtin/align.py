@@ -24,7 +24,7 @@ class AlignPlugin(Plugin):
         unknown = set(self.config) - _KNOWN
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(_KNOWN))})")
-        self.weight = float(self.config.get("weight", 0.1))
+        self.weight = self.setting("weight", 0.1, float)
         cfg = {k: v for k, v in self.config.items() if k not in ("weight", "provider")}
         self.loss_fn = registry.get("align", self.config.get("provider"), config=cfg)
         self._announced = False

@@ -60,9 +60,9 @@ class RetrieverPlugin(Plugin):
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(_KNOWN))})")
         self.dir: Optional[str] = self.config.get("dir")
-        self.k = int(self.config.get("k", 3))
-        self.max_chars = int(self.config.get("max_chars", 800))
-        self.query_chars = int(self.config.get("query_chars", 1000))
+        self.k = self.setting("k", 3, int)
+        self.max_chars = self.setting("max_chars", 800, int)
+        self.query_chars = self.setting("query_chars", 1000, int)
         self.template = str(self.config.get("template", TEMPLATE))
         self.passage_template = str(self.config.get("passage_template", PASSAGE_TEMPLATE))
         for what, value in (("k", self.k), ("max_chars", self.max_chars), ("query_chars", self.query_chars)):

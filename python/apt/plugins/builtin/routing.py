@@ -20,7 +20,7 @@ class RoutingPlugin(Plugin):
         unknown = set(self.config) - {"temperature"}
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))} (known: temperature)")
-        self.temperature = float(self.config.get("temperature", 1.0))
+        self.temperature = self.setting("temperature", 1.0, float)
         if self.temperature <= 0:
             raise ValueError(f"temperature: must be > 0, got {self.temperature}")
 

@@ -78,10 +78,10 @@ class VoterPlugin(Plugin):
         unknown = set(self.config) - _KNOWN
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(_KNOWN))})")
-        self.k = int(self.config.get("k", 5))
-        self.threshold = float(self.config.get("threshold", 0.5))
+        self.k = self.setting("k", 5, int)
+        self.threshold = self.setting("threshold", 0.5, float)
         self.normalize = bool(self.config.get("normalize", True))
-        self.horizon = int(self.config.get("horizon", 4))
+        self.horizon = self.setting("horizon", 4, int)
         temp = self.config.get("temperature", 1.0)
         self.temperature: Optional[float] = None if temp is None else float(temp)
         self.vote_on = str(self.config.get("vote_on", "token"))
