@@ -8,7 +8,6 @@ What this proves without a GPU: the kernels' indexing, tiling, time splits, barr
 launch configurations, the bindings' checks and the Python glue. What it does not: speed, nvcc-specific code
 generation, memory outside the tensors, warp-synchronous code between barriers."""
 import importlib.util
-import sys
 import types
 from pathlib import Path
 from typing import Optional
@@ -23,8 +22,8 @@ from apt_kernels._native import DTYPE_CODES
 from apt_kernels.reference.moe import check_moe_impl, check_moe_nonfinite, check_same_routing
 from apt_kernels.reference.scan import SCAN_CASES as CASES
 from apt_kernels.reference.scan import (check_empty_scan, check_scan_against_reference, check_scan_then_decode,
-                                        check_wide_delta_next_to_half_u, random_scan_inputs, selective_scan_ref,
-                                        selective_state_update_ref)
+                                        check_state_update_against_reference, check_wide_delta_next_to_half_u,
+                                        random_scan_inputs, selective_scan_ref)
 from apt_kernels.reference.tva import check_tva_against_reference, random_tva_inputs
 from apt_kernels.reference.tva import register_fused_tva_op
 from apt_kernels.testing import assert_close
@@ -260,29 +259,8 @@ def test_scan_without_last_state_and_partial_grads(emulated):
                                                (torch.float16, torch.float16)])
 @pytest.mark.parametrize("N", [16, 5, 64])
 def test_scan_state_update(emulated, lb, lc, dtype, state_dtype, N):
-    g = torch.Generator().manual_seed(15 + N)
-    b, dim, G = 3, 6, 3
-    state = torch.randn(b, dim, N, generator=g).to(state_dtype)
-    x, dt, z = (torch.randn(b, dim, generator=g).to(dtype) for _ in range(3))
-    A = -torch.rand(dim, N, generator=g)
-    mk = {"var": lambda: torch.randn(b, N, generator=g).to(dtype), "group": lambda: torch.randn(b, G, N, generator=g)}
-    B, C = mk[lb](), mk[lc]()
-    D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
-    args = [x, dt, A, B, C, D, z, bias]
-    s1, s2 = state.clone(), state.clone()
-    y1 = scan_ops.selective_state_update_cuda(s1, *args, True)
-    y2 = selective_state_update_ref(s2, *args, True)
-    wide = max(dtype, state_dtype, key=lambda t: torch.finfo(t).eps)
-    assert y1.dtype == dtype and s1.dtype == state_dtype
-    assert_close(y1, y2, dtype=dtype, family="scan")
-    assert_close(s1, s2, dtype=wide, family="scan")
-    cache = torch.zeros(b, dim, 2 * N, dtype=state_dtype)  # a strided state, its neighbours untouched
-    cache[..., ::2] = state
-    y3 = scan_ops.selective_state_update_cuda(cache[..., ::2], *args[:5])
-    s4 = state.clone()
-    assert_close(y3, selective_state_update_ref(s4, *args[:5]), dtype=dtype, family="scan")
-    assert_close(cache[..., ::2], s4, dtype=wide, family="scan")
-    assert (cache[..., 1::2] == 0).all()
+    check_state_update_against_reference(scan_ops.selective_state_update_cuda, N, lb, lc, dtype, state_dtype,
+                                         seed=15 + N)
 
 
 def test_scan_then_decode_wide_delta_and_empty(emulated):

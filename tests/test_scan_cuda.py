@@ -14,8 +14,9 @@ from apt_kernels import selective_scan_fn, selective_state_update
 from apt_kernels.backends import compiled_triton_status
 from apt_kernels.ops.scan import cuda_status, selective_scan_cuda, selective_state_update_cuda
 from apt_kernels.reference.scan import SCAN_CASES as CASES
-from apt_kernels.reference.scan import (check_scan_against_reference, check_scan_then_decode, random_scan_inputs,
-                                        selective_scan_ref, selective_state_update_ref)
+from apt_kernels.reference.scan import (check_scan_against_reference, check_scan_then_decode,
+                                        check_state_update_against_reference, random_scan_inputs, selective_scan_ref,
+                                        selective_state_update_ref)
 from apt_kernels.testing import assert_close
 
 requires_compiled_triton = pytest.mark.skipif(not compiled_triton_status()[0],
@@ -299,30 +300,8 @@ def test_cuda_on_a_device_that_is_not_current():
                                                (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("N", [16, 5, 64])
 def test_cuda_state_update_matches_reference(lb, lc, dtype, state_dtype, N):
-    g = torch.Generator().manual_seed(15 + N)
-    b, dim, G = 3, 6, 3
-    state = torch.randn(b, dim, N, generator=g).to(state_dtype)
-    x, dt, z = (torch.randn(b, dim, generator=g).to(dtype) for _ in range(3))
-    A = -torch.rand(dim, N, generator=g)
-    mk = {"var": lambda: torch.randn(b, N, generator=g).to(dtype), "group": lambda: torch.randn(b, G, N, generator=g)}
-    B, C = mk[lb](), mk[lc]()
-    D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
-    args = [t.cuda() for t in (x, dt, A, B, C, D, z, bias)]
-    s1, s2 = state.cuda(), state.cuda()
-    y1 = selective_state_update_cuda(s1, *args, True)
-    y2 = selective_state_update_ref(s2, *args, True)
-    wide = max(dtype, state_dtype, key=lambda t: torch.finfo(t).eps)
-    assert y1.dtype == dtype and s1.dtype == state_dtype
-    assert_close(y1, y2, dtype=dtype, family="scan")
-    assert_close(s1, s2, dtype=wide, family="scan")
-    # a non-contiguous state (a slice of a bigger cache) is updated in place, its neighbours untouched
-    cache = torch.zeros(b, dim, 2 * N, dtype=state_dtype, device="cuda")
-    cache[..., ::2] = state.cuda()
-    y3 = selective_state_update_cuda(cache[..., ::2], *args[:5])
-    s4 = state.cuda()
-    assert_close(y3, selective_state_update_ref(s4, *args[:5]), dtype=dtype, family="scan")
-    assert_close(cache[..., ::2], s4, dtype=wide, family="scan")
-    assert (cache[..., 1::2] == 0).all()
+    check_state_update_against_reference(selective_state_update_cuda, N, lb, lc, dtype, state_dtype, device="cuda",
+                                         seed=15 + N)
 
 
 @pytest.mark.cuda

@@ -12,8 +12,9 @@ from apt_kernels import selective_scan_fn, selective_state_update
 from apt_kernels.ops.scan import cpu_status, selective_scan_cpu, selective_state_update_cpu
 from apt_kernels.reference.scan import SCAN_CASES as CASES
 from apt_kernels.reference.scan import (check_empty_scan, check_scan_against_reference as check_against_reference,
-                                       check_scan_then_decode, check_wide_delta_next_to_half_u, random_scan_inputs,
-                                       selective_scan_ref, selective_state_update_ref)
+                                       check_scan_then_decode, check_state_update_against_reference,
+                                       check_wide_delta_next_to_half_u, random_scan_inputs, selective_scan_ref,
+                                       selective_state_update_ref)
 from apt_kernels.testing import assert_close
 
 pytestmark = [pytest.mark.native, pytest.mark.skipif(not cpu_status()[0], reason=cpu_status()[1] or "n/a")]
@@ -123,29 +124,7 @@ def test_cpu_without_last_state_and_no_grad_inputs():
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                (torch.float16, torch.float16), (torch.float64, torch.float64)])
 def test_cpu_state_update_matches_reference(lb, lc, dtype, state_dtype):
-    g = torch.Generator().manual_seed(15)
-    b, dim, N, G = 3, 6, 16, 3
-    state = torch.randn(b, dim, N, generator=g).to(state_dtype)
-    x, dt, z = (torch.randn(b, dim, generator=g).to(dtype) for _ in range(3))
-    A = -torch.rand(dim, N, generator=g)
-    mk = {"var": lambda: torch.randn(b, N, generator=g).to(dtype), "group": lambda: torch.randn(b, G, N, generator=g)}
-    B, C = mk[lb](), mk[lc]()
-    D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
-    s1, s2 = state.clone(), state.clone()
-    y1 = selective_state_update_cpu(s1, x, dt, A, B, C, D, z, bias, True)
-    y2 = selective_state_update_ref(s2, x, dt, A, B, C, D, z, bias, True)
-    assert y1.dtype == dtype and s1.dtype == state_dtype
-    assert_close(y1, y2, dtype=dtype, family="scan")
-    assert_close(s1, s2, dtype=max(dtype, state_dtype, key=lambda t: torch.finfo(t).eps), family="scan")
-    # non-contiguous state (a slice of a bigger cache) is updated in place
-    cache = torch.zeros(b, dim, 2 * N, dtype=state_dtype)
-    cache[..., ::2] = state
-    sv = cache[..., ::2]
-    y3 = selective_state_update_cpu(sv, x, dt, A, B, C, None, None, None, False)
-    s4 = state.clone()
-    assert_close(y3, selective_state_update_ref(s4, x, dt, A, B, C), dtype=dtype, family="scan")
-    assert_close(cache[..., ::2], s4, dtype=max(dtype, state_dtype, key=lambda t: torch.finfo(t).eps), family="scan")
-    assert (cache[..., 1::2] == 0).all()
+    check_state_update_against_reference(selective_state_update_cpu, 16, lb, lc, dtype, state_dtype)
 
 
 def test_cpu_chunked_scan_carries_state():

@@ -283,6 +283,39 @@ def check_scan_then_decode(scan_fn, step_fn, x: dict, split: int) -> None:
     _assert_close(state, last, family="scan")
 
 
+def check_state_update_against_reference(step_fn, N: int, layout_B: str, layout_C: str, dtype: torch.dtype,
+                                        state_dtype: torch.dtype, device: Union[str, torch.device] = "cpu",
+                                        seed: int = 15) -> None:
+    """Test helper: ``step_fn`` (selective_state_update's signature) vs the reference on batch 3, dim 6 with B/C
+    ``"var"`` (batch, N) in ``dtype`` or ``"group"`` (batch, 3, N) in fp32, D, z, dt_bias and softplus: y and the
+    in-place state (dtypes kept), then without the optional inputs on a strided state (every other column of a
+    bigger cache), whose other columns stay untouched."""
+    g = torch.Generator().manual_seed(seed)
+    b, dim, G = 3, 6, 3
+    state = torch.randn(b, dim, N, generator=g).to(state_dtype)
+    x, dt, z = (torch.randn(b, dim, generator=g).to(dtype) for _ in range(3))
+    A = -torch.rand(dim, N, generator=g)
+    mk = {"var": lambda: torch.randn(b, N, generator=g).to(dtype), "group": lambda: torch.randn(b, G, N, generator=g)}
+    B, C = mk[layout_B](), mk[layout_C]()
+    D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+    state = state.to(device)
+    args = [t.to(device) for t in (x, dt, A, B, C, D, z, bias)]
+    wide = max(dtype, state_dtype, key=lambda t: torch.finfo(t).eps)
+    s1, s2 = state.clone(), state.clone()
+    y1 = step_fn(s1, *args, True)
+    y2 = selective_state_update_ref(s2, *args, True)
+    assert y1.dtype == dtype and s1.dtype == state_dtype
+    _assert_close(y1, y2, dtype=dtype, family="scan")
+    _assert_close(s1, s2, dtype=wide, family="scan")
+    cache = torch.zeros(b, dim, 2 * N, dtype=state_dtype, device=device)
+    cache[..., ::2] = state
+    y3 = step_fn(cache[..., ::2], *args[:5])
+    s4 = state.clone()
+    _assert_close(y3, selective_state_update_ref(s4, *args[:5]), dtype=dtype, family="scan")
+    _assert_close(cache[..., ::2], s4, dtype=wide, family="scan")
+    assert (cache[..., 1::2] == 0).all()
+
+
 def check_wide_delta_next_to_half_u(scan_fn, step_fn, device: Union[str, torch.device] = "cpu") -> None:
     """Test helper: an fp32 delta and z next to fp16 u (and an fp32 dt next to fp16 x in the decode step) are used at
     fp32, as the reference uses them: the fp32 last state and decode state match it at fp32 tolerance, y at fp16's;
