@@ -281,6 +281,35 @@ def test_decode_step_with_inputs_that_require_grad():
                      family="scan")
 
 
+def test_decode_step_eager_path_skips_the_op_but_not_autograd_or_dispatch_modes(monkeypatch):
+    """In plain eager mode the decode step calls its kernel directly (the custom-op dispatch cost ~100 µs a call);
+    the in-place write still bumps state's version, so autograd refuses a backward through a value saved before
+    it; under a dispatch mode (FlopCounterMode here) and torch.compile the op itself runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(35)
+    x, dt = torch.randn(2, 4, generator=g), torch.rand(2, 4, generator=g)
+    A, B, C = -torch.rand(4, 3, generator=g), torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    calls = []
+    real = scan_ops._state_update_op
+    monkeypatch.setattr(scan_ops, "_state_update_op", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setitem(scan_ops._EAGER_STEPS, scan_ops._state_update_op, {"cpu": scan_ops._state_update_cpu})
+    s = torch.randn(2, 4, 3, generator=g)
+    w = torch.randn(3, requires_grad=True)
+    saved = s * w  # autograd saves s for w's gradient
+    v0 = s._version
+    with torch.no_grad():
+        y = selective_state_update(s, x, dt, A, B, C)
+    assert calls == [] and s._version > v0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+    s2 = torch.randn(2, 4, 3, generator=g)
+    with torch.no_grad(), FlopCounterMode(display=False):
+        selective_state_update(s2, x, dt, A, B, C)
+    assert calls == [1]
+    assert y.shape == (2, 4)
+
+
 @pytest.mark.parametrize("groups,sliced", [(1, False), (2, False), (4, True)])
 def test_decode_step_mamba2_head_layout(groups, sliced):
     """mamba_ssm's Mamba-2 decode layout (state (b, h, p, n), A (h, p, n), B/C (b, g, n), D/dt_bias (h, p)) equals

@@ -173,16 +173,19 @@ def _make_autograd(fwd_op, bwd_op):
 _make_autograd(_scan_fwd_op, _scan_bwd_op)
 
 
-@torch.library.custom_op("apt::selective_state_update", mutates_args=("state",))
-def _state_update_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                     C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
-                     dt_bias: Optional[torch.Tensor], dt_softplus: bool) -> torch.Tensor:
+def _state_update_cpu(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                      C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                      dt_bias: Optional[torch.Tensor], dt_softplus: bool) -> torch.Tensor:
     y = torch.empty_like(x)
     Ap, Bp, Cp, Dp, bp = _pack_step_params(A, B, C, D, dt_bias, _acc(x.dtype))
     native_module().selective_state_update_cpu(
         view(state), view(x), view(dt), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(y),
         bool(dt_softplus))
     return y
+
+
+_state_update_op = torch.library.custom_op("apt::selective_state_update", mutates_args=("state",))(
+    _state_update_cpu)
 
 
 @_state_update_op.register_fake
@@ -333,18 +336,26 @@ _triton_bwd_op.register_fake(_bwd_fake)
 _make_autograd(_triton_fwd_op, _triton_bwd_op)
 
 
-@torch.library.custom_op("apt::selective_state_update_triton", mutates_args=("state",))
-def _triton_step_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                    C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
-                    dt_bias: Optional[torch.Tensor], dt_softplus: bool) -> torch.Tensor:
+def _triton_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                 dt_bias: Optional[torch.Tensor], dt_softplus: bool) -> torch.Tensor:
     from ..triton.scan import selective_state_update_triton as step
 
     return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
+_triton_step_op = torch.library.custom_op("apt::selective_state_update_triton", mutates_args=("state",))(
+    _triton_step)
+
+
 @_triton_step_op.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return torch.empty_like(x)
+
+
+# what each decode-step op runs per device, for _eager_step
+_EAGER_STEPS = {_state_update_op: {"cpu": _state_update_cpu, "cuda": _state_update_cuda},
+                _triton_step_op: {"cpu": _triton_step, "cuda": _triton_step}}
 
 
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -457,7 +468,23 @@ def _run_step(step_op, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> tor
     if state.numel() == 0:
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     x_io, dt, z = _common_io(x, dt, z, acc_from=(state,))
-    return step_op(state, x_io, dt, A, B, C, D, z, dt_bias, bool(dt_softplus)).to(x.dtype)
+    fn = _eager_step(step_op, state)
+    y = fn(state, x_io, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    if fn is not step_op:  # what the op's ADInplaceOrView kernel does: autograd sees that state changed
+        torch.autograd.graph.increment_version(state)
+    return y.to(x.dtype)
+
+
+def _eager_step(step_op, state: torch.Tensor):
+    """The op's kernel itself in plain eager mode, else the op. A decode step runs once per layer per token, and
+    the custom-op dispatch (defaults, autograd and in-place-view keys, device dispatch) cost ~100 µs of Python per
+    call, several times the kernel's own launch. The op stays in the path under torch.compile and under any
+    dispatch mode (FakeTensorMode, FlopCounterMode, opcheck), which must see it; autograd has nothing to do here
+    (_run_step has refused inputs that require grad)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return step_op
+    impls = _EAGER_STEPS.get(step_op)
+    return impls.get(state.device.type, step_op) if impls else step_op
 
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias):
@@ -573,24 +600,39 @@ def _state_update_heads(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> to
     return y.view(b, H, P)
 
 
+# The dispatching entry points have validated their inputs already: what they choose runs the op without the
+# explicit functions' second pass over the arguments (tens of µs of Python on a decode step).
+def _checked_scan(fwd_op):
+    def run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        u_io, delta, z = _common_io(u, delta, z)
+        return _run(fwd_op, u_io, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, u.dtype)
+    return run
+
+
+def _checked_step(step_op):
+    return lambda *args: _run_step(step_op, *args)
+
+
 def _choose_scan(u: torch.Tensor, N: int):
+    """(impl, fn) for inputs check_scan_args has passed; the same conditions as the explicit functions check."""
     if u.device.type == "cuda" and u.dtype in _GPU_DTYPES:
         if cuda_status()[0] and N <= CUDA_MAX_N:
-            return "cuda", selective_scan_cuda
+            return "cuda", _checked_scan(_scan_fwd_op)
         if triton_status()[0]:
-            return "triton", selective_scan_triton
+            return "triton", _checked_scan(_triton_fwd_op)
     elif u.device.type == "cpu" and cpu_status()[0]:
-        return "cpu_native", selective_scan_cpu
+        return "cpu_native", _checked_scan(_scan_fwd_op)
     return "reference", selective_scan_ref
 
 
 def _choose_step(x: torch.Tensor, N: int, state_dtype: torch.dtype = torch.float32):
+    """(impl, fn) for inputs check_state_update_args has passed (see _choose_scan)."""
     if x.device.type == "cuda" and x.dtype in _GPU_DTYPES:
         # the CUDA decode step raises TypeError for an fp64 state: not chosen for one
         if cuda_status()[0] and N <= CUDA_MAX_N and state_dtype in _GPU_DTYPES:
-            return "cuda", selective_state_update_cuda
+            return "cuda", _checked_step(_state_update_op)
         if triton_status()[0]:
-            return "triton", selective_state_update_triton
+            return "triton", _checked_step(_triton_step_op)
     elif x.device.type == "cpu" and cpu_status()[0]:
-        return "cpu_native", selective_state_update_cpu
+        return "cpu_native", _checked_step(_state_update_op)
     return "reference", selective_state_update_ref
