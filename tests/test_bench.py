@@ -641,3 +641,16 @@ def test_the_issues_targets_are_well_formed():
         known = {i.name for i in registry.list_providers(t.kind)} | {p.name for p in peers.peers_for(t.kind)}
         assert set(t.providers) <= known, (t.name, set(t.providers) - known)
         assert set(t.modes) <= set(case.modes) and t.quote and t.threshold
+
+
+def test_pct_of_peak_only_for_modes_with_a_peak_metric(monkeypatch):
+    # the whole MoE layer is reported in tokens/s: no bandwidth figure of its own, so no "% peak" (it used to be the
+    # dispatch+combine bytes over the whole layer's time, against the memory bandwidth)
+    monkeypatch.setattr(peaks, "_cpu_bandwidth", 1e10)
+    reg = fakes.fake_registry(fakes.FakeRouter)
+    rows = runner.run_case(get_case("router"), "cpu", registry=reg, shapes=TINY["router"][:1], **FAST)
+    pct = {r.mode: r.pct_of_peak for r in rows if r.timing}
+    assert pct["route+dispatch+experts+combine"] is None
+    assert pct["dispatch+combine"] is not None and pct["dispatch+combine"] > 0
+    assert get_case("router").bound("route+dispatch+experts+combine") == ""
+    assert get_case("scan").bound("fwd") == "memory" and get_case("attention").bound("causal fwd") == "compute"

@@ -78,8 +78,9 @@ class BenchCase:
         raise ValueError(f"unknown metric {m!r}")
 
     def bound(self, mode: str) -> str:
-        """"compute" or "memory": which device peak the "% of peak" column is taken against."""
-        return "compute" if self.metric(mode) == "TFLOP/s" else "memory"
+        """"compute" or "memory": which device peak the "% of peak" column is taken against; "" for a metric with
+        no device peak (tokens/s: the work of such a mode has no byte or FLOP count of its own)."""
+        return {"TFLOP/s": "compute", "GB/s": "memory"}.get(self.metric(mode), "")
 
     # ---- performance targets ------------------------------------------------------------------------------
     def targets(self) -> list[Any]:
