@@ -6,7 +6,9 @@
 #include "moe/moe_cuda.h"
 #include "moe/moe_topk.h"
 
+#include <initializer_list>
 #include <stdexcept>
+#include <type_traits>
 
 namespace apt {
 namespace moe_cuda {
@@ -16,6 +18,27 @@ using apt::cuda::from_f;
 using apt::cuda::to_f;
 
 inline unsigned blocks_for(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
+// 16 / sizeof(T) when every base pointer is 16-byte aligned and C and every row stride are multiples of it, so that
+// each row starts aligned; else 1 (see Pack)
+template <typename T>
+inline int row_vec(int64_t C, std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> strides) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  if (C % kVec) return 1;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16) return 1;
+  for (int64_t st : strides)
+    if (st % kVec) return 1;
+  return kVec;
+}
+
+// f(std::integral_constant<int, VEC>) for VEC = vec (16 / sizeof(T)) or 1
+template <typename T, typename F>
+inline void by_vec(int vec, F&& f) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  if (vec == kVec) f(std::integral_constant<int, kVec>{});
+  else f(std::integral_constant<int, 1>{});
+}
+
 inline int row_threads(int64_t C) {
   int64_t t = ((C + 31) / 32) * 32;
   return static_cast<int>(t < 32 ? 32 : (t > 256 ? 256 : t));
@@ -120,50 +143,81 @@ __global__ void position_kernel(const int64_t* __restrict__ idx, const int64_t* 
   if (s >= 0 && s < S) tos[s] = n;
 }
 
-template <typename T>
+// The row kernels move VEC elements per thread and access: 16 bytes (VEC = 16 / sizeof(T)) when every row they
+// touch starts 16-byte aligned and C is a multiple of VEC (row_vec decides), else 1. A 2-byte load per thread
+// leaves most of a 128-byte transaction's width unused; these kernels are pure bandwidth.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* p, const float (&f)[VEC]) {
+  Pack<T, VEC> out;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out.v[i] = from_f<T>(f[i]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = out;
+}
+
+template <typename T, int VEC>
 __global__ void dispatch_kernel(const T* __restrict__ x, int64_t N, int64_t C, int64_t sx,
                                 const int64_t* __restrict__ tos, T* __restrict__ buf) {
   const int64_t s = blockIdx.x;
   const int64_t t = tos[s];
   T* dst = buf + s * C;
-  if (t < 0 || t >= N) {
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) dst[c] = from_f<T>(0.f);
-    return;
+  const bool keep = t >= 0 && t < N;
+  const T* src = x + (keep ? t : 0) * sx;
+  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+    if (keep) {
+      *reinterpret_cast<Pack<T, VEC>*>(dst + c) = load_pack<T, VEC>(src + c);  // a copy: bit-exact
+    } else {
+      float zero[VEC] = {};
+      store_pack<T, VEC>(dst + c, zero);
+    }
   }
-  const T* src = x + t * sx;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) dst[c] = src[c];
 }
 
-template <typename T>
+template <typename T, int VEC>
 __global__ void dispatch_bwd_kernel(const T* __restrict__ g, int64_t S, int64_t C, int64_t sg,
                                     const int64_t* __restrict__ slot, int64_t k, T* __restrict__ gx) {
   const int64_t n = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    float acc = 0.f;
+  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+    float acc[VEC] = {};
     for (int64_t j = 0; j < k; ++j) {
       const int64_t s = slot[n * k + j];
-      if (s >= 0 && s < S) acc += to_f(g[s * sg + c]);
+      if (s < 0 || s >= S) continue;
+      const Pack<T, VEC> v = load_pack<T, VEC>(g + s * sg + c);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] += to_f(v.v[i]);
     }
-    gx[n * C + c] = from_f<T>(acc);
+    store_pack<T, VEC>(gx + n * C + c, acc);
   }
 }
 
-template <typename T>
+template <typename T, int VEC>
 __global__ void combine_kernel(const T* __restrict__ out, int64_t S, int64_t C, int64_t so,
                                const float* __restrict__ w, const int64_t* __restrict__ slot, int64_t k,
                                T* __restrict__ y) {
   const int64_t n = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    float acc = 0.f;
+  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+    float acc[VEC] = {};
     for (int64_t j = 0; j < k; ++j) {
       const int64_t s = slot[n * k + j];
-      if (s >= 0 && s < S) acc += w[n * k + j] * to_f(out[s * so + c]);
+      if (s < 0 || s >= S) continue;
+      const float wj = w[n * k + j];
+      const Pack<T, VEC> v = load_pack<T, VEC>(out + s * so + c);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] += wj * to_f(v.v[i]);
     }
-    y[n * C + c] = from_f<T>(acc);
+    store_pack<T, VEC>(y + n * C + c, acc);
   }
 }
 
-template <typename T>
+template <typename T, int VEC>
 __global__ void combine_bwd_out_kernel(const T* __restrict__ gy, int64_t sgy, int64_t C, const float* __restrict__ w,
                                        const int64_t* __restrict__ slot, const int64_t* __restrict__ tos, int64_t N,
                                        int64_t k, T* __restrict__ g_out) {
@@ -175,8 +229,15 @@ __global__ void combine_bwd_out_kernel(const T* __restrict__ gy, int64_t sgy, in
     for (int64_t j = 0; j < k; ++j)
       if (slot[t * k + j] == s) { wt = w[t * k + j]; found = true; }
   T* dst = g_out + s * C;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
-    dst[c] = from_f<T>(found ? wt * to_f(gy[t * sgy + c]) : 0.f);
+  for (int64_t c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+    float f[VEC] = {};
+    if (found) {
+      const Pack<T, VEC> v = load_pack<T, VEC>(gy + t * sgy + c);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) f[i] = wt * to_f(v.v[i]);
+    }
+    store_pack<T, VEC>(dst + c, f);
+  }
 }
 
 template <typename T>
@@ -246,8 +307,11 @@ void dispatch(int dtype, const void* x, int64_t N, int64_t C, int64_t stride_x, 
   apt::cuda::DeviceGuard guard(device);
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dispatch_kernel<T><<<static_cast<unsigned>(S), row_threads(C), 0, apt::cuda::as_stream(stream)>>>(
-        static_cast<const T*>(x), N, C, stride_x, token_of_slot, static_cast<T*>(buf));
+    by_vec<T>(row_vec<T>(C, {x, buf}, {stride_x}), [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      dispatch_kernel<T, V><<<static_cast<unsigned>(S), row_threads(C / V), 0, apt::cuda::as_stream(stream)>>>(
+          static_cast<const T*>(x), N, C, stride_x, token_of_slot, static_cast<T*>(buf));
+    });
   });
   APT_CUDA_CHECK(cudaGetLastError());
 }
@@ -258,8 +322,11 @@ void dispatch_backward(int dtype, const void* grad_buf, int64_t S, int64_t C, in
   apt::cuda::DeviceGuard guard(device);
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dispatch_bwd_kernel<T><<<static_cast<unsigned>(N), row_threads(C), 0, apt::cuda::as_stream(stream)>>>(
-        static_cast<const T*>(grad_buf), S, C, stride_g, slot, k, static_cast<T*>(grad_x));
+    by_vec<T>(row_vec<T>(C, {grad_buf, grad_x}, {stride_g}), [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      dispatch_bwd_kernel<T, V><<<static_cast<unsigned>(N), row_threads(C / V), 0, apt::cuda::as_stream(stream)>>>(
+          static_cast<const T*>(grad_buf), S, C, stride_g, slot, k, static_cast<T*>(grad_x));
+    });
   });
   APT_CUDA_CHECK(cudaGetLastError());
 }
@@ -270,8 +337,11 @@ void combine(int dtype, const void* out, int64_t S, int64_t C, int64_t stride_o,
   apt::cuda::DeviceGuard guard(device);
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    combine_kernel<T><<<static_cast<unsigned>(N), row_threads(C), 0, apt::cuda::as_stream(stream)>>>(
-        static_cast<const T*>(out), S, C, stride_o, weights, slot, k, static_cast<T*>(y));
+    by_vec<T>(row_vec<T>(C, {out, y}, {stride_o}), [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      combine_kernel<T, V><<<static_cast<unsigned>(N), row_threads(C / V), 0, apt::cuda::as_stream(stream)>>>(
+          static_cast<const T*>(out), S, C, stride_o, weights, slot, k, static_cast<T*>(y));
+    });
   });
   APT_CUDA_CHECK(cudaGetLastError());
 }
@@ -284,9 +354,12 @@ void combine_backward(int dtype, const void* grad_y, int64_t stride_gy, const vo
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (S > 0 && C > 0) {
-      combine_bwd_out_kernel<T><<<static_cast<unsigned>(S), row_threads(C), 0, st>>>(
-          static_cast<const T*>(grad_y), stride_gy, C, weights, slot, token_of_slot, N, k,
-          static_cast<T*>(grad_out));
+      by_vec<T>(row_vec<T>(C, {grad_y, grad_out}, {stride_gy}), [&](auto vec) {
+        constexpr int V = decltype(vec)::value;
+        combine_bwd_out_kernel<T, V><<<static_cast<unsigned>(S), row_threads(C / V), 0, st>>>(
+            static_cast<const T*>(grad_y), stride_gy, C, weights, slot, token_of_slot, N, k,
+            static_cast<T*>(grad_out));
+      });
       APT_CUDA_CHECK(cudaGetLastError());
     }
     if (N > 0) {
