@@ -15,9 +15,11 @@ Peak memory (``peak_mem_bytes``), measured on one extra call after timing:
     temporaries and outputs the call allocates on top of its inputs (the caching allocator's reserved memory is not
     counted);
   * CPU (Linux): the growth of the process's peak resident set (``VmHWM`` in /proc/self/status, reset through
-    /proc/self/clear_refs just before the call) over the resident set before it. This counts pages the call touched
-    for the first time, so memory the allocator reuses from earlier calls is not counted: read it as an
-    upper bound of fresh memory, not as the exact working set. ``None`` where /proc is unavailable.
+    /proc/self/clear_refs just before the call) over the resident set before it. This counts pages the call touches
+    that were not resident: the C heap's free pages are first handed back to the OS (glibc ``malloc_trim``), so
+    the memory the timed calls freed is counted again, not reused unseen. Page-granular, and it includes pages
+    other threads touch meanwhile; without glibc, memory the allocator reuses reads as 0. ``None`` where /proc is
+    unavailable.
 """
 from __future__ import annotations
 
@@ -170,6 +172,27 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+_libc_trim: Any = None
+
+
+def _malloc_trim() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``), so that memory freed by the timed
+    calls is faulted in afresh by the measured one and shows in its peak RSS; False where there is no glibc."""
+    global _libc_trim
+    if _libc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _libc_trim = False
+    if not _libc_trim:
+        return False
+    _libc_trim(0)
+    return True
+
+
 def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> Optional[int]:
     """Bytes one call of ``fn`` needs on top of what was allocated before it (see the module docstring for what
     this means on CUDA and on CPU); None when it cannot be measured here."""
@@ -187,6 +210,8 @@ def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu
         peak = torch.cuda.max_memory_allocated(device)
         del out
         return max(0, int(peak - before))
+    # without this, the call reuses the pages the timed calls freed and reads as 0 bytes
+    _malloc_trim()
     if not _reset_peak_rss():
         return None
     base = _proc_mem()
