@@ -141,8 +141,8 @@ def test_cpu_never_allocates_the_score_matrix():
 
 
 def test_gpu_auto_order_by_dtype(monkeypatch):
-    """On CUDA tensors auto takes Triton first in half precision (tensor-core tl.dot) and the CUDA kernel first in
-    fp32 (both FMA there); each falls back to the other, then to the reference."""
+    """On CUDA tensors auto takes Triton first in half precision (both on tensor cores, Triton's tiles tuned) and
+    the CUDA kernel first in fp32 (both FMA there); each falls back to the other, then to the reference."""
     from apt_kernels.ops import tva as tva_ops
 
     up = {"cuda": True, "triton": True}

@@ -1,9 +1,10 @@
 """``tva_attention``: fused TVA attention (TVA.md kernel contract), dispatching to the best implementation.
 
 Implementations (``impl``): ``reference`` (dense PyTorch, apt_kernels/reference/tva.py), ``cpu_native`` (C++/OpenMP,
-csrc/tva/tva_cpu.cpp), ``triton`` (apt_kernels/triton/tva.py), ``cuda`` (csrc/tva/tva_cuda.cu). ``auto`` takes, for
-CUDA tensors, triton then cuda in half precision (Triton's dot runs on tensor cores, the CUDA kernel's math is fp32
-FMA) and cuda then triton in fp32; for CPU tensors, cpu_native; the reference otherwise. The fused implementations never
+csrc/tva/tva_cpu.cpp), ``triton`` (apt_kernels/triton/tva.py), ``cuda`` (csrc/tva/tva_cuda.cu: fp32 FMA kernels;
+tva_cuda_tc.cu: fp16/bf16 on tensor cores). ``auto`` takes, for CUDA tensors, triton then cuda in half precision (both
+run on tensor cores; the Triton kernel's tiles are tuned on a GPU, the CUDA one's speed is not measured yet) and cuda
+then triton in fp32; for CPU tensors, cpu_native; the reference otherwise. The fused implementations never
 build the (T, T) score matrix: online softmax over key blocks forward, blockwise recomputation from the saved
 log-sum-exp backward.
 """
@@ -79,7 +80,7 @@ def resolve_impl(impl: str, device: torch.device, head_dim: Optional[int] = None
     if device.type == "cpu":
         order: tuple[str, ...] = ("cpu_native",)
     elif dtype in (torch.float16, torch.bfloat16, None):
-        # the Triton kernel's tl.dot runs on tensor cores in half precision; the CUDA kernel does fp32 FMA math
+        # both on tensor cores; Triton's tiles are tuned (benchmarks/tune_tva_triton.py), the CUDA kernel's are not
         order = ("triton", "cuda")
     else:
         order = ("cuda", "triton")  # fp32: both are FMA (Triton's fp32 dot is IEEE, not TF32)

@@ -1,9 +1,10 @@
-// Fused TVA attention on CUDA: o = softmax(q kᵀ·scale + mask) v + coef·gate·delta, FlashAttention-2 style: one block
-// per (64 query rows, batch·head), K/V tiles staged in shared memory as fp32, online softmax in registers, the
-// perturbation added before the single write of o, LSE saved; backward = preprocess (Di, dDelta, Σ delta·dO),
-// dK/dV per key block and dQ per query block, recomputing P from the LSE. Any strides; head dims 32/64/128
-// (D/32 threads share one row, reducing dot products with warp shuffles); fp32/fp16/bf16 storage, fp32 math.
-// Design limits, each rejected with a ValueError (tva_cpu.cpp's cuda_params / grid_1d below), never computed wrong:
+// Fused TVA attention on CUDA: o = softmax(q kᵀ·scale + mask) v + coef·gate·delta, FlashAttention-2 style. This
+// file: the fp32 kernels (FMA math; fp16/bf16 run on tensor cores in tva_cuda_tc.cu), the launchers of both, and the
+// backward's preprocess shared by both (Di, dDelta, Σ delta·dO). fp32: one block per (64 query rows, batch·head),
+// K/V tiles staged in shared memory, online softmax in registers, the perturbation added before the single write of
+// o, LSE saved; backward = dK/dV per key block and dQ per query block, recomputing P from the LSE. Any strides;
+// head dims 32/64/128 (D/32 threads share one row, reducing dot products with warp shuffles).
+// Design limits, each rejected with a ValueError (tva_cpu.cpp's cuda_params / grid_1d), never computed wrong:
 // head dim 32, 64 or 128 only (other sizes: the Triton or reference implementations); B·H·ceil(T/64) thread blocks
 // <= 2^31 - 1 (a 1-d grid, so B·H is not bound by gridDim.y's 65535). Static shared memory stays under the 48 KB
 // default (forward/dQ: 2·32·D fp32 tiles = 32 KB at D = 128), so no cudaFuncSetAttribute opt-in is needed.
@@ -14,6 +15,7 @@
 #include "common/apt_cuda.cuh"
 #include "tva/tva_common.h"
 #include "tva/tva_cuda.h"
+#include "tva/tva_cuda_impl.cuh"
 
 namespace apt {
 namespace tva {
@@ -31,18 +33,6 @@ __device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
   for (int o = TPR / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
-}
-
-__device__ __forceinline__ int64_t off4(const int64_t* s, int64_t b, int64_t h, int64_t t, int64_t d) {
-  return b * s[0] + h * s[1] + t * s[2] + d * s[3];
-}
-
-__device__ __forceinline__ bool key_ok(const CudaParams& p, int64_t b, int64_t j) {
-  return j < p.Tk && !(p.pad != nullptr && p.pad[b * p.sp[0] + j * p.sp[1]]);
-}
-
-__device__ __forceinline__ MaskSpec mask_of(const CudaParams& p) {
-  return MaskSpec{p.Tq, p.Tk, p.window, p.sinks, p.causal};
 }
 
 // rows [r0, r0 + BN) of a (B, H, T, D) tensor -> smem fp32 [BN][D] (zeros past T), optionally scaled
@@ -289,70 +279,64 @@ __global__ void __launch_bounds__(BM*(D / EPT)) tva_bwd_dq_kernel(const CudaPara
   for (int e = 0; e < EPT; ++e) dqp[off4(p.sdq, b, h, i, e * TPR + part)] = from_f<T>(dq[e] * p.scale);
 }
 
+// fp32 only: fp16/bf16 go to the tensor-core kernels of tva_cuda_tc.cu
 template <typename F>
-void dispatch(const CudaParams& p, F&& f) {
-  auto by_dim = [&](auto tag) {
-    using T = decltype(tag);
-    switch (p.D) {
-      case 32: f(T{}, std::integral_constant<int, 32>{}); break;
-      case 64: f(T{}, std::integral_constant<int, 64>{}); break;
-      case 128: f(T{}, std::integral_constant<int, 128>{}); break;
-      default: throw std::invalid_argument("q: the TVA CUDA kernels take head dims 32, 64, 128");
-    }
-  };
-  switch (p.dtype) {
-    case 0: by_dim(float{}); break;
-    case 1: by_dim(__half{}); break;
-    case 2: by_dim(__nv_bfloat16{}); break;
-    default: throw std::invalid_argument("q: the TVA CUDA kernels take float32/float16/bfloat16");
+void dispatch_fp32(const CudaParams& p, F&& f) {
+  switch (p.D) {
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: throw std::invalid_argument("q: the TVA CUDA kernels take head dims 32, 64, 128");
   }
+}
+
+void check_dtype(const CudaParams& p) {
+  if (p.dtype < 0 || p.dtype > 2) throw std::invalid_argument("q: the TVA CUDA kernels take float32/float16/bfloat16");
 }
 
 }  // namespace
 
-// 1-d grid of `blocks` per (batch, head): gridDim.x allows 2^31 - 1 blocks, gridDim.y only 65535
-static unsigned grid_1d(const CudaParams& p, int64_t blocks) {
-  const int64_t n = p.B * p.H * blocks;
-  if (n > 0x7fffffffLL)
-    throw std::invalid_argument("q: B·H·ceil(T/64) = " + std::to_string(n) +
-                                " thread blocks exceed the CUDA grid limit (2^31 - 1)");
-  return static_cast<unsigned>(n);
-}
-
 void tva_forward_cuda(const CudaParams& p, uintptr_t stream) {
+  check_dtype(p);
   if (p.B * p.H * p.Tq == 0) return;
   cuda::DeviceGuard guard(p.device);
   cudaStream_t s = cuda::as_stream(stream);
-  const unsigned grid = grid_1d(p, cdiv(p.Tq, BM));
-  dispatch(p, [&](auto tag, auto dim) {
-    using T = decltype(tag);
+  if (p.dtype != 0) return tva_forward_cuda_tc(p, s);
+  const unsigned grid = grid_1d(p, cdiv(p.Tq, BM), BM);
+  dispatch_fp32(p, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    tva_fwd_kernel<T, D><<<grid, BM * (D / EPT), 0, s>>>(p);
+    tva_fwd_kernel<float, D><<<grid, BM * (D / EPT), 0, s>>>(p);
   });
   APT_CUDA_CHECK(cudaGetLastError());
 }
 
 void tva_backward_cuda(const CudaParams& p, uintptr_t stream) {
+  check_dtype(p);
   // Tq == 0 < Tk still has dk = dv = 0 to write (the outputs are uninitialised torch.empty)
   if (p.B * p.H * p.Tk == 0) return;
   cuda::DeviceGuard guard(p.device);
   cudaStream_t s = cuda::as_stream(stream);
   const int64_t rows = p.B * p.H * p.Tq;
-  const unsigned gk = grid_1d(p, cdiv(p.Tk, BM)), gq = grid_1d(p, cdiv(p.Tq, BM));
   // di (rowsum(dO * O)) comes from the caller (torch's caching allocator: counted in its memory stats, reused,
   // no allocation of ours inside a captured graph)
   float* di = p.di;
-  dispatch(p, [&](auto tag, auto dim) {
-    using T = decltype(tag);
-    constexpr int D = decltype(dim)::value;
-    if (rows > 0) {  // a zero-block grid is an invalid launch configuration
-      tva_bwd_pre_kernel<T><<<static_cast<unsigned>(cdiv(rows, 256)), 256, 0, s>>>(p, di);
-      APT_CUDA_CHECK(cudaGetLastError());
+  if (rows > 0) {  // a zero-block grid is an invalid launch configuration
+    const unsigned g = static_cast<unsigned>(cdiv(rows, 256));
+    switch (p.dtype) {
+      case 0: tva_bwd_pre_kernel<float><<<g, 256, 0, s>>>(p, di); break;
+      case 1: tva_bwd_pre_kernel<__half><<<g, 256, 0, s>>>(p, di); break;
+      default: tva_bwd_pre_kernel<__nv_bfloat16><<<g, 256, 0, s>>>(p, di); break;
     }
-    tva_bwd_dkdv_kernel<T, D><<<gk, BM * (D / EPT), 0, s>>>(p, di);
+    APT_CUDA_CHECK(cudaGetLastError());
+  }
+  if (p.dtype != 0) return tva_backward_cuda_tc(p, s, di);
+  const unsigned gk = grid_1d(p, cdiv(p.Tk, BM), BM), gq = grid_1d(p, cdiv(p.Tq, BM), BM);
+  dispatch_fp32(p, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    tva_bwd_dkdv_kernel<float, D><<<gk, BM * (D / EPT), 0, s>>>(p, di);
     APT_CUDA_CHECK(cudaGetLastError());
     if (rows > 0) {
-      tva_bwd_dq_kernel<T, D><<<gq, BM * (D / EPT), 0, s>>>(p, di);
+      tva_bwd_dq_kernel<float, D><<<gq, BM * (D / EPT), 0, s>>>(p, di);
       APT_CUDA_CHECK(cudaGetLastError());
     }
   });

@@ -130,6 +130,13 @@ struct Slot {
   uint64_t stamp = 0;
 };
 
+// a lane's operands of a tensor-core mma (csrc/common/apt_mma.cuh)
+struct MmaSlot {
+  uint32_t a[4] = {}, b[2] = {};
+  uint64_t stamp = 0;
+  int kind = -1;
+};
+
 struct Sched {
 #if defined(__x86_64__)
   void* main_sp = nullptr;
@@ -139,6 +146,7 @@ struct Sched {
   std::vector<Fiber> fibers;
   std::vector<std::unique_ptr<unsigned char[]>> stacks;
   std::vector<Slot> slots;  // 32 per warp
+  std::vector<MmaSlot> mma_slots;  // likewise
   std::vector<unsigned char> dyn;
   std::vector<unsigned char> statics = std::vector<unsigned char>(kStaticLimit);  // never resized: references stay
   std::map<const void*, size_t> static_of;  // declaration site -> offset in statics, this block
@@ -259,6 +267,59 @@ inline void shfl_xor(unsigned mask, const void* in, void* out, size_t bytes, int
   warp_barrier();  // nobody overwrites a slot before the whole warp has read
 }
 
+inline float mma_elem(int kind, uint32_t reg, int half) {
+  const uint16_t u = static_cast<uint16_t>(reg >> (16 * half));
+  if (kind == 1) {
+    const uint32_t w = static_cast<uint32_t>(u) << 16;
+    float f;
+    std::memcpy(&f, &w, 4);
+    return f;
+  }
+  return __half2float(__half{u});
+}
+
+// mma.sync.m16n8k16 (f32 += f16·f16 or bf16·bf16) for the current lane: every lane of the warp posts its A and B
+// registers, then each computes its own four C elements from the others' with the PTX fragment layouts (see
+// apt_mma.cuh). The whole warp must be live and at this same mma, as the hardware requires.
+inline void mma_16816(int kind, float* d, const uint32_t* a, const uint32_t* b) {
+  Sched& s = S();
+  Fiber* f = s.cur;
+  const int lane = f->linear % 32, warp = f->linear / 32;
+  const uint64_t stamp = ++f->shuffles;
+  MmaSlot& mine = s.mma_slots[static_cast<size_t>(warp) * 32 + lane];
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  std::memcpy(mine.b, b, sizeof(mine.b));
+  mine.stamp = stamp;
+  mine.kind = kind;
+  warp_barrier();  // released once every live lane is here or at another collective: warp_live is final
+  if (s.warp_live[warp] != 32) {
+    fail("mma in a warp with " + std::to_string(s.warp_live[warp]) + " live lanes (needs all 32)");
+    return;
+  }
+  const MmaSlot* w = &s.mma_slots[static_cast<size_t>(warp) * 32];
+  for (int l = 0; l < 32; ++l) {
+    if (w[l].stamp != stamp || w[l].kind != kind || s.fibers[warp * 32 + l].st == St::Done) {
+      fail("mma: lane " + std::to_string(l) + " is not at the same mma as lane " + std::to_string(lane));
+      warp_barrier();
+      return;
+    }
+  }
+  const int g = lane / 4, t = lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float acc = d[e];
+    for (int k = 0; k < 16; ++k) {
+      const MmaSlot& sa = w[(row % 8) * 4 + (k % 8) / 2];
+      const MmaSlot& sb = w[col * 4 + (k % 8) / 2];
+      const float x = mma_elem(kind, sa.a[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k & 1);
+      const float y = mma_elem(kind, sb.b[k >= 8 ? 1 : 0], k & 1);
+      acc += x * y;
+    }
+    d[e] = acc;
+  }
+  warp_barrier();  // nobody posts the next mma's operands before the whole warp has read these
+}
+
 // A fiber's first frame: runs the kernel, then hands control back for good.
 inline void trampoline() {
   Sched& s = S();
@@ -318,6 +379,7 @@ inline void run_block(const std::function<void()>& body, size_t smem) {
   s.fibers.assign(static_cast<size_t>(n), Fiber{});
   while (s.stacks.size() < static_cast<size_t>(n)) s.stacks.emplace_back(new unsigned char[Sched::kStack]);
   s.slots.assign(static_cast<size_t>((n + 31) / 32) * 32, Slot{});
+  s.mma_slots.assign(s.slots.size(), MmaSlot{});
   s.dyn.assign(std::max<size_t>(smem, 16), 0xff);
   s.static_of.clear();
   s.static_used = 0;

@@ -1,0 +1,41 @@
+// Internals shared by the two CUDA TVA kernel files: tva_cuda.cu (fp32, FMA) and tva_cuda_tc.cu (fp16/bf16, tensor
+// cores). Not part of the host interface (tva_cuda.h).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <stdexcept>
+
+#include "common/apt_cuda.cuh"
+#include "tva/tva_common.h"
+#include "tva/tva_cuda.h"
+
+namespace apt {
+namespace tva {
+
+__device__ __forceinline__ int64_t off4(const int64_t* s, int64_t b, int64_t h, int64_t t, int64_t d) {
+  return b * s[0] + h * s[1] + t * s[2] + d * s[3];
+}
+
+__device__ __forceinline__ bool key_ok(const CudaParams& p, int64_t b, int64_t j) {
+  return j < p.Tk && !(p.pad != nullptr && p.pad[b * p.sp[0] + j * p.sp[1]]);
+}
+
+__device__ __forceinline__ MaskSpec mask_of(const CudaParams& p) {
+  return MaskSpec{p.Tq, p.Tk, p.window, p.sinks, p.causal};
+}
+
+// 1-d grid of `blocks` per (batch, head): gridDim.x allows 2^31 - 1 blocks, gridDim.y only 65535
+inline unsigned grid_1d(const CudaParams& p, int64_t blocks, int64_t rows_per_block) {
+  const int64_t n = p.B * p.H * blocks;
+  if (n > 0x7fffffffLL)
+    throw std::invalid_argument("q: B·H·ceil(T/" + std::to_string(rows_per_block) + ") = " + std::to_string(n) +
+                                " thread blocks exceed the CUDA grid limit (2^31 - 1)");
+  return static_cast<unsigned>(n);
+}
+
+// tva_cuda_tc.cu: fp16/bf16 forward, and the backward's dK/dV and dQ passes after tva_cuda.cu's preprocess (di)
+void tva_forward_cuda_tc(const CudaParams& p, cudaStream_t s);
+void tva_backward_cuda_tc(const CudaParams& p, cudaStream_t s, const float* di);
+
+}  // namespace tva
+}  // namespace apt

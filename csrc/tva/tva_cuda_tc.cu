@@ -1,0 +1,489 @@
+// Fused TVA attention for fp16/bf16 on tensor cores (mma.sync m16n8k16, fp32 accumulation; sm_80+), FlashAttention-2
+// style, with the contract of tva_cuda.cu's fp32 kernels (masks, padding, Tq != Tk, any strides, head dims 32/64/128,
+// the perturbation coef·gate·delta added before the single write of o, LSE saved).
+//
+// Every block is 4 warps; each warp owns 16 rows of the block's tile and keeps its operands and accumulators in
+// mma fragments (layouts: common/apt_mma.cuh), so softmax statistics live in registers: a row's values are spread
+// over the 4 lanes of a quad, reduced with two shuffles.
+//   forward: 64 query rows per block, Q fragments loaded once, 64-key K/V tiles in shared memory;
+//            S = Q·Kᵀ, online softmax, P rounded to the input dtype (as FlashAttention does) and O += P·V.
+//   dQ:      64 query rows, 32-key tiles: S, dP = dO·Vᵀ, dS = P∘(dP − Di), dQ += dS·K.
+//   dK/dV:   64 keys per block, query tiles of 32 (16 at D = 128, to keep shared memory under 48 KB):
+//            Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q.
+// Tiles are stored in shared memory as 16-bit patterns, rows padded by 16 bytes so that a fragment's reads fall in
+// distinct banks, rows past the sequence zero-filled (a masked probability is 0, but 0·NaN from stale memory would
+// not be). Tiles of tensors with unit head-dim stride and 16-byte aligned rows load in 16-byte vectors.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "common/apt_mma.cuh"
+#include "tva/tva_cuda_impl.cuh"
+
+namespace apt {
+namespace tva {
+namespace {
+
+using cuda::bits16;
+using cuda::from_f;
+using cuda::ld_pair;
+using cuda::ld_pair_strided;
+using cuda::mma_16816;
+using cuda::pack2;
+using cuda::to_f;
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kPad = 8;        // elements of padding per shared-memory row
+constexpr int kBlockRows = 64;  // query rows (forward, dQ) or keys (dK/dV) per block
+
+// which tiles may be loaded in 16-byte vectors (a bit per tensor)
+enum VecBits : int { kVecQ = 1, kVecK = 2, kVecV = 4, kVecGo = 8 };
+
+struct alignas(16) Pack16 {
+  uint32_t w[4];
+};
+
+// rows [r0, r0 + ROWS) of a (B, H, T, D) tensor -> shared memory as 16-bit patterns, zeros past T_
+template <typename T, int D, int ROWS>
+__device__ void load_rows(const void* src, const int64_t* s, int64_t b, int64_t h, int64_t r0, int64_t T_,
+                          uint16_t (*dst)[D + kPad], bool vec) {
+  const T* x = static_cast<const T*>(src);
+  if (vec) {
+    constexpr int V = D / 8;
+    for (int idx = threadIdx.x; idx < ROWS * V; idx += blockDim.x) {
+      const int r = idx / V, c = (idx % V) * 8;
+      const int64_t t = r0 + r;
+      Pack16 u{{0u, 0u, 0u, 0u}};
+      if (t < T_) u = *reinterpret_cast<const Pack16*>(x + off4(s, b, h, t, c));
+      *reinterpret_cast<Pack16*>(&dst[r][c]) = u;
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * D; idx += blockDim.x) {
+      const int r = idx / D, d = idx % D;
+      const int64_t t = r0 + r;
+      dst[r][d] = t < T_ ? static_cast<uint16_t>(bits16(x[off4(s, b, h, t, d)])) : uint16_t(0);
+    }
+  }
+}
+
+// the A fragments (16 rows from `r`, all D columns) of a row-major tile
+template <int D>
+__device__ __forceinline__ void load_a(const uint16_t (*tile)[D + kPad], int r, int t, uint32_t (&a)[D / 16][4]) {
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    a[ks][0] = ld_pair(&tile[r][16 * ks + 2 * t]);
+    a[ks][1] = ld_pair(&tile[r + 8][16 * ks + 2 * t]);
+    a[ks][2] = ld_pair(&tile[r][16 * ks + 8 + 2 * t]);
+    a[ks][3] = ld_pair(&tile[r + 8][16 * ks + 8 + 2 * t]);
+  }
+}
+
+// the A fragment of k step kk from C fragments c[2kk], c[2kk + 1] (16 rows × 16 columns), rounded to T
+template <typename T, int NT>
+__device__ __forceinline__ void c_to_a(const float (&c)[NT][4], int kk, uint32_t (&a)[4]) {
+  a[0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// acc[nt] += A · tileᵀ for 8-row slices nt of a row-major tile (B[k][n] = tile[n][k]: pairs along a row)
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_abt(const uint32_t (&a)[D / 16][4], const uint16_t (*tile)[D + kPad], int g, int t,
+                                        float (&acc)[NT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t bf[2] = {ld_pair(&tile[nt * 8 + g][16 * ks + 2 * t]),
+                              ld_pair(&tile[nt * 8 + g][16 * ks + 8 + 2 * t])};
+      mma_16816<T>(acc[nt], a[ks], bf);
+    }
+  }
+}
+
+// acc[nd] += A · tile[k0 : k0 + 16, :] (B[k][n] = tile[k0 + k][n]: pairs down a column)
+template <typename T, int D>
+__device__ __forceinline__ void mma_ab(const uint32_t (&a)[4], const uint16_t (*tile)[D + kPad], int k0, int g, int t,
+                                       float (&acc)[D / 8][4]) {
+#pragma unroll
+  for (int nd = 0; nd < D / 8; ++nd) {
+    const uint32_t bf[2] = {ld_pair_strided(&tile[k0 + 2 * t][nd * 8 + g], D + kPad),
+                            ld_pair_strided(&tile[k0 + 8 + 2 * t][nd * 8 + g], D + kPad)};
+    mma_16816<T>(acc[nd], a, bf);
+  }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// coef · gate[b, i, h] (0 without delta)
+template <typename T>
+__device__ __forceinline__ float coef_gate(const CudaParams& p, int64_t b, int64_t h, int64_t i) {
+  if (p.delta == nullptr) return 0.f;
+  float cg = *p.coef;
+  if (p.gate != nullptr) cg *= to_f(static_cast<const T*>(p.gate)[b * p.sg[0] + i * p.sg[1] + h * p.sg[2]]);
+  return cg;
+}
+
+template <int D>
+struct alignas(16) FwdSmem {
+  uint16_t k[64][D + kPad];  // Q first (its fragments go to registers), then each K tile
+  uint16_t v[64][D + kPad];
+  bool kok[64];
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p, const int vec) {
+  constexpr int BM = kBlockRows, BN = 64, NT = BN / 8, ND = D / 8;
+  using Smem = FwdSmem<D>;
+  __shared__ Smem sm;
+  const int64_t nmb = cdiv(p.Tq, BM);  // 1-d grid: block = bh · nmb + query block
+  const int64_t bh = blockIdx.x / nmb, b = bh / p.H, h = bh % p.H;
+  const int64_t m0 = (blockIdx.x % nmb) * BM;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int wr = (threadIdx.x / 32) * 16 + g;  // this lane's rows of the tile: wr and wr + 8
+  const int64_t row[2] = {m0 + wr, m0 + wr + 8};
+  const int64_t off = p.Tk - p.Tq;
+  const MaskSpec ms = mask_of(p);
+
+  load_rows<T, D, BM>(p.q, p.sq, b, h, m0, p.Tq, sm.k, vec & kVecQ);
+  __syncthreads();
+  uint32_t qa[D / 16][4];
+  load_a<D>(sm.k, wr, t, qa);
+
+  float acc[ND][4];
+#pragma unroll
+  for (int nd = 0; nd < ND; ++nd) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this lane's part of the row sum
+  const KeyBlocks kb = key_blocks(ms, m0, BM, BN);
+  for (int64_t it = 0; it < kb.count(); ++it) {
+    const int64_t n0 = kb.start(it, BN);
+    __syncthreads();  // Q's fragments / the previous tile are read
+    load_rows<T, D, BN>(p.k, p.sk, b, h, n0, p.Tk, sm.k, vec & kVecK);
+    load_rows<T, D, BN>(p.v, p.sv, b, h, n0, p.Tk, sm.v, vec & kVecV);
+    for (int j = threadIdx.x; j < BN; j += blockDim.x) sm.kok[j] = key_ok(p, b, n0 + j);
+    __syncthreads();
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    mma_abt<T, D, NT>(qa, sm.k, g, t, s);
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, j = nt * 8 + 2 * t + (e & 1);
+        const bool ok = row[r] < p.Tq && sm.kok[j] && visible(ms, row[r] + off, n0 + j);
+        s[nt][e] = ok ? s[nt][e] * p.scale : -INFINITY;
+        mx[r] = fmaxf(mx[r], s[nt][e]);
+      }
+    }
+    float msafe[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = quad_max(mx[r]);
+      // a row with no visible key so far keeps m = -inf: subtract 0 so exp gives 0, never NaN
+      msafe[r] = mx[r] == -INFINITY ? 0.f : mx[r];
+      const float alpha = expf(m[r] - msafe[r]);
+      l[r] *= alpha;
+#pragma unroll
+      for (int nd = 0; nd < ND; ++nd) {
+        acc[nd][2 * r] *= alpha;
+        acc[nd][2 * r + 1] *= alpha;
+      }
+      m[r] = mx[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = expf(s[nt][e] - msafe[e >> 1]);
+        l[e >> 1] += s[nt][e];
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t pa[4];
+      c_to_a<T, NT>(s, kk, pa);
+      mma_ab<T, D>(pa, sm.v, 16 * kk, g, t, acc);
+    }
+  }
+  l[0] = quad_sum(l[0]);
+  l[1] = quad_sum(l[1]);
+  T* o = static_cast<T*>(p.o);
+  const T* dl = static_cast<const T*>(p.delta);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = row[r];
+    if (i >= p.Tq) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    const float cg = coef_gate<T>(p, b, h, i);
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int d = nd * 8 + 2 * t + c;
+        float val = acc[nd][2 * r + c] * inv;
+        if (dl != nullptr) val += cg * to_f(dl[off4(p.sdl, b, h, i, d)]);
+        o[off4(p.so, b, h, i, d)] = from_f<T>(val);
+      }
+    }
+    if (t == 0) p.lse[bh * p.Tq + i] = l[r] > 0.f ? m[r] + logf(l[r]) : INFINITY;
+  }
+}
+
+template <int D>
+struct alignas(16) DqSmem {
+  uint16_t kv[64][D + kPad];  // Q, then dO (their fragments go to registers), then K (rows 0..31) and V (32..63)
+  bool kok[32];
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) tva_bwd_dq_tc_kernel(const CudaParams p, const float* di, const int vec) {
+  constexpr int BM = kBlockRows, BN = 32, NT = BN / 8, ND = D / 8;
+  using Smem = DqSmem<D>;
+  __shared__ Smem sm;
+  const int64_t nmb = cdiv(p.Tq, BM);
+  const int64_t bh = blockIdx.x / nmb, b = bh / p.H, h = bh % p.H;
+  const int64_t m0 = (blockIdx.x % nmb) * BM;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int wr = (threadIdx.x / 32) * 16 + g;
+  const int64_t row[2] = {m0 + wr, m0 + wr + 8};
+  const int64_t off = p.Tk - p.Tq;
+  const MaskSpec ms = mask_of(p);
+
+  uint32_t qa[D / 16][4], ga[D / 16][4];
+  load_rows<T, D, BM>(p.q, p.sq, b, h, m0, p.Tq, sm.kv, vec & kVecQ);
+  __syncthreads();
+  load_a<D>(sm.kv, wr, t, qa);
+  __syncthreads();
+  load_rows<T, D, BM>(p.go, p.sgo, b, h, m0, p.Tq, sm.kv, vec & kVecGo);
+  __syncthreads();
+  load_a<D>(sm.kv, wr, t, ga);
+  float lse[2], dii[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    lse[r] = row[r] < p.Tq ? p.lse[bh * p.Tq + row[r]] : INFINITY;
+    dii[r] = row[r] < p.Tq ? di[bh * p.Tq + row[r]] : 0.f;
+  }
+  float dq[ND][4];
+#pragma unroll
+  for (int nd = 0; nd < ND; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.f;
+  const KeyBlocks kb = key_blocks(ms, m0, BM, BN);
+  for (int64_t it = 0; it < kb.count(); ++it) {
+    const int64_t n0 = kb.start(it, BN);
+    __syncthreads();
+    load_rows<T, D, BN>(p.k, p.sk, b, h, n0, p.Tk, sm.kv, vec & kVecK);
+    load_rows<T, D, BN>(p.v, p.sv, b, h, n0, p.Tk, sm.kv + BN, vec & kVecV);
+    for (int j = threadIdx.x; j < BN; j += blockDim.x) sm.kok[j] = key_ok(p, b, n0 + j);
+    __syncthreads();
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+    mma_abt<T, D, NT>(qa, sm.kv, g, t, s);
+    mma_abt<T, D, NT>(ga, sm.kv + BN, g, t, dp);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, j = nt * 8 + 2 * t + (e & 1);
+        const bool ok = row[r] < p.Tq && sm.kok[j] && visible(ms, row[r] + off, n0 + j);
+        s[nt][e] = ok ? expf(s[nt][e] * p.scale - lse[r]) * (dp[nt][e] - dii[r]) : 0.f;  // dS
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t da[4];
+      c_to_a<T, NT>(s, kk, da);
+      mma_ab<T, D>(da, sm.kv, 16 * kk, g, t, dq);
+    }
+  }
+  T* dqp = static_cast<T*>(p.dq);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= p.Tq) continue;
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        dqp[off4(p.sdq, b, h, row[r], nd * 8 + 2 * t + c)] = from_f<T>(dq[nd][2 * r + c] * p.scale);
+  }
+}
+
+template <int D>
+constexpr int dkdv_query_tile() {
+  return D == 128 ? 16 : 32;
+}
+
+template <int D>
+struct alignas(16) DkvSmem {
+  static constexpr int BQ = dkdv_query_tile<D>();
+  uint16_t k[64][D + kPad];
+  uint16_t v[64][D + kPad];
+  uint16_t q[BQ][D + kPad];
+  uint16_t go[BQ][D + kPad];
+  float lse[BQ], di[BQ];
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaParams p, const float* di, const int vec) {
+  constexpr int BN = kBlockRows, BQ = dkdv_query_tile<D>(), NT = BQ / 8, ND = D / 8;
+  using Smem = DkvSmem<D>;
+  __shared__ Smem sm;
+  const int64_t nnb = cdiv(p.Tk, BN);  // 1-d grid: block = bh · nnb + key block
+  const int64_t bh = blockIdx.x / nnb, b = bh / p.H, h = bh % p.H;
+  const int64_t n0 = (blockIdx.x % nnb) * BN;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int kr = (threadIdx.x / 32) * 16 + g;  // this lane's keys of the block: kr and kr + 8
+  const int64_t key[2] = {n0 + kr, n0 + kr + 8};
+  const bool kok[2] = {key_ok(p, b, key[0]), key_ok(p, b, key[1])};
+  const int64_t off = p.Tk - p.Tq;
+  const MaskSpec ms = mask_of(p);
+
+  // read after the first __syncthreads of the loop; never overwritten
+  load_rows<T, D, BN>(p.k, p.sk, b, h, n0, p.Tk, sm.k, vec & kVecK);
+  load_rows<T, D, BN>(p.v, p.sv, b, h, n0, p.Tk, sm.v, vec & kVecV);
+  float dk[ND][4], dv[ND][4];
+#pragma unroll
+  for (int nd = 0; nd < ND; ++nd)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[nd][e] = dv[nd][e] = 0.f;
+  int64_t i_lo, i_hi;
+  query_range(ms, n0, BN, &i_lo, &i_hi);
+  for (int64_t m0 = (i_lo / BQ) * BQ; m0 < i_hi; m0 += BQ) {
+    __syncthreads();
+    load_rows<T, D, BQ>(p.q, p.sq, b, h, m0, p.Tq, sm.q, vec & kVecQ);
+    load_rows<T, D, BQ>(p.go, p.sgo, b, h, m0, p.Tq, sm.go, vec & kVecGo);
+    for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
+      const int64_t i = m0 + r;
+      sm.lse[r] = i < p.Tq ? p.lse[bh * p.Tq + i] : INFINITY;
+      sm.di[r] = i < p.Tq ? di[bh * p.Tq + i] : 0.f;
+    }
+    __syncthreads();
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+    {
+      uint32_t ka[D / 16][4];
+      load_a<D>(sm.k, kr, t, ka);
+      mma_abt<T, D, NT>(ka, sm.q, g, t, s);  // Sᵀ = K·Qᵀ (unscaled)
+      load_a<D>(sm.v, kr, t, ka);
+      mma_abt<T, D, NT>(ka, sm.go, g, t, dp);  // dPᵀ = V·dOᵀ
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, qi = nt * 8 + 2 * t + (e & 1);
+        const int64_t i = m0 + qi;
+        const bool ok = kok[r] && i < p.Tq && visible(ms, i + off, key[r]);
+        const float pr = ok ? expf(s[nt][e] * p.scale - sm.lse[qi]) : 0.f;
+        s[nt][e] = pr;
+        dp[nt][e] = pr * (dp[nt][e] - sm.di[qi]);  // dSᵀ
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      uint32_t a[4];
+      c_to_a<T, NT>(s, kk, a);
+      mma_ab<T, D>(a, sm.go, 16 * kk, g, t, dv);  // dV += Pᵀ·dO
+      c_to_a<T, NT>(dp, kk, a);
+      mma_ab<T, D>(a, sm.q, 16 * kk, g, t, dk);  // dK += dSᵀ·Q
+    }
+  }
+  T* dkp = static_cast<T*>(p.dk);
+  T* dvp = static_cast<T*>(p.dv);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (key[r] >= p.Tk) continue;
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int d = nd * 8 + 2 * t + c;
+        dkp[off4(p.sdk, b, h, key[r], d)] = from_f<T>(dk[nd][2 * r + c] * p.scale);
+        dvp[off4(p.sdv, b, h, key[r], d)] = from_f<T>(dv[nd][2 * r + c]);
+      }
+    }
+  }
+}
+
+// A tensor's tiles load in 16-byte vectors when its head dim is contiguous and every row starts 16-byte aligned
+// (the base and each stride of a dimension longer than 1 a multiple of 8 elements).
+bool vec_ok(const void* ptr, const int64_t* s, const CudaParams& p, int64_t T_) {
+  if (ptr == nullptr || s[3] != 1 || reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  const int64_t sizes[3] = {p.B, p.H, T_};
+  for (int i = 0; i < 3; ++i)
+    if (sizes[i] > 1 && s[i] % 8 != 0) return false;
+  return true;
+}
+
+int vec_bits(const CudaParams& p, bool backward) {
+  int v = 0;
+  if (vec_ok(p.q, p.sq, p, p.Tq)) v |= kVecQ;
+  if (vec_ok(p.k, p.sk, p, p.Tk)) v |= kVecK;
+  if (vec_ok(p.v, p.sv, p, p.Tk)) v |= kVecV;
+  if (backward && vec_ok(p.go, p.sgo, p, p.Tq)) v |= kVecGo;
+  return v;
+}
+
+template <typename F>
+void dispatch_tc(const CudaParams& p, F&& f) {
+  auto by_dim = [&](auto tag) {
+    switch (p.D) {
+      case 32: f(tag, std::integral_constant<int, 32>{}); break;
+      case 64: f(tag, std::integral_constant<int, 64>{}); break;
+      case 128: f(tag, std::integral_constant<int, 128>{}); break;
+      default: throw std::invalid_argument("q: the TVA CUDA kernels take head dims 32, 64, 128");
+    }
+  };
+  switch (p.dtype) {
+    case 1: by_dim(__half{}); break;
+    case 2: by_dim(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument("q: the TVA tensor-core kernels take float16/bfloat16");
+  }
+}
+
+}  // namespace
+
+void tva_forward_cuda_tc(const CudaParams& p, cudaStream_t s) {
+  const unsigned grid = grid_1d(p, cdiv(p.Tq, kBlockRows), kBlockRows);
+  const int vec = vec_bits(p, false);
+  dispatch_tc(p, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    tva_fwd_tc_kernel<T, D><<<grid, kThreads, 0, s>>>(p, vec);
+  });
+  APT_CUDA_CHECK(cudaGetLastError());
+}
+
+void tva_backward_cuda_tc(const CudaParams& p, cudaStream_t s, const float* di) {
+  const unsigned gk = grid_1d(p, cdiv(p.Tk, kBlockRows), kBlockRows);
+  const int vec = vec_bits(p, true);
+  dispatch_tc(p, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    tva_bwd_dkdv_tc_kernel<T, D><<<gk, kThreads, 0, s>>>(p, di, vec);
+    APT_CUDA_CHECK(cudaGetLastError());
+    if (p.B * p.H * p.Tq > 0) {
+      const unsigned gq = grid_1d(p, cdiv(p.Tq, kBlockRows), kBlockRows);
+      tva_bwd_dq_tc_kernel<T, D><<<gq, kThreads, 0, s>>>(p, di, vec);
+      APT_CUDA_CHECK(cudaGetLastError());
+    }
+  });
+}
+
+}  // namespace tva
+}  // namespace apt
