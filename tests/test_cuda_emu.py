@@ -148,16 +148,18 @@ def test_emulator_catches_divergent_barriers_and_bad_shuffles(emu_module):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_emulator_mma_tile(emu_module, dtype):
-    """The emulated mma.sync m16n8k16 against a matmul, with the fragments read as csrc/common/apt_mma.cuh documents;
-    a warp with exited lanes is reported (undefined on a GPU)."""
+    """The emulated ldmatrix (plain and transposed) and mma.sync m16n8k16 against a matmul, with the fragments
+    addressed as csrc/common/apt_mma.cuh documents; a warp with exited lanes is reported (undefined on a GPU)."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(16, 16, generator=g).to(dtype)
-    b = torch.randn(16, 8, generator=g).to(dtype)
-    c = torch.empty(16, 8)
-    emu_module.emu_mma_tile(_view(a), _view(b), _view(c), dtype == torch.bfloat16, 32)
-    torch.testing.assert_close(c, a.float() @ b.float() + 1, atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError, match="mma in a warp with 16 live lanes"):
-        emu_module.emu_mma_tile(_view(a), _view(b), _view(c), False, 16)
+    a, b = (torch.randn(16, 16, generator=g).to(dtype) for _ in range(2))
+    bt = b.t().contiguous()
+    c, c2 = torch.empty(16, 16), torch.empty(16, 16)
+    emu_module.emu_mma_tile(_view(a), _view(b), _view(bt), _view(c), _view(c2), dtype == torch.bfloat16, 32)
+    expected = a.float() @ b.float() + 1
+    torch.testing.assert_close(c, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c2, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="in a warp with 16 live lanes"):
+        emu_module.emu_mma_tile(_view(a), _view(b), _view(bt), _view(c), _view(c2), False, 16)
 
 
 def test_emulator_poisons_dynamic_smem_and_checks_launches(emu_module):

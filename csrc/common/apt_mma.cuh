@@ -10,8 +10,8 @@
 // So the C fragments of two adjacent 8-column tiles, rounded to 16 bits, are the A fragment of a 16-wide k step:
 // softmax probabilities computed in registers feed the next product without a trip through shared memory.
 //
-// Under tests/cuda_emu (APT_CUDA_EMU) the product is computed by the emulator from every lane's registers with the
-// layouts above, and fails the launch unless the whole warp reaches the same mma.
+// Under tests/cuda_emu (APT_CUDA_EMU) the emulator computes the product (and ldmatrix's loads) from every lane's
+// registers (addresses) with the layouts above, and fails the launch unless the whole warp reaches the same one.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -50,6 +50,32 @@ __device__ __forceinline__ uint32_t ld_pair(const uint16_t* p) {
 // p[0] and p[stride] as one register: a B fragment read down a column of a row-major tile
 __device__ __forceinline__ uint32_t ld_pair_strided(const uint16_t* p, int stride) {
   return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[stride]) << 16);
+}
+
+// ldmatrix .x4: four 8×8 matrices of 16-bit elements from shared memory, each row 16 contiguous, aligned bytes.
+// Lane l gives the address of row l % 8 of matrix l / 8; register j of lane l receives matrix j's
+//   plain: row l / 4, columns 2(l % 4) and 2(l % 4) + 1   (an A fragment's or a row-major [n][k] B's layout)
+//   trans: column l / 4, rows 2(l % 4) and 2(l % 4) + 1   (a B fragment read from a row-major [k][n] tile)
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint16_t* row) {
+#if defined(APT_CUDA_EMU)
+  ::apt_emu::ldmatrix_x4(r, row, false);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+#if defined(APT_CUDA_EMU)
+  ::apt_emu::ldmatrix_x4(r, row, true);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
 }
 
 // d += A·B for one 16×8×16 tile; T = __half or __nv_bfloat16 (the element type of a and b)

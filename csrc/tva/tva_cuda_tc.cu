@@ -26,8 +26,6 @@ namespace {
 
 using cuda::bits16;
 using cuda::from_f;
-using cuda::ld_pair;
-using cuda::ld_pair_strided;
 using cuda::mma_16816;
 using cuda::pack2;
 using cuda::to_f;
@@ -66,16 +64,16 @@ __device__ void load_rows(const void* src, const int64_t* s, int64_t b, int64_t 
   }
 }
 
-// the A fragments (16 rows from `r`, all D columns) of a row-major tile
+// The fragment loads below are ldmatrix.x4 (layouts: common/apt_mma.cuh), lane l addressing row l % 8 of matrix
+// l / 8; with the 16-byte row padding the 8 rows of a matrix fall in distinct banks.
+
+// the A fragments (rows r .. r + 15, all D columns) of a row-major tile
 template <int D>
-__device__ __forceinline__ void load_a(const uint16_t (*tile)[D + kPad], int r, int t, uint32_t (&a)[D / 16][4]) {
+__device__ __forceinline__ void load_a(const uint16_t (*tile)[D + kPad], int r, int lane, uint32_t (&a)[D / 16][4]) {
+  // matrices: (rows r, cols k0), (r + 8, k0), (r, k0 + 8), (r + 8, k0 + 8) = a[0..3]
+  const uint16_t* base = &tile[r + (lane % 8) + 8 * ((lane / 8) % 2)][8 * (lane / 16)];
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) {
-    a[ks][0] = ld_pair(&tile[r][16 * ks + 2 * t]);
-    a[ks][1] = ld_pair(&tile[r + 8][16 * ks + 2 * t]);
-    a[ks][2] = ld_pair(&tile[r][16 * ks + 8 + 2 * t]);
-    a[ks][3] = ld_pair(&tile[r + 8][16 * ks + 8 + 2 * t]);
-  }
+  for (int ks = 0; ks < D / 16; ++ks) cuda::ldsm_x4(a[ks], base + 16 * ks);
 }
 
 // the A fragment of k step kk from C fragments c[2kk], c[2kk + 1] (16 rows × 16 columns), rounded to T
@@ -87,30 +85,39 @@ __device__ __forceinline__ void c_to_a(const float (&c)[NT][4], int kk, uint32_t
   a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-// acc[nt] += A · tileᵀ for 8-row slices nt of a row-major tile (B[k][n] = tile[n][k]: pairs along a row)
+// acc[nt] += A · tileᵀ over the tile's first 8·NT rows (B[k][n] = tile[n][k]), two 8-row slices per ldmatrix
 template <typename T, int D, int NT>
-__device__ __forceinline__ void mma_abt(const uint32_t (&a)[D / 16][4], const uint16_t (*tile)[D + kPad], int g, int t,
+__device__ __forceinline__ void mma_abt(const uint32_t (&a)[D / 16][4], const uint16_t (*tile)[D + kPad], int lane,
                                         float (&acc)[NT][4]) {
+  static_assert(NT % 2 == 0, "8-row slices go in pairs");
+  // matrices: (rows n0, cols k0), (n0, k0 + 8) = slice nt's b; (n0 + 8, k0), (n0 + 8, k0 + 8) = slice nt + 1's
+  const uint16_t* base = &tile[(lane % 8) + 8 * (lane / 16)][8 * ((lane / 8) % 2)];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+  for (int nt = 0; nt < NT; nt += 2) {
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      const uint32_t bf[2] = {ld_pair(&tile[nt * 8 + g][16 * ks + 2 * t]),
-                              ld_pair(&tile[nt * 8 + g][16 * ks + 8 + 2 * t])};
-      mma_16816<T>(acc[nt], a[ks], bf);
+      uint32_t r[4];
+      cuda::ldsm_x4(r, base + nt * 8 * (D + kPad) + 16 * ks);
+      const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+      mma_16816<T>(acc[nt], a[ks], b0);
+      mma_16816<T>(acc[nt + 1], a[ks], b1);
     }
   }
 }
 
-// acc[nd] += A · tile[k0 : k0 + 16, :] (B[k][n] = tile[k0 + k][n]: pairs down a column)
+// acc[nd] += A · tile[k0 : k0 + 16, :] (B[k][n] = tile[k0 + k][n]), two 8-column slices per transposing ldmatrix
 template <typename T, int D>
-__device__ __forceinline__ void mma_ab(const uint32_t (&a)[4], const uint16_t (*tile)[D + kPad], int k0, int g, int t,
+__device__ __forceinline__ void mma_ab(const uint32_t (&a)[4], const uint16_t (*tile)[D + kPad], int k0, int lane,
                                        float (&acc)[D / 8][4]) {
+  // matrices: (rows k0, cols n0), (k0 + 8, n0) = slice nd's b; (k0, n0 + 8), (k0 + 8, n0 + 8) = slice nd + 1's
+  const uint16_t* base = &tile[k0 + (lane % 8) + 8 * ((lane / 8) % 2)][8 * (lane / 16)];
 #pragma unroll
-  for (int nd = 0; nd < D / 8; ++nd) {
-    const uint32_t bf[2] = {ld_pair_strided(&tile[k0 + 2 * t][nd * 8 + g], D + kPad),
-                            ld_pair_strided(&tile[k0 + 8 + 2 * t][nd * 8 + g], D + kPad)};
-    mma_16816<T>(acc[nd], a, bf);
+  for (int nd = 0; nd < D / 8; nd += 2) {
+    uint32_t r[4];
+    cuda::ldsm_x4_trans(r, base + nd * 8);
+    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+    mma_16816<T>(acc[nd], a, b0);
+    mma_16816<T>(acc[nd + 1], a, b1);
   }
 }
 
@@ -157,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
   load_rows<T, D, BM>(p.q, p.sq, b, h, m0, p.Tq, sm.k, vec & kVecQ);
   __syncthreads();
   uint32_t qa[D / 16][4];
-  load_a<D>(sm.k, wr, t, qa);
+  load_a<D>(sm.k, wr - g, lane, qa);
 
   float acc[ND][4];
 #pragma unroll
@@ -174,7 +181,7 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
     float s[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    mma_abt<T, D, NT>(qa, sm.k, g, t, s);
+    mma_abt<T, D, NT>(qa, sm.k, lane, s);
     float mx[2] = {m[0], m[1]};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -213,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t pa[4];
       c_to_a<T, NT>(s, kk, pa);
-      mma_ab<T, D>(pa, sm.v, 16 * kk, g, t, acc);
+      mma_ab<T, D>(pa, sm.v, 16 * kk, lane, acc);
     }
   }
   l[0] = quad_sum(l[0]);
@@ -263,11 +270,11 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dq_tc_kernel(const CudaParam
   uint32_t qa[D / 16][4], ga[D / 16][4];
   load_rows<T, D, BM>(p.q, p.sq, b, h, m0, p.Tq, sm.kv, vec & kVecQ);
   __syncthreads();
-  load_a<D>(sm.kv, wr, t, qa);
+  load_a<D>(sm.kv, wr - g, lane, qa);
   __syncthreads();
   load_rows<T, D, BM>(p.go, p.sgo, b, h, m0, p.Tq, sm.kv, vec & kVecGo);
   __syncthreads();
-  load_a<D>(sm.kv, wr, t, ga);
+  load_a<D>(sm.kv, wr - g, lane, ga);
   float lse[2], dii[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -290,8 +297,8 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dq_tc_kernel(const CudaParam
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-    mma_abt<T, D, NT>(qa, sm.kv, g, t, s);
-    mma_abt<T, D, NT>(ga, sm.kv + BN, g, t, dp);
+    mma_abt<T, D, NT>(qa, sm.kv, lane, s);
+    mma_abt<T, D, NT>(ga, sm.kv + BN, lane, dp);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -305,7 +312,7 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dq_tc_kernel(const CudaParam
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t da[4];
       c_to_a<T, NT>(s, kk, da);
-      mma_ab<T, D>(da, sm.kv, 16 * kk, g, t, dq);
+      mma_ab<T, D>(da, sm.kv, 16 * kk, lane, dq);
     }
   }
   T* dqp = static_cast<T*>(p.dq);
@@ -377,10 +384,10 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaPar
       for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
     {
       uint32_t ka[D / 16][4];
-      load_a<D>(sm.k, kr, t, ka);
-      mma_abt<T, D, NT>(ka, sm.q, g, t, s);  // Sᵀ = K·Qᵀ (unscaled)
-      load_a<D>(sm.v, kr, t, ka);
-      mma_abt<T, D, NT>(ka, sm.go, g, t, dp);  // dPᵀ = V·dOᵀ
+      load_a<D>(sm.k, kr - g, lane, ka);
+      mma_abt<T, D, NT>(ka, sm.q, lane, s);  // Sᵀ = K·Qᵀ (unscaled)
+      load_a<D>(sm.v, kr - g, lane, ka);
+      mma_abt<T, D, NT>(ka, sm.go, lane, dp);  // dPᵀ = V·dOᵀ
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -398,9 +405,9 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaPar
     for (int kk = 0; kk < BQ / 16; ++kk) {
       uint32_t a[4];
       c_to_a<T, NT>(s, kk, a);
-      mma_ab<T, D>(a, sm.go, 16 * kk, g, t, dv);  // dV += Pᵀ·dO
+      mma_ab<T, D>(a, sm.go, 16 * kk, lane, dv);  // dV += Pᵀ·dO
       c_to_a<T, NT>(dp, kk, a);
-      mma_ab<T, D>(a, sm.q, 16 * kk, g, t, dk);  // dK += dSᵀ·Q
+      mma_ab<T, D>(a, sm.q, 16 * kk, lane, dk);  // dK += dSᵀ·Q
     }
   }
   T* dkp = static_cast<T*>(p.dk);

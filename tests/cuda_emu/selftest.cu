@@ -40,22 +40,47 @@ __global__ void uninitialised_smem_kernel(float* out) {
 // declared for at most 64 threads per block
 __global__ void __launch_bounds__(64) bounded_kernel(float* out) { out[threadIdx.x] = 1.f; }
 
-// C (16×8, fp32) = A (16×16) · B (16×8), row-major 16-bit inputs, one mma.sync with the fragments read as
-// apt_mma.cuh documents; the lanes past `live` return first (the hardware's undefined case the emulator reports)
-__global__ void mma_tile_kernel(const uint16_t* A, const uint16_t* B, float* C, bool bf16, unsigned live) {
+// Tensor-core primitives (apt_mma.cuh) against a matmul: C = A·B + 1 and C2 = A·Btᵀ + 1 (16×16, fp32) from
+// row-major 16-bit A, B (k × n) and Bt (n × k), staged in shared memory and read with ldmatrix (A and Bt plain, B
+// transposed) into mma fragments. Lanes past `live` return first (undefined on a GPU; the emulator reports it).
+struct alignas(16) MmaTiles {
+  uint16_t a[16][24], b[16][24], bt[16][24];  // rows padded to 48 bytes: each row start 16-byte aligned
+};
+
+__global__ void mma_tile_kernel(const uint16_t* A, const uint16_t* B, const uint16_t* Bt, float* C, float* C2, bool bf16,
+                                unsigned live) {
+  __shared__ MmaTiles sm;
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  for (int i = lane; i < 256; i += 32) {
+    sm.a[i / 16][i % 16] = A[i];
+    sm.b[i / 16][i % 16] = B[i];
+    sm.bt[i / 16][i % 16] = Bt[i];
+  }
+  __syncthreads();
   if (static_cast<unsigned>(lane) >= live) return;
-  using apt::cuda::ld_pair_strided;
-  const uint32_t a[4] = {ld_pair_strided(&A[g * 16 + 2 * t], 1), ld_pair_strided(&A[(g + 8) * 16 + 2 * t], 1),
-                         ld_pair_strided(&A[g * 16 + 2 * t + 8], 1), ld_pair_strided(&A[(g + 8) * 16 + 2 * t + 8], 1)};
-  const uint32_t b[2] = {ld_pair_strided(&B[2 * t * 8 + g], 8), ld_pair_strided(&B[(2 * t + 8) * 8 + g], 8)};
-  float d[4] = {1.f, 1.f, 1.f, 1.f};  // C starts at 1: d += A·B
-  if (bf16) apt::cuda::mma_16816<__nv_bfloat16>(d, a, b);
-  else apt::cuda::mma_16816<__half>(d, a, b);
-  C[g * 8 + 2 * t] = d[0];
-  C[g * 8 + 2 * t + 1] = d[1];
-  C[(g + 8) * 8 + 2 * t] = d[2];
-  C[(g + 8) * 8 + 2 * t + 1] = d[3];
+  uint32_t a[4], b[4], bt[4];
+  apt::cuda::ldsm_x4(a, &sm.a[(lane % 8) + 8 * ((lane / 8) % 2)][8 * (lane / 16)]);
+  apt::cuda::ldsm_x4_trans(b, &sm.b[(lane % 8) + 8 * ((lane / 8) % 2)][8 * (lane / 16)]);
+  apt::cuda::ldsm_x4(bt, &sm.bt[(lane % 8) + 8 * (lane / 16)][8 * ((lane / 8) % 2)]);
+  float d[2][2][4];
+  for (auto& x : d)
+    for (auto& y : x)
+      for (float& z : y) z = 1.f;  // d += A·B
+  for (int n = 0; n < 2; ++n) {
+    const uint32_t bn[2] = {b[2 * n], b[2 * n + 1]}, btn[2] = {bt[2 * n], bt[2 * n + 1]};
+    if (bf16) {
+      apt::cuda::mma_16816<__nv_bfloat16>(d[0][n], a, bn);
+      apt::cuda::mma_16816<__nv_bfloat16>(d[1][n], a, btn);
+    } else {
+      apt::cuda::mma_16816<__half>(d[0][n], a, bn);
+      apt::cuda::mma_16816<__half>(d[1][n], a, btn);
+    }
+  }
+  for (int w = 0; w < 2; ++w) {
+    float* out = w == 0 ? C : C2;
+    for (int n = 0; n < 2; ++n)
+      for (int e = 0; e < 4; ++e) out[(g + 8 * (e / 2)) * 16 + 8 * n + 2 * t + e % 2] = d[w][n][e];
+  }
 }
 
 float* fptr(const pybind11::object& t) { return apt::TensorView::from(t, "t").ptr<float>(); }
@@ -83,9 +108,10 @@ APT_REGISTER_OPS(cuda_emu_selftest) {
     bounded_kernel<<<1, threads>>>(fptr(out));
     APT_CUDA_CHECK(cudaGetLastError());
   });
-  m.def("emu_mma_tile", [](pybind11::object a, pybind11::object b, pybind11::object c, bool bf16, unsigned live) {
+  m.def("emu_mma_tile", [](pybind11::object a, pybind11::object b, pybind11::object bt, pybind11::object c,
+                           pybind11::object c2, bool bf16, unsigned live) {
     auto u16 = [](const pybind11::object& t) { return apt::TensorView::from(t, "t").ptr<const uint16_t>(); };
-    mma_tile_kernel<<<1, 32>>>(u16(a), u16(b), fptr(c), bf16, live);
+    mma_tile_kernel<<<1, 32>>>(u16(a), u16(b), u16(bt), fptr(c), fptr(c2), bf16, live);
     APT_CUDA_CHECK(cudaGetLastError());
   });
   m.def("emu_launch", [](pybind11::object out, unsigned grid, unsigned threads, size_t smem) {

@@ -320,6 +320,55 @@ inline void mma_16816(int kind, float* d, const uint32_t* a, const uint32_t* b) 
   warp_barrier();  // nobody posts the next mma's operands before the whole warp has read these
 }
 
+// ldmatrix.x4 (.trans) for the current lane: every lane posts its row address (16-byte aligned, in this block's
+// shared memory), then each gathers its four registers from the rows the others posted (layouts: apt_mma.cuh).
+inline void ldmatrix_x4(uint32_t* r, const uint16_t* row, bool trans) {
+  Sched& s = S();
+  Fiber* f = s.cur;
+  const int lane = f->linear % 32, warp = f->linear / 32;
+  const auto in = [&](const std::vector<unsigned char>& v, size_t size) {
+    const auto* p = reinterpret_cast<const unsigned char*>(row);
+    return p >= v.data() && p + 16 <= v.data() + size;
+  };
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: a row address not 16-byte aligned");
+  else if (!in(s.statics, s.static_used) && !in(s.dyn, s.dyn.size())) fail("ldmatrix: a row outside shared memory");
+  const uint64_t stamp = ++f->shuffles;
+  Slot& mine = s.slots[static_cast<size_t>(warp) * 32 + lane];
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
+  std::memcpy(&mine.value, &addr, sizeof(addr));
+  mine.stamp = stamp;
+  warp_barrier();
+  if (s.warp_live[warp] != 32) {
+    fail("ldmatrix in a warp with " + std::to_string(s.warp_live[warp]) + " live lanes (needs all 32)");
+    return;
+  }
+  const Slot* w = &s.slots[static_cast<size_t>(warp) * 32];
+  const auto row_of = [&](int src) {
+    uintptr_t a;
+    std::memcpy(&a, &w[src].value, sizeof(a));
+    return reinterpret_cast<const uint16_t*>(a);
+  };
+  for (int l = 0; l < 32; ++l)
+    if (w[l].stamp != stamp) {
+      fail("ldmatrix: lane " + std::to_string(l) + " is not at the same ldmatrix as lane " + std::to_string(lane));
+      warp_barrier();
+      return;
+    }
+  for (int j = 0; j < 4; ++j) {
+    uint16_t lo, hi;
+    if (!trans) {
+      const uint16_t* p = row_of(8 * j + lane / 4);
+      lo = p[2 * (lane % 4)];
+      hi = p[2 * (lane % 4) + 1];
+    } else {
+      lo = row_of(8 * j + 2 * (lane % 4))[lane / 4];
+      hi = row_of(8 * j + 2 * (lane % 4) + 1)[lane / 4];
+    }
+    r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  warp_barrier();
+}
+
 // A fiber's first frame: runs the kernel, then hands control back for good.
 inline void trampoline() {
   Sched& s = S();
