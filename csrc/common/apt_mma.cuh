@@ -78,6 +78,36 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* 
 #endif
 }
 
+// cp.async (sm_80+): 16 bytes global -> shared without a register round trip, so a tile's load overlaps the math
+// on the previous one; a thread's copies are grouped by commit, and wait<N> returns once at most N of its groups
+// are in flight (the others' data then needs a __syncthreads before other threads read it). Both addresses 16-byte
+// aligned.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(APT_CUDA_EMU)
+  ::apt_emu::cp_async16(smem, gmem);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(APT_CUDA_EMU)
+  ::apt_emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(APT_CUDA_EMU)
+  ::apt_emu::cp_async_wait(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
 // d += A·B for one 16×8×16 tile; T = __half or __nv_bfloat16 (the element type of a and b)
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {

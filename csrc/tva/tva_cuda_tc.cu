@@ -8,14 +8,18 @@
 //   forward: 64 query rows per block, Q fragments loaded once, 64-key K/V tiles in shared memory;
 //            S = Q·Kᵀ, online softmax, P rounded to the input dtype (as FlashAttention does) and O += P·V.
 //   dQ:      64 query rows, 32-key tiles: S, dP = dO·Vᵀ, dS = P∘(dP − Di), dQ += dS·K.
-//   dK/dV:   64 keys per block, query tiles of 32 (16 at D = 128, to keep shared memory under 48 KB):
+//   dK/dV:   64 keys per block, query tiles of 32 (16 at D = 128, for registers; 52 KB of dynamic shared memory):
 //            Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q.
-// Tiles are stored in shared memory as 16-bit patterns, rows padded by 16 bytes so that a fragment's reads fall in
+// Tiles are stored in shared memory as 16-bit patterns, rows padded by 16 bytes so that ldmatrix's row reads fall in
 // distinct banks, rows past the sequence zero-filled (a masked probability is 0, but 0·NaN from stale memory would
-// not be). Tiles of tensors with unit head-dim stride and 16-byte aligned rows load in 16-byte vectors.
+// not be). Tiles of tensors with unit head-dim stride and 16-byte aligned rows load in 16-byte vectors, by cp.async
+// in the loops so that the next tile's load overlaps the math: the forward loads V(j) during S = Q·K(j)ᵀ and
+// K(j + 1) during O += P·V(j) (one buffer each); dQ and dK/dV keep two stages of their streamed tiles. Other layouts
+// load element by element, synchronously.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include "common/apt_mma.cuh"
 #include "tva/tva_cuda_impl.cuh"
@@ -41,8 +45,9 @@ struct alignas(16) Pack16 {
   uint32_t w[4];
 };
 
-// rows [r0, r0 + ROWS) of a (B, H, T, D) tensor -> shared memory as 16-bit patterns, zeros past T_
-template <typename T, int D, int ROWS>
+// rows [r0, r0 + ROWS) of a (B, H, T, D) tensor -> shared memory as 16-bit patterns, zeros past T_. ASYNC: the
+// 16-byte vectors go by cp.async (the caller commits, waits and syncs); the scalar path is always synchronous.
+template <typename T, int D, int ROWS, bool ASYNC = false>
 __device__ void load_rows(const void* src, const int64_t* s, int64_t b, int64_t h, int64_t r0, int64_t T_,
                           uint16_t (*dst)[D + kPad], bool vec) {
   const T* x = static_cast<const T*>(src);
@@ -51,9 +56,9 @@ __device__ void load_rows(const void* src, const int64_t* s, int64_t b, int64_t 
     for (int idx = threadIdx.x; idx < ROWS * V; idx += blockDim.x) {
       const int r = idx / V, c = (idx % V) * 8;
       const int64_t t = r0 + r;
-      Pack16 u{{0u, 0u, 0u, 0u}};
-      if (t < T_) u = *reinterpret_cast<const Pack16*>(x + off4(s, b, h, t, c));
-      *reinterpret_cast<Pack16*>(&dst[r][c]) = u;
+      if (t >= T_) *reinterpret_cast<Pack16*>(&dst[r][c]) = Pack16{{0u, 0u, 0u, 0u}};
+      else if (ASYNC) cuda::cp_async16(&dst[r][c], x + off4(s, b, h, t, c));
+      else *reinterpret_cast<Pack16*>(&dst[r][c]) = *reinterpret_cast<const Pack16*>(x + off4(s, b, h, t, c));
     }
   } else {
     for (int idx = threadIdx.x; idx < ROWS * D; idx += blockDim.x) {
@@ -144,7 +149,7 @@ template <int D>
 struct alignas(16) FwdSmem {
   uint16_t k[64][D + kPad];  // Q first (its fragments go to registers), then each K tile
   uint16_t v[64][D + kPad];
-  bool kok[64];
+  bool kok[64];  // key j of the current K tile usable (in range, not padding); written with K
 };
 
 template <typename T, int D>
@@ -171,13 +176,24 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
   for (int nd = 0; nd < ND; ++nd) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this lane's part of the row sum
   const KeyBlocks kb = key_blocks(ms, m0, BM, BN);
+  // Pipeline (FlashAttention-2's): V(it) loads while S = Q·K(it)ᵀ and the softmax run, K(it + 1) while O += P·V(it).
+  // One K and one V buffer; the two barriers per tile separate each buffer's readers from its next writer.
+  const auto issue_k = [&](int64_t it) {
+    const int64_t n0 = kb.start(it, BN);
+    load_rows<T, D, BN, true>(p.k, p.sk, b, h, n0, p.Tk, sm.k, vec & kVecK);
+    for (int j = threadIdx.x; j < BN; j += blockDim.x) sm.kok[j] = key_ok(p, b, n0 + j);
+    cuda::cp_async_commit();
+  };
+  if (kb.count() > 0) {
+    __syncthreads();  // every warp has its Q fragments: sm.k is free
+    issue_k(0);
+  }
   for (int64_t it = 0; it < kb.count(); ++it) {
     const int64_t n0 = kb.start(it, BN);
-    __syncthreads();  // Q's fragments / the previous tile are read
-    load_rows<T, D, BN>(p.k, p.sk, b, h, n0, p.Tk, sm.k, vec & kVecK);
-    load_rows<T, D, BN>(p.v, p.sv, b, h, n0, p.Tk, sm.v, vec & kVecV);
-    for (int j = threadIdx.x; j < BN; j += blockDim.x) sm.kok[j] = key_ok(p, b, n0 + j);
-    __syncthreads();
+    cuda::cp_async_wait<0>();
+    __syncthreads();  // K(it) has landed; every warp is done with V(it - 1)
+    load_rows<T, D, BN, true>(p.v, p.sv, b, h, n0, p.Tk, sm.v, vec & kVecV);
+    cuda::cp_async_commit();
     float s[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
@@ -216,6 +232,9 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
         l[e >> 1] += s[nt][e];
       }
     }
+    cuda::cp_async_wait<0>();
+    __syncthreads();  // V(it) has landed; every warp is done with K(it)
+    if (it + 1 < kb.count()) issue_k(it + 1);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t pa[4];
@@ -249,8 +268,10 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
 
 template <int D>
 struct alignas(16) DqSmem {
-  uint16_t kv[64][D + kPad];  // Q, then dO (their fragments go to registers), then K (rows 0..31) and V (32..63)
-  bool kok[32];
+  // two stages of a K tile (rows 0..31) and its V tile (32..63); Q and dO pass through stage 0 first on their way
+  // to registers
+  uint16_t kv[2][64][D + kPad];
+  bool kok[2][32];
 };
 
 template <typename T, int D>
@@ -268,13 +289,11 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dq_tc_kernel(const CudaParam
   const MaskSpec ms = mask_of(p);
 
   uint32_t qa[D / 16][4], ga[D / 16][4];
-  load_rows<T, D, BM>(p.q, p.sq, b, h, m0, p.Tq, sm.kv, vec & kVecQ);
+  load_rows<T, D, BM>(p.q, p.sq, b, h, m0, p.Tq, sm.kv[0], vec & kVecQ);
+  load_rows<T, D, BM>(p.go, p.sgo, b, h, m0, p.Tq, sm.kv[1], vec & kVecGo);
   __syncthreads();
-  load_a<D>(sm.kv, wr - g, lane, qa);
-  __syncthreads();
-  load_rows<T, D, BM>(p.go, p.sgo, b, h, m0, p.Tq, sm.kv, vec & kVecGo);
-  __syncthreads();
-  load_a<D>(sm.kv, wr - g, lane, ga);
+  load_a<D>(sm.kv[0], wr - g, lane, qa);
+  load_a<D>(sm.kv[1], wr - g, lane, ga);
   float lse[2], dii[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -285,26 +304,43 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dq_tc_kernel(const CudaParam
 #pragma unroll
   for (int nd = 0; nd < ND; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.f;
   const KeyBlocks kb = key_blocks(ms, m0, BM, BN);
+  // Two stages: tile it + 1 loads (cp.async) while tile it is computed on.
+  const auto issue = [&](int64_t it) {
+    const int64_t n0 = kb.start(it, BN);
+    auto* st = sm.kv[it % 2];
+    load_rows<T, D, BN, true>(p.k, p.sk, b, h, n0, p.Tk, st, vec & kVecK);
+    load_rows<T, D, BN, true>(p.v, p.sv, b, h, n0, p.Tk, st + BN, vec & kVecV);
+    for (int j = threadIdx.x; j < BN; j += blockDim.x) sm.kok[it % 2][j] = key_ok(p, b, n0 + j);
+    cuda::cp_async_commit();
+  };
+  if (kb.count() > 0) {
+    __syncthreads();  // every warp has its Q and dO fragments: both stages are free
+    issue(0);
+  }
   for (int64_t it = 0; it < kb.count(); ++it) {
     const int64_t n0 = kb.start(it, BN);
-    __syncthreads();
-    load_rows<T, D, BN>(p.k, p.sk, b, h, n0, p.Tk, sm.kv, vec & kVecK);
-    load_rows<T, D, BN>(p.v, p.sv, b, h, n0, p.Tk, sm.kv + BN, vec & kVecV);
-    for (int j = threadIdx.x; j < BN; j += blockDim.x) sm.kok[j] = key_ok(p, b, n0 + j);
-    __syncthreads();
+    if (it + 1 < kb.count()) {
+      issue(it + 1);  // its stage was last read in iteration it - 1, before that iteration's closing barrier
+      cuda::cp_async_wait<1>();
+    } else {
+      cuda::cp_async_wait<0>();
+    }
+    __syncthreads();  // tile it has landed
+    const auto* st = sm.kv[it % 2];
+    const bool* kok = sm.kok[it % 2];
     float s[NT][4], dp[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-    mma_abt<T, D, NT>(qa, sm.kv, lane, s);
-    mma_abt<T, D, NT>(ga, sm.kv + BN, lane, dp);
+    mma_abt<T, D, NT>(qa, st, lane, s);
+    mma_abt<T, D, NT>(ga, st + BN, lane, dp);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, j = nt * 8 + 2 * t + (e & 1);
-        const bool ok = row[r] < p.Tq && sm.kok[j] && visible(ms, row[r] + off, n0 + j);
+        const bool ok = row[r] < p.Tq && kok[j] && visible(ms, row[r] + off, n0 + j);
         s[nt][e] = ok ? expf(s[nt][e] * p.scale - lse[r]) * (dp[nt][e] - dii[r]) : 0.f;  // dS
       }
     }
@@ -312,8 +348,9 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dq_tc_kernel(const CudaParam
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t da[4];
       c_to_a<T, NT>(s, kk, da);
-      mma_ab<T, D>(da, sm.kv, 16 * kk, lane, dq);
+      mma_ab<T, D>(da, st, 16 * kk, lane, dq);
     }
+    __syncthreads();  // every warp is done with this stage before iteration it + 1 refills it
   }
   T* dqp = static_cast<T*>(p.dq);
 #pragma unroll
@@ -337,16 +374,20 @@ struct alignas(16) DkvSmem {
   static constexpr int BQ = dkdv_query_tile<D>();
   uint16_t k[64][D + kPad];
   uint16_t v[64][D + kPad];
-  uint16_t q[BQ][D + kPad];
-  uint16_t go[BQ][D + kPad];
-  float lse[BQ], di[BQ];
+  struct alignas(16) Stage {  // one query tile; two stages: the next loads while this one is computed on
+    uint16_t q[BQ][D + kPad];
+    uint16_t go[BQ][D + kPad];
+    float lse[BQ], di[BQ];
+  } st[2];
 };
 
+// dynamic shared memory (52 KB at D = 128: past the 48 KB a static declaration may have)
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaParams p, const float* di, const int vec) {
   constexpr int BN = kBlockRows, BQ = dkdv_query_tile<D>(), NT = BQ / 8, ND = D / 8;
   using Smem = DkvSmem<D>;
-  __shared__ Smem sm;
+  APT_DYNAMIC_SMEM(Pack16, smem_raw);
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int64_t nnb = cdiv(p.Tk, BN);  // 1-d grid: block = bh · nnb + key block
   const int64_t bh = blockIdx.x / nnb, b = bh / p.H, h = bh % p.H;
   const int64_t n0 = (blockIdx.x % nnb) * BN;
@@ -357,9 +398,6 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaPar
   const int64_t off = p.Tk - p.Tq;
   const MaskSpec ms = mask_of(p);
 
-  // read after the first __syncthreads of the loop; never overwritten
-  load_rows<T, D, BN>(p.k, p.sk, b, h, n0, p.Tk, sm.k, vec & kVecK);
-  load_rows<T, D, BN>(p.v, p.sv, b, h, n0, p.Tk, sm.v, vec & kVecV);
   float dk[ND][4], dv[ND][4];
 #pragma unroll
   for (int nd = 0; nd < ND; ++nd)
@@ -367,16 +405,34 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaPar
     for (int e = 0; e < 4; ++e) dk[nd][e] = dv[nd][e] = 0.f;
   int64_t i_lo, i_hi;
   query_range(ms, n0, BN, &i_lo, &i_hi);
-  for (int64_t m0 = (i_lo / BQ) * BQ; m0 < i_hi; m0 += BQ) {
-    __syncthreads();
-    load_rows<T, D, BQ>(p.q, p.sq, b, h, m0, p.Tq, sm.q, vec & kVecQ);
-    load_rows<T, D, BQ>(p.go, p.sgo, b, h, m0, p.Tq, sm.go, vec & kVecGo);
+  const int64_t m_first = (i_lo / BQ) * BQ, tiles = i_hi > m_first ? cdiv(i_hi - m_first, BQ) : 0;
+  const auto issue = [&](int64_t j) {
+    const int64_t m0 = m_first + j * BQ;
+    auto& st = sm.st[j % 2];
+    load_rows<T, D, BQ, true>(p.q, p.sq, b, h, m0, p.Tq, st.q, vec & kVecQ);
+    load_rows<T, D, BQ, true>(p.go, p.sgo, b, h, m0, p.Tq, st.go, vec & kVecGo);
     for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
       const int64_t i = m0 + r;
-      sm.lse[r] = i < p.Tq ? p.lse[bh * p.Tq + i] : INFINITY;
-      sm.di[r] = i < p.Tq ? di[bh * p.Tq + i] : 0.f;
+      st.lse[r] = i < p.Tq ? p.lse[bh * p.Tq + i] : INFINITY;
+      st.di[r] = i < p.Tq ? di[bh * p.Tq + i] : 0.f;
     }
-    __syncthreads();
+    cuda::cp_async_commit();
+  };
+  if (tiles > 0) {  // K and V travel with the first query tile's group; never overwritten
+    load_rows<T, D, BN, true>(p.k, p.sk, b, h, n0, p.Tk, sm.k, vec & kVecK);
+    load_rows<T, D, BN, true>(p.v, p.sv, b, h, n0, p.Tk, sm.v, vec & kVecV);
+    issue(0);
+  }
+  for (int64_t j = 0; j < tiles; ++j) {
+    const int64_t m0 = m_first + j * BQ;
+    if (j + 1 < tiles) {
+      issue(j + 1);  // its stage was last read in iteration j - 1, before that iteration's closing barrier
+      cuda::cp_async_wait<1>();
+    } else {
+      cuda::cp_async_wait<0>();
+    }
+    __syncthreads();  // query tile j (and, first time, K and V) has landed
+    const auto& st = sm.st[j % 2];
     float s[NT][4], dp[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -385,9 +441,9 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaPar
     {
       uint32_t ka[D / 16][4];
       load_a<D>(sm.k, kr - g, lane, ka);
-      mma_abt<T, D, NT>(ka, sm.q, lane, s);  // Sᵀ = K·Qᵀ (unscaled)
+      mma_abt<T, D, NT>(ka, st.q, lane, s);  // Sᵀ = K·Qᵀ (unscaled)
       load_a<D>(sm.v, kr - g, lane, ka);
-      mma_abt<T, D, NT>(ka, sm.go, lane, dp);  // dPᵀ = V·dOᵀ
+      mma_abt<T, D, NT>(ka, st.go, lane, dp);  // dPᵀ = V·dOᵀ
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -396,19 +452,20 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaPar
         const int r = e >> 1, qi = nt * 8 + 2 * t + (e & 1);
         const int64_t i = m0 + qi;
         const bool ok = kok[r] && i < p.Tq && visible(ms, i + off, key[r]);
-        const float pr = ok ? expf(s[nt][e] * p.scale - sm.lse[qi]) : 0.f;
+        const float pr = ok ? expf(s[nt][e] * p.scale - st.lse[qi]) : 0.f;
         s[nt][e] = pr;
-        dp[nt][e] = pr * (dp[nt][e] - sm.di[qi]);  // dSᵀ
+        dp[nt][e] = pr * (dp[nt][e] - st.di[qi]);  // dSᵀ
       }
     }
 #pragma unroll
     for (int kk = 0; kk < BQ / 16; ++kk) {
       uint32_t a[4];
       c_to_a<T, NT>(s, kk, a);
-      mma_ab<T, D>(a, sm.go, 16 * kk, lane, dv);  // dV += Pᵀ·dO
+      mma_ab<T, D>(a, st.go, 16 * kk, lane, dv);  // dV += Pᵀ·dO
       c_to_a<T, NT>(dp, kk, a);
-      mma_ab<T, D>(a, sm.q, 16 * kk, lane, dk);  // dK += dSᵀ·Q
+      mma_ab<T, D>(a, st.q, 16 * kk, lane, dk);  // dK += dSᵀ·Q
     }
+    __syncthreads();  // every warp is done with this stage before iteration j + 1 refills it
   }
   T* dkp = static_cast<T*>(p.dk);
   T* dvp = static_cast<T*>(p.dv);
@@ -482,7 +539,10 @@ void tva_backward_cuda_tc(const CudaParams& p, cudaStream_t s, const float* di) 
   dispatch_tc(p, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    tva_bwd_dkdv_tc_kernel<T, D><<<gk, kThreads, 0, s>>>(p, di, vec);
+    constexpr size_t bytes = sizeof(DkvSmem<D>);
+    cuda::ensure_dynamic_smem(tva_bwd_dkdv_tc_kernel<T, D>, p.device, bytes,
+                              [&] { return "tva backward (dK/dV) at head dim " + std::to_string(D); });
+    tva_bwd_dkdv_tc_kernel<T, D><<<gk, kThreads, bytes, s>>>(p, di, vec);
     APT_CUDA_CHECK(cudaGetLastError());
     if (p.B * p.H * p.Tq > 0) {
       const unsigned gq = grid_1d(p, cdiv(p.Tq, kBlockRows), kBlockRows);

@@ -1,17 +1,20 @@
 // A CUDA emulator for apt_kernels' kernels, for machines without a GPU: the .cu sources (launches rewritten by
-// tests/cuda_emu/build.py) compile as plain C++ against this header, and every launch runs on the host, one block
+// tests/cuda_emu/emu_build.py) compile as plain C++ against this header, and every launch runs on the host, one block
 // at a time, each CUDA thread a fiber (its own stack) on one OS thread. Fibers switch only at __syncthreads and warp
-// shuffles, so shared memory and atomics need no locks.
+// collectives (shuffles, mma, ldmatrix), so shared memory and atomics need no locks.
 //
 // What it checks, beyond the results the tests compare: launch configurations the hardware rejects (empty or
 // oversized grids and blocks, dynamic shared memory past what was opted into), __syncthreads reached by only part of
-// a block (the rest waiting elsewhere or exited) or a shuffle by only part of a warp (a hang or undefined result on a GPU), a shuffle reading an exited or
-// missing lane, and data races that depend on thread order: fibers run in a seeded random order in every phase
-// between barriers, and blocks in a random order (APT_CUDA_EMU_SEED). Shared memory, static and dynamic, starts as
-// 0xff bytes (NaN as float, -1 as int) in every block, so reading it before writing it shows; a block using more
-// than the device's 227 KB (48 KB static) fails.
+// a block (the rest waiting elsewhere or exited), a warp collective reached by only part of a warp (a hang or
+// undefined result on a GPU), a shuffle reading an exited or missing lane, misaligned or out-of-shared-memory
+// ldmatrix/cp.async addresses, and data races that depend on thread order: fibers run in a seeded random order in
+// every phase between barriers, warps drift apart (a random part of the ready warps is held back at each warp
+// collective), blocks run in a random order (APT_CUDA_EMU_SEED), and a cp.async copy lands only when its thread
+// waits for its group. Shared memory, static and dynamic, starts as 0xff bytes (NaN as float, -1 as int) in every
+// block, so reading it before writing it shows; a block using more than the device's 227 KB (48 KB static) fails.
+// mma.sync and ldmatrix compute from every lane's registers with the PTX fragment layouts (csrc/common/apt_mma.cuh).
 //
-// Not modelled: warp-synchronous code without a shuffle or barrier, memory outside the tensors, performance.
+// Not modelled: warp-synchronous code without a collective or barrier, memory outside the tensors, performance.
 #pragma once
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -113,6 +116,12 @@ namespace apt_emu {
 
 enum class St { Run, Block, Warp, Done };
 
+// a cp.async of 16 bytes, done when its thread waits for its group (the latest moment the hardware may finish it)
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+};
+
 struct Fiber {
 #if defined(__x86_64__)
   void* sp = nullptr;
@@ -123,6 +132,8 @@ struct Fiber {
   int linear = 0;
   St st = St::Run;
   uint64_t shuffles = 0;  // shuffles this fiber has entered (pairs a lane's slot with its partner's)
+  std::vector<AsyncCopy> async_open;               // issued, not committed
+  std::vector<std::vector<AsyncCopy>> async_groups;  // committed, oldest first
 };
 
 struct Slot {
@@ -166,6 +177,7 @@ struct Sched {
   int n_done = 0, n_block = 0;
   std::vector<int> warp_wait, warp_live;
   std::vector<int> order;
+  std::vector<int> ready;  // warps whose live lanes all wait at a warp collective
   bool seeded = false;
   static constexpr size_t kStack = 256 * 1024;
 };
@@ -369,6 +381,34 @@ inline void ldmatrix_x4(uint32_t* r, const uint16_t* row, bool trans) {
   warp_barrier();
 }
 
+// cp.async.cg 16 bytes global -> shared: queued; the copy lands when the thread waits for its group, so a read
+// before cp_async_wait + __syncthreads sees the old contents (shared memory starts as NaN), as it may on a GPU.
+inline void cp_async16(void* dst, const void* src) {
+  Sched& s = S();
+  const auto* p = static_cast<const unsigned char*>(dst);
+  const bool in_static = p >= s.statics.data() && p + 16 <= s.statics.data() + s.static_used;
+  const bool in_dyn = p >= s.dyn.data() && p + 16 <= s.dyn.data() + s.dyn.size();
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    fail("cp.async: a 16-byte copy with an address not 16-byte aligned");
+  else if (!in_static && !in_dyn) fail("cp.async: a destination outside shared memory");
+  else s.cur->async_open.push_back(AsyncCopy{dst, src});
+}
+
+inline void cp_async_commit() {
+  Fiber* f = S().cur;
+  f->async_groups.push_back(std::move(f->async_open));
+  f->async_open.clear();
+}
+
+// waits until at most `pending` of this thread's committed groups are outstanding (uncommitted copies stay queued)
+inline void cp_async_wait(int pending) {
+  Fiber* f = S().cur;
+  while (static_cast<int>(f->async_groups.size()) > pending) {
+    for (const AsyncCopy& c : f->async_groups.front()) std::memcpy(c.dst, c.src, 16);
+    f->async_groups.erase(f->async_groups.begin());
+  }
+}
+
 // A fiber's first frame: runs the kernel, then hands control back for good.
 inline void trampoline() {
   Sched& s = S();
@@ -460,8 +500,16 @@ inline void run_block(const std::function<void()>& body, size_t smem) {
     const int done = s.n_done, at_block = s.n_block;
     if (done == n) break;
     bool released = false;
-    for (int w = 0; w < warps; ++w) {  // a warp whose live lanes all wait at a shuffle goes on
-      if (s.warp_wait[w] == 0 || s.warp_wait[w] != s.warp_live[w]) continue;
+    // A warp whose live lanes all wait at a shuffle (mma, ldmatrix) goes on, but only a random half of the ready
+    // warps (at least one) each round: warps drift apart between block barriers, as on a GPU, so a buffer that one
+    // warp refills while another still reads it (a missing __syncthreads) shows.
+    s.ready.clear();
+    for (int w = 0; w < warps; ++w)
+      if (s.warp_wait[w] != 0 && s.warp_wait[w] == s.warp_live[w]) s.ready.push_back(w);
+    const size_t keep = s.ready.empty() ? 0 : next_random() % s.ready.size();  // held back this round
+    shuffle(s.ready);
+    for (size_t r = keep; r < s.ready.size(); ++r) {
+      const int w = s.ready[r];
       for (int i = w * 32; i < std::min(n, w * 32 + 32); ++i)
         if (s.fibers[i].st == St::Warp) s.fibers[i].st = St::Run;
       s.warp_wait[w] = 0;
