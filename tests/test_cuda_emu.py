@@ -391,6 +391,17 @@ def test_tva_matches_reference(emulated, dtype, D, causal, window, sinks, pad, e
     check_tva_against_reference(_tva, inp, dtype, causal=causal, window=window, sinks=sinks)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal,window,sinks,Tq", [(True, None, 0, 256), (True, 150, 0, 192), (False, None, 0, 256),
+                                                    (False, 150, 64, 200)])
+def test_tva_interior_tiles(emulated, dtype, causal, window, sinks, Tq):
+    """Long enough for tiles wholly inside the causal/window band, which the tensor-core kernels compute without
+    the per-element mask (tile_unmasked), next to tiles that need it."""
+    inp = random_tva_inputs(B=1, H=1, Tq=Tq, Tk=256, D=64, dtype=dtype, coef_tensor=True, requires_grad=True,
+                            seed=Tq + sinks)
+    check_tva_against_reference(_tva, inp, dtype, causal=causal, window=window, sinks=sinks)
+
+
 @pytest.mark.parametrize("go_layout", ["expanded", "transposed"])
 def test_tva_strided_output_gradient(emulated, go_layout):
     inp = random_tva_inputs(B=2, H=2, Tq=70, Tk=90, D=64, dtype=torch.float16, pad=True, coef_tensor=True,

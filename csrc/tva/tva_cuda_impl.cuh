@@ -24,6 +24,20 @@ __device__ __forceinline__ MaskSpec mask_of(const CudaParams& p) {
   return MaskSpec{p.Tq, p.Tk, p.window, p.sinks, p.causal};
 }
 
+// Every pair of query rows [i0, i1) × keys [j0, j1) exists and is visible, and there is no padding mask: the tile
+// needs no per-element mask (the bounds of a tile, not clipped to Tq / Tk). Sinks need no case of their own: the
+// window bounds below, met by the tile's extreme keys, hold for every key of it.
+__device__ __forceinline__ bool tile_unmasked(const CudaParams& p, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  if (p.pad != nullptr || i1 > p.Tq || j1 > p.Tk) return false;
+  const int64_t off = p.Tk - p.Tq, pmin = i0 + off, pmax = i1 - 1 + off;
+  if (p.causal && j1 - 1 > pmin) return false;
+  if (p.window > 0 && j1 > p.sinks) {
+    if (pmax - j0 >= p.window) return false;                      // p - j < window for all pairs
+    if (!p.causal && (j1 - 1) - pmin >= p.window) return false;  // j - p < window for all pairs
+  }
+  return true;
+}
+
 // 1-d grid of `blocks` per (batch, head): gridDim.x allows 2^31 - 1 blocks, gridDim.y only 65535
 inline unsigned grid_1d(const CudaParams& p, int64_t blocks, int64_t rows_per_block) {
   const int64_t n = p.B * p.H * blocks;

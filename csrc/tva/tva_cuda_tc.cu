@@ -199,12 +199,13 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
     for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
     mma_abt<T, D, NT>(qa, sm.k, lane, s);
     float mx[2] = {m[0], m[1]};
+    const bool full = tile_unmasked(p, m0, m0 + BM, n0, n0 + BN);  // block-uniform: no divergence
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, j = nt * 8 + 2 * t + (e & 1);
-        const bool ok = row[r] < p.Tq && sm.kok[j] && visible(ms, row[r] + off, n0 + j);
+        const bool ok = full || (row[r] < p.Tq && sm.kok[j] && visible(ms, row[r] + off, n0 + j));
         s[nt][e] = ok ? s[nt][e] * p.scale : -INFINITY;
         mx[r] = fmaxf(mx[r], s[nt][e]);
       }
@@ -335,12 +336,13 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dq_tc_kernel(const CudaParam
       for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
     mma_abt<T, D, NT>(qa, st, lane, s);
     mma_abt<T, D, NT>(ga, st + BN, lane, dp);
+    const bool full = tile_unmasked(p, m0, m0 + BM, n0, n0 + BN);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, j = nt * 8 + 2 * t + (e & 1);
-        const bool ok = row[r] < p.Tq && kok[j] && visible(ms, row[r] + off, n0 + j);
+        const bool ok = full || (row[r] < p.Tq && kok[j] && visible(ms, row[r] + off, n0 + j));
         s[nt][e] = ok ? expf(s[nt][e] * p.scale - lse[r]) * (dp[nt][e] - dii[r]) : 0.f;  // dS
       }
     }
@@ -433,6 +435,7 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaPar
     }
     __syncthreads();  // query tile j (and, first time, K and V) has landed
     const auto& st = sm.st[j % 2];
+    const bool full = tile_unmasked(p, m0, m0 + BQ, n0, n0 + BN);
     float s[NT][4], dp[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -451,7 +454,7 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaPar
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, qi = nt * 8 + 2 * t + (e & 1);
         const int64_t i = m0 + qi;
-        const bool ok = kok[r] && i < p.Tq && visible(ms, i + off, key[r]);
+        const bool ok = full || (kok[r] && i < p.Tq && visible(ms, i + off, key[r]));
         const float pr = ok ? expf(s[nt][e] * p.scale - st.lse[qi]) : 0.f;
         s[nt][e] = pr;
         dp[nt][e] = pr * (dp[nt][e] - st.di[qi]);  // dSᵀ
