@@ -47,6 +47,17 @@ def test_cuda_matches_reference(impl, dtype, D, causal, window, sinks, pad, extr
 
 @cuda
 @pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal,window,sinks,Tq", [(True, None, 0, 1024), (True, 300, 0, 900), (False, 300, 64, 1000)])
+def test_cuda_long_sequences_interior_tiles(impl, dtype, causal, window, sinks, Tq):
+    """T 1024: most tiles lie wholly inside the causal/window band (the CUDA kernels skip their per-element mask)."""
+    inp = random_tva_inputs(B=2, H=2, Tq=Tq, Tk=1024, D=128, dtype=dtype, device="cuda", coef_tensor=True,
+                            requires_grad=True, seed=Tq)
+    _compare(impl, inp, dtype, causal=causal, window=window, sinks=sinks)
+
+
+@cuda
+@pytest.mark.parametrize("impl", _impls())
 @pytest.mark.parametrize("go_layout", ["expanded", "transposed"])
 def test_cuda_strided_output_gradient(impl, go_layout):
     """dO with stride 0 over time (from o.sum(2)) or time innermost: the kernels read it through its strides."""
