@@ -37,6 +37,7 @@ using cuda::to_f;
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kPad = 8;        // elements of padding per shared-memory row
 constexpr int kBlockRows = 64;  // query rows (forward, dQ) or keys (dK/dV) per block
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 // which tiles may be loaded in 16-byte vectors (a bit per tensor)
 enum VecBits : int { kVecQ = 1, kVecK = 2, kVecV = 4, kVecGo = 8 };
@@ -165,6 +166,7 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
   const int64_t row[2] = {m0 + wr, m0 + wr + 8};
   const int64_t off = p.Tk - p.Tq;
   const MaskSpec ms = mask_of(p);
+  const float scale2 = p.scale * kLog2e;  // scores in log2 units: exp2 is one instruction
 
   load_rows<T, D, BM>(p.q, p.sq, b, h, m0, p.Tq, sm.k, vec & kVecQ);
   __syncthreads();
@@ -206,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, j = nt * 8 + 2 * t + (e & 1);
         const bool ok = full || (row[r] < p.Tq && sm.kok[j] && visible(ms, row[r] + off, n0 + j));
-        s[nt][e] = ok ? s[nt][e] * p.scale : -INFINITY;
+        s[nt][e] = ok ? s[nt][e] * scale2 : -INFINITY;
         mx[r] = fmaxf(mx[r], s[nt][e]);
       }
     }
@@ -216,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
       mx[r] = quad_max(mx[r]);
       // a row with no visible key so far keeps m = -inf: subtract 0 so exp gives 0, never NaN
       msafe[r] = mx[r] == -INFINITY ? 0.f : mx[r];
-      const float alpha = expf(m[r] - msafe[r]);
+      const float alpha = exp2f(m[r] - msafe[r]);
       l[r] *= alpha;
 #pragma unroll
       for (int nd = 0; nd < ND; ++nd) {
@@ -229,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[nt][e] = expf(s[nt][e] - msafe[e >> 1]);
+        s[nt][e] = exp2f(s[nt][e] - msafe[e >> 1]);
         l[e >> 1] += s[nt][e];
       }
     }
@@ -263,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
         o[off4(p.so, b, h, i, d)] = from_f<T>(val);
       }
     }
-    if (t == 0) p.lse[bh * p.Tq + i] = l[r] > 0.f ? m[r] + logf(l[r]) : INFINITY;
+    if (t == 0) p.lse[bh * p.Tq + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : INFINITY;
   }
 }
 
@@ -288,6 +290,7 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dq_tc_kernel(const CudaParam
   const int64_t row[2] = {m0 + wr, m0 + wr + 8};
   const int64_t off = p.Tk - p.Tq;
   const MaskSpec ms = mask_of(p);
+  const float scale2 = p.scale * kLog2e;  // scores in log2 units: exp2 is one instruction
 
   uint32_t qa[D / 16][4], ga[D / 16][4];
   load_rows<T, D, BM>(p.q, p.sq, b, h, m0, p.Tq, sm.kv[0], vec & kVecQ);
@@ -298,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dq_tc_kernel(const CudaParam
   float lse[2], dii[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    lse[r] = row[r] < p.Tq ? p.lse[bh * p.Tq + row[r]] : INFINITY;
+    lse[r] = row[r] < p.Tq ? p.lse[bh * p.Tq + row[r]] * kLog2e : INFINITY;  // log2 units, as the scores
     dii[r] = row[r] < p.Tq ? di[bh * p.Tq + row[r]] : 0.f;
   }
   float dq[ND][4];
@@ -343,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dq_tc_kernel(const CudaParam
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, j = nt * 8 + 2 * t + (e & 1);
         const bool ok = full || (row[r] < p.Tq && kok[j] && visible(ms, row[r] + off, n0 + j));
-        s[nt][e] = ok ? expf(s[nt][e] * p.scale - lse[r]) * (dp[nt][e] - dii[r]) : 0.f;  // dS
+        s[nt][e] = ok ? exp2f(s[nt][e] * scale2 - lse[r]) * (dp[nt][e] - dii[r]) : 0.f;  // dS
       }
     }
 #pragma unroll
@@ -399,6 +402,7 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaPar
   const bool kok[2] = {key_ok(p, b, key[0]), key_ok(p, b, key[1])};
   const int64_t off = p.Tk - p.Tq;
   const MaskSpec ms = mask_of(p);
+  const float scale2 = p.scale * kLog2e;  // scores in log2 units: exp2 is one instruction
 
   float dk[ND][4], dv[ND][4];
 #pragma unroll
@@ -415,7 +419,7 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaPar
     load_rows<T, D, BQ, true>(p.go, p.sgo, b, h, m0, p.Tq, st.go, vec & kVecGo);
     for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
       const int64_t i = m0 + r;
-      st.lse[r] = i < p.Tq ? p.lse[bh * p.Tq + i] : INFINITY;
+      st.lse[r] = i < p.Tq ? p.lse[bh * p.Tq + i] * kLog2e : INFINITY;  // log2 units, as the scores
       st.di[r] = i < p.Tq ? di[bh * p.Tq + i] : 0.f;
     }
     cuda::cp_async_commit();
@@ -455,7 +459,7 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaPar
         const int r = e >> 1, qi = nt * 8 + 2 * t + (e & 1);
         const int64_t i = m0 + qi;
         const bool ok = full || (kok[r] && i < p.Tq && visible(ms, i + off, key[r]));
-        const float pr = ok ? expf(s[nt][e] * p.scale - st.lse[qi]) : 0.f;
+        const float pr = ok ? exp2f(s[nt][e] * scale2 - st.lse[qi]) : 0.f;
         s[nt][e] = pr;
         dp[nt][e] = pr * (dp[nt][e] - st.di[qi]);  // dSᵀ
       }
