@@ -22,17 +22,47 @@ def _compare(inp, dtype=torch.float32, **kw):
     check_tva_against_reference(tva_attention_cpu, inp, dtype, **kw)
 
 
-@pytest.mark.parametrize("causal,window,sinks,pad,extra", [
-    (True, None, 0, False, 0), (True, None, 0, True, 70), (True, 20, 0, False, 0), (True, 9, 2, True, 0),
-    (True, 30, 70, False, 13), (False, None, 0, True, 5), (False, 17, 1, True, 66), (False, 40, 0, False, 0),
-    # non-causal, sinks past the window's right edge: the key range and the dK/dV query range used to stop at the
-    # window and miss them (o off by 0.8)
-    (False, 5, 120, False, 0), (False, 6, 100, True, 9)])
+_MASKS = [(True, None, 0, False, 0), (True, None, 0, True, 70), (True, 20, 0, False, 0), (True, 9, 2, True, 0),
+          (True, 30, 70, False, 13), (False, None, 0, True, 5), (False, 17, 1, True, 66), (False, 40, 0, False, 0),
+          # non-causal, sinks past the window's right edge: the key range and the dK/dV query range used to stop at
+          # the window and miss them (o off by 0.8)
+          (False, 5, 120, False, 0), (False, 6, 100, True, 9)]
+
+
+@pytest.mark.parametrize("causal,window,sinks,pad,extra", _MASKS)
 def test_cpu_matches_reference(causal, window, sinks, pad, extra):
     # T = 131 crosses two 64-row blocks and ends in a partial one; D = 24
     inp = random_tva_inputs(B=2, H=2, Tq=131, Tk=131 + extra, D=24, pad=pad, coef_tensor=True, requires_grad=True,
                             seed=extra)
     _compare(inp, causal=causal, window=window, sinks=sinks)
+
+
+@pytest.mark.parametrize("causal,window,sinks,pad,extra", _MASKS)
+@pytest.mark.parametrize("Tq,D", [(1, 24), (1, 32), (3, 32), (37, 24), (64, 32)])
+def test_cpu_short_queries_match_reference(Tq, D, causal, window, sinks, pad, extra):
+    """Tq <= 64 (decode, short prompts) takes the forward that converts each key block inside its task instead of
+    packing all of K and V (forward_short; Tq <= 4: scores by dot products; fp32 with D a multiple of 16: full key
+    blocks read in place): the same mask matrix, against caches of 131+ keys."""
+    inp = random_tva_inputs(B=2, H=2, Tq=Tq, Tk=131 + extra, D=D, pad=pad, coef_tensor=True, requires_grad=True,
+                            seed=Tq + extra)
+    _compare(inp, causal=causal, window=window, sinks=sinks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_short_queries_strided(dtype):
+    """The short-query forward reads q, k, v, delta, gate and writes o through their strides (fp32: K and V rows in
+    place, time stride 2·H·D)."""
+    g = torch.Generator().manual_seed(2)
+    B, H, Tk, D = 2, 3, 150, 32
+    kv = torch.randn(B, Tk, 2, H, D, generator=g).to(dtype)
+    k, v = (kv[:, :, i].transpose(1, 2).requires_grad_(True) for i in range(2))
+    qd = torch.randn(B, 1, 2, H, D, generator=g).to(dtype)
+    q, delta = (qd[:, :, i].transpose(1, 2).requires_grad_(True) for i in range(2))
+    gate = torch.rand(B, H, 1, generator=g).to(dtype).permute(0, 2, 1).requires_grad_(True)
+    assert not any(t.is_contiguous() for t in (k, v))
+    inp = dict(q=q, k=k, v=v, delta=delta, gate=gate, coef=torch.tensor(0.3).requires_grad_(True),
+               key_padding_mask=None)
+    _compare(inp, dtype=dtype, window=40, sinks=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

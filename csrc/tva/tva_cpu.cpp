@@ -2,7 +2,8 @@
 // key blocks (never the Tq×Tk matrix), and its backward recomputing P blockwise from the saved log-sum-exp.
 // q, delta, o: (B, H, Tq, D); k, v: (B, H, Tk, D); gate (B, Tq, H); pad (B, Tk) bool True = padded; any strides;
 // fp32/fp16/bf16 storage, fp32 accumulation. Head dim <= 256. The inputs are packed once per call into dense fp32
-// panels (O(T·D), padded to whole blocks), the kernels (tva_cpu_impl.h, built generic / AVX2 / AVX-512 and picked at
+// panels (O(T·D), padded to whole blocks; a forward with Tq <= 64, e.g. decode, converts each key block inside its
+// task instead, forward_short), the kernels (tva_cpu_impl.h, built generic / AVX2 / AVX-512 and picked at
 // run time) run register-tiled 64×64 block products on them, OpenMP over batch·heads × blocks.
 // This file also binds the CUDA kernels of tva_cuda.cu (under APT_WITH_CUDA) so the family registers once.
 #include <algorithm>
@@ -129,6 +130,17 @@ void run_forward(const Packed& p, float* a, float* lse) {
   }
 }
 
+template <typename T>
+void run_forward_short(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
+  switch (tva_isa()) {
+#ifdef APT_TVA_AVX2
+    case CpuIsa::avx512: avx512::forward_short<T>(c, p, o, lse); return;
+    case CpuIsa::avx2: avx2::forward_short<T>(c, p, o, lse); return;
+#endif
+    default: generic::forward_short<T>(c, p, o, lse);
+  }
+}
+
 void run_backward(const Packed& p, float* dq, float* dk, float* dv) {
   switch (tva_isa()) {
 #ifdef APT_TVA_AVX2
@@ -208,6 +220,7 @@ void tva_fwd(const Ctx& c, const TensorView& o, float* lse) {
   if (c.B * c.H * c.Tq == 0) return;
   std::vector<float> kbias;
   Packed p = packed_shape(c, kbias);
+  if (c.Tq <= kBlk) return run_forward_short<T>(c, p, o, lse);  // one query block: no whole-tensor packing
   const int64_t BH = c.B * c.H, D = c.D;
   std::vector<float> qp(BH * p.Tqp * p.Dp), kt(BH * p.Dp * p.Tkp), vp(BH * p.Tkp * p.Dp), a(BH * p.Tqp * p.Dp);
   pack<T>(c.q, p.Tqp, p.Dp, c.scale, qp.data(), nullptr);

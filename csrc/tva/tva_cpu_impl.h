@@ -155,6 +155,120 @@ void forward(const Packed& p, float* a, float* lse) {
   }
 }
 
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline float hsum(v16 x) {
+  const v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[1]) + (b[2] + b[3]);
+}
+
+// S (rows×kBlk) = Q (rows×Dp) · Kᵀ for kBlk key rows of K (row-major, ldk apart, Dp wide): a dot product per key,
+// for a few query rows, where the transposed panel gemm_nt wants would cost more to build than it saves.
+static inline void scores_by_dot(const float* Q, int64_t Dp, const float* K, int64_t ldk, float* S, int64_t rows) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* q = Q + i * Dp;
+    for (int64_t j = 0; j < kBlk; ++j) {
+      const float* k = K + j * ldk;
+      v16 acc = ld(q) * ld(k);
+      for (int64_t d = 16; d < Dp; d += 16) acc += ld(q + d) * ld(k + d);
+      S[i * kBlk + j] = hsum(acc);
+    }
+  }
+}
+
+// Forward for Tq <= kBlk (decode: Tq = 1), straight from the (B, H, T, D) views: with one query block per
+// batch·head every key block is used once, so it is converted to fp32 inside the task (buffers of a block, in L1/L2)
+// instead of the whole of K and V being packed first; those whole-cache copies, in fresh pages on every call, cost
+// far more than the attention itself at decode (Tq 1, Tk 4096: ~20x the reference's time). Writes o, perturbation
+// included, and lse (+inf on rows with no visible key). One task per batch·head.
+template <typename T>
+void forward_short(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
+  const int64_t BH = p.B * p.H, Dp = p.Dp, D = c.D, bm = p.Tq, mr = round_rows(bm);
+  const int64_t sq = c.q.stride(3), sk = c.k.stride(3), sv = c.v.stride(3), so = o.stride(3);
+  // a few rows: scores by dot products with K's rows, not through a transposed panel
+  const bool by_dot = bm <= 4;
+  // fp32 rows with a unit head-dim stride and no head-dim padding are read in place (full key blocks)
+  const bool k_direct = std::is_same_v<T, float> && D == Dp && sk == 1 && by_dot;
+  const bool v_direct = std::is_same_v<T, float> && D == Dp && sv == 1;
+#pragma omp parallel
+  {
+    // zero-initialised once: the head-dim padding (d >= D), Q's rows past Tq and S's rows past Tq are never
+    // written by the loads (S's padding rows only ever hold finite values)
+    std::vector<float> Q(kBlk * Dp, 0.0f), Kb(Dp * kBlk, 0.0f), V(kBlk * Dp, 0.0f), S(kBlk * kBlk, 0.0f),
+        acc(kBlk * Dp);
+    float m[kBlk], l[kBlk], alpha[kBlk];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < BH; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H;
+      for (int64_t i = 0; i < bm; ++i) {
+        const T* qr = at4<T>(c.q, b, h, i, 0);
+        for (int64_t d = 0; d < D; ++d) Q[i * Dp + d] = load_f(qr + d * sq) * c.scale;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m, m + kBlk, NEG_INF);
+      std::fill(l, l + kBlk, 0.0f);
+      const auto kb = tva::key_blocks(p.mask, 0, bm, kBlk);
+      for (int64_t it = 0; it < kb.count(); ++it) {
+        const int64_t n0 = kb.start(it, kBlk), nk = std::min(kBlk, p.Tk - n0);
+        const bool full = nk == kBlk;  // a partial block is copied: in-place reads would run past Tk
+        const float* Kp = Kb.data();
+        int64_t ldk = Dp;
+        if (full && k_direct) {
+          Kp = reinterpret_cast<const float*>(at4<T>(c.k, b, h, n0, 0));
+          ldk = c.k.stride(2);
+        } else {
+          // by_dot: K's rows (kBlk × Dp); else transposed (Dp × kBlk) for gemm_nt
+          for (int64_t j = 0; j < nk; ++j) {
+            const T* kr = at4<T>(c.k, b, h, n0 + j, 0);
+            if (by_dot)
+              for (int64_t d = 0; d < D; ++d) Kb[j * Dp + d] = load_f(kr + d * sk);
+            else
+              for (int64_t d = 0; d < D; ++d) Kb[d * kBlk + j] = load_f(kr + d * sk);
+          }
+          // keys past Tk: -inf from the key bias, but 0 (never a stale inf or NaN) in the products
+          for (int64_t j = nk; j < kBlk; ++j)
+            for (int64_t d = 0; d < D; ++d) Kb[by_dot ? j * Dp + d : d * kBlk + j] = 0.0f;
+        }
+        const float* Vp = V.data();
+        int64_t ldv = Dp;
+        if (full && v_direct) {
+          Vp = reinterpret_cast<const float*>(at4<T>(c.v, b, h, n0, 0));
+          ldv = c.v.stride(2);
+        } else {
+          for (int64_t j = 0; j < nk; ++j) {
+            const T* vr = at4<T>(c.v, b, h, n0 + j, 0);
+            for (int64_t d = 0; d < D; ++d) V[j * Dp + d] = load_f(vr + d * sv);
+          }
+          for (int64_t j = nk; j < kBlk; ++j)
+            for (int64_t d = 0; d < D; ++d) V[j * Dp + d] = 0.0f;
+        }
+        if (by_dot) scores_by_dot(Q.data(), Dp, Kp, ldk, S.data(), bm);
+        else gemm_nt(Q.data(), Dp, Kp, kBlk, S.data(), mr, Dp);
+        mask_block(p, b, 0, n0, mr, false, S.data());
+        softmax_step(S.data(), mr, m, l, alpha);
+        gemm_acc(S.data(), kBlk, Vp, ldv, acc.data(), Dp, mr, kBlk, Dp, alpha);
+      }
+      for (int64_t i = 0; i < bm; ++i) {
+        const float inv = l[i] == 0.0f ? 0.0f : 1.0f / l[i];
+        T* out = at4<T>(o, b, h, i, 0);
+        const float* a = acc.data() + i * Dp;
+        if (c.delta.defined()) {
+          const float cg = c.coef * c.gate_at<T>(b, i, h);
+          const T* dl = at4<T>(c.delta, b, h, i, 0);
+          const int64_t sd = c.delta.stride(3);
+          for (int64_t d = 0; d < D; ++d) store_f(out + d * so, a[d] * inv + cg * load_f(dl + d * sd));
+        } else {
+          for (int64_t d = 0; d < D; ++d) store_f(out + d * so, a[d] * inv);
+        }
+        lse[bh * p.Tq + i] = l[i] == 0.0f ? INFINITY : m[i] + std::log(l[i]);
+      }
+    }
+  }
+}
+
 // P = exp(S - lse) on a masked block; lse per query (rows, or columns when transposed). +inf lse (no visible key,
 // or a padding row past Tq) and -inf scores give 0.
 static inline void probs(float* S, int64_t rows, const float* lse, bool transposed) {
