@@ -65,6 +65,20 @@ def test_cpu_short_queries_strided(dtype):
     _compare(inp, dtype=dtype, window=40, sinks=2)
 
 
+def test_cpu_scratch_reused_across_shapes():
+    """The packed panels are kept between calls (per thread) and handed out zeroed: a call after a bigger one with
+    other paddings (T, D not multiples of the blocks) still matches the reference, forward and backward, and
+    repeats exactly."""
+    big = random_tva_inputs(B=2, H=3, Tq=200, Tk=260, D=40, pad=True, coef_tensor=True, requires_grad=True, seed=21)
+    small = random_tva_inputs(B=1, H=2, Tq=70, Tk=90, D=24, pad=True, coef_tensor=True, requires_grad=True, seed=22)
+    _compare(big, window=50, sinks=3)
+    _compare(small)
+    with torch.no_grad():
+        first = tva_attention_cpu(**small)
+        tva_attention_cpu(**big)
+        assert torch.equal(tva_attention_cpu(**small), first)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cpu_low_precision(dtype):
     inp = random_tva_inputs(B=1, H=2, Tq=70, D=32, dtype=dtype, pad=True, coef_tensor=True, requires_grad=True)
