@@ -232,3 +232,24 @@ def test_resume_with_scheduled_plugins_equals_uninterrupted(tmp_path):
     for (n, pa), (_, pc) in zip(a.model.state_dict().items(), c.model.state_dict().items()):
         assert torch.equal(pa, pc), n
     assert not [e for e in c.ctx.events if e[1] in ("enabled", "upcycled")]  # nothing switched on twice
+
+
+def test_resume_at_an_epoch_end_validates_with_the_scheduled_values(tmp_path):
+    """Stopped after an epoch's last step, before its validation: the resumed run validates that epoch first, with
+    no optimizer step in between, so the plugins must restore the capacity factor and router temperature of the
+    last step there (they set them only at each step's start, and the val loss of epoch 1 differed)."""
+    router = _router()
+    over = {**SMALL, "model.moe.enabled": True, "model.moe.router_name": router,
+            "schedules.route_temperature": {"start": 3.0, "end": 0.5, "by": "step"},
+            "schedules.moe_capacity_factor": {"start": 2.0, "end": 0.2, "by": "epoch"}}  # binding at epoch 1
+    plugins = ["moe", "routing"]
+    a = Trainer(load_profile("tiny_debug", {**over, "training.out_dir": str(tmp_path / "a")}, plugins=plugins))
+    a.fit()
+    b = Trainer(load_profile("tiny_debug", {**over, "training.out_dir": str(tmp_path / "b")}, plugins=plugins))
+    b.fit(stop_at_step=6)  # the last step of epoch 1 (steps 4..6), before its validation
+    c = Trainer(load_profile("tiny_debug", {**over, "training.out_dir": str(tmp_path / "b"),
+                                            "training.resume": "auto"}, plugins=plugins))
+    c.fit()
+    assert len(a.val_history) == 3
+    assert c.val_history[-2:] == a.val_history[-2:]
+    assert c.history == a.history

@@ -90,12 +90,17 @@ class MoEPlugin(Plugin):
         if on and (not was or ctx.epoch == self._enable_epoch(ctx)) and not ctx.extra.get("resumed_mid_epoch"):
             self.emit(ctx, "enabled")
         ctx.metrics["moe_active"] = on
+        if ctx.extra.get("resumed_mid_epoch"):
+            # a run resumed after this epoch's last step validates before any step starts: the value that step used
+            self._set_capacity(ctx, max(ctx.step - 1, 0))
 
     def on_step_start(self, ctx: HookContext) -> None:
-        if not self._layers:
-            return
+        if self._layers:
+            self._set_capacity(ctx, ctx.step)
+
+    def _set_capacity(self, ctx: HookContext, step: int) -> None:
         sched = ctx.extra.get("schedules")
-        cf = sched.value("moe_capacity_factor", ctx.epoch, ctx.step, self.capacity_factor) if sched else \
+        cf = sched.value("moe_capacity_factor", ctx.epoch, step, self.capacity_factor) if sched else \
             self.capacity_factor
         if cf is not None:
             for layer in self._layers:

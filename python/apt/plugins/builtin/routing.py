@@ -24,19 +24,28 @@ class RoutingPlugin(Plugin):
         if self.temperature <= 0:
             raise ValueError(f"temperature: must be > 0, got {self.temperature}")
 
-    def current(self, ctx: HookContext) -> float:
+    def current(self, ctx: HookContext, step: Optional[int] = None) -> float:
         sched = ctx.extra.get("schedules")
         if sched is None:
             return self.temperature
-        return float(sched.value("route_temperature", ctx.epoch, ctx.step, self.temperature))
+        return float(sched.value("route_temperature", ctx.epoch, ctx.step if step is None else step,
+                                 self.temperature))
 
     def on_training_start(self, ctx: HookContext) -> None:
         self.emit(ctx, f"temperature_start:{self.current(ctx):.4g}")
 
+    def on_epoch_start(self, ctx: HookContext) -> None:
+        if ctx.extra.get("resumed_mid_epoch"):
+            # a run resumed after this epoch's last step validates before any step starts: the value that step used
+            self._set(ctx, max(ctx.step - 1, 0))
+
     def on_step_start(self, ctx: HookContext) -> None:
-        t = self.current(ctx)
+        self._set(ctx, ctx.step)
+
+    def _set(self, ctx: HookContext, step: int) -> None:
+        t = self.current(ctx, step)
         if t <= 0:
-            raise ValueError(f"route_temperature reached {t} at step {ctx.step}; it must stay > 0")
+            raise ValueError(f"route_temperature reached {t} at step {step}; it must stay > 0")
         model = ctx.model
         for layer in (model.moe_layers() if hasattr(model, "moe_layers") else []):
             layer.temperature = t
