@@ -253,3 +253,60 @@ def test_resume_at_an_epoch_end_validates_with_the_scheduled_values(tmp_path):
     assert len(a.val_history) == 3
     assert c.val_history[-2:] == a.val_history[-2:]
     assert c.history == a.history
+
+
+def test_enable_at_epoch_gates_every_plugin(tmp_path):
+    """schedules.enable_<name>_at_epoch holds for any plugin: before that epoch the manager gives it no epoch/step
+    hooks and no compute_loss (it still gets on_training_start/end); a plugin that manages its schedule (moe)
+    gets them always. In a run, routing leaves the router temperature alone until its epoch."""
+    from apt.core.schedules import Schedules
+
+    class Rec(Plugin):
+        name = "rec"
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def on_training_start(self, ctx):
+            self.seen.append(("start", ctx.epoch))
+
+        def on_epoch_start(self, ctx):
+            self.seen.append(("epoch", ctx.epoch))
+
+        def on_step_start(self, ctx):
+            self.seen.append(("step", ctx.epoch))
+
+        def compute_loss(self, ctx):
+            self.seen.append(("loss", ctx.epoch))
+
+    class Managed(Rec):
+        name = "managed"
+        manages_schedule = True
+
+    rec, managed = Rec(), Managed()
+    mgr = PluginManager([rec, managed])
+    ctx = HookContext(extra={"schedules": Schedules({"enable_rec_at_epoch": 1, "enable_managed_at_epoch": 1}, 3)})
+    for epoch in range(2):
+        ctx.epoch = epoch
+        for hook in ("on_training_start", "on_epoch_start", "on_step_start", "compute_loss"):
+            mgr.broadcast(hook, ctx)
+    assert rec.seen == [("start", 0), ("start", 1), ("epoch", 1), ("step", 1), ("loss", 1)]
+    assert len(managed.seen) == 8
+
+    over = {**SMALL, "model.moe.enabled": True, "model.moe.router_name": _router(),
+            "schedules.route_temperature": 4.0, "schedules.enable_routing_at_epoch": 1}
+    tr = Trainer(load_profile("tiny_debug", {**over, "training.out_dir": str(tmp_path)},
+                              plugins=["routing"]))
+    temps = []
+    orig = tr.plugins.broadcast
+
+    def spy(hook, c):
+        orig(hook, c)
+        if hook == "on_step_start":
+            temps.append((c.epoch, {float(m.temperature) for m in tr.model.moe_layers()}))
+
+    tr.plugins.broadcast = spy
+    tr.fit()
+    assert {e for e, _ in temps} == {0, 1, 2}
+    assert all(t != {4.0} for e, t in temps if e == 0) and all(t == {4.0} for e, t in temps if e >= 1)

@@ -14,6 +14,8 @@ An annealed parameter ``{start, end, by, kind, begin, until}`` goes from ``start
 ``by: epoch`` moves once per epoch, ``by: step`` once per optimizer step. ``kind: linear`` interpolates linearly,
 ``kind: cosine`` follows half a cosine (slow, fast, slow). If ``until <= begin`` the value is ``end`` from
 ``begin`` on. Plugins read values through :class:`Schedules` (the trainer gives them one in ``ctx.extra``).
+``enable_<plugin>_at_epoch`` holds for any plugin: before that epoch the plugin manager gives it no epoch/step hooks
+and no ``compute_loss`` (plugins with ``manages_schedule``, moe and align, get them and check it themselves).
 """
 from __future__ import annotations
 

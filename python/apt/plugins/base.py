@@ -53,6 +53,10 @@ class Plugin(Provider):
     """Base class of plugins. Subclasses set ``name`` (and ``description``) and override the hooks they need."""
 
     kind: ClassVar[str] = "plugin"
+    # False: the manager gives the epoch/step hooks and compute_loss only in the epochs that
+    # ``schedules.enable_<name>_at_epoch`` allows. True: the plugin gets them always and checks scheduled_on()
+    # itself (moe switches its layers off before its epoch, align keeps its state).
+    manages_schedule: ClassVar[bool] = False
 
     def on_training_start(self, ctx: HookContext) -> None: ...
     def on_epoch_start(self, ctx: HookContext) -> None: ...

@@ -58,10 +58,15 @@ class PluginManager:
         if ctx is not None:
             ctx.events.append((plugin.name, f"failed:{hook}", ctx.epoch, ctx.step))
 
+    # hooks a plugin gets only in its scheduled epochs (unless it manages its schedule itself)
+    _SCHEDULED_HOOKS = frozenset({"on_epoch_start", "on_step_start", "on_step_end", "on_epoch_end", "compute_loss"})
+
     def broadcast(self, hook: str, ctx: HookContext) -> None:
         for plugin in self.active:
             fn = getattr(plugin, hook, None)
             if fn is None:
+                continue
+            if hook in self._SCHEDULED_HOOKS and not plugin.manages_schedule and not plugin.scheduled_on(ctx):
                 continue
             try:
                 fn(ctx)

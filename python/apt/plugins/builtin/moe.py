@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 class MoEPlugin(Plugin):
     name = "moe"
+    manages_schedule = True  # acts on scheduled_on() itself
     description = "enable MoE FFNs at a scheduled epoch; anneal the expert capacity factor; pick the router"
 
     def __init__(self, config: Optional[dict[str, Any]] = None) -> None:
