@@ -53,9 +53,8 @@ __global__ void __launch_bounds__(BM*(D / EPT)) tva_fwd_kernel(const CudaParams 
   __shared__ float Ks[BN][D];
   __shared__ float Vs[BN][D];
   __shared__ bool Kok[BN];
-  const int64_t nmb = cdiv(p.Tq, BM);  // 1-d grid (B·H may exceed gridDim.y's 65535): block = bh · nmb + mb
-  const int64_t bh = blockIdx.x / nmb, b = bh / p.H, h = bh % p.H;
-  const int64_t m0 = (blockIdx.x % nmb) * BM;
+  const BlockRows blk = block_rows(p, p.Tq, BM);  // 1-d grid: B·H may exceed gridDim.y's 65535
+  const int64_t bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.r0;
   const int row = threadIdx.x / TPR, part = threadIdx.x % TPR;
   const int64_t i = m0 + row;
   const bool row_ok = i < p.Tq;
@@ -106,11 +105,7 @@ __global__ void __launch_bounds__(BM*(D / EPT)) tva_fwd_kernel(const CudaParams 
   }
   if (!row_ok) return;
   const float inv = l > 0.f ? 1.f / l : 0.f;
-  float cg = 0.f;
-  if (p.delta != nullptr) {
-    cg = *p.coef;
-    if (p.gate != nullptr) cg *= to_f(static_cast<const T*>(p.gate)[b * p.sg[0] + i * p.sg[1] + h * p.sg[2]]);
-  }
+  const float cg = coef_gate<T>(p, b, h, i);
   T* o = static_cast<T*>(p.o);
   const T* dl = static_cast<const T*>(p.delta);
 #pragma unroll
@@ -132,11 +127,7 @@ __global__ void tva_bwd_pre_kernel(const CudaParams p, float* di) {
   const T* go = static_cast<const T*>(p.go);
   const T* o = static_cast<const T*>(p.o);
   const T* dl = static_cast<const T*>(p.delta);
-  float cg = 0.f;
-  if (dl != nullptr) {
-    cg = *p.coef;
-    if (p.gate != nullptr) cg *= to_f(static_cast<const T*>(p.gate)[b * p.sg[0] + t * p.sg[1] + h * p.sg[2]]);
-  }
+  const float cg = coef_gate<T>(p, b, h, t);
   float acc = 0.f, rd = 0.f;
   for (int64_t d = 0; d < p.D; ++d) {
     const float g = to_f(go[off4(p.sgo, b, h, t, d)]);
@@ -160,9 +151,8 @@ __global__ void __launch_bounds__(BM*(D / EPT)) tva_bwd_dkdv_kernel(const CudaPa
   __shared__ float Qs[BN][D];
   __shared__ float Gs[BN][D];
   __shared__ float Ls[BN], Ds[BN];
-  const int64_t nnb = cdiv(p.Tk, BM);  // 1-d grid: block = bh · nnb + key block
-  const int64_t bh = blockIdx.x / nnb, b = bh / p.H, h = bh % p.H;
-  const int64_t n0 = (blockIdx.x % nnb) * BM;
+  const BlockRows blk = block_rows(p, p.Tk, BM);  // key blocks
+  const int64_t bh = blk.bh, b = blk.b, h = blk.h, n0 = blk.r0;
   const int row = threadIdx.x / TPR, part = threadIdx.x % TPR;
   const int64_t j = n0 + row;
   const bool kok = key_ok(p, b, j);
@@ -229,9 +219,8 @@ __global__ void __launch_bounds__(BM*(D / EPT)) tva_bwd_dq_kernel(const CudaPara
   __shared__ float Ks[BN][D];
   __shared__ float Vs[BN][D];
   __shared__ bool Kok[BN];
-  const int64_t nmb = cdiv(p.Tq, BM);  // 1-d grid (B·H may exceed gridDim.y's 65535): block = bh · nmb + mb
-  const int64_t bh = blockIdx.x / nmb, b = bh / p.H, h = bh % p.H;
-  const int64_t m0 = (blockIdx.x % nmb) * BM;
+  const BlockRows blk = block_rows(p, p.Tq, BM);  // 1-d grid: B·H may exceed gridDim.y's 65535
+  const int64_t bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.r0;
   const int row = threadIdx.x / TPR, part = threadIdx.x % TPR;
   const int64_t i = m0 + row;
   const bool row_ok = i < p.Tq;
@@ -279,17 +268,6 @@ __global__ void __launch_bounds__(BM*(D / EPT)) tva_bwd_dq_kernel(const CudaPara
   for (int e = 0; e < EPT; ++e) dqp[off4(p.sdq, b, h, i, e * TPR + part)] = from_f<T>(dq[e] * p.scale);
 }
 
-// fp32 only: fp16/bf16 go to the tensor-core kernels of tva_cuda_tc.cu
-template <typename F>
-void dispatch_fp32(const CudaParams& p, F&& f) {
-  switch (p.D) {
-    case 32: f(std::integral_constant<int, 32>{}); break;
-    case 64: f(std::integral_constant<int, 64>{}); break;
-    case 128: f(std::integral_constant<int, 128>{}); break;
-    default: throw std::invalid_argument("q: the TVA CUDA kernels take head dims 32, 64, 128");
-  }
-}
-
 void check_dtype(const CudaParams& p) {
   if (p.dtype < 0 || p.dtype > 2) throw std::invalid_argument("q: the TVA CUDA kernels take float32/float16/bfloat16");
 }
@@ -303,7 +281,7 @@ void tva_forward_cuda(const CudaParams& p, uintptr_t stream) {
   cudaStream_t s = cuda::as_stream(stream);
   if (p.dtype != 0) return tva_forward_cuda_tc(p, s);
   const unsigned grid = grid_1d(p, cdiv(p.Tq, BM), BM);
-  dispatch_fp32(p, [&](auto dim) {
+  dispatch_head_dim(p.D, [&](auto dim) {  // fp32: fp16/bf16 went to tva_cuda_tc.cu
     constexpr int D = decltype(dim)::value;
     tva_fwd_kernel<float, D><<<grid, BM * (D / EPT), 0, s>>>(p);
   });
@@ -331,7 +309,7 @@ void tva_backward_cuda(const CudaParams& p, uintptr_t stream) {
   }
   if (p.dtype != 0) return tva_backward_cuda_tc(p, s, di);
   const unsigned gk = grid_1d(p, cdiv(p.Tk, BM), BM), gq = grid_1d(p, cdiv(p.Tq, BM), BM);
-  dispatch_fp32(p, [&](auto dim) {
+  dispatch_head_dim(p.D, [&](auto dim) {  // fp32: fp16/bf16 went to tva_cuda_tc.cu
     constexpr int D = decltype(dim)::value;
     tva_bwd_dkdv_kernel<float, D><<<gk, BM * (D / EPT), 0, s>>>(p, di);
     APT_CUDA_CHECK(cudaGetLastError());

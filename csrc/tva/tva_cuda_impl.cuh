@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <string>
 #include <stdexcept>
+#include <type_traits>
 
 #include "common/apt_cuda.cuh"
 #include "tva/tva_common.h"
@@ -22,6 +23,35 @@ __device__ __forceinline__ bool key_ok(const CudaParams& p, int64_t b, int64_t j
 
 __device__ __forceinline__ MaskSpec mask_of(const CudaParams& p) {
   return MaskSpec{p.Tq, p.Tk, p.window, p.sinks, p.causal};
+}
+
+// This thread block's batch·head and first row, in a 1-d grid of ceil(T_ / rows) blocks per batch·head (grid_1d)
+struct BlockRows {
+  int64_t bh, b, h, r0;
+};
+__device__ __forceinline__ BlockRows block_rows(const CudaParams& p, int64_t T_, int64_t rows) {
+  const int64_t nb = cdiv(T_, rows), bh = blockIdx.x / nb;
+  return BlockRows{bh, bh / p.H, bh % p.H, (blockIdx.x % nb) * rows};
+}
+
+// coef · gate[b, i, h]: the perturbation's factor for query row i (0 without delta); T the inputs' dtype
+template <typename T>
+__device__ __forceinline__ float coef_gate(const CudaParams& p, int64_t b, int64_t h, int64_t i) {
+  if (p.delta == nullptr) return 0.f;
+  float cg = *p.coef;
+  if (p.gate != nullptr) cg *= cuda::to_f(static_cast<const T*>(p.gate)[b * p.sg[0] + i * p.sg[1] + h * p.sg[2]]);
+  return cg;
+}
+
+// f(std::integral_constant<int, D>) for the head dims the CUDA kernels are built for
+template <typename F>
+void dispatch_head_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: throw std::invalid_argument("q: the TVA CUDA kernels take head dims 32, 64, 128");
+  }
 }
 
 // Every pair of query rows [i0, i1) × keys [j0, j1) exists and is visible, and there is no padding mask: the tile

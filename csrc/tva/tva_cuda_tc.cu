@@ -137,15 +137,6 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// coef · gate[b, i, h] (0 without delta)
-template <typename T>
-__device__ __forceinline__ float coef_gate(const CudaParams& p, int64_t b, int64_t h, int64_t i) {
-  if (p.delta == nullptr) return 0.f;
-  float cg = *p.coef;
-  if (p.gate != nullptr) cg *= to_f(static_cast<const T*>(p.gate)[b * p.sg[0] + i * p.sg[1] + h * p.sg[2]]);
-  return cg;
-}
-
 template <int D>
 struct alignas(16) FwdSmem {
   uint16_t k[64][D + kPad];  // Q first (its fragments go to registers), then each K tile
@@ -158,9 +149,8 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
   constexpr int BM = kBlockRows, BN = 64, NT = BN / 8, ND = D / 8;
   using Smem = FwdSmem<D>;
   __shared__ Smem sm;
-  const int64_t nmb = cdiv(p.Tq, BM);  // 1-d grid: block = bh · nmb + query block
-  const int64_t bh = blockIdx.x / nmb, b = bh / p.H, h = bh % p.H;
-  const int64_t m0 = (blockIdx.x % nmb) * BM;
+  const BlockRows blk = block_rows(p, p.Tq, BM);
+  const int64_t bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.r0;
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int wr = (threadIdx.x / 32) * 16 + g;  // this lane's rows of the tile: wr and wr + 8
   const int64_t row[2] = {m0 + wr, m0 + wr + 8};
@@ -282,9 +272,8 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dq_tc_kernel(const CudaParam
   constexpr int BM = kBlockRows, BN = 32, NT = BN / 8, ND = D / 8;
   using Smem = DqSmem<D>;
   __shared__ Smem sm;
-  const int64_t nmb = cdiv(p.Tq, BM);
-  const int64_t bh = blockIdx.x / nmb, b = bh / p.H, h = bh % p.H;
-  const int64_t m0 = (blockIdx.x % nmb) * BM;
+  const BlockRows blk = block_rows(p, p.Tq, BM);
+  const int64_t bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.r0;
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int wr = (threadIdx.x / 32) * 16 + g;
   const int64_t row[2] = {m0 + wr, m0 + wr + 8};
@@ -393,9 +382,8 @@ __global__ void __launch_bounds__(kThreads) tva_bwd_dkdv_tc_kernel(const CudaPar
   using Smem = DkvSmem<D>;
   APT_DYNAMIC_SMEM(Pack16, smem_raw);
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
-  const int64_t nnb = cdiv(p.Tk, BN);  // 1-d grid: block = bh · nnb + key block
-  const int64_t bh = blockIdx.x / nnb, b = bh / p.H, h = bh % p.H;
-  const int64_t n0 = (blockIdx.x % nnb) * BN;
+  const BlockRows blk = block_rows(p, p.Tk, BN);  // key blocks
+  const int64_t bh = blk.bh, b = blk.b, h = blk.h, n0 = blk.r0;
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int kr = (threadIdx.x / 32) * 16 + g;  // this lane's keys of the block: kr and kr + 8
   const int64_t key[2] = {n0 + kr, n0 + kr + 8};
@@ -512,14 +500,7 @@ int vec_bits(const CudaParams& p, bool backward) {
 
 template <typename F>
 void dispatch_tc(const CudaParams& p, F&& f) {
-  auto by_dim = [&](auto tag) {
-    switch (p.D) {
-      case 32: f(tag, std::integral_constant<int, 32>{}); break;
-      case 64: f(tag, std::integral_constant<int, 64>{}); break;
-      case 128: f(tag, std::integral_constant<int, 128>{}); break;
-      default: throw std::invalid_argument("q: the TVA CUDA kernels take head dims 32, 64, 128");
-    }
-  };
+  const auto by_dim = [&](auto tag) { dispatch_head_dim(p.D, [&](auto dim) { f(tag, dim); }); };
   switch (p.dtype) {
     case 1: by_dim(__half{}); break;
     case 2: by_dim(__nv_bfloat16{}); break;
