@@ -61,6 +61,32 @@ struct Ctx {
   }
 };
 
+// One row of D elements of dtype T (stride sd) times `mul` -> dst, dense fp32
+template <typename T>
+inline void load_row(const T* src, int64_t sd, int64_t D, float mul, float* dst) {
+  if (sd == 1) {
+    for (int64_t d = 0; d < D; ++d) dst[d] = load_f(src + d) * mul;
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = load_f(src + d * sd) * mul;
+  }
+}
+
+// o[b, h, t, :] = a·mul + coef·gate·delta[b, h, t, :] (the perturbation when delta is given); a: D fp32 values
+template <typename T>
+inline void store_output(const Ctx& c, const TensorView& o, int64_t b, int64_t h, int64_t t, const float* a,
+                         float mul) {
+  T* out = at4<T>(o, b, h, t, 0);
+  const int64_t so = o.stride(3), D = c.D;
+  if (c.delta.defined()) {
+    const float cg = c.coef * c.gate_at<T>(b, t, h);
+    const T* dl = at4<T>(c.delta, b, h, t, 0);
+    const int64_t sd = c.delta.stride(3);
+    for (int64_t d = 0; d < D; ++d) store_f(out + d * so, a[d] * mul + cg * load_f(dl + d * sd));
+  } else {
+    for (int64_t d = 0; d < D; ++d) store_f(out + d * so, a[d] * mul);
+  }
+}
+
 // What the kernels of tva_cpu_impl.h read: dense fp32 copies, per batch·head, with the head dim padded to Dp (a
 // multiple of 16) and the rows to Tqp/Tkp (multiples of kBlk), zeros in the padding. "t" layouts are transposed
 // (Dp × T), so that a block's scores are a product of two row-major panels. q is scaled by the softmax scale.
@@ -164,16 +190,7 @@ void pack(const TensorView& t, int64_t Tp, int64_t Dp, float mul, float* rows, f
       for (int64_t rb = 0; rb < nb; ++rb) {
         const int64_t b = bh / H, h = bh % H, r0 = rb * kBlk, n = std::min(kBlk, T_ - r0);
         float* dst = rows ? rows + (bh * Tp + r0) * Dp : tmp.data();
-        for (int64_t r = 0; r < n; ++r) {
-          const T* src = at4<T>(t, b, h, r0 + r, 0);
-          const int64_t sd = t.stride(3);
-          float* o = dst + r * Dp;
-          if (sd == 1) {
-            for (int64_t d = 0; d < D; ++d) o[d] = load_f(src + d) * mul;
-          } else {
-            for (int64_t d = 0; d < D; ++d) o[d] = load_f(src + d * sd) * mul;
-          }
-        }
+        for (int64_t r = 0; r < n; ++r) load_row(at4<T>(t, b, h, r0 + r, 0), t.stride(3), D, mul, dst + r * Dp);
         if (cols)
           for (int64_t d = 0; d < D; ++d) {
             float* o = cols + (bh * Dp + d) * Tp + r0;
@@ -256,7 +273,7 @@ void tva_fwd(const Ctx& c, const TensorView& o, float* lse) {
   std::vector<float> kbias;
   Packed p = packed_shape(c, kbias);
   if (c.Tq <= kBlk) return run_forward_short<T>(c, p, o, lse);  // one query block: no whole-tensor packing
-  const int64_t BH = c.B * c.H, D = c.D;
+  const int64_t BH = c.B * c.H;
   ScratchScope sc;
   float* qp = sc.zeroed(0, BH * p.Tqp * p.Dp);
   float* kt = sc.zeroed(1, BH * p.Dp * p.Tkp);
@@ -270,20 +287,8 @@ void tva_fwd(const Ctx& c, const TensorView& o, float* lse) {
   // epilogue: o = A + coef·gate·delta
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t bh = 0; bh < BH; ++bh)
-    for (int64_t t = 0; t < c.Tq; ++t) {
-      const int64_t b = bh / c.H, h = bh % c.H;
-      const float* ar = a + (bh * p.Tqp + t) * p.Dp;
-      T* out = at4<T>(o, b, h, t, 0);
-      const int64_t so = o.stride(3);
-      if (c.delta.defined()) {
-        const float cg = c.coef * c.gate_at<T>(b, t, h);
-        const T* dl = at4<T>(c.delta, b, h, t, 0);
-        const int64_t sd = c.delta.stride(3);
-        for (int64_t d = 0; d < D; ++d) store_f(out + d * so, ar[d] + cg * load_f(dl + d * sd));
-      } else {
-        for (int64_t d = 0; d < D; ++d) store_f(out + d * so, ar[d]);
-      }
-    }
+    for (int64_t t = 0; t < c.Tq; ++t)
+      store_output<T>(c, o, bh / c.H, bh % c.H, t, a + (bh * p.Tqp + t) * p.Dp, 1.0f);
 }
 
 template <typename T>

@@ -187,7 +187,7 @@ static inline void scores_by_dot(const float* Q, int64_t Dp, const float* K, int
 template <typename T>
 void forward_short(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
   const int64_t BH = p.B * p.H, Dp = p.Dp, D = c.D, bm = p.Tq, mr = round_rows(bm);
-  const int64_t sq = c.q.stride(3), sk = c.k.stride(3), sv = c.v.stride(3), so = o.stride(3);
+  const int64_t sq = c.q.stride(3), sk = c.k.stride(3), sv = c.v.stride(3);
   // a few rows: scores by dot products with K's rows, not through a transposed panel
   const bool by_dot = bm <= 4;
   // fp32 rows with a unit head-dim stride and no head-dim padding are read in place (full key blocks)
@@ -203,10 +203,7 @@ void forward_short(const Ctx& c, const Packed& p, const TensorView& o, float* ls
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < BH; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
-      for (int64_t i = 0; i < bm; ++i) {
-        const T* qr = at4<T>(c.q, b, h, i, 0);
-        for (int64_t d = 0; d < D; ++d) Q[i * Dp + d] = load_f(qr + d * sq) * c.scale;
-      }
+      for (int64_t i = 0; i < bm; ++i) load_row(at4<T>(c.q, b, h, i, 0), sq, D, c.scale, &Q[i * Dp]);
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m, m + kBlk, NEG_INF);
       std::fill(l, l + kBlk, 0.0f);
@@ -224,7 +221,7 @@ void forward_short(const Ctx& c, const Packed& p, const TensorView& o, float* ls
           for (int64_t j = 0; j < nk; ++j) {
             const T* kr = at4<T>(c.k, b, h, n0 + j, 0);
             if (by_dot)
-              for (int64_t d = 0; d < D; ++d) Kb[j * Dp + d] = load_f(kr + d * sk);
+              load_row(kr, sk, D, 1.0f, &Kb[j * Dp]);
             else
               for (int64_t d = 0; d < D; ++d) Kb[d * kBlk + j] = load_f(kr + d * sk);
           }
@@ -238,10 +235,7 @@ void forward_short(const Ctx& c, const Packed& p, const TensorView& o, float* ls
           Vp = reinterpret_cast<const float*>(at4<T>(c.v, b, h, n0, 0));
           ldv = c.v.stride(2);
         } else {
-          for (int64_t j = 0; j < nk; ++j) {
-            const T* vr = at4<T>(c.v, b, h, n0 + j, 0);
-            for (int64_t d = 0; d < D; ++d) V[j * Dp + d] = load_f(vr + d * sv);
-          }
+          for (int64_t j = 0; j < nk; ++j) load_row(at4<T>(c.v, b, h, n0 + j, 0), sv, D, 1.0f, &V[j * Dp]);
           for (int64_t j = nk; j < kBlk; ++j)
             for (int64_t d = 0; d < D; ++d) V[j * Dp + d] = 0.0f;
         }
@@ -252,17 +246,7 @@ void forward_short(const Ctx& c, const Packed& p, const TensorView& o, float* ls
         gemm_acc(S.data(), kBlk, Vp, ldv, acc.data(), Dp, mr, kBlk, Dp, alpha);
       }
       for (int64_t i = 0; i < bm; ++i) {
-        const float inv = l[i] == 0.0f ? 0.0f : 1.0f / l[i];
-        T* out = at4<T>(o, b, h, i, 0);
-        const float* a = acc.data() + i * Dp;
-        if (c.delta.defined()) {
-          const float cg = c.coef * c.gate_at<T>(b, i, h);
-          const T* dl = at4<T>(c.delta, b, h, i, 0);
-          const int64_t sd = c.delta.stride(3);
-          for (int64_t d = 0; d < D; ++d) store_f(out + d * so, a[d] * inv + cg * load_f(dl + d * sd));
-        } else {
-          for (int64_t d = 0; d < D; ++d) store_f(out + d * so, a[d] * inv);
-        }
+        store_output<T>(c, o, b, h, i, acc.data() + i * Dp, l[i] == 0.0f ? 0.0f : 1.0f / l[i]);
         lse[bh * p.Tq + i] = l[i] == 0.0f ? INFINITY : m[i] + std::log(l[i]);
       }
     }
