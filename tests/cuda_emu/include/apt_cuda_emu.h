@@ -279,6 +279,35 @@ inline void shfl_xor(unsigned mask, const void* in, void* out, size_t bytes, int
   warp_barrier();  // nobody overwrites a slot before the whole warp has read
 }
 
+// p .. p + bytes inside this block's shared memory (static or dynamic)
+inline bool in_shared(const void* p, size_t bytes) {
+  Sched& s = S();
+  const auto* c = static_cast<const unsigned char*>(p);
+  return (c >= s.statics.data() && c + bytes <= s.statics.data() + s.static_used) ||
+         (c >= s.dyn.data() && c + bytes <= s.dyn.data() + s.dyn.size());
+}
+
+// The second half of entering a warp-wide instruction `what` (mma, ldmatrix), after the lane posted its operands:
+// waits for the warp, then checks that all 32 lanes are live and `same(l)` (lane l posted for this instruction).
+// False after failing the launch.
+template <typename Same>
+inline bool warp_collective(const char* what, int warp, int lane, Same same) {
+  Sched& s = S();
+  warp_barrier();  // released once every live lane is here or at another collective: warp_live is final
+  if (s.warp_live[warp] != 32) {
+    fail(std::string(what) + " in a warp with " + std::to_string(s.warp_live[warp]) + " live lanes (needs all 32)");
+    return false;
+  }
+  for (int l = 0; l < 32; ++l)
+    if (!same(l)) {
+      fail(std::string(what) + ": lane " + std::to_string(l) + " is not at the same " + what + " as lane " +
+           std::to_string(lane));
+      warp_barrier();
+      return false;
+    }
+  return true;
+}
+
 inline float mma_elem(int kind, uint32_t reg, int half) {
   const uint16_t u = static_cast<uint16_t>(reg >> (16 * half));
   if (kind == 1) {
@@ -303,19 +332,8 @@ inline void mma_16816(int kind, float* d, const uint32_t* a, const uint32_t* b) 
   std::memcpy(mine.b, b, sizeof(mine.b));
   mine.stamp = stamp;
   mine.kind = kind;
-  warp_barrier();  // released once every live lane is here or at another collective: warp_live is final
-  if (s.warp_live[warp] != 32) {
-    fail("mma in a warp with " + std::to_string(s.warp_live[warp]) + " live lanes (needs all 32)");
-    return;
-  }
   const MmaSlot* w = &s.mma_slots[static_cast<size_t>(warp) * 32];
-  for (int l = 0; l < 32; ++l) {
-    if (w[l].stamp != stamp || w[l].kind != kind || s.fibers[warp * 32 + l].st == St::Done) {
-      fail("mma: lane " + std::to_string(l) + " is not at the same mma as lane " + std::to_string(lane));
-      warp_barrier();
-      return;
-    }
-  }
+  if (!warp_collective("mma", warp, lane, [&](int l) { return w[l].stamp == stamp && w[l].kind == kind; })) return;
   const int g = lane / 4, t = lane % 4;
   for (int e = 0; e < 4; ++e) {
     const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
@@ -338,34 +356,20 @@ inline void ldmatrix_x4(uint32_t* r, const uint16_t* row, bool trans) {
   Sched& s = S();
   Fiber* f = s.cur;
   const int lane = f->linear % 32, warp = f->linear / 32;
-  const auto in = [&](const std::vector<unsigned char>& v, size_t size) {
-    const auto* p = reinterpret_cast<const unsigned char*>(row);
-    return p >= v.data() && p + 16 <= v.data() + size;
-  };
   if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: a row address not 16-byte aligned");
-  else if (!in(s.statics, s.static_used) && !in(s.dyn, s.dyn.size())) fail("ldmatrix: a row outside shared memory");
+  else if (!in_shared(row, 16)) fail("ldmatrix: a row outside shared memory");
   const uint64_t stamp = ++f->shuffles;
   Slot& mine = s.slots[static_cast<size_t>(warp) * 32 + lane];
   const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
   std::memcpy(&mine.value, &addr, sizeof(addr));
   mine.stamp = stamp;
-  warp_barrier();
-  if (s.warp_live[warp] != 32) {
-    fail("ldmatrix in a warp with " + std::to_string(s.warp_live[warp]) + " live lanes (needs all 32)");
-    return;
-  }
   const Slot* w = &s.slots[static_cast<size_t>(warp) * 32];
+  if (!warp_collective("ldmatrix", warp, lane, [&](int l) { return w[l].stamp == stamp; })) return;
   const auto row_of = [&](int src) {
     uintptr_t a;
     std::memcpy(&a, &w[src].value, sizeof(a));
     return reinterpret_cast<const uint16_t*>(a);
   };
-  for (int l = 0; l < 32; ++l)
-    if (w[l].stamp != stamp) {
-      fail("ldmatrix: lane " + std::to_string(l) + " is not at the same ldmatrix as lane " + std::to_string(lane));
-      warp_barrier();
-      return;
-    }
   for (int j = 0; j < 4; ++j) {
     uint16_t lo, hi;
     if (!trans) {
@@ -384,14 +388,10 @@ inline void ldmatrix_x4(uint32_t* r, const uint16_t* row, bool trans) {
 // cp.async.cg 16 bytes global -> shared: queued; the copy lands when the thread waits for its group, so a read
 // before cp_async_wait + __syncthreads sees the old contents (shared memory starts as NaN), as it may on a GPU.
 inline void cp_async16(void* dst, const void* src) {
-  Sched& s = S();
-  const auto* p = static_cast<const unsigned char*>(dst);
-  const bool in_static = p >= s.statics.data() && p + 16 <= s.statics.data() + s.static_used;
-  const bool in_dyn = p >= s.dyn.data() && p + 16 <= s.dyn.data() + s.dyn.size();
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
     fail("cp.async: a 16-byte copy with an address not 16-byte aligned");
-  else if (!in_static && !in_dyn) fail("cp.async: a destination outside shared memory");
-  else s.cur->async_open.push_back(AsyncCopy{dst, src});
+  else if (!in_shared(dst, 16)) fail("cp.async: a destination outside shared memory");
+  else S().cur->async_open.push_back(AsyncCopy{dst, src});
 }
 
 inline void cp_async_commit() {
