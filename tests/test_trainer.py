@@ -241,6 +241,68 @@ def test_keyboard_interrupt_saves_a_resumable_checkpoint(tmp_path):
     assert again.fit()["steps"] == 6
 
 
+class CtrlCMidStep(Plugin):
+    """Ctrl-C while the second micro-batch of step ``at`` is in flight (its forward has drawn dropout masks)."""
+    name = "ctrlc_mid"
+
+    def __init__(self, at):
+        super().__init__(None)
+        self.at, self.seen = at, 0
+
+    def compute_loss(self, ctx):
+        if ctx.step == self.at:
+            self.seen += 1
+            if self.seen == 2:
+                raise KeyboardInterrupt
+
+
+def _assert_same_run(x, y):
+    assert x.history == y.history and x.val_history == y.val_history and x.tokens_seen == y.tokens_seen
+    for (n, px), (_, py) in zip(x.model.state_dict().items(), y.model.state_dict().items()):
+        assert torch.equal(px, py), n
+
+
+def _resume_after_interrupt(tmp_path, over, interrupted):
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    torch.manual_seed(99)  # a fresh process would not share RNG state with the interrupted one
+    c = Trainer(_cfg(tmp_path / "b", **over, **{"training.resume": "auto"}))
+    c.fit()
+    return c
+
+
+def test_ctrl_c_mid_grad_accumulation_resumes_exactly(tmp_path):
+    over = {"model.dropout": 0.1, "training.grad_accum": 2}
+    a = Trainer(_cfg(tmp_path / "a", **over))
+    a.fit()
+    b = Trainer(_cfg(tmp_path / "b", **over), plugins=[CtrlCMidStep(at=4)])
+    c = _resume_after_interrupt(tmp_path, over, b)
+    assert b.step == 4 and c.step == 6
+    _assert_same_run(a, c)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the test's wrapper
+def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_whole(tmp_path):
+    import signal
+
+    over = {"model.dropout": 0.1, "training.grad_accum": 2}
+    a = Trainer(_cfg(tmp_path / "a", **over))
+    a.fit()
+    b = Trainer(_cfg(tmp_path / "b", **over))
+    opt_step = b.optimizer.step
+
+    def step_then_ctrl_c(*args, **kw):
+        out = opt_step(*args, **kw)
+        if b.step == 3:  # the parameters have moved, the scheduler and the step counter not yet
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    b.optimizer.step = step_then_ctrl_c
+    c = _resume_after_interrupt(tmp_path, over, b)
+    assert b.step == 4 and c.step == 6  # the step in flight was finished, then the run stopped
+    _assert_same_run(a, c)
+
+
 def test_bpe_tokenizer_travels_in_the_checkpoint(tmp_path):
     tr = Trainer(_cfg(tmp_path, **{"data.tokenizer": "bpe", "data.bpe_vocab_size": 300,
                                    "training.max_epochs": 1, "training.steps_per_epoch": 1}))

@@ -54,8 +54,9 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping[str, Any], tokenizer: Any,
          optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None, scaler: Any = None,
          trainer_state: Optional[Mapping[str, Any]] = None, plugin_state: Optional[Mapping[str, Any]] = None,
-         rng: bool = True) -> Path:
-    """Write a checkpoint atomically (temporary file, then rename) and return its path."""
+         rng: Union[bool, Mapping[str, Any]] = True) -> Path:
+    """Write a checkpoint atomically (temporary file, then rename) and return its path. ``rng``: True stores the
+    generators' current states, a mapping from :func:`capture_rng` stores those, False none."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob: dict[str, Any] = {
@@ -74,7 +75,9 @@ def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping
         blob["trainer"] = dict(trainer_state)
     if plugin_state is not None:
         blob["plugins"] = dict(plugin_state)
-    if rng:
+    if isinstance(rng, Mapping):
+        blob["rng"] = dict(rng)
+    elif rng:
         blob["rng"] = capture_rng()
     tmp = path.with_name(path.name + ".tmp")
     torch.save(blob, tmp)

@@ -6,14 +6,19 @@ CUDA only (bf16 autocast, or fp16 with a GradScaler), hook broadcasts to the ena
 disables its plugin, training goes on), auxiliary losses (the model's MoE balance / z losses and whatever plugins
 put in ``ctx.aux_losses`` from ``compute_loss``) added to the LM loss, checkpoints to ``<out_dir>/last.pt`` and
 exact resume (model, optimizer, scheduler, scaler, step, position in the epoch, RNG), a progress bar (tqdm when
-installed) with loss and tokens/s.
+installed) with loss and tokens/s. A Ctrl-C saves a checkpoint that resumes exactly too: one arriving between
+micro-batches rolls the step back to its start (RNG included), one arriving during the optimizer step is held until
+the step is whole.
 
 Loss reported per step = mean over its micro-batches of (LM cross-entropy + aux losses).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -53,6 +58,25 @@ def amp_dtype(setting: Any, device: torch.device) -> Optional[torch.dtype]:
     if s in ("auto", "true"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[s]
+
+
+@contextlib.contextmanager
+def _hold_ctrl_c() -> Any:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt when the block ends,
+    so an optimizer step (parameters, optimizer and scheduler state, step counter) is applied whole or not at all.
+    Only where Python's own handler is installed, in the main thread: a handler set by the user stays in charge."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -152,12 +176,14 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out_dir / ckpt.CHECKPOINT_NAME
 
-    def save_checkpoint(self, path: Optional[Path] = None) -> Path:
+    def save_checkpoint(self, path: Optional[Path] = None, rng: Optional[Mapping[str, Any]] = None) -> Path:
+        """Write the checkpoint; ``rng``: the generator states to store instead of the current ones."""
         state = {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
                  "history": list(self.history), "val_history": list(self.val_history),
                  "tokens_seen": self.tokens_seen}
         out = ckpt.save(path or self.checkpoint_path, self.model, self.cfg, self.tokenizer, self.optimizer,
-                        self.scheduler, self.scaler, state, self.plugins.state_dict())
+                        self.scheduler, self.scaler, state, self.plugins.state_dict(),
+                        rng=dict(rng) if rng is not None else True)
         logger.info("checkpoint saved: %s (epoch %d, step %d)", out, self.epoch, self.step)
         return out
 
@@ -191,6 +217,30 @@ class Trainer:
         logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
     # ---- loop --------------------------------------------------------------------------------------------
+    def _optimizer_step(self, clip: Any, step_losses: list[torch.Tensor]) -> tuple[float, float, Optional[float]]:
+        """Apply the accumulated gradients: unscale, clip, step, scheduler, counters, loss history. Returns (loss,
+        the LR this step used, grad norm or None)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if clip:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip)))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]  # before the scheduler moves on
+        self.scheduler.step()
+        self.step += 1
+        loss = float(torch.stack(step_losses).float().mean())
+        if not math.isfinite(loss) and self.scaler is None:
+            raise FloatingPointError(
+                f"training loss is {loss} at epoch {self.epoch}, step {self.step}; lower training.lr, "
+                "keep training.grad_clip on, or check the data")
+        self.history.append(loss)
+        return loss, lr, grad_norm
+
     def _sync_ctx(self, **kw: Any) -> HookContext:
         c = self.ctx
         c.epoch, c.step = self.epoch, self.step
@@ -246,6 +296,9 @@ class Trainer:
         ctx = self._sync_ctx()
         self.plugins.broadcast("on_training_start", ctx)
         stopped = False
+        # (tokens_seen, RNG states) when the optimizer step in flight started; None between steps. A Ctrl-C
+        # mid-step rolls back to it, so the resumed run redraws that step's dropout / noise exactly.
+        at_step_start: Optional[tuple[int, dict[str, Any]]] = None
         try:
             while self.step < self.total_steps and not stopped:
                 ctx = self._sync_ctx()
@@ -257,6 +310,7 @@ class Trainer:
                 parts_sum: dict[str, torch.Tensor] = {}
                 for x, y in batches:
                     if self.batch_in_epoch % accum == 0:
+                        at_step_start = (self.tokens_seen, ckpt.capture_rng())
                         self.optimizer.zero_grad(set_to_none=True)
                         step_losses, parts_sum = [], {}
                         ctx = self._sync_ctx(batch=(x, y))
@@ -277,25 +331,9 @@ class Trainer:
                     if self.batch_in_epoch % accum:
                         continue
                     # optimizer step
-                    if self.scaler is not None:
-                        self.scaler.unscale_(self.optimizer)
-                    grad_norm = None
-                    if clip:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip)))
-                    if self.scaler is not None:
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                    else:
-                        self.optimizer.step()
-                    lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used, before the scheduler moves on
-                    self.scheduler.step()
-                    self.step += 1
-                    loss = float(torch.stack(step_losses).float().mean())
-                    if not math.isfinite(loss) and self.scaler is None:
-                        raise FloatingPointError(
-                            f"training loss is {loss} at epoch {self.epoch}, step {self.step}; lower training.lr, "
-                            "keep training.grad_clip on, or check the data")
-                    self.history.append(loss)
+                    with _hold_ctrl_c():
+                        loss, lr, grad_norm = self._optimizer_step(clip, step_losses)
+                        at_step_start = None
                     ctx = self._sync_ctx(loss=loss)
                     ctx.metrics.update({"loss": loss, "lr": lr,
                                         "grad_norm": grad_norm, **{f"loss_{k}": float(v) for k, v in parts_sum.items()}})
@@ -331,7 +369,10 @@ class Trainer:
         except KeyboardInterrupt:
             # keep what was learnt: roll back to the last whole optimizer step and save, so --resume continues
             self.batch_in_epoch -= self.batch_in_epoch % accum
-            path = self.save_checkpoint()
+            rng = None
+            if at_step_start is not None:  # stopped inside a step: its micro-batches are redone on resume
+                self.tokens_seen, rng = at_step_start
+            path = self.save_checkpoint(rng=rng)
             logger.warning("interrupted at epoch %d step %d; checkpoint saved to %s", self.epoch, self.step, path)
             raise
         finally:
