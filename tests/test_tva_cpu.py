@@ -30,8 +30,12 @@ _MASKS = [(True, None, 0, False, 0), (True, None, 0, True, 70), (True, 20, 0, Fa
 
 
 @pytest.mark.parametrize("causal,window,sinks,pad,extra", _MASKS)
-def test_cpu_matches_reference(causal, window, sinks, pad, extra):
-    # T = 131 crosses two 64-row blocks and ends in a partial one; D = 24
+@pytest.mark.parametrize("pack", ["0", "1"])
+def test_cpu_matches_reference(monkeypatch, pack, causal, window, sinks, pad, extra):
+    """T = 131 crosses two 64-row blocks and ends in a partial one; D = 24. APT_TVA_CPU_PACK: the forward packs K
+    and V first (1; by default past 8 query blocks) or converts each key block inside every task that uses it
+    (0)."""
+    monkeypatch.setenv("APT_TVA_CPU_PACK", pack)
     inp = random_tva_inputs(B=2, H=2, Tq=131, Tk=131 + extra, D=24, pad=pad, coef_tensor=True, requires_grad=True,
                             seed=extra)
     _compare(inp, causal=causal, window=window, sinks=sinks)
@@ -40,9 +44,9 @@ def test_cpu_matches_reference(causal, window, sinks, pad, extra):
 @pytest.mark.parametrize("causal,window,sinks,pad,extra", _MASKS)
 @pytest.mark.parametrize("Tq,D", [(1, 24), (1, 32), (3, 32), (37, 24), (64, 32)])
 def test_cpu_short_queries_match_reference(Tq, D, causal, window, sinks, pad, extra):
-    """Tq <= 64 (decode, short prompts) takes the forward that converts each key block inside its task instead of
-    packing all of K and V (forward_short; Tq <= 4: scores by dot products; fp32 with D a multiple of 16: full key
-    blocks read in place): the same mask matrix, against caches of 131+ keys."""
+    """Tq <= 64 (decode, short prompts): one query block, each key block converted inside its task (Tq <= 4:
+    scores by dot products; fp32 with D a multiple of 16: full key blocks read in place): the same mask matrix,
+    against caches of 131+ keys."""
     inp = random_tva_inputs(B=2, H=2, Tq=Tq, Tk=131 + extra, D=D, pad=pad, coef_tensor=True, requires_grad=True,
                             seed=Tq + extra)
     _compare(inp, causal=causal, window=window, sinks=sinks)
@@ -65,10 +69,11 @@ def test_cpu_short_queries_strided(dtype):
     _compare(inp, dtype=dtype, window=40, sinks=2)
 
 
-def test_cpu_scratch_reused_across_shapes():
-    """The packed panels are kept between calls (per thread) and handed out zeroed: a call after a bigger one with
-    other paddings (T, D not multiples of the blocks) still matches the reference, forward and backward, and
-    repeats exactly."""
+def test_cpu_scratch_reused_across_shapes(monkeypatch):
+    """The packed panels are kept between calls (per thread) and not cleared: packing writes every element,
+    padding included. A call after a bigger one with other paddings (T, D not multiples of the blocks) still
+    matches the reference, forward and backward, and repeats exactly."""
+    monkeypatch.setenv("APT_TVA_CPU_PACK", "1")  # the forward's panels too
     big = random_tva_inputs(B=2, H=3, Tq=200, Tk=260, D=40, pad=True, coef_tensor=True, requires_grad=True, seed=21)
     small = random_tva_inputs(B=1, H=2, Tq=70, Tk=90, D=24, pad=True, coef_tensor=True, requires_grad=True, seed=22)
     _compare(big, window=50, sinks=3)
@@ -77,6 +82,21 @@ def test_cpu_scratch_reused_across_shapes():
         first = tva_attention_cpu(**small)
         tva_attention_cpu(**big)
         assert torch.equal(tva_attention_cpu(**small), first)
+
+
+def test_cpu_nan_of_an_earlier_call_stays_in_that_call(monkeypatch):
+    """The kept panels' padding (rows past T, head dims past D) is rewritten by every call: NaN in the last rows
+    and columns of one call's inputs must not reach a later, smaller call through it (0 · NaN = NaN)."""
+    monkeypatch.setenv("APT_TVA_CPU_PACK", "1")
+    bad = random_tva_inputs(B=1, H=2, Tq=128, Tk=128, D=32, coef_tensor=True, requires_grad=True, seed=30)
+    with torch.no_grad():
+        for name in ("q", "k", "v", "delta"):
+            bad[name][:, :, 70:] = float("nan")
+            bad[name][..., 24:] = float("nan")
+    out = tva_attention_cpu(**bad)
+    out.backward(torch.full_like(out, float("nan")))
+    small = random_tva_inputs(B=1, H=2, Tq=70, Tk=70, D=24, coef_tensor=True, requires_grad=True, seed=31)
+    _compare(small)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -118,10 +138,12 @@ def test_cpu_strided_output_gradient(go_layout):
 @pytest.mark.parametrize("bwd", ["fused", "split"])
 def test_cpu_every_build_and_backward_form(monkeypatch, isa, bwd):
     """APT_TVA_CPU_ISA caps the kernel build (to what the CPU runs); APT_TVA_CPU_BWD picks the backward's form
-    (fused: dQ accumulated in the key-block pass, one task per batch·head; split: dK/dV then dQ). D = 40 pads to 48,
-    so the AVX-512 column tiles take their 32- and 16-wide tails; Tq < Tk, a window with sinks and padding."""
+    (fused: dQ accumulated in the key-block pass, one task per batch·head; split: dK/dV then dQ), and with it the
+    forward's (fused: K and V packed first; split: each key block converted in its task). D = 40 pads to 48, so the
+    AVX-512 column tiles take their 32- and 16-wide tails; Tq < Tk, a window with sinks and padding."""
     monkeypatch.setenv("APT_TVA_CPU_ISA", isa)
     monkeypatch.setenv("APT_TVA_CPU_BWD", bwd)
+    monkeypatch.setenv("APT_TVA_CPU_PACK", "1" if bwd == "fused" else "0")
     inp = random_tva_inputs(B=2, H=3, Tq=150, Tk=190, D=40, pad=True, coef_tensor=True, requires_grad=True, seed=3)
     _compare(inp, window=50, sinks=2)
     _compare(inp)

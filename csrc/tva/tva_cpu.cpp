@@ -1,15 +1,17 @@
 // Fused TVA attention on the CPU: o = softmax(q kᵀ·scale + mask) v + coef·gate·delta with an online softmax over
 // key blocks (never the Tq×Tk matrix), and its backward recomputing P blockwise from the saved log-sum-exp.
 // q, delta, o: (B, H, Tq, D); k, v: (B, H, Tk, D); gate (B, Tq, H); pad (B, Tk) bool True = padded; any strides;
-// fp32/fp16/bf16 storage, fp32 accumulation. Head dim <= 256. The inputs are packed once per call into dense fp32
-// panels (O(T·D), padded to whole blocks; a forward with Tq <= 64, e.g. decode, converts each key block inside its
-// task instead, forward_short), the kernels (tva_cpu_impl.h, built generic / AVX2 / AVX-512 and picked at
-// run time) run register-tiled 64×64 block products on them, OpenMP over batch·heads × blocks.
+// fp32/fp16/bf16 storage, fp32 accumulation. Head dim <= 256. The kernels (tva_cpu_impl.h, built generic / AVX2 /
+// AVX-512 and picked at run time) run register-tiled 64×64 block products on dense fp32 blocks, OpenMP over
+// batch·heads × blocks. The forward reads q and writes o straight from the views, and converts each key block inside
+// the task that uses it, or, past 8 query blocks, reads K and V from panels packed once per call; the backward packs
+// its inputs into panels (O(T·D), padded to whole blocks) and writes dq, dk, dv straight to the views.
 // This file also binds the CUDA kernels of tva_cuda.cu (under APT_WITH_CUDA) so the family registers once.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -87,6 +89,41 @@ inline void store_output(const Ctx& c, const TensorView& o, int64_t b, int64_t h
   }
 }
 
+// Where the backward's kernels write rows of dq, dk or dv: dense fp32 rows (ld apart) times mul -> rows r0 .. r0+n of
+// batch·head bh of a (B, H, T, D) view, converted to its dtype. The kernels are built once per ISA, not per dtype:
+// the conversion is a call per block of rows, through a function pointer.
+struct RowSink {
+  using Fn = void (*)(const TensorView& t, int64_t bh, int64_t r0, int64_t n, const float* src, int64_t ld,
+                      float mul);
+  Fn fn = nullptr;
+  const TensorView* t = nullptr;
+  void operator()(int64_t bh, int64_t r0, int64_t n, const float* src, int64_t ld, float mul) const {
+    fn(*t, bh, r0, n, src, ld, mul);
+  }
+};
+
+template <typename T>
+void store_rows(const TensorView& t, int64_t bh, int64_t r0, int64_t n, const float* src, int64_t ld, float mul) {
+  const int64_t H = t.size(1), D = t.size(3), s3 = t.stride(3);
+  for (int64_t r = 0; r < n; ++r) {
+    T* o = at4<T>(t, bh / H, bh % H, r0 + r, 0);
+    const float* a = src + r * ld;
+    if (s3 == 1) {
+      for (int64_t d = 0; d < D; ++d) store_f(o + d, a[d] * mul);
+    } else {
+      for (int64_t d = 0; d < D; ++d) store_f(o + d * s3, a[d] * mul);
+    }
+  }
+}
+
+template <typename T>
+RowSink row_sink(const TensorView& t) {
+  RowSink s;
+  s.fn = &store_rows<T>;
+  s.t = &t;
+  return s;
+}
+
 // What the kernels of tva_cpu_impl.h read: dense fp32 copies, per batch·head, with the head dim padded to Dp (a
 // multiple of 16) and the rows to Tqp/Tkp (multiples of kBlk), zeros in the padding. "t" layouts are transposed
 // (Dp × T), so that a block's scores are a product of two row-major panels. q is scaled by the softmax scale.
@@ -99,7 +136,8 @@ struct Packed {
   const float* kbias = nullptr;              // (B, Tkp): 0, or -inf for padded keys and keys past Tk
   bool any_pad = false;
   const float *lse = nullptr, *di = nullptr;  // (BH, Tqp), backward; lse +inf past Tq
-  int bwd_split = -1;  // backward form: -1 by the head count, 0 fused, 1 split (APT_TVA_CPU_BWD, for the tests)
+  int bwd_split = 0;  // the backward's form: 0 fused, 1 split (tva_bwd decides)
+  RowSink dq_out, dk_out, dv_out;  // backward
 };
 
 // The whole rectangle of (query position, key) pairs [p0, p1] × [n0, n1] is inside the causal/window band. With
@@ -146,84 +184,90 @@ CpuIsa tva_isa() {
 #endif
 }
 
-void run_forward(const Packed& p, float* a, float* lse) {
-  switch (tva_isa()) {
-#ifdef APT_TVA_AVX2
-    case CpuIsa::avx512: avx512::forward(p, a, lse); return;
-    case CpuIsa::avx2: avx2::forward(p, a, lse); return;
-#endif
-    default: generic::forward(p, a, lse);
-  }
-}
-
 template <typename T>
-void run_forward_short(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
+void run_forward(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
   switch (tva_isa()) {
 #ifdef APT_TVA_AVX2
-    case CpuIsa::avx512: avx512::forward_short<T>(c, p, o, lse); return;
-    case CpuIsa::avx2: avx2::forward_short<T>(c, p, o, lse); return;
+    case CpuIsa::avx512: avx512::forward<T>(c, p, o, lse); return;
+    case CpuIsa::avx2: avx2::forward<T>(c, p, o, lse); return;
 #endif
-    default: generic::forward_short<T>(c, p, o, lse);
+    default: generic::forward<T>(c, p, o, lse);
   }
 }
 
-void run_backward(const Packed& p, float* dq, float* dk, float* dv) {
+void run_backward(const Packed& p) {
   switch (tva_isa()) {
 #ifdef APT_TVA_AVX2
-    case CpuIsa::avx512: avx512::backward(p, dq, dk, dv); return;
-    case CpuIsa::avx2: avx2::backward(p, dq, dk, dv); return;
+    case CpuIsa::avx512: avx512::backward(p); return;
+    case CpuIsa::avx2: avx2::backward(p); return;
 #endif
-    default: generic::backward(p, dq, dk, dv);
+    default: generic::backward(p);
   }
 }
 
-// (B, H, T, D) view times `mul` -> packed (BH, Tp, Dp) rows and/or (BH, Dp, Tp) transposed (either may be null;
-// both buffers arrive zeroed). One task per (batch·head, row block): rows first, then the block transposed from them.
+// One panel job of pack(): a (B, H, T, D) view times `mul` -> packed (BH, Tp, Dp) rows and/or (BH, Dp, Tp)
+// transposed columns (either may be null).
+struct PackJob {
+  const TensorView* t;
+  int64_t Tp;
+  float mul;
+  float* rows;
+  float* cols;
+};
+
+// Every job's panels, in one parallel region: a task per (job, batch·head, row block) writes its whole block,
+// zeros in the padding included (rows past T, head dims past D), so the buffers need no clearing beforehand. Rows
+// first, then the block transposed from them.
 template <typename T>
-void pack(const TensorView& t, int64_t Tp, int64_t Dp, float mul, float* rows, float* cols) {
-  const int64_t B = t.size(0), H = t.size(1), T_ = t.size(2), D = t.size(3), nb = tva::cdiv(T_, kBlk);
+void pack(std::initializer_list<PackJob> list, int64_t Dp) {
+  const std::vector<PackJob> jobs(list);
+  std::vector<int64_t> first(jobs.size() + 1, 0);  // first task of each job
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const TensorView& t = *jobs[i].t;
+    first[i + 1] = first[i] + t.size(0) * t.size(1) * tva::cdiv(t.size(2), kBlk);
+  }
 #pragma omp parallel
   {
-    std::vector<float> tmp(rows ? 0 : kBlk * Dp, 0.0f);
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t bh = 0; bh < B * H; ++bh)
-      for (int64_t rb = 0; rb < nb; ++rb) {
-        const int64_t b = bh / H, h = bh % H, r0 = rb * kBlk, n = std::min(kBlk, T_ - r0);
-        float* dst = rows ? rows + (bh * Tp + r0) * Dp : tmp.data();
-        for (int64_t r = 0; r < n; ++r) load_row(at4<T>(t, b, h, r0 + r, 0), t.stride(3), D, mul, dst + r * Dp);
-        if (cols)
-          for (int64_t d = 0; d < D; ++d) {
-            float* o = cols + (bh * Dp + d) * Tp + r0;
-            for (int64_t r = 0; r < n; ++r) o[r] = dst[r * Dp + d];
-          }
+    std::vector<float> tmp(kBlk * Dp);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < first.back(); ++task) {
+      size_t ji = 0;
+      while (task >= first[ji + 1]) ++ji;
+      const PackJob& jb = jobs[ji];
+      const TensorView& t = *jb.t;
+      const int64_t H = t.size(1), T_ = t.size(2), D = t.size(3), nb = tva::cdiv(T_, kBlk);
+      const int64_t bh = (task - first[ji]) / nb, rb = (task - first[ji]) % nb;
+      const int64_t b = bh / H, h = bh % H, r0 = rb * kBlk, n = std::min(kBlk, T_ - r0);
+      float* dst = jb.rows ? jb.rows + (bh * jb.Tp + r0) * Dp : tmp.data();
+      for (int64_t r = 0; r < kBlk; ++r) {
+        float* row = dst + r * Dp;
+        if (r < n) {
+          load_row(at4<T>(t, b, h, r0 + r, 0), t.stride(3), D, jb.mul, row);
+          std::fill(row + D, row + Dp, 0.0f);
+        } else {
+          std::fill(row, row + Dp, 0.0f);
+        }
       }
-  }
-}
-
-// The packed (BH, Tp, Dp) rows -> a (B, H, T, D) view of dtype T.
-template <typename T>
-void unpack(const float* src, int64_t Tp, int64_t Dp, const TensorView& t) {
-  const int64_t B = t.size(0), H = t.size(1), T_ = t.size(2), D = t.size(3);
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t bh = 0; bh < B * H; ++bh)
-    for (int64_t r = 0; r < T_; ++r) {
-      const float* s = src + (bh * Tp + r) * Dp;
-      T* o = at4<T>(t, bh / H, bh % H, r, 0);
-      for (int64_t d = 0; d < D; ++d) store_f(o + d * t.stride(3), s[d]);
+      if (jb.cols)
+        for (int64_t d = 0; d < Dp; ++d) {
+          float* o = jb.cols + (bh * Dp + d) * jb.Tp + r0;
+          for (int64_t r = 0; r < kBlk; ++r) o[r] = dst[r * Dp + d];
+        }
     }
+  }
 }
 
 // Panels kept between calls, per calling thread. Fresh vectors of this size (past glibc's mmap threshold) are new
 // pages on every call, and their page faults took ~60% of a forward at T 512 (B 1, H 8, D 64: 3.6 ms, 1.4 ms with
-// the memory kept). Handed out zeroed, as the vectors were; whatever a call leaves above kKeepBytes is freed.
+// the memory kept). Handed out as they are (pack() writes every element); whatever a call leaves above kKeepBytes is
+// freed.
 class Scratch {
  public:
   static constexpr size_t kKeepBytes = size_t(256) << 20;
-  float* zeroed(size_t slot, size_t n) {
+  float* get(size_t slot, size_t n) {
     if (bufs_.size() <= slot) bufs_.resize(slot + 1);
     std::vector<float>& b = bufs_[slot];
-    if (b.size() < n) b.assign(n, 0.0f);
-    else std::fill(b.begin(), b.begin() + static_cast<std::ptrdiff_t>(n), 0.0f);
+    if (b.size() < n) b.resize(n);
     return b.data();
   }
   void trim() {
@@ -241,7 +285,7 @@ struct ScratchScope {
   Scratch& s;
   ScratchScope() : s(instance()) {}
   ~ScratchScope() { s.trim(); }
-  float* zeroed(size_t slot, int64_t n) { return s.zeroed(slot, static_cast<size_t>(n)); }
+  float* get(size_t slot, int64_t n) { return s.get(slot, static_cast<size_t>(n)); }
   static Scratch& instance() {
     thread_local Scratch sc;
     return sc;
@@ -267,28 +311,30 @@ Packed packed_shape(const Ctx& c, std::vector<float>& kbias) {
   return p;
 }
 
+// APT_TVA_CPU_PACK=0|1 (read on every call, for the tests) overrides whether the forward packs K and V first.
+bool forward_packs_kv(int64_t nmb) {
+  if (const char* f = std::getenv("APT_TVA_CPU_PACK")) return std::strcmp(f, "1") == 0;
+  // Each key block serves up to nmb query blocks. Converting it inside every task that uses it measured faster
+  // than a first pass over the whole of K and V up to 4 query blocks and as fast at 8 (fp32 and bf16, 2 cores);
+  // packing pays once a block is reused more often.
+  return nmb > 8;
+}
+
 template <typename T>
 void tva_fwd(const Ctx& c, const TensorView& o, float* lse) {
   if (c.B * c.H * c.Tq == 0) return;
   std::vector<float> kbias;
   Packed p = packed_shape(c, kbias);
-  if (c.Tq <= kBlk) return run_forward_short<T>(c, p, o, lse);  // one query block: no whole-tensor packing
-  const int64_t BH = c.B * c.H;
   ScratchScope sc;
-  float* qp = sc.zeroed(0, BH * p.Tqp * p.Dp);
-  float* kt = sc.zeroed(1, BH * p.Dp * p.Tkp);
-  float* vp = sc.zeroed(2, BH * p.Tkp * p.Dp);
-  float* a = sc.zeroed(3, BH * p.Tqp * p.Dp);
-  pack<T>(c.q, p.Tqp, p.Dp, c.scale, qp, nullptr);
-  pack<T>(c.k, p.Tkp, p.Dp, 1.0f, nullptr, kt);
-  pack<T>(c.v, p.Tkp, p.Dp, 1.0f, vp, nullptr);
-  p.qp = qp; p.kt = kt; p.vp = vp;
-  run_forward(p, a, lse);
-  // epilogue: o = A + coef·gate·delta
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t bh = 0; bh < BH; ++bh)
-    for (int64_t t = 0; t < c.Tq; ++t)
-      store_output<T>(c, o, bh / c.H, bh % c.H, t, a + (bh * p.Tqp + t) * p.Dp, 1.0f);
+  if (forward_packs_kv(tva::cdiv(c.Tq, kBlk))) {
+    const int64_t BH = c.B * c.H;
+    float* kt = sc.get(0, BH * p.Dp * p.Tkp);
+    float* vp = sc.get(1, BH * p.Tkp * p.Dp);
+    pack<T>({PackJob{&c.k, p.Tkp, 1.0f, nullptr, kt}, PackJob{&c.v, p.Tkp, 1.0f, vp, nullptr}}, p.Dp);
+    p.kt = kt;
+    p.vp = vp;
+  }
+  run_forward<T>(c, p, o, lse);
 }
 
 template <typename T>
@@ -301,45 +347,55 @@ void tva_bwd(const Ctx& c, const TensorView& go, const TensorView& o, const floa
   const int64_t Dp = p.Dp, Tqp = p.Tqp, Tkp = p.Tkp;
   // Di = Σ_d dO·A with A = o - coef·gate·delta; dDelta = coef·gate·dO; rowdot = Σ_d delta·dO; lse padded (+inf)
   std::vector<float> di(BH * Tqp, 0.0f), lsep(BH * Tqp, std::numeric_limits<float>::infinity());
+  const bool has_delta = c.delta.defined();
+  const int64_t sg = go.stride(3), so = o.stride(3), sdl = has_delta ? c.delta.stride(3) : 0,
+                sdd = has_delta ? ddelta.stride(3) : 0;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t bh = 0; bh < BH; ++bh)
     for (int64_t t = 0; t < c.Tq; ++t) {
       const int64_t b = bh / c.H, h = bh % c.H;
-      const float cg = c.delta.defined() ? c.coef * c.gate_at<T>(b, t, h) : 0.f;
-      float s = 0.f, rd = 0.f;
-      for (int64_t d = 0; d < D; ++d) {
-        const float g = load_f(at4<T>(go, b, h, t, d));
-        float a = load_f(at4<T>(o, b, h, t, d));
-        if (c.delta.defined()) {
-          const float dl = load_f(at4<T>(c.delta, b, h, t, d));
-          a -= cg * dl;
-          rd += dl * g;
-          store_f(at4<T>(ddelta, b, h, t, d), cg * g);
+      const T* g = at4<T>(go, b, h, t, 0);
+      const T* a = at4<T>(o, b, h, t, 0);
+      float s = 0.f;
+      if (has_delta) {
+        const float cg = c.coef * c.gate_at<T>(b, t, h);
+        const T* dl = at4<T>(c.delta, b, h, t, 0);
+        T* dd = at4<T>(ddelta, b, h, t, 0);
+        float rd = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          const float gv = load_f(g + d * sg), dlv = load_f(dl + d * sdl);
+          s += gv * (load_f(a + d * so) - cg * dlv);
+          rd += dlv * gv;
+          store_f(dd + d * sdd, cg * gv);
         }
-        s += g * a;
+        rowdot[bh * c.Tq + t] = rd;
+      } else {
+        for (int64_t d = 0; d < D; ++d) s += load_f(g + d * sg) * load_f(a + d * so);
       }
       di[bh * Tqp + t] = s;
       lsep[bh * Tqp + t] = lse[bh * c.Tq + t];
-      if (c.delta.defined()) rowdot[bh * c.Tq + t] = rd;
     }
   ScratchScope sc;
-  float *qp = sc.zeroed(0, BH * Tqp * Dp), *qt = sc.zeroed(1, BH * Dp * Tqp);
-  float *gp = sc.zeroed(2, BH * Tqp * Dp), *gt = sc.zeroed(3, BH * Dp * Tqp);
-  float *kp = sc.zeroed(4, BH * Tkp * Dp), *kt = sc.zeroed(5, BH * Dp * Tkp);
-  float *vp = sc.zeroed(6, BH * Tkp * Dp), *vt = sc.zeroed(7, BH * Dp * Tkp);
-  pack<T>(c.q, Tqp, Dp, c.scale, qp, qt);
-  pack<T>(go, Tqp, Dp, 1.0f, gp, gt);
-  pack<T>(c.k, Tkp, Dp, 1.0f, kp, kt);
-  pack<T>(c.v, Tkp, Dp, 1.0f, vp, vt);
+  float *qp = sc.get(0, BH * Tqp * Dp), *qt = sc.get(1, BH * Dp * Tqp);
+  float *gp = sc.get(2, BH * Tqp * Dp), *gt = sc.get(3, BH * Dp * Tqp);
+  // the backward's form (see backward in tva_cpu_impl.h): fused with at least as many batch·heads as threads,
+  // evenly shared; APT_TVA_CPU_BWD=fused|split (read on every call, for the tests) overrides
+  const int64_t nth = omp_threads();
+  bool split = !(BH >= nth && (BH % nth == 0 || BH >= 4 * nth));
+  if (const char* f = std::getenv("APT_TVA_CPU_BWD")) split = std::strcmp(f, "split") == 0;
+  p.bwd_split = split ? 1 : 0;
+  float *kp = sc.get(4, BH * Tkp * Dp), *kt = split ? sc.get(5, BH * Dp * Tkp) : nullptr;
+  float *vp = sc.get(6, BH * Tkp * Dp), *vt = split ? sc.get(7, BH * Dp * Tkp) : nullptr;
+  pack<T>({PackJob{&c.q, Tqp, c.scale, qp, qt}, PackJob{&go, Tqp, 1.0f, gp, gt}, PackJob{&c.k, Tkp, 1.0f, kp, kt},
+           PackJob{&c.v, Tkp, 1.0f, vp, vt}},
+          Dp);
   p.qp = qp; p.qt = qt; p.gp = gp; p.gt = gt;
   p.kp = kp; p.kt = kt; p.vp = vp; p.vt = vt;
   p.lse = lsep.data(); p.di = di.data();
-  if (const char* f = std::getenv("APT_TVA_CPU_BWD")) p.bwd_split = std::strcmp(f, "split") == 0 ? 1 : 0;
-  float *dqp = sc.zeroed(8, BH * Tqp * Dp), *dkp = sc.zeroed(9, BH * Tkp * Dp), *dvp = sc.zeroed(10, BH * Tkp * Dp);
-  run_backward(p, dqp, dkp, dvp);
-  unpack<T>(dqp, Tqp, Dp, dq);
-  unpack<T>(dkp, Tkp, Dp, dk);
-  unpack<T>(dvp, Tkp, Dp, dv);
+  p.dq_out = row_sink<T>(dq);
+  p.dk_out = row_sink<T>(dk);
+  p.dv_out = row_sink<T>(dv);
+  run_backward(p);
 }
 
 // ---- argument checks (the Python side validates too; this keeps direct calls from crashing) ----

@@ -121,40 +121,6 @@ static inline void softmax_step(float* S, int64_t rows, float* m, float* l, floa
 
 static inline int64_t round_rows(int64_t n) { return (n + kR - 1) / kR * kR; }
 
-// Forward: one task per (query block, batch·head), the longest causal blocks first. a: (BH, Tqp, Dp) normalised
-// attention; lse: (BH, Tq), +inf on rows with no visible key.
-void forward(const Packed& p, float* a, float* lse) {
-  const int64_t BH = p.B * p.H, Dp = p.Dp, nmb = tva::cdiv(p.Tq, kBlk), ntask = BH * nmb;
-#pragma omp parallel
-  {
-    std::vector<float> S(kBlk * kBlk), acc(kBlk * Dp);
-    float m[kBlk], l[kBlk], alpha[kBlk];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < ntask; ++t) {
-      const int64_t mb = nmb - 1 - t / BH, bh = t % BH, b = bh / p.H;
-      const int64_t m0 = mb * kBlk, bm = std::min(kBlk, p.Tq - m0), mr = round_rows(bm);
-      const float* Q = p.qp + (bh * p.Tqp + m0) * Dp;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m, m + kBlk, NEG_INF);
-      std::fill(l, l + kBlk, 0.0f);
-      const auto kb = tva::key_blocks(p.mask, m0, bm, kBlk);
-      for (int64_t it = 0; it < kb.count(); ++it) {
-        const int64_t n0 = kb.start(it, kBlk);
-        gemm_nt(Q, Dp, p.kt + bh * Dp * p.Tkp + n0, p.Tkp, S.data(), mr, Dp);
-        mask_block(p, b, m0, n0, mr, false, S.data());
-        softmax_step(S.data(), mr, m, l, alpha);
-        gemm_acc(S.data(), kBlk, p.vp + (bh * p.Tkp + n0) * Dp, Dp, acc.data(), Dp, mr, kBlk, Dp, alpha);
-      }
-      for (int64_t i = 0; i < bm; ++i) {
-        const float inv = l[i] == 0.0f ? 0.0f : 1.0f / l[i];
-        float* out = a + (bh * p.Tqp + m0 + i) * Dp;
-        for (int64_t d = 0; d < Dp; ++d) out[d] = acc[i * Dp + d] * inv;
-        lse[bh * p.Tq + m0 + i] = l[i] == 0.0f ? INFINITY : m[i] + std::log(l[i]);
-      }
-    }
-  }
-}
-
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 
@@ -179,45 +145,49 @@ static inline void scores_by_dot(const float* Q, int64_t Dp, const float* K, int
   }
 }
 
-// Forward for Tq <= kBlk (decode: Tq = 1), straight from the (B, H, T, D) views: with one query block per
-// batch·head every key block is used once, so it is converted to fp32 inside the task (buffers of a block, in L1/L2)
-// instead of the whole of K and V being packed first; those whole-cache copies, in fresh pages on every call, cost
-// far more than the attention itself at decode (Tq 1, Tk 4096: ~20x the reference's time). Writes o, perturbation
-// included, and lse (+inf on rows with no visible key). One task per batch·head.
+// Forward: one task per (query block, batch·head), the longest causal blocks first, straight from the (B, H, T, D)
+// views: a task loads its Q block (scaled) and writes o (perturbation included) and lse (+inf on rows with no visible
+// key) itself. Key blocks come from the packed panels p.kt / p.vp when tva_fwd made them (when several query blocks
+// share each key block); otherwise each task converts the blocks it uses into buffers of one block (in L1/L2), which
+// costs less than a pass over the whole of K and V when a block is used once or twice: at decode (Tq 1, Tk 4096)
+// whole-cache copies in fresh pages cost ~20x the reference's time.
 template <typename T>
-void forward_short(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
-  const int64_t BH = p.B * p.H, Dp = p.Dp, D = c.D, bm = p.Tq, mr = round_rows(bm);
+void forward(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
+  const int64_t BH = p.B * p.H, Dp = p.Dp, D = c.D, nmb = tva::cdiv(p.Tq, kBlk), ntask = BH * nmb;
   const int64_t sq = c.q.stride(3), sk = c.k.stride(3), sv = c.v.stride(3);
-  // a few rows: scores by dot products with K's rows, not through a transposed panel
-  const bool by_dot = bm <= 4;
+  // a few rows: scores by dot products with K's rows (never packed then: one query block), not a transposed panel
+  const bool by_dot = p.Tq <= 4 && !p.kt;
   // fp32 rows with a unit head-dim stride and no head-dim padding are read in place (full key blocks)
   const bool k_direct = std::is_same_v<T, float> && D == Dp && sk == 1 && by_dot;
   const bool v_direct = std::is_same_v<T, float> && D == Dp && sv == 1;
 #pragma omp parallel
   {
-    // zero-initialised once: the head-dim padding (d >= D), Q's rows past Tq and S's rows past Tq are never
-    // written by the loads (S's padding rows only ever hold finite values)
-    std::vector<float> Q(kBlk * Dp, 0.0f), Kb(Dp * kBlk, 0.0f), V(kBlk * Dp, 0.0f), S(kBlk * kBlk, 0.0f),
-        acc(kBlk * Dp);
+    // zero-initialised once: the head-dim padding (d >= D) is never written by the loads, and Q's rows past a
+    // partial block keep finite values (zeros, or an earlier block's rows), so S's padding rows stay finite
+    std::vector<float> Q(kBlk * Dp, 0.0f), Kb(p.kt ? 0 : Dp * kBlk, 0.0f), V(p.vp ? 0 : kBlk * Dp, 0.0f),
+        S(kBlk * kBlk, 0.0f), acc(kBlk * Dp);
     float m[kBlk], l[kBlk], alpha[kBlk];
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < BH; ++bh) {
-      const int64_t b = bh / p.H, h = bh % p.H;
-      for (int64_t i = 0; i < bm; ++i) load_row(at4<T>(c.q, b, h, i, 0), sq, D, c.scale, &Q[i * Dp]);
+    for (int64_t t = 0; t < ntask; ++t) {
+      const int64_t mb = nmb - 1 - t / BH, bh = t % BH, b = bh / p.H, h = bh % p.H;
+      const int64_t m0 = mb * kBlk, bm = std::min(kBlk, p.Tq - m0), mr = round_rows(bm);
+      for (int64_t i = 0; i < bm; ++i) load_row(at4<T>(c.q, b, h, m0 + i, 0), sq, D, c.scale, &Q[i * Dp]);
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m, m + kBlk, NEG_INF);
       std::fill(l, l + kBlk, 0.0f);
-      const auto kb = tva::key_blocks(p.mask, 0, bm, kBlk);
+      const auto kb = tva::key_blocks(p.mask, m0, bm, kBlk);
       for (int64_t it = 0; it < kb.count(); ++it) {
         const int64_t n0 = kb.start(it, kBlk), nk = std::min(kBlk, p.Tk - n0);
         const bool full = nk == kBlk;  // a partial block is copied: in-place reads would run past Tk
         const float* Kp = Kb.data();
-        int64_t ldk = Dp;
-        if (full && k_direct) {
+        int64_t ldk = by_dot ? Dp : kBlk;  // by_dot: K's rows (kBlk × Dp); else transposed (Dp × kBlk)
+        if (p.kt) {
+          Kp = p.kt + bh * Dp * p.Tkp + n0;
+          ldk = p.Tkp;
+        } else if (full && k_direct) {
           Kp = reinterpret_cast<const float*>(at4<T>(c.k, b, h, n0, 0));
           ldk = c.k.stride(2);
         } else {
-          // by_dot: K's rows (kBlk × Dp); else transposed (Dp × kBlk) for gemm_nt
           for (int64_t j = 0; j < nk; ++j) {
             const T* kr = at4<T>(c.k, b, h, n0 + j, 0);
             if (by_dot)
@@ -231,7 +201,9 @@ void forward_short(const Ctx& c, const Packed& p, const TensorView& o, float* ls
         }
         const float* Vp = V.data();
         int64_t ldv = Dp;
-        if (full && v_direct) {
+        if (p.vp) {
+          Vp = p.vp + (bh * p.Tkp + n0) * Dp;
+        } else if (full && v_direct) {
           Vp = reinterpret_cast<const float*>(at4<T>(c.v, b, h, n0, 0));
           ldv = c.v.stride(2);
         } else {
@@ -240,14 +212,14 @@ void forward_short(const Ctx& c, const Packed& p, const TensorView& o, float* ls
             for (int64_t d = 0; d < D; ++d) V[j * Dp + d] = 0.0f;
         }
         if (by_dot) scores_by_dot(Q.data(), Dp, Kp, ldk, S.data(), bm);
-        else gemm_nt(Q.data(), Dp, Kp, kBlk, S.data(), mr, Dp);
-        mask_block(p, b, 0, n0, mr, false, S.data());
+        else gemm_nt(Q.data(), Dp, Kp, ldk, S.data(), mr, Dp);
+        mask_block(p, b, m0, n0, mr, false, S.data());
         softmax_step(S.data(), mr, m, l, alpha);
         gemm_acc(S.data(), kBlk, Vp, ldv, acc.data(), Dp, mr, kBlk, Dp, alpha);
       }
       for (int64_t i = 0; i < bm; ++i) {
-        store_output<T>(c, o, b, h, i, acc.data() + i * Dp, l[i] == 0.0f ? 0.0f : 1.0f / l[i]);
-        lse[bh * p.Tq + i] = l[i] == 0.0f ? INFINITY : m[i] + std::log(l[i]);
+        store_output<T>(c, o, b, h, m0 + i, acc.data() + i * Dp, l[i] == 0.0f ? 0.0f : 1.0f / l[i]);
+        lse[bh * p.Tq + m0 + i] = l[i] == 0.0f ? INFINITY : m[i] + std::log(l[i]);
       }
     }
   }
@@ -281,10 +253,11 @@ static inline void dscores(const float* P, float* dP, int64_t rows, const float*
   }
 }
 
-// dK, dV of key block nb of batch·head bh over the query blocks that see it (scores transposed: keys as rows); with
-// dq given, also adds dS·K into its rows (dq: this batch·head's (Tqp, Dp), unscaled).
+// dK, dV of key block nb of batch·head bh over the query blocks that see it (scores transposed: keys as rows),
+// written to the outputs through p.dk_out / p.dv_out; with dq given, also adds dS·K into its rows (dq: this
+// batch·head's (Tqp, Dp), unscaled).
 static inline void dkdv_block(const Packed& p, int64_t bh, int64_t nb, float* S, float* dP, float* dK, float* dV,
-                              float* dq, float* dk, float* dv) {
+                              float* dq) {
   const int64_t Dp = p.Dp, b = bh / p.H;
   const int64_t n0 = nb * kBlk, bn = std::min(kBlk, p.Tk - n0), nr = round_rows(bn);
   std::fill(dK, dK + kBlk * Dp, 0.0f);
@@ -303,34 +276,35 @@ static inline void dkdv_block(const Packed& p, int64_t bh, int64_t nb, float* S,
     gemm_acc(dP, kBlk, p.qp + (bh * p.Tqp + m0) * Dp, Dp, dK, Dp, nr, kBlk, Dp, nullptr);
     if (dq) gemm_acc_ta(dP, kBlk, Kr, Dp, dq + m0 * Dp, Dp, std::min(kBlk, p.Tqp - m0), nr, Dp);
   }
-  std::copy(dK, dK + bn * Dp, dk + (bh * p.Tkp + n0) * Dp);
-  std::copy(dV, dV + bn * Dp, dv + (bh * p.Tkp + n0) * Dp);
+  p.dk_out(bh, n0, bn, dK, Dp, 1.0f);
+  p.dv_out(bh, n0, bn, dV, Dp, 1.0f);
 }
 
-// Backward, FlashAttention-2 style, from the saved LSE. dq/dk/dv: (BH, Tqp|Tkp, Dp), zeroed on entry; dq and dk
-// come out with the softmax scale applied. With at least as many batch·heads as threads (evenly shared), one task
-// per batch·head walks its key blocks and accumulates dQ as it goes (5 block products per block pair); otherwise
-// the work is split finer: dK, dV per key block, then dQ per query block recomputing P and dP (7 products).
-void backward(const Packed& p, float* dq, float* dk, float* dv) {
+// Backward, FlashAttention-2 style, from the saved LSE, writing dq, dk, dv (dq and dk with the softmax scale
+// applied) through p.dq_out / dk_out / dv_out, in the form tva_bwd chose (p.bwd_split). Fused: one task per
+// batch·head walks its key blocks and accumulates dQ as it goes (5 block products per block pair). Split, finer
+// work for fewer batch·heads than threads: dK, dV per key block, then dQ per query block recomputing P and dP
+// (7 products; it also reads the transposed K and V panels).
+void backward(const Packed& p) {
   const int64_t BH = p.B * p.H, Dp = p.Dp;
   const int64_t nnb = tva::cdiv(p.Tk, kBlk), nmb = tva::cdiv(p.Tq, kBlk);
-  const int64_t nth = omp_threads();
-  const bool fused = p.bwd_split < 0 ? BH >= nth && (BH % nth == 0 || BH >= 4 * nth) : p.bwd_split == 0;
+  const bool fused = p.bwd_split == 0;
 #pragma omp parallel
   {
     std::vector<float> S(kBlk * kBlk), dP(kBlk * kBlk), acc1(kBlk * Dp), acc2(kBlk * Dp);
     if (fused) {
+      std::vector<float> dqb(p.Tqp * Dp);  // this task's batch·head's dQ, unscaled
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bh = 0; bh < BH; ++bh) {
-        float* dqb = dq + bh * p.Tqp * Dp;
+        std::fill(dqb.begin(), dqb.end(), 0.0f);
         for (int64_t nb = 0; nb < nnb; ++nb)
-          dkdv_block(p, bh, nb, S.data(), dP.data(), acc1.data(), acc2.data(), dqb, dk, dv);
-        for (int64_t i = 0; i < p.Tqp * Dp; ++i) dqb[i] *= p.scale;
+          dkdv_block(p, bh, nb, S.data(), dP.data(), acc1.data(), acc2.data(), dqb.data());
+        p.dq_out(bh, 0, p.Tq, dqb.data(), Dp, p.scale);
       }
     } else {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < BH * nnb; ++t)
-        dkdv_block(p, t % BH, t / BH, S.data(), dP.data(), acc1.data(), acc2.data(), nullptr, dk, dv);
+        dkdv_block(p, t % BH, t / BH, S.data(), dP.data(), acc1.data(), acc2.data(), nullptr);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < BH * nmb; ++t) {
         const int64_t mb = nmb - 1 - t / BH, bh = t % BH, b = bh / p.H;
@@ -348,8 +322,7 @@ void backward(const Packed& p, float* dq, float* dk, float* dv) {
           dscores(S.data(), dP.data(), mr, p.di + bh * p.Tqp + m0, false);
           gemm_acc(dP.data(), kBlk, p.kp + (bh * p.Tkp + n0) * Dp, Dp, acc1.data(), Dp, mr, kBlk, Dp, nullptr);
         }
-        float* out = dq + (bh * p.Tqp + m0) * Dp;
-        for (int64_t i = 0; i < bm * Dp; ++i) out[i] = acc1[i] * p.scale;
+        p.dq_out(bh, m0, bm, acc1.data(), Dp, p.scale);
       }
     }
   }
