@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 from types import ModuleType
 from typing import Optional
 
@@ -50,6 +51,24 @@ _load()
 
 def native_module() -> Optional[ModuleType]:
     """The compiled module, or None when it is unavailable (see :func:`native_status`)."""
+    return _module
+
+
+# torch.get_num_threads() last mirrored into the module, per Python thread (OpenMP's count is per calling thread).
+_threads = threading.local()
+
+
+def cpu_module() -> Optional[ModuleType]:
+    """:func:`native_module`, for a call of its CPU kernels. Their OpenMP runtime is torch's only when both load
+    the same ``libgomp.so.1`` (torch's CPU wheel); beside a runtime of another name (a wheel's hashed libgomp,
+    Intel's libiomp5) ``torch.set_num_threads`` does not reach them. So this first gives the module torch's
+    intra-op thread count for the calling thread: a data-loader worker's 1 or a benchmark's choice holds for the
+    kernels as for torch's ops."""
+    if _module is not None:
+        n = torch.get_num_threads()
+        if getattr(_threads, "n", None) != n and hasattr(_module, "set_num_threads"):
+            _module.set_num_threads(n)
+            _threads.n = n
     return _module
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .._native import native_module, native_status, view
+from .._native import cpu_module, native_status, view
 from .._validate import check_float, check_ndim, check_same_device, check_shape, check_dtype
 from ..reference.common import running_mean_ref
 
@@ -22,7 +22,7 @@ __all__ = ["running_mean", "running_mean_native"]
 @torch.library.custom_op("apt::running_mean", mutates_args=())
 def _running_mean_op(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
     out = torch.empty_like(x)
-    native_module().running_mean_cpu(view(x), view(keep), view(out))
+    cpu_module().running_mean_cpu(view(x), view(keep), view(out))
     return out
 
 
@@ -34,7 +34,7 @@ def _(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
 @torch.library.custom_op("apt::running_mean_backward", mutates_args=())
 def _running_mean_backward_op(grad_out: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
     grad_x = torch.empty_like(grad_out)
-    native_module().running_mean_backward_cpu(view(grad_out), view(keep), view(grad_x))
+    cpu_module().running_mean_backward_cpu(view(grad_out), view(keep), view(grad_x))
     return grad_x
 
 

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._native import current_stream, native_family_status, native_module, view
+from .._native import cpu_module, current_stream, native_family_status, native_module, view
 from ..backends import native_cuda_status, triton_interpret, triton_status
 from ..reference.scan import (check_scan_args, check_state_update_args, selective_scan_ref,
                               selective_state_update_ref)
@@ -78,7 +78,7 @@ def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     out, last, ckpt = _fwd_outputs(u, A, chunk)
     # keep every converted tensor in a local: view() only takes its pointer
     Ap, Bp, Cp, Dp, bp = _pack_params(A, B, C, D, delta_bias, _acc(u.dtype))
-    native_module().selective_scan_fwd_cpu(
+    cpu_module().selective_scan_fwd_cpu(
         view(u), view(delta), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(out), view(last),
         view(ckpt), bool(delta_softplus), int(chunk))
     return out, last, ckpt
@@ -115,7 +115,7 @@ def _scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     Ap, Bp, Cp, Dp, bp = _pack_params(A, B, C, D, delta_bias, acc)
     dlp = _opt(dlast, acc)
     du, ddelta, dz, dA, dBp, dCp, dD, dbias = _bwd_buffers(u, Ap, Bp, Cp, Dp, z, bp, torch.empty)
-    native_module().selective_scan_bwd_cpu(
+    cpu_module().selective_scan_bwd_cpu(
         view(u), view(delta), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(dout), view(dlp),
         view(ckpt), view(du), view(ddelta), view(dA), view(dBp), view(dCp), view(dD), view(dz), view(dbias),
         bool(delta_softplus), int(chunk))
@@ -178,7 +178,7 @@ def _state_update_cpu(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A:
                       dt_bias: Optional[torch.Tensor], dt_softplus: bool) -> torch.Tensor:
     y = torch.empty_like(x)
     Ap, Bp, Cp, Dp, bp = _pack_step_params(A, B, C, D, dt_bias, _acc(x.dtype))
-    native_module().selective_state_update_cpu(
+    cpu_module().selective_state_update_cpu(
         view(state), view(x), view(dt), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(y),
         bool(dt_softplus))
     return y

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import backends
-from .._native import current_stream, native_module, view
+from .._native import cpu_module, current_stream, native_module, view
 from ..reference.tva import Coef, TVAArgs, check_tva_inputs, register_fused_tva_op, tva_attention_ref
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def _native_forward(q, k, v, delta, gate, coef, causal, window, sinks, key_paddi
     B, H, Tq, _ = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    C = native_module()
+    C = native_module() if cuda else cpu_module()
     if not cuda:
         C.tva_forward_cpu(view(q), view(k), view(v), view(delta), view(gate), float(coef), causal, window, sinks,
                           view(key_padding_mask), scale, view(o), view(lse))
@@ -147,7 +147,7 @@ def _native_backward(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window,
     else:
         ddelta, rowdot = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
     has = delta is not None
-    C = native_module()
+    C = native_module() if cuda else cpu_module()
     args = (view(grad_o), view(q), view(k), view(v), view(o), view(lse), view(delta), view(gate))
     tail = (causal, window, sinks, view(key_padding_mask), scale, view(dq), view(dk), view(dv),
             view(ddelta) if has else None, view(rowdot) if has else None)

@@ -28,9 +28,16 @@ PYBIND11_MODULE(APT_MODULE_NAME, m) {
 #ifdef APT_WITH_OPENMP
   m.attr("with_openmp") = true;
   m.def("max_threads", []() { return omp_get_max_threads(); });
+  // The calling thread's team size for the kernels' parallel regions. Where this module's OpenMP runtime is not
+  // torch's (another library name), torch.set_num_threads does not reach it: apt_kernels._native mirrors it here.
+  m.def("set_num_threads", [](int n) {
+    APT_CHECK(n >= 1, "set_num_threads: expected n >= 1, got ", n);
+    omp_set_num_threads(n);
+  }, pybind11::arg("n"));
 #else
   m.attr("with_openmp") = false;
   m.def("max_threads", []() { return 1; });
+  m.def("set_num_threads", [](int) {}, pybind11::arg("n"));
 #endif
   m.attr("compiler") = APT_VERSION_INFO;
   pybind11::list names;

@@ -1,0 +1,67 @@
+"""The compiled module's CPU kernels follow torch.set_num_threads. With torch's CPU wheel both load the same
+libgomp.so.1; beside an OpenMP runtime of another name they would not, so apt_kernels._native mirrors torch's count
+into the module before each call (cpu_module)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apt_kernels._native import native_module
+from apt_kernels.backends import native_family_status
+
+if not native_family_status("tva")[0] or not getattr(native_module(), "with_openmp", False):
+    pytest.skip("needs the compiled module with OpenMP", allow_module_level=True)
+
+from apt_kernels.ops.scan import selective_scan_cpu  # noqa: E402
+from apt_kernels.ops.tva import tva_attention_cpu  # noqa: E402
+
+
+def test_cpu_kernels_use_torchs_thread_count():
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 150, 32, generator=g) for _ in range(3))
+    u, delta = torch.randn(2, 16, 300, generator=g), torch.rand(2, 16, 300, generator=g)
+    A, B, C = -torch.rand(16, 8, generator=g), torch.randn(2, 8, 300, generator=g), torch.randn(2, 8, 300, generator=g)
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append((tva_attention_cpu(q, k, v), selective_scan_cpu(u, delta, A, B, C)))
+            assert native_module().max_threads() == n
+        # each task's work does not depend on how many threads share the tasks
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
+    tva_attention_cpu(q, k, v)
+    assert native_module().max_threads() == before
+
+
+def test_cpu_module_mirrors_the_count_into_a_separate_runtime(monkeypatch):
+    """A module whose OpenMP runtime torch does not share (recorded here by a stand-in) gets torch's count for the
+    calling thread when it changes, once per change."""
+    import threading
+
+    import apt_kernels._native as nat
+
+    class Separate:
+        def __init__(self):
+            self.calls = []
+
+        def set_num_threads(self, n):
+            self.calls.append(n)
+
+    fake = Separate()
+    monkeypatch.setattr(nat, "_module", fake)
+    monkeypatch.setattr(nat, "_threads", threading.local())
+    before = torch.get_num_threads()
+    try:
+        assert nat.cpu_module() is fake and fake.calls == [before]
+        torch.set_num_threads(1)
+        nat.cpu_module()
+        nat.cpu_module()
+        assert fake.calls == [before, 1]
+    finally:
+        torch.set_num_threads(before)
+    nat.cpu_module()
+    assert fake.calls == [before, 1, before]
