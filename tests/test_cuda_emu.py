@@ -78,24 +78,25 @@ def _emu_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Ten
     return scan_ops._state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
-@torch.library.custom_op("apt_cuda_emu::tva_fwd", mutates_args=())
-def _emu_tva_fwd(q: Tensor, k: Tensor, v: Tensor, delta: Optional[Tensor], gate: Optional[Tensor], coef: Tensor,
-                 causal: bool, window: int, sinks: int, key_padding_mask: Optional[Tensor],
-                 scale: float) -> tuple[Tensor, Tensor]:
+def _emu_tva_fwd_impl(q: Tensor, k: Tensor, v: Tensor, delta: Optional[Tensor], gate: Optional[Tensor],
+                      coef: Tensor, causal: bool, window: int, sinks: int, key_padding_mask: Optional[Tensor],
+                      scale: float) -> tuple[Tensor, Tensor]:
     return tva_ops._native_forward(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale,
                                    cuda=True)
 
 
-@torch.library.custom_op("apt_cuda_emu::tva_bwd", mutates_args=())
-def _emu_tva_bwd(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, delta: Optional[Tensor],
-                 gate: Optional[Tensor], coef: Tensor, causal: bool, window: int, sinks: int,
-                 key_padding_mask: Optional[Tensor], scale: float
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _emu_tva_bwd_impl(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                      delta: Optional[Tensor], gate: Optional[Tensor], coef: Tensor, causal: bool, window: int,
+                      sinks: int, key_padding_mask: Optional[Tensor], scale: float
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tva_ops._native_backward(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks,
                                     key_padding_mask, scale, cuda=True)
 
 
-register_fused_tva_op(_emu_tva_fwd, _emu_tva_bwd)
+# as tva_ops registers the real ones: the custom ops for torch.compile, the eager autograd.Function over the bodies
+_emu_tva_fwd = torch.library.custom_op("apt_cuda_emu::tva_fwd", mutates_args=())(_emu_tva_fwd_impl)
+_emu_tva_bwd = torch.library.custom_op("apt_cuda_emu::tva_bwd", mutates_args=())(_emu_tva_bwd_impl)
+_emu_tva_run = register_fused_tva_op(_emu_tva_fwd, _emu_tva_bwd, _emu_tva_fwd_impl, _emu_tva_bwd_impl)
 
 
 @pytest.fixture
@@ -121,7 +122,7 @@ def emulated(monkeypatch, emu_module):
         monkeypatch.setattr(mod, "impl_status", lambda impl, device=None, *a, _s=status, **kw: _s(
             impl, torch.device("cuda") if impl == "cuda" and device is not None else device, *a, **kw))
     monkeypatch.setitem(tva_ops._NATIVE_DEVICE, "cuda", "cpu")
-    monkeypatch.setattr(tva_ops, "_native_fwd_op", _emu_tva_fwd)
+    monkeypatch.setattr(tva_ops, "_native_run", _emu_tva_run)
     return emu_module
 
 

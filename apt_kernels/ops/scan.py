@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 
 from .._native import cpu_module, current_stream, native_family_status, native_module, view
-from ..backends import native_cuda_status, triton_interpret, triton_status
+from ..backends import custom_op_must_dispatch, native_cuda_status, triton_interpret, triton_status
 from ..reference.scan import (check_scan_args, check_state_update_args, selective_scan_ref,
                               selective_state_update_ref)
 
@@ -481,7 +481,7 @@ def _eager_step(step_op, state: torch.Tensor):
     call, several times the kernel's own launch. The op stays in the path under torch.compile and under any
     dispatch mode (FakeTensorMode, FlopCounterMode, opcheck), which must see it; autograd has nothing to do here
     (_run_step has refused inputs that require grad)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if custom_op_must_dispatch():
         return step_op
     impls = _EAGER_STEPS.get(step_op)
     return impls.get(state.device.type, step_op) if impls else step_op

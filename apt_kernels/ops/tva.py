@@ -103,12 +103,14 @@ def _impl_fn(impl: str) -> Callable[..., torch.Tensor]:
 
 
 # ---- native (C++ CPU / CUDA) implementation as a custom op ---------------------------------------------------
-@torch.library.custom_op("apt::tva_attention_native", mutates_args=())
-def _native_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor],
-                   gate: Optional[torch.Tensor], coef: torch.Tensor, causal: bool, window: int, sinks: int,
-                   key_padding_mask: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _native_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor],
+                     gate: Optional[torch.Tensor], coef: torch.Tensor, causal: bool, window: int, sinks: int,
+                     key_padding_mask: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _native_forward(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale,
                            cuda=q.device.type != "cpu")
+
+
+_native_fwd_op = torch.library.custom_op("apt::tva_attention_native", mutates_args=())(_native_fwd_impl)
 
 
 # The ops' bodies, with the kernel family chosen by `cuda`, not by the device: tests/test_cuda_emu.py runs the
@@ -127,15 +129,17 @@ def _native_forward(q, k, v, delta, gate, coef, causal, window, sinks, key_paddi
     return o, lse
 
 
-@torch.library.custom_op("apt::tva_attention_native_backward", mutates_args=())
-def _native_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                   lse: torch.Tensor, delta: Optional[torch.Tensor], gate: Optional[torch.Tensor],
-                   coef: torch.Tensor, causal: bool, window: int, sinks: int,
-                   key_padding_mask: Optional[torch.Tensor], scale: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _native_bwd_impl(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                     lse: torch.Tensor, delta: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+                     coef: torch.Tensor, causal: bool, window: int, sinks: int,
+                     key_padding_mask: Optional[torch.Tensor], scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, ddelta (empty without delta), rowdot = Σ_d delta·dO (B, H, Tq) fp32 (empty without delta)."""
     return _native_backward(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask,
                             scale, cuda=q.device.type != "cpu")
+
+
+_native_bwd_op = torch.library.custom_op("apt::tva_attention_native_backward", mutates_args=())(_native_bwd_impl)
 
 
 def _native_backward(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, *,
@@ -159,7 +163,7 @@ def _native_backward(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window,
     return dq, dk, dv, ddelta, rowdot
 
 
-register_fused_tva_op(_native_fwd_op, _native_bwd_op)
+_native_run = register_fused_tva_op(_native_fwd_op, _native_bwd_op, _native_fwd_impl, _native_bwd_impl)
 
 
 @functools.lru_cache(maxsize=64)
@@ -201,8 +205,7 @@ def _run_native(impl: str, q, k, v, delta, gate, coef, causal, window, sinks, ke
         coef = _coef_tensor(float(coef), q.device)
     else:
         coef = coef.to(device=q.device, dtype=torch.float32)
-    o, _ = _native_fwd_op(q, k, v, delta, gate, coef, causal, a.window or 0, a.sinks, key_padding_mask, a.scale)
-    return o
+    return _native_run(q, k, v, delta, gate, coef, causal, a.window or 0, a.sinks, key_padding_mask, a.scale)
 
 
 def tva_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
+from ..backends import custom_op_must_dispatch
 from .._validate import check_dtype, check_float, check_ndim, check_same_device, check_shape, check_tensor
 
 __all__ = ["tva_attention_ref", "tva_visible_mask", "check_tva_inputs", "TVAArgs", "MAX_HEAD_DIM"]
@@ -233,12 +234,19 @@ def perturbation_grads(rowdot: torch.Tensor, gate: Optional[torch.Tensor], coef:
     return (c * rowdot).permute(0, 2, 1).to(gate.dtype), (rowdot * g).sum().to(coef.dtype)
 
 
-def register_fused_tva_op(fwd_op, bwd_op) -> None:
+def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Optional[Callable[..., Any]] = None,
+                          bwd_impl: Optional[Callable[..., Any]] = None) -> Callable[..., torch.Tensor]:
     """The fake implementations and the autograd formula shared by the fused TVA custom ops (native C++/CUDA,
     Triton): ``fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) -> (o, lse)``,
     ``bwd_op(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) ->
     (dq, dk, dv, ddelta, rowdot)`` (ddelta and rowdot empty without delta). The real ops allocate every output
-    contiguous, so the fakes do too (``empty_like`` would copy a transposed q's strides)."""
+    contiguous, so the fakes do too (``empty_like`` would copy a transposed q's strides).
+
+    Returns ``run(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) -> o``: the custom op
+    where it must be seen (torch.compile, dispatch modes: backends.custom_op_must_dispatch); otherwise, given the
+    ops' bodies ``fwd_impl`` / ``bwd_impl``, an autograd.Function over them with the same formula. The custom op's
+    dispatch costs ~60 µs of Python per call and direction (CPU, torch 2.13): more than the kernel at decode, and
+    on a GPU the device waits on it."""
 
     @fwd_op.register_fake
     def _fwd_fake(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
@@ -251,18 +259,12 @@ def register_fused_tva_op(fwd_op, bwd_op) -> None:
         rd = q.new_empty(q.shape[:3], dtype=torch.float32) if has else q.new_empty(0, dtype=torch.float32)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dd, rd
 
-    def setup_context(ctx, inputs, output) -> None:
-        q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale = inputs
-        o, lse = output
-        ctx.save_for_backward(q, k, v, o, lse, delta, gate, coef, kpm)
-        ctx.args = (causal, window, sinks, scale)
-
-    def backward(ctx, grad_o, grad_lse):
-        q, k, v, o, lse, delta, gate, coef, kpm = ctx.saved_tensors
-        causal, window, sinks, scale = ctx.args
+    def grads(bwd, saved, args, grad_o):
+        q, k, v, o, lse, delta, gate, coef, kpm = saved
+        causal, window, sinks, scale = args
         # every kernel reads dO through its strides: no copy of an expanded (stride-0) or transposed gradient
-        dq, dk, dv, ddelta, rowdot = bwd_op(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, kpm,
-                                            scale)
+        dq, dk, dv, ddelta, rowdot = bwd(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, kpm,
+                                         scale)
         dgate = dcoef = None
         if delta is None:
             ddelta = None
@@ -270,4 +272,36 @@ def register_fused_tva_op(fwd_op, bwd_op) -> None:
             dgate, dcoef = perturbation_grads(rowdot, gate, coef)
         return dq, dk, dv, ddelta, dgate, dcoef, None, None, None, None, None
 
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse, delta, gate, coef, kpm)
+        ctx.args = (causal, window, sinks, scale)
+
+    def backward(ctx, grad_o, grad_lse):
+        return grads(bwd_op, ctx.saved_tensors, ctx.args, grad_o)
+
     fwd_op.register_autograd(backward, setup_context=setup_context)
+
+    if fwd_impl is None or bwd_impl is None:
+        return lambda *args: fwd_op(*args)[0]
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale):
+            o, lse = fwd_impl(q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale)
+            ctx.save_for_backward(q, k, v, o, lse, delta, gate, coef, kpm)
+            ctx.args = (causal, window, sinks, scale)
+            return o
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable  # the kernels' backward has no backward of its own
+        def backward(ctx, grad_o):
+            return grads(bwd_impl, ctx.saved_tensors, ctx.args, grad_o)
+
+    def run(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) -> torch.Tensor:
+        if custom_op_must_dispatch():
+            return fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
+        return Eager.apply(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)
+
+    return run

@@ -586,8 +586,7 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-@torch.library.custom_op("apt::tva_attention_triton", mutates_args=())
-def _tva_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor],
+def _tva_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor],
                 gate: Optional[torch.Tensor], coef: torch.Tensor, causal: bool, window: int, sinks: int,
                 key_padding_mask: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, Tq, D = q.shape
@@ -609,8 +608,10 @@ def _tva_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Option
     return o, lse
 
 
-@torch.library.custom_op("apt::tva_attention_triton_backward", mutates_args=())
-def _tva_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+_tva_fwd_op = torch.library.custom_op("apt::tva_attention_triton", mutates_args=())(_tva_fwd_impl)
+
+
+def _tva_bwd_impl(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                 lse: torch.Tensor, delta: Optional[torch.Tensor], gate: Optional[torch.Tensor], coef: torch.Tensor,
                 causal: bool, window: int, sinks: int, key_padding_mask: Optional[torch.Tensor], scale: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -646,7 +647,8 @@ def _tva_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     return dq, dk, dv, ddelta, rowdot
 
 
-register_fused_tva_op(_tva_fwd_op, _tva_bwd_op)
+_tva_bwd_op = torch.library.custom_op("apt::tva_attention_triton_backward", mutates_args=())(_tva_bwd_impl)
+_tva_run = register_fused_tva_op(_tva_fwd_op, _tva_bwd_op, _tva_fwd_impl, _tva_bwd_impl)
 
 
 def tva_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
@@ -666,5 +668,4 @@ def tva_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delt
         coef = torch.tensor(float(coef), dtype=torch.float32, device=q.device)
     elif coef.device != q.device:
         coef = coef.to(q.device)
-    o, _ = _tva_fwd_op(q, k, v, delta, gate, coef, causal, a.window or 0, a.sinks, key_padding_mask, a.scale)
-    return o
+    return _tva_run(q, k, v, delta, gate, coef, causal, a.window or 0, a.sinks, key_padding_mask, a.scale)
