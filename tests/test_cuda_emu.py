@@ -115,6 +115,9 @@ def emulated(monkeypatch, emu_module):
     check_gpu = scan_ops._check_gpu_impl
     monkeypatch.setattr(scan_ops, "_check_gpu_impl", lambda *a, **kw: check_gpu(*a, **{**kw, "cpu_ok": True}))
     monkeypatch.setattr(scan_ops, "_scan_fwd_op", _emu_scan_fwd)
+    # eager calls run the CUDA bodies through the providers' autograd.Function, as on a GPU
+    monkeypatch.setitem(scan_ops._EAGER_SCANS, _emu_scan_fwd,
+                        {"cpu": (scan_ops._scan_fwd_cuda, scan_ops._scan_bwd_cuda)})
     monkeypatch.setattr(scan_ops, "_state_update_op", _emu_step)
     # router, attention: impl "cuda" is available for CPU tensors
     for mod in (moe_ops, tva_ops):

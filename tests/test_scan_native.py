@@ -310,6 +310,31 @@ def test_decode_step_eager_path_skips_the_op_but_not_autograd_or_dispatch_modes(
     assert y.shape == (2, 4)
 
 
+def test_scan_eager_path_skips_the_op_but_not_dispatch_modes():
+    """In plain eager mode the scan runs its bodies through the providers' autograd.Function (the op's dispatch
+    cost ~200 µs of Python per forward and backward); gradients as through the op (compared under FlopCounterMode,
+    which sees the op); its backward is once-differentiable."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = random_scan_inputs(2, 3, 37, 4, generator=torch.Generator().manual_seed(40))
+    leaves = {k: v.clone().requires_grad_(True) for k, v in x.items() if isinstance(v, torch.Tensor)}
+    y = selective_scan_cpu(**{**x, **leaves}, delta_softplus=True)
+    assert "EagerScan" in y.grad_fn.name()
+    with FlopCounterMode(display=False):
+        y_op = selective_scan_cpu(**{**x, **leaves}, delta_softplus=True)
+    assert "EagerScan" not in y_op.grad_fn.name()
+    torch.testing.assert_close(y, y_op, rtol=0, atol=0)
+    go = torch.randn(y.shape, generator=torch.Generator().manual_seed(41))
+    names = list(leaves)
+    for a, b, n in zip(torch.autograd.grad(y, [leaves[n] for n in names], go, retain_graph=True),
+                       torch.autograd.grad(y_op, [leaves[n] for n in names], go), names):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    go = go.clone().requires_grad_(True)
+    (du,) = torch.autograd.grad(y, leaves["u"], go, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        du.sum().backward()
+
+
 @pytest.mark.parametrize("groups,sliced", [(1, False), (2, False), (4, True)])
 def test_decode_step_mamba2_head_layout(groups, sliced):
     """mamba_ssm's Mamba-2 decode layout (state (b, h, p, n), A (h, p, n), B/C (b, g, n), D/dt_bias (h, p)) equals
