@@ -290,11 +290,48 @@ def _register_ops(name: str) -> dict[str, Any]:
         return g_out, g_w, None, None
 
     combine_op.register_autograd(combine_backward, setup_context=combine_setup)
+
+    # Plain eager calls skip the custom ops' dispatch (see _op): the same bodies and backward formulas.
+    class Dispatch(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, slot, token_of_slot):
+            dispatch_setup(ctx, (x, slot, token_of_slot), None)
+            return get().dispatch(x, token_of_slot)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            (slot,) = ctx.saved_tensors
+            return get().dispatch_backward(as_rows(grad), slot, ctx.num_tokens), None, None
+
+    class Combine(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, out, weights, slot, token_of_slot):
+            combine_setup(ctx, (out, weights, slot, token_of_slot), None)
+            return get().combine(out, weights, slot)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            out, weights, slot, tos = ctx.saved_tensors
+            g_out, g_w = get().combine_backward(as_rows(grad), out, weights, slot, tos)
+            return g_out, g_w, None, None
+
+    _EAGER[name] = {"route": lambda probs, k, cap: get().route(probs, k, cap), "dispatch": Dispatch.apply,
+                    "combine": Combine.apply}
     return {"route": route_op, "dispatch": dispatch_op, "dispatch_backward": dispatch_bwd_op,
             "combine": combine_op, "combine_backward": combine_bwd_op}
 
 
+_EAGER: dict[str, dict[str, Callable[..., Any]]] = {}
 OPS: dict[str, dict[str, Any]] = {name: _register_ops(name) for name in _BACKENDS}
+
+
+def _op(impl: str, name: str) -> Callable[..., Any]:
+    """OPS[impl][name] where the op must be seen (torch.compile, dispatch modes), else its body through an
+    autograd.Function with the op's backward: the custom op's dispatch costs ~60 µs of Python per call and
+    direction (torch 2.13), three forward calls per MoE layer."""
+    return OPS[impl][name] if backends.custom_op_must_dispatch() else _EAGER[impl][name]
 
 
 # ---- grouped expert FFN on the packed dropless buffer ------------------------------------------------------------
@@ -445,7 +482,7 @@ def moe_route(logits: torch.Tensor, k: int, capacity_factor: Optional[float] = N
     k = int(k)
     probs = router_probs(logits)
     cap = expert_capacity(n, e, k, capacity_factor, int(min_capacity))
-    idx, pos, slot, tos, counts = OPS[impl]["route"](probs.detach().contiguous(), k, -1 if cap is None else cap)
+    idx, pos, slot, tos, counts = _op(impl, "route")(probs.detach().contiguous(), k, -1 if cap is None else cap)
     weights = gate_weights(probs, idx, default_renormalize(k, renormalize))
     kept = slot >= 0
     kept_per_expert = counts if cap is None else counts.clamp(max=cap)
@@ -469,7 +506,7 @@ def moe_dispatch(x: torch.Tensor, routing: Routing, impl: str = "auto") -> torch
     impl = resolve_impl(impl, x.device, x.dtype)
     if impl == "reference":
         return moe_dispatch_ref(x, routing)
-    buf = OPS[impl]["dispatch"](x.contiguous(), routing.slot, routing.token_of_slot)
+    buf = _op(impl, "dispatch")(x.contiguous(), routing.slot, routing.token_of_slot)
     return buf.view(routing.buffer_shape(x.shape[1]))
 
 
@@ -489,7 +526,7 @@ def moe_combine(expert_out: torch.Tensor, routing: Routing, impl: str = "auto") 
         return moe_combine_ref(expert_out, routing)
     weights = routing.weights.to(_acc_dtype(expert_out.dtype))
     flat = expert_out.flatten(0, -2).contiguous()  # not reshape(-1, c): with c = 0 the -1 is ambiguous
-    return OPS[impl]["combine"](flat, weights.contiguous(), routing.slot, routing.token_of_slot)
+    return _op(impl, "combine")(flat, weights.contiguous(), routing.slot, routing.token_of_slot)
 
 
 def moe_grouped_ffn(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
