@@ -73,6 +73,16 @@ inline void load_row(const T* src, int64_t sd, int64_t D, float mul, float* dst)
   }
 }
 
+// D dense fp32 values times `mul` -> one row of dtype T (stride sd); load_row's inverse
+template <typename T>
+inline void store_row(const float* src, float mul, int64_t D, T* dst, int64_t sd) {
+  if (sd == 1) {
+    for (int64_t d = 0; d < D; ++d) store_f(dst + d, src[d] * mul);
+  } else {
+    for (int64_t d = 0; d < D; ++d) store_f(dst + d * sd, src[d] * mul);
+  }
+}
+
 // o[b, h, t, :] = a·mul + coef·gate·delta[b, h, t, :] (the perturbation when delta is given); a: D fp32 values
 template <typename T>
 inline void store_output(const Ctx& c, const TensorView& o, int64_t b, int64_t h, int64_t t, const float* a,
@@ -85,7 +95,7 @@ inline void store_output(const Ctx& c, const TensorView& o, int64_t b, int64_t h
     const int64_t sd = c.delta.stride(3);
     for (int64_t d = 0; d < D; ++d) store_f(out + d * so, a[d] * mul + cg * load_f(dl + d * sd));
   } else {
-    for (int64_t d = 0; d < D; ++d) store_f(out + d * so, a[d] * mul);
+    store_row(a, mul, D, out, so);
   }
 }
 
@@ -104,16 +114,8 @@ struct RowSink {
 
 template <typename T>
 void store_rows(const TensorView& t, int64_t bh, int64_t r0, int64_t n, const float* src, int64_t ld, float mul) {
-  const int64_t H = t.size(1), D = t.size(3), s3 = t.stride(3);
-  for (int64_t r = 0; r < n; ++r) {
-    T* o = at4<T>(t, bh / H, bh % H, r0 + r, 0);
-    const float* a = src + r * ld;
-    if (s3 == 1) {
-      for (int64_t d = 0; d < D; ++d) store_f(o + d, a[d] * mul);
-    } else {
-      for (int64_t d = 0; d < D; ++d) store_f(o + d * s3, a[d] * mul);
-    }
-  }
+  const int64_t H = t.size(1), D = t.size(3);
+  for (int64_t r = 0; r < n; ++r) store_row(src + r * ld, mul, D, at4<T>(t, bh / H, bh % H, r0 + r, 0), t.stride(3));
 }
 
 template <typename T>
