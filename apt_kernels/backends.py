@@ -13,8 +13,8 @@ import torch
 
 from ._native import native_cuda_status, native_family_status, native_status
 
-__all__ = ["custom_op_must_dispatch", "native_status", "native_family_status", "native_cuda_status", "triton_status", "compiled_triton_status",
-           "cuda_device_status", "triton_interpret"]
+__all__ = ["custom_op_must_dispatch", "native_status", "native_family_status", "native_cuda_status", "triton_status",
+           "compiled_triton_status", "cuda_device_status", "triton_interpret"]
 
 
 def triton_interpret() -> bool:

@@ -72,8 +72,8 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # native ops (CPU kernel here; the CUDA kernel is registered for the same op below)
 def _scan_fwd_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                 D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-                 delta_softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                  delta_softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, last, ckpt = _fwd_outputs(u, A, chunk)
     # keep every converted tensor in a local: view() only takes its pointer
     Ap, Bp, Cp, Dp, bp = _pack_params(A, B, C, D, delta_bias, _acc(u.dtype))
@@ -106,9 +106,9 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
 
 
 def _scan_bwd_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                 D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-                 dout: torch.Tensor, dlast: Optional[torch.Tensor], ckpt: torch.Tensor, delta_softplus: bool,
-                 chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                  D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                  dout: torch.Tensor, dlast: Optional[torch.Tensor], ckpt: torch.Tensor, delta_softplus: bool,
+                  chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the inputs' layouts and dtypes; the gradient of an
     absent optional input is an empty tensor."""
@@ -167,17 +167,19 @@ def _scan_grads(bwd, saved, delta_softplus: bool, chunk: int, dout, dlast) -> tu
             dbias if delta_bias is not None else None, None, None)
 
 
-def _make_autograd(fwd_op, bwd_op):
-    def setup_context(ctx, inputs, output):
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk = inputs
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
-        ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
-        ctx.set_materialize_grads(False)
+def _scan_setup_context(ctx, inputs, output) -> None:
+    """What a scan op's backward keeps: the inputs, the checkpoints (output[2]) and the two flags."""
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
+    ctx.set_materialize_grads(False)
 
+
+def _make_autograd(fwd_op, bwd_op):
     def backward(ctx, dout, dlast, _dckpt):
         return _scan_grads(bwd_op, ctx.saved_tensors, ctx.delta_softplus, ctx.chunk, dout, dlast)
 
-    fwd_op.register_autograd(backward, setup_context=setup_context)
+    fwd_op.register_autograd(backward, setup_context=_scan_setup_context)
 
 
 class _EagerScan(torch.autograd.Function):
@@ -185,13 +187,12 @@ class _EagerScan(torch.autograd.Function):
     calls (see _eager_scan)."""
 
     @staticmethod
-    def forward(ctx, fwd, bwd, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
-        out, last, ckpt = fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
-        ctx.mark_non_differentiable(ckpt)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
-        ctx.bwd, ctx.delta_softplus, ctx.chunk = bwd, delta_softplus, chunk
-        return out, last, ckpt
+    def forward(ctx, fwd, bwd, *inputs):
+        output = fwd(*inputs)
+        ctx.mark_non_differentiable(output[2])
+        _scan_setup_context(ctx, inputs, output)
+        ctx.bwd = bwd
+        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels' backward has no backward of its own
@@ -329,8 +330,8 @@ def _state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 # ---------------------------------------------------------------------------------------------------------------
 # Triton ops (CUDA tensors; CPU tensors under TRITON_INTERPRET=1). The Triton module is imported on first use only.
 def _triton_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-                   delta_softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                delta_softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton.scan import selective_scan_fwd_triton
 
     return selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
@@ -348,9 +349,9 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
 
 
 def _triton_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-                   dout: torch.Tensor, dlast: Optional[torch.Tensor], ckpt: torch.Tensor, delta_softplus: bool,
-                   chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                dout: torch.Tensor, dlast: Optional[torch.Tensor], ckpt: torch.Tensor, delta_softplus: bool,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton.scan import selective_scan_bwd_triton
 

@@ -234,8 +234,8 @@ def perturbation_grads(rowdot: torch.Tensor, gate: Optional[torch.Tensor], coef:
     return (c * rowdot).permute(0, 2, 1).to(gate.dtype), (rowdot * g).sum().to(coef.dtype)
 
 
-def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Optional[Callable[..., Any]] = None,
-                          bwd_impl: Optional[Callable[..., Any]] = None) -> Callable[..., torch.Tensor]:
+def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Callable[..., Any],
+                          bwd_impl: Callable[..., Any]) -> Callable[..., torch.Tensor]:
     """The fake implementations and the autograd formula shared by the fused TVA custom ops (native C++/CUDA,
     Triton): ``fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) -> (o, lse)``,
     ``bwd_op(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) ->
@@ -243,8 +243,8 @@ def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Optional[Callable[..., Any]]
     contiguous, so the fakes do too (``empty_like`` would copy a transposed q's strides).
 
     Returns ``run(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) -> o``: the custom op
-    where it must be seen (torch.compile, dispatch modes: backends.custom_op_must_dispatch); otherwise, given the
-    ops' bodies ``fwd_impl`` / ``bwd_impl``, an autograd.Function over them with the same formula. The custom op's
+    where it must be seen (torch.compile, dispatch modes: backends.custom_op_must_dispatch); otherwise an
+    autograd.Function over the ops' bodies ``fwd_impl`` / ``bwd_impl`` with the same formula. The custom op's
     dispatch costs ~60 µs of Python per call and direction (CPU, torch 2.13): more than the kernel at decode, and
     on a GPU the device waits on it."""
 
@@ -283,15 +283,11 @@ def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Optional[Callable[..., Any]]
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
 
-    if fwd_impl is None or bwd_impl is None:
-        return lambda *args: fwd_op(*args)[0]
-
     class Eager(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale):
-            o, lse = fwd_impl(q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale)
-            ctx.save_for_backward(q, k, v, o, lse, delta, gate, coef, kpm)
-            ctx.args = (causal, window, sinks, scale)
+        def forward(ctx, *inputs):
+            o, lse = fwd_impl(*inputs)
+            setup_context(ctx, inputs, (o, lse))
             return o
 
         @staticmethod

@@ -587,8 +587,8 @@ def _block_d(D: int) -> int:
 
 
 def _tva_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor],
-                gate: Optional[torch.Tensor], coef: torch.Tensor, causal: bool, window: int, sinks: int,
-                key_padding_mask: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  gate: Optional[torch.Tensor], coef: torch.Tensor, causal: bool, window: int, sinks: int,
+                  key_padding_mask: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -612,9 +612,9 @@ _tva_fwd_op = torch.library.custom_op("apt::tva_attention_triton", mutates_args=
 
 
 def _tva_bwd_impl(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                lse: torch.Tensor, delta: Optional[torch.Tensor], gate: Optional[torch.Tensor], coef: torch.Tensor,
-                causal: bool, window: int, sinks: int, key_padding_mask: Optional[torch.Tensor], scale: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  lse: torch.Tensor, delta: Optional[torch.Tensor], gate: Optional[torch.Tensor], coef: torch.Tensor,
+                  causal: bool, window: int, sinks: int, key_padding_mask: Optional[torch.Tensor], scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv, ddelta (empty without delta), rowdot = Σ_d delta·dO (B, H, Tq) fp32."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]

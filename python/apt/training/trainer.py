@@ -183,7 +183,7 @@ class Trainer:
                  "tokens_seen": self.tokens_seen}
         out = ckpt.save(path or self.checkpoint_path, self.model, self.cfg, self.tokenizer, self.optimizer,
                         self.scheduler, self.scaler, state, self.plugins.state_dict(),
-                        rng=dict(rng) if rng is not None else True)
+                        rng=rng if rng is not None else True)
         logger.info("checkpoint saved: %s (epoch %d, step %d)", out, self.epoch, self.step)
         return out
 
