@@ -117,3 +117,78 @@ def current_stream(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+# ---- pooled host outputs (csrc/common/host_pool.cpp) --------------------------------------------------------------
+# Large CPU outputs come from the module's caching pool instead of torch.empty: torch's allocator hands every block
+# over 32 MB back to the OS (glibc maps each afresh), so a kernel that writes such an output first waits for the OS
+# to fault in and zero its pages, which for the MoE dispatch buffer takes as long as the copy itself. Smaller
+# blocks stay in glibc's heap and gain nothing.
+HOST_POOL_MIN_BYTES = 1 << 20
+HOST_CACHE_ENV = "APT_HOST_CACHE_MB"
+_DEFAULT_HOST_CACHE = 1 << 30
+_host_pool = False
+
+
+def _host_cache_limit_from_env() -> int:
+    raw = os.environ.get(HOST_CACHE_ENV)
+    if raw is None or raw.strip() == "":
+        return _DEFAULT_HOST_CACHE
+    try:
+        mb = float(raw)
+        if not mb >= 0 or mb == float("inf"):
+            raise ValueError
+    except ValueError:
+        # import never raises (module docstring): say what was wrong and keep the default
+        logger.warning("apt_kernels: %s=%r is not a number of MiB >= 0; using the default %d MiB", HOST_CACHE_ENV,
+                       raw, _DEFAULT_HOST_CACHE >> 20)
+        return _DEFAULT_HOST_CACHE
+    return int(mb * (1 << 20))
+
+
+def set_host_cache_limit(nbytes: int) -> None:
+    """Caps the bytes the host pool keeps for reuse once their tensors are freed (default 1 GiB, or
+    ``APT_HOST_CACHE_MB``); 0 turns the pool off, so later outputs come from ``torch.empty``. Blocks held beyond the
+    new cap are freed now."""
+    global _host_pool
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"nbytes: expected an int, got {type(nbytes).__name__}")
+    if nbytes < 0:
+        raise ValueError(f"nbytes: expected a byte count >= 0, got {nbytes}")
+    if _module is None or not hasattr(_module, "host_empty"):
+        return
+    _module.host_pool_set_limit(nbytes)
+    _host_pool = nbytes > 0
+
+
+def empty_host_cache() -> None:
+    """Frees every block the host pool holds for reuse (as ``torch.cuda.empty_cache`` does for the GPU); blocks of
+    live tensors go back when torch frees those tensors."""
+    if _module is not None and hasattr(_module, "host_pool_empty_cache"):
+        _module.host_pool_empty_cache()
+
+
+def host_cache_stats() -> dict[str, int]:
+    """The host pool's counters: ``limit_bytes``, ``cached_bytes`` / ``cached_blocks`` (held for reuse),
+    ``in_use_bytes`` (in live tensors), ``hits`` and ``misses`` (requests served from a held block or not). Empty
+    without the compiled module."""
+    if _module is None or not hasattr(_module, "host_pool_stats"):
+        return {}
+    return dict(_module.host_pool_stats())
+
+
+def host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)`` on the CPU, contiguous, for a kernel that writes every element. From
+    :data:`HOST_POOL_MIN_BYTES` on, the memory is a pooled block that torch hands back (through the DLPack deleter)
+    when the tensor's storage dies, so reuse never races a live tensor. Unlike ``torch.empty``'s, its storage cannot
+    be resized in place (``resize_`` raises)."""
+    nbytes = dtype.itemsize
+    for s in shape:
+        nbytes *= s
+    if _host_pool and nbytes >= HOST_POOL_MIN_BYTES:
+        return torch.from_dlpack(_module.host_empty(list(shape), DTYPE_CODES[dtype]))
+    return torch.empty(shape, dtype=dtype)
+
+
+if _module is not None and hasattr(_module, "host_empty"):
+    set_host_cache_limit(_host_cache_limit_from_env())

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from .._native import cpu_module, current_stream, native_module, view
+from .._native import cpu_module, current_stream, host_empty, native_module, view
 from .._validate import check_float, check_ndim, check_tensor
 from ..reference.moe import (Routing, default_renormalize, expert_capacity, gate_weights, moe_aux_losses_ref,
                              moe_combine_ref, moe_dispatch_ref, moe_route_ref, router_probs)
@@ -130,25 +130,25 @@ class _NativeCPU:
 
     @staticmethod
     def dispatch(x, token_of_slot):
-        buf = torch.empty(token_of_slot.shape[0], x.shape[1], dtype=x.dtype)
+        buf = host_empty((token_of_slot.shape[0], x.shape[1]), x.dtype)
         cpu_module().moe_dispatch_cpu(view(x), view(token_of_slot), view(buf))
         return buf
 
     @staticmethod
     def dispatch_backward(grad_buf, slot, n):
-        gx = torch.empty(n, grad_buf.shape[1], dtype=grad_buf.dtype)
+        gx = host_empty((n, grad_buf.shape[1]), grad_buf.dtype)
         cpu_module().moe_dispatch_backward_cpu(view(grad_buf), view(slot), view(gx))
         return gx
 
     @staticmethod
     def combine(out, weights, slot):
-        y = torch.empty(slot.shape[0], out.shape[1], dtype=out.dtype)
+        y = host_empty((slot.shape[0], out.shape[1]), out.dtype)
         cpu_module().moe_combine_cpu(view(out), view(weights), view(slot), view(y))
         return y
 
     @staticmethod
     def combine_backward(grad_y, out, weights, slot, token_of_slot):
-        g_out = torch.empty_like(out)
+        g_out = host_empty(tuple(out.shape), out.dtype)
         g_w = torch.empty_like(weights)
         cpu_module().moe_combine_backward_cpu(view(grad_y), view(out), view(weights), view(slot),
                                                  view(token_of_slot), view(g_out), view(g_w))

@@ -1,0 +1,261 @@
+// A caching pool for large host (CPU) output tensors, handed to torch through DLPack.
+//
+// Why: torch's CPU allocator returns every large block to the OS (glibc maps blocks over 32 MB afresh each time),
+// so each call that writes a fresh large output first pays the kernel's page faults and page zeroing. For the MoE
+// dispatch buffer that is as long as the copy itself. Blocks here stay mapped between calls, as the CUDA caching
+// allocator's do. Torch owns each tensor's lifetime: the DLPack deleter, which runs when torch frees the storage
+// (on any thread), gives the block back, so reuse never depends on guessing whether a tensor is still referenced.
+//
+// Bounded: blocks held free are capped at `limit` bytes (the oldest freed go back to the OS first); blocks in use
+// are the caller's memory, as with torch.empty. Sizes are rounded to 64 KiB (2 MiB from 8 MiB on, aligned for
+// transparent huge pages), and a free block serves a request only when it is at most 25% larger than needed.
+#include "common/apt_common.h"
+
+#include <cstdlib>
+#include <mutex>
+
+#ifdef __linux__
+#include <pthread.h>
+#include <sys/mman.h>
+#endif
+
+namespace apt {
+namespace {
+
+// ---- the DLPack ABI (dlpack.h, v0.8 "dltensor" capsules), written out: we take no header dependency ----
+struct DLDevice { int32_t device_type; int32_t device_id; };
+struct DLDataType { uint8_t code; uint8_t bits; uint16_t lanes; };
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+constexpr int32_t kDLCPU = 1;
+constexpr uint8_t kDLInt = 0, kDLFloat = 2, kDLBool = 6, kDLBfloat = 4;
+
+constexpr size_t kSmallGrain = size_t(64) << 10;  // 64 KiB
+constexpr size_t kHuge = size_t(2) << 20;         // 2 MiB: a transparent huge page
+constexpr size_t kHugeFrom = size_t(8) << 20;
+
+size_t round_size(size_t n) {
+  const size_t g = n >= kHugeFrom ? kHuge : kSmallGrain;
+  return (n + g - 1) / g * g;
+}
+
+struct Block { void* ptr; size_t size; uint64_t freed_at; };
+
+class HostPool {
+ public:
+  static HostPool& get() {
+    // Leaked on purpose: tensors may outlive static destruction at interpreter exit, and their deleters call here.
+    static HostPool* pool = new HostPool();
+    return *pool;
+  }
+
+  void* acquire(size_t need, size_t* got) {
+    const size_t want = round_size(need);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      size_t best = free_.size();
+      for (size_t i = 0; i < free_.size(); ++i) {
+        const size_t s = free_[i].size;
+        if (s >= want && s - want <= want / 4 && (best == free_.size() || s < free_[best].size)) best = i;
+      }
+      if (best != free_.size()) {
+        Block b = free_[best];
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+        cached_ -= b.size;
+        in_use_ += b.size;
+        ++hits_;
+        *got = b.size;
+        return b.ptr;
+      }
+      ++misses_;
+    }
+    void* p = std::aligned_alloc(want >= kHugeFrom ? kHuge : 4096, want);
+    if (p == nullptr) {
+      // Free what we hold and try once more before giving up.
+      release_cached(0);
+      p = std::aligned_alloc(want >= kHugeFrom ? kHuge : 4096, want);
+      if (p == nullptr) throw std::bad_alloc();
+    }
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (want >= kHugeFrom) madvise(p, want, MADV_HUGEPAGE);  // paging policy only; a no-op where THP is off
+#endif
+    std::lock_guard<std::mutex> lock(mu_);
+    in_use_ += want;
+    *got = want;
+    return p;
+  }
+
+  void give_back(void* p, size_t size) {
+    std::unique_lock<std::mutex> lock(mu_);
+    in_use_ -= size;
+    if (size > limit_) {
+      lock.unlock();
+      std::free(p);
+      return;
+    }
+    free_.push_back({p, size, ++clock_});
+    cached_ += size;
+    std::vector<void*> drop = evict_locked(limit_);
+    lock.unlock();
+    for (void* q : drop) std::free(q);
+  }
+
+  // Frees held blocks (oldest first) until at most `keep` bytes stay cached.
+  void release_cached(size_t keep) {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      drop = evict_locked(keep);
+    }
+    for (void* q : drop) std::free(q);
+  }
+
+  void set_limit(size_t limit) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      limit_ = limit;
+    }
+    release_cached(limit);
+  }
+
+  py::dict stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    py::dict d;
+    d["limit_bytes"] = limit_;
+    d["cached_bytes"] = cached_;
+    d["cached_blocks"] = free_.size();
+    d["in_use_bytes"] = in_use_;
+    d["hits"] = hits_;
+    d["misses"] = misses_;
+    return d;
+  }
+
+  // fork(): a child must not inherit the mutex held by a parent thread that was inside the pool.
+  void lock_for_fork() { mu_.lock(); }
+  void unlock_after_fork() { mu_.unlock(); }
+
+ private:
+  HostPool() {
+#ifdef __linux__
+    pthread_atfork([] { HostPool::get().lock_for_fork(); }, [] { HostPool::get().unlock_after_fork(); },
+                   [] { HostPool::get().unlock_after_fork(); });
+#endif
+  }
+
+  std::vector<void*> evict_locked(size_t keep) {
+    std::vector<void*> drop;
+    while (cached_ > keep && !free_.empty()) {
+      size_t oldest = 0;
+      for (size_t i = 1; i < free_.size(); ++i)
+        if (free_[i].freed_at < free_[oldest].freed_at) oldest = i;
+      drop.push_back(free_[oldest].ptr);
+      cached_ -= free_[oldest].size;
+      free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(oldest));
+    }
+    return drop;
+  }
+
+  std::mutex mu_;
+  std::vector<Block> free_;
+  size_t limit_ = size_t(1) << 30;
+  size_t cached_ = 0, in_use_ = 0;
+  uint64_t clock_ = 0, hits_ = 0, misses_ = 0;
+};
+
+struct Managed {
+  DLManagedTensor dl;
+  std::vector<int64_t> shape, strides;
+  size_t block_size;
+};
+
+void delete_managed(DLManagedTensor* t) {
+  auto* m = static_cast<Managed*>(t->manager_ctx);
+  HostPool::get().give_back(t->dl_tensor.data, m->block_size);
+  delete m;
+}
+
+// torch renames a capsule it consumed to "used_dltensor" and calls the deleter itself when the storage dies.
+void capsule_destructor(PyObject* cap) {
+  if (PyCapsule_IsValid(cap, "dltensor")) {
+    auto* dl = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    if (dl != nullptr && dl->deleter != nullptr) dl->deleter(dl);
+  }
+}
+
+DLDataType dl_dtype(DType d) {
+  switch (d) {
+    case DType::Float32: return {kDLFloat, 32, 1};
+    case DType::Float16: return {kDLFloat, 16, 1};
+    case DType::BFloat16: return {kDLBfloat, 16, 1};
+    case DType::Float64: return {kDLFloat, 64, 1};
+    case DType::Int64: return {kDLInt, 64, 1};
+    case DType::Int32: return {kDLInt, 32, 1};
+    case DType::Bool: return {kDLBool, 8, 1};
+  }
+  throw py::type_error("host_empty: unknown dtype code");
+}
+
+// A contiguous (row-major) tensor of `shape` and `dtype` on pooled memory, as a "dltensor" capsule for
+// torch.from_dlpack. An unconsumed capsule (never passed to torch) frees its block when collected.
+py::capsule host_empty(const std::vector<int64_t>& shape, int dtype_code) {
+  APT_CHECK_TYPE(dtype_code >= 0 && dtype_code <= static_cast<int>(DType::Bool), "dtype: unknown dtype code ",
+                 dtype_code);
+  const DType dtype = static_cast<DType>(dtype_code);
+  size_t numel = 1;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    APT_CHECK(shape[i] >= 0, "shape: negative size in dim ", i);
+    numel *= static_cast<size_t>(shape[i]);
+  }
+  const size_t nbytes = std::max<size_t>(numel * dtype_size(dtype), 1);
+  auto* m = new Managed();
+  m->shape = shape;
+  m->strides.assign(shape.size(), 1);
+  for (size_t i = shape.size(); i-- > 1;) m->strides[i - 1] = m->strides[i] * std::max<int64_t>(shape[i], 1);
+  void* data = nullptr;
+  try {
+    data = HostPool::get().acquire(nbytes, &m->block_size);
+  } catch (...) {
+    delete m;
+    throw;
+  }
+  DLTensor& t = m->dl.dl_tensor;
+  t.data = data;
+  t.device = {kDLCPU, 0};
+  t.ndim = static_cast<int32_t>(shape.size());
+  t.dtype = dl_dtype(dtype);
+  t.shape = m->shape.data();
+  t.strides = m->strides.data();
+  t.byte_offset = 0;
+  m->dl.manager_ctx = m;
+  m->dl.deleter = delete_managed;
+  return py::capsule(&m->dl, "dltensor", &capsule_destructor);
+}
+
+}  // namespace
+
+APT_REGISTER_OPS(host_pool) {
+  m.def("host_empty", &host_empty, py::arg("shape"), py::arg("dtype"),
+        "A contiguous CPU tensor on the pooled blocks, as a DLPack capsule (torch.from_dlpack).");
+  m.def("host_pool_stats", []() { return HostPool::get().stats(); },
+        "limit_bytes, cached_bytes, cached_blocks, in_use_bytes, hits, misses.");
+  m.def("host_pool_set_limit", [](int64_t limit) {
+    APT_CHECK(limit >= 0, "limit: expected bytes >= 0, got ", limit);
+    HostPool::get().set_limit(static_cast<size_t>(limit));
+  }, py::arg("limit"), "Caps the bytes held free (0: hold none); frees held blocks beyond it.");
+  m.def("host_pool_empty_cache", []() { HostPool::get().release_cached(0); },
+        "Frees every held block (blocks in use are freed when torch frees their tensors).");
+}
+
+}  // namespace apt
