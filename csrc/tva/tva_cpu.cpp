@@ -150,11 +150,12 @@ inline bool band_covers(const MaskSpec& m, int64_t p0, int64_t p1, int64_t n0, i
   return tva::visible(s, p0, n0) && tva::visible(s, p0, n1) && tva::visible(s, p1, n0) && tva::visible(s, p1, n1);
 }
 
-// The kernels pass 64-byte vectors only between inlined functions of one build: no ABI crosses a build boundary.
+// The kernels pass vectors wider than the baseline ABI's only between inlined functions of one build: no ABI
+// crosses a build boundary.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 namespace generic {
-constexpr int kR = 2, kCV = 1;
+constexpr int kR = 2, kCV = 1, kW = 4;
 #include "tva/tva_cpu_impl.h"
 }  // namespace generic
 
@@ -163,14 +164,14 @@ constexpr int kR = 2, kCV = 1;
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-constexpr int kR = 4, kCV = 1;  // 4 rows × 16 columns: 8 ymm accumulators
+constexpr int kR = 4, kCV = 1, kW = 8;  // 4 rows × 16 columns: 8 ymm accumulators
 #include "tva/tva_cpu_impl.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
 namespace avx512 {
-constexpr int kR = 4, kCV = 4;  // 4 rows × 64 columns: 16 zmm accumulators
+constexpr int kR = 4, kCV = 4, kW = 16;  // 4 rows × 64 columns: 16 zmm accumulators
 #include "tva/tva_cpu_impl.h"
 }  // namespace avx512
 #pragma GCC pop_options

@@ -1,45 +1,61 @@
 // TVA attention CPU kernels on packed fp32 operands (tva_cpu.cpp packs and unpacks them; see Packed there).
 // Included by tva_cpu.cpp once per build, inside namespace apt::tva_cpu::<isa> (generic, AVX2+FMA, AVX-512), after
-// kR (rows of a register tile) and kCV (16-float vectors per column tile) are defined; include nowhere else.
+// kR (rows of a register tile), kCV (16-float column groups per tile) and kW (floats in the build's native vector:
+// 4 SSE, 8 AVX2, 16 AVX-512) are defined; include nowhere else.
 // Every product is a register-tiled micro-kernel on 64×64 blocks (kBlk) in one of two shapes:
 //   nt:  C (rows×64) = A (rows×K, row-major) · Bt (K×64 columns of a transposed operand)  (scores, dP)
 //   acc: C (rows×N) = alpha∘C + A (rows×K) · B (K×N, row-major)                            (P·V, dV, dK, dQ)
 // with K the padded head dim Dp (a multiple of 16) or the 64 of a block, so no loop has a tail.
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));  // unaligned loads/stores
+// Vectors of the build's native width: GCC splits a wider generic vector into registers poorly (under AVX2 the
+// 64-byte tiles went through the stack, and the kernels ran 2-4x slower than the SSE build).
+typedef float vf __attribute__((vector_size(4 * kW)));
+typedef float vfu __attribute__((vector_size(4 * kW), aligned(4), may_alias));  // unaligned loads/stores
+static_assert(16 % kW == 0, "a 16-float column group is a whole number of native vectors");
+constexpr int kVG = 16 / kW;  // native vectors per 16-float group
 
-static inline v16 ld(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-static inline void st(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
-static inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+static inline vf ld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline void st(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline float hmax(vf x) {  // NaN lanes are passed over
+  float r = NEG_INF;
+  for (int e = 0; e < kW; ++e) r = x[e] > r ? x[e] : r;
+  return r;
+}
+static inline float hsum(vf x) {
+  float r = x[0];
+  for (int e = 1; e < kW; ++e) r += x[e];
+  return r;
+}
 
 // One R×(16·CV) register tile of C = [alpha∘C +] op(A) · B over K: op(A) = A (rows×K, lda) or, with TA, Aᵀ of A
 // stored (K×rows, lda); ZERO starts from 0 instead of loading C.
 template <int R, int CV, bool TA, bool ZERO>
 static inline void acc_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                             int64_t K, const float* alpha) {
-  v16 acc[R][CV];
+  constexpr int NV = CV * kVG;  // native vectors across the tile's 16·CV columns
+  vf acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const float s = alpha ? alpha[r] : 1.0f;
 #pragma GCC unroll 4
-    for (int c = 0; c < CV; ++c) acc[r][c] = ZERO ? v16{} : ld(C + r * ldc + 16 * c) * s;
+    for (int c = 0; c < NV; ++c) acc[r][c] = ZERO ? vf{} : ld(C + r * ldc + kW * c) * s;
   }
   for (int64_t kk = 0; kk < K; ++kk) {
-    v16 b[CV];
+    vf b[NV];
 #pragma GCC unroll 4
-    for (int c = 0; c < CV; ++c) b[c] = ld(B + kk * ldb + 16 * c);
+    for (int c = 0; c < NV; ++c) b[c] = ld(B + kk * ldb + kW * c);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const float a = TA ? A[kk * lda + r] : A[r * lda + kk];
 #pragma GCC unroll 4
-      for (int c = 0; c < CV; ++c) acc[r][c] += a * b[c];
+      for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < CV; ++c) st(C + r * ldc + 16 * c, acc[r][c]);
+    for (int c = 0; c < NV; ++c) st(C + r * ldc + kW * c, acc[r][c]);
 }
 
 // C (rows×kBlk, dense) = A (rows×K, lda) · Bt (K×kBlk, ldb); rows a multiple of kR
@@ -105,31 +121,23 @@ static inline void mask_block(const Packed& p, int64_t b, int64_t m0, int64_t n0
 static inline void softmax_step(float* S, int64_t rows, float* m, float* l, float* alpha) {
   for (int64_t i = 0; i < rows; ++i) {
     float* s = S + i * kBlk;
-    v16 mv = vmax(vmax(ld(s), ld(s + 16)), vmax(ld(s + 32), ld(s + 48)));
-    float mx = m[i];
-    for (int e = 0; e < 16; ++e) mx = mv[e] > mx ? mv[e] : mx;
+    vf mv = ld(s);
+#pragma GCC unroll 16
+    for (int c = kW; c < kBlk; c += kW) mv = vmax(mv, ld(s + c));
+    const float bm = hmax(mv);
+    const float mx = bm > m[i] ? bm : m[i];
     const float ms = mx == NEG_INF ? 0.0f : mx;
     alpha[i] = fexp(m[i] - ms);
     for (int64_t j = 0; j < kBlk; ++j) s[j] = fexp(s[j] - ms);
-    const v16 sv = (ld(s) + ld(s + 16)) + (ld(s + 32) + ld(s + 48));
-    float sum = 0.0f;
-    for (int e = 0; e < 16; ++e) sum += sv[e];
-    l[i] = l[i] * alpha[i] + sum;
+    vf sv = ld(s);
+#pragma GCC unroll 16
+    for (int c = kW; c < kBlk; c += kW) sv += ld(s + c);
+    l[i] = l[i] * alpha[i] + hsum(sv);
     m[i] = mx;
   }
 }
 
 static inline int64_t round_rows(int64_t n) { return (n + kR - 1) / kR * kR; }
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-static inline float hsum(v16 x) {
-  const v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[1]) + (b[2] + b[3]);
-}
 
 // S (rows×kBlk) = Q (rows×Dp) · Kᵀ for kBlk key rows of K (row-major, ldk apart, Dp wide): a dot product per key,
 // for a few query rows, where the transposed panel gemm_nt wants would cost more to build than it saves.
@@ -138,8 +146,8 @@ static inline void scores_by_dot(const float* Q, int64_t Dp, const float* K, int
     const float* q = Q + i * Dp;
     for (int64_t j = 0; j < kBlk; ++j) {
       const float* k = K + j * ldk;
-      v16 acc = ld(q) * ld(k);
-      for (int64_t d = 16; d < Dp; d += 16) acc += ld(q + d) * ld(k + d);
+      vf acc = ld(q) * ld(k);
+      for (int64_t d = kW; d < Dp; d += kW) acc += ld(q + d) * ld(k + d);
       S[i * kBlk + j] = hsum(acc);
     }
   }
