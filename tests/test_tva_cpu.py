@@ -311,3 +311,10 @@ def test_eager_calls_skip_the_custom_op_dispatch():
     (gq,) = torch.autograd.grad(out, inp["q"], go, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gq.sum().backward()
+    # nothing to differentiate: the body alone, the same values
+    with torch.no_grad():
+        plain = tva_attention_cpu(**inp)
+    frozen = tva_attention_cpu(**{n: (t.detach() if isinstance(t, torch.Tensor) else t) for n, t in inp.items()})
+    for o in (plain, frozen):
+        assert o.grad_fn is None and not o.requires_grad
+        torch.testing.assert_close(o, out.detach(), rtol=0, atol=0)

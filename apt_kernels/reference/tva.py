@@ -298,6 +298,10 @@ def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Callable[..., Any],
     def run(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) -> torch.Tensor:
         if custom_op_must_dispatch():
             return fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
+        if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad
+                                                  for t in (q, k, v, delta, gate, coef)):
+            # nothing to differentiate (decode, evaluation): the body alone, without the Function's bookkeeping
+            return fwd_impl(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
         return Eager.apply(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)
 
     return run

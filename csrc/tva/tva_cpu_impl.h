@@ -66,20 +66,27 @@ static inline void gemm_nt(const float* A, int64_t lda, const float* Bt, int64_t
       acc_tile<kR, kCV, false, true>(A + i0 * lda, lda, Bt + j0, ldb, C + i0 * kBlk + j0, kBlk, K, nullptr);
 }
 
+template <int R, bool TA>
+static inline void gemm_acc_rows(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                                 int64_t K, int64_t N, const float* alpha) {
+  int64_t j0 = 0;
+  for (; j0 + 16 * kCV <= N; j0 += 16 * kCV) acc_tile<R, kCV, TA, false>(A, lda, B + j0, ldb, C + j0, ldc, K, alpha);
+  if (kCV > 2)
+    for (; j0 + 32 <= N; j0 += 32) acc_tile<R, 2, TA, false>(A, lda, B + j0, ldb, C + j0, ldc, K, alpha);
+  for (; j0 < N; j0 += 16) acc_tile<R, 1, TA, false>(A, lda, B + j0, ldb, C + j0, ldc, K, alpha);
+}
+
+// rows past the last multiple of kR one at a time (decode: 1..4 queries, no padding rows computed)
 template <bool TA>
 static inline void gemm_acc_impl(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                                  int64_t rows, int64_t K, int64_t N, const float* alpha) {
-  for (int64_t i0 = 0; i0 < rows; i0 += kR) {
-    const float* al = alpha ? alpha + i0 : nullptr;
-    const float* a = TA ? A + i0 : A + i0 * lda;
-    float* c = C + i0 * ldc;
-    int64_t j0 = 0;
-    for (; j0 + 16 * kCV <= N; j0 += 16 * kCV)
-      acc_tile<kR, kCV, TA, false>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
-    if (kCV > 2)
-      for (; j0 + 32 <= N; j0 += 32) acc_tile<kR, 2, TA, false>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
-    for (; j0 < N; j0 += 16) acc_tile<kR, 1, TA, false>(a, lda, B + j0, ldb, c + j0, ldc, K, al);
-  }
+  int64_t i0 = 0;
+  for (; i0 + kR <= rows; i0 += kR)
+    gemm_acc_rows<kR, TA>(TA ? A + i0 : A + i0 * lda, lda, B, ldb, C + i0 * ldc, ldc, K, N,
+                          alpha ? alpha + i0 : nullptr);
+  for (; i0 < rows; ++i0)
+    gemm_acc_rows<1, TA>(TA ? A + i0 : A + i0 * lda, lda, B, ldb, C + i0 * ldc, ldc, K, N,
+                         alpha ? alpha + i0 : nullptr);
 }
 
 // C (rows×N, ldc) = alpha[i]·C + A (rows×K, lda) · B (K×N, ldb); alpha null = 1; N a multiple of 16
@@ -219,11 +226,13 @@ void forward(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
           for (int64_t j = nk; j < kBlk; ++j)
             for (int64_t d = 0; d < D; ++d) V[j * Dp + d] = 0.0f;
         }
+        // by_dot: only the bm real rows (gemm_nt computes whole kR-row tiles, so the rest keep its padding rows)
+        const int64_t rows = by_dot ? bm : mr;
         if (by_dot) scores_by_dot(Q.data(), Dp, Kp, ldk, S.data(), bm);
         else gemm_nt(Q.data(), Dp, Kp, ldk, S.data(), mr, Dp);
-        mask_block(p, b, m0, n0, mr, false, S.data());
-        softmax_step(S.data(), mr, m, l, alpha);
-        gemm_acc(S.data(), kBlk, Vp, ldv, acc.data(), Dp, mr, kBlk, Dp, alpha);
+        mask_block(p, b, m0, n0, rows, false, S.data());
+        softmax_step(S.data(), rows, m, l, alpha);
+        gemm_acc(S.data(), kBlk, Vp, ldv, acc.data(), Dp, rows, kBlk, Dp, alpha);
       }
       for (int64_t i = 0; i < bm; ++i) {
         store_output<T>(c, o, b, h, m0 + i, acc.data() + i * Dp, l[i] == 0.0f ? 0.0f : 1.0f / l[i]);
