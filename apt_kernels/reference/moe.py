@@ -85,9 +85,19 @@ def default_renormalize(k: int, renormalize: Optional[bool]) -> bool:
 
 
 def router_probs(logits: torch.Tensor) -> torch.Tensor:
-    """softmax over experts in fp32 (fp64 for fp64 logits)."""
+    """softmax over experts in fp32 (fp64 for fp64 logits). Every provider routes on these probabilities, so their
+    decisions agree exactly with the reference's."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return torch.softmax(logits.to(acc), dim=-1)
+    l = logits.to(acc)
+    n, e = l.shape
+    if l.device.type == "cpu" and e <= 32 and n >= 256:
+        # torch's CPU softmax vectorises along the row, so with few experts it costs ~100 ns a row (1.7 ms at
+        # N 16K, E 8); the same formula in whole-tensor ops is 4-6x faster, forward and backward. The shift by the
+        # row max is a constant for the gradient (softmax does not depend on it), hence detached. Non-finite rows
+        # give NaN rows as torch.softmax does (inf - inf, -inf - -inf, NaN max).
+        x = (l - l.amax(-1, keepdim=True).detach()).exp()
+        return x * x.sum(-1, keepdim=True).reciprocal()
+    return torch.softmax(l, dim=-1)
 
 
 def topk_ref(probs: torch.Tensor, k: int) -> torch.Tensor:
