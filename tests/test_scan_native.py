@@ -127,6 +127,19 @@ def test_cpu_state_update_matches_reference(lb, lc, dtype, state_dtype):
     check_state_update_against_reference(selective_state_update_cpu, 16, lb, lc, dtype, state_dtype)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("N", [16, 8, 12, 5, 32])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float16)])
+def test_cpu_state_update_lanes_tiles_and_isas(isa, N, dtype, state_dtype, monkeypatch):
+    """The decode step in tiles of 64 rows (dim 135: two full tiles and a ragged one; at N 16 dim 2049, whose
+    2 x 2049 x 16 states take the multi-threaded path) with W-lane partial sums (W = 16, 8, 4 or 1 by N and the
+    build), in every build this CPU runs; contiguous and strided states, in and not in the accumulation dtype."""
+    monkeypatch.setenv("APT_SCAN_CPU_ISA", isa)
+    check_state_update_against_reference(selective_state_update_cpu, N, "group", "var", dtype, state_dtype, seed=N,
+                                         batch=2, dim=2049 if N == 16 else 135)
+
+
 def test_cpu_chunked_scan_carries_state():
     """Scanning the first part, then decoding the rest step by step from the returned state, equals one whole scan."""
     x = random_scan_inputs(2, 4, 30, 8, layout_B="group", layout_C="var", groups=2,

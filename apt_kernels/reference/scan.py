@@ -285,13 +285,13 @@ def check_scan_then_decode(scan_fn, step_fn, x: dict, split: int) -> None:
 
 def check_state_update_against_reference(step_fn, N: int, layout_B: str, layout_C: str, dtype: torch.dtype,
                                         state_dtype: torch.dtype, device: Union[str, torch.device] = "cpu",
-                                        seed: int = 15) -> None:
-    """Test helper: ``step_fn`` (selective_state_update's signature) vs the reference on batch 3, dim 6 with B/C
-    ``"var"`` (batch, N) in ``dtype`` or ``"group"`` (batch, 3, N) in fp32, D, z, dt_bias and softplus: y and the
-    in-place state (dtypes kept), then without the optional inputs on a strided state (every other column of a
-    bigger cache), whose other columns stay untouched."""
+                                        seed: int = 15, batch: int = 3, dim: int = 6) -> None:
+    """Test helper: ``step_fn`` (selective_state_update's signature) vs the reference on (batch, dim) (dim a
+    multiple of 3) with B/C ``"var"`` (batch, N) in ``dtype`` or ``"group"`` (batch, 3, N) in fp32, D, z, dt_bias
+    and softplus: y and the in-place state (dtypes kept), then without the optional inputs on a strided state
+    (every other column of a bigger cache), whose other columns stay untouched."""
     g = torch.Generator().manual_seed(seed)
-    b, dim, G = 3, 6, 3
+    b, G = batch, 3
     state = torch.randn(b, dim, N, generator=g).to(state_dtype)
     x, dt, z = (torch.randn(b, dim, generator=g).to(dtype) for _ in range(3))
     A = -torch.rand(dim, N, generator=g)

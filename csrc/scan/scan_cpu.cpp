@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/apt_common.h"
@@ -308,7 +309,13 @@ void selective_state_update(Obj state_, Obj x_, Obj dt_, Obj A_, Obj B_, Obj C_,
                       z.defined() ? z.ptr<T>() : nullptr, {z.defined() ? z.stride(0) : 0, z.defined() ? z.stride(1) : 0},
                       y.ptr<T>(), {y.stride(0), y.stride(1)}};
       py::gil_scoped_release nogil;
-      generic::state_update<T, S>(io, p, softplus_dt);
+      switch (best_isa()) {
+#ifdef APT_SCAN_AVX2
+        case Isa::avx512: avx512::state_update<T, S>(io, p, softplus_dt); break;
+        case Isa::avx2: avx2::state_update<T, S>(io, p, softplus_dt); break;
+#endif
+        default: generic::state_update<T, S>(io, p, softplus_dt);
+      }
     });
   });
 }

@@ -384,35 +384,91 @@ void scan_bwd(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, co
   }
 }
 
-// One decode step, in place on the state: h = exp(dt A) h + dt B x; y = <C, h> + D x (times silu(z)).
+// One decode step, in place on the state: h = exp(dt A) h + dt B x; y = <C, h> + D x (times silu(z)). A decode
+// row is only N (16) states, so the per-row scalar work (softplus of dt, silu of z, the dot product's horizontal
+// sum) cost more than the states themselves: rows go in tiles of kStepTile of one batch row, that work runs
+// vectorised over the tile, and the state loop keeps W lane partial sums per row that reduce_lanes sums for the
+// whole tile. Small steps (decode at batch 1) run on one thread.
+constexpr int64_t kStepTile = 64;
+
+template <typename T, typename S, int NT>
+void state_update_n(const StepIO<T, S>& io, const Packed<acc_t<T>>& p, bool softplus_dt) {
+  using Acc = acc_t<T>;
+  constexpr int W = std::is_same_v<Acc, float> ? lanes_for<NT>() : 1;
+  const int64_t batch = p.batch, dim = p.dim, N = NT > 0 ? NT : p.N;
+  const int64_t sn = io.sstate[2], tiles = (dim + kStepTile - 1) / kStepTile;
+#pragma omp parallel for schedule(static) if (batch * dim * N > (int64_t(1) << 16))
+  for (int64_t task = 0; task < batch * tiles; ++task) {
+    const int64_t b = task / tiles, d0 = (task % tiles) * kStepTile, rows = std::min(kStepTile, dim - d0);
+    Acc dts[kStepTile], xs[kStepTile], ys[kStepTile], part[kStepTile * W];
+    for (int64_t r = 0; r < rows; ++r) {
+      dts[r] = load_f(io.dt + b * io.sdt[0] + (d0 + r) * io.sdt[1]) + (p.bias ? p.bias[d0 + r] : Acc(0));
+      xs[r] = load_f(io.x + b * io.sx[0] + (d0 + r) * io.sx[1]);
+    }
+    if (softplus_dt) {
+#pragma omp simd
+      for (int64_t r = 0; r < rows; ++r) dts[r] = softplus(dts[r]);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t d = d0 + r;
+      int64_t ts;
+      const Acc* Bt = bc_row(p, true, b, d, ts);
+      const Acc* Ct = bc_row(p, false, b, d, ts);
+      const Acc* Ad = p.A + d * N;
+      const Acc dt = dts[r], dtx = dt * xs[r];
+      S* st = io.state + b * io.sstate[0] + d * io.sstate[1];
+      Acc pl[W] = {};
+      bool fused = false;
+      if constexpr (std::is_same_v<S, Acc>) {  // the state in the accumulation dtype, contiguous: one pass
+        if (sn == 1) {
+          for (int64_t n0 = 0; n0 < N; n0 += W) {
+#pragma omp simd
+            for (int l = 0; l < W; ++l) {
+              const Acc hn = fexp(dt * Ad[n0 + l]) * st[n0 + l] + dtx * Bt[n0 + l];
+              st[n0 + l] = hn;
+              pl[l] += hn * Ct[n0 + l];
+            }
+          }
+          fused = true;
+        }
+      }
+      if (!fused) {
+        for (int64_t n0 = 0; n0 < N; n0 += W) {
+          Acc da[W];
+#pragma omp simd
+          for (int l = 0; l < W; ++l) da[l] = fexp(dt * Ad[n0 + l]);
+          for (int l = 0; l < W; ++l) {
+            S* sp = st + (n0 + l) * sn;
+            const Acc hn = da[l] * static_cast<Acc>(load_f(sp)) + dtx * Bt[n0 + l];
+            store_f(sp, static_cast<acc_t<S>>(hn));
+            pl[l] += hn * Ct[n0 + l];
+          }
+        }
+      }
+      for (int l = 0; l < W; ++l) part[r * W + l] = pl[l];
+    }
+    reduce_lanes<W, Acc>(part, rows, ys);
+    const Acc* Dd = p.D ? p.D + d0 : nullptr;
+    if (Dd) {
+#pragma omp simd
+      for (int64_t r = 0; r < rows; ++r) ys[r] += Dd[r] * xs[r];
+    }
+    if (io.z) {
+      Acc zs[kStepTile];
+      for (int64_t r = 0; r < rows; ++r) zs[r] = load_f(io.z + b * io.sz[0] + (d0 + r) * io.sz[1]);
+#pragma omp simd
+      for (int64_t r = 0; r < rows; ++r) ys[r] *= zs[r] * sigmoid(zs[r]);
+    }
+    for (int64_t r = 0; r < rows; ++r) store_f(io.y + b * io.sy[0] + (d0 + r) * io.sy[1], ys[r]);
+  }
+}
+
 template <typename T, typename S>
 void state_update(const StepIO<T, S>& io, const Packed<acc_t<T>>& p, bool softplus_dt) {
-  using Acc = acc_t<T>;
-  const int64_t batch = p.batch, dim = p.dim, N = p.N;
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < batch * dim; ++i) {
-    const int64_t b = i / dim, d = i % dim;
-    int64_t ts;
-    const Acc* Bt = bc_row(p, true, b, d, ts);
-    const Acc* Ct = bc_row(p, false, b, d, ts);
-    const Acc* Ad = p.A + d * N;
-    Acc dt = load_f(io.dt + b * io.sdt[0] + d * io.sdt[1]) + (p.bias ? p.bias[d] : Acc(0));
-    if (softplus_dt) dt = softplus(dt);
-    const Acc xx = load_f(io.x + b * io.sx[0] + d * io.sx[1]);
-    const Acc dtx = dt * xx;
-    S* st = io.state + b * io.sstate[0] + d * io.sstate[1];
-    const int64_t sn = io.sstate[2];
-    Acc y = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      Acc hn = fexp(dt * Ad[n]) * static_cast<Acc>(load_f(st + n * sn)) + dtx * Bt[n];
-      store_f(st + n * sn, static_cast<acc_t<S>>(hn));
-      y += hn * Ct[n];
-    }
-    y += (p.D ? p.D[d] : Acc(0)) * xx;
-    if (io.z) {
-      const Acc zz = load_f(io.z + b * io.sz[0] + d * io.sz[1]);
-      y *= zz * sigmoid(zz);
-    }
-    store_f(io.y + b * io.sy[0] + d * io.sy[1], y);
+  switch (p.N) {
+    case 16: state_update_n<T, S, 16>(io, p, softplus_dt); break;
+    case 8: state_update_n<T, S, 8>(io, p, softplus_dt); break;
+    case 4: state_update_n<T, S, 4>(io, p, softplus_dt); break;
+    default: state_update_n<T, S, 0>(io, p, softplus_dt);
   }
 }
