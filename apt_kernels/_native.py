@@ -182,11 +182,19 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     :data:`HOST_POOL_MIN_BYTES` on, the memory is a pooled block that torch hands back (through the DLPack deleter)
     when the tensor's storage dies, so reuse never races a live tensor. Unlike ``torch.empty``'s, its storage cannot
     be resized in place (``resize_`` raises)."""
+    global _host_pool
     nbytes = dtype.itemsize
     for s in shape:
         nbytes *= s
     if _host_pool and nbytes >= HOST_POOL_MIN_BYTES:
-        return torch.from_dlpack(_module.host_empty(list(shape), DTYPE_CODES[dtype]))
+        capsule = _module.host_empty(list(shape), DTYPE_CODES[dtype])
+        try:
+            return torch.from_dlpack(capsule)
+        except Exception as exc:  # a torch that no longer takes unversioned DLPack capsules: off for good
+            _host_pool = False
+            del capsule  # unconsumed, it gives its block back now (the traceback would keep it alive)
+            logger.warning("apt_kernels: the host pool is off: torch.from_dlpack refused its capsule (%s); large "
+                           "CPU outputs come from torch.empty", f"{type(exc).__name__}: {exc}")
     return torch.empty(shape, dtype=dtype)
 
 

@@ -190,6 +190,20 @@ def test_share_memory_moves_the_tensor_out_of_the_pool(pool):
     assert t.is_shared() and torch.all(t == 2.0) and _stat("in_use_bytes") == 0
 
 
+def test_a_torch_that_refuses_the_capsule_turns_the_pool_off(pool, monkeypatch, caplog):
+    def refuse(_):
+        raise RuntimeError("unversioned DLPack capsules are no longer supported")
+
+    monkeypatch.setattr(torch, "from_dlpack", refuse)
+    with caplog.at_level(logging.WARNING, logger="apt_kernels._native"):
+        t = pool.host_empty((MB,), torch.float32)
+    assert t.shape == (MB,) and "host pool is off" in caplog.text
+    assert _stat("in_use_bytes") == 0  # the refused block went back
+    before = _native.host_cache_stats()
+    pool.host_empty((MB,), torch.float32)
+    assert _native.host_cache_stats() == before  # no longer asked
+
+
 def _poison_pool(nbytes_list: list[int]) -> None:
     """Leaves NaN-filled blocks of these sizes held for reuse."""
     blocks = [_native.host_empty((n // 4,), torch.float32).fill_(float("nan")) for n in nbytes_list]
