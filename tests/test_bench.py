@@ -311,6 +311,22 @@ def test_apt_bench_quick_with_fakes(kind, tmp_path, monkeypatch, capsys, caplog)
     assert "WRONG" in capsys.readouterr().out
 
 
+def test_apt_bench_gives_the_callers_thread_count_back(tmp_path, monkeypatch):
+    """--threads sets torch's thread count for the run only: an in-process caller (this suite) gets its own back,
+    also when the run fails."""
+    from apt.core import registry
+
+    monkeypatch.setattr(registry, "REGISTRY", fakes.fake_registry())
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    seen = []
+    monkeypatch.setattr(runner, "run_benchmarks", lambda *a, **k: seen.append(torch.get_num_threads()) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["bench", "--quick", "--kind", "scan", "--device", "cpu", "--threads", str(other), "-q",
+              "--out", str(tmp_path)])
+    assert seen == [other] and torch.get_num_threads() == before
+
+
 def test_apt_bench_quick_real_registry(tmp_path):
     """Whatever real providers this build has: the default of each kind runs and is 'ok' on one quick shape."""
     from apt.core import registry

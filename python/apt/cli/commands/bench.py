@@ -105,43 +105,47 @@ def run(args: argparse.Namespace) -> int:
         return _list_targets(kinds, device)
     if args.list:
         return _list(kinds, device, args.quick)
-    if args.threads == "auto":
-        if device == "cpu":
-            n = runner.auto_threads()
-            if n != torch.get_num_threads():
-                print(f"apt bench: using {n} CPU thread(s) of {torch.get_num_threads()}: the others' cores are busy "
-                      f"(load average {os.getloadavg()[0]:.1f}); --threads N overrides",
-                      file=sys.stderr)
-            torch.set_num_threads(n)
-    elif args.threads:
-        torch.set_num_threads(int(args.threads))
-    dtype: Optional[torch.dtype] = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    progress = None if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
-    if args.targets:
-        from ...bench import targets
+    # the thread count is this run's only: an in-process caller (a test suite, a notebook) gets its own back
+    threads_before = torch.get_num_threads()
+    try:
+        if args.threads == "auto":
+            if device == "cpu":
+                n = runner.auto_threads()
+                if n != torch.get_num_threads():
+                    print(f"apt bench: using {n} CPU thread(s) of {torch.get_num_threads()}: the others' cores are "
+                          f"busy (load average {os.getloadavg()[0]:.1f}); --threads N overrides", file=sys.stderr)
+                torch.set_num_threads(n)
+        elif args.threads:
+            torch.set_num_threads(int(args.threads))
+        dtype: Optional[torch.dtype] = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+        progress = None if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+        if args.targets:
+            from ...bench import targets
 
-        bench_run = targets.run_targets(kinds, device, dtype=dtype, warmup=args.warmup, repeats=args.repeats,
-                                        budget_s=args.budget, progress=progress)
-    else:
-        kw = dict(providers=providers, dtype=dtype, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
-                  include_peers=not args.no_peers, max_shapes=args.max_shapes, progress=progress)
-        bench_run = runner.run_benchmarks(kinds, device, quick=args.quick, **kw)
-    paths = report.write_all(bench_run, args.out, plots=not args.no_plots)
-    if args.save:
-        results = Path(args.results_dir) if args.results_dir else repo_benchmarks_dir() / "results"
-        results.mkdir(parents=True, exist_ok=True)
-        dest = results / report.result_file_name(bench_run)
-        shutil.copyfile(paths["json"], dest)
-        print(f"apt bench: saved {dest} (render with `apt bench --report`)")
-    if not args.quiet:
-        print(report.render_markdown(bench_run))
-    wrong = [r for r in bench_run.results if r.status == "wrong"]
-    print(f"apt bench: {len(bench_run.results)} rows in {bench_run.meta['wall_s']:.1f} s; wrote {paths['markdown']}, "
-          f"{paths['json']}" + (f" and {len(paths['plots'])} plot(s)" if paths["plots"] else "")
-          + (f"; {len(wrong)} WRONG provider result(s)" if wrong else ""))
-    if bench_run.targets is not None:
-        print(f"apt bench: targets: {report.target_summary(bench_run.targets)}")
-    return 1 if (wrong and args.fail_on_wrong) else 0
+            bench_run = targets.run_targets(kinds, device, dtype=dtype, warmup=args.warmup, repeats=args.repeats,
+                                            budget_s=args.budget, progress=progress)
+        else:
+            kw = dict(providers=providers, dtype=dtype, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
+                      include_peers=not args.no_peers, max_shapes=args.max_shapes, progress=progress)
+            bench_run = runner.run_benchmarks(kinds, device, quick=args.quick, **kw)
+        paths = report.write_all(bench_run, args.out, plots=not args.no_plots)
+        if args.save:
+            results = Path(args.results_dir) if args.results_dir else repo_benchmarks_dir() / "results"
+            results.mkdir(parents=True, exist_ok=True)
+            dest = results / report.result_file_name(bench_run)
+            shutil.copyfile(paths["json"], dest)
+            print(f"apt bench: saved {dest} (render with `apt bench --report`)")
+        if not args.quiet:
+            print(report.render_markdown(bench_run))
+        wrong = [r for r in bench_run.results if r.status == "wrong"]
+        print(f"apt bench: {len(bench_run.results)} rows in {bench_run.meta['wall_s']:.1f} s; wrote "
+              f"{paths['markdown']}, {paths['json']}" + (f" and {len(paths['plots'])} plot(s)" if paths["plots"] else "")
+              + (f"; {len(wrong)} WRONG provider result(s)" if wrong else ""))
+        if bench_run.targets is not None:
+            print(f"apt bench: targets: {report.target_summary(bench_run.targets)}")
+        return 1 if (wrong and args.fail_on_wrong) else 0
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
