@@ -50,6 +50,26 @@ def test_cpu_native_dtypes(dtype, cf):
     check_impl("cpu_native", 77, 8, 2, cf, "random", dtype)
 
 
+def test_cpu_native_fp16_conversions_are_exact():
+    """Every fp16 bit pattern through combine (fp16 -> fp32 -> fp16, weight 1) comes back unchanged (NaN as NaN,
+    -0 as 0: the sum starts at +0); scaled by weights in [0.5, 1) it is rounded as torch rounds (overflow, subnormals,
+    ties to even): the kernels' branch-free conversions are exact."""
+    n, c = 256, 256
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(n, c)
+    r = moe_route(torch.zeros(n, 1), 1, None, impl="cpu_native")
+    y = moe_combine(every.clone(), r, impl="cpu_native")
+    nan = torch.isnan(every)
+    assert torch.isnan(y[nan]).all()
+    same = y.view(torch.int16) == every.view(torch.int16)
+    assert (same | nan | (every == 0)).all() and (y[every == 0] == 0).all()
+    r = moe_route(torch.randn(n, 2, generator=torch.Generator().manual_seed(2)), 1, None, renormalize=False,
+                  impl="cpu_native")
+    y = moe_combine(every.clone(), r, impl="cpu_native")
+    want = (r.weights[:, :1] * every.float()[r.slot[:, 0]]).half()
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    assert torch.equal(y[~torch.isnan(y)], want[~torch.isnan(want)])
+
+
 def test_cpu_native_non_contiguous_inputs():
     lg = torch.randn(8, 40)[:, ::5]  # (8, 8) strided logits
     r = moe_route(lg, 2, 1.0, impl="cpu_native")

@@ -6,6 +6,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <sstream>
@@ -142,37 +144,30 @@ inline BFloat16 bf16_from_float(float f) {
   return BFloat16{static_cast<uint16_t>(u >> 16)};
 }
 
+// fp16: branch-free (selects and float arithmetic only), so loops over fp16 rows vectorise; the branchy versions
+// made an fp16 MoE combine 7x slower than bf16. Exact, and the same bits as torch's conversions.
 inline float to_float(Half h) {
-  uint32_t sign = (h.bits & 0x8000u) << 16, exp = (h.bits >> 10) & 0x1fu, mant = h.bits & 0x3ffu;
-  if (exp == 0) {
-    if (mant == 0) return bits_to_float(sign);
-    // subnormal: value = mant * 2^-24
-    float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
-    return sign ? -v : v;
-  }
-  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));
-  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  const uint32_t w = static_cast<uint32_t>(h.bits) << 16, sign = w & 0x80000000u, two_w = w + w;
+  // normal, inf and NaN: exponent and mantissa moved into place, exponent rebiased by 2^-112 (inf/NaN land on
+  // exponent 255 before the scale and stay inf/NaN)
+  const float normal = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  // zero and subnormal (exponent 0): 0.5 with the mantissa in its low bits, minus 0.5, is mantissa * 2^-24 exactly
+  const float subnormal = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(two_w < (1u << 27));  // all ones: exponent 0 (masks, not a
+  return bits_to_float(sign | (float_to_bits(subnormal) & is_sub) | (float_to_bits(normal) & ~is_sub));  // branch)
 }
 inline Half half_from_float(float f) {
-  uint32_t u = float_to_bits(f);
-  uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  uint32_t au = u & 0x7fffffffu;
-  if (au >= 0x7f800000u) return Half{static_cast<uint16_t>(sign | 0x7c00u | (au > 0x7f800000u ? 0x200u : 0u))};
-  if (au >= 0x477ff000u) return Half{static_cast<uint16_t>(sign | 0x7c00u)};  // overflow -> inf
-  if (au < 0x38800000u) {  // subnormal or zero in fp16
-    float a = bits_to_float(au);
-    // round to nearest even multiple of 2^-24
-    float scaled = a * 16777216.0f;
-    uint32_t m = static_cast<uint32_t>(scaled);
-    float rem = scaled - static_cast<float>(m);
-    if (rem > 0.5f || (rem == 0.5f && (m & 1u))) ++m;
-    return Half{static_cast<uint16_t>(sign | m)};
-  }
-  uint32_t mant = au & 0x7fffffu, exp = (au >> 23) - 112u;
-  uint32_t h = (exp << 10) | (mant >> 13);
-  uint32_t rest = mant & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-  return Half{static_cast<uint16_t>(sign | h)};
+  // Round to nearest even by the FPU: scaling by 2^112 then 2^-110 sends what overflows fp16 to inf, and adding
+  // 2^(e+...) (a power of two picked from f's exponent, at least the fp16 subnormal quantum) leaves exactly the
+  // rounded fp16 bits in the low mantissa. NaN -> the quiet NaN 0x7e00 with f's sign.
+  const uint32_t w = float_to_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t bias = std::max(shl1_w & 0xFF000000u, 0x71000000u);
+  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(shl1_w > 0xFF000000u);
+  return Half{static_cast<uint16_t>((sign >> 16) | (0x7E00u & is_nan) | (nonsign & ~is_nan))};
 }
 
 // Accumulation type: fp32 for fp32/fp16/bf16 storage, fp64 for fp64.
