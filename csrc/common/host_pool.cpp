@@ -51,7 +51,7 @@ size_t round_size(size_t n) {
   return (n + g - 1) / g * g;
 }
 
-struct Block { void* ptr; size_t size; uint64_t freed_at; };
+struct Block { void* ptr; size_t size; };
 
 class HostPool {
  public:
@@ -81,11 +81,12 @@ class HostPool {
       }
       ++misses_;
     }
-    void* p = std::aligned_alloc(want >= kHugeFrom ? kHuge : 4096, want);
+    const size_t align = want >= kHugeFrom ? kHuge : 4096;
+    void* p = std::aligned_alloc(align, want);
     if (p == nullptr) {
       // Free what we hold and try once more before giving up.
       release_cached(0);
-      p = std::aligned_alloc(want >= kHugeFrom ? kHuge : 4096, want);
+      p = std::aligned_alloc(align, want);
       if (p == nullptr) throw std::bad_alloc();
     }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -105,7 +106,7 @@ class HostPool {
       std::free(p);
       return;
     }
-    free_.push_back({p, size, ++clock_});
+    free_.push_back({p, size});  // free_ stays in the order blocks were freed: oldest first
     cached_ += size;
     std::vector<void*> drop = evict_locked(limit_);
     lock.unlock();
@@ -156,14 +157,12 @@ class HostPool {
 
   std::vector<void*> evict_locked(size_t keep) {
     std::vector<void*> drop;
-    while (cached_ > keep && !free_.empty()) {
-      size_t oldest = 0;
-      for (size_t i = 1; i < free_.size(); ++i)
-        if (free_[i].freed_at < free_[oldest].freed_at) oldest = i;
-      drop.push_back(free_[oldest].ptr);
-      cached_ -= free_[oldest].size;
-      free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(oldest));
+    size_t n = 0;  // the oldest are at the front
+    for (; n < free_.size() && cached_ > keep; ++n) {
+      drop.push_back(free_[n].ptr);
+      cached_ -= free_[n].size;
     }
+    free_.erase(free_.begin(), free_.begin() + static_cast<std::ptrdiff_t>(n));
     return drop;
   }
 
@@ -171,7 +170,7 @@ class HostPool {
   std::vector<Block> free_;
   size_t limit_ = size_t(1) << 30;
   size_t cached_ = 0, in_use_ = 0;
-  uint64_t clock_ = 0, hits_ = 0, misses_ = 0;
+  uint64_t hits_ = 0, misses_ = 0;
 };
 
 struct Managed {
