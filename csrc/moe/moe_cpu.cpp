@@ -59,9 +59,8 @@ void advise_output(const TensorView& t) { advise_hugepages(t.data, static_cast<s
 
 // Top-k by value with ties to the lower index, NaN ranked above every number (moe/moe_topk.h): scan experts in
 // order and insert with the strict ranks_before, so an equal value (or a NaN after a NaN) never overtakes one
-// already kept.
-// k = 1, 2 (the common routers) with the running best in registers: the general loop below keeps it in heap
-// vectors, and cost ~80 ns a row at E = 8.
+// already kept. k = 1, 2 (the common routers) keep the running best in registers (topk_rows_small): the general
+// loop keeps it in heap vectors, which cost ~80 ns a row at E = 8.
 template <typename P, int K>
 void topk_rows_small(const TensorView& probs, int64_t* idx) {
   static_assert(K == 1 || K == 2, "k = 1 or 2");
@@ -88,15 +87,18 @@ void topk_rows_small(const TensorView& probs, int64_t* idx) {
         std::swap(b0, b1);
         std::swap(e0, e1);
       }
-      // branch-free (selects): whether an expert enters the top two is data-dependent, and mispredicted branches
-      // cost more than computing both outcomes; out-of-order execution then overlaps consecutive rows
       for (int64_t e = 2; e < E; ++e) {
         const P v = row[e * s1];
-        const bool up0 = ranks_before(v, b0), up1 = ranks_before(v, b1);
-        b1 = up0 ? b0 : (up1 ? v : b1);
-        e1 = up0 ? e0 : (up1 ? e : e1);
-        b0 = up0 ? v : b0;
-        e0 = up0 ? e : e0;
+        if (!ranks_before(v, b1)) continue;
+        if (ranks_before(v, b0)) {
+          b1 = b0;
+          e1 = e0;
+          b0 = v;
+          e0 = e;
+        } else {
+          b1 = v;
+          e1 = e;
+        }
       }
       idx[2 * n] = e0;
       idx[2 * n + 1] = e1;
