@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import threading
 from types import ModuleType
@@ -127,7 +128,9 @@ def current_stream(device: torch.device) -> int:
 HOST_POOL_MIN_BYTES = 1 << 20
 HOST_CACHE_ENV = "APT_HOST_CACHE_MB"
 _DEFAULT_HOST_CACHE = 1 << 30
-_host_pool = False
+# the module when it has the pool (a module built from an older checkout may not)
+_pool_module: Optional[ModuleType] = _module if hasattr(_module, "host_empty") else None
+_host_pool = False  # outputs come from the pool: it exists, its cap is > 0, and torch took its capsules
 
 
 def _host_cache_limit_from_env() -> int:
@@ -155,26 +158,26 @@ def set_host_cache_limit(nbytes: int) -> None:
         raise TypeError(f"nbytes: expected an int, got {type(nbytes).__name__}")
     if nbytes < 0:
         raise ValueError(f"nbytes: expected a byte count >= 0, got {nbytes}")
-    if _module is None or not hasattr(_module, "host_empty"):
+    if _pool_module is None:
         return
-    _module.host_pool_set_limit(nbytes)
+    _pool_module.host_pool_set_limit(nbytes)
     _host_pool = nbytes > 0
 
 
 def empty_host_cache() -> None:
     """Frees every block the host pool holds for reuse (as ``torch.cuda.empty_cache`` does for the GPU); blocks of
     live tensors go back when torch frees those tensors."""
-    if _module is not None and hasattr(_module, "host_pool_empty_cache"):
-        _module.host_pool_empty_cache()
+    if _pool_module is not None:
+        _pool_module.host_pool_empty_cache()
 
 
 def host_cache_stats() -> dict[str, int]:
     """The host pool's counters: ``limit_bytes``, ``cached_bytes`` / ``cached_blocks`` (held for reuse),
     ``in_use_bytes`` (in live tensors), ``hits`` and ``misses`` (requests served from a held block or not). Empty
     without the compiled module."""
-    if _module is None or not hasattr(_module, "host_pool_stats"):
+    if _pool_module is None:
         return {}
-    return dict(_module.host_pool_stats())
+    return dict(_pool_module.host_pool_stats())
 
 
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -183,11 +186,8 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     when the tensor's storage dies, so reuse never races a live tensor. Unlike ``torch.empty``'s, its storage cannot
     be resized in place (``resize_`` raises)."""
     global _host_pool
-    nbytes = dtype.itemsize
-    for s in shape:
-        nbytes *= s
-    if _host_pool and nbytes >= HOST_POOL_MIN_BYTES:
-        capsule = _module.host_empty(list(shape), DTYPE_CODES[dtype])
+    if _host_pool and math.prod(shape) * dtype.itemsize >= HOST_POOL_MIN_BYTES:
+        capsule = _pool_module.host_empty(list(shape), DTYPE_CODES[dtype])
         try:
             return torch.from_dlpack(capsule)
         except Exception as exc:  # a torch that no longer takes unversioned DLPack capsules: off for good
@@ -198,5 +198,5 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
-if _module is not None and hasattr(_module, "host_empty"):
+if _pool_module is not None:
     set_host_cache_limit(_host_cache_limit_from_env())
