@@ -141,7 +141,7 @@ def test_cpu_every_build_and_backward_form(monkeypatch, isa, bwd):
     (fused: dQ accumulated in the key-block pass, one task per batch·head; split: dK/dV then dQ), and with it the
     forward's (fused: K and V packed first; split: each key block converted in its task). D = 40 pads to 48, so the
     AVX-512 column tiles take their 32- and 16-wide tails; Tq < Tk, a window with sinks and padding; and a
-    decode-shaped call (3 queries: scores by dot products with K's rows)."""
+    decode-shaped calls (1 and 3 queries: scores by dot products with K's rows)."""
     monkeypatch.setenv("APT_TVA_CPU_ISA", isa)
     monkeypatch.setenv("APT_TVA_CPU_BWD", bwd)
     monkeypatch.setenv("APT_TVA_CPU_PACK", "1" if bwd == "fused" else "0")
@@ -149,6 +149,9 @@ def test_cpu_every_build_and_backward_form(monkeypatch, isa, bwd):
     _compare(inp, window=50, sinks=2)
     _compare(inp)
     _compare(random_tva_inputs(B=2, H=2, Tq=3, Tk=200, D=64, pad=True, coef_tensor=True, requires_grad=True, seed=4))
+    # decode with a padded head dim (the dot products' lane sums over 48 columns), converted blocks only (bf16)
+    _compare(random_tva_inputs(B=1, H=2, Tq=1, Tk=131, D=40, dtype=torch.bfloat16, coef_tensor=True,
+                               requires_grad=True, seed=6), dtype=torch.bfloat16)
     inp = random_tva_inputs(B=1, H=1, Tq=70, Tk=70, D=64, coef_tensor=True, requires_grad=True, seed=5)
     _compare(inp, causal=False)
 

@@ -146,16 +146,45 @@ static inline void softmax_step(float* S, int64_t rows, float* m, float* l, floa
 
 static inline int64_t round_rows(int64_t n) { return (n + kR - 1) / kR * kR; }
 
-// S (rows×kBlk) = Q (rows×Dp) · Kᵀ for kBlk key rows of K (row-major, ldk apart, Dp wide): a dot product per key,
-// for a few query rows, where the transposed panel gemm_nt wants would cost more to build than it saves.
+// Lane j of the result = the sum of v[j]'s lanes, for kW vectors v (overwritten): log2(kW) stages, each adding
+// the two halves of every lane block of a vector pair (i, i + n/2), so the reduction costs kW - 1 vector adds and
+// twice as many shuffles instead of kW horizontal sums of kW - 1 dependent scalar adds each.
+typedef int vi __attribute__((vector_size(4 * kW)));
+constexpr int fold_lo(int w, int t) { return t % w < w / 2 ? t / w * w + t % w : kW + t / w * w + t % w - w / 2; }
+constexpr int fold_hi(int w, int t) { return t % w < w / 2 ? t / w * w + w / 2 + t % w : kW + t / w * w + t % w; }
+template <int W, int... I>
+static inline vf fold_pair(vf a, vf b, std::integer_sequence<int, I...>) {
+  return __builtin_shuffle(a, b, vi{fold_lo(W, I)...}) + __builtin_shuffle(a, b, vi{fold_hi(W, I)...});
+}
+template <int W = kW>
+static inline vf sum_lanes(vf* v) {  // at the stage of lane blocks W there are W vectors left
+  if constexpr (W == 1) {
+    return v[0];
+  } else {
+#pragma GCC unroll 16
+    for (int i = 0; i < W / 2; ++i) v[i] = fold_pair<W>(v[i], v[i + W / 2], std::make_integer_sequence<int, kW>{});
+    return sum_lanes<W / 2>(v);
+  }
+}
+
+// S (rows×kBlk) = Q (rows×Dp) · Kᵀ for kBlk key rows of K (row-major, ldk apart, Dp wide): dot products of a query
+// with kW keys at a time, reduced together by sum_lanes, for a few query rows, where the transposed panel gemm_nt
+// wants would cost more to build than it saves.
 static inline void scores_by_dot(const float* Q, int64_t Dp, const float* K, int64_t ldk, float* S, int64_t rows) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* q = Q + i * Dp;
-    for (int64_t j = 0; j < kBlk; ++j) {
-      const float* k = K + j * ldk;
-      vf acc = ld(q) * ld(k);
-      for (int64_t d = kW; d < Dp; d += kW) acc += ld(q + d) * ld(k + d);
-      S[i * kBlk + j] = hsum(acc);
+    for (int64_t j0 = 0; j0 < kBlk; j0 += kW) {
+      const float* k = K + j0 * ldk;
+      vf acc[kW];
+      const vf q0 = ld(q);
+#pragma GCC unroll 16
+      for (int j = 0; j < kW; ++j) acc[j] = q0 * ld(k + j * ldk);
+      for (int64_t d = kW; d < Dp; d += kW) {
+        const vf qd = ld(q + d);
+#pragma GCC unroll 16
+        for (int j = 0; j < kW; ++j) acc[j] += qd * ld(k + j * ldk + d);
+      }
+      st(S + i * kBlk + j0, sum_lanes(acc));
     }
   }
 }
@@ -175,26 +204,29 @@ void forward(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
   // fp32 rows with a unit head-dim stride and no head-dim padding are read in place (full key blocks)
   const bool k_direct = std::is_same_v<T, float> && D == Dp && sk == 1 && by_dot;
   const bool v_direct = std::is_same_v<T, float> && D == Dp && sv == 1;
+  // query rows a task can hold: a block, or fewer when Tq is smaller (decode: a register tile's kR rows), so a
+  // small call does not clear whole-block buffers (clearing them was a quarter of a decode step's time)
+  const int64_t qrows = std::min(kBlk, round_rows(p.Tq));
 #pragma omp parallel
   {
-    // zero-initialised once: the head-dim padding (d >= D) is never written by the loads, and Q's rows past a
-    // partial block keep finite values (zeros, or an earlier block's rows), so S's padding rows stay finite
-    std::vector<float> Q(kBlk * Dp, 0.0f), Kb(p.kt ? 0 : Dp * kBlk, 0.0f), V(p.vp ? 0 : kBlk * Dp, 0.0f),
-        S(kBlk * kBlk, 0.0f), acc(kBlk * Dp);
+    // zero-initialised: the head-dim padding (d >= D) is never written by the loads, and Q's rows past a partial
+    // block keep finite values (zeros, or an earlier block's rows), so S's padding rows stay finite. The key and
+    // value buffers are made (cleared) by the first block that is copied: fp32 decode reads full blocks in place.
+    std::vector<float> Q(qrows * Dp, 0.0f), Kb, V, S(qrows * kBlk, 0.0f), acc(qrows * Dp);
     float m[kBlk], l[kBlk], alpha[kBlk];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntask; ++t) {
       const int64_t mb = nmb - 1 - t / BH, bh = t % BH, b = bh / p.H, h = bh % p.H;
       const int64_t m0 = mb * kBlk, bm = std::min(kBlk, p.Tq - m0), mr = round_rows(bm);
       for (int64_t i = 0; i < bm; ++i) load_row(at4<T>(c.q, b, h, m0 + i, 0), sq, D, c.scale, &Q[i * Dp]);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m, m + kBlk, NEG_INF);
-      std::fill(l, l + kBlk, 0.0f);
+      std::fill(acc.begin(), acc.begin() + mr * Dp, 0.0f);
+      std::fill(m, m + mr, NEG_INF);
+      std::fill(l, l + mr, 0.0f);
       const auto kb = tva::key_blocks(p.mask, m0, bm, kBlk);
       for (int64_t it = 0; it < kb.count(); ++it) {
         const int64_t n0 = kb.start(it, kBlk), nk = std::min(kBlk, p.Tk - n0);
         const bool full = nk == kBlk;  // a partial block is copied: in-place reads would run past Tk
-        const float* Kp = Kb.data();
+        const float* Kp = nullptr;
         int64_t ldk = by_dot ? Dp : kBlk;  // by_dot: K's rows (kBlk × Dp); else transposed (Dp × kBlk)
         if (p.kt) {
           Kp = p.kt + bh * Dp * p.Tkp + n0;
@@ -203,6 +235,8 @@ void forward(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
           Kp = reinterpret_cast<const float*>(at4<T>(c.k, b, h, n0, 0));
           ldk = c.k.stride(2);
         } else {
+          if (Kb.empty()) Kb.assign(Dp * kBlk, 0.0f);
+          Kp = Kb.data();
           for (int64_t j = 0; j < nk; ++j) {
             const T* kr = at4<T>(c.k, b, h, n0 + j, 0);
             if (by_dot)
@@ -214,7 +248,7 @@ void forward(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
           for (int64_t j = nk; j < kBlk; ++j)
             for (int64_t d = 0; d < D; ++d) Kb[by_dot ? j * Dp + d : d * kBlk + j] = 0.0f;
         }
-        const float* Vp = V.data();
+        const float* Vp = nullptr;
         int64_t ldv = Dp;
         if (p.vp) {
           Vp = p.vp + (bh * p.Tkp + n0) * Dp;
@@ -222,6 +256,8 @@ void forward(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
           Vp = reinterpret_cast<const float*>(at4<T>(c.v, b, h, n0, 0));
           ldv = c.v.stride(2);
         } else {
+          if (V.empty()) V.assign(kBlk * Dp, 0.0f);
+          Vp = V.data();
           for (int64_t j = 0; j < nk; ++j) load_row(at4<T>(c.v, b, h, n0 + j, 0), sv, D, 1.0f, &V[j * Dp]);
           for (int64_t j = nk; j < kBlk; ++j)
             for (int64_t d = 0; d < D; ++d) V[j * Dp + d] = 0.0f;
