@@ -1,4 +1,5 @@
-"""Argument checks shared by the public ops: each raises ValueError/TypeError naming the argument and what was expected."""
+"""Argument checks shared by the public ops: each raises ValueError/TypeError naming the argument and what was
+expected."""
 from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence

@@ -28,7 +28,8 @@ from apt_kernels.reference.tva import check_tva_against_reference, random_tva_in
 from apt_kernels.reference.tva import register_fused_tva_op
 from apt_kernels.testing import assert_close
 
-_spec = importlib.util.spec_from_file_location("apt_cuda_emu_build", Path(__file__).parent / "cuda_emu" / "emu_build.py")
+_spec = importlib.util.spec_from_file_location("apt_cuda_emu_build",
+                                               Path(__file__).parent / "cuda_emu" / "emu_build.py")
 emu_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(emu_build)
 

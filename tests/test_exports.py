@@ -15,7 +15,8 @@ import apt_kernels.ops
 # qualified: apt_kernels.ops.<family>.<name>
 QUALIFIED_ONLY = {"impl_status", "resolve_impl", "IMPLS", "cpu_status", "cuda_status", "CHUNK", "CUDA_MAX_N"}
 
-OPS_MODULES = ["apt_kernels.ops"] + [f"apt_kernels.ops.{m.name}" for m in pkgutil.iter_modules(apt_kernels.ops.__path__)]
+OPS_MODULES = ["apt_kernels.ops"] + [f"apt_kernels.ops.{m.name}"
+                                     for m in pkgutil.iter_modules(apt_kernels.ops.__path__)]
 
 
 @pytest.mark.parametrize("modname", OPS_MODULES)

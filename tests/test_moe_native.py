@@ -172,8 +172,8 @@ def test_native_bad_inputs():
 
 def test_cpu_native_speed_dispatch_combine():
     """dispatch + combine (forward) must beat the reference clearly on a realistic size (brief: >= 5x on the
-    dev machine at N=16K, C=1024; here a smaller size and a loose bound keep CI fast and stable on a loaded 2-core box, where the
-    measured ratio ranges 2-7x)."""
+    dev machine at N=16K, C=1024; here a smaller size and a loose bound keep CI fast and stable on a loaded 2-core
+    box, where the measured ratio ranges 2-7x)."""
     torch.manual_seed(0)
     n, c, e, k = 4096, 256, 8, 2
     lg = torch.randn(n, e)
@@ -309,7 +309,8 @@ def test_gpu_impl_status_checks_dtype_experts_k(monkeypatch):
     assert moe_ops.resolve_impl("auto", gpu, torch.float32, 9000, 2) == "reference"
     assert moe_ops.resolve_impl("auto", gpu, torch.float32, 8, 17) == "triton"
     assert moe_ops.resolve_impl("auto", gpu, torch.float32, 5000, 17) == "reference"
-    for args, exc, why in (((torch.float64,), TypeError, "float64"), ((torch.float32, 9000), ValueError, "8192 experts"),
+    for args, exc, why in (((torch.float64,), TypeError, "float64"),
+                           ((torch.float32, 9000), ValueError, "8192 experts"),
                            ((torch.float32, 8, 17), ValueError, "k <= 16")):
         with pytest.raises(exc, match=why):
             moe_ops.resolve_impl("cuda", gpu, *args)

@@ -12,16 +12,16 @@ import torch.nn.functional as F
 from apt.core import registry
 from apt.core.config import load_profile
 from apt.modeling.toy import register_toy_router
+from apt.plugins import HookContext, Plugin, PluginError, PluginManager
+from apt.plugins.manager import build_plugins
+from apt.providers.align import bistate_alignment_loss
+from apt.training import Trainer
 
 
 def _router() -> str:
     """The real default router when the MoE layer is installed, else the test-only toy one."""
     ok = any(i.name == "topk_default" and i.available for i in registry.list_providers("router"))
     return "topk_default" if ok else register_toy_router()
-from apt.plugins import HookContext, Plugin, PluginError, PluginManager
-from apt.plugins.manager import build_plugins
-from apt.providers.align import bistate_alignment_loss
-from apt.training import Trainer
 
 SMALL = {"model.d_model": 32, "model.num_heads": 2, "model.num_layers": 2, "model.max_seq_len": 16,
          "data.seq_len": 16, "data.batch_size": 4, "training.steps_per_epoch": 3, "training.max_epochs": 3,
@@ -81,7 +81,8 @@ def test_moe_enabled_at_scheduled_epoch_with_capacity_and_temperature_schedules(
         assert ("loss_moe_balance" in m) == (epoch >= 1), (epoch, step, m)
         assert m["moe_capacity_factor"] == pytest.approx([2.0, 1.5, 1.0][epoch])
     temps = [m["route_temperature"] for _, _, m in rows]
-    assert temps[0] == pytest.approx(2.0) and temps[-1] == pytest.approx(0.5 + 1.5 * 0.5 * (1 + math.cos(math.pi * 8 / 8)))
+    assert temps[0] == pytest.approx(2.0)
+    assert temps[-1] == pytest.approx(0.5 + 1.5 * 0.5 * (1 + math.cos(math.pi * 8 / 8)))
     assert all(a >= b for a, b in zip(temps, temps[1:]))
     layer = tr.model.moe_layers()[0]
     assert layer.moe.temperature == pytest.approx(temps[-1]) and layer.moe.capacity_factor == pytest.approx(1.0)

@@ -2,7 +2,6 @@
 every B/C layout, bad-input errors, and every provider (cpu_native, ...) vs the reference, forward and backward."""
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

@@ -346,7 +346,8 @@ def test_cuda_opcheck_and_compile():
 
 @pytest.mark.cuda
 def test_cuda_bwd_fake_strides_with_transposed_A():
-    """The backward's fake gives a contiguous dA, as the kernel does, also for a transposed A (it copied A's strides)."""
+    """The backward's fake gives a contiguous dA, as the kernel does, also for a transposed A (it copied A's
+    strides)."""
     _opcheck_bwd_with_transposed_A({k: v.cuda() for k, v in _inputs(2, 4, 70, 4, CASES[1], seed=24).items()})
 
 

@@ -1,4 +1,5 @@
-"""TVA attention: reference vs an independent loop formulation, masks, gradients, errors, layer + KV cache, providers."""
+"""TVA attention: reference vs an independent loop formulation, masks, gradients, errors, layer + KV cache,
+providers."""
 from __future__ import annotations
 
 import itertools

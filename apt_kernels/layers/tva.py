@@ -1,8 +1,9 @@
 """``TVAAttention``: the TVA layer of TVA.md (module level) with an exchangeable attention core and a KV cache.
 
-``y = W_o · merge_heads(softmax(q kᵀ/√D + mask) v + c · g · Δ) + b_o`` with ``Δ = (x U) V``, ``g = sigmoid(W_g m + b_g)``
-(``m``: causal running mean of x over non-padded positions; the plain mean over them in non-causal mode) and
-``c = alpha · tanh(tau)``. The core is any callable with the kernel-contract signature (``tva_attention``).
+``y = W_o · merge_heads(softmax(q kᵀ/√D + mask) v + c · g · Δ) + b_o`` with ``Δ = (x U) V``,
+``g = sigmoid(W_g m + b_g)`` (``m``: causal running mean of x over non-padded positions; the plain mean over them
+in non-causal mode) and ``c = alpha · tanh(tau)``. The core is any callable with the kernel-contract signature
+(``tva_attention``).
 """
 from __future__ import annotations
 

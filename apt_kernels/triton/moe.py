@@ -156,7 +156,8 @@ def _dispatch_bwd_kernel(g_ptr, slot_ptr, gx_ptr, C, stride_g, K: tl.constexpr, 
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for j in tl.static_range(K):
         s = tl.load(slot_ptr + n * K + j)
-        acc += tl.load(g_ptr + tl.maximum(s, 0) * stride_g + cols, mask=cm & ((cols * 0 + s) >= 0), other=0.0).to(tl.float32)
+        acc += tl.load(g_ptr + tl.maximum(s, 0) * stride_g + cols, mask=cm & ((cols * 0 + s) >= 0),
+                       other=0.0).to(tl.float32)
     tl.store(gx_ptr + n.to(tl.int64) * C + cols, acc.to(gx_ptr.dtype.element_ty), mask=cm)
 
 
@@ -169,7 +170,8 @@ def _combine_kernel(out_ptr, w_ptr, slot_ptr, y_ptr, C, stride_o, K: tl.constexp
     for j in tl.static_range(K):
         s = tl.load(slot_ptr + n * K + j)
         w = tl.load(w_ptr + n * K + j).to(tl.float32)
-        row = tl.load(out_ptr + tl.maximum(s, 0) * stride_o + cols, mask=cm & ((cols * 0 + s) >= 0), other=0.0).to(tl.float32)
+        row = tl.load(out_ptr + tl.maximum(s, 0) * stride_o + cols, mask=cm & ((cols * 0 + s) >= 0),
+                      other=0.0).to(tl.float32)
         acc += tl.where(s >= 0, w, 0.0) * row
     tl.store(y_ptr + n.to(tl.int64) * C + cols, acc.to(y_ptr.dtype.element_ty), mask=cm)
 

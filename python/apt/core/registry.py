@@ -179,7 +179,8 @@ class Registry:
             raise RegistryError(f"kind {kind!r}: no provider is available ({'; '.join(skipped)})")
         if name is None:
             if default is None:
-                raise RegistryError(f"kind {kind!r} has no default provider; ask for one of: {', '.join(slot) or 'none'}")
+                raise RegistryError(f"kind {kind!r} has no default provider; ask for one of: "
+                                    f"{', '.join(slot) or 'none'}")
             name = default
         why = ""
         if name not in slot:

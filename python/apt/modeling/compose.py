@@ -3,8 +3,9 @@ provider registry.
 
 * attention: ``registry.get("attention", model.attention_name).create_layer(d_model, num_heads, **cfg)`` where
   cfg is ``model.tva`` merged with ``model.attention``, plus ``dropout`` when create_layer names that parameter
-  (keyword arguments the provider does not accept are dropped with a debug log). An unknown/unavailable name falls back to the kind's default (registry warning); if
-  the kind has no usable provider at all, a plain causal attention (torch SDPA) is used with a warning.
+  (keyword arguments the provider does not accept are dropped with a debug log). An unknown/unavailable name
+  falls back to the kind's default (registry warning); if the kind has no usable provider at all, a plain causal
+  attention (torch SDPA) is used with a warning.
 * FFN: ``registry.get("ffn", model.ffn_name)`` (``dense`` by default). With ``model.moe.enabled``, every
   ``model.moe.every``-th block gets a :class:`MoEWrappedFFN` (dense FFN + the ``moe`` ffn provider's layer, which
   takes its layer from the ``router`` provider ``model.moe.router_name``); when no MoE layer can be built the

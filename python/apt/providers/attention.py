@@ -9,7 +9,6 @@ softmax_scale=None) -> o``, ``supports(**inputs) -> list[str]`` and ``create_lay
 from __future__ import annotations
 
 import importlib.util
-import math
 from typing import Any, Optional
 
 import torch

@@ -100,7 +100,8 @@ class TritonScan(_ScanProvider):
         # CPU tensors run only in the (slow, test-only) interpreter: say so, so that select() prefers cpu_native.
         reasons = super().supports(**inputs)
         return reasons + [f"{k}: {t.device.type} tensor, the triton provider needs CUDA tensors (CPU ones run only "
-                          f"under TRITON_INTERPRET=1, for tests)" for k, t in _tensors(inputs) if t.device.type != "cuda"]
+                          f"under TRITON_INTERPRET=1, for tests)"
+                          for k, t in _tensors(inputs) if t.device.type != "cuda"]
 
     def _impl(self):
         from apt_kernels.ops.scan import selective_scan_triton, selective_state_update_triton

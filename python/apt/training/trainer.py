@@ -335,8 +335,8 @@ class Trainer:
                         loss, lr, grad_norm = self._optimizer_step(clip, step_losses)
                         at_step_start = None
                     ctx = self._sync_ctx(loss=loss)
-                    ctx.metrics.update({"loss": loss, "lr": lr,
-                                        "grad_norm": grad_norm, **{f"loss_{k}": float(v) for k, v in parts_sum.items()}})
+                    ctx.metrics.update({"loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                        **{f"loss_{k}": float(v) for k, v in parts_sum.items()}})
                     elapsed = time.perf_counter() - start
                     tps = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
                     ctx.metrics["tokens_per_s"] = tps

@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
             print(report.render_markdown(bench_run))
         wrong = [r for r in bench_run.results if r.status == "wrong"]
         print(f"apt bench: {len(bench_run.results)} rows in {bench_run.meta['wall_s']:.1f} s; wrote "
-              f"{paths['markdown']}, {paths['json']}" + (f" and {len(paths['plots'])} plot(s)" if paths["plots"] else "")
+              f"{paths['markdown']}, {paths['json']}"
+              + (f" and {len(paths['plots'])} plot(s)" if paths["plots"] else "")
               + (f"; {len(wrong)} WRONG provider result(s)" if wrong else ""))
         if bench_run.targets is not None:
             print(f"apt bench: targets: {report.target_summary(bench_run.targets)}")
