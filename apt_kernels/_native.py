@@ -132,6 +132,7 @@ _DEFAULT_HOST_CACHE = 1 << 30
 # the module when it has the pool (a module built from an older checkout may not)
 _pool_module: Optional[ModuleType] = _module if hasattr(_module, "host_empty") else None
 _host_pool = False  # outputs come from the pool: it exists, its cap is > 0, and torch took its capsules
+_host_pool_refused: Optional[str] = None  # why torch.from_dlpack refused the pool's capsule, once it did
 
 
 def _host_cache_limit_from_env() -> int:
@@ -154,7 +155,7 @@ def set_host_cache_limit(nbytes: int) -> None:
     """Caps the bytes the host pool keeps for reuse once their tensors are freed (default 1 GiB, or
     ``APT_HOST_CACHE_MB``); 0 turns the pool off, so later outputs come from ``torch.empty``. Blocks held beyond the
     new cap are freed now."""
-    global _host_pool
+    global _host_pool, _host_pool_refused
     if isinstance(nbytes, bool) or not isinstance(nbytes, int):
         raise TypeError(f"nbytes: expected an int, got {type(nbytes).__name__}")
     if nbytes < 0:
@@ -163,6 +164,7 @@ def set_host_cache_limit(nbytes: int) -> None:
         return
     _pool_module.host_pool_set_limit(nbytes)
     _host_pool = nbytes > 0
+    _host_pool_refused = None  # asked for again: the next large output tries torch.from_dlpack again
 
 
 def empty_host_cache() -> None:
@@ -186,17 +188,32 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     :data:`HOST_POOL_MIN_BYTES` on, the memory is a pooled block that torch hands back (through the DLPack deleter)
     when the tensor's storage dies, so reuse never races a live tensor. Unlike ``torch.empty``'s, its storage cannot
     be resized in place (``resize_`` raises)."""
-    global _host_pool
+    global _host_pool, _host_pool_refused
     if _host_pool and math.prod(shape) * dtype.itemsize >= HOST_POOL_MIN_BYTES:
         capsule = _pool_module.host_empty(list(shape), DTYPE_CODES[dtype])
         try:
             return torch.from_dlpack(capsule)
         except Exception as exc:  # a torch that no longer takes unversioned DLPack capsules: off for good
             _host_pool = False
+            _host_pool_refused = f"{type(exc).__name__}: {exc}"
             del capsule  # unconsumed, it gives its block back now (the traceback would keep it alive)
+            _pool_module.host_pool_set_limit(0)  # the blocks it held go back too, and its stats say it is off
             logger.warning("apt_kernels: the host pool is off: torch.from_dlpack refused its capsule (%s); large "
-                           "CPU outputs come from torch.empty", f"{type(exc).__name__}: {exc}")
+                           "CPU outputs come from torch.empty", _host_pool_refused)
     return torch.empty(shape, dtype=dtype)
+
+
+def host_pool_status() -> tuple[bool, str]:
+    """(on, why): whether large native CPU outputs come from the host pool now, and what it keeps or why it is
+    off (no compiled module, a cap of 0, or a torch that refused its DLPack capsules)."""
+    if _pool_module is None:
+        return False, "unavailable (needs apt_kernels._C)"
+    if _host_pool_refused is not None:
+        return False, f"off: torch.from_dlpack refused its capsule ({_host_pool_refused}); outputs use torch.empty"
+    limit = int(_pool_module.host_pool_stats()["limit_bytes"])
+    if not _host_pool or limit == 0:
+        return False, f"off (cap 0: {HOST_CACHE_ENV}=0 or set_host_cache_limit(0))"
+    return True, f"keeps up to {limit / 2**20:g} MiB of freed native CPU outputs for reuse ({HOST_CACHE_ENV})"
 
 
 if _pool_module is not None:

@@ -202,6 +202,23 @@ def test_a_torch_that_refuses_the_capsule_turns_the_pool_off(pool, monkeypatch, 
     before = _native.host_cache_stats()
     pool.host_empty((MB,), torch.float32)
     assert _native.host_cache_stats() == before  # no longer asked
+    # and it says so: its cap is 0 (nothing held), and the status and `apt info` name the refusal
+    assert before["limit_bytes"] == 0 and before["cached_bytes"] == 0
+    on, why = pool.host_pool_status()
+    assert not on and "from_dlpack refused" in why and "no longer supported" in why
+    from apt.cli.commands.info import environment, render
+
+    assert "from_dlpack refused" in render(environment(), [])
+    pool.set_host_cache_limit(1 << 30)  # asked for again: on, and it tries torch.from_dlpack again
+    assert pool.host_pool_status()[0]
+
+
+def test_pool_status_follows_the_cap(pool):
+    on, why = pool.host_pool_status()
+    assert on and "1024 MiB" in why
+    pool.set_host_cache_limit(0)
+    on, why = pool.host_pool_status()
+    assert not on and "cap 0" in why
 
 
 def _poison_pool(nbytes_list: list[int]) -> None:

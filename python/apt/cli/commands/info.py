@@ -24,9 +24,10 @@ def environment() -> dict[str, Any]:
         mod = native_module()
     cuda_ok, cuda_why = backends.native_cuda_status()
     triton_ok, triton_why = backends.triton_status()
-    from apt_kernels._native import host_cache_stats
+    from apt_kernels._native import host_cache_stats, host_pool_status
 
     pool = host_cache_stats()
+    pool_on, pool_why = host_pool_status()
     dev = None
     if torch.cuda.is_available():
         dev = torch.cuda.get_device_name(0)
@@ -50,6 +51,8 @@ def environment() -> dict[str, Any]:
         "native_cuda_usable": cuda_ok,
         "native_cuda_reason": cuda_why,
         "host_cache_limit_bytes": pool.get("limit_bytes"),
+        "host_pool_on": pool_on,
+        "host_pool": pool_why,
     }
 
 
@@ -57,14 +60,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def _pool_status(limit: Any) -> str:
-    if limit is None:
-        return "unavailable (needs apt_kernels._C)"
-    if not limit:
-        return "off (APT_HOST_CACHE_MB=0)"
-    return f"keeps up to {limit / 2**20:g} MiB of freed native CPU outputs for reuse (APT_HOST_CACHE_MB)"
 
 
 def render(env: dict[str, Any], infos: list[registry.ProviderInfo]) -> str:
@@ -83,7 +78,7 @@ def render(env: dict[str, Any], infos: list[registry.ProviderInfo]) -> str:
                             + yes(env["native_built_with_cuda"])) if env["native_module"] else
                            f"unavailable ({env['native_reason']})"],
         ["native CUDA", "usable" if env["native_cuda_usable"] else f"no ({env['native_cuda_reason']})"],
-        ["CPU output pool", _pool_status(env.get("host_cache_limit_bytes"))],
+        ["CPU output pool", env["host_pool"]],
     ]
     out.append(_table(rows, ["component", "status"]))
     out.append("")
