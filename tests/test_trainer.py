@@ -298,7 +298,13 @@ def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_whole(tmp_pa
         return out
 
     b.optimizer.step = step_then_ctrl_c
-    c = _resume_after_interrupt(tmp_path, over, b)
+    # Python's own handler, whatever this process inherited: started in the background by a shell without job
+    # control, SIGINT is ignored (SIG_IGN), the trainer rightly leaves that alone, and no Ctrl-C would arrive
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        c = _resume_after_interrupt(tmp_path, over, b)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert b.step == 4 and c.step == 6  # the step in flight was finished, then the run stopped
     _assert_same_run(a, c)
 
