@@ -210,9 +210,9 @@ def host_pool_status() -> tuple[bool, str]:
         return False, "unavailable (needs apt_kernels._C)"
     if _host_pool_refused is not None:
         return False, f"off: torch.from_dlpack refused its capsule ({_host_pool_refused}); outputs use torch.empty"
-    limit = int(_pool_module.host_pool_stats()["limit_bytes"])
-    if not _host_pool or limit == 0:
+    if not _host_pool:  # with the module there and no refusal, only a cap of 0 turns it off
         return False, f"off (cap 0: {HOST_CACHE_ENV}=0 or set_host_cache_limit(0))"
+    limit = int(_pool_module.host_pool_stats()["limit_bytes"])
     return True, f"keeps up to {limit / 2**20:g} MiB of freed native CPU outputs for reuse ({HOST_CACHE_ENV})"
 
 
