@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -154,6 +156,74 @@ def test_cpu_every_build_and_backward_form(monkeypatch, isa, bwd):
                                requires_grad=True, seed=6), dtype=torch.bfloat16)
     inp = random_tva_inputs(B=1, H=1, Tq=70, Tk=70, D=64, coef_tensor=True, requires_grad=True, seed=5)
     _compare(inp, causal=False)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_decode_reads_the_cache_in_place(monkeypatch, isa, dtype):
+    """Decode-shaped calls (1-4 queries) read K and V rows with a unit head-dim stride in place, in their dtype
+    (fp16/bf16: K at one query, V up to four), score only the keys a block has (whole groups of the build's vector
+    width in place, the last partial group from a copy) and stop P·V at the block's last key. The caches here are
+    the first Tk rows of longer ones whose rows past Tk are NaN, in the (B, H, T, D) and (B, T, H, D) layouts: a read
+    past Tk would make o or a gradient NaN. Tk covers a partial group of every vector width (4, 8, 16 floats), a
+    whole block, a block and one key, and several blocks."""
+    monkeypatch.setenv("APT_TVA_CPU_ISA", isa)
+    B, H, D = 1, 2, 64
+    g = torch.Generator().manual_seed(8)
+    for Tq, Tk, layout in [(1, 1, "bhtd"), (1, 5, "bthd"), (1, 16, "bhtd"), (1, 27, "bthd"), (1, 64, "bhtd"),
+                           (1, 65, "bthd"), (1, 150, "bhtd"), (2, 79, "bthd"), (3, 64, "bhtd"), (4, 131, "bthd")]:
+        caches = []
+        for _ in range(2):
+            full = torch.randn(B, Tk + 9, H, D, generator=g)
+            full[:, Tk:] = float("nan")
+            full = full.to(dtype)
+            kv = full.transpose(1, 2) if layout == "bthd" else full.transpose(1, 2).contiguous()
+            caches.append(kv[:, :, :Tk].requires_grad_(True))
+        inp = random_tva_inputs(B=B, H=H, Tq=Tq, Tk=Tk, D=D, dtype=dtype, coef_tensor=True, requires_grad=True,
+                                seed=Tk)
+        inp["k"], inp["v"] = caches
+        _compare(inp, dtype=dtype, msg=f"Tq {Tq} Tk {Tk} {layout}")
+        _compare(inp, dtype=dtype, window=9, sinks=1, msg=f"Tq {Tq} Tk {Tk} {layout} window")
+
+
+_GUARD_SCRIPT = r"""
+import ctypes, mmap, os, torch
+from apt_kernels.ops.tva import tva_attention_cpu
+from apt_kernels.reference.tva import tva_attention_ref
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+keep = []
+def guarded(shape, dtype):
+    # a tensor whose last byte is the last byte before a PROT_NONE page: any read past it faults
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    n = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    m = mmap.mmap(-1, n + mmap.PAGESIZE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert libc.mprotect(addr + n, mmap.PAGESIZE, 0) == 0, ctypes.get_errno()
+    keep.append(m)
+    t = torch.frombuffer(m, dtype=torch.uint8, count=n)[n - nbytes:].view(dtype).view(shape)
+    t.copy_(torch.randn(shape))
+    return t
+for isa in ("generic", "avx2", "avx512"):
+    os.environ["APT_TVA_CPU_ISA"] = isa
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for Tq, Tk in ((1, 1), (1, 5), (1, 27), (1, 65), (3, 27), (4, 150)):
+            q = torch.randn(1, 2, Tq, 64).to(dtype)
+            k, v = guarded((1, 2, Tk, 64), dtype), guarded((1, 2, Tk, 64), dtype)
+            o = tva_attention_cpu(q, k, v)
+            r = tva_attention_ref(q.float(), k.float(), v.float())
+            assert (o.float() - r).abs().max() < 0.05, (isa, dtype, Tq, Tk)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect guard pages through ctypes: Linux")
+def test_cpu_decode_never_reads_past_the_cache():
+    """The in-place decode reads stop at the cache's last row: K and V end right before a PROT_NONE page, so a read
+    of a key past Tk (a whole vector group where only a partial one is left) would crash the process. In a
+    subprocess, so that a crash fails this test instead of the run."""
+    r = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
 
 
 def test_cpu_fully_masked_rows_noncontiguous_and_no_delta():

@@ -46,7 +46,7 @@ static inline float fexp(float x) {
 }
 static inline double fexp(double x) { return std::exp(x); }
 
-// The kernel builds, narrowest first.
+// The kernel builds, narrowest first (avx2: AVX2 + FMA + F16C; avx512: F, VL, DQ, BW).
 enum class CpuIsa { generic, avx2, avx512 };
 
 // The widest build this CPU runs, capped by the environment variable `cap_env` (generic|avx2|avx512, read on every
@@ -57,8 +57,10 @@ inline CpuIsa best_cpu_isa(const char* cap_env, bool built) {
   static const CpuIsa cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                                     __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
                                 ? CpuIsa::avx512
-                            : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? CpuIsa::avx2
-                                                                                               : CpuIsa::generic;
+                            : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                    __builtin_cpu_supports("f16c")  // every AVX2 CPU has it; TVA's fp16 loads use it
+                                ? CpuIsa::avx2
+                                : CpuIsa::generic;
   const char* cap = std::getenv(cap_env);
   const CpuIsa most = !cap ? CpuIsa::avx512 : std::strcmp(cap, "generic") == 0 ? CpuIsa::generic
                                             : std::strcmp(cap, "avx2") == 0   ? CpuIsa::avx2

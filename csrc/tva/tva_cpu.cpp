@@ -22,6 +22,9 @@
 #ifdef APT_WITH_OPENMP
 #include <omp.h>
 #endif
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>  // F16C conversions in the AVX2 / AVX-512 builds
+#endif
 #ifdef APT_WITH_CUDA
 #include "tva/tva_cuda.h"
 #endif
@@ -155,27 +158,34 @@ inline bool band_covers(const MaskSpec& m, int64_t p0, int64_t p1, int64_t n0, i
 // crosses a build boundary.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
+// APT_TVA_ISA tells the included kernels which build they are in (the fp16 loads use F16C in the x86 ones).
+#define APT_TVA_ISA 0
 namespace generic {
 constexpr int kR = 2, kCV = 1, kW = 4;
 #include "tva/tva_cpu_impl.h"
 }  // namespace generic
+#undef APT_TVA_ISA
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define APT_TVA_AVX2 1
+#define APT_TVA_ISA 2
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 constexpr int kR = 4, kCV = 1, kW = 8;  // 4 rows × 16 columns: 8 ymm accumulators
 #include "tva/tva_cpu_impl.h"
 }  // namespace avx2
 #pragma GCC pop_options
+#undef APT_TVA_ISA
+#define APT_TVA_ISA 512
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")
 namespace avx512 {
 constexpr int kR = 4, kCV = 4, kW = 16;  // 4 rows × 64 columns: 16 zmm accumulators
 #include "tva/tva_cpu_impl.h"
 }  // namespace avx512
 #pragma GCC pop_options
+#undef APT_TVA_ISA
 #endif
 #pragma GCC diagnostic pop
 

@@ -16,6 +16,39 @@ constexpr int kVG = 16 / kW;  // native vectors per 16-float group
 
 static inline vf ld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline void st(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
+
+// kW consecutive inputs of any dtype as fp32 lanes, so the decode path reads a bf16/fp16 KV cache in place instead of
+// converting each block into a buffer first (that conversion was half of a bf16 decode step): bf16 by a shift,
+// fp16 by F16C (x86 builds) or apt_common.h's to_float(Half) arithmetic lane-wise (the same values).
+typedef uint16_t vhu __attribute__((vector_size(2 * kW), aligned(2), may_alias));
+typedef uint32_t vu __attribute__((vector_size(4 * kW)));
+static inline vf ldx(const float* p) { return ld(p); }
+static inline vf ldx(const BFloat16* p) {
+  // intrinsics in the x86 builds: GCC 12 splits the generic widening into two halves and a merge (bf16 decode ran
+  // ~1.6x slower than fp16's F16C loads that way)
+#if APT_TVA_ISA == 512  // zero-masked: GCC 12 warns that the plain forms' undefined pass-through is uninitialized
+  return (vf)((vu)_mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))) << 16);
+#elif APT_TVA_ISA == 2
+  return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
+  return (vf)(__builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16);
+#endif
+}
+static inline vf ldx(const Half* p) {
+#if APT_TVA_ISA == 512
+  // the zero-masked form: GCC 12 warns that _mm512_cvtph_ps's undefined pass-through may be used uninitialized
+  return (vf)_mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif APT_TVA_ISA == 2
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  const vu w = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16, sign = w & 0x80000000u;
+  const vu two_w = w + w;
+  const vf normal = (vf)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const vf subnormal = (vf)((two_w >> 17) | (126u << 23)) - 0.5f;
+  const vu is_sub = (vu)(two_w < (1u << 27));
+  return (vf)(sign | ((vu)subnormal & is_sub) | ((vu)normal & ~is_sub));
+#endif
+}
 static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 static inline float hmax(vf x) {  // NaN lanes are passed over
   float r = NEG_INF;
@@ -29,9 +62,9 @@ static inline float hsum(vf x) {
 }
 
 // One R×(16·CV) register tile of C = [alpha∘C +] op(A) · B over K: op(A) = A (rows×K, lda) or, with TA, Aᵀ of A
-// stored (K×rows, lda); ZERO starts from 0 instead of loading C.
-template <int R, int CV, bool TA, bool ZERO>
-static inline void acc_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+// stored (K×rows, lda); ZERO starts from 0 instead of loading C. B may be an input's rows in its own dtype (TB).
+template <int R, int CV, bool TA, bool ZERO, typename TB = float>
+static inline void acc_tile(const float* A, int64_t lda, const TB* B, int64_t ldb, float* C, int64_t ldc,
                             int64_t K, const float* alpha) {
   constexpr int NV = CV * kVG;  // native vectors across the tile's 16·CV columns
   vf acc[R][NV];
@@ -44,7 +77,7 @@ static inline void acc_tile(const float* A, int64_t lda, const float* B, int64_t
   for (int64_t kk = 0; kk < K; ++kk) {
     vf b[NV];
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) b[c] = ld(B + kk * ldb + kW * c);
+    for (int c = 0; c < NV; ++c) b[c] = ldx(B + kk * ldb + kW * c);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const float a = TA ? A[kk * lda + r] : A[r * lda + kk];
@@ -66,38 +99,41 @@ static inline void gemm_nt(const float* A, int64_t lda, const float* Bt, int64_t
       acc_tile<kR, kCV, false, true>(A + i0 * lda, lda, Bt + j0, ldb, C + i0 * kBlk + j0, kBlk, K, nullptr);
 }
 
-template <int R, bool TA>
-static inline void gemm_acc_rows(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+template <int R, bool TA, typename TB>
+static inline void gemm_acc_rows(const float* A, int64_t lda, const TB* B, int64_t ldb, float* C, int64_t ldc,
                                  int64_t K, int64_t N, const float* alpha) {
   int64_t j0 = 0;
-  for (; j0 + 16 * kCV <= N; j0 += 16 * kCV) acc_tile<R, kCV, TA, false>(A, lda, B + j0, ldb, C + j0, ldc, K, alpha);
+  for (; j0 + 16 * kCV <= N; j0 += 16 * kCV)
+    acc_tile<R, kCV, TA, false, TB>(A, lda, B + j0, ldb, C + j0, ldc, K, alpha);
   if (kCV > 2)
-    for (; j0 + 32 <= N; j0 += 32) acc_tile<R, 2, TA, false>(A, lda, B + j0, ldb, C + j0, ldc, K, alpha);
-  for (; j0 < N; j0 += 16) acc_tile<R, 1, TA, false>(A, lda, B + j0, ldb, C + j0, ldc, K, alpha);
+    for (; j0 + 32 <= N; j0 += 32) acc_tile<R, 2, TA, false, TB>(A, lda, B + j0, ldb, C + j0, ldc, K, alpha);
+  for (; j0 < N; j0 += 16) acc_tile<R, 1, TA, false, TB>(A, lda, B + j0, ldb, C + j0, ldc, K, alpha);
 }
 
 // rows past the last multiple of kR one at a time (decode: 1..4 queries, no padding rows computed)
-template <bool TA>
-static inline void gemm_acc_impl(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+template <bool TA, typename TB>
+static inline void gemm_acc_impl(const float* A, int64_t lda, const TB* B, int64_t ldb, float* C, int64_t ldc,
                                  int64_t rows, int64_t K, int64_t N, const float* alpha) {
   int64_t i0 = 0;
   for (; i0 + kR <= rows; i0 += kR)
-    gemm_acc_rows<kR, TA>(TA ? A + i0 : A + i0 * lda, lda, B, ldb, C + i0 * ldc, ldc, K, N,
-                          alpha ? alpha + i0 : nullptr);
+    gemm_acc_rows<kR, TA, TB>(TA ? A + i0 : A + i0 * lda, lda, B, ldb, C + i0 * ldc, ldc, K, N,
+                              alpha ? alpha + i0 : nullptr);
   for (; i0 < rows; ++i0)
-    gemm_acc_rows<1, TA>(TA ? A + i0 : A + i0 * lda, lda, B, ldb, C + i0 * ldc, ldc, K, N,
-                         alpha ? alpha + i0 : nullptr);
+    gemm_acc_rows<1, TA, TB>(TA ? A + i0 : A + i0 * lda, lda, B, ldb, C + i0 * ldc, ldc, K, N,
+                             alpha ? alpha + i0 : nullptr);
 }
 
-// C (rows×N, ldc) = alpha[i]·C + A (rows×K, lda) · B (K×N, ldb); alpha null = 1; N a multiple of 16
-static inline void gemm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+// C (rows×N, ldc) = alpha[i]·C + A (rows×K, lda) · B (K×N, ldb); alpha null = 1; N a multiple of 16; B fp32, or
+// an input's rows in its dtype (the forward's values read in place)
+template <typename TB = float>
+static inline void gemm_acc(const float* A, int64_t lda, const TB* B, int64_t ldb, float* C, int64_t ldc,
                             int64_t rows, int64_t K, int64_t N, const float* alpha) {
-  gemm_acc_impl<false>(A, lda, B, ldb, C, ldc, rows, K, N, alpha);
+  gemm_acc_impl<false, TB>(A, lda, B, ldb, C, ldc, rows, K, N, alpha);
 }
 // C (rows×N, ldc) += Aᵀ · B with A stored (K×rows, lda): dQ from the transposed dS of the fused backward
 static inline void gemm_acc_ta(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                                int64_t rows, int64_t K, int64_t N) {
-  gemm_acc_impl<true>(A, lda, B, ldb, C, ldc, rows, K, N, nullptr);
+  gemm_acc_impl<true, float>(A, lda, B, ldb, C, ldc, rows, K, N, nullptr);
 }
 
 // Masks a score block: rows are queries m0.. and columns keys n0.. (or, transposed, rows keys and columns queries).
@@ -167,22 +203,24 @@ static inline vf sum_lanes(vf* v) {  // at the stage of lane blocks W there are 
   }
 }
 
-// S (rows×kBlk) = Q (rows×Dp) · Kᵀ for kBlk key rows of K (row-major, ldk apart, Dp wide): dot products of a query
-// with kW keys at a time, reduced together by sum_lanes, for a few query rows, where the transposed panel gemm_nt
-// wants would cost more to build than it saves.
-static inline void scores_by_dot(const float* Q, int64_t Dp, const float* K, int64_t ldk, float* S, int64_t rows) {
+// S[:, :nkeys] (rows×kBlk) = Q (rows×Dp) · Kᵀ for nkeys (a multiple of kW) key rows of K (row-major, ldk apart,
+// Dp wide, fp32 or an input's dtype): dot products of a query with kW keys at a time, reduced together by
+// sum_lanes, for a few query rows, where the transposed panel gemm_nt wants would cost more to build than it saves.
+template <typename TK>
+static inline void scores_by_dot(const float* Q, int64_t Dp, const TK* K, int64_t ldk, float* S, int64_t rows,
+                                 int64_t nkeys) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* q = Q + i * Dp;
-    for (int64_t j0 = 0; j0 < kBlk; j0 += kW) {
-      const float* k = K + j0 * ldk;
+    for (int64_t j0 = 0; j0 < nkeys; j0 += kW) {
+      const TK* k = K + j0 * ldk;
       vf acc[kW];
       const vf q0 = ld(q);
 #pragma GCC unroll 16
-      for (int j = 0; j < kW; ++j) acc[j] = q0 * ld(k + j * ldk);
+      for (int j = 0; j < kW; ++j) acc[j] = q0 * ldx(k + j * ldk);
       for (int64_t d = kW; d < Dp; d += kW) {
         const vf qd = ld(q + d);
 #pragma GCC unroll 16
-        for (int j = 0; j < kW; ++j) acc[j] += qd * ld(k + j * ldk + d);
+        for (int j = 0; j < kW; ++j) acc[j] += qd * ldx(k + j * ldk + d);
       }
       st(S + i * kBlk + j0, sum_lanes(acc));
     }
@@ -192,18 +230,25 @@ static inline void scores_by_dot(const float* Q, int64_t Dp, const float* K, int
 // Forward: one task per (query block, batch·head), the longest causal blocks first, straight from the (B, H, T, D)
 // views: a task loads its Q block (scaled) and writes o (perturbation included) and lse (+inf on rows with no visible
 // key) itself. Key blocks come from the packed panels p.kt / p.vp when tva_fwd made them (when several query blocks
-// share each key block); otherwise each task converts the blocks it uses into buffers of one block (in L1/L2), which
-// costs less than a pass over the whole of K and V when a block is used once or twice: at decode (Tq 1, Tk 4096)
-// whole-cache copies in fresh pages cost ~20x the reference's time.
+// share each key block); otherwise rows with a unit head-dim stride and no head-dim padding are read in place, in
+// their dtype, and other layouts are converted, block by block, into buffers of one block (in L1/L2): that costs
+// less than a pass over the whole of K and V when a block is used once or twice (at decode, Tq 1 and Tk 4096,
+// whole-cache copies in fresh pages cost ~20x the reference's time).
+// At decode (a few query rows, scores by dot products) only the keys a block has are scored, rounded up to kW, and
+// P·V stops at the block's last key, so a partial last block costs what its keys cost.
 template <typename T>
 void forward(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
   const int64_t BH = p.B * p.H, Dp = p.Dp, D = c.D, nmb = tva::cdiv(p.Tq, kBlk), ntask = BH * nmb;
   const int64_t sq = c.q.stride(3), sk = c.k.stride(3), sv = c.v.stride(3);
   // a few rows: scores by dot products with K's rows (never packed then: one query block), not a transposed panel
   const bool by_dot = p.Tq <= 4 && !p.kt;
-  // fp32 rows with a unit head-dim stride and no head-dim padding are read in place (full key blocks)
-  const bool k_direct = std::is_same_v<T, float> && D == Dp && sk == 1 && by_dot;
-  const bool v_direct = std::is_same_v<T, float> && D == Dp && sv == 1;
+  // rows with a unit head-dim stride and no head-dim padding are read in place, any block size. fp16/bf16 rows are
+  // converted at each read: K's once per query row, V's once per register tile of rows, so in place only where
+  // that is once (K at Tq 1, V by_dot); with more rows one conversion into a buffer costs less (fp16 prefill
+  // at T 512 ran 2x slower with V read in place).
+  constexpr bool f32 = std::is_same_v<T, float>;
+  const bool k_direct = D == Dp && sk == 1 && by_dot && (f32 || p.Tq == 1);
+  const bool v_direct = D == Dp && sv == 1 && (f32 || by_dot);
   // query rows a task can hold: a block, or fewer when Tq is smaller (decode: a register tile's kR rows), so a
   // small call does not clear whole-block buffers (clearing them was a quarter of a decode step's time)
   const int64_t qrows = std::min(kBlk, round_rows(p.Tq));
@@ -211,8 +256,9 @@ void forward(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
   {
     // zero-initialised: the head-dim padding (d >= D) is never written by the loads, and Q's rows past a partial
     // block keep finite values (zeros, or an earlier block's rows), so S's padding rows stay finite. The key and
-    // value buffers are made (cleared) by the first block that is copied: fp32 decode reads full blocks in place.
-    std::vector<float> Q(qrows * Dp, 0.0f), Kb, V, S(qrows * kBlk, 0.0f), acc(qrows * Dp);
+    // value buffers are made (cleared) by the first block that is copied; Kt holds the last kW keys of a partial
+    // block read in place.
+    std::vector<float> Q(qrows * Dp, 0.0f), Kb, Kt, V, S(qrows * kBlk, 0.0f), acc(qrows * Dp);
     float m[kBlk], l[kBlk], alpha[kBlk];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntask; ++t) {
@@ -225,50 +271,61 @@ void forward(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
       const auto kb = tva::key_blocks(p.mask, m0, bm, kBlk);
       for (int64_t it = 0; it < kb.count(); ++it) {
         const int64_t n0 = kb.start(it, kBlk), nk = std::min(kBlk, p.Tk - n0);
-        const bool full = nk == kBlk;  // a partial block is copied: in-place reads would run past Tk
-        const float* Kp = nullptr;
-        int64_t ldk = by_dot ? Dp : kBlk;  // by_dot: K's rows (kBlk × Dp); else transposed (Dp × kBlk)
-        if (p.kt) {
-          Kp = p.kt + bh * Dp * p.Tkp + n0;
-          ldk = p.Tkp;
-        } else if (full && k_direct) {
-          Kp = reinterpret_cast<const float*>(at4<T>(c.k, b, h, n0, 0));
-          ldk = c.k.stride(2);
-        } else {
-          if (Kb.empty()) Kb.assign(Dp * kBlk, 0.0f);
-          Kp = Kb.data();
-          for (int64_t j = 0; j < nk; ++j) {
-            const T* kr = at4<T>(c.k, b, h, n0 + j, 0);
-            if (by_dot)
-              load_row(kr, sk, D, 1.0f, &Kb[j * Dp]);
-            else
-              for (int64_t d = 0; d < D; ++d) Kb[d * kBlk + j] = load_f(kr + d * sk);
+        if (by_dot) {
+          const int64_t nkr = std::min(kBlk, (nk + kW - 1) / kW * kW);  // keys scored
+          if (k_direct) {
+            const int64_t nin = nk / kW * kW;  // whole groups of kW keys in place; reads past Tk never
+            scores_by_dot(Q.data(), Dp, at4<T>(c.k, b, h, n0, 0), c.k.stride(2), S.data(), bm, nin);
+            if (nin < nk) {
+              if (Kt.empty()) Kt.assign(kW * Dp, 0.0f);
+              for (int64_t j = 0; j < kW; ++j) {
+                if (nin + j < nk)
+                  load_row(at4<T>(c.k, b, h, n0 + nin + j, 0), sk, D, 1.0f, &Kt[j * Dp]);
+                else
+                  std::fill(Kt.data() + j * Dp, Kt.data() + (j + 1) * Dp, 0.0f);
+              }
+              scores_by_dot(Q.data(), Dp, Kt.data(), Dp, S.data() + nin, bm, kW);
+            }
+          } else {
+            if (Kb.empty()) Kb.assign(Dp * kBlk, 0.0f);
+            for (int64_t j = 0; j < nk; ++j) load_row(at4<T>(c.k, b, h, n0 + j, 0), sk, D, 1.0f, &Kb[j * Dp]);
+            // keys past Tk up to the group's end: 0 (never a stale inf or NaN) in the products, -inf from the bias
+            std::fill(Kb.data() + nk * Dp, Kb.data() + nkr * Dp, 0.0f);
+            scores_by_dot(Q.data(), Dp, Kb.data(), Dp, S.data(), bm, nkr);
           }
-          // keys past Tk: -inf from the key bias, but 0 (never a stale inf or NaN) in the products
-          for (int64_t j = nk; j < kBlk; ++j)
-            for (int64_t d = 0; d < D; ++d) Kb[by_dot ? j * Dp + d : d * kBlk + j] = 0.0f;
-        }
-        const float* Vp = nullptr;
-        int64_t ldv = Dp;
-        if (p.vp) {
-          Vp = p.vp + (bh * p.Tkp + n0) * Dp;
-        } else if (full && v_direct) {
-          Vp = reinterpret_cast<const float*>(at4<T>(c.v, b, h, n0, 0));
-          ldv = c.v.stride(2);
+          for (int64_t i = 0; i < bm; ++i) std::fill(S.data() + i * kBlk + nkr, S.data() + (i + 1) * kBlk, 0.0f);
         } else {
-          if (V.empty()) V.assign(kBlk * Dp, 0.0f);
-          Vp = V.data();
-          for (int64_t j = 0; j < nk; ++j) load_row(at4<T>(c.v, b, h, n0 + j, 0), sv, D, 1.0f, &V[j * Dp]);
-          for (int64_t j = nk; j < kBlk; ++j)
-            for (int64_t d = 0; d < D; ++d) V[j * Dp + d] = 0.0f;
+          const float* Kp = nullptr;
+          int64_t ldk = kBlk;  // transposed (Dp × kBlk)
+          if (p.kt) {
+            Kp = p.kt + bh * Dp * p.Tkp + n0;
+            ldk = p.Tkp;
+          } else {
+            if (Kb.empty()) Kb.assign(Dp * kBlk, 0.0f);
+            Kp = Kb.data();
+            for (int64_t j = 0; j < nk; ++j) {
+              const T* kr = at4<T>(c.k, b, h, n0 + j, 0);
+              for (int64_t d = 0; d < D; ++d) Kb[d * kBlk + j] = load_f(kr + d * sk);
+            }
+            // keys past Tk: -inf from the key bias, but 0 (never a stale inf or NaN) in the products
+            for (int64_t d = 0; d < D; ++d) std::fill(Kb.data() + d * kBlk + nk, Kb.data() + (d + 1) * kBlk, 0.0f);
+          }
+          gemm_nt(Q.data(), Dp, Kp, ldk, S.data(), mr, Dp);
         }
         // by_dot: only the bm real rows (gemm_nt computes whole kR-row tiles, so the rest keep its padding rows)
         const int64_t rows = by_dot ? bm : mr;
-        if (by_dot) scores_by_dot(Q.data(), Dp, Kp, ldk, S.data(), bm);
-        else gemm_nt(Q.data(), Dp, Kp, ldk, S.data(), mr, Dp);
         mask_block(p, b, m0, n0, rows, false, S.data());
         softmax_step(S.data(), rows, m, l, alpha);
-        gemm_acc(S.data(), kBlk, Vp, ldv, acc.data(), Dp, rows, kBlk, Dp, alpha);
+        // P·V over the block's nk keys (P is 0 past them)
+        if (p.vp) {
+          gemm_acc(S.data(), kBlk, p.vp + (bh * p.Tkp + n0) * Dp, Dp, acc.data(), Dp, rows, nk, Dp, alpha);
+        } else if (v_direct) {
+          gemm_acc(S.data(), kBlk, at4<T>(c.v, b, h, n0, 0), c.v.stride(2), acc.data(), Dp, rows, nk, Dp, alpha);
+        } else {
+          if (V.empty()) V.assign(kBlk * Dp, 0.0f);
+          for (int64_t j = 0; j < nk; ++j) load_row(at4<T>(c.v, b, h, n0 + j, 0), sv, D, 1.0f, &V[j * Dp]);
+          gemm_acc(S.data(), kBlk, V.data(), Dp, acc.data(), Dp, rows, nk, Dp, alpha);
+        }
       }
       for (int64_t i = 0; i < bm; ++i) {
         store_output<T>(c, o, b, h, m0 + i, acc.data() + i * Dp, l[i] == 0.0f ? 0.0f : 1.0f / l[i]);
