@@ -47,7 +47,7 @@ def test_cpu_matches_reference(monkeypatch, pack, causal, window, sinks, pad, ex
 @pytest.mark.parametrize("Tq,D", [(1, 24), (1, 32), (3, 32), (37, 24), (64, 32)])
 def test_cpu_short_queries_match_reference(Tq, D, causal, window, sinks, pad, extra):
     """Tq <= 64 (decode, short prompts): one query block, each key block converted inside its task (Tq <= 4:
-    scores by dot products; fp32 with D a multiple of 16: full key blocks read in place): the same mask matrix,
+    scores by dot products; fp32 with D a multiple of 16: key rows read in place): the same mask matrix,
     against caches of 131+ keys."""
     inp = random_tva_inputs(B=2, H=2, Tq=Tq, Tk=131 + extra, D=D, pad=pad, coef_tensor=True, requires_grad=True,
                             seed=Tq + extra)

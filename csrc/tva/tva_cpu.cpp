@@ -3,8 +3,9 @@
 // q, delta, o: (B, H, Tq, D); k, v: (B, H, Tk, D); gate (B, Tq, H); pad (B, Tk) bool True = padded; any strides;
 // fp32/fp16/bf16 storage, fp32 accumulation. Head dim <= 256. The kernels (tva_cpu_impl.h, built generic / AVX2 /
 // AVX-512 and picked at run time) run register-tiled 64×64 block products on dense fp32 blocks, OpenMP over
-// batch·heads × blocks. The forward reads q and writes o straight from the views, and converts each key block inside
-// the task that uses it, or, past 8 query blocks, reads K and V from panels packed once per call; the backward packs
+// batch·heads × blocks. The forward reads q and writes o straight from the views, and reads K and V rows in place
+// where their layout allows (decode: in any dtype), else converts each key block inside the task that uses it, or,
+// past 8 query blocks, reads K and V from panels packed once per call; the backward packs
 // its inputs into panels (O(T·D), padded to whole blocks) and writes dq, dk, dv straight to the views.
 // This file also binds the CUDA kernels of tva_cuda.cu (under APT_WITH_CUDA) so the family registers once.
 #include <algorithm>

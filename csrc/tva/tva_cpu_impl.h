@@ -18,35 +18,33 @@ static inline vf ld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline void st(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
 
 // kW consecutive inputs of any dtype as fp32 lanes, so the decode path reads a bf16/fp16 KV cache in place instead of
-// converting each block into a buffer first (that conversion was half of a bf16 decode step): bf16 by a shift,
-// fp16 by F16C (x86 builds) or apt_common.h's to_float(Half) arithmetic lane-wise (the same values).
-typedef uint16_t vhu __attribute__((vector_size(2 * kW), aligned(2), may_alias));
+// converting each block into a buffer first (that conversion was half of a bf16 decode step): in the x86 builds by
+// intrinsics (F16C; bf16 a widening shift, which GCC 12 splits into two halves and a merge when written generically:
+// bf16 decode ran ~1.6x slower than fp16 that way), elsewhere lane by lane through apt_common.h's to_float.
 typedef uint32_t vu __attribute__((vector_size(4 * kW)));
 static inline vf ldx(const float* p) { return ld(p); }
+template <typename T>
+static inline vf ldx_lanes(const T* p) {
+  vf r;
+  for (int e = 0; e < kW; ++e) r[e] = to_float(p[e]);
+  return r;
+}
 static inline vf ldx(const BFloat16* p) {
-  // intrinsics in the x86 builds: GCC 12 splits the generic widening into two halves and a merge (bf16 decode ran
-  // ~1.6x slower than fp16's F16C loads that way)
 #if APT_TVA_ISA == 512  // zero-masked: GCC 12 warns that the plain forms' undefined pass-through is uninitialized
   return (vf)((vu)_mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))) << 16);
 #elif APT_TVA_ISA == 2
   return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
 #else
-  return (vf)(__builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16);
+  return ldx_lanes(p);
 #endif
 }
 static inline vf ldx(const Half* p) {
 #if APT_TVA_ISA == 512
-  // the zero-masked form: GCC 12 warns that _mm512_cvtph_ps's undefined pass-through may be used uninitialized
   return (vf)_mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif APT_TVA_ISA == 2
   return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
-  const vu w = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16, sign = w & 0x80000000u;
-  const vu two_w = w + w;
-  const vf normal = (vf)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const vf subnormal = (vf)((two_w >> 17) | (126u << 23)) - 0.5f;
-  const vu is_sub = (vu)(two_w < (1u << 27));
-  return (vf)(sign | ((vu)subnormal & is_sub) | ((vu)normal & ~is_sub));
+  return ldx_lanes(p);
 #endif
 }
 static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
