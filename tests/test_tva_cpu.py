@@ -218,11 +218,13 @@ print("ok")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect guard pages through ctypes: Linux")
-def test_cpu_decode_never_reads_past_the_cache():
+def test_cpu_decode_never_reads_past_the_cache(tmp_path):
     """The in-place decode reads stop at the cache's last row: K and V end right before a PROT_NONE page, so a read
     of a key past Tk (a whole vector group where only a partial one is left) would crash the process. In a
-    subprocess, so that a crash fails this test instead of the run."""
-    r = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], capture_output=True, text=True, timeout=300)
+    subprocess, so that a crash fails this test instead of the run; started outside the checkout, whose
+    apt_kernels/ (without the compiled module) would otherwise shadow the installed package."""
+    r = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
 
 
