@@ -51,9 +51,9 @@ def test_cpu_native_dtypes(dtype, cf):
 
 
 def test_cpu_native_fp16_conversions_are_exact():
-    """Every fp16 bit pattern through combine (fp16 -> fp32 -> fp16, weight 1) comes back unchanged (NaN as NaN,
-    -0 as 0: the sum starts at +0); scaled by weights in [0.5, 1) it is rounded as torch rounds (overflow, subnormals,
-    ties to even): the kernels' branch-free conversions are exact."""
+    """Every fp16 bit pattern through combine (fp16 -> fp32 -> fp16, weight 1) comes back unchanged, -0 included
+    (the sum starts from the first row, not from +0), NaN as a NaN; scaled by weights in [0.5, 1) it is rounded as
+    torch rounds (overflow, subnormals, ties to even): the kernels' branch-free conversions are exact."""
     n, c = 256, 256
     every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(n, c)
     r = moe_route(torch.zeros(n, 1), 1, None, impl="cpu_native")
@@ -61,13 +61,56 @@ def test_cpu_native_fp16_conversions_are_exact():
     nan = torch.isnan(every)
     assert torch.isnan(y[nan]).all()
     same = y.view(torch.int16) == every.view(torch.int16)
-    assert (same | nan | (every == 0)).all() and (y[every == 0] == 0).all()
+    assert (same | nan).all()
     r = moe_route(torch.randn(n, 2, generator=torch.Generator().manual_seed(2)), 1, None, renormalize=False,
                   impl="cpu_native")
     y = moe_combine(every.clone(), r, impl="cpu_native")
     want = (r.weights[:, :1] * every.float()[r.slot[:, 0]]).half()
     assert torch.equal(torch.isnan(y), torch.isnan(want))
     assert torch.equal(y[~torch.isnan(y)], want[~torch.isnan(want)])
+
+
+ISAS = ["generic", "avx2", "avx512"]  # APT_MOE_CPU_ISA caps the build of combine's row sums (to what the CPU runs)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_native_row_sums_every_isa(isa, dtype, monkeypatch):
+    """combine and dispatch's backward sum each token's kept rows a chunk of 256 channels at a time, the first two
+    rows in one pass: every build, channel counts around the chunk (1, 7, 255, 256, 257, 515), k 1-4 with drops (so
+    0..k rows a token), strided expert rows and an expanded gradient."""
+    monkeypatch.setenv("APT_MOE_CPU_ISA", isa)
+    for c, k, e in ((1, 1, 2), (7, 3, 4), (255, 2, 8), (256, 4, 8), (257, 2, 2), (515, 4, 64)):
+        check_impl("cpu_native", 61, e, k, 0.5, "random", dtype, c=c)
+    r = moe_route(torch.randn(33, 8, generator=torch.Generator().manual_seed(3)), 3, 0.5, impl="cpu_native")
+    out = torch.randn(r.buffer_shape(300) + (2,), generator=torch.Generator().manual_seed(4)).to(dtype)[..., 0]
+    assert_close(moe_combine(out, r, impl="cpu_native"), moe_combine(out, r, impl="reference"), family="moe")
+    grads = []
+    for impl in ("reference", "cpu_native"):
+        x = torch.randn(33, 300, generator=torch.Generator().manual_seed(5)).to(dtype).requires_grad_()
+        moe_dispatch(x, r, impl=impl).sum().backward()  # sum(): an expanded (stride 0) gradient
+        grads.append(x.grad)
+    assert_close(grads[1], grads[0], family="moe", grad=True)
+
+
+@pytest.mark.parametrize("dtype,c", [(torch.float32, 1024), (torch.float16, 1003), (torch.bfloat16, 1)])
+def test_cpu_native_streamed_dispatch_is_a_copy(dtype, c):
+    """Buffers from 8 MB on are written with streaming stores, 16 bytes at a time from the first aligned byte of
+    each row: bit-exact against the reference with rows of 4096, 2006 (unaligned row starts) and 2 bytes, and into
+    a buffer whose base is 2 bytes off alignment (the module's raw entry point: the ops allocate aligned)."""
+    from apt_kernels._native import cpu_module, view
+
+    e, k = 4, 2
+    n = max(1100, (8 << 20) // (2 * c * dtype.itemsize) + 1)
+    r = moe_route(torch.randn(n, e, generator=torch.Generator().manual_seed(6)), k, 1.0, impl="cpu_native")
+    x = torch.randn(n, c, generator=torch.Generator().manual_seed(7)).to(dtype)
+    want = moe_dispatch(x, r, impl="reference")
+    assert want.numel() * dtype.itemsize >= 8 << 20 and (r.token_of_slot < 0).any()  # zero rows streamed too
+    assert torch.equal(moe_dispatch(x, r, impl="cpu_native"), want)
+    flat = torch.full((want.numel() + 1,), float("nan"), dtype=dtype)
+    buf = flat[1:].view(want.reshape(-1, c).shape)
+    cpu_module().moe_dispatch_cpu(view(x), view(r.token_of_slot), view(buf))
+    assert torch.equal(buf.view(want.shape), want) and torch.isnan(flat[0])
 
 
 def test_cpu_native_non_contiguous_inputs():
