@@ -296,21 +296,25 @@ namespace avx512 {
 #pragma GCC pop_options
 #endif
 
+// The row kernels of the widest build this CPU runs; APT_MOE_CPU_ISA=generic|avx2 caps it (read on every call,
+// for the tests).
 template <typename T>
-using RowSum = void (*)(T*, const T* const*, const acc_t<T>*, int, int64_t, int64_t);
+struct RowKernels {
+  void (*sum)(T*, const T* const*, const acc_t<T>*, int, int64_t, int64_t);
+  acc_t<T> (*dot)(const T*, int64_t, const T*, int64_t, int64_t);
+};
 
-// The widest build this CPU runs; APT_MOE_CPU_ISA=generic|avx2 caps it (read on every call, for the tests).
 template <typename T>
-RowSum<T> row_sum_for_cpu() {
+RowKernels<T> row_kernels_for_cpu() {
 #ifdef APT_MOE_AVX2
   switch (best_cpu_isa("APT_MOE_CPU_ISA", true)) {
-    case CpuIsa::avx512: return avx512::weighted_row_sum<T>;
-    case CpuIsa::avx2: return avx2::weighted_row_sum<T>;
-    default: return generic::weighted_row_sum<T>;
+    case CpuIsa::avx512: return {avx512::weighted_row_sum<T>, avx512::row_dot<T>};
+    case CpuIsa::avx2: return {avx2::weighted_row_sum<T>, avx2::row_dot<T>};
+    default: return {generic::weighted_row_sum<T>, generic::row_dot<T>};
   }
 #else
   (void)best_cpu_isa("APT_MOE_CPU_ISA", false);
-  return generic::weighted_row_sum<T>;
+  return {generic::weighted_row_sum<T>, generic::row_dot<T>};
 #endif
 }
 
@@ -319,7 +323,7 @@ template <typename T>
 void gather_sum(const T* rows, int64_t rstride, int64_t cs, const acc_t<T>* wp, int64_t ws0, int64_t ws1,
                 const int64_t* slot, int64_t k, int64_t N, int64_t C, T* yp) {
   using A = acc_t<T>;
-  const RowSum<T> row_sum = row_sum_for_cpu<T>();
+  const auto row_sum = row_kernels_for_cpu<T>().sum;
 #pragma omp parallel
   {
     std::vector<const T*> src(static_cast<size_t>(k));
@@ -363,6 +367,7 @@ void combine_bwd(const TensorView& gy, const TensorView& out, const TensorView& 
   const A* wp = w.ptr<A>();
   T* go = g_out.ptr<T>();
   A* gw = g_w.ptr<A>();
+  const RowKernels<T> rk = row_kernels_for_cpu<T>();
 #pragma omp parallel for schedule(static)
   for (int64_t s = 0; s < S; ++s) {
     T* dst = go + s * C;
@@ -376,23 +381,14 @@ void combine_bwd(const TensorView& gy, const TensorView& out, const TensorView& 
     }
     const A wt = wp[t * w.stride(0) + j * w.stride(1)];
     const T* src = gp + t * gy.stride(0);
-    const int64_t cs = gy.stride(1);
-    for (int64_t c = 0; c < C; ++c) store_f(dst + c, wt * load_f(src + c * cs));
+    rk.sum(dst, &src, &wt, 1, C, gy.stride(1));
   }
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t j = 0; j < k; ++j) {
       const int64_t s = slot[n * k + j];
-      double dot = 0.0;
-      if (s >= 0) {
-        const T* a = gp + n * gy.stride(0);
-        const T* b = op + s * out.stride(0);
-        const int64_t as = gy.stride(1), bs = out.stride(1);
-        A part = 0;
-        for (int64_t c = 0; c < C; ++c) part += load_f(a + c * as) * load_f(b + c * bs);
-        dot = part;
-      }
-      gw[n * k + j] = static_cast<A>(dot);
+      gw[n * k + j] =
+          s < 0 ? A(0) : rk.dot(gp + n * gy.stride(0), gy.stride(1), op + s * out.stride(0), out.stride(1), C);
     }
   }
 }
