@@ -174,7 +174,8 @@ def render_markdown(run: BenchRun, heading_level: int = 2, title: Optional[str] 
                  + (f"; wall time {m['wall_s']:.1f} s" if m.get("wall_s") is not None else ""))
     if m.get("cpu_copy_bandwidth_GBps"):
         lines.append(f"- CPU peak FLOP/s unknown; memory-bound '% peak' is against a measured tensor copy "
-                     f"bandwidth of {m['cpu_copy_bandwidth_GBps']:.1f} GB/s (read + write)")
+                     f"bandwidth of {m['cpu_copy_bandwidth_GBps']:.1f} GB/s (read + write, 64 MB); shapes whose data "
+                     "fits in the caches can exceed 100%")
     if m.get("device_type") == "cuda":
         pk = [f"{k} ({v['dtype']}): {v.get('tflops') or '?'} TFLOP/s, {v.get('GBps') or '?'} GB/s"
               for k, v in (m.get("peaks") or {}).items() if v.get("tflops") or v.get("GBps")]
