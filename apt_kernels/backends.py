@@ -11,10 +11,23 @@ import os
 
 import torch
 
-from ._native import native_cuda_status, native_family_status, native_status
+from ._native import native_cuda_status, native_family_status, native_module, native_status
 
 __all__ = ["custom_op_must_dispatch", "native_status", "native_family_status", "native_cuda_status", "triton_status",
-           "compiled_triton_status", "cuda_device_status", "triton_interpret"]
+           "compiled_triton_status", "cuda_device_status", "triton_interpret", "cpu_kernel_isas", "CPU_ISA_ENV"]
+
+# The C++ CPU kernel families built once per instruction set, and the variable that caps each (generic|avx2).
+CPU_ISA_ENV = {"tva": "APT_TVA_CPU_ISA", "scan": "APT_SCAN_CPU_ISA", "moe": "APT_MOE_CPU_ISA"}
+
+
+def cpu_kernel_isas() -> dict[str, str]:
+    """The instruction-set build (generic, avx2, avx512) each C++ CPU kernel family runs now: the widest this CPU
+    has, capped by its CPU_ISA_ENV variable. Empty without the compiled module; a family missing from an older
+    build is left out."""
+    if not native_status()[0]:
+        return {}
+    mod = native_module()
+    return {fam: getattr(mod, f"{fam}_cpu_isa")() for fam in CPU_ISA_ENV if hasattr(mod, f"{fam}_cpu_isa")}
 
 
 def triton_interpret() -> bool:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from apt.cli.main import main
@@ -32,6 +33,24 @@ def test_info_json_is_machine_readable(capsys):
     for p in data["providers"]:
         assert set(p) >= {"kind", "name", "available", "reason", "is_default"}
         assert p["available"] or p["reason"], f"unavailable provider without a reason: {p}"
+
+
+def test_info_names_the_cpu_kernel_builds(capsys, monkeypatch):
+    """`apt info` says which instruction-set build each C++ CPU kernel family runs, and its cap variable moves it."""
+    from apt_kernels.backends import CPU_ISA_ENV, cpu_kernel_isas, native_status
+
+    if not native_status()[0]:
+        pytest.skip(native_status()[1])
+    isas = cpu_kernel_isas()
+    assert set(isas) == set(CPU_ISA_ENV) and set(isas.values()) <= {"generic", "avx2", "avx512"}, isas
+    for var in CPU_ISA_ENV.values():
+        monkeypatch.setenv(var, "generic")
+    assert set(cpu_kernel_isas().values()) == {"generic"}
+    monkeypatch.setenv("APT_MOE_CPU_ISA", "avx2")
+    assert cpu_kernel_isas()["moe"] == ("generic" if isas["moe"] == "generic" else "avx2")
+    assert main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("CPU kernel ISA"))
+    assert "tva generic" in line and "scan generic" in line and "APT_MOE_CPU_ISA" in line, line
 
 
 def test_without_native_module_everything_still_runs():

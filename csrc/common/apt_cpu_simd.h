@@ -73,4 +73,9 @@ inline CpuIsa best_cpu_isa(const char* cap_env, bool built) {
 #endif
 }
 
+// The build's name as the APT_*_CPU_ISA variables spell it (what `apt info` shows).
+inline const char* cpu_isa_name(CpuIsa isa) {
+  return isa == CpuIsa::avx512 ? "avx512" : isa == CpuIsa::avx2 ? "avx2" : "generic";
+}
+
 }  // namespace apt

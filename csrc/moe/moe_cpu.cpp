@@ -304,16 +304,23 @@ struct RowKernels {
   acc_t<T> (*dot)(const T*, int64_t, const T*, int64_t, int64_t);
 };
 
+CpuIsa moe_isa() {
+#ifdef APT_MOE_AVX2
+  return best_cpu_isa("APT_MOE_CPU_ISA", true);
+#else
+  return best_cpu_isa("APT_MOE_CPU_ISA", false);
+#endif
+}
+
 template <typename T>
 RowKernels<T> row_kernels_for_cpu() {
 #ifdef APT_MOE_AVX2
-  switch (best_cpu_isa("APT_MOE_CPU_ISA", true)) {
+  switch (moe_isa()) {
     case CpuIsa::avx512: return {avx512::weighted_row_sum<T>, avx512::row_dot<T>};
     case CpuIsa::avx2: return {avx2::weighted_row_sum<T>, avx2::row_dot<T>};
     default: return {generic::weighted_row_sum<T>, generic::row_dot<T>};
   }
 #else
-  (void)best_cpu_isa("APT_MOE_CPU_ISA", false);
   return {generic::weighted_row_sum<T>, generic::row_dot<T>};
 #endif
 }
@@ -398,6 +405,9 @@ DType acc_dtype(DType d) { return d == DType::Float64 ? DType::Float64 : DType::
 }  // namespace
 
 APT_REGISTER_OPS(moe) {
+  m.def(
+      "moe_cpu_isa", [] { return std::string(cpu_isa_name(moe_isa())); },
+      "The instruction-set build of the MoE CPU row kernels now: generic, avx2 or avx512 (APT_MOE_CPU_ISA caps it).");
   m.def(
       "moe_route_cpu",
       [](py::object probs_, int64_t k, int64_t cap, py::object idx_, py::object pos_, py::object slot_,

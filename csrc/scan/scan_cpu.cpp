@@ -325,6 +325,9 @@ void selective_state_update(Obj state_, Obj x_, Obj dt_, Obj A_, Obj B_, Obj C_,
 
 APT_REGISTER_OPS(scan_cpu) {
   using namespace scan_cpu;
+  m.def(
+      "scan_cpu_isa", [] { return std::string(cpu_isa_name(best_isa())); },
+      "The instruction-set build the scan CPU kernels run now: generic, avx2 or avx512 (APT_SCAN_CPU_ISA caps it).");
   m.def("selective_scan_fwd_cpu", &selective_scan_fwd, py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"),
         py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("out"), py::arg("last_state"),
         py::arg("checkpoints"), py::arg("delta_softplus"), py::arg("chunk"),

@@ -521,6 +521,9 @@ tva::CudaParams cuda_params(const Ctx& c, const TensorView& coef) {
 
 APT_REGISTER_OPS(tva) {
   m.def(
+      "tva_cpu_isa", [] { return std::string(cpu_isa_name(tva_isa())); },
+      "The instruction-set build tva_*_cpu run now: generic, avx2 or avx512 (APT_TVA_CPU_ISA caps it).");
+  m.def(
       "tva_forward_cpu",
       [](py::object q, py::object k, py::object v, py::object delta, py::object gate, double coef, bool causal,
          int64_t window, int64_t sinks, py::object pad, double scale, py::object o_, py::object lse_) {

@@ -47,6 +47,8 @@ def environment() -> dict[str, Any]:
         "native_reason": native_why,
         "native_families": list(getattr(mod, "families", [])) if mod else [],
         "native_openmp": bool(getattr(mod, "with_openmp", False)) if mod else False,
+        "cpu_kernel_isa": backends.cpu_kernel_isas(),
+        "cpu_isa_env": dict(backends.CPU_ISA_ENV),
         "native_built_with_cuda": bool(getattr(mod, "with_cuda", False)) if mod else False,
         "native_cuda_usable": cuda_ok,
         "native_cuda_reason": cuda_why,
@@ -77,6 +79,9 @@ def render(env: dict[str, Any], infos: list[registry.ProviderInfo]) -> str:
                             + f"; OpenMP: {yes(env['native_openmp'])}; CUDA kernels: "
                             + yes(env["native_built_with_cuda"])) if env["native_module"] else
                            f"unavailable ({env['native_reason']})"],
+        ["CPU kernel ISA", (", ".join(f"{f} {isa}" for f, isa in env["cpu_kernel_isa"].items())
+                            + " (caps: " + ", ".join(env["cpu_isa_env"][f] for f in env["cpu_kernel_isa"])
+                            + " = generic|avx2)") if env.get("cpu_kernel_isa") else "-"],
         ["native CUDA", "usable" if env["native_cuda_usable"] else f"no ({env['native_cuda_reason']})"],
         ["CPU output pool", env["host_pool"]],
     ]
