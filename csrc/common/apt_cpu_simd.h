@@ -46,14 +46,18 @@ static inline float fexp(float x) {
 }
 static inline double fexp(double x) { return std::exp(x); }
 
-// The kernel builds, narrowest first (avx2: AVX2 + FMA + F16C; avx512: F, VL, DQ, BW).
+// The kernel builds, narrowest first (avx2: AVX2 + FMA + F16C; avx512: F, VL, DQ, BW). The AVX2 and AVX-512
+// builds exist where APT_CPU_ISA_BUILDS is defined (GCC on x86-64: the families compile them through
+// `#pragma GCC target`); elsewhere only the generic one.
 enum class CpuIsa { generic, avx2, avx512 };
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define APT_CPU_ISA_BUILDS 1
+#endif
 
 // The widest build this CPU runs, capped by the environment variable `cap_env` (generic|avx2|avx512, read on every
-// call so tests can switch it). `built` is false where only the generic build exists (not GCC on x86-64).
-inline CpuIsa best_cpu_isa(const char* cap_env, bool built) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  if (!built) return CpuIsa::generic;
+// call so tests can switch it).
+inline CpuIsa best_cpu_isa(const char* cap_env) {
+#ifdef APT_CPU_ISA_BUILDS
   static const CpuIsa cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                                     __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
                                 ? CpuIsa::avx512
@@ -68,7 +72,6 @@ inline CpuIsa best_cpu_isa(const char* cap_env, bool built) {
   return std::min(cpu, most);
 #else
   (void)cap_env;
-  (void)built;
   return CpuIsa::generic;
 #endif
 }

@@ -280,8 +280,7 @@ void dispatch_fwd(const TensorView& x, const int64_t* tos, int64_t S, const Tens
 namespace generic {
 #include "moe/moe_cpu_rows.h"
 }  // namespace generic
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define APT_MOE_AVX2 1
+#ifdef APT_CPU_ISA_BUILDS
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
@@ -304,17 +303,11 @@ struct RowKernels {
   acc_t<T> (*dot)(const T*, int64_t, const T*, int64_t, int64_t);
 };
 
-CpuIsa moe_isa() {
-#ifdef APT_MOE_AVX2
-  return best_cpu_isa("APT_MOE_CPU_ISA", true);
-#else
-  return best_cpu_isa("APT_MOE_CPU_ISA", false);
-#endif
-}
+CpuIsa moe_isa() { return best_cpu_isa("APT_MOE_CPU_ISA"); }
 
 template <typename T>
 RowKernels<T> row_kernels_for_cpu() {
-#ifdef APT_MOE_AVX2
+#ifdef APT_CPU_ISA_BUILDS
   switch (moe_isa()) {
     case CpuIsa::avx512: return {avx512::weighted_row_sum<T>, avx512::row_dot<T>};
     case CpuIsa::avx2: return {avx2::weighted_row_sum<T>, avx2::row_dot<T>};

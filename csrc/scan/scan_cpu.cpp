@@ -80,8 +80,7 @@ constexpr int kVecLanes = 8;
 #include "scan/scan_cpu_impl.h"
 }  // namespace generic
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define APT_SCAN_AVX2 1
+#ifdef APT_CPU_ISA_BUILDS
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -101,11 +100,7 @@ constexpr int kVecLanes = 16;
 
 // The widest build this CPU runs; APT_SCAN_CPU_ISA=generic|avx2 caps it (read on every call, for the tests).
 using Isa = CpuIsa;
-#ifdef APT_SCAN_AVX2
-Isa best_isa() { return best_cpu_isa("APT_SCAN_CPU_ISA", true); }
-#else
-Isa best_isa() { return best_cpu_isa("APT_SCAN_CPU_ISA", false); }
-#endif
+Isa best_isa() { return best_cpu_isa("APT_SCAN_CPU_ISA"); }
 
 // ---------------------------------------------------------------- argument checks and unpacking
 bool is_contiguous(const TensorView& t) {
@@ -192,7 +187,7 @@ void selective_scan_fwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
     std::vector<Acc> scratch(static_cast<size_t>(nth) * generic::fwd_scratch_per_thread(p.N, chunk));
     py::gil_scoped_release nogil;
     switch (best_isa()) {
-#ifdef APT_SCAN_AVX2
+#ifdef APT_CPU_ISA_BUILDS
       case Isa::avx512:
         avx512::scan_fwd<T>(io, p, last.ptr<Acc>(), ckpt.ptr<Acc>(), chunk, softplus_dt, scratch.data());
         break;
@@ -253,7 +248,7 @@ void selective_scan_bwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
     std::vector<Acc> scratch(static_cast<size_t>(nth) * generic::bwd_scratch_per_thread(p.N, chunk));
     py::gil_scoped_release nogil;
     switch (best_isa()) {
-#ifdef APT_SCAN_AVX2
+#ifdef APT_CPU_ISA_BUILDS
       case Isa::avx512:
         avx512::scan_bwd<T>(io, p, gr, ckpt.ptr<Acc>(), chunk, softplus_dt, priv.data(), scratch.data(), nth);
         break;
@@ -310,7 +305,7 @@ void selective_state_update(Obj state_, Obj x_, Obj dt_, Obj A_, Obj B_, Obj C_,
                       y.ptr<T>(), {y.stride(0), y.stride(1)}};
       py::gil_scoped_release nogil;
       switch (best_isa()) {
-#ifdef APT_SCAN_AVX2
+#ifdef APT_CPU_ISA_BUILDS
         case Isa::avx512: avx512::state_update<T, S>(io, p, softplus_dt); break;
         case Isa::avx2: avx2::state_update<T, S>(io, p, softplus_dt); break;
 #endif

@@ -23,7 +23,7 @@
 #ifdef APT_WITH_OPENMP
 #include <omp.h>
 #endif
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#ifdef APT_CPU_ISA_BUILDS
 #include <immintrin.h>  // F16C conversions in the AVX2 / AVX-512 builds
 #endif
 #ifdef APT_WITH_CUDA
@@ -167,8 +167,7 @@ constexpr int kR = 2, kCV = 1, kW = 4;
 }  // namespace generic
 #undef APT_TVA_ISA
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define APT_TVA_AVX2 1
+#ifdef APT_CPU_ISA_BUILDS
 #define APT_TVA_ISA 2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -191,18 +190,12 @@ constexpr int kR = 4, kCV = 4, kW = 16;  // 4 rows × 64 columns: 16 zmm accumul
 #pragma GCC diagnostic pop
 
 // APT_TVA_CPU_ISA=generic|avx2 caps the build used (read on every call, for the tests).
-CpuIsa tva_isa() {
-#ifdef APT_TVA_AVX2
-  return best_cpu_isa("APT_TVA_CPU_ISA", true);
-#else
-  return best_cpu_isa("APT_TVA_CPU_ISA", false);
-#endif
-}
+CpuIsa tva_isa() { return best_cpu_isa("APT_TVA_CPU_ISA"); }
 
 template <typename T>
 void run_forward(const Ctx& c, const Packed& p, const TensorView& o, float* lse) {
   switch (tva_isa()) {
-#ifdef APT_TVA_AVX2
+#ifdef APT_CPU_ISA_BUILDS
     case CpuIsa::avx512: avx512::forward<T>(c, p, o, lse); return;
     case CpuIsa::avx2: avx2::forward<T>(c, p, o, lse); return;
 #endif
@@ -212,7 +205,7 @@ void run_forward(const Ctx& c, const Packed& p, const TensorView& o, float* lse)
 
 void run_backward(const Packed& p) {
   switch (tva_isa()) {
-#ifdef APT_TVA_AVX2
+#ifdef APT_CPU_ISA_BUILDS
     case CpuIsa::avx512: avx512::backward(p); return;
     case CpuIsa::avx2: avx2::backward(p); return;
 #endif
