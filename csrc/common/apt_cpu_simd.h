@@ -1,5 +1,6 @@
-// CPU helpers shared by the kernel families that build their inner loops once per instruction set (scan, tva):
-// a vectorisable exp, and the pick of the widest build the CPU runs (x86-64 generic, AVX2+FMA, AVX-512).
+// CPU helpers shared by the kernel families that build their inner loops once per instruction set (scan, tva, moe):
+// a vectorisable exp, the pick of the widest build the CPU runs (x86-64 generic, AVX2+FMA, AVX-512), and OpenMP's
+// thread count.
 // Everything here is inline and target-neutral, so the AVX2/AVX-512 builds inline it and vectorise it themselves.
 #pragma once
 
@@ -9,7 +10,27 @@
 #include <cstdlib>
 #include <cstring>
 
+#ifdef APT_WITH_OPENMP
+#include <omp.h>
+#endif
+
 namespace apt {
+
+// OpenMP's team size for the next parallel region and this thread's number in its team (1 and 0 without OpenMP)
+inline int omp_threads() {
+#ifdef APT_WITH_OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+inline int omp_thread() {
+#ifdef APT_WITH_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
 
 // exp for the inner loops: Cody-Waite range reduction + degree-6 polynomial (rel. error ~2e-7, fp32 rounding level)
 // that the compiler vectorises, unlike a libm call. Below -87 the result is 0 (a mask on the bits; -inf and NaN

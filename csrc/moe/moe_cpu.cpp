@@ -15,9 +15,6 @@
 #include <emmintrin.h>
 #endif
 
-#ifdef APT_WITH_OPENMP
-#include <omp.h>
-#endif
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -28,14 +25,6 @@ namespace {
 // Below this many elements a loop runs on one thread: routing is cheap, and on a loaded machine an OpenMP barrier
 // waiting for a descheduled worker costs more than the loop.
 constexpr int64_t kParallelWork = int64_t(1) << 18;
-
-int max_threads() {
-#ifdef APT_WITH_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
 
 using moe::check_contiguous;
 using moe::check_index;
@@ -150,7 +139,7 @@ void topk_rows(const TensorView& probs, int64_t k, int64_t* idx) {
 // assignments starting from its base.
 void positions(const int64_t* idx, int64_t N, int64_t E, int64_t k, int64_t cap, int64_t* pos, int64_t* slot,
                int64_t* counts) {
-  const int64_t block = std::max<int64_t>(512, (N + 4 * max_threads() - 1) / (4 * max_threads()));
+  const int64_t block = std::max<int64_t>(512, (N + 4 * omp_threads() - 1) / (4 * omp_threads()));
   const int64_t nb = (N + block - 1) / block;
   const int64_t units = k * nb;  // unit u = j * nb + b, already in priority order
   std::vector<int64_t> base(static_cast<size_t>(units * E), 0);

@@ -14,28 +14,10 @@
 #include "common/apt_common.h"
 #include "common/apt_cpu_simd.h"
 
-#ifdef APT_WITH_OPENMP
-#include <omp.h>
-#endif
 
 namespace apt {
 namespace scan_cpu {
 namespace {
-
-inline int omp_thread() {
-#ifdef APT_WITH_OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-inline int omp_threads() {
-#ifdef APT_WITH_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
 
 struct S3 {  // strides of a (batch, dim, L) tensor
   int64_t s0 = 0, s1 = 0, s2 = 0;

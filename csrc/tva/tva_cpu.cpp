@@ -20,9 +20,6 @@
 #include "common/apt_common.h"
 #include "common/apt_cpu_simd.h"
 #include "tva/tva_common.h"
-#ifdef APT_WITH_OPENMP
-#include <omp.h>
-#endif
 #ifdef APT_CPU_ISA_BUILDS
 #include <immintrin.h>  // F16C conversions in the AVX2 / AVX-512 builds
 #endif
@@ -42,14 +39,6 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 template <typename T>
 inline T* at4(const TensorView& t, int64_t b, int64_t h, int64_t s, int64_t d) {
   return t.ptr<T>() + b * t.stride(0) + h * t.stride(1) + s * t.stride(2) + d * t.stride(3);
-}
-
-inline int64_t omp_threads() {
-#ifdef APT_WITH_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
 }
 
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
