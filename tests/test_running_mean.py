@@ -59,6 +59,73 @@ def test_native_matches_reference_fwd_bwd(dtype, shape, seed):
 
 
 @requires_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("B, T, C", [(1, 5, 300), (2, 1, 130), (3, 40, 64), (1, 33, 1), (5, 7, 200)])
+def test_native_rows_cut_into_chunks(dtype, B, T, C, seed):
+    # The kernel gives each task a batch row, cut into channel chunks when there are fewer rows than ~2 tasks per
+    # thread: every thread count must give the same bits (each channel's sum runs in time order either way), and
+    # unit-stride and strided channels (the two instantiations) the reference's values, forward and backward.
+    before = torch.get_num_threads()
+    x = torch.randn(B, T, C, dtype=dtype)
+    mask = torch.rand(B, T) < 0.3
+    cases = [
+        (x, torch.randn(B, T, C, dtype=dtype)),
+        (torch.randn(B, T, 2 * C, dtype=dtype)[..., ::2], torch.randn(B, C, T, dtype=dtype).transpose(1, 2)),
+        (x, torch.randn(1, 1, 1, dtype=dtype).expand(B, T, C)),  # an expanded gradient, channel stride 0
+    ]
+    try:
+        for xin, g in cases:
+            for m in (None, mask):
+                runs = []
+                for n in (1, 2, 3, 5):
+                    torch.set_num_threads(n)
+                    xa = xin.detach().requires_grad_()  # a leaf with xin's strides
+                    y = running_mean_native(xa, m)
+                    y.backward(g)
+                    runs.append((y.detach(), xa.grad))
+                for y, gx in runs[1:]:
+                    assert torch.equal(y, runs[0][0]) and torch.equal(gx, runs[0][1])
+                xb = xin.detach().requires_grad_()
+                yb = running_mean_ref(xb, m)
+                yb.backward(g)
+                assert_close(runs[0][0], yb)
+                assert_close(runs[0][1], xb.grad, grad=True)
+    finally:
+        torch.set_num_threads(before)
+
+
+@requires_native
+@pytest.mark.parametrize("shape", [(2, 3, 0), (0, 3, 4), (2, 0, 4), (0, 0, 0)])
+def test_native_empty_inputs(shape):
+    x = torch.randn(shape, requires_grad=True)
+    y = running_mean_native(x, torch.zeros(shape[:2], dtype=torch.bool))
+    y.sum().backward()
+    assert y.shape == shape and x.grad.shape == shape
+
+
+@requires_native
+def test_native_eager_and_custom_op_paths_agree(seed):
+    # plain eager calls skip the custom op (an autograd.Function over the same bodies); torch.compile and dispatch
+    # modes go through it: both give the same bits and gradients
+    x = torch.randn(2, 9, 70)
+    mask = torch.rand(2, 9) < 0.3
+    g = torch.randn(2, 9, 70)
+    outs = []
+    for f in (running_mean_native, torch.compile(running_mean_native, backend="aot_eager", fullgraph=True)):
+        xa = x.clone().requires_grad_()
+        y = f(xa, mask)
+        y.backward(g)
+        outs.append((y.detach(), xa.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    from torch.utils.flop_counter import FlopCounterMode
+
+    xa = x.clone().requires_grad_()
+    assert "RunningMean" in running_mean_native(xa).grad_fn.name()
+    with FlopCounterMode(display=False):  # a dispatch mode sees the op
+        assert "RunningMean" not in running_mean_native(xa).grad_fn.name()
+
+
+@requires_native
 def test_native_non_contiguous_and_opcheck(seed):
     base = torch.randn(4, 10, 6)
     x = base.transpose(0, 1).transpose(0, 1)[:, ::2, 1:]  # strided, non-contiguous
