@@ -6,6 +6,7 @@
 #include "common/apt_common.h"
 #include "common/apt_cpu_simd.h"
 
+#include <type_traits>
 #include <vector>
 
 namespace apt {
@@ -40,7 +41,7 @@ inline void store_row(T* out, int64_t so, const double* acc, int64_t n, double w
 }
 
 template <typename T, bool UNIT>
-void running_mean_fwd_impl(const TensorView& x, const TensorView& keep, const TensorView& out) {
+void running_mean_fwd(const TensorView& x, const TensorView& keep, const TensorView& out) {
   const int64_t B = x.size(0), T_ = x.size(1), C = x.size(2), width = chunk_width(B, C);
   const int64_t nch = (C + width - 1) / width;
   const T* xp = x.ptr<T>();
@@ -70,7 +71,7 @@ void running_mean_fwd_impl(const TensorView& x, const TensorView& keep, const Te
 
 // grad_x[b, s, c] = keep[b, s] * sum_{t >= s, count_t > 0} grad_out[b, t, c] / count_t, walking time backwards
 template <typename T, bool UNIT>
-void running_mean_bwd_impl(const TensorView& grad_out, const TensorView& keep, const TensorView& grad_x) {
+void running_mean_bwd(const TensorView& grad_out, const TensorView& keep, const TensorView& grad_x) {
   const int64_t B = grad_out.size(0), T_ = grad_out.size(1), C = grad_out.size(2), width = chunk_width(B, C);
   const int64_t nch = (C + width - 1) / width;
   const T* gp = grad_out.ptr<T>();
@@ -104,20 +105,13 @@ void running_mean_bwd_impl(const TensorView& grad_out, const TensorView& keep, c
   }
 }
 
-template <typename T>
-void running_mean_fwd(const TensorView& x, const TensorView& keep, const TensorView& out) {
-  if (x.stride(2) == 1 && out.stride(2) == 1)
-    running_mean_fwd_impl<T, true>(x, keep, out);
+// f(std::bool_constant<UNIT>): UNIT when the input's and the output's channels (dim 2) both have stride 1
+template <typename F>
+void with_channel_stride(const TensorView& in, const TensorView& out, F&& f) {
+  if (in.stride(2) == 1 && out.stride(2) == 1)
+    f(std::true_type{});
   else
-    running_mean_fwd_impl<T, false>(x, keep, out);
-}
-
-template <typename T>
-void running_mean_bwd(const TensorView& grad_out, const TensorView& keep, const TensorView& grad_x) {
-  if (grad_out.stride(2) == 1 && grad_x.stride(2) == 1)
-    running_mean_bwd_impl<T, true>(grad_out, keep, grad_x);
-  else
-    running_mean_bwd_impl<T, false>(grad_out, keep, grad_x);
+    f(std::false_type{});
 }
 
 void check_args(const TensorView& x, const TensorView& keep, const TensorView& out) {
@@ -144,7 +138,9 @@ APT_REGISTER_OPS(common) {
         auto keep = TensorView::from_optional(keep_, "keep");
         check_args(x, keep, out);
         py::gil_scoped_release nogil;
-        dispatch_float(x.dtype, "x", [&](auto tag) { running_mean_fwd<decltype(tag)>(x, keep, out); });
+        dispatch_float(x.dtype, "x", [&](auto tag) {
+          with_channel_stride(x, out, [&](auto unit) { running_mean_fwd<decltype(tag), unit.value>(x, keep, out); });
+        });
       },
       py::arg("x"), py::arg("keep"), py::arg("out"),
       "out[b,t,c] = mean of x[b,s,c] over kept s <= t (0 when none).");
@@ -155,7 +151,9 @@ APT_REGISTER_OPS(common) {
         auto keep = TensorView::from_optional(keep_, "keep");
         check_args(g, keep, gx);
         py::gil_scoped_release nogil;
-        dispatch_float(g.dtype, "grad_out", [&](auto tag) { running_mean_bwd<decltype(tag)>(g, keep, gx); });
+        dispatch_float(g.dtype, "grad_out", [&](auto tag) {
+          with_channel_stride(g, gx, [&](auto unit) { running_mean_bwd<decltype(tag), unit.value>(g, keep, gx); });
+        });
       },
       py::arg("grad_out"), py::arg("keep"), py::arg("grad_x"));
 }
