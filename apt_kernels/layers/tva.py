@@ -17,6 +17,7 @@ from torch import nn
 
 from .._validate import check_float, check_tensor
 from ..ops.running_mean import running_mean
+from .kv import buffer_write, history
 
 __all__ = ["TVAAttention", "TVACache"]
 
@@ -27,9 +28,10 @@ Core = Callable[..., torch.Tensor]
 class TVACache:
     """State for incremental decoding, updated in place by ``TVAAttention.forward(x, cache=...)``.
 
-    ``k``/``v``: (B, H, L, D) keys/values so far (preallocated to ``max_len`` when given, else grown);
+    ``k``/``v``: (B, H, capacity, D) buffers whose first ``length`` positions are the keys/values so far
+    (``max_len`` positions when given, else a capacity that doubles when full);
     ``x_sum``/``count``: fp32 running sum of the non-padded inputs and their number (the gate's running mean);
-    ``padding``: (B, L) key padding mask so far; ``length``: number of positions seen.
+    ``padding``: (B, capacity) key padding mask, the same way; ``length``: number of positions seen.
     """
 
     batch_size: int
@@ -153,34 +155,19 @@ class TVAAttention(nn.Module):
 
     def _append(self, cache: TVACache, k: torch.Tensor, v: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        B, H, T, D = k.shape
+        B, T = k.shape[0], k.shape[2]
         start, end = cache.length, cache.length + T
-        pad = (key_padding_mask if key_padding_mask is not None
-               else torch.zeros(B, T, dtype=torch.bool, device=k.device))
-        cache.any_padding = cache.any_padding or key_padding_mask is not None
-        # the stored history is detached; this call's own k, v keep their graph
-        old_k = None if cache.k is None else cache.k[:, :, :start]
-        old_v = None if cache.v is None else cache.v[:, :, :start]
-        if cache.max_len is not None:
-            if end > cache.max_len:
-                raise ValueError(f"cache: {end} positions exceed max_len={cache.max_len}")
-            if cache.k is None:
-                cache.k = k.new_zeros(B, H, cache.max_len, D)
-                cache.v = v.new_zeros(B, H, cache.max_len, D)
-                cache.padding = torch.zeros(B, cache.max_len, dtype=torch.bool, device=k.device)
-            cache.k[:, :, start:end] = k.detach()
-            cache.v[:, :, start:end] = v.detach()
-            cache.padding[:, start:end] = pad
-            ps = cache.padding[:, :end]
-        else:
-            cache.k = k.detach() if cache.k is None else torch.cat([cache.k, k.detach()], dim=2)
-            cache.v = v.detach() if cache.v is None else torch.cat([cache.v, v.detach()], dim=2)
-            cache.padding = pad if cache.padding is None else torch.cat([cache.padding, pad], dim=1)
-            ps = cache.padding
+        cache.k = buffer_write(cache.k, k, start, 2, cache.max_len)
+        cache.v = buffer_write(cache.v, v, start, 2, cache.max_len)
+        if key_padding_mask is not None or cache.any_padding:
+            # positions before the first mask are unpadded: a new buffer starts as zeros (False)
+            pad = (key_padding_mask if key_padding_mask is not None
+                   else torch.zeros(B, T, dtype=torch.bool, device=k.device))
+            cache.padding = buffer_write(cache.padding, pad, start, 1, cache.max_len)
+            cache.any_padding = True
         cache.length = end
-        ks = k if old_k is None or start == 0 else torch.cat([old_k, k], dim=2)
-        vs = v if old_v is None or start == 0 else torch.cat([old_v, v], dim=2)
-        return ks, vs, (ps if cache.any_padding else None)
+        ks, vs = history(cache.k, k, start, 2), history(cache.v, v, start, 2)
+        return ks, vs, (cache.padding[:, :end] if cache.any_padding else None)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 cache: Optional[TVACache] = None) -> torch.Tensor:

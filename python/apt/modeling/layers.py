@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apt_kernels.layers.kv import buffer_write, history
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
@@ -158,16 +160,23 @@ class MoEWrappedFFN(nn.Module):
 
 
 class KVCache:
-    """Keys and values seen so far, (B, H, L, D) each, grown by concatenation."""
+    """Keys and values seen so far: (B, H, capacity, D) buffers, of which the first ``length`` positions are
+    filled (``max_len`` positions when given, else a capacity that doubles when full)."""
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(self, batch_size: int, max_len: Optional[int] = None) -> None:
         self.batch_size = batch_size
+        self.max_len = max_len
         self.k: Optional[torch.Tensor] = None
         self.v: Optional[torch.Tensor] = None
+        self.length = 0
 
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's (B, H, T, D) keys and values; return all of them so far."""
+        start = self.length
+        self.k = buffer_write(self.k, k, start, 2, self.max_len)
+        self.v = buffer_write(self.v, v, start, 2, self.max_len)
+        self.length = start + k.shape[2]
+        return history(self.k, k, start, 2), history(self.v, v, start, 2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -183,7 +192,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
-        return KVCache(batch_size)
+        return KVCache(batch_size, max_len)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -192,10 +201,7 @@ class CausalSelfAttention(nn.Module):
         past = 0
         if cache is not None:
             past = cache.length
-            if cache.k is not None:
-                k = torch.cat([cache.k, k], dim=2)
-                v = torch.cat([cache.v, v], dim=2)
-            cache.k, cache.v = k, v
+            k, v = cache.append(k, v)
         L = k.shape[2]
         mask = None
         if past == 0 and key_padding_mask is None:

@@ -1,0 +1,122 @@
+"""KV caches for incremental decoding: a decode step writes its own positions into a buffer (fixed max_len or a
+doubling capacity) and reads the history as a view, instead of re-concatenating all of it every step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apt.modeling.layers import CausalSelfAttention
+from apt_kernels.layers.kv import MIN_CAPACITY, buffer_write, history
+from apt_kernels.layers.tva import TVAAttention
+
+
+def test_buffer_write_grows_by_doubling_and_keeps_the_history():
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 3, n, 4) for n in (5, 1, 13, 1, 40)]
+    buf, start, caps = None, 0, []
+    for x in xs:
+        buf = buffer_write(buf, x, start, 2, None)
+        start += x.shape[2]
+        caps.append(buf.shape[2])
+    assert caps == [MIN_CAPACITY, MIN_CAPACITY, 32, 32, 64]
+    torch.testing.assert_close(buf[:, :, :start], torch.cat(xs, 2), rtol=0, atol=0)
+    assert not buf[:, :, start:].any()  # unwritten positions are zeros
+
+
+def test_buffer_write_fixed_capacity_and_overflow():
+    buf = buffer_write(None, torch.ones(1, 3, dtype=torch.bool), 0, 1, 8)
+    assert buf.shape == (1, 8) and buf[0, :3].all() and not buf[0, 3:].any()
+    buf = buffer_write(buf, torch.ones(1, 5, dtype=torch.bool), 3, 1, 8)
+    assert buf.all()
+    with pytest.raises(ValueError, match=r"^cache: 9 positions exceed max_len=8"):
+        buffer_write(buf, torch.ones(1, 1, dtype=torch.bool), 8, 1, 8)
+
+
+def test_history_is_a_view_without_grad_and_keeps_this_calls_graph_with_it():
+    old, new = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 1, 4, requires_grad=True)
+    buf = buffer_write(buffer_write(None, old, 0, 2, None), new, 3, 2, None)
+    with torch.no_grad():
+        h = history(buf, new, 3, 2)
+    assert h.data_ptr() == buf.data_ptr() and h.shape == (1, 2, 4, 4)
+    h = history(buf, new, 3, 2)
+    assert h.requires_grad
+    h.sum().backward()
+    torch.testing.assert_close(new.grad, torch.ones_like(new))
+    assert history(buf, new, 0, 2) is new
+
+
+@pytest.mark.parametrize("max_len", [None, 64])
+def test_tva_decode_reads_the_cache_without_copying_it(max_len):
+    """50 decode steps: the k/v buffers are reallocated at most log2(L) times (never with max_len) and the
+    attention core sees views of them, not per-step copies; the logits equal one full forward."""
+    torch.manual_seed(0)
+    seen = []
+
+    def core(q, k, v, *args, **kwargs):
+        seen.append(k.untyped_storage().data_ptr())
+        from apt_kernels.reference.tva import tva_attention_ref
+        return tva_attention_ref(q, k, v, *args, **kwargs)
+
+    layer = TVAAttention(16, 2, core=core).eval()
+    x = torch.randn(1, 53, 16)
+    with torch.inference_mode():
+        full = layer(x)
+        cache = layer.new_cache(1, max_len=max_len)
+        outs = [layer(x[:, :3], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(3, 53)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 53 and cache.padding is None
+    decode = seen[2:]  # after the full forward and the prefill (which passes its own k)
+    assert all(p == cache.k.untyped_storage().data_ptr() for p in decode[-10:])
+    assert len(set(decode)) <= (1 if max_len else 3)  # capacities 16 -> 32 -> 64
+
+
+def test_tva_cache_padding_appears_mid_stream():
+    """A padding mask given only from the second call on: the earlier positions count as not padded."""
+    torch.manual_seed(0)
+    layer = TVAAttention(16, 2, core="reference").eval()
+    x = torch.randn(2, 6, 16)
+    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    kpm[1, 4] = True
+    with torch.no_grad():
+        full = layer(x, kpm)
+        cache = layer.new_cache(2)
+        a = layer(x[:, :4], cache=cache)
+        assert cache.padding is None
+        b = layer(x[:, 4:], kpm[:, 4:], cache=cache)
+    assert cache.padding[:, :6].equal(kpm)
+    torch.testing.assert_close(torch.cat([a, b], 1)[0], full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([a, b], 1)[1, :4], full[1, :4], rtol=1e-5, atol=1e-5)
+
+
+def test_tva_cache_with_grad_matches_full_forward_gradients():
+    """With autograd on, a chunk continuing from the cache gets the gradients a full forward gives its own
+    positions (the stored history is detached; this call's keys and values keep their graph)."""
+    torch.manual_seed(0)
+    layer = TVAAttention(16, 2, core="reference")
+    x = torch.randn(1, 9, 16)
+    x_tail = x[:, 6:].clone().requires_grad_(True)
+    full = layer(torch.cat([x[:, :6], x_tail], 1))[:, 6:]
+    g_full = torch.autograd.grad(full.square().sum(), x_tail)[0]
+    cache = layer.new_cache(1)
+    with torch.no_grad():
+        layer(x[:, :6], cache=cache)
+    x_tail2 = x[:, 6:].clone().requires_grad_(True)
+    part = layer(x_tail2, cache=cache)
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(part.square().sum(), x_tail2)[0], g_full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_len", [None, 40])
+def test_fallback_attention_cache_matches_full_forward(max_len):
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(16, 2).eval()
+    x = torch.randn(2, 37, 16)
+    with torch.no_grad():
+        full = attn(x)
+        cache = attn.new_cache(2, max_len=max_len)
+        outs = [attn(x[:, :5], cache=cache)] + [attn(x[:, t:t + 1], cache=cache) for t in range(5, 37)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 37 and cache.k.shape[2] == (max_len or 64)
+    if max_len:
+        with pytest.raises(ValueError, match="exceed max_len=40"), torch.no_grad():
+            attn(torch.randn(2, 4, 16), cache=cache)
