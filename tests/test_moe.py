@@ -445,6 +445,34 @@ def test_noisy_gating_only_in_training():
     assert not torch.equal(a, b)
 
 
+@pytest.mark.parametrize("noisy", [False, True])
+def test_router_logits_in_fp32_for_low_precision_inputs(noisy):
+    """bf16 inputs or bf16 autocast: the router logits are fp32 (selective precision: bf16 logits keep ~3 digits,
+    so near-ties between experts flip and exact ties appear), unless router_dtype=None; gradients still reach the
+    bf16 gate and x."""
+    torch.manual_seed(8)
+    m = MoEFFN(64, 32, 8, k=2, capacity_factor=None, noisy_gating=noisy, router_impl="reference")
+    m.to(torch.bfloat16).train()
+    x = torch.randn(200, 64).bfloat16()
+    clean, routed = m.router_logits(x)
+    assert clean.dtype == routed.dtype == torch.float32
+    torch.testing.assert_close(clean, x.float() @ m.gate.weight.float().t(), rtol=1e-6, atol=1e-6)
+    m.router_dtype = None
+    assert m.router_logits(x)[0].dtype == torch.bfloat16
+    m.router_dtype = torch.float32
+    m32 = MoEFFN(64, 32, 8, k=2, noisy_gating=noisy, router_impl="reference").train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # would run the gate's linear in bf16
+        assert all(t.dtype == torch.float32 for t in m32.router_logits(x.float()))
+        assert m32(x.float())[0].shape == (200, 64)
+    x.requires_grad_(True)
+    y, aux = m(x)
+    (y.float().square().sum() + aux["balance_loss"] + aux["z_loss"]).backward()
+    assert m.gate.weight.grad.dtype == torch.bfloat16 and m.gate.weight.grad.abs().sum() > 0
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+    with pytest.raises(TypeError, match="^router_dtype:"):
+        MoEFFN(8, 8, 2, router_dtype=torch.int32)
+
+
 @pytest.mark.parametrize("impl", ["reference", "auto"])
 @pytest.mark.parametrize("cf", [None, 1.0])
 def test_empty_batch(impl, cf):

@@ -68,14 +68,18 @@ class MoEFFN(nn.Module):
     the training loss), ``tokens_per_expert`` (E,) and ``dropped`` (number of dropped assignments).
     ``capacity_factor`` (None = dropless) and ``temperature`` (router logits are divided by it) are plain mutable
     attributes so schedules can anneal them. Tokens whose every choice is dropped get a zero MoE output (plus the
-    shared expert's, when enabled); the caller's residual connection carries them.
+    shared expert's, when enabled); the caller's residual connection carries them. The router logits are computed
+    in ``router_dtype`` (fp32 by default, also under autocast; None = the input's dtype), the experts in x's dtype.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int = 2, capacity_factor: Optional[float] = 1.25,
                  min_capacity: int = 4, activation: str = "swiglu", shared_expert: bool = False,
                  noisy_gating: bool = False, router_impl: Union[str, Any] = "auto", balance_coef: float = 0.01,
-                 z_coef: float = 0.001, renormalize: Optional[bool] = None) -> None:
+                 z_coef: float = 0.001, renormalize: Optional[bool] = None,
+                 router_dtype: Optional[torch.dtype] = torch.float32) -> None:
         super().__init__()
+        if router_dtype is not None and not (isinstance(router_dtype, torch.dtype) and router_dtype.is_floating_point):
+            raise TypeError(f"router_dtype: expected None or a floating torch.dtype, got {router_dtype!r}")
         for name, v in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("k", k)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
@@ -107,6 +111,7 @@ class MoEFFN(nn.Module):
         self.renormalize = renormalize
         self.temperature = 1.0
         self.router_impl = router
+        self.router_dtype = router_dtype
 
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         # noise std = softplus(x W_noise) (Shazeer et al. 2017); zero init -> softplus(0) = 0.69 std at start
@@ -141,9 +146,21 @@ class MoEFFN(nn.Module):
         # inf would pass "> 0" and silently make every token's router uniform
         if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < math.inf):
             raise ValueError(f"temperature: expected a finite number > 0, got {self.temperature!r}")
-        clean = self.gate(x) / self.temperature
-        if self.noise is not None and self.training:
-            std = F.softplus(self.noise(x).float())
+        rd = self.router_dtype
+        if rd is None:
+            clean = self.gate(x) / self.temperature
+            noise = self.noise(x) if self.noise is not None and self.training else None
+        else:
+            # selective precision (Switch Transformer): logits in bf16 keep ~3 significant digits, so near-ties
+            # between experts flip with rounding; the gate is C x E, tiny next to the experts, so run it in
+            # router_dtype even under autocast
+            with torch.autocast(x.device.type, enabled=False):
+                h = x.to(rd)
+                clean = F.linear(h, self.gate.weight.to(rd)) / self.temperature
+                noise = (F.linear(h, self.noise.weight.to(rd)) if self.noise is not None and self.training
+                         else None)
+        if noise is not None:
+            std = F.softplus(noise.float())
             return clean, clean.float() + torch.randn_like(std) * std
         return clean, clean
 
