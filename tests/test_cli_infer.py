@@ -70,6 +70,43 @@ def test_eval_prints_perplexity(tiny_checkpoint, tmp_path, capsys):
     assert res["perplexity"] == pytest.approx(math.exp(res["nll"])) and 50 < res["perplexity"] < 1000
 
 
+def test_dtype_option_runs_the_model_in_that_dtype(tiny_checkpoint, tmp_path, capsys):
+    """--dtype: generation and evaluation in bf16/fp16 (weights and activations; sampling and the log-softmax in
+    fp32); auto is fp32 on the CPU."""
+    f = tmp_path / "held_out.txt"
+    f.write_text("the quick brown fox jumps over the lazy dog. " * 4)
+    ppl = {}
+    for dt in ("float32", "bfloat16", "float16", "auto"):
+        assert main(["generate", tiny_checkpoint, "--prompt", "Once", "--max-new-tokens", "6", "--temperature", "0",
+                     "--dtype", dt, "--json"]) == 0
+        row = json.loads(capsys.readouterr().out)
+        assert row["prompt"] == "Once" and 0 < row["tokens"] <= 6
+        assert main(["eval", tiny_checkpoint, "--file", str(f), "--dtype", dt, "--json"]) == 0
+        ppl[dt] = json.loads(capsys.readouterr().out)["perplexity"]
+    assert ppl["auto"] == ppl["float32"]
+    assert ppl["bfloat16"] == pytest.approx(ppl["float32"], rel=0.03)
+    assert ppl["float16"] == pytest.approx(ppl["float32"], rel=0.003)
+
+
+def test_inference_dtype_resolution(tiny_checkpoint, monkeypatch):
+    import torch
+
+    from apt.training.checkpoint import inference_dtype, load_for_inference
+
+    assert inference_dtype("auto", "cpu") == torch.float32 == inference_dtype(None, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert inference_dtype("auto", "cuda:0") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert inference_dtype("auto", "cuda") == torch.float32  # pre-Ampere: fp16 could overflow an fp32-trained model
+    assert inference_dtype(torch.float16, "cpu") == torch.float16
+    for bad in ("fp8", torch.int8):
+        with pytest.raises(ValueError, match="^dtype: expected"):
+            inference_dtype(bad, "cpu")
+    model, _, _ = load_for_inference(tiny_checkpoint, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["generate", "{missing}", "--prompt", "x"], "checkpoint not found"),
     (["chat", "{missing}"], "checkpoint not found"),

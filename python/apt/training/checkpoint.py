@@ -7,7 +7,8 @@ Contents: ``format`` (version), ``profile`` (the full profile, model.vocab_size 
 ``trainer`` (epoch, step, micro-batches consumed in the epoch, loss history), ``plugins`` and ``rng`` (torch CPU
 and CUDA generator states, Python ``random``).
 
-:func:`load_for_inference` -> ``(model, tokenizer, profile)`` with the model in eval mode on ``device``.
+:func:`load_for_inference` -> ``(model, tokenizer, profile)`` with the model in eval mode on ``device``, in
+``dtype`` (:func:`inference_dtype`: ``auto`` is bf16 on CUDA, fp32 on the CPU).
 """
 from __future__ import annotations
 
@@ -100,9 +101,33 @@ def load(path: Union[str, os.PathLike], map_location: Any = "cpu") -> dict[str, 
     return blob
 
 
-def load_for_inference(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inference_dtype(name: Union[str, torch.dtype, None], device: Union[str, torch.device]) -> torch.dtype:
+    """The dtype to run a model in: a name of :data:`INFERENCE_DTYPES`, a dtype, or ``auto``/None: bf16 on a CUDA
+    device that supports it (a decode step reads every weight, so half the bytes is about half the time), else
+    fp32 (CPU matmuls in bf16/fp16 without native support run several times slower than in fp32)."""
+    if isinstance(name, torch.dtype):
+        if name not in INFERENCE_DTYPES.values():
+            raise ValueError(f"dtype: expected one of {', '.join(INFERENCE_DTYPES)}, got {name}")
+        return name
+    if name is None or name == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in INFERENCE_DTYPES:
+        raise ValueError(f"dtype: expected auto or one of {', '.join(INFERENCE_DTYPES)}, got {name!r}")
+    return INFERENCE_DTYPES[name]
+
+
+def load_for_inference(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
+                       dtype: Union[str, torch.dtype, None] = "float32"
                        ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """``(model, tokenizer, profile)`` from a checkpoint file (or a run directory holding ``last.pt``)."""
+    """``(model, tokenizer, profile)`` from a checkpoint file (or a run directory holding ``last.pt``), the model
+    in eval mode on ``device`` in ``dtype`` (see :func:`inference_dtype`; checkpoints hold fp32 weights)."""
+    run_dtype = inference_dtype(dtype, device)
     from ..data.tokenizers import tokenizer_from_state
     from ..modeling.compose import ModelBuilder
 
@@ -115,5 +140,5 @@ def load_for_inference(path: Union[str, os.PathLike], device: Union[str, torch.d
         raise CheckpointError(f"{path}: the model built from the stored profile does not match the weights "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]}); a provider available when "
                               "training may be missing here (see `apt info`)")
-    model.to(device).eval()
+    model.to(device=device, dtype=run_dtype).eval()
     return model, tokenizer, profile

@@ -29,6 +29,8 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a checkpoint written by `apt train` (last.pt), or its run directory")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations: auto (default) = bfloat16 on CUDA, float32 on the CPU")
 
 
 def load_checkpoint(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
@@ -42,7 +44,7 @@ def load_checkpoint(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]
     except ValueError as exc:
         raise CLIError(str(exc).replace("training.device", "--device")) from None
     try:
-        return load_for_inference(args.checkpoint, device=device)
+        return load_for_inference(args.checkpoint, device=device, dtype=args.dtype)
     except CheckpointError as exc:
         raise CLIError(str(exc)) from None
 
