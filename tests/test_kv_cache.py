@@ -32,14 +32,15 @@ def test_buffer_write_fixed_capacity_and_overflow():
         buffer_write(buf, torch.ones(1, 1, dtype=torch.bool), 8, 1, 8)
 
 
-def test_history_is_a_view_without_grad_and_keeps_this_calls_graph_with_it():
+def test_history_is_a_view_without_grad_mode_and_keeps_this_calls_graph_with_it():
     old, new = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 1, 4, requires_grad=True)
     buf = buffer_write(buffer_write(None, old, 0, 2, None), new, 3, 2, None)
     with torch.no_grad():
         h = history(buf, new, 3, 2)
     assert h.data_ptr() == buf.data_ptr() and h.shape == (1, 2, 4, 4)
     h = history(buf, new, 3, 2)
-    assert h.requires_grad
+    assert h.requires_grad and h.data_ptr() != buf.data_ptr()
+    assert history(buf, new.detach(), 3, 2).data_ptr() != buf.data_ptr()  # grad mode on: never an alias
     h.sum().backward()
     torch.testing.assert_close(new.grad, torch.ones_like(new))
     assert history(buf, new, 0, 2) is new

@@ -34,10 +34,11 @@ def buffer_write(buf: Optional[torch.Tensor], x: torch.Tensor, start: int, dim: 
 def history(buf: torch.Tensor, x: torch.Tensor, start: int, dim: int) -> torch.Tensor:
     """All positions so far, ``buf[..:start + T]`` along ``dim``, after :func:`buffer_write` put ``x`` there.
 
-    Without autograd this is a view of the buffer (no copy). When ``x`` needs gradients the stored history
-    (detached) is concatenated with ``x`` itself, so this call's positions keep their graph."""
+    Under no_grad / inference_mode (decoding) this is a view of the buffer, no copy. With autograd on, the stored
+    history (detached) is concatenated with ``x`` itself: this call's positions keep their graph, and nothing a
+    backward may save aliases the buffer that the next call writes into in place."""
     if start == 0:
         return x
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled():
         return torch.cat([buf.narrow(dim, 0, start), x], dim=dim)
     return buf.narrow(dim, 0, start + x.shape[dim])
