@@ -10,6 +10,18 @@ from apt_kernels.layers.kv import MIN_CAPACITY, buffer_write, history
 from apt_kernels.layers.tva import TVAAttention
 
 
+def _full_vs_stepped(layer, x, prefill, max_len):
+    """Checks that a prefill of ``prefill`` positions then one position at a time through a cache gives the
+    full forward's output (inference mode, as generation runs); returns the cache."""
+    with torch.inference_mode():
+        full = layer(x)
+        cache = layer.new_cache(x.shape[0], max_len=max_len)
+        outs = [layer(x[:, :prefill], cache=cache)]
+        outs += [layer(x[:, t:t + 1], cache=cache) for t in range(prefill, x.shape[1])]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    return cache
+
+
 def test_buffer_write_grows_by_doubling_and_keeps_the_history():
     torch.manual_seed(0)
     xs = [torch.randn(2, 3, n, 4) for n in (5, 1, 13, 1, 40)]
@@ -58,13 +70,7 @@ def test_tva_decode_reads_the_cache_without_copying_it(max_len):
         from apt_kernels.reference.tva import tva_attention_ref
         return tva_attention_ref(q, k, v, *args, **kwargs)
 
-    layer = TVAAttention(16, 2, core=core).eval()
-    x = torch.randn(1, 53, 16)
-    with torch.inference_mode():
-        full = layer(x)
-        cache = layer.new_cache(1, max_len=max_len)
-        outs = [layer(x[:, :3], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(3, 53)]
-    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    cache = _full_vs_stepped(TVAAttention(16, 2, core=core).eval(), torch.randn(1, 53, 16), 3, max_len)
     assert cache.length == 53 and cache.padding is None
     decode = seen[2:]  # after the full forward and the prefill (which passes its own k)
     assert all(p == cache.k.untyped_storage().data_ptr() for p in decode[-10:])
@@ -111,13 +117,8 @@ def test_tva_cache_with_grad_matches_full_forward_gradients():
 def test_fallback_attention_cache_matches_full_forward(max_len):
     torch.manual_seed(0)
     attn = CausalSelfAttention(16, 2).eval()
-    x = torch.randn(2, 37, 16)
-    with torch.no_grad():
-        full = attn(x)
-        cache = attn.new_cache(2, max_len=max_len)
-        outs = [attn(x[:, :5], cache=cache)] + [attn(x[:, t:t + 1], cache=cache) for t in range(5, 37)]
-    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    cache = _full_vs_stepped(attn, torch.randn(2, 37, 16), 5, max_len)
     assert cache.length == 37 and cache.k.shape[2] == (max_len or 64)
     if max_len:
-        with pytest.raises(ValueError, match="exceed max_len=40"), torch.no_grad():
+        with pytest.raises(ValueError, match="exceed max_len=40"), torch.inference_mode():
             attn(torch.randn(2, 4, 16), cache=cache)
