@@ -244,6 +244,24 @@ def test_cpu_fully_masked_rows_noncontiguous_and_no_delta():
     _compare(dict(q=q, k=k, v=v, delta=torch.randn(2, 2, 70, 16, requires_grad=True), coef=0.5))  # no gate
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Tq", [1, 3, 100])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_cpu_non_finite_key_in_a_padded_slot_is_ignored(causal, Tq, bad):
+    """A padded key (e.g. an unwritten KV-cache slot) holding NaN/inf: its score was masked by adding -inf to it,
+    and NaN + -inf is NaN, so every row seeing that key block came out NaN (the reference was finite)."""
+    torch.manual_seed(0)
+    T = 100
+    q, k, v = torch.randn(1, 2, Tq, 16), torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16)
+    k[0, :, T - 1, 3] = bad
+    k[0, 1, 40] = bad
+    mask = torch.zeros(1, T, dtype=torch.bool)
+    mask[0, [40, T - 1]] = True
+    out = tva_attention_cpu(q, k, v, causal=causal, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    assert_close(out, tva_attention_ref(q, k, v, causal=causal, key_padding_mask=mask), family="attention")
+
+
 def test_cpu_skips_fully_masked_key_blocks():
     """NaN keys/values in blocks outside the window band (and not sinks) must never be read."""
     q = torch.randn(1, 1, 1, 16, requires_grad=True)

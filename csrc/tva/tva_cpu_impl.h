@@ -135,8 +135,9 @@ static inline void gemm_acc_ta(const float* A, int64_t lda, const float* B, int6
 }
 
 // Masks a score block: rows are queries m0.. and columns keys n0.. (or, transposed, rows keys and columns queries).
-// Padded keys and keys past Tk get -inf from the key bias; the causal/window band is applied elementwise only on
-// the blocks it cuts.
+// Padded keys and keys past Tk get -inf where the key bias is -inf (assigned, not added: a NaN or inf key in a padded
+// slot, e.g. an unwritten KV-cache position, must not reach the softmax); the causal/window band is applied
+// elementwise only on the blocks it cuts.
 static inline void mask_block(const Packed& p, int64_t b, int64_t m0, int64_t n0, int64_t rows, bool transposed,
                               float* S) {
   const int64_t nq = transposed ? kBlk : rows, nk = transposed ? rows : kBlk;
@@ -144,10 +145,11 @@ static inline void mask_block(const Packed& p, int64_t b, int64_t m0, int64_t n0
     const float* kb = p.kbias + b * p.Tkp + n0;
     if (!transposed) {
       for (int64_t i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < kBlk; ++j) S[i * kBlk + j] += kb[j];
+        for (int64_t j = 0; j < kBlk; ++j) S[i * kBlk + j] = kb[j] < 0.0f ? NEG_INF : S[i * kBlk + j];
     } else {
       for (int64_t j = 0; j < rows; ++j)
-        for (int64_t i = 0; i < kBlk; ++i) S[j * kBlk + i] += kb[j];
+        if (kb[j] < 0.0f)
+          for (int64_t i = 0; i < kBlk; ++i) S[j * kBlk + i] = NEG_INF;
     }
   }
   const int64_t p0 = m0 + p.Tk - p.Tq;
