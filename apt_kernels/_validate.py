@@ -52,3 +52,16 @@ def check_same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch
 def check_finite_scalar(name: str, value: float) -> None:
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name}: expected a finite number, got {value}")
+
+
+def check_no_overlap(name: str, t: torch.Tensor) -> None:
+    """``t`` is written in place, so no two of its elements may share memory (an expanded view, stride 0, or an
+    overlapping as_strided view would have one element's update read as another's). Sufficient test: with the
+    dims of size > 1 by increasing stride, each stride passes the span of the dims before it."""
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < span:
+            raise ValueError(f"{name}: is updated in place, so its elements must not share memory; got shape "
+                             f"{tuple(t.shape)} with strides {tuple(t.stride())} (an expanded or overlapping view); "
+                             "pass a tensor of its own, e.g. .clone()")
+        span += (size - 1) * stride

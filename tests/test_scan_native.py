@@ -378,3 +378,35 @@ def test_decode_step_mamba2_head_layout(groups, sliced):
         selective_state_update(state, x, dt, A[:, :, :2], B, C)
     with pytest.raises(ValueError, match="B: ngroups=3 must divide nheads=4"):
         selective_state_update(state, x, dt, A, torch.randn(b, 3, N), C)
+
+
+def test_decode_step_refuses_a_state_whose_elements_share_memory():
+    """An expanded (stride-0) or overlapping state is updated in place: batch 1 read batch 0's new state (y off by
+    ~3, silently). Every entry point and the C++ binding refuse it, naming state; a sliced or permuted state whose
+    elements are distinct is fine."""
+    from apt_kernels import selective_state_update, selective_state_update_cpu, selective_state_update_ref
+    from apt_kernels._native import cpu_module, view
+
+    torch.manual_seed(1)
+    b, d, N = 2, 4, 3
+    args = dict(x=torch.randn(b, d), dt=torch.rand(b, d), A=-torch.rand(d, N), B=torch.randn(b, N),
+                C=torch.randn(b, N))
+    bad = [torch.zeros(1, d, N).expand(b, d, N), torch.zeros(20).as_strided((b, d, N), (1, 2, 3))]
+    for st in bad:
+        for fn in (selective_state_update, selective_state_update_cpu, selective_state_update_ref):
+            with pytest.raises(ValueError, match="^state: is updated in place"):
+                fn(st, **args)
+    with pytest.raises(ValueError, match="^state: is updated in place"):  # Mamba-2 head layout
+        selective_state_update(torch.zeros(1, 2, 2, N).expand(b, 2, 2, N), x=args["x"].view(b, 2, 2),
+                               dt=args["dt"].view(b, 2, 2), A=args["A"].view(2, 2, N), B=args["B"][:, None],
+                               C=args["C"][:, None])
+    y = torch.empty(b, d)
+    pack = lambda m: m[:, None, None].contiguous()  # noqa: E731 (batch, N) -> packed (batch, 1, 1, N)
+    with pytest.raises(ValueError, match="state: is updated in place"):
+        cpu_module().selective_state_update_cpu(view(bad[0]), view(args["x"]), view(args["dt"]), view(args["A"]),
+                                                view(pack(args["B"])), view(pack(args["C"])), None, None, None,
+                                                view(y), False)
+    ok = torch.zeros(d, b, 2 * N).permute(1, 0, 2)[:, :, ::2]  # strided, transposed, distinct elements
+    want = torch.zeros(b, d, N)
+    assert_close(selective_state_update_cpu(ok, **args), selective_state_update_ref(want, **args), family="scan")
+    assert_close(ok, want, family="scan")

@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 
 from .._native import cpu_module, current_stream, native_family_status, native_module, view
+from .._validate import check_no_overlap
 from ..backends import custom_op_must_dispatch, native_cuda_status, triton_interpret, triton_status
 from ..reference.scan import (check_scan_args, check_state_update_args, selective_scan_ref,
                               selective_state_update_ref)
@@ -615,6 +616,7 @@ def _state_update_heads(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> to
     nheads heads, channel c reads group c // (nheads·headdim / G) = h // (nheads / G), the group of its head, so B/C
     pass unchanged."""
     b, H, P, N = state.shape
+    check_no_overlap("state", state)  # before the copy fallback below, which would write through the overlap
     for name, t, shape, what in (("x", x, (b, H, P), "(batch, nheads, headdim)"),
                                  ("dt", dt, (b, H, P), "(batch, nheads, headdim)"),
                                  ("A", A, (H, P, N), "(nheads, headdim, N)"),

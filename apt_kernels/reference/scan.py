@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_float, check_ndim, check_shape, check_tensor
+from .._validate import check_float, check_ndim, check_no_overlap, check_shape, check_tensor
 from ..testing import assert_close as _assert_close
 
 __all__ = ["selective_scan_ref", "selective_state_update_ref", "check_scan_args", "check_state_update_args",
@@ -84,6 +84,7 @@ def check_state_update_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None)
     """Validate selective_state_update arguments (raising ValueError/TypeError naming the argument)."""
     check_ndim("state", state, 3, "(batch, dim, N)")
     check_float("state", state)
+    check_no_overlap("state", state)
     batch, dim, N = state.shape
     check_shape("x", check_tensor("x", x), (batch, dim), "(batch, dim)")
     check_float("x", x)

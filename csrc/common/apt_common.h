@@ -13,6 +13,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace apt {
@@ -127,6 +128,21 @@ inline void check_cpu(const TensorView& t) {
 }
 inline void check_cuda(const TensorView& t) {
   APT_CHECK(t.device >= 0, t.name, ": expected a CUDA tensor, got a CPU tensor");
+}
+// t is updated in place: no two of its elements may share memory (an expanded or overlapping view would read one
+// element's update as another's). The test of apt_kernels._validate.check_no_overlap: with the dims of size > 1 by
+// increasing stride, each stride passes the span of the dims before it.
+inline void check_no_overlap(const TensorView& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (int64_t i = 0; i < t.ndim(); ++i)
+    if (t.shape[i] > 1) dims.emplace_back(t.strides[i], t.shape[i]);
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 1;
+  for (const auto& [stride, size] : dims) {
+    APT_CHECK(stride >= span, t.name, ": is updated in place, so its elements must not share memory (an expanded ",
+              "or overlapping view)");
+    span += (size - 1) * stride;
+  }
 }
 
 // ---- fp16 / bf16 <-> fp32 on the host (round-to-nearest-even) ----

@@ -255,6 +255,7 @@ void selective_state_update(Obj state_, Obj x_, Obj dt_, Obj A_, Obj B_, Obj C_,
   check_ndim(state, 3);
   check_float(state);
   check_cpu(state);
+  check_no_overlap(state);
   check_ndim(x, 2);
   check_float(x);
   check_cpu(x);

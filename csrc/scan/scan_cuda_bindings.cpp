@@ -193,6 +193,7 @@ void selective_state_update(Obj state_, Obj x_, Obj dt_, Obj A_, Obj B_, Obj C_,
   check_ndim(state, 3);
   check_io_dtype(state);
   check_cuda(state);
+  check_no_overlap(state);
   const int dev = state.device;
   check_ndim(x, 2);
   check_io_dtype(x);
