@@ -474,6 +474,29 @@ def test_router_logits_in_fp32_for_low_precision_inputs(noisy):
 
 
 @pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_combine_of_dropped_tokens_and_zero_width(impl):
+    """A token with every choice dropped gets exactly zeros even when the row its slot index points at (row 0) is
+    not finite (the reference multiplied it by 0: NaN); C = 0 combines to (N, 0) (the reference's reshape(-1, 0)
+    raised)."""
+    lg = torch.zeros(8, 2)
+    lg[:, 0] = 5.0
+    r = moe_route(lg, 1, capacity_factor=0.5, min_capacity=1, impl=impl)
+    dropped = ~r.kept.any(1)
+    assert dropped.any()
+    eo = torch.randn(r.buffer_shape(3))
+    eo.view(-1, 3)[0, 1] = float("inf")
+    y = moe_combine(eo, r, impl=impl)
+    assert y[dropped].eq(0).all() and not y[dropped].isnan().any()
+    for cf in (1.0, None):
+        r = moe_route(torch.randn(6, 4), 2, capacity_factor=cf, impl=impl)
+        x = torch.randn(6, 0, requires_grad=True)
+        y = moe_combine(moe_dispatch(x, r, impl=impl), r, impl=impl)
+        assert y.shape == (6, 0)
+        y.sum().backward()
+        assert x.grad.shape == (6, 0)
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
 @pytest.mark.parametrize("cf", [None, 1.0])
 def test_empty_batch(impl, cf):
     lg = torch.randn(0, 4, requires_grad=True)

@@ -143,6 +143,26 @@ def test_native_under_torch_compile(seed):
     assert_close(f(x), running_mean_ref(x))
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_value_at_a_padded_position_is_skipped(bad):
+    """The reference multiplied x by the keep mask: 0 * inf = NaN at every later step. Reference, native and the
+    TVA layer's gate input (non-causal mean, and the cached running mean) skip it."""
+    from apt_kernels.layers.tva import TVAAttention
+
+    x = torch.randn(2, 5, 4)
+    x[0, 2, 1] = bad
+    m = torch.zeros(2, 5, dtype=torch.bool)
+    m[0, 2] = True
+    want = naive_running_mean(torch.where(m[..., None], 0.0, x), m).float()
+    assert_close(running_mean_ref(x, m), want)
+    assert_close(running_mean(x, m), want)
+    layer = TVAAttention(4, 1, causal=False)
+    assert torch.isfinite(layer._gate_input(x, m, None)).all()
+    layer = TVAAttention(4, 1)
+    cache = layer.new_cache(2)
+    assert_close(layer._gate_input(x, m, cache), want)
+
+
 def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match=r"x: expected 3 dims \(B, T, C\)"):
         running_mean(torch.randn(3, 4))

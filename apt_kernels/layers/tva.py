@@ -50,6 +50,15 @@ class TVACache:
         self.k = self.v = self.padding = self.x_sum = self.count = None
 
 
+def _kept(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 keep (B, T): 1 where not padded, fp32 x with padded positions 0): a select, since x * keep would turn
+    an inf or NaN at a padded position into NaN."""
+    xf = x.float()
+    if key_padding_mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.float32, device=x.device), xf
+    return (~key_padding_mask).float(), torch.where(key_padding_mask[..., None], xf.new_zeros(()), xf)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -137,14 +146,12 @@ class TVAAttention(nn.Module):
         if cache is None:
             if self.causal:
                 return running_mean(x, key_padding_mask)
-            keep = (torch.ones(x.shape[:2], dtype=torch.float32, device=x.device) if key_padding_mask is None
-                    else (~key_padding_mask).float())
-            mean = (x.float() * keep[..., None]).sum(1, keepdim=True) / keep.sum(1).clamp_min(1.0)[:, None, None]
+            keep, xk = _kept(x, key_padding_mask)
+            mean = xk.sum(1, keepdim=True) / keep.sum(1).clamp_min(1.0)[:, None, None]
             return mean.expand_as(x).to(x.dtype)
         # cached: continue the running mean from the stored sum and count
-        keep = (torch.ones(x.shape[:2], dtype=torch.float32, device=x.device) if key_padding_mask is None
-                else (~key_padding_mask).float())
-        xs = torch.cumsum(x.float() * keep[..., None], dim=1)
+        keep, xk = _kept(x, key_padding_mask)
+        xs = torch.cumsum(xk, dim=1)
         cnt = torch.cumsum(keep, dim=1)
         if cache.x_sum is not None:
             xs = xs + cache.x_sum[:, None, :]

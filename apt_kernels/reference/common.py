@@ -16,8 +16,10 @@ def running_mean_ref(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] =
     xa = x.to(acc)
     if key_padding_mask is None:
         keep = torch.ones(x.shape[:2], dtype=acc, device=x.device)
+        num = torch.cumsum(xa, dim=1)
     else:
         keep = (~key_padding_mask).to(acc)
-    num = torch.cumsum(xa * keep[..., None], dim=1)
+        # a select, not x * keep: inf or NaN at a padded position would make 0 * inf = NaN for every later step
+        num = torch.cumsum(torch.where(key_padding_mask[..., None], xa.new_zeros(()), xa), dim=1)
     cnt = torch.cumsum(keep, dim=1).clamp_min(1.0)
     return (num / cnt[..., None]).to(x.dtype)

@@ -182,11 +182,12 @@ def moe_dispatch_ref(x: torch.Tensor, routing: Routing) -> torch.Tensor:
 
 def moe_combine_ref(expert_out: torch.Tensor, routing: Routing) -> torch.Tensor:
     """``y[n] = sum over kept j of w[n, j] * expert_out[slot[n, j]]`` in fp32 (fp64 for fp64), expert_out's dtype."""
-    c = expert_out.shape[-1]
     acc = torch.promote_types(routing.weights.dtype, expert_out.dtype)
-    flat = expert_out.reshape(-1, c)
-    picked = flat[routing.slot.clamp(min=0)].to(acc)                               # (N, k, C)
-    w = torch.where(routing.kept, routing.weights.to(acc), torch.zeros((), dtype=acc, device=flat.device))
+    flat = expert_out.flatten(0, -2)  # (rows, C); reshape(-1, C) cannot infer rows when C is 0
+    zero = torch.zeros((), dtype=acc, device=flat.device)
+    # a dropped choice reads no row: masked by a select, since 0 * a non-finite row 0 would be NaN
+    picked = torch.where(routing.kept[..., None], flat[routing.slot.clamp(min=0)].to(acc), zero)  # (N, k, C)
+    w = torch.where(routing.kept, routing.weights.to(acc), zero)
     return torch.einsum("nk,nkc->nc", w, picked).to(expert_out.dtype)
 
 
