@@ -358,6 +358,9 @@ def test_gpu_impl_status_checks_dtype_experts_k(monkeypatch):
         with pytest.raises(exc, match=why):
             moe_ops.resolve_impl("cuda", gpu, *args)
     assert moe_ops.resolve_impl("auto", torch.device("cpu"), torch.float64) == "cpu_native"
+    # a back end that exists but not for the tensors' device: the argument's fault, named
+    with pytest.raises(ValueError, match="^logits: moe impl 'cpu_native': cpu_native runs on CPU tensors"):
+        moe_route(torch.randn(4, 3, device="meta"), 2, impl="cpu_native")
 
 
 @pytest.mark.cuda

@@ -326,6 +326,14 @@ def test_cpu_dispatch_opcheck_and_native_checks():
 
     assert resolve_impl("auto", torch.device("cpu"), 64, torch.float32) == "cpu_native"
     assert resolve_impl("auto", torch.device("cpu"), 64, torch.float64) == "reference"
+    q64 = torch.randn(1, 1, 3, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="^q: .*float64"):  # the inputs' fault: not a RuntimeError "unavailable"
+        tva_attention_cpu(q64, q64, q64)
+    with pytest.raises(TypeError, match="^q: .*float64"):
+        tva_attention(q64, q64, q64, impl="cpu_native")
+    q300 = torch.randn(1, 1, 2, 300)
+    with pytest.raises(ValueError, match="^q: head dim must be in \[1, 256\]"):
+        tva_attention_cpu(q300, q300, q300)
     inp = random_tva_inputs(B=1, H=2, Tq=9, D=16, pad=True)
     assert_close(tva_attention(**inp), tva_attention_ref(**inp), family="attention")
     inp = random_tva_inputs(B=1, H=1, Tq=5, D=8, pad=True, coef_tensor=True, requires_grad=True)

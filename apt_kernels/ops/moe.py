@@ -83,24 +83,27 @@ def impl_status(impl: str, device: Optional[torch.device] = None, dtype: Optiona
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-                 num_experts: Optional[int] = None, k: Optional[int] = None) -> str:
+                 num_experts: Optional[int] = None, k: Optional[int] = None, arg: str = "inputs") -> str:
     """The concrete implementation for ``impl`` on ``device`` (and ``dtype`` / ``num_experts`` / ``k`` when given);
-    an explicit one raises RuntimeError when its back end is unavailable here, TypeError when it cannot take
-    ``dtype`` and ValueError when ``num_experts`` / ``k`` exceed its limits; ``auto`` falls back to the next
-    (finally the reference)."""
+    an explicit one raises RuntimeError when its back end is unavailable here, and, naming ``arg`` (the tensor
+    the op was given), ValueError when it cannot take the device, TypeError the dtype, ValueError when
+    ``num_experts`` / ``k`` exceed its limits; ``auto`` falls back to the next (finally the reference)."""
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
     if impl != "auto":
-        ok, why = impl_status(impl, device)
+        ok, why = impl_status(impl)
         if not ok:
             raise RuntimeError(f"moe impl {impl!r} is unavailable: {why}")
-        # the back end exists but cannot take these inputs: a dtype is a TypeError, a size a ValueError
+        # the back end exists but cannot take these inputs: a device or size is a ValueError, a dtype a TypeError
+        ok, why = impl_status(impl, device)
+        if not ok:
+            raise ValueError(f"{arg}: moe impl {impl!r}: {why}")
         ok, why = impl_status(impl, device, dtype)
         if not ok:
-            raise TypeError(f"moe impl {impl!r}: {why}")
+            raise TypeError(f"{arg}: moe impl {impl!r}: {why}")
         ok, why = impl_status(impl, device, dtype, num_experts, k)
         if not ok:
-            raise ValueError(f"moe impl {impl!r}: {why}")
+            raise ValueError(f"{arg}: moe impl {impl!r}: {why}")
         return impl
     order = ("cpu_native",) if device.type == "cpu" else ("cuda", "triton")
     for cand in order:
@@ -475,7 +478,7 @@ def moe_route(logits: torch.Tensor, k: int, capacity_factor: Optional[float] = N
     Returns a :class:`Routing` whose ``weights`` carry gradients to ``logits``.
     """
     _check_route_args(logits, k, capacity_factor, min_capacity, renormalize)
-    impl = resolve_impl(impl, logits.device, logits.dtype, int(logits.shape[1]), int(k))
+    impl = resolve_impl(impl, logits.device, logits.dtype, int(logits.shape[1]), int(k), arg="logits")
     if impl == "reference":
         return moe_route_ref(logits, int(k), capacity_factor, int(min_capacity), renormalize)
     n, e = logits.shape
@@ -503,7 +506,7 @@ def moe_dispatch(x: torch.Tensor, routing: Routing, impl: str = "auto") -> torch
     if x.shape[0] != routing.num_tokens:
         raise ValueError(f"x: expected {routing.num_tokens} tokens (rows) to match the routing, got {x.shape[0]}")
     _check_same_device("x", x, routing)
-    impl = resolve_impl(impl, x.device, x.dtype)
+    impl = resolve_impl(impl, x.device, x.dtype, arg="x")
     if impl == "reference":
         return moe_dispatch_ref(x, routing)
     buf = _op(impl, "dispatch")(x.contiguous(), routing.slot, routing.token_of_slot)
@@ -521,7 +524,7 @@ def moe_combine(expert_out: torch.Tensor, routing: Routing, impl: str = "auto") 
     if expert_out.dim() != len(want) or tuple(expert_out.shape) != want:
         raise ValueError(f"expert_out: expected shape {want} (the dispatch buffer), got {tuple(expert_out.shape)}")
     _check_same_device("expert_out", expert_out, routing)
-    impl = resolve_impl(impl, expert_out.device, expert_out.dtype)
+    impl = resolve_impl(impl, expert_out.device, expert_out.dtype, arg="expert_out")
     if impl == "reference":
         return moe_combine_ref(expert_out, routing)
     weights = routing.weights.to(_acc_dtype(expert_out.dtype))

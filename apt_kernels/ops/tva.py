@@ -67,15 +67,25 @@ def impl_status(impl: str, device: Optional[torch.device] = None, head_dim: Opti
     return ok, why
 
 
+def _unusable(impl: str, why: str, dtype: Optional[torch.dtype]) -> Exception:
+    """The error for an explicit implementation that cannot run: RuntimeError when it is not usable here at all
+    (not built, no device), else the inputs' fault: TypeError (dtype) or ValueError (device, head dim) naming q."""
+    msg = f"tva impl {impl!r} is unavailable: {why}"
+    if not impl_status(impl)[0]:
+        return RuntimeError(msg)
+    return TypeError(f"q: {msg}") if dtype is not None and dtype not in FUSED_DTYPES else ValueError(f"q: {msg}")
+
+
 def resolve_impl(impl: str, device: torch.device, head_dim: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None) -> str:
-    """The concrete implementation for ``impl``; raises RuntimeError when an explicit one cannot take the inputs."""
+    """The concrete implementation for ``impl``. An explicit one that cannot take the inputs raises (_unusable):
+    RuntimeError when it is unavailable here, TypeError/ValueError when the inputs are what it cannot take."""
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
     if impl != "auto":
         ok, why = impl_status(impl, device, head_dim, dtype)
         if not ok:
-            raise RuntimeError(f"tva impl {impl!r} is unavailable: {why}")
+            raise _unusable(impl, why, dtype)
         return impl
     if device.type == "cpu":
         order: tuple[str, ...] = ("cpu_native",)
@@ -195,7 +205,7 @@ def _run_native(impl: str, q, k, v, delta, gate, coef, causal, window, sinks, ke
         a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
         ok, why = impl_status(impl, q.device if q.device.type == device.type else device, a.D, q.dtype)
         if not ok:
-            raise RuntimeError(f"tva impl {impl!r} is unavailable: {why}")
+            raise _unusable(impl, why, q.dtype)
     if q.device.type != device.type:
         raise ValueError(f"q: the {impl} kernels need {device.type} tensors, got device {q.device}")
     if gate is not None and gate.dtype != q.dtype:
@@ -212,7 +222,8 @@ def tva_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: 
                       gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
                       window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
                       softmax_scale: Optional[float] = None) -> torch.Tensor:
-    """The fused C++/OpenMP kernel (csrc/tva/tva_cpu.cpp) on CPU tensors; raises RuntimeError when not built."""
+    """The fused C++/OpenMP kernel (csrc/tva/tva_cpu.cpp) on CPU tensors; raises RuntimeError when not built,
+    TypeError for a float64 input, ValueError for head dims > 256."""
     return _run_native("cpu_native", q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask,
                        softmax_scale)
 
