@@ -284,6 +284,15 @@ def test_scan_state_update(emulated, lb, lc, dtype, state_dtype, N):
                                          seed=15 + N)
 
 
+def test_scan_step_binding_refuses_a_state_whose_elements_share_memory(emulated):
+    """The CUDA binding's own check (the Python entry points refuse it first): an expanded state would have every
+    batch row update the same memory."""
+    b, d, N = 2, 4, 3
+    with pytest.raises(ValueError, match="state: is updated in place"):
+        scan_ops._state_update_cuda(torch.zeros(1, d, N).expand(b, d, N), torch.randn(b, d), torch.rand(b, d),
+                                    -torch.rand(d, N), torch.randn(b, N), torch.randn(b, N), None, None, None, False)
+
+
 def test_scan_then_decode_wide_delta_and_empty(emulated):
     scan, step = scan_ops.selective_scan_cuda, scan_ops.selective_state_update_cuda
     check_scan_then_decode(scan, step, _inputs(2, 4, 150, 8, ("group", "var", True, True, True, True), seed=16), 131)

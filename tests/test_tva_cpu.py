@@ -332,7 +332,7 @@ def test_cpu_dispatch_opcheck_and_native_checks():
     with pytest.raises(TypeError, match="^q: .*float64"):
         tva_attention(q64, q64, q64, impl="cpu_native")
     q300 = torch.randn(1, 1, 2, 300)
-    with pytest.raises(ValueError, match="^q: head dim must be in \[1, 256\]"):
+    with pytest.raises(ValueError, match=r"^q: head dim must be in \[1, 256\]"):
         tva_attention_cpu(q300, q300, q300)
     inp = random_tva_inputs(B=1, H=2, Tq=9, D=16, pad=True)
     assert_close(tva_attention(**inp), tva_attention_ref(**inp), family="attention")
