@@ -39,6 +39,8 @@ def _incremental(model, x, prefill):
     ("tiny_debug", {"model.norm": "rmsnorm", "model.ffn.activation": "swiglu", "model.tie_embeddings": False}),
     ("mamba_tiny", {}),
     ("mamba_tiny", {"model.mamba.scan_name": "auto"}),
+    # a capacity that drops tokens in training: eval is dropless, so stepping equals the full forward
+    ("tiny_debug", {"model.moe.enabled": True, "model.moe.capacity_factor": 0.5, "model.moe.min_capacity": 1}),
 ])
 def test_incremental_decoding_matches_full_forward(profile, over, monkeypatch):
     # other test modules set TRITON_INTERPRET=1 for the whole process; "auto" must not pick the (slow) interpreter

@@ -209,7 +209,8 @@ def test_moeffn_matches_per_token_loop():
     """The batched-expert layer equals a direct per-token sum over kept experts (eval mode, no noise)."""
     torch.manual_seed(4)
     for cf in (None, 0.5):
-        m = MoEFFN(6, 10, 4, k=2, capacity_factor=cf, min_capacity=1, activation="swiglu", router_impl="reference")
+        m = MoEFFN(6, 10, 4, k=2, capacity_factor=cf, min_capacity=1, activation="swiglu", router_impl="reference",
+                   eval_capacity_factor="train")
         m.eval()
         m.temperature = 0.7
         x = torch.randn(11, 6)
@@ -348,6 +349,27 @@ def test_moeffn_capacity_mode_compiles_fullgraph_with_an_annealed_capacity_facto
     assert _compiled_vs_eager(m, [(2, 8, 32)], dynamic=True, backend="aot_eager") >= 1
     m.capacity_factor = 0.7
     _compiled_vs_eager(m, [(2, 8, 32)], dynamic=True, backend="aot_eager")
+
+
+def test_moeffn_eval_is_dropless_unless_told():
+    """Eval mode routes with eval_capacity_factor: None (default) drops nothing, so a token's output does not
+    depend on the rest of the batch (one token at a time equals the whole batch); 'train' or a number cap it."""
+    torch.manual_seed(12)
+    m = MoEFFN(8, 16, 4, k=2, capacity_factor=0.5, min_capacity=1, router_impl="reference")
+    x = torch.randn(40, 8)
+    m.train()
+    assert int(m(x)[1]["dropped"]) > 0
+    m.eval()
+    y, aux = m(x)
+    assert int(aux["dropped"]) == 0
+    assert_close(torch.cat([m(x[i:i + 1])[0] for i in range(40)]), y)
+    m.eval_capacity_factor = "train"
+    assert int(m(x)[1]["dropped"]) > 0
+    m.eval_capacity_factor = 4.0
+    assert int(m(x)[1]["dropped"]) == 0
+    for bad in (0.0, -1.0, float("inf"), True, "dropless"):
+        with pytest.raises(ValueError, match="^eval_capacity_factor:"):
+            MoEFFN(8, 16, 4, eval_capacity_factor=bad)
 
 
 def test_moeffn_temperature_and_capacity_are_mutable():

@@ -67,17 +67,26 @@ class MoEFFN(nn.Module):
     ``aux`` holds ``balance_loss`` and ``z_loss`` (already multiplied by ``balance_coef`` / ``z_coef``; add them to
     the training loss), ``tokens_per_expert`` (E,) and ``dropped`` (number of dropped assignments).
     ``capacity_factor`` (None = dropless) and ``temperature`` (router logits are divided by it) are plain mutable
-    attributes so schedules can anneal them. Tokens whose every choice is dropped get a zero MoE output (plus the
-    shared expert's, when enabled); the caller's residual connection carries them. The router logits are computed
-    in ``router_dtype`` (fp32 by default, also under autocast; None = the input's dtype), the experts in x's dtype.
+    attributes so schedules can anneal them. In eval mode the capacity is ``eval_capacity_factor``: None (default)
+    = dropless, so inference never drops a token and its output does not depend on what else is in the batch (a
+    prompt's prefill then decode equals one full forward); ``"train"`` = the training ``capacity_factor``. Tokens
+    whose every choice is dropped get a zero MoE output (plus the shared expert's, when enabled); the caller's
+    residual connection carries them. The router logits are computed in ``router_dtype`` (fp32 by default, also
+    under autocast; None = the input's dtype), the experts in x's dtype.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int = 2, capacity_factor: Optional[float] = 1.25,
                  min_capacity: int = 4, activation: str = "swiglu", shared_expert: bool = False,
                  noisy_gating: bool = False, router_impl: Union[str, Any] = "auto", balance_coef: float = 0.01,
                  z_coef: float = 0.001, renormalize: Optional[bool] = None,
-                 router_dtype: Optional[torch.dtype] = torch.float32) -> None:
+                 router_dtype: Optional[torch.dtype] = torch.float32,
+                 eval_capacity_factor: Union[float, str, None] = None) -> None:
         super().__init__()
+        if not (eval_capacity_factor is None or eval_capacity_factor == "train"
+                or (isinstance(eval_capacity_factor, numbers.Real) and not isinstance(eval_capacity_factor, bool)
+                    and 0 < eval_capacity_factor < math.inf)):
+            raise ValueError(f"eval_capacity_factor: expected None (dropless), 'train' or a finite number > 0, got "
+                             f"{eval_capacity_factor!r}")
         if router_dtype is not None and not (isinstance(router_dtype, torch.dtype) and router_dtype.is_floating_point):
             raise TypeError(f"router_dtype: expected None or a floating torch.dtype, got {router_dtype!r}")
         for name, v in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("k", k)):
@@ -104,6 +113,7 @@ class MoEFFN(nn.Module):
             router = router_impl
         self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
         self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
         self.min_capacity = min_capacity
         self.activation = activation
         self.noisy_gating = noisy_gating
@@ -138,7 +148,8 @@ class MoEFFN(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, k={self.k}, "
-                f"capacity_factor={self.capacity_factor}, activation={self.activation}, "
+                f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, "
+                f"activation={self.activation}, "
                 f"shared_expert={self.shared_expert}, noisy_gating={self.noisy_gating}, router={self.router_impl!r}")
 
     def router_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +198,9 @@ class MoEFFN(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, self.d_model)
         clean, logits = self.router_logits(flat)
-        routing = self.router_impl.route(logits, self.k, self.capacity_factor, self.min_capacity, self.renormalize)
+        cf = (self.capacity_factor if self.training or self.eval_capacity_factor == "train"
+              else self.eval_capacity_factor)
+        routing = self.router_impl.route(logits, self.k, cf, self.min_capacity, self.renormalize)
         buf = self.router_impl.dispatch(flat, routing)
         out = self._experts(buf, routing)
         y = self.router_impl.combine(out, routing)

@@ -66,6 +66,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "model.moe.num_experts": ((int,), False),
     "model.moe.k": ((int,), False),
     "model.moe.capacity_factor": (_NUM, True),
+    "model.moe.eval_capacity_factor": ((int, float, str), True),
     "model.moe.min_capacity": ((int,), False),
     "model.moe.router_name": ((str,), True),
     "model.moe.router": ((dict,), False),

@@ -121,7 +121,7 @@ class ModelBuilder:
                 activation=act, shared_expert=moe.get("shared_expert", False),
                 noisy_gating=moe.get("noisy_gating", False), router_name=moe.get("router_name"),
                 router_cfg=moe.get("router") or {}, balance_coef=moe.get("balance_coef", 0.01),
-                z_coef=moe.get("z_coef", 0.001))
+                z_coef=moe.get("z_coef", 0.001), eval_capacity_factor=moe.get("eval_capacity_factor"))
             self.report["moe"] = getattr(prov, "last_source", prov.name)
             return layer
         except (registry.RegistryError, ImportError, TypeError) as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 from torch import nn
 
@@ -54,11 +54,12 @@ class MoEFFNProvider(Provider):
                      capacity_factor: Optional[float] = 1.25, min_capacity: int = 4, activation: str = "swiglu",
                      shared_expert: bool = False, noisy_gating: bool = False, router_name: Optional[str] = None,
                      router_cfg: Optional[dict[str, Any]] = None, balance_coef: float = 0.01,
-                     z_coef: float = 0.001) -> nn.Module:
+                     z_coef: float = 0.001, eval_capacity_factor: Union[float, str, None] = None) -> nn.Module:
         from ..modeling.compose import call_accepting
 
         kw = dict(capacity_factor=capacity_factor, min_capacity=min_capacity, activation=activation,
-                  shared_expert=shared_expert, noisy_gating=noisy_gating, balance_coef=balance_coef, z_coef=z_coef)
+                  shared_expert=shared_expert, noisy_gating=noisy_gating, balance_coef=balance_coef, z_coef=z_coef,
+                  eval_capacity_factor=eval_capacity_factor)
         kw.update(router_cfg or {})
         try:
             router = registry.get("router", router_name)
