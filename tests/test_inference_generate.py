@@ -109,6 +109,9 @@ def test_eos_stop_strings_and_limits():
     assert generate(lm, TOK, "abc", max_new_tokens=3, temperature=0) == "def"
     assert generate(lm, TOK, "abc", max_new_tokens=0) == ""
     assert generate_tokens(lm, [1, 2], 4, eos_id=None) == [3, 4, 5, 6]
+    assert generate_tokens(lm, [1, 2], 0) == []  # looped forever: the limit was checked before marking a row done
+    with pytest.raises(ValueError, match="^max_new_tokens: must be an int >= 0"):
+        generate_tokens(lm, [1, 2], -1)
     with pytest.raises(ValueError, match="use_cache"):
         generate(lm, TOK, "abc", use_cache=True)
     with pytest.raises(ValueError, match="top_p"):

@@ -203,6 +203,7 @@ def _generate_group(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[lis
     def accept(b: int, toks: list[int]) -> None:
         for t in toks:
             if len(out[b]) >= max_new_tokens:
+                done[b] = True
                 return
             if eos is not None and t == eos:
                 done[b], reason[b] = True, "eos"
@@ -355,6 +356,10 @@ def generate_tokens(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_t
 
     if not prompt_ids:
         raise ValueError("prompt_ids: must not be empty")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: must be an int >= 0, got {max_new_tokens!r}")
+    if max_new_tokens == 0:
+        return []
     cache = supports_cache(model) if use_cache is None else bool(use_cache)
     was_training = model.training
     model.eval()
