@@ -122,3 +122,40 @@ def test_fallback_attention_cache_matches_full_forward(max_len):
     if max_len:
         with pytest.raises(ValueError, match="exceed max_len=40"), torch.inference_mode():
             attn(torch.randn(2, 4, 16), cache=cache)
+
+
+def test_a_call_past_max_len_leaves_the_cache_as_it_was():
+    """The gate's running sum and count were updated before the k/v buffers refused the call, so the next valid
+    call continued from a count ahead of the keys (output off by ~0.02)."""
+    torch.manual_seed(0)
+    layer = TVAAttention(8, 2, tau=1.0, alpha=1.0).eval()
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(1, max_len=4)
+        layer(x[:, :3], cache=cache)
+        count, x_sum = cache.count.clone(), cache.x_sum.clone()
+        with pytest.raises(ValueError, match="^cache: 5 positions exceed max_len=4"):
+            layer(torch.randn(1, 2, 8), cache=cache)
+        assert cache.length == 3 and cache.count.equal(count) and cache.x_sum.equal(x_sum)
+        torch.testing.assert_close(layer(x[:, 3:], cache=cache), full[:, 3:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_len", [None, 12])
+def test_fallback_attention_takes_chunk_padding_masks_like_tva(max_len):
+    """Left padding given per call, as TVAAttention takes it: the cache keeps it, so prefill + steps equal one
+    masked forward (the fallback wanted a (B, all positions so far) mask with a cache)."""
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(16, 2).eval()
+    x = torch.randn(2, 9, 16)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[1, :3] = True
+    with torch.inference_mode():
+        full = attn(x, key_padding_mask=kpm)
+        cache = attn.new_cache(2, max_len=max_len)
+        outs = [attn(x[:, :4], key_padding_mask=kpm[:, :4], cache=cache)]
+        outs += [attn(x[:, t:t + 1], cache=cache) for t in range(4, 9)]  # no padding in the new tokens
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.padding[:, :9].equal(kpm)
+    with pytest.raises(ValueError, match=r"^key_padding_mask: expected a bool tensor of shape \(2, 9\)"):
+        attn(x, key_padding_mask=torch.zeros(2, 10, dtype=torch.bool))

@@ -196,6 +196,8 @@ class TVAAttention(nn.Module):
                 raise ValueError("cache: incremental decoding needs a causal layer (causal=True)")
             if cache.batch_size != B:
                 raise ValueError(f"cache: made for batch size {cache.batch_size}, got x with B={B}")
+            if cache.max_len is not None and cache.length + T > cache.max_len:  # before the cache changes
+                raise ValueError(f"cache: {cache.length + T} positions exceed max_len={cache.max_len}")
         q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         delta = self.V(self.U(x)).view(B, T, H, D).transpose(1, 2)
         g = torch.sigmoid(self.gate(self._gate_input(x, key_padding_mask, cache)))

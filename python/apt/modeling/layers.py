@@ -161,26 +161,38 @@ class MoEWrappedFFN(nn.Module):
 
 class KVCache:
     """Keys and values seen so far: (B, H, capacity, D) buffers, of which the first ``length`` positions are
-    filled (``max_len`` positions when given, else a capacity that doubles when full)."""
+    filled (``max_len`` positions when given, else a capacity that doubles when full), and the key padding mask
+    (B, capacity) once any call passed one."""
 
     def __init__(self, batch_size: int, max_len: Optional[int] = None) -> None:
         self.batch_size = batch_size
         self.max_len = max_len
         self.k: Optional[torch.Tensor] = None
         self.v: Optional[torch.Tensor] = None
+        self.padding: Optional[torch.Tensor] = None
         self.length = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's (B, H, T, D) keys and values; return all of them so far."""
-        start = self.length
+    def append(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Store this call's (B, H, T, D) keys and values and (B, T) padding; return all of them so far (the
+        padding None while no call has had any)."""
+        start, T = self.length, k.shape[2]
+        if self.max_len is not None and start + T > self.max_len:  # before anything is written
+            raise ValueError(f"cache: {start + T} positions exceed max_len={self.max_len}")
         self.k = buffer_write(self.k, k, start, 2, self.max_len)
         self.v = buffer_write(self.v, v, start, 2, self.max_len)
-        self.length = start + k.shape[2]
-        return history(self.k, k, start, 2), history(self.v, v, start, 2)
+        if key_padding_mask is not None or self.padding is not None:
+            # positions before the first mask are unpadded: a new buffer starts as zeros (False)
+            pad = key_padding_mask if key_padding_mask is not None else k.new_zeros(k.shape[0], T, dtype=torch.bool)
+            self.padding = buffer_write(self.padding, pad, start, 1, self.max_len)
+        self.length = start + T
+        padding = None if self.padding is None else self.padding[:, :self.length]
+        return history(self.k, k, start, 2), history(self.v, v, start, 2), padding
 
 
 class CausalSelfAttention(nn.Module):
-    """Plain causal multi-head attention (torch SDPA). Used when the attention kind has no usable provider."""
+    """Plain causal multi-head attention (torch SDPA). Used when the attention kind has no usable provider.
+    ``key_padding_mask`` (B, T) covers this call's positions, with or without a cache, as in TVAAttention."""
 
     def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, **_: Any) -> None:
         super().__init__()
@@ -197,23 +209,24 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
         B, T, C = x.shape
+        kpm = key_padding_mask
+        if kpm is not None and (kpm.shape != (B, T) or kpm.dtype != torch.bool):
+            raise ValueError(f"key_padding_mask: expected a bool tensor of shape ({B}, {T}), got {kpm.dtype} "
+                             f"{tuple(kpm.shape)}")
         q, k, v = self.qkv(x).view(B, T, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
         past = 0
         if cache is not None:
             past = cache.length
-            k, v = cache.append(k, v)
+            k, v, kpm = cache.append(k, v, kpm)
         L = k.shape[2]
         mask = None
-        if past == 0 and key_padding_mask is None:
+        if past == 0 and kpm is None:
             causal = True
         else:
             causal = False
             qi = torch.arange(past, past + T, device=x.device)[:, None]
             mask = torch.arange(L, device=x.device)[None, :] <= qi  # True = visible
-            if key_padding_mask is not None:
-                kpm = key_padding_mask
-                if kpm.shape[1] != L:
-                    raise ValueError(f"key_padding_mask: expected (B, {L}), got {tuple(kpm.shape)}")
+            if kpm is not None:
                 mask = mask[None, None] & ~kpm[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
