@@ -44,11 +44,35 @@ def test_train_print_config_applies_overrides_and_plugins(capsys):
     (["train", "-p", "tiny_debug", "--device", "tpu"], "training.device: 'tpu' is not a device"),
     (["plugin", "info", "plugin", "nosuch"], "no provider 'nosuch'"),
     (["plugin", "list", "--kind", "nokind"], "unknown provider kind"),
+    (["info", "--kind", "nokind"], "--kind: unknown provider kind 'nokind'"),
+    # a setting the layer does not take: an error naming the section (was a TypeError traceback for attention,
+    # and for the router a warning and a dense model)
+    (["train", "-p", "tiny_debug", "--model.attention.foo", "1"], "model.attention / model.tva: the 'tva_default' "
+                                                                    "layer refused its settings"),
+    (["train", "-p", "tiny_debug", "--model.moe.enabled", "true", "--model.moe.router.foo", "1"],
+     "model.moe: the MoE layer refused its settings"),
+    (["bench", "--out", "/dev/null/x", "--kind", "scan", "--quick"], "--out: cannot create /dev/null/x"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, fragment, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["bench", "--threads", "abc"], "argument --threads: expected an int, got 'abc'"),
+    (["bench", "--threads", "0"], "argument --threads: expected >= 1, got 0"),
+    (["bench", "--repeats", "0"], "argument --repeats: expected >= 1, got 0"),
+    (["bench", "--max-shapes", "-1"], "argument --max-shapes: expected >= 1, got -1"),
+    (["bench", "--warmup", "-1"], "argument --warmup: expected >= 0, got -1"),
+    (["bench", "--budget", "-1"], "argument --budget: expected a finite number > 0"),
+])
+def test_bad_bench_numbers_are_argument_errors(argv, fragment, capsys):
+    """They ran the whole benchmark first (--repeats 0: every row an error, exit 0; --max-shapes -1 dropped the
+    last shape; --threads 0 a traceback)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and fragment in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -86,7 +86,12 @@ class ModelBuilder:
                 raise self._attn_error  # type: ignore[misc]
             if _takes(prov.create_layer, "dropout"):  # type: ignore[attr-defined]
                 cfg.setdefault("dropout", float(m.get("dropout", 0.0)))
-            layer = call_accepting(prov.create_layer, m["d_model"], m["num_heads"], **cfg)  # type: ignore[attr-defined]
+            try:
+                layer = call_accepting(prov.create_layer, m["d_model"], m["num_heads"],  # type: ignore[attr-defined]
+                                       **cfg)
+            except TypeError as exc:  # e.g. a key under model.attention the layer does not take
+                raise ValueError(f"model.attention / model.tva: the {prov.name!r} layer refused its settings: "
+                                 f"{exc}") from None
             self.report["attention"] = prov.name + (f" (fallback: {prov.fallback_reason})"
                                                     if getattr(prov, "fallback_reason", "") else "")
             return layer
@@ -124,7 +129,10 @@ class ModelBuilder:
                 z_coef=moe.get("z_coef", 0.001), eval_capacity_factor=moe.get("eval_capacity_factor"))
             self.report["moe"] = getattr(prov, "last_source", prov.name)
             return layer
-        except (registry.RegistryError, ImportError, TypeError) as exc:
+        except TypeError as exc:  # a setting the layer does not take (a typo under model.moe.router, say): the
+            # user's error, not a missing back end, so no silent fallback to a dense model
+            raise ValueError(f"model.moe: the MoE layer refused its settings: {exc}") from None
+        except (registry.RegistryError, ImportError) as exc:
             logger.warning("apt model: MoE requested but no MoE layer can be built (%s); keeping dense FFNs", exc)
             self.report["moe"] = f"unavailable ({exc})"
             return None

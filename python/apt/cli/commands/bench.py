@@ -72,6 +72,35 @@ def _list_targets(kinds: list[str], device: str) -> int:
     return 0
 
 
+def _count(minimum: int):
+    """argparse type: an int >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _threads(text: str) -> str:
+    if text != "auto":
+        _count(1)(text)
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -105,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
         return _list_targets(kinds, device)
     if args.list:
         return _list(kinds, device, args.quick)
+    try:  # before minutes of benchmarking, not after
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--out: cannot create {args.out}: {exc.strerror or exc}") from None
     # the thread count is this run's only: an in-process caller (a test suite, a notebook) gets its own back
     threads_before = torch.get_num_threads()
     try:
@@ -166,12 +199,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated provider/peer names to run (the reference always runs); a name that is no "
                         "provider or peer of the kinds run is an error")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 2; quick 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 10; quick 5)")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--warmup", type=_count(0), default=None, help="untimed calls before timing (default 2; quick 1)")
+    p.add_argument("--repeats", type=_count(1), default=None, help="timed calls per measurement (default 10; quick 5)")
+    p.add_argument("--budget", type=_seconds, default=None,
                    help="seconds per measurement; fewer repeats (min 3) for slow calls (default 2; quick 0.5)")
-    p.add_argument("--max-shapes", type=int, default=None, help="only the first N shapes of each grid")
-    p.add_argument("--threads", default="auto",
+    p.add_argument("--max-shapes", type=_count(1), default=None, help="only the first N shapes of each grid")
+    p.add_argument("--threads", type=_threads, default="auto",
                    help="torch CPU threads, or 'auto' (default): torch's default lowered to the idle cores")
     p.add_argument("--no-peers", action="store_true", help="skip outside implementations (flash-attn, mamba_ssm...)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

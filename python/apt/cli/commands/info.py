@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from ...core import registry
+from ..main import CLIError
 
 
 def environment() -> dict[str, Any]:
@@ -103,7 +104,10 @@ def render(env: dict[str, Any], infos: list[registry.ProviderInfo]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    infos = registry.list_providers(args.kind) if args.kind else registry.list_providers()
+    try:
+        infos = registry.list_providers(args.kind) if args.kind else registry.list_providers()
+    except registry.RegistryError as exc:
+        raise CLIError(f"--kind: {exc}") from None
     env = environment()
     if args.json:
         json.dump({"environment": env, "providers": [i.as_dict() for i in infos],
