@@ -131,6 +131,25 @@ def test_edit_enabled_text_layouts():
     t = edit_enabled_text("plugins:\n  moe: {}\n", ["moe"])
     assert yaml.safe_load(t) == {"plugins": {"enabled": ["moe"], "moe": {}}}
     assert edit_enabled_text("plugins: {enabled: [a]}\n", ["b"]) is None  # flow style: caller rewrites
+    # a block list's item comments and comment lines were dropped with its items: they stay, as comment lines
+    t = edit_enabled_text("plugins:\n  enabled:\n    - moe  # the moe\n    # between\n    - align\nz: 1\n", ["moe"])
+    assert t == "plugins:\n  enabled: [moe]\n  # the moe\n  # between\nz: 1\n"
+
+
+def test_plugin_enable_keeps_crlf_line_endings(tmp_path):
+    """The file was read with read_text (CRLF -> LF) and written back with LF line endings throughout."""
+    f = tmp_path / "p.yaml"
+    f.write_bytes(b"extends: tiny_debug  # base\r\nplugins:\r\n  enabled: [routing]\r\ntraining:\r\n"
+                  b"  max_epochs: 1\r\n")
+    assert main(["plugin", "enable", "align", "--profile", str(f)]) == 0
+    raw = f.read_bytes()
+    assert raw.count(b"\r\n") == raw.count(b"\n") == 5 and b"# base" in raw
+    assert yaml.safe_load(raw)["plugins"]["enabled"] == ["routing", "align"]
+    g = tmp_path / "q.yaml"  # no plugins section yet: the appended lines use CRLF too
+    g.write_bytes(b"extends: tiny_debug\r\n")
+    assert main(["plugin", "enable", "align", "--profile", str(g)]) == 0
+    raw = g.read_bytes()
+    assert raw.count(b"\r\n") == raw.count(b"\n") == 3
 
 
 def test_split_overrides():

@@ -80,7 +80,7 @@ def edit_enabled_text(text: str, names: list[str]) -> Optional[str]:
     """``text`` with ``plugins.enabled`` set to ``names``, other lines untouched; None if the layout is not one
     this editor understands (flow-style ``plugins: {...}``, say)."""
     lines = text.splitlines(keepends=True)
-    nl = "\n"
+    nl = "\r\n" if "\r\n" in text else "\n"  # new lines in the file's own line ending
     top = next((i for i, ln in enumerate(lines) if _TOP.match(ln.rstrip("\r\n"))), None)
     if top is None:
         if any(re.match(r"^plugins\s*:", ln) for ln in lines):
@@ -121,14 +121,17 @@ def edit_enabled_text(text: str, names: list[str]) -> Optional[str]:
         elif not (value.startswith("[") and value.endswith("]")):
             return None
         new = f"{m.group('indent')}enabled: {_flow(names)}{m.group('comment') or ''}{eol}"
-        return "".join(lines[:j] + [new] + lines[k:])
+        # the dropped block items' comments (``- moe  # why``, comment lines between them) stay, as comment lines
+        kept_comments = [f"{m.group('indent')}#{ln.split('#', 1)[1].rstrip(chr(13) + chr(10))}{eol}"
+                         for ln in lines[j + 1:k] if "#" in ln]
+        return "".join(lines[:j] + [new] + kept_comments + lines[k:])
     indent = " " * (child_indent or 2)
     return "".join(lines[:top + 1] + [f"{indent}enabled: {_flow(names)}{nl}"] + lines[top + 1:])
 
 
 def set_enabled(path: Path, names: list[str]) -> bool:
     """Write ``plugins.enabled = names`` into the profile file; True if comments/layout were kept."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_bytes().decode("utf-8")  # not read_text: it would turn CRLF into LF
     before = read_yaml(path)
     new_text = edit_enabled_text(text, names)
     kept = False
@@ -147,7 +150,9 @@ def set_enabled(path: Path, names: list[str]) -> bool:
         data["plugins"] = dict(data.get("plugins") or {})
         data["plugins"]["enabled"] = names
         new_text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
-    path.write_text(new_text, encoding="utf-8")  # type: ignore[arg-type]
+        if "\r\n" in text:
+            new_text = new_text.replace("\n", "\r\n")
+    path.write_bytes(new_text.encode("utf-8"))  # type: ignore[union-attr]
     return kept
 
 
