@@ -6,9 +6,15 @@ from typing import Optional
 
 import torch
 
-__all__ = ["buffer_write", "history"]
+__all__ = ["append_kv", "buffer_write", "check_room", "history"]
 
 MIN_CAPACITY = 16
+
+
+def check_room(length: int, new: int, max_len: Optional[int]) -> None:
+    """A cache holding ``length`` positions takes ``new`` more (ValueError past ``max_len``)."""
+    if max_len is not None and length + new > max_len:
+        raise ValueError(f"cache: {length + new} positions exceed max_len={max_len}")
 
 
 def buffer_write(buf: Optional[torch.Tensor], x: torch.Tensor, start: int, dim: int,
@@ -17,8 +23,7 @@ def buffer_write(buf: Optional[torch.Tensor], x: torch.Tensor, start: int, dim: 
     the buffer, allocated anew when it has no room: ``max_len`` positions when given (more is a ``ValueError``),
     else twice the old capacity (amortised O(1) per position). Positions past the written ones are zeros."""
     end = start + x.shape[dim]
-    if max_len is not None and end > max_len:
-        raise ValueError(f"cache: {end} positions exceed max_len={max_len}")
+    check_room(start, x.shape[dim], max_len)
     if buf is None or buf.shape[dim] < end:
         cap = max_len if max_len is not None else max(end, 2 * (0 if buf is None else buf.shape[dim]), MIN_CAPACITY)
         shape = list(x.shape)
@@ -42,3 +47,22 @@ def history(buf: torch.Tensor, x: torch.Tensor, start: int, dim: int) -> torch.T
     if torch.is_grad_enabled():
         return torch.cat([buf.narrow(dim, 0, start), x], dim=dim)
     return buf.narrow(dim, 0, start + x.shape[dim])
+
+
+def append_kv(cache, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Store a call's (B, H, T, D) keys and values and (B, T) key padding mask (True = padded) in ``cache`` (any
+    object with ``k``, ``v``, ``padding``, ``length`` and ``max_len``) and return all of them so far: keys and
+    values through :func:`history`, the padding (B, length), or None while no call has passed a mask. Nothing is
+    written when the call does not fit in ``max_len``."""
+    start, T = cache.length, k.shape[2]
+    check_room(start, T, cache.max_len)
+    cache.k = buffer_write(cache.k, k, start, 2, cache.max_len)
+    cache.v = buffer_write(cache.v, v, start, 2, cache.max_len)
+    if key_padding_mask is not None or cache.padding is not None:
+        # positions before the first mask are unpadded: a new buffer starts as zeros (False)
+        pad = key_padding_mask if key_padding_mask is not None else k.new_zeros(k.shape[0], T, dtype=torch.bool)
+        cache.padding = buffer_write(cache.padding, pad, start, 1, cache.max_len)
+    cache.length = start + T
+    padding = None if cache.padding is None else cache.padding[:, :cache.length]
+    return history(cache.k, k, start, 2), history(cache.v, v, start, 2), padding

@@ -17,7 +17,7 @@ from torch import nn
 
 from .._validate import check_float, check_tensor
 from ..ops.running_mean import running_mean
-from .kv import buffer_write, history
+from .kv import append_kv, check_room
 
 __all__ = ["TVAAttention", "TVACache"]
 
@@ -42,11 +42,14 @@ class TVACache:
     x_sum: Optional[torch.Tensor] = None
     count: Optional[torch.Tensor] = None
     length: int = 0
-    any_padding: bool = False
+
+    @property
+    def any_padding(self) -> bool:
+        """Whether any call has passed a key padding mask (the padding buffer exists from then on)."""
+        return self.padding is not None
 
     def reset(self) -> None:
         self.length = 0
-        self.any_padding = False
         self.k = self.v = self.padding = self.x_sum = self.count = None
 
 
@@ -160,22 +163,6 @@ class TVAAttention(nn.Module):
         cache.count = cnt[:, -1].detach()
         return (xs / cnt.clamp_min(1.0)[..., None]).to(x.dtype)
 
-    def _append(self, cache: TVACache, k: torch.Tensor, v: torch.Tensor,
-                key_padding_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        B, T = k.shape[0], k.shape[2]
-        start, end = cache.length, cache.length + T
-        cache.k = buffer_write(cache.k, k, start, 2, cache.max_len)
-        cache.v = buffer_write(cache.v, v, start, 2, cache.max_len)
-        if key_padding_mask is not None or cache.any_padding:
-            # positions before the first mask are unpadded: a new buffer starts as zeros (False)
-            pad = (key_padding_mask if key_padding_mask is not None
-                   else torch.zeros(B, T, dtype=torch.bool, device=k.device))
-            cache.padding = buffer_write(cache.padding, pad, start, 1, cache.max_len)
-            cache.any_padding = True
-        cache.length = end
-        ks, vs = history(cache.k, k, start, 2), history(cache.v, v, start, 2)
-        return ks, vs, (cache.padding[:, :end] if cache.any_padding else None)
-
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 cache: Optional[TVACache] = None) -> torch.Tensor:
         check_tensor("x", x)
@@ -196,14 +183,13 @@ class TVAAttention(nn.Module):
                 raise ValueError("cache: incremental decoding needs a causal layer (causal=True)")
             if cache.batch_size != B:
                 raise ValueError(f"cache: made for batch size {cache.batch_size}, got x with B={B}")
-            if cache.max_len is not None and cache.length + T > cache.max_len:  # before the cache changes
-                raise ValueError(f"cache: {cache.length + T} positions exceed max_len={cache.max_len}")
+            check_room(cache.length, T, cache.max_len)  # before the gate's running sum changes
         q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         delta = self.V(self.U(x)).view(B, T, H, D).transpose(1, 2)
         g = torch.sigmoid(self.gate(self._gate_input(x, key_padding_mask, cache)))
         kpm = key_padding_mask
         if cache is not None:
-            k, v, kpm = self._append(cache, k, v, key_padding_mask)
+            k, v, kpm = append_kv(cache, k, v, key_padding_mask)
         o = self.core(q, k, v, delta, g, self.coef(), causal=self.causal, window=self.window,
                       sinks=self.sinks if self.window is not None else 0, key_padding_mask=kpm,
                       softmax_scale=1.0 / math.sqrt(D))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apt_kernels.layers.kv import buffer_write, history
+from apt_kernels.layers.kv import append_kv
 
 
 class RMSNorm(nn.Module):
@@ -162,7 +162,7 @@ class MoEWrappedFFN(nn.Module):
 class KVCache:
     """Keys and values seen so far: (B, H, capacity, D) buffers, of which the first ``length`` positions are
     filled (``max_len`` positions when given, else a capacity that doubles when full), and the key padding mask
-    (B, capacity) once any call passed one."""
+    (B, capacity) once any call passed one; CausalSelfAttention fills it through apt_kernels.layers.kv.append_kv."""
 
     def __init__(self, batch_size: int, max_len: Optional[int] = None) -> None:
         self.batch_size = batch_size
@@ -171,23 +171,6 @@ class KVCache:
         self.v: Optional[torch.Tensor] = None
         self.padding: Optional[torch.Tensor] = None
         self.length = 0
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None
-               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Store this call's (B, H, T, D) keys and values and (B, T) padding; return all of them so far (the
-        padding None while no call has had any)."""
-        start, T = self.length, k.shape[2]
-        if self.max_len is not None and start + T > self.max_len:  # before anything is written
-            raise ValueError(f"cache: {start + T} positions exceed max_len={self.max_len}")
-        self.k = buffer_write(self.k, k, start, 2, self.max_len)
-        self.v = buffer_write(self.v, v, start, 2, self.max_len)
-        if key_padding_mask is not None or self.padding is not None:
-            # positions before the first mask are unpadded: a new buffer starts as zeros (False)
-            pad = key_padding_mask if key_padding_mask is not None else k.new_zeros(k.shape[0], T, dtype=torch.bool)
-            self.padding = buffer_write(self.padding, pad, start, 1, self.max_len)
-        self.length = start + T
-        padding = None if self.padding is None else self.padding[:, :self.length]
-        return history(self.k, k, start, 2), history(self.v, v, start, 2), padding
 
 
 class CausalSelfAttention(nn.Module):
@@ -217,7 +200,7 @@ class CausalSelfAttention(nn.Module):
         past = 0
         if cache is not None:
             past = cache.length
-            k, v, kpm = cache.append(k, v, kpm)
+            k, v, kpm = append_kv(cache, k, v, kpm)
         L = k.shape[2]
         mask = None
         if past == 0 and kpm is None:
