@@ -161,3 +161,26 @@ def test_plugins_augment_select_and_failure_isolation(caplog):
     r = generate(lm, TOK, "abc", max_new_tokens=6, temperature=0, plugins=[jump], return_details=True)
     assert r.text == "XYZ[\\]" and r.selections == 1
     assert [s[0] for s in jump.seen] == [6, 3, 2, 1]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_padded_vocabulary_never_samples_past_the_tokenizer(use_cache):
+    cfg = load_profile("tiny_debug", ["model.d_model=32", "model.num_layers=1", "model.num_heads=2",
+                                      "model.max_seq_len=40", "data.seq_len=16", "model.vocab_size=300"])
+    m = ModelBuilder(cfg, vocab_size=TOK.vocab_size).build().eval()
+
+    def favour_padding(mod, inp, out):  # all the mass on id 299, a row the byte tokenizer has not got
+        out = out.clone()
+        out[..., 299] = 1e4
+        out[..., 65] = 1e3  # 'A': the best id the tokenizer has
+        return out
+
+    m.register_forward_hook(favour_padding)
+    toks = generate(m, TOK, "x", max_new_tokens=4, temperature=0, use_cache=use_cache, stop_at_eos=False,
+                    return_details=True).tokens
+    assert toks == [65] * 4
+    m2 = ModelBuilder(cfg, vocab_size=TOK.vocab_size).build().eval()
+    m2.register_forward_hook(lambda mod, inp, out: out.index_fill(-1, torch.arange(257, 300), 30.0))
+    sampled = generate(m2, TOK, "x", max_new_tokens=16, temperature=1.0, seed=0, use_cache=use_cache,
+                       stop_at_eos=False, return_details=True).tokens
+    assert len(sampled) == 16 and max(sampled) < TOK.vocab_size

@@ -367,3 +367,14 @@ def test_val_loss_is_the_mean_over_tokens(tmp_path):
                for x, y in batches]
     expect = float(sum(nll)) / sum(y.numel() for _, y in batches)
     assert tr.evaluate() == pytest.approx(expect, rel=1e-5)
+
+
+def test_configured_vocab_size_pads_the_embedding_and_must_cover_the_tokenizer(tmp_path):
+    tr = Trainer(_cfg(tmp_path, **{"model.vocab_size": 320, "training.max_epochs": 1,
+                                   "training.steps_per_epoch": 1}))
+    assert tr.model.vocab_size == 320 and tr.cfg["model"]["vocab_size"] == 320
+    tr.fit()
+    model, tok, _ = load_for_inference(tmp_path / "run" / "last.pt")
+    assert model.vocab_size == 320 and tok.vocab_size == 257
+    with pytest.raises(ValueError, match=r"model.vocab_size: 100 is smaller than the tokenizer's vocabulary \(257"):
+        Trainer(_cfg(tmp_path, **{"model.vocab_size": 100}))

@@ -78,8 +78,10 @@ class _Stepper:
     """The running state of a batch of equal-length sequences: the tokens so far and (optionally) the cache,
     with the logits for the next token of every row."""
 
-    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, use_cache: bool) -> None:
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, use_cache: bool,
+                 vocab: Optional[int] = None) -> None:
         self.model = model
+        self.vocab = vocab  # the tokenizer's ids: a padded embedding's extra rows are never sampled
         self.window = model_window(model)
         self.use_cache = use_cache
         self.ids = ids
@@ -94,14 +96,18 @@ class _Stepper:
 
     def _prefill(self, ids: torch.Tensor) -> None:
         self.cache = self.model.new_cache(ids.shape[0])
-        self._last = self.model(ids, cache=self.cache)[:, -1].float()
+        self._last = self._head(self.model(ids, cache=self.cache))
+
+    def _head(self, out: torch.Tensor) -> torch.Tensor:
+        last = out[:, -1]
+        return (last if self.vocab is None or last.shape[-1] <= self.vocab else last[:, :self.vocab]).float()
 
     def logits(self) -> torch.Tensor:
         """(B, V) float32 logits for the next token of every row."""
         if self.use_cache:
             assert self._last is not None
             return self._last
-        return self.model(self._crop(self.ids))[:, -1].float()
+        return self._head(self.model(self._crop(self.ids)))
 
     def append(self, new: torch.Tensor) -> None:
         """Add tokens (B, n) to every row."""
@@ -113,15 +119,16 @@ class _Stepper:
             # window full: rebuild the cache from the recent tokens (amortised: not on every step)
             self._prefill(self._crop(self.ids, max(1, (3 * self.window) // 4)))
         else:
-            self._last = self.model(new, cache=self.cache)[:, -1].float()
+            self._last = self._head(self.model(new, cache=self.cache))
 
 
 def rollouts(model: torch.nn.Module, context: Sequence[int], k: int, length: int, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
              generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
-             use_cache: Optional[bool] = None) -> list[Candidate]:
+             use_cache: Optional[bool] = None, vocab: Optional[int] = None) -> list[Candidate]:
     """``k`` independent sampled continuations of ``context`` of up to ``length`` tokens each (a rollout ends
-    at ``eos_id``, which it keeps), run as one batch, each scored by its model log-probability."""
+    at ``eos_id``, which it keeps), run as one batch, each scored by its model log-probability. ``vocab``: sample
+    only ids below it (the tokenizer's size, when the model's vocabulary is padded)."""
     if k < 1 or length < 1:
         raise ValueError(f"rollouts: k and length must be >= 1, got k={k}, length={length}")
     device = model_device(model)
@@ -131,7 +138,7 @@ def rollouts(model: torch.nn.Module, context: Sequence[int], k: int, length: int
         ctx = ctx[-max(1, window - length):]
     ids = torch.tensor([ctx] * k, dtype=torch.long, device=device)
     cache_ok = supports_cache(model) if use_cache is None else (use_cache and supports_cache(model))
-    stepper = _Stepper(model, ids, cache_ok)
+    stepper = _Stepper(model, ids, cache_ok, vocab)
     cands = [Candidate([], 0.0) for _ in range(k)]
     live = [True] * k
     for _ in range(length):
@@ -192,7 +199,8 @@ def _generate_group(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[lis
     device = model_device(model)
     B = len(prompt_ids)
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    stepper = _Stepper(model, ids, use_cache)
+    vocab = getattr(tokenizer, "vocab_size", None)
+    stepper = _Stepper(model, ids, use_cache, int(vocab) if vocab else None)
     eos = int(tokenizer.eos_id) if stop_at_eos and getattr(tokenizer, "eos_id", None) is not None else None
     out: list[list[int]] = [[] for _ in range(B)]
     reason = ["length"] * B
@@ -228,7 +236,7 @@ def _generate_group(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[lis
             def rollout(k: int, length: int, temperature: Optional[float] = None, _ctx: list[int] = context,
                         _left: int = left, _temp: float = sampling["temperature"]) -> list[Candidate]:
                 return rollouts(model, _ctx, k, min(length, _left), _temp if temperature is None else temperature,
-                                top_k, top_p, generator, eos, use_cache)
+                                top_k, top_p, generator, eos, use_cache, stepper.vocab)
 
             ctx = _hook_context(
                 model, tokenizer, metrics, logits=logits[0], entropy=float(entropy(logits[0])), context=context,

@@ -56,13 +56,26 @@ def _takes(fn: Callable[..., Any], name: str) -> bool:
         return False
 
 
+def resolve_vocab_size(configured: Optional[int], tokenizer_vocab: Optional[int]) -> int:
+    """The embedding size: ``model.vocab_size`` when set (a padded vocabulary, e.g. a multiple of 64 for the
+    GEMMs, is fine), else the tokenizer's. A configured size below the tokenizer's would index past the table."""
+    if configured is None:
+        return int(tokenizer_vocab or DEFAULT_VOCAB)
+    if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
+        raise ValueError(f"model.vocab_size: expected a positive int or null, got {configured!r}")
+    if tokenizer_vocab is not None and configured < tokenizer_vocab:
+        raise ValueError(f"model.vocab_size: {configured} is smaller than the tokenizer's vocabulary "
+                         f"({tokenizer_vocab} ids); set it to >= {tokenizer_vocab} or null (use the tokenizer's)")
+    return int(configured)
+
+
 class ModelBuilder:
     def __init__(self, profile_cfg: Mapping[str, Any], vocab_size: Optional[int] = None) -> None:
         self.cfg = copy.deepcopy(dict(profile_cfg))
         if "model" not in self.cfg:
             raise ValueError("profile: no 'model' section")
         m = self.cfg["model"]
-        m["vocab_size"] = int(vocab_size or m.get("vocab_size") or DEFAULT_VOCAB)
+        m["vocab_size"] = resolve_vocab_size(m.get("vocab_size"), vocab_size)
         self.m = m
         self.report: dict[str, str] = {}  # component -> provider actually used (and why, if a fallback)
         self._attn_provider: Any = None

@@ -134,7 +134,7 @@ def load_for_inference(path: Union[str, os.PathLike], device: Union[str, torch.d
     blob = load(path, map_location="cpu")
     profile = blob["profile"]
     tokenizer = tokenizer_from_state(blob.get("tokenizer") or {"type": "byte"})
-    model = ModelBuilder(profile, vocab_size=profile["model"].get("vocab_size") or tokenizer.vocab_size).build()
+    model = ModelBuilder(profile, vocab_size=tokenizer.vocab_size).build()
     missing, unexpected = model.load_state_dict(blob["model"], strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: the model built from the stored profile does not match the weights "
