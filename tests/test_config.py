@@ -146,3 +146,22 @@ def test_errors_in_the_file_still_name_the_file(tmp_path):
     assert load_profile(tmp_path / "q.yaml", ["--training.max_epochs", "2"])["training"]["max_epochs"] == 2
     with pytest.raises(ConfigError, match=r"^--max-steps: must be >= 1 or null, got 0$"):
         load_profile("tiny_debug", ["training.max_steps=0"], override_labels={"training.max_steps": "--max-steps"})
+
+
+def test_profile_file_numbers_read_the_yaml_1_2_way(tmp_path):
+    # PyYAML alone reads 1e-3 (no dot) as the string '1e-3' and the profile was rejected
+    (tmp_path / "p.yaml").write_text("extends: tiny_debug\ntraining:\n  lr: 1e-3\n  weight_decay: 5E-2\n"
+                                     "  betas: [0.9, 95e-2]\nplugins:\n  align:\n    alpha: 2e-1\n")
+    cfg = load_profile(tmp_path / "p.yaml")
+    assert cfg["training"]["lr"] == 1e-3 and cfg["training"]["weight_decay"] == 0.05
+    assert cfg["training"]["betas"] == [0.9, 0.95] and cfg["plugins"]["align"]["alpha"] == 0.2
+    assert parse_overrides(["--training.lr", "-.5", "x.y=3E4", "x.z=1e", "x.w=1.5"]) == \
+        {"training.lr": -0.5, "x.y": 30000.0, "x.z": "1e", "x.w": 1.5}
+
+
+@pytest.mark.parametrize("key, value", [("training.lr", ".nan"), ("training.grad_clip", ".inf"),
+                                        ("model.dropout", ".nan"), ("training.betas", "[.nan, 0.9]"),
+                                        ("training.betas", "[0.9, 1.0]"), ("model.moe.capacity_factor", ".inf")])
+def test_non_finite_and_out_of_range_numbers_are_rejected(key, value):
+    with pytest.raises(ConfigError, match=f"--{key}"):
+        load_profile("tiny_debug", [f"--{key}", value])

@@ -46,6 +46,9 @@ def test_default_until_is_last_step_and_constants():
     ({"x": "fast"}, "schedules.x"),
     ({"enable_moe_at_epoch": 1.5}, "enable_moe_at_epoch"),
     ({"x": {"start": 1, "end": 2, "until": -3}}, "x.until"),
+    ({"x": {"start": float("nan"), "end": 2}}, "x.start: expected a finite number"),
+    ({"x": {"start": 1, "end": float("inf")}}, "x.end: expected a finite number"),
+    ({"x": float("nan")}, "schedules.x: expected a finite number"),
 ])
 def test_invalid(section, fragment):
     with pytest.raises(ValueError, match=fragment):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from pathlib import Path
@@ -28,6 +29,29 @@ import yaml
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 _NUM = (int, float)
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """SafeLoader reading numbers the YAML 1.2 way: PyYAML (YAML 1.1) reads ``1e-3`` and ``3e4``, without a dot,
+    as strings, and a profile's ``lr: 1e-3`` would then be rejected as "expected number, got str"."""
+
+
+_ProfileLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ProfileLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(stream: Any) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats (``1e-3`` is a number); what profiles and overrides are read with."""
+    return yaml.load(stream, Loader=_ProfileLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -163,7 +187,7 @@ def resolve_profile_path(name_or_path: Union[str, os.PathLike], base_dir: Option
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "r", encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml_load(f)
     except yaml.YAMLError as exc:
         raise ConfigError(f"profile {path}: invalid YAML: {exc}") from None
     except OSError as exc:
@@ -248,15 +272,9 @@ def _parse_overrides_labelled(items: Union[None, Sequence[str], Mapping[str, Any
 
 def _parse_value(s: str) -> Any:
     try:
-        v = yaml.safe_load(s) if s.strip() != "" else ""
+        return yaml_load(s) if s.strip() != "" else ""
     except yaml.YAMLError:
         return s
-    if isinstance(v, str):
-        try:  # YAML 1.1 reads "1e-3" (no dot) as a string; a CLI user means the number
-            return float(v) if re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", v.strip()) else v
-        except ValueError:
-            return v
-    return v
 
 
 def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
@@ -410,6 +428,8 @@ def _check_type(key: str, value: Any, where: _Where) -> None:
     if not ok:
         names = " or ".join("number" if t is float else t.__name__ for t in types if t is not int or float not in types)
         raise ConfigError(f"{where.key(key)}: expected {names}, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # .nan / .inf would pass every range test below
+        raise ConfigError(f"{where.key(key)}: expected a finite number, got {value!r}")
     choices = CHOICES.get(key)
     if choices and isinstance(value, str) and value not in choices:
         raise ConfigError(f"{where.key(key)}: {value!r} is not one of {', '.join(choices)}")
@@ -459,8 +479,9 @@ def _check_semantics(cfg: Mapping[str, Any], where: _Where) -> None:
     if isinstance(vf, (int, float)) and not 0 <= vf < 1:
         raise ConfigError(f"{where.key('data.val_fraction')}: must be in [0, 1), got {vf}")
     betas = g("training.betas")
-    if isinstance(betas, list) and (len(betas) != 2 or not all(isinstance(b, (int, float)) for b in betas)):
-        raise ConfigError(f"{where.key('training.betas')}: expected two numbers, got {betas!r}")
+    if isinstance(betas, list) and (len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"{where.key('training.betas')}: expected two numbers in [0, 1), got {betas!r}")
     enabled = g("plugins.enabled") or []
     if not all(isinstance(p, str) for p in enabled):
         raise ConfigError(f"{where.key('plugins.enabled')}: expected a list of plugin names, got {enabled!r}")

@@ -40,6 +40,8 @@ def validate_schedules(section: Mapping[str, Any]) -> None:
         if isinstance(spec, bool):
             raise ValueError(f"{where}: expected a number or {{start, end, by}}, got {spec!r}")
         if isinstance(spec, (int, float)):
+            if not math.isfinite(spec):
+                raise ValueError(f"{where}: expected a finite number, got {spec!r}")
             continue
         if not isinstance(spec, Mapping):
             raise ValueError(f"{where}: expected a number or {{start, end, by}}, got {spec!r}")
@@ -50,8 +52,8 @@ def validate_schedules(section: Mapping[str, Any]) -> None:
         for f in ("start", "end"):
             if f not in spec:
                 raise ValueError(f"{where}: missing {f!r}")
-            if isinstance(spec[f], bool) or not isinstance(spec[f], (int, float)):
-                raise ValueError(f"{where}.{f}: expected a number, got {spec[f]!r}")
+            if isinstance(spec[f], bool) or not isinstance(spec[f], (int, float)) or not math.isfinite(spec[f]):
+                raise ValueError(f"{where}.{f}: expected a finite number, got {spec[f]!r}")
         if spec.get("by", "epoch") not in ("epoch", "step"):
             raise ValueError(f"{where}.by: expected 'epoch' or 'step', got {spec.get('by')!r}")
         if spec.get("kind", "linear") not in ("linear", "cosine"):

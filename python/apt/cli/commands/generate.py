@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
+from ...core.config import yaml_load
 from ..main import CLIError
 
 EXAMPLES_EPILOG = "examples:\n  {}"
@@ -104,7 +105,7 @@ def plugin_settings(args: argparse.Namespace, profile: dict[str, Any]) -> dict[s
         if not sep or not dot or not name or not field:
             raise CLIError(f"--plugin-opt {opt!r}: expected NAME.KEY=VALUE, e.g. voter.k=8")
         try:
-            value = yaml.safe_load(raw)
+            value = yaml_load(raw)
         except yaml.YAMLError as exc:
             raise CLIError(f"--plugin-opt {opt!r}: bad value: {exc}") from None
         settings.setdefault(name, {})[field] = value

@@ -21,7 +21,7 @@ from typing import Optional
 import yaml
 
 from ...core import registry
-from ...core.config import ConfigError, get_dotted, load_profile, read_yaml
+from ...core.config import ConfigError, get_dotted, load_profile, read_yaml, yaml_load
 from ..main import CLIError
 
 logger = logging.getLogger("apt.cli.plugin")
@@ -137,7 +137,7 @@ def set_enabled(path: Path, names: list[str]) -> bool:
     kept = False
     if new_text is not None:
         try:
-            after = yaml.safe_load(new_text) or {}
+            after = yaml_load(new_text) or {}
             expect = dict(before)
             expect["plugins"] = dict(expect.get("plugins") or {})
             expect["plugins"]["enabled"] = names
