@@ -32,6 +32,8 @@ def test_train_print_config_applies_overrides_and_plugins(capsys):
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["training"]["max_epochs"] == 3 and cfg["model"]["attention_name"] == "flash_v2"
     assert cfg["plugins"]["enabled"] == ["moe", "routing"]
+    assert main(["train", "-p", "tiny_debug", "--print-config", "--seed", "7"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["seed"] == 7
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -76,11 +76,11 @@ def run(args: argparse.Namespace) -> int:
     from ...training.trainer import Trainer
 
     extra = {"training.out_dir": args.out_dir, "training.resume": args.resume, "training.max_steps": args.max_steps,
-             "training.device": args.device}
+             "training.device": args.device, "seed": args.seed}
     if args.no_progress:
         extra["training.progress"] = False
     labels = {"training.out_dir": "--out-dir", "training.resume": "--resume", "training.max_steps": "--max-steps",
-              "training.device": "--device", "training.progress": "--no-progress"}
+              "training.device": "--device", "training.progress": "--no-progress", "seed": "--seed"}
     cfg = load_cli_profile(args, extra, labels)
     if args.print_config:
         sys.stdout.write(dump_profile(cfg))
@@ -129,6 +129,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="resume from a checkpoint, or 'auto' for <out_dir>/last.pt when it exists")
     p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (training.max_steps)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (training.device)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the run (the profile's top-level seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the merged, validated profile and exit")
     p.set_defaults(func=run, overrides=[])
