@@ -53,6 +53,11 @@ def test_fallback_missing_name(reg, caplog):
         p = reg.get("router", "megablocks")
     assert p.name == "topk_default"
     assert "'megablocks' is not registered" in caplog.records[-1].getMessage()
+    assert "did you mean" not in caplog.records[-1].getMessage()
+    reg.register(make("router", "cpu_native"))
+    with caplog.at_level(logging.WARNING, logger="apt.core.registry"):
+        reg.get("router", "cpu_natve")  # a typo: the warning names the close match
+    assert "did you mean 'cpu_native'?" in caplog.records[-1].getMessage()
 
 
 def test_strict_raises_instead_of_fallback(reg):

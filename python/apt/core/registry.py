@@ -12,6 +12,7 @@ entries may name a Provider class, a module that registers on import, or a calla
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import inspect
 import logging
@@ -184,7 +185,9 @@ class Registry:
             name = default
         why = ""
         if name not in slot:
-            why = f"{name!r} is not registered for kind {kind!r} (registered: {', '.join(slot) or 'none'})"
+            close = difflib.get_close_matches(str(name), list(slot), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            why = f"{name!r} is not registered for kind {kind!r} (registered: {', '.join(slot) or 'none'}{hint})"
         else:
             ok, reason = _available(slot[name])
             if ok:
