@@ -91,7 +91,10 @@ def test_dtype_option_runs_the_model_in_that_dtype(tiny_checkpoint, tmp_path, ca
 def test_inference_dtype_resolution(tiny_checkpoint, monkeypatch):
     import torch
 
-    from apt.training.checkpoint import inference_dtype, load_for_inference
+    from apt.cli.commands.generate import DTYPE_CHOICES
+    from apt.training.checkpoint import INFERENCE_DTYPES, inference_dtype, load_for_inference
+
+    assert DTYPE_CHOICES == ("auto", *INFERENCE_DTYPES)  # the CLI's copy of the names stays in step
 
     assert inference_dtype("auto", "cpu") == torch.float32 == inference_dtype(None, torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -26,11 +26,15 @@ GENERATION_HOOKS = ("augment_prompt", "select_sample")
 
 
 # ---- shared by generate / chat / eval ---------------------------------------------------------------------
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a checkpoint written by `apt train` (last.pt), or its run directory")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    # the names of checkpoint.INFERENCE_DTYPES, written out: importing it here would import torch for --help
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights and activations: auto (default) = bfloat16 on CUDA, float32 on the CPU")
 
 
