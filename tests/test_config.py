@@ -115,6 +115,14 @@ def test_deep_merge_does_not_alias():
     assert a == {"x": {"y": [1]}} and b["x"]["z"] == 2
 
 
+def test_an_empty_section_keeps_the_parents_settings(tmp_path):
+    # every line under training: commented out leaves 'training: null'; the defaults stay
+    (tmp_path / "p.yaml").write_text("extends: tiny_debug\ntraining:\n  # lr: 0.1\nmodel:\n  tva:\n")
+    cfg, parent = load_profile(tmp_path / "p.yaml"), load_profile("tiny_debug")
+    assert cfg["training"] == parent["training"] and cfg["model"]["tva"] == parent["model"]["tva"]
+    assert deep_merge({"a": {"b": 1}, "c": 2}, {"a": None, "c": None}) == {"a": {"b": 1}, "c": None}
+
+
 @pytest.mark.parametrize("override, message", [
     (["--training.bogus", "3"], "--training.bogus: unknown key 'training.bogus'"),
     (["--trainig.max_epochs", "1"], "--trainig.max_epochs: unknown key 'trainig.max_epochs' "

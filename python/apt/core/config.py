@@ -1,7 +1,8 @@
 """Profiles: YAML files describing a model, its data, its training run, its plugins and their schedules.
 
 A profile may ``extends:`` another (a built-in profile name such as ``base``, or a path relative to the extending
-file); the child is deep-merged over the parent (mappings merge key by key, anything else replaces). Dotted
+file); the child is deep-merged over the parent (mappings merge key by key, a null section keeps the parent's,
+anything else replaces). Dotted
 overrides (``--model.attention_name flash_v2``, ``--training.max_epochs=3``, or ``{"training.lr": 1e-3}``) are
 applied last, with values parsed as YAML scalars (``3`` -> int, ``1e-3`` -> float, ``[a, b]`` -> list).
 
@@ -200,9 +201,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` merged into a copy of ``base``: mappings merge recursively, other values replace."""
+    """``over`` merged into a copy of ``base``: mappings merge recursively, other values replace. A null over a
+    section keeps the section: ``training:`` with every line under it commented out is YAML null, and meant
+    "the defaults", not "drop them"."""
     out = copy.deepcopy(dict(base))
     for k, v in over.items():
+        if v is None and isinstance(out.get(k), Mapping):
+            continue
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
             out[k] = deep_merge(out[k], v)
         else:
