@@ -58,8 +58,19 @@ def check_no_overlap(name: str, t: torch.Tensor) -> None:
     """``t`` is written in place, so no two of its elements may share memory (an expanded view, stride 0, or an
     overlapping as_strided view would have one element's update read as another's). Sufficient test: with the
     dims of size > 1 by increasing stride, each stride passes the span of the dims before it."""
+    if t.is_contiguous():  # the common case, and decided without comparing symbolic strides under torch.compile
+        return
+    # an insertion sort by stride, not sorted(): dynamo cannot trace sorted() over symbolic sizes (dynamic shapes);
+    # equal strides need no order between them, the second fails the test either way
+    dims: list[tuple[int, int]] = []
+    for st, sz in zip(t.stride(), t.shape):
+        if sz > 1:
+            i = len(dims)
+            while i > 0 and dims[i - 1][0] > st:
+                i -= 1
+            dims.insert(i, (st, sz))
     span = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+    for stride, size in dims:
         if stride < span:
             raise ValueError(f"{name}: is updated in place, so its elements must not share memory; got shape "
                              f"{tuple(t.shape)} with strides {tuple(t.stride())} (an expanded or overlapping view); "

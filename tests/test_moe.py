@@ -277,6 +277,14 @@ def test_grouped_ffn_gradcheck_and_opcheck():
         torch.library.opcheck(moe_ops._grouped_ffn_bwd_op,
                               (torch.randn(7, 2, dtype=torch.float64, generator=g), *saved, w_in.detach(),
                                None if gate is None else gate.detach(), w_out.detach()))
+    # weights stored transposed (a (E, F, C) parameter used as .transpose(1, 2)): the fake gradients must have the
+    # real ones' (contiguous) strides, or inductor's stride asserts fail in the backward
+    w_in_t = torch.randn(3, 4, 3, dtype=torch.float64, generator=g).transpose(1, 2)
+    for gate in (w_gate.detach(), None):
+        saved = [t.detach() for t in moe_ops._grouped_ffn_op(x.detach(), offsets, w_in_t, gate, w_out.detach())[1:]]
+        torch.library.opcheck(moe_ops._grouped_ffn_bwd_op,
+                              (torch.randn(7, 2, dtype=torch.float64, generator=g), *saved, w_in_t, gate,
+                               w_out.detach()))
 
 
 def test_grouped_ffn_bad_inputs():

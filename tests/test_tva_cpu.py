@@ -394,6 +394,24 @@ def test_native_op_under_torch_compile():
         torch.testing.assert_close(a, b, msg=n)
 
 
+def test_float_coef_cache_is_not_poisoned_by_fake_tensor_mode():
+    """A float coef is cached as a 0-dim tensor per value; a FakeTensor made under FakeTensorMode went into that
+    cache (every later eager backward with the value then failed), and a cached real one failed under the mode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v, d = (torch.randn(1, 2, 5, 8) for _ in range(4))
+    g = torch.rand(1, 5, 2)
+    tva_attention(q, k, v, delta=d, gate=g, coef=0.25)  # a real tensor cached for 0.25 first
+    for coef in (0.5, 0.25):
+        with FakeTensorMode() as mode:
+            out = tva_attention(*map(mode.from_tensor, (q, k, v)), delta=mode.from_tensor(d),
+                                gate=mode.from_tensor(g), coef=coef)
+        assert out.shape == q.shape
+        qg = q.clone().requires_grad_()
+        tva_attention(qg, k, v, delta=d, gate=g, coef=coef).sum().backward()
+        assert qg.grad is not None and torch.isfinite(qg.grad).all()
+
+
 def test_eager_calls_skip_the_custom_op_dispatch():
     """Eager calls run the kernels' bodies through an autograd.Function (the custom op's dispatch costs ~60 µs of
     Python each way, more than the kernel at decode); the op itself serves torch.compile (the test above compares

@@ -408,8 +408,9 @@ def _grouped_ffn_bwd_op(grad_out: torch.Tensor, rows: torch.Tensor, h: torch.Ten
 
 @_grouped_ffn_bwd_op.register_fake
 def _(grad_out, rows, h, up, gate, act, w_in, w_gate, w_out):
-    g_w_gate = torch.empty_like(w_gate) if w_gate is not None else h.new_empty(0)
-    return h.new_empty((rows.shape[0], h.shape[2])), torch.empty_like(w_in), g_w_gate, torch.empty_like(w_out)
+    # new_empty, not empty_like: the real gradients come from bmm and are contiguous whatever the weights' strides
+    g_w_gate = w_gate.new_empty(w_gate.shape) if w_gate is not None else h.new_empty(0)
+    return h.new_empty((rows.shape[0], h.shape[2])), w_in.new_empty(w_in.shape), g_w_gate, w_out.new_empty(w_out.shape)
 
 
 def _grouped_ffn_setup(ctx, inputs, output):

@@ -187,7 +187,7 @@ def _coef_const(value: float, device: torch.device) -> torch.Tensor:
 def _coef_tensor(value: float, device: torch.device) -> torch.Tensor:
     """A float coef as the 0-dim fp32 tensor the ops take, made once per (value, device): a new one per call cost
     ~15 µs on the CPU (a third of a small call's Python overhead), and on CUDA a host-to-device copy each time."""
-    if torch.compiler.is_compiling():
+    if backends.custom_op_must_dispatch():  # a fake or traced tensor must neither be cached nor meet a cached real one
         return torch.tensor(value, dtype=torch.float32, device=device)
     return _coef_const(value, device)
 
