@@ -124,7 +124,7 @@ def test_inference_dtype_resolution(tiny_checkpoint, monkeypatch):
     (["generate", "{ckpt}", "--prompt", "x", "--plugins", "nosuch"], "unknown plugin 'nosuch'"),
     (["generate", "{ckpt}", "--prompt", "x", "--plugin-opt", "voter.k=3"], "not enabled"),
     (["generate", "{ckpt}", "--prompt", "x", "--plugins", "voter", "--plugin-opt", "voter"], "NAME.KEY=VALUE"),
-    (["chat", "{ckpt}", "--plugins", "voter", "--plugin-opt", "voter.k=1"], "k: must be >= 2"),
+    (["chat", "{ckpt}", "--plugins", "voter", "--plugin-opt", "voter.k=1"], "k: expected an integer >= 2, got 1"),
     (["generate", "{ckpt}", "--prompt", "x", "--device", "tpu"], "--device"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, fragment, tiny_checkpoint, tmp_path, capsys):

@@ -166,6 +166,10 @@ def test_bistate_loss_properties():
         bistate_alignment_loss(a, b, tau_align=0.0)
     with pytest.raises(ValueError, match="shape"):
         bistate_alignment_loss(a, b[:, :2])
+    with pytest.raises(ValueError, match="tau_align"):
+        bistate_alignment_loss(a, b, tau_align=float("nan"))
+    with pytest.raises(ValueError, match="a: no tokens"):  # the mean over no tokens was a silent NaN
+        bistate_alignment_loss(a[:, :0], b[:, :0])
 
 
 # ---- manager ----------------------------------------------------------------------------------------------
@@ -209,10 +213,48 @@ def test_unknown_plugin_and_bad_settings():
     with pytest.raises(PluginError, match="tau_align"):
         build_plugins(["align"], {"align": {"tau_align": -1}})
     # a value of the wrong type names the setting (it said only "invalid literal for int()")
-    with pytest.raises(PluginError, match=r"plugins.voter: k: expected int, got 'abc'"):
+    with pytest.raises(PluginError, match=r"plugins.voter: k: expected an integer >= 2, got 'abc'"):
         build_plugins(["voter"], {"voter": {"k": "abc"}})
-    with pytest.raises(PluginError, match=r"plugins.routing: temperature: expected float, got \[1\]"):
+    with pytest.raises(PluginError, match=r"plugins.routing: temperature: expected a finite number > 0, got \[1\]"):
         build_plugins(["routing"], {"routing": {"temperature": [1]}})
+    with pytest.raises(PluginError, match="unknown plugin 'auto'"):  # not the registry's pick of the best one
+        build_plugins(["auto"])
+
+
+@pytest.mark.parametrize("name, settings, fragment", [
+    # each was accepted when built and then stopped the run from the model's forward (or made the loss NaN)
+    ("routing", {"temperature": float("nan")}, "temperature: expected a finite number > 0, got nan"),
+    ("routing", {"temperature": float("inf")}, "temperature: expected a finite number > 0, got inf"),
+    ("moe", {"capacity_factor": -1}, "capacity_factor: expected a finite number > 0 or null, got -1"),
+    ("moe", {"capacity_factor": "abc"}, "capacity_factor: expected a finite number"),
+    ("moe", {"upcycle": "false"}, "upcycle: expected true or false"),  # bool("false") is True
+    ("moe", {"router": 3}, "router: expected a router provider name"),
+    ("align", {"tau_align": float("nan")}, "tau_align: expected a finite number > 0"),
+    ("align", {"weight": float("nan")}, "weight: expected a finite number >= 0"),
+    ("align", {"max_tokens": 0}, "max_tokens: expected an integer >= 1 or null, got 0"),
+    ("align", {"max_tokens": "12"}, "max_tokens: expected an integer"),
+    ("align", {"detach_b": "false"}, "detach_b: expected true or false"),
+    ("align", {"alpha": -1}, "alpha: expected a finite number >= 0"),
+    ("retriever", {"template": "{prompt.x}"}, "template: AttributeError"),
+    ("retriever", {"template": 3}, "template: expected a string"),
+    ("retriever", {"provider": "nope"}, "provider: .*'nope' is not registered"),
+    ("retriever", {"n_features": "abc"}, "n_features: expected an integer >= 1"),
+    ("retriever", {"ngrams": 3}, "ngrams: expected 1"),
+    ("retriever", {"provider_config": [1]}, "provider_config: expected a mapping"),
+])
+def test_bad_plugin_settings_are_refused_when_built(name, settings, fragment):
+    with pytest.raises(PluginError, match=f"plugins.{name}: {fragment}"):
+        build_plugins([name], {name: settings})
+
+
+def test_a_scheduled_capacity_factor_that_leaves_the_range_disables_only_the_plugin():
+    moe = build_plugins(["moe"])[0]
+    layer = type("L", (), {"capacity_factor": 1.25})()
+    moe._layers = [layer]
+    sched = type("S", (), {"value": lambda self, key, epoch, step, default: -0.5})()
+    mgr = PluginManager([moe])
+    mgr.broadcast("on_step_start", HookContext(extra={"schedules": sched}))
+    assert "moe_capacity_factor reached -0.5" in mgr.disabled["moe"] and layer.capacity_factor == 1.25
 
 
 def test_resume_with_scheduled_plugins_equals_uninterrupted(tmp_path):

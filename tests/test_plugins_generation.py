@@ -3,6 +3,7 @@
 it in front of the prompt, and a failing retriever (missing folder, an exception inside) leaves generation going."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -127,9 +128,12 @@ def test_voter_commit_modes_and_text_vote():
     assert got.tokens == [C, B] and got.logprob == -1.0
 
 
-@pytest.mark.parametrize("cfg, fragment", [({"k": 1}, "k: must be >= 2"), ({"horizon": 0}, "horizon"),
-                                           ({"vote_on": "x"}, "vote_on"), ({"commit": "x"}, "commit"),
-                                           ({"threshold": 2.0}, "threshold"), ({"kk": 1}, "unknown setting")])
+@pytest.mark.parametrize("cfg, fragment", [
+    ({"k": 1}, "k: expected an integer >= 2, got 1"), ({"horizon": 0}, "horizon"), ({"vote_on": "x"}, "vote_on"),
+    ({"commit": "x"}, "commit"), ({"threshold": 2.0}, "threshold"), ({"kk": 1}, "unknown setting"),
+    ({"k": 2.5}, "k: expected an integer"), ({"normalize": "false"}, "normalize: expected true or false"),
+    ({"temperature": float("nan")}, "temperature: expected a finite number >= 0 or null, got nan"),
+    ({"threshold": float("nan")}, "threshold: expected a finite number")])
 def test_voter_bad_settings(cfg, fragment):
     with pytest.raises(PluginError, match=fragment):
         build_plugins(["voter"], {"voter": cfg})
@@ -175,6 +179,16 @@ def test_passages_and_provider_find_the_right_one(corpus, caplog):
     again.build(load_passages(corpus))
     assert [h.score for h in again.search("Eiffel tower Paris", 3)] == \
         [h.score for h in index.search("Eiffel tower Paris", 3)]
+
+
+def test_jsonl_passages_may_hold_unicode_line_separators(tmp_path):
+    # valid JSON may carry U+2028 / U+2029 / U+0085 raw: splitlines() cut the document there (two "invalid JSON"
+    # warnings, the document lost, the next one labelled with the wrong line)
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "Berlin\u2028is in\x85Germany"}, ensure_ascii=False)
+                                         + "\r\n" + json.dumps({"text": "Rome has the Tiber"}) + "\n",
+                                         encoding="utf-8", newline="")
+    assert [(p.text, p.source) for p in load_passages(tmp_path)] == \
+        [("Berlin is in Germany", "docs.jsonl:1"), ("Rome has the Tiber", "docs.jsonl:2")]  # whitespace folded
 
 
 def test_split_passages_respects_max_chars():

@@ -126,6 +126,31 @@ def test_plugin_aux_loss_joins_the_loss(tmp_path):
     assert m["loss"] == pytest.approx(m["loss_lm"] + 5.0, rel=1e-5)
 
 
+class BadAux(Plugin):
+    def __init__(self, name, make):
+        super().__init__()
+        self.name, self.make = name, make
+
+    def compute_loss(self, ctx):
+        ctx.aux_losses[self.name] = self.make(ctx)
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda ctx: ctx.extra["logits"].mean(-1).flatten(), "tensor of shape (64,)"),  # stopped the run in backward
+    (lambda ctx: 123.0, "float 123.0"),  # was dropped without a word
+    (lambda ctx: torch.tensor(3), "torch.int64 tensor"),
+])
+def test_a_plugin_aux_loss_that_is_no_scalar_loss_disables_only_that_plugin(tmp_path, make, what):
+    bad = BadAux("bad", make)
+    tr = Trainer(_cfg(tmp_path, **{"training.max_epochs": 1, "training.steps_per_epoch": 2}),
+                 plugins=[bad, ConstLoss()])
+    summary = tr.fit()
+    assert summary["steps"] == 2 and "aux_losses['bad']: expected a one-element float tensor" in \
+        summary["disabled_plugins"]["bad"] and what in summary["disabled_plugins"]["bad"]
+    m = tr.ctx.metrics
+    assert "loss_bad" not in m and m["loss"] == pytest.approx(m["loss_lm"] + 5.0, rel=1e-5)
+
+
 def test_lr_schedule_and_amp_policy():
     assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)

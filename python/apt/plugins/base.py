@@ -25,6 +25,7 @@ import dataclasses
 from typing import Any, Callable, ClassVar, Optional
 
 from ..core.registry import Provider
+from ..core.settings import as_bool, as_number
 
 TRAINING_HOOKS = ("on_training_start", "on_epoch_start", "on_step_start", "on_step_end", "on_epoch_end",
                   "on_training_end")
@@ -80,6 +81,15 @@ class Plugin(Provider):
             return cast(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key}: expected {getattr(cast, '__name__', 'a valid value')}, got {value!r}") from None
+
+    def number(self, key: str, default: Any, **limits: Any) -> Any:
+        """``config[key]`` (``default`` when absent) checked by :func:`apt.core.settings.as_number` (``integer``,
+        ``low``, ``high``, ``low_open``, ``high_open``, ``allow_none``): a finite number in range, else ValueError."""
+        return as_number(key, self.config.get(key, default), **limits)
+
+    def flag(self, key: str, default: bool) -> bool:
+        """``config[key]`` (``default`` when absent), which must be a bool: a quoted "false" would read as True."""
+        return as_bool(key, self.config.get(key, default))
 
     def emit(self, ctx: HookContext, event: str) -> None:
         """Record ``event`` (e.g. "enabled") in ``ctx.events`` as (plugin, event, epoch, step)."""

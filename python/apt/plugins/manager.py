@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+import torch
+
 from ..core import registry
 from .base import HookContext, Plugin
 
@@ -24,6 +26,8 @@ def build_plugins(names: Iterable[str], settings: Optional[Mapping[str, Any]] = 
     out = []
     for name in names:
         try:
+            if name == "auto":  # the registry's "best available provider": for plugins a silent pick of one
+                raise registry.RegistryError("'auto' names no plugin")
             plugin = registry.get("plugin", name, config=dict(settings.get(name) or {}), strict=True)
         except registry.RegistryError:
             known = ", ".join(sorted(i.name for i in registry.list_providers("plugin"))) or "none"
@@ -32,6 +36,19 @@ def build_plugins(names: Iterable[str], settings: Optional[Mapping[str, Any]] = 
             raise PluginError(f"plugin {name!r}: bad settings plugins.{name}: {exc}") from None
         out.append(plugin)  # type: ignore[arg-type]
     return out
+
+
+def _check_aux_losses(before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
+    """What a compute_loss put into ``ctx.aux_losses`` must be a one-element float tensor: a vector stopped the run
+    in backward ("grad can be implicitly created only for scalar outputs"), a Python float was silently dropped."""
+    for key, value in after.items():
+        if key in before and value is before[key]:
+            continue
+        if not torch.is_tensor(value) or value.numel() != 1 or not value.is_floating_point():
+            what = (f"a {value.dtype} tensor of shape {tuple(value.shape)}" if torch.is_tensor(value)
+                    else f"{type(value).__name__} {value!r}")
+            raise TypeError(f"aux_losses[{key!r}]: expected a one-element float tensor (a loss term with its "
+                            f"graph), got {what}")
 
 
 class PluginManager:
@@ -68,9 +85,15 @@ class PluginManager:
                 continue
             if hook in self._SCHEDULED_HOOKS and not plugin.manages_schedule and not plugin.scheduled_on(ctx):
                 continue
+            before = dict(ctx.aux_losses) if hook == "compute_loss" else None
             try:
                 fn(ctx)
+                if before is not None:
+                    _check_aux_losses(before, ctx.aux_losses)
             except Exception as exc:  # plugin code is isolated: log, disable, go on
+                if before is not None:  # and adds nothing to the loss of the step it failed in
+                    ctx.aux_losses.clear()
+                    ctx.aux_losses.update(before)
                 self._fail(plugin, hook, exc, ctx)
 
     def augment_prompt(self, prompt: str, ctx: HookContext) -> str:

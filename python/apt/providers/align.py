@@ -18,12 +18,14 @@ subsample) enter the N×N similarity matrix.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..core.registry import Provider
+from ..core.settings import as_bool, as_number
 
 
 def bistate_alignment_loss(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, beta: float = 1.0,
@@ -32,8 +34,12 @@ def bistate_alignment_loss(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0,
     """``(alpha·stable + beta·align, {"stable": ..., "align": ...})`` for states a, b of shape (..., C)."""
     if a.shape != b.shape:
         raise ValueError(f"b: expected the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
-    if tau_align <= 0:
-        raise ValueError(f"tau_align: must be > 0, got {tau_align}")
+    if not tau_align > 0 or not math.isfinite(tau_align):  # not <= 0: NaN passes that
+        raise ValueError(f"tau_align: expected a finite number > 0, got {tau_align}")
+    if a.numel() == 0:
+        raise ValueError(f"a: no tokens to align (shape {tuple(a.shape)})")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens: expected >= 1 or None, got {max_tokens}")
     a2, b2 = a.reshape(-1, a.shape[-1]).float(), b.reshape(-1, b.shape[-1]).float()
     if detach_b:
         b2 = b2.detach()
@@ -57,13 +63,11 @@ class BistateAlign(Provider):
     def __init__(self, config: Optional[dict[str, Any]] = None) -> None:
         super().__init__(config)
         c = self.config
-        self.alpha = float(c.get("alpha", 1.0))
-        self.beta = float(c.get("beta", 1.0))
-        self.tau_align = float(c.get("tau_align", 0.1))
-        self.max_tokens = c.get("max_tokens", 512)
-        self.detach_b = bool(c.get("detach_b", False))
-        if self.tau_align <= 0:
-            raise ValueError(f"tau_align: must be > 0, got {self.tau_align}")
+        self.alpha = as_number("alpha", c.get("alpha", 1.0), low=0)
+        self.beta = as_number("beta", c.get("beta", 1.0), low=0)
+        self.tau_align = as_number("tau_align", c.get("tau_align", 0.1), low=0, low_open=True)
+        self.max_tokens = as_number("max_tokens", c.get("max_tokens", 512), integer=True, low=1, allow_none=True)
+        self.detach_b = as_bool("detach_b", c.get("detach_b", False))
 
     def loss(self, a: torch.Tensor, b: torch.Tensor, **over: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         kw = dict(alpha=self.alpha, beta=self.beta, tau_align=self.tau_align, max_tokens=self.max_tokens,

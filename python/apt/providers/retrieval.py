@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional, Sequence, Union
 
 from ..core.registry import Provider
+from ..core.settings import as_number
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ def load_passages(folder: Union[str, os.PathLike], max_chars: int = 800,
         if f.suffix.lower() in TEXT_SUFFIXES:
             add(raw, rel)
             continue
-        for lineno, line in enumerate(raw.splitlines(), 1):
+        # split("\n"), not splitlines(): JSON strings may hold U+2028, U+0085 etc. raw, which splitlines() cuts at
+        for lineno, line in enumerate(raw.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -158,11 +160,9 @@ class HashingTfidfRetriever(RetrievalProvider):
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))} "
                              f"(known: {', '.join(sorted(self._KNOWN))})")
-        self.n_features = int(self.config.get("n_features", 1 << 20))
-        self.ngrams = int(self.config.get("ngrams", 2))
-        self.min_score = float(self.config.get("min_score", 0.0))
-        if self.n_features < 1:
-            raise ValueError(f"n_features: must be >= 1, got {self.n_features}")
+        self.n_features = as_number("n_features", self.config.get("n_features", 1 << 20), integer=True, low=1)
+        self.ngrams = as_number("ngrams", self.config.get("ngrams", 2), integer=True)
+        self.min_score = as_number("min_score", self.config.get("min_score", 0.0))
         sw = self.config.get("stop_words", "english")
         if sw not in ("english", "none", None):
             raise ValueError(f"stop_words: expected 'english' or 'none', got {sw!r}")

@@ -260,7 +260,7 @@ class Trainer:
         for k, v in ctx.aux_losses.items():
             if torch.is_tensor(v):
                 aux[k] = aux[k] + v if k in aux else v
-        total = loss + sum(v.float() for v in aux.values()) if aux else loss
+        total = loss + sum(v.float().reshape(()) for v in aux.values()) if aux else loss
         ctx.extra.pop("logits", None)
         return total, {"lm": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
 

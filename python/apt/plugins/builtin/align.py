@@ -25,7 +25,7 @@ class AlignPlugin(Plugin):
         unknown = set(self.config) - _KNOWN
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(_KNOWN))})")
-        self.weight = self.setting("weight", 0.1, float)
+        self.weight = self.number("weight", 0.1, low=0)
         cfg = {k: v for k, v in self.config.items() if k not in ("weight", "provider")}
         self.loss_fn = registry.get("align", self.config.get("provider"), config=cfg)
         self._announced = False

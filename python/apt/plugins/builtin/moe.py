@@ -39,9 +39,12 @@ class MoEPlugin(Plugin):
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))} "
                              "(known: capacity_factor, router, upcycle)")
-        self.upcycle = bool(self.config.get("upcycle", True))
-        self.capacity_factor = self.config.get("capacity_factor")
+        self.upcycle = self.flag("upcycle", True)
+        # checked here, not first by the MoE layer in the middle of a forward pass, outside the plugin's isolation
+        self.capacity_factor = self.number("capacity_factor", None, low=0, low_open=True, allow_none=True)
         self.router = self.config.get("router")
+        if self.router is not None and not isinstance(self.router, str):
+            raise ValueError(f"router: expected a router provider name, 'auto' or null, got {self.router!r}")
         self._layers: list[Any] = []
 
     def _moe_layers(self, ctx: HookContext) -> list[Any]:
@@ -104,6 +107,8 @@ class MoEPlugin(Plugin):
         cf = sched.value("moe_capacity_factor", ctx.epoch, step, self.capacity_factor) if sched else \
             self.capacity_factor
         if cf is not None:
+            if not cf > 0:  # raised in the hook (the plugin is disabled), not later by the layer's forward
+                raise ValueError(f"moe_capacity_factor reached {cf} at step {step}; it must stay > 0")
             for layer in self._layers:
                 layer.capacity_factor = float(cf)
             ctx.metrics["moe_capacity_factor"] = float(cf)

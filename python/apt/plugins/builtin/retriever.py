@@ -60,24 +60,32 @@ class RetrieverPlugin(Plugin):
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(_KNOWN))})")
         self.dir: Optional[str] = self.config.get("dir")
-        self.k = self.setting("k", 3, int)
-        self.max_chars = self.setting("max_chars", 800, int)
-        self.query_chars = self.setting("query_chars", 1000, int)
-        self.template = str(self.config.get("template", TEMPLATE))
-        self.passage_template = str(self.config.get("passage_template", PASSAGE_TEMPLATE))
-        for what, value in (("k", self.k), ("max_chars", self.max_chars), ("query_chars", self.query_chars)):
-            if value < 1:
-                raise ValueError(f"{what}: must be >= 1, got {value}")
+        self.k = self.number("k", 3, integer=True, low=1)
+        self.max_chars = self.number("max_chars", 800, integer=True, low=1)
+        self.query_chars = self.number("query_chars", 1000, integer=True, low=1)
+        for key, default in (("template", TEMPLATE), ("passage_template", PASSAGE_TEMPLATE)):
+            if not isinstance(self.config.get(key, default), str):
+                raise ValueError(f"{key}: expected a string, got {self.config[key]!r}")
+        self.template = self.config.get("template", TEMPLATE)
+        self.passage_template = self.config.get("passage_template", PASSAGE_TEMPLATE)
         try:  # a broken template is a settings error, reported when the plugin is built, not at every prompt
             self.template.format(context="", prompt="")
             self.passage_template.format(rank=1, text="", source="", score=0.0)
-        except (KeyError, IndexError, ValueError) as exc:
+        except Exception as exc:  # KeyError, IndexError, ValueError, and AttributeError for '{prompt.x}'
             raise ValueError(f"template: {exc!r} (template may use {{context}} and {{prompt}}; passage_template "
                              "{rank}, {text}, {source}, {score})") from None
-        provider_config = dict(self.config.get("provider_config") or {})
+        provider_config = self.config.get("provider_config") or {}
+        if not isinstance(provider_config, dict):
+            raise ValueError(f"provider_config: expected a mapping, got {provider_config!r}")
+        provider_config = dict(provider_config)
         provider_config.update({k: self.config[k] for k in _PROVIDER_KEYS if k in self.config})
         self.provider_name: Optional[str] = self.config.get("provider")
         self.provider_config = provider_config
+        try:  # build the (empty) provider now: its settings are checked here, not at the first prompt
+            registry.get("retrieval", self.provider_name, config=dict(provider_config),
+                         strict=self.provider_name is not None)
+        except registry.RegistryError as exc:
+            raise ValueError(f"provider: {exc}") from None
         self.index: Any = None  # the built provider, once the folder is indexed
         self.last_hits: list[Hit] = []
         self._build_error: Optional[Exception] = None

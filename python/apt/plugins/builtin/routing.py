@@ -20,9 +20,7 @@ class RoutingPlugin(Plugin):
         unknown = set(self.config) - {"temperature"}
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))} (known: temperature)")
-        self.temperature = self.setting("temperature", 1.0, float)
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        self.temperature = self.number("temperature", 1.0, low=0, low_open=True)
 
     def current(self, ctx: HookContext, step: Optional[int] = None) -> float:
         sched = ctx.extra.get("schedules")

@@ -78,20 +78,13 @@ class VoterPlugin(Plugin):
         unknown = set(self.config) - _KNOWN
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(_KNOWN))})")
-        self.k = self.setting("k", 5, int)
-        self.threshold = self.setting("threshold", 0.5, float)
-        self.normalize = bool(self.config.get("normalize", True))
-        self.horizon = self.setting("horizon", 4, int)
-        temp = self.config.get("temperature", 1.0)
-        self.temperature: Optional[float] = None if temp is None else float(temp)
+        self.k = self.number("k", 5, integer=True, low=2)  # a vote needs several samples
+        self.threshold = self.number("threshold", 0.5)
+        self.normalize = self.flag("normalize", True)
+        self.horizon = self.number("horizon", 4, integer=True, low=1)
+        self.temperature: Optional[float] = self.number("temperature", 1.0, low=0, allow_none=True)
         self.vote_on = str(self.config.get("vote_on", "token"))
         self.commit = str(self.config.get("commit", "all"))
-        if self.k < 2:
-            raise ValueError(f"k: must be >= 2 (a vote needs several samples), got {self.k}")
-        if self.horizon < 1:
-            raise ValueError(f"horizon: must be >= 1, got {self.horizon}")
-        if self.temperature is not None and self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0 or null, got {self.temperature}")
         if self.vote_on not in ("token", "text"):
             raise ValueError(f"vote_on: expected 'token' or 'text', got {self.vote_on!r}")
         if self.commit not in ("all", "first"):
