@@ -91,3 +91,62 @@ def test_short_corpus_uses_shorter_windows():
     assert x.shape == (2, 4)
     with pytest.raises(ValueError):
         TokenBatches(torch.arange(1), 4, 1)
+
+
+def test_tokenizers_encode_lone_surrogates():
+    # invalid UTF-8 in a command-line argument reaches Python as U+DC80..U+DCFF: encode the bytes it stood for
+    for tok in (ByteTokenizer(), BPETokenizer.train("ab cd ab cd ab cd", vocab_size=260)):
+        ids = tok.encode("ab\udcffcd")
+        assert 0xFF in ids and tok.decode(ids) == "ab\ufffdcd"
+        assert tok.decode(tok.encode("x\ud800y")).startswith("x")  # other lone surrogates: no exception
+
+
+def test_bpe_file_errors_name_the_file(tmp_path):
+    for body, fragment in [('{"type": "bpe"}', "'merges' must be a list"), ('{"type": "bpe", "merges": [[1, 999]]}',
+                           r"merges\[0\]: expected two token ids in \[0, 256\)"), ("[1]", "not a BPE tokenizer"),
+                           ("{", "cannot read")]:
+        f = tmp_path / "tok.json"
+        f.write_text(body)
+        with pytest.raises(ValueError, match=f"{f}: .*{fragment}"):
+            BPETokenizer.load(f)
+
+
+def test_jsonl_documents_must_be_strings_and_utf8(tmp_path):
+    ds = registry.get("dataset", "jsonl")
+    p = tmp_path / "d.jsonl"
+    for line, fragment in [('{"text": null}', "field 'text' is NoneType None, expected a string"),
+                           ('{"text": 5}', "field 'text' is int 5"), ('{"text": ["a"]}', "field 'text' is list")]:
+        p.write_text('{"text": "ok"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=f"{p}:2: {fragment}"):
+            ds.load_texts(p)
+    p.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(ValueError, match=f"{p}:2: not UTF-8"):
+        ds.load_texts(p)
+    p.write_bytes(b'\xef\xbb\xbf{"text": "bom"}\r\n' + json.dumps({"text": "a\u2028b"}, ensure_ascii=False).encode()
+                  + b"\n")
+    assert ds.load_texts(p) == ["bom", "a\u2028b"]
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_bytes(b"\xef\xbb\xbfhello")
+    (tmp_path / "t" / "sub.txt").mkdir()  # a folder named *.txt is not a document
+    assert registry.get("dataset", "txt").load_texts(tmp_path / "t") == ["hello"]
+
+
+def test_data_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="data.dataset: .*'jsnol' is not registered.*did you mean 'jsonl'"):
+        build_data({"dataset": "jsnol"})
+    for cfg, fragment in [({"seq_len": -3}, "seq_len: expected an integer >= 1, got -3"),
+                          ({"batch_size": 0}, "batch_size: expected an integer >= 1"),
+                          ({"val_fraction": float("nan")}, "val_fraction: expected a number in"),
+                          ({"val_fraction": 1.0}, "val_fraction")]:
+        with pytest.raises(ValueError, match=fragment):
+            build_data(cfg)
+    for args, fragment in [((torch.arange(10), 0, 4), "seq_len"), ((torch.arange(10), 4, 0), "batch_size"),
+                           ((torch.arange(10), -1, 4), "seq_len")]:
+        with pytest.raises(ValueError, match=fragment):
+            TokenBatches(*args)
+    # a seed past 64 bits after the epoch mix (10**14 * 1_000_003) overflowed the generator
+    x, y = next(TokenBatches(torch.arange(100), 4, 2, seed=10**14).batches(0, 1))
+    assert x.shape == (2, 4) and torch.equal(x[:, 1:], y[:, :-1])
+    a = next(TokenBatches(torch.arange(100), 4, 2, seed=3).batches(1, 1))[0]
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 1)  # small seeds draw exactly as before
+    assert torch.equal(a[:, 0], torch.randint(0, 96, (2,), generator=g))

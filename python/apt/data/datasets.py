@@ -24,7 +24,11 @@ DEFAULT_CORPUS = CORPUS_DIR / "tiny.txt"
 
 def load_texts(data_cfg: Mapping[str, Any]) -> list[str]:
     path = data_cfg.get("path") or DEFAULT_CORPUS
-    provider = registry.get("dataset", data_cfg.get("dataset") or "txt")
+    name = data_cfg.get("dataset") or "txt"
+    try:  # strict: a misspelt 'jsnol' fell back to txt and trained on the raw JSON markup
+        provider = registry.get("dataset", name, strict=True)
+    except registry.RegistryError as exc:
+        raise ValueError(f"data.dataset: {exc}") from None
     return provider.load_texts(path, text_field=data_cfg.get("text_field", "text"))  # type: ignore[attr-defined]
 
 
@@ -45,10 +49,17 @@ def encode_texts(texts: list[str], tokenizer: Tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+
+
 class TokenBatches:
     """Random (input, target) windows over a 1-D token tensor. ``batches(epoch, n)`` yields ``n`` batches."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int = 0) -> None:
+        _check_positive("seq_len", seq_len)
+        _check_positive("batch_size", batch_size)
         if tokens.numel() < 2:
             raise ValueError(f"dataset: need at least 2 tokens, got {tokens.numel()}")
         # A corpus shorter than a window: train on shorter windows rather than fail.
@@ -75,7 +86,8 @@ class TokenBatches:
         return win[:, :-1].contiguous(), win[:, 1:].contiguous()
 
     def batches(self, epoch: int, num_batches: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # mod 2**64: manual_seed takes 64 bits, and a large seed (10**14) overflowed; small seeds are unchanged
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (1 << 64))
         for i in range(num_batches):
             b = self.batch_at(gen)
             if i >= skip:
@@ -100,11 +112,15 @@ def build_data(data_cfg: Mapping[str, Any], seed: int = 0, tokenizer: Optional[T
     texts = load_texts(data_cfg)
     tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg, texts)
     tokens = encode_texts(texts, tok)
-    seq_len, bs = int(data_cfg.get("seq_len", 128)), int(data_cfg.get("batch_size", 8))
-    vf = float(data_cfg.get("val_fraction", 0.0) or 0.0)
+    seq_len, bs = data_cfg.get("seq_len", 128), data_cfg.get("batch_size", 8)
+    _check_positive("seq_len", seq_len)
+    _check_positive("batch_size", bs)
+    vf = data_cfg.get("val_fraction", 0.0) or 0.0
+    if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 <= vf < 1:  # NaN fails too
+        raise ValueError(f"val_fraction: expected a number in [0, 1), got {vf!r}")
     n_val = int(tokens.numel() * vf)
     val = None
-    if n_val >= 2 * min(seq_len, 8) + 2 and tokens.numel() - n_val > 2:
+    if n_val > 0 and n_val >= 2 * min(seq_len, 8) + 2 and tokens.numel() - n_val > 2:
         val = TokenBatches(tokens[-n_val:], seq_len, bs, seed)
         tokens = tokens[:-n_val]
     return tok, TokenBatches(tokens, seq_len, bs, seed), val

@@ -19,6 +19,20 @@ logger = logging.getLogger(__name__)
 _PRETOKEN = re.compile(r" ?[A-Za-z\u00C0-\uFFFF]+| ?\d{1,3}| ?[^\sA-Za-z\d\u00C0-\uFFFF]+|\s+")
 
 
+def utf8_bytes(text: str) -> bytes:
+    """``text`` as UTF-8. A lone surrogate (what Python makes of invalid UTF-8 in a command-line argument or a
+    file read with ``errors="surrogateescape"``) becomes the byte it stands for, or, outside U+DC80..U+DCFF, its
+    3-byte form, instead of a UnicodeEncodeError."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 class ByteTokenizer:
     """UTF-8 bytes 0..255 are the tokens; 256 is end-of-text. Invalid UTF-8 decodes with U+FFFD."""
 
@@ -29,7 +43,7 @@ class ByteTokenizer:
         self.vocab_size = 257
 
     def encode(self, text: str, add_eos: bool = False) -> list[int]:
-        ids = list(text.encode("utf-8"))
+        ids = list(utf8_bytes(text))
         return ids + [self.eos_id] if add_eos else ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -51,6 +65,9 @@ class BPETokenizer:
 
     def __init__(self, merges: Optional[list[tuple[int, int]]] = None) -> None:
         self.merges: list[tuple[int, int]] = [tuple(m) for m in (merges or [])]  # type: ignore[misc]
+        for i, m in enumerate(self.merges):  # a merge may join bytes and the tokens of earlier merges only
+            if len(m) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 256 + i for t in m):
+                raise ValueError(f"merges[{i}]: expected two token ids in [0, {256 + i}), got {list(m)!r}")
         self.ranks = {pair: i for i, pair in enumerate(self.merges)}
         self.vocab: dict[int, bytes] = {i: bytes([i]) for i in range(256)}
         for i, (a, b) in enumerate(self.merges):
@@ -64,7 +81,7 @@ class BPETokenizer:
         if vocab_size < 257:
             raise ValueError(f"vocab_size: must be >= 257 (256 bytes + end-of-text), got {vocab_size}")
         words = Counter(_PRETOKEN.findall(text))
-        seqs = [list(w.encode("utf-8")) for w in words]
+        seqs = [list(utf8_bytes(w)) for w in words]
         counts = list(words.values())
         # pair counts over all words, and which words hold each pair; a merge only revisits those words
         pairs: Counter = Counter()
@@ -103,7 +120,7 @@ class BPETokenizer:
         hit = self._cache.get(word)
         if hit is not None:
             return hit
-        seq = list(word.encode("utf-8"))
+        seq = list(utf8_bytes(word))
         while len(seq) > 1:
             ranked = [(self.ranks.get(p, len(self.ranks)), p) for p in zip(seq, seq[1:])]
             rank, pair = min(ranked)
@@ -119,11 +136,11 @@ class BPETokenizer:
         pos = 0
         for m in _PRETOKEN.finditer(text):
             if m.start() > pos:  # characters the pattern skipped (none expected) are kept as bytes
-                ids.extend(text[pos:m.start()].encode("utf-8"))
+                ids.extend(utf8_bytes(text[pos:m.start()]))
             ids.extend(self._encode_word(m.group()))
             pos = m.end()
         if pos < len(text):
-            ids.extend(text[pos:].encode("utf-8"))
+            ids.extend(utf8_bytes(text[pos:]))
         return ids + [self.eos_id] if add_eos else ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -139,11 +156,17 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "BPETokenizer":
-        with open(path, "r", encoding="utf-8") as f:
-            state = json.load(f)
-        if state.get("type") != "bpe":
-            raise ValueError(f"{path}: not a BPE tokenizer file")
-        return cls([tuple(m) for m in state["merges"]])
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                state = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read a BPE tokenizer: {exc}") from None
+        if not isinstance(state, dict) or state.get("type") != "bpe":
+            raise ValueError(f"{path}: not a BPE tokenizer file (expected a JSON object with \"type\": \"bpe\")")
+        try:
+            return tokenizer_from_state(state)  # type: ignore[return-value]
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
@@ -189,5 +212,8 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
-        return BPETokenizer([tuple(m) for m in state["merges"]])
+        merges = state.get("merges")
+        if not isinstance(merges, list) or not all(isinstance(m, (list, tuple)) for m in merges):
+            raise ValueError(f"tokenizer state: 'merges' must be a list of [id, id] pairs, got {type(merges).__name__}")
+        return BPETokenizer([tuple(m) for m in merges])
     raise ValueError(f"tokenizer state: unknown type {kind!r}")

@@ -1,8 +1,10 @@
 """Dataset providers (kind ``dataset``): read a source into a list of documents (strings).
 
-``txt`` (default): a UTF-8 text file, or every ``*.txt`` file of a directory (sorted), one document per file.
-``jsonl``: one JSON object per line; the document is the field ``text_field`` (default ``text``).
-A missing path is a FileNotFoundError; a malformed JSONL line is a ValueError naming the file and line.
+``txt`` (default): a UTF-8 text file, or every ``*.txt`` file of a directory (sorted), one document per file;
+bytes that are not UTF-8 read as U+FFFD.
+``jsonl``: one JSON object per line; the document is the string field ``text_field`` (default ``text``).
+A missing path is a FileNotFoundError; a malformed JSONL line (invalid JSON or UTF-8, no such field, a field that
+is not a string) is a ValueError naming the file and line. A leading UTF-8 byte-order mark is skipped.
 """
 from __future__ import annotations
 
@@ -29,14 +31,14 @@ class TxtDataset(DatasetProvider):
     def load_texts(self, path: Union[str, os.PathLike], **kw: Any) -> list[str]:
         p = Path(path)
         if p.is_dir():
-            files = sorted(p.glob("*.txt"))
+            files = sorted(f for f in p.glob("*.txt") if f.is_file())
             if not files:
                 raise FileNotFoundError(f"dataset txt: no *.txt files in directory {p}")
         elif p.is_file():
             files = [p]
         else:
             raise FileNotFoundError(f"dataset txt: no such file or directory: {p}")
-        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        return [f.read_text(encoding="utf-8-sig", errors="replace") for f in files]
 
 
 class JsonlDataset(DatasetProvider):
@@ -48,8 +50,12 @@ class JsonlDataset(DatasetProvider):
         if not p.is_file():
             raise FileNotFoundError(f"dataset jsonl: no such file: {p}")
         out = []
-        with open(p, "r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):  # by b"\n" only: JSON strings may hold U+2028 raw
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(f"dataset jsonl: {p}:{lineno}: not UTF-8: {exc}") from None
                 if not line.strip():
                     continue
                 try:
@@ -58,7 +64,11 @@ class JsonlDataset(DatasetProvider):
                     raise ValueError(f"dataset jsonl: {p}:{lineno}: invalid JSON: {exc}") from None
                 if not isinstance(obj, dict) or text_field not in obj:
                     raise ValueError(f"dataset jsonl: {p}:{lineno}: no field {text_field!r}")
-                out.append(str(obj[text_field]))
+                text = obj[text_field]
+                if not isinstance(text, str):  # str() trained the model on 'None', '5' or "['a']"
+                    raise ValueError(f"dataset jsonl: {p}:{lineno}: field {text_field!r} is "
+                                     f"{type(text).__name__} {text!r}, expected a string")
+                out.append(text)
         if not out:
             raise ValueError(f"dataset jsonl: {p} holds no documents")
         return out
