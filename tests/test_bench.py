@@ -284,6 +284,185 @@ def test_apt_bench_report(tmp_path, capsys):
     assert "rendered 1 result file(s)" in capsys.readouterr().out
 
 
+def _strict_json(text):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_has_no_nan_or_infinity(tmp_path):
+    # a provider with non-finite outputs gets max_rel_err = inf (runner.compare_outputs); bench.json had `Infinity`
+    run = _synthetic_run()
+    run.results[2].max_rel_err = math.inf
+    run.results[1].metric_value = math.nan
+    run.results[1].timing["times_s"].append(math.inf)
+    run.results[1].tolerance = {"atol": -math.inf, "rtol": np.float32(0.5)}
+    run.meta.update(wall_s=math.nan, nested={"x": [1.0, (math.inf, 2)]}, np_scalar=np.float64(math.inf))
+    p = report.write_json(run, tmp_path / "r.json")
+    data = _strict_json(p.read_text())
+    rows = data["results"]
+    assert rows[2]["max_rel_err"] is None and rows[1]["metric_value"] is None
+    assert rows[1]["timing"]["times_s"][-1] is None
+    assert rows[1]["tolerance"] == {"atol": None, "rtol": 0.5}  # a numpy scalar as a number, not a string
+    assert data["meta"]["wall_s"] is None and data["meta"]["nested"] == {"x": [1.0, [None, 2]]}
+    assert data["meta"]["np_scalar"] is None
+    # the reader takes what the writer writes: every row back, and the report renders it
+    back = report.load_json(p)
+    assert [r.provider for r in back.results] == [r.provider for r in run.results]
+    assert back.results[2].max_rel_err is None and "wrong: o: off" in report.render_markdown(back)
+    # in memory the values are untouched
+    assert run.results[2].max_rel_err == math.inf
+
+
+def _run_dict():
+    return json.loads(json.dumps(_synthetic_run().as_dict()))
+
+
+def _set(path, value):
+    """A mutation of the synthetic run's dict: ``path`` like "results.1.timing.median_s"; value ... deletes."""
+    def mutate(d):
+        *head, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        for k in head:
+            d = d[k]
+        if value is ...:
+            del d[last]
+        else:
+            d[last] = value
+    return mutate
+
+
+# a malformed file: skipped with a warning naming it and the field, the others render
+BAD_FILES = {
+    "toplevel_list": ("[1, 2]", "expected an object with meta and results, got a list"),
+    "toplevel_null": ("null", "got null"),
+    "toplevel_string": ('"hi"', "got the string 'hi'"),
+    "invalid_json": ("{not json", "not valid JSON"),
+    "empty_file": ("", "not valid JSON"),
+    "meta_list": (_set("meta", [1, 2]), "meta: expected an object, got a list"),
+    "results_missing": (_set("results", ...), "results: missing"),
+    "results_null": (_set("results", None), "results: expected a list, got null"),
+    "targets_string": (_set("targets", "all met"), "targets: expected a list or null"),
+    "grids_list": (_set("meta.grids", ["a"]), "meta.grids: expected an object or null, got a list"),
+    "grid_not_dict": (_set("meta.grids.attention", "tiny"), "meta.grids.attention: expected an object"),
+    "cuda_peaks_not_dict": (_set("meta.peaks.attention", 5), "meta.peaks.attention: expected an object"),
+    "peaks_no_dtype": (_set("meta.peaks.attention.dtype", ...), "meta.peaks.attention.dtype: missing"),
+    "wall_s_string": (_set("meta.wall_s", "3s"), "meta.wall_s: expected a finite number or null, got the string"),
+    "bandwidth_string": (_set("meta.cpu_copy_bandwidth_GBps", "fast"), "meta.cpu_copy_bandwidth_GBps: expected"),
+    "timestamp_null": (_set("meta.timestamp", None), "meta.timestamp: expected a string, got null"),
+    "timestamp_int": (_set("meta.timestamp", 20260101), "meta.timestamp: expected a string, got the number"),
+}
+
+
+def _write_bad(path, bad):
+    if isinstance(bad, str):
+        path.write_text(bad)
+    else:
+        d = _run_dict()
+        bad(d)
+        path.write_text(json.dumps(d))  # Python's json writes NaN/Infinity: files of older writers or by hand
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_apt_bench_report_skips_a_malformed_file(case, tmp_path, capsys, caplog):
+    bad, message = BAD_FILES[case]
+    results, out = tmp_path / "results", tmp_path / "RESULTS.md"
+    results.mkdir()
+    report.write_json(_synthetic_run(), results / "good.json")
+    _write_bad(results / "bad.json", bad)
+    assert main(["bench", "--report", "--results-dir", str(results), "--report-out", str(out)]) == 0
+    warning = next(r.getMessage() for r in caplog.records if "bad.json" in r.getMessage())
+    assert message in warning and str(results / "bad.json") in warning
+    text = out.read_text()
+    assert "| good.json |" in text and "bad.json" not in text and "### attention: causal fwd" in text
+    said = capsys.readouterr().out
+    assert "rendered 1 result file(s)" in said and "skipped 1 malformed file(s): bad.json" in said
+
+
+# a malformed row: skipped with a warning naming the file and the row's index, the rest of the file renders.
+# Rows of the synthetic run: 0 ref (the reference), 1 fast, 2 bad (wrong, untimed), 3 gone (not run)
+_MEDIAN = "timing.median_s: expected a finite number of seconds"
+BAD_ROWS = {
+    "row_not_dict": (_set("results.1", "garbage"), "expected an object (one result row), got the string"),
+    "row_missing_kind": (_set("results.1.kind", ...), "kind: missing (expected a string)"),
+    "row_missing_status": (_set("results.1.status", ...), "status: missing"),
+    "mode_number": (_set("results.1.mode", 5), "mode: expected a string or null, got the number 5"),
+    "timing_list": (_set("results.1.timing", [1, 2]), "timing: expected an object or null, got a list"),
+    "timing_empty": (_set("results.1.timing", {}), "timing.median_s: missing"),
+    "timing_missing_median": (_set("results.1.timing.median_s", ...), "timing.median_s: missing"),
+    "timing_missing_q1": (_set("results.1.timing.q1_s", ...), "timing.q1_s: missing"),
+    "timing_n_zero": (_set("results.1.timing.n", 0), "timing.n: expected an integer >= 1"),
+    "median_string": (_set("results.1.timing.median_s", "fast"), "timing.median_s: expected a finite number of "
+                                                                  "seconds > 0, got the string 'fast'"),
+    "median_nan": (_set("results.1.timing.median_s", math.nan), f"{_MEDIAN} > 0, got the number nan"),
+    "median_inf": (_set("results.1.timing.median_s", math.inf), f"{_MEDIAN} > 0, got the number inf"),
+    "median_zero": (_set("results.1.timing.median_s", 0.0), f"{_MEDIAN} > 0, got the number 0.0"),
+    "median_negative": (_set("results.1.timing.median_s", -1e-3), f"{_MEDIAN} > 0, got the number -0.001"),
+    "q3_nan": (_set("results.1.timing.q3_s", math.nan), "timing.q3_s: expected a finite number"),
+    "max_rel_err_string": (_set("results.1.max_rel_err", "tiny"), "max_rel_err: expected a number or null"),
+    "peak_mem_string": (_set("results.1.peak_mem_bytes", "lots"), "peak_mem_bytes: expected an integer >= 0"),
+    "metric_value_nan": (_set("results.1.metric_value", math.nan), "metric_value: expected a finite number"),
+    "pct_of_peak_inf": (_set("results.1.pct_of_peak", math.inf), "pct_of_peak: expected a finite number"),
+    "shape_label_list": (_set("results.1.shape_label", ["T=64"]), "shape_label: expected a string, got a list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_report_skips_a_malformed_row(case, tmp_path, caplog):
+    bad, message = BAD_ROWS[case]
+    p = tmp_path / "run.json"
+    _write_bad(p, bad)
+    run = report.load_json(p)
+    assert [r.provider for r in run.results] == ["ref", "bad", "gone"]
+    assert f"{p}: skipping results[1]: {message}" in caplog.text
+    md = report.render_results(tmp_path)
+    assert "| ref |" in md and "| fast |" not in md and " nan" not in md and " inf" not in md
+
+
+def test_report_rejects_garbage_reference_timings(tmp_path, caplog):
+    # a NaN reference time made every row's `vs best` nan (min() with a NaN depends on the order)
+    d = _run_dict()
+    d["results"][0]["timing"]["median_s"] = math.nan
+    d["results"].append({**d["results"][1], "provider": "slow", "timing": {**d["results"][1]["timing"],
+                                                                            "median_s": 4e-3}})
+    (tmp_path / "run.json").write_text(json.dumps(d))
+    run = report.load_json(tmp_path / "run.json")
+    assert "skipping results[0]: timing.median_s" in caplog.text and "ref" not in [r.provider for r in run.results]
+    md = report.render_markdown(run)
+    assert "nan" not in md and "| fast | ok | 1 ms" in md and "| 4.00 |" in md  # slow: 4 ms vs the fastest 1 ms
+
+
+def test_report_skips_a_malformed_target(tmp_path, caplog):
+    d = json.loads(json.dumps(_targets_run().as_dict()))
+    d["targets"][1] = {"name": "x"}
+    d["targets"][2]["issue"] = "five"
+    (tmp_path / "t.json").write_text(json.dumps(d))
+    run = report.load_json(tmp_path / "t.json")
+    assert [t.name for t in run.targets] == ["a.met"]
+    assert "skipping targets[1]: kind: missing" in caplog.text
+    assert "skipping targets[2]: issue: expected an integer, got the string 'five'" in caplog.text
+
+
+def test_apt_bench_report_counts_what_it_rendered(tmp_path, capsys, caplog):
+    results, out = tmp_path / "results", tmp_path / "RESULTS.md"
+    results.mkdir()
+    argv = ["bench", "--report", "--results-dir", str(results), "--report-out", str(out)]
+    (results / "broken.json").write_text("{not json")
+    out.write_text("the previous report\n")
+    # every file skipped: an error, and RESULTS.md is left as it was (not replaced by "no result files yet")
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    assert "none of the 1 result file(s)" in cap.err and "not written" in cap.err and "rendered" not in cap.out
+    assert "broken.json: not valid JSON" in caplog.text and out.read_text() == "the previous report\n"
+    report.write_json(_synthetic_run(), results / "good.json")
+    (results / "b2.json").write_text("[]")
+    assert main(argv) == 0
+    assert ("rendered 1 result file(s)" in (o := capsys.readouterr().out)
+            and "skipped 2 malformed file(s): b2.json, broken.json" in o)
+    assert "| good.json |" in out.read_text()
+    rep = report.results_report(results)
+    assert rep.rendered == [results / "good.json"] and [f.name for f, _ in rep.skipped] == ["b2.json", "broken.json"]
+
+
 # ---- the CLI end to end ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["attention", "router", "scan"])
 def test_apt_bench_quick_with_fakes(kind, tmp_path, monkeypatch, capsys, caplog):

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 from .runner import VERDICTS, BenchResult, BenchRun, TargetResult
 
@@ -235,20 +236,47 @@ def render_markdown(run: BenchRun, heading_level: int = 2, title: Optional[str] 
 
 
 def write_json(run: BenchRun, path: str | os.PathLike) -> Path:
+    """The run as JSON. A non-finite number (an inf ``max_rel_err`` for non-finite outputs, the row's reason says
+    so) is written as null: NaN and Infinity are not JSON, and strict readers (jq, JavaScript) refuse them."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(run.as_dict(), indent=1, default=_json_default) + "\n")
+    p.write_text(json.dumps(_finite_only(run.as_dict()), indent=1, default=_json_default, allow_nan=False) + "\n")
     return p
 
 
+def _finite_only(o: Any) -> Any:
+    """``o`` with every non-finite float, at any depth, replaced by None (json.dumps writes floats itself, so its
+    ``default`` never sees them)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite_only(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_only(v) for v in o]
+    return o
+
+
 def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
+    # numpy scalars and the like: as numbers (non-finite ones as null, as above), not as strings the reader rejects
+    if isinstance(o, numbers.Integral):
+        return int(o)
+    if isinstance(o, numbers.Real):
+        return _finite_only(float(o))
     return str(o)
 
 
 def load_json(path: str | os.PathLike) -> BenchRun:
-    return BenchRun.from_dict(json.loads(Path(path).read_text()))
+    """Read a run ``write_json`` wrote; ValueError naming the file (and the field) when it is not one. Malformed
+    rows are skipped with a warning (:meth:`BenchRun.from_dict`)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{p}: not valid JSON ({exc})") from None
+    try:
+        return BenchRun.from_dict(data, source=str(p))
+    except ValueError as exc:
+        raise ValueError(f"{p}: {exc}") from None
 
 
 def _slug(s: str) -> str:
@@ -324,22 +352,36 @@ NO_RESULTS_NOTE = ("No result files yet: no GPU session has run `apt bench --sav
                    "(files land in benchmarks/results/*.json).")
 
 
-def render_results(results_dir: str | os.PathLike) -> str:
-    """benchmarks/RESULTS.md: every benchmarks/results/*.json, newest first, each rendered as by ``apt bench``."""
+class ResultsReport(NamedTuple):
+    """What ``apt bench --report`` rendered: the Markdown, the files in it, and the files skipped with why."""
+
+    text: str
+    rendered: list[Path]
+    skipped: list[tuple[Path, str]]
+
+
+def results_report(results_dir: str | os.PathLike) -> ResultsReport:
+    """benchmarks/RESULTS.md from every benchmarks/results/*.json, newest first, each rendered as by ``apt bench``.
+    A file that is not a valid run is skipped with a warning naming it and the bad field; the others render."""
     d = Path(results_dir)
     files = sorted(d.glob("*.json")) if d.is_dir() else []
-    runs = []
+    runs, skipped = [], []
     for f in files:
         try:
             runs.append((f, load_json(f)))
-        except (OSError, ValueError, TypeError) as exc:
-            logger.warning("skipping %s: %s", f, exc)
+            continue
+        except OSError as exc:
+            why = f"{f}: cannot read it ({exc.strerror or exc})"
+        except ValueError as exc:  # load_json's message names the file and the field
+            why = str(exc)
+        logger.warning("skipping result file %s", why)
+        skipped.append((f, why))
     lines = ["# Benchmark results", "",
              "Rendered by `apt bench --report` from the JSON files in benchmarks/results/ (one per GPU session, "
              "written with `apt bench --save`). Do not edit by hand.", ""]
     if not runs:
         lines += [NO_RESULTS_NOTE, ""]
-        return "\n".join(lines)
+        return ResultsReport("\n".join(lines), [], skipped)
     runs.sort(key=lambda fr: fr[1].meta.get("timestamp", ""), reverse=True)
     lines.append("| file | device | when | commit | targets |")
     lines.append("|---|---|---|---|---|")
@@ -350,4 +392,9 @@ def render_results(results_dir: str | os.PathLike) -> str:
     for f, run in runs:
         lines.append(render_markdown(run, heading_level=2, title=f.name))
         lines.append("")
-    return "\n".join(lines)
+    return ResultsReport("\n".join(lines), [f for f, _ in runs], skipped)
+
+
+def render_results(results_dir: str | os.PathLike) -> str:
+    """The text of :func:`results_report`."""
+    return results_report(results_dir).text

@@ -287,9 +287,127 @@ class TargetResult:
         return dataclasses.asdict(self)
 
 
-def _records(cls: type, rows: Iterable[dict[str, Any]]) -> list[Any]:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return [cls(**{k: v for k, v in r.items() if k in fields}) for r in rows]
+# ---- reading a run back (bench.json, benchmarks/results/*.json) ---------------------------------------------
+# A field's check: (what it must be, for the message; test). Rows are checked on load so that the report only ever
+# formats well-formed values (a string median or a NaN time used to end `apt bench --report` in a traceback).
+_Check = tuple[str, Callable[[Any], bool]]
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    return _num(v) and math.isfinite(v)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_STR: _Check = ("a string", lambda v: isinstance(v, str))
+_OPT_STR: _Check = ("a string or null", lambda v: v is None or isinstance(v, str))
+_BOOL: _Check = ("true or false", lambda v: isinstance(v, bool))
+_INT: _Check = ("an integer", _int)
+_OBJ: _Check = ("an object", lambda v: isinstance(v, dict))
+_OPT_OBJ: _Check = ("an object or null", lambda v: v is None or isinstance(v, dict))
+_LIST: _Check = ("a list", lambda v: isinstance(v, list))
+_OPT_LIST: _Check = ("a list or null", lambda v: v is None or isinstance(v, list))
+# max_rel_err and a target's value may be inf in memory (non-finite outputs); files of older writers hold Infinity
+_OPT_NUM: _Check = ("a number or null", lambda v: v is None or _num(v))
+_OPT_FINITE: _Check = ("a finite number or null", lambda v: v is None or _finite(v))
+_OPT_BYTES: _Check = ("an integer >= 0 or null", lambda v: v is None or (_int(v) and v >= 0))
+_SECONDS: _Check = ("a finite number of seconds > 0", lambda v: _finite(v) and v > 0)
+_COUNT: _Check = ("an integer >= 1", lambda v: _int(v) and v >= 1)
+
+_RESULT_FIELDS: dict[str, _Check] = {
+    "kind": _STR, "mode": _OPT_STR, "provider": _STR, "status": _STR, "reason": _STR, "shape": _OPT_OBJ,
+    "shape_label": _STR, "x_name": _STR, "x_value": _OPT_FINITE, "series": _STR, "dtype": _STR, "device": _STR,
+    "is_reference": _BOOL, "is_peer": _BOOL, "max_rel_err": _OPT_NUM, "tolerance": _OPT_OBJ, "timing": _OPT_OBJ,
+    "peak_mem_bytes": _OPT_BYTES, "work": _OBJ, "metric": _STR, "metric_value": _OPT_FINITE,
+    "pct_of_peak": _OPT_FINITE,
+}
+_TIMING_FIELDS: dict[str, _Check] = {"median_s": _SECONDS, "q1_s": _SECONDS, "q3_s": _SECONDS, "n": _COUNT}
+_TARGET_FIELDS: dict[str, _Check] = {
+    "name": _STR, "kind": _STR, "device": _STR, "issue": _INT, "quote": _STR, "title": _STR, "shape": _OBJ,
+    "shape_label": _STR, "modes": _LIST, "providers": _LIST, "threshold": _STR, "verdict": _STR, "measured": _STR,
+    "value": _OPT_NUM, "reason": _STR, "measured_on": _STR,
+}
+# meta fields the report formats or sorts by; absent is fine (the report says "?"), a wrong type is not
+_META_FIELDS: dict[str, _Check] = {
+    "timestamp": _STR, "wall_s": _OPT_FINITE, "cpu_copy_bandwidth_GBps": _OPT_FINITE, "grids": _OPT_OBJ,
+    "peaks": _OPT_OBJ,
+}
+_PEAK_FIELDS: dict[str, _Check] = {"dtype": _STR, "tflops": _OPT_NUM, "GBps": _OPT_NUM}
+
+
+def _json_type(v: Any) -> str:
+    """``v`` as a message names it: null, a list, the string 'fast', the number nan..."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        return f"the string {v[:40]!r}" + ("..." if len(v) > 40 else "")
+    if _num(v):
+        return f"the number {v!r}"
+    return {dict: "an object", list: "a list"}.get(type(v), type(v).__name__)
+
+
+def _check_fields(d: dict[str, Any], checks: dict[str, _Check], where: str, required: Iterable[str] = ()) -> None:
+    """Raise ValueError naming ``where + field``, what it must be and what it is, for the first bad field of ``d``."""
+    for name in required:
+        if name not in d:
+            raise ValueError(f"{where}{name}: missing (expected {checks[name][0]})")
+    for name, (expected, ok) in checks.items():
+        if name in d and not ok(d[name]):
+            raise ValueError(f"{where}{name}: expected {expected}, got {_json_type(d[name])}")
+
+
+def _required(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+def _result_from_dict(r: Any) -> "BenchResult":
+    if not isinstance(r, dict):
+        raise ValueError(f"expected an object (one result row), got {_json_type(r)}")
+    _check_fields(r, _RESULT_FIELDS, "", _required(BenchResult))
+    if r.get("timing") is not None:
+        _check_fields(r["timing"], _TIMING_FIELDS, "timing.", _TIMING_FIELDS)
+    return BenchResult(**{k: v for k, v in r.items() if k in _RESULT_FIELDS})
+
+
+def _target_from_dict(t: Any) -> "TargetResult":
+    if not isinstance(t, dict):
+        raise ValueError(f"expected an object (one target), got {_json_type(t)}")
+    _check_fields(t, _TARGET_FIELDS, "", _required(TargetResult))
+    return TargetResult(**{k: v for k, v in t.items() if k in _TARGET_FIELDS})
+
+
+def _check_meta(meta: Any) -> dict[str, Any]:
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta: expected an object, got {_json_type(meta)}")
+    _check_fields(meta, _META_FIELDS, "meta.")
+    for kind, grid in (meta.get("grids") or {}).items():
+        if not isinstance(grid, dict):
+            raise ValueError(f"meta.grids.{kind}: expected an object (shapes, doc), got {_json_type(grid)}")
+    for kind, peak in (meta.get("peaks") or {}).items():
+        if not isinstance(peak, dict):
+            raise ValueError(f"meta.peaks.{kind}: expected an object (dtype, tflops, GBps), got {_json_type(peak)}")
+        _check_fields(peak, _PEAK_FIELDS, f"meta.peaks.{kind}.", ("dtype",))
+    return dict(meta)
+
+
+def _entries(items: list[Any], parse: Callable[[Any], Any], field: str, source: str) -> list[Any]:
+    """The well-formed entries of ``items``; each malformed one is skipped with a warning naming its index."""
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(parse(item))
+        except ValueError as exc:
+            logger.warning("%s: skipping %s[%d]: %s", source, field, i, exc)
+    return out
 
 
 @dataclasses.dataclass
@@ -305,9 +423,17 @@ class BenchRun:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BenchRun":
-        return cls(meta=dict(d.get("meta", {})), results=_records(BenchResult, d.get("results", [])),
-                   targets=_records(TargetResult, d["targets"]) if d.get("targets") is not None else None)
+    def from_dict(cls, d: Any, source: str = "bench run") -> "BenchRun":
+        """The run ``as_dict`` wrote. A malformed run (not an object, no results list, a meta field of the wrong
+        type) raises ValueError naming the field; a malformed result row or target is skipped with a warning
+        naming ``source`` (the file) and its index. What comes back is well-formed: timings finite and > 0,
+        numbers are numbers, strings strings."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected an object with meta and results, got {_json_type(d)}")
+        meta = _check_meta(d.get("meta", {}))
+        _check_fields(d, {"results": _LIST, "targets": _OPT_LIST}, "", ("results",))
+        targets = None if d.get("targets") is None else _entries(d["targets"], _target_from_dict, "targets", source)
+        return cls(meta=meta, results=_entries(d["results"], _result_from_dict, "results", source), targets=targets)
 
 
 # ---- correctness -------------------------------------------------------------------------------------------

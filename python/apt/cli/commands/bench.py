@@ -24,14 +24,20 @@ def repo_benchmarks_dir() -> Path:
 
 def _report(args: argparse.Namespace) -> int:
     from ...bench import report
+    from ..main import CLIError
 
     results = Path(args.results_dir) if args.results_dir else repo_benchmarks_dir() / "results"
     target = Path(args.report_out) if args.report_out else results.parent / "RESULTS.md"
-    text = report.render_results(results)
+    rep = report.results_report(results)
+    if rep.skipped and not rep.rendered:
+        # keep the RESULTS.md there is rather than replace it with "no result files yet"
+        raise CLIError(f"--report: none of the {len(rep.skipped)} result file(s) in {results} is a valid run (the "
+                       f"warnings above name each file and its bad field); {target} not written")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text + "\n")
-    n = len(list(results.glob("*.json"))) if results.is_dir() else 0
-    print(f"apt bench: rendered {n} result file(s) from {results} into {target}")
+    target.write_text(rep.text + "\n")
+    skipped = (f"; skipped {len(rep.skipped)} malformed file(s): {', '.join(f.name for f, _ in rep.skipped)}"
+               if rep.skipped else "")
+    print(f"apt bench: rendered {len(rep.rendered)} result file(s) from {results} into {target}{skipped}")
     return 0
 
 
