@@ -126,6 +126,7 @@ def test_inference_dtype_resolution(tiny_checkpoint, monkeypatch):
     (["generate", "{ckpt}", "--prompt", "x", "--plugins", "voter", "--plugin-opt", "voter"], "NAME.KEY=VALUE"),
     (["chat", "{ckpt}", "--plugins", "voter", "--plugin-opt", "voter.k=1"], "k: expected an integer >= 2, got 1"),
     (["generate", "{ckpt}", "--prompt", "x", "--device", "tpu"], "--device"),
+    (["generate", "{ckpt}", "--prompt", "x", "--temperature", "nan"], "--temperature: expected a finite number"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, fragment, tiny_checkpoint, tmp_path, capsys):
     text, short = tmp_path / "t.txt", tmp_path / "s.txt"
@@ -145,3 +146,32 @@ def test_help_has_examples(command, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert f"apt {command} " in out.split("examples:")[1] and "CHECKPOINT" in out
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    # a stored profile edited after training: the weights no longer fit (a torch traceback before)
+    (lambda b: b["profile"]["model"].update(d_model=64), "the weights do not fit the model the stored profile builds"),
+    (lambda b: b["profile"]["model"].update(num_heads=4), "do not fit"),
+    (lambda b: b["profile"].update(model={}), "cannot rebuild the model from the stored profile: KeyError"),
+    (lambda b: b.update(profile="x"), "'profile' has no 'model' section"),
+    (lambda b: b.update(tokenizer="byte"), "'tokenizer' is a str"),
+    (lambda b: b.update(tokenizer={"type": "nope"}), "unknown type 'nope'"),
+    (lambda b: b.update(format=99), "checkpoint format 99"),
+    (lambda b: b.update(model=None), "'model' is a NoneType"),
+    (lambda b: b.update(trainer=[1]), "'trainer' is a list"),
+])
+def test_tampered_checkpoints_are_one_line_errors(edit, fragment, tiny_checkpoint, tmp_path, capsys):
+    import torch
+
+    from apt.training import load_for_inference
+    from apt.training.checkpoint import CheckpointError
+
+    blob = torch.load(tiny_checkpoint, weights_only=False)
+    edit(blob)
+    bad = tmp_path / "bad.pt"
+    torch.save(blob, bad)
+    with pytest.raises(CheckpointError, match=fragment):
+        load_for_inference(bad)
+    assert main(["generate", str(bad), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert fragment.split(":")[0] in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

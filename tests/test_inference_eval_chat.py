@@ -174,3 +174,29 @@ def test_chat_on_real_model_runs():
     out = io.StringIO()
     assert run_chat(s, io.StringIO("hi\nthere\n"), out) == 2
     assert s.turns == 2 and s.history[-1][0] == "there"
+
+
+def test_evaluate_file_scores_the_files_bytes(tmp_path):
+    lm = BigramPosLM(vocab=257, window=8)
+    f = tmp_path / "t.txt"
+    f.write_bytes(b"\xff\xfe\x00abc")  # not UTF-8: scored as these 6 bytes, not as 10 bytes of U+FFFD
+    res = evaluate_file(lm, TOK, f)
+    assert res.tokens == 5 and res.bits_per_byte == pytest.approx(res.nll * 5 / math.log(2) / 6)
+    want = perplexity(lm, list(b"\xff\xfe\x00abc"))
+    assert res.nll == pytest.approx(want.nll)
+    f.write_bytes(b"\xef\xbb\xbfabcd")  # a byte-order mark is not text (training skips it too)
+    assert evaluate_file(lm, TOK, f).nll == pytest.approx(perplexity(lm, list(b"abcd")).nll)
+    with pytest.raises(TypeError, match="context: expected an int, got float 4.0"):
+        perplexity(lm, list(b"abcdef"), context=4.0)
+    with pytest.raises(TypeError, match="stride: expected an int"):
+        perplexity(lm, list(b"abcdef"), stride=2.5)
+
+
+def test_stride_of_a_streamed_model_is_ignored_with_a_warning(caplog):
+    cfg = load_profile("mamba_tiny", ["model.d_model=16", "model.num_layers=1"])
+    m = ModelBuilder(cfg, vocab_size=257).build().eval()
+    ids = list(b"some text to score")
+    with caplog.at_level(logging.WARNING):
+        a = perplexity(m, ids, context=8, stride=2)
+    assert "stride 2 ignored" in caplog.text and a.stride == 8
+    assert a.nll == pytest.approx(perplexity(m, ids, context=8).nll)

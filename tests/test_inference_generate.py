@@ -184,3 +184,23 @@ def test_padded_vocabulary_never_samples_past_the_tokenizer(use_cache):
     sampled = generate(m2, TOK, "x", max_new_tokens=16, temperature=1.0, seed=0, use_cache=use_cache,
                        stop_at_eos=False, return_details=True).tokens
     assert len(sampled) == 16 and max(sampled) < TOK.vocab_size
+
+
+def test_stop_is_a_string_or_a_list_and_temperature_must_be_finite():
+    m = CountingLM()
+    # 'x' -> 'yz{|...': a single stop string "z{" is one string, not the stop characters 'z' and '{'
+    one = generate(m, TOK, "x", max_new_tokens=6, temperature=0, stop="z{", return_details=True)
+    listed = generate(m, TOK, "x", max_new_tokens=6, temperature=0, stop=["z{"], return_details=True)
+    assert one.text == listed.text == "y" and one.finish_reason == "stop"
+    assert generate(m, TOK, "x", max_new_tokens=3, temperature=0, stop="{y") == "yz{"  # never seen: all 3
+    with pytest.raises(TypeError, match="stop: expected a string or a list of strings"):
+        generate(m, TOK, "x", max_new_tokens=3, stop=[1])
+    with pytest.raises(ValueError, match="temperature: expected a finite number >= 0"):
+        generate(m, TOK, "x", max_new_tokens=3, temperature=float("nan"))
+
+
+def test_generate_tokens_checks_the_prompt_ids():
+    m = tiny()
+    for bad in ([1, 300], [-1], [1.5], [True]):
+        with pytest.raises(ValueError, match=r"prompt_ids: token ids must be ints in \[0, 257\)"):
+            generate_tokens(m, bad, 3)

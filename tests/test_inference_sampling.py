@@ -119,5 +119,15 @@ def test_bad_inputs():
         sample_next(torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="temperature"):
         sample_next(torch.zeros(1, 3), temperature=-1)
+    for t in (float("nan"), float("inf")):  # NaN passed 'temperature < 0' and failed inside torch.multinomial
+        with pytest.raises(ValueError, match="temperature: expected a finite number >= 0"):
+            sample_next(torch.zeros(1, 3), temperature=t)
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    # logits / 1e-40 overflowed to +-inf and the softmax gave NaN probabilities
+    logits = torch.tensor([[1.0, 0.5, -2.0], [-1.0, 3.0, 2.9]])
+    for t in (1e-40, 1e-30, 1e-8):
+        assert sample_next(logits, temperature=t, generator=torch.Generator().manual_seed(0)).tolist() == [0, 1]
     with pytest.raises(ValueError, match="top_p"):
         top_p_filter(torch.zeros(1, 3), 0.0)

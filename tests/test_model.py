@@ -203,3 +203,53 @@ def test_moe_model_under_torch_compile_fullgraph(capacity_factor):
             torch.testing.assert_close(a, b)
     model.moe_layers()[0].active = False
     torch.testing.assert_close(compiled_model(x), model(x))
+
+
+def test_bad_input_ids_and_cache_batch_are_clear_errors():
+    for profile in ("tiny_debug", "mamba_tiny"):
+        m = _model(profile)
+        for ids, err, fragment in [(torch.zeros(1, 0, dtype=torch.long), ValueError, "input_ids: no tokens"),
+                                   (torch.tensor([[1, 999]]), ValueError, r"token ids must be in \[0, 257\)"),
+                                   (torch.tensor([[-1]]), ValueError, "got -1"),
+                                   (torch.tensor([[1.0]]), TypeError, "expected int64 or int32")]:
+            with pytest.raises(err, match=fragment):
+                m(ids)
+        cache = m.new_cache(2)  # the Mamba state broadcast a batch of 1 into both rows silently
+        with pytest.raises(ValueError, match="cache: made for batch size 2, got input_ids with batch 1"):
+            m(torch.tensor([[1, 2, 3]]), cache=cache)
+        assert m(torch.tensor([[1, 2], [3, 4]]), cache=cache).shape == (2, 2, 257)
+
+
+def test_training_through_a_mamba_cache_backpropagates():
+    """Prefill then steps under autograd (as a recurrent training loop would): the cache kept graph, which the
+    next step overwrote in place ("modified by an inplace operation" in backward), and the reference decode step
+    wrote the state autograd had saved. The cache now holds values, like the KV cache."""
+    m = _model("mamba_tiny").train()
+    cache = m.new_cache(1)
+    loss = m(torch.tensor([[1, 2]]), cache=cache).sum() + m(torch.tensor([[3]]), cache=cache).sum() \
+        + m(torch.tensor([[4]]), cache=cache).sum()
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert not cache.layers[0].ssm_state.requires_grad and not cache.layers[0].conv_state.requires_grad
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ({"model.mamba.dt_rank": 0}, "model.mamba.dt_rank: must be >= 1 or null"),  # 0 meant the default silently
+    ({"model.init_std": -1.0}, "model.init_std: must be > 0"),
+    ({"model.tva.s": -1}, "model.tva.s: must be >= 0"),
+    ({"model.tva.r": 0}, "model.tva.r: must be >= 1"),
+    ({"model.tva.window": 0}, "model.tva.window: must be >= 1 or null"),
+])
+def test_model_settings_out_of_range_are_profile_errors(override, fragment):
+    from apt.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=fragment):
+        load_profile("mamba_tiny" if "mamba" in next(iter(override)) else "tiny_debug", override)
+
+
+def test_layer_errors_name_the_profile_section():
+    with pytest.raises(ValueError, match="model.moe: the MoE layer refused its settings"):
+        _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.activation": "tanh"})
+    with pytest.raises(ValueError, match="model.attention / model.tva: .*refused its settings: tau"):
+        _model("tiny_debug", **{"model.attention": {"tau": "x"}})

@@ -167,3 +167,20 @@ def test_provider_registry_reference():
     x = random_scan_inputs(1, 3, 4, 2, generator=torch.Generator().manual_seed(5))
     assert_close(prov.selective_scan_fn(**x, delta_softplus=True), selective_scan_ref(**x, delta_softplus=True))
     assert prov.supports(**x) == []
+
+
+def test_state_update_reference_gradcheck_through_the_in_place_state():
+    """The decode step writes the state in place after reading it: with dt or A requiring grad autograd saved the
+    old state, and the write made backward fail ("modified by an inplace operation")."""
+    g = torch.Generator().manual_seed(9)
+    x, dt = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.rand(2, 3, generator=g, dtype=torch.float64)
+    A = -torch.rand(3, 4, generator=g, dtype=torch.float64)
+    B, C = torch.randn(2, 4, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g, dtype=torch.float64)
+    s0 = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+
+    def f(x, dt, A, B, C, s):
+        state = s.clone()
+        y = selective_state_update_ref(state, x, dt, A, B, C, dt_softplus=True)
+        return y, state
+
+    assert torch.autograd.gradcheck(f, tuple(t.clone().requires_grad_() for t in (x, dt, A, B, C, s0)))

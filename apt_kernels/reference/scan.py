@@ -183,7 +183,10 @@ def selective_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.T
     xf = x.to(acc)
     Bf = expand_bc(B.to(acc), batch, dim, time=False)  # (batch, dim, N)
     Cf = expand_bc(C.to(acc), batch, dim, time=False)
-    h = torch.exp(d[..., None] * A.to(acc)) * state.to(acc) + (d * xf)[..., None] * Bf
+    # a copy when autograd may save it: the in-place write below would otherwise change the saved old state
+    # (dt or A requiring grad: "modified by an inplace operation" in backward)
+    prev = state.to(acc, copy=True) if torch.is_grad_enabled() else state.to(acc)
+    h = torch.exp(d[..., None] * A.to(acc)) * prev + (d * xf)[..., None] * Bf
     y = (h * Cf).sum(-1)
     if D is not None:
         y = y + xf * D.to(acc)

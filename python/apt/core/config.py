@@ -445,12 +445,12 @@ def _check_semantics(cfg: Mapping[str, Any], where: _Where) -> None:
     for key in ("model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len", "data.seq_len",
                 "data.batch_size", "training.max_epochs", "training.grad_accum", "model.moe.num_experts",
                 "model.moe.k", "model.moe.every", "model.mamba.d_state", "model.mamba.d_conv", "model.mamba.expand",
-                "training.log_every"):
+                "training.log_every", "model.tva.r"):
         v = g(key)
         if isinstance(v, int) and v < 1:
             raise ConfigError(f"{where.key(key)}: must be >= 1, got {v}")
     for key in ("training.max_steps", "training.steps_per_epoch", "training.save_every", "model.d_ff",
-                "model.vocab_size"):
+                "model.vocab_size", "model.mamba.dt_rank", "model.tva.window"):  # 0 would silently mean the default
         v = g(key)
         if isinstance(v, int) and v < 1:
             raise ConfigError(f"{where.key(key)}: must be >= 1 or null, got {v}")
@@ -475,7 +475,9 @@ def _check_semantics(cfg: Mapping[str, Any], where: _Where) -> None:
               ("training.weight_decay", lambda v: v >= 0, "must be >= 0"),
               ("training.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
               ("model.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-              ("model.norm_eps", lambda v: v > 0, "must be > 0"))
+              ("model.norm_eps", lambda v: v > 0, "must be > 0"),
+              ("model.init_std", lambda v: v > 0, "must be > 0"),
+              ("model.tva.s", lambda v: v >= 0, "must be >= 0"))
     for key, ok, rule in ranges:
         v = g(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not ok(v):

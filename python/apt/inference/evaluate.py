@@ -8,9 +8,12 @@ scored exactly once. ``stride == context`` is plain chunked evaluation (cheapest
 context per token at more compute. Defaults: ``context`` = the model's window, ``stride`` = context // 2.
 
 Recurrent models (no window, with ``new_cache``, e.g. Mamba) are streamed through their cache in chunks of
-``context`` tokens (default 512), so every token sees the whole text before it.
+``context`` tokens (default 512), so every token sees the whole text before it; ``stride`` has no meaning there
+(a stride other than ``context`` is ignored with a warning).
 
-``bits_per_byte`` = total NLL / ln 2 / UTF-8 bytes of the text: comparable across tokenizers.
+``bits_per_byte`` = total NLL / ln 2 / UTF-8 bytes of the text: comparable across tokenizers. A file is scored
+as its bytes: a leading byte-order mark is skipped (training skips it too) and bytes that are not UTF-8 reach the
+tokenizer as they are (not as the 3 bytes of U+FFFD each).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..data.tokenizers import utf8_bytes
 from .generate import model_device, model_window, supports_cache
 
 logger = logging.getLogger(__name__)
@@ -64,6 +68,9 @@ def perplexity(model: torch.nn.Module, ids: Union[Sequence[int], torch.Tensor], 
     window = model_window(model)
     device = model_device(model)
     streaming = window is None and supports_cache(model)
+    for name, value in (("context", context), ("stride", stride), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     if context is None:
         context = window if window is not None else 512
     if context < 1:
@@ -74,6 +81,9 @@ def perplexity(model: torch.nn.Module, ids: Union[Sequence[int], torch.Tensor], 
         stride = context if streaming else max(1, context // 2)
     if not 1 <= stride <= context:
         raise ValueError(f"stride: must be in [1, context={context}], got {stride}")
+    if streaming and stride != context:
+        logger.warning("perplexity: stride %d ignored: a recurrent model is streamed through its cache in chunks of "
+                       "context=%d tokens, every token seeing the whole text before it", stride, context)
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     was_training = model.training
@@ -119,7 +129,7 @@ def evaluate_text(model: torch.nn.Module, tokenizer: Any, text: str, context: Op
     if len(ids) < 2:
         raise ValueError("text: too short to evaluate (needs at least 2 tokens)")
     res = perplexity(model, ids, context=context, stride=stride, batch_size=batch_size)
-    nbytes = len(text.encode("utf-8"))
+    nbytes = len(utf8_bytes(text))
     if nbytes:
         res.bits_per_byte = res.nll * res.tokens / math.log(2) / nbytes
     return res
@@ -131,7 +141,9 @@ def evaluate_file(model: torch.nn.Module, tokenizer: Any, path: Union[str, os.Pa
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such file: {p}")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    raw = p.read_bytes()
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    text = raw.decode("utf-8", errors="surrogateescape")  # the tokenizers encode such bytes back as they were
     try:
         return evaluate_text(model, tokenizer, text, context, stride, batch_size)
     except ValueError as exc:

@@ -30,7 +30,7 @@ import torch
 
 from ..plugins.base import HookContext, Plugin
 from ..plugins.manager import PluginManager
-from .sampling import entropy, make_generator, sample_next
+from .sampling import check_temperature, entropy, make_generator, sample_next
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def _generate_group(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[lis
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Union[str, Sequence[str]],
              max_new_tokens: int = 64, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: Optional[int] = None, use_cache: Optional[bool] = None,
-             stop_at_eos: bool = True, stop: Optional[Sequence[str]] = None,
+             stop_at_eos: bool = True, stop: Union[None, str, Sequence[str]] = None,
              plugins: Union[None, PluginManager, Sequence[Plugin]] = None, batch_size: int = 16,
              return_details: bool = False) -> Any:
     """Continue ``prompts`` (a string -> a string; a list -> a list). See the module docstring for the rules.
@@ -285,8 +285,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Union[str, Sequenc
         raise TypeError("prompts: expected a string or a list of strings")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature: must be >= 0, got {temperature}")
+    check_temperature(temperature)
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k: must be >= 0 (0 = off), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -296,6 +295,10 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Union[str, Sequenc
     cache = supports_cache(model) if use_cache is None else bool(use_cache)
     manager = _as_manager(plugins)
     window = model_window(model)
+    if isinstance(stop, str):  # one stop string, not its characters
+        stop = [stop]
+    if not all(isinstance(s, str) for s in (stop or [])):
+        raise TypeError(f"stop: expected a string or a list of strings, got {stop!r}")
     stop = [s for s in (stop or []) if s]
 
     final_prompts = []
@@ -364,6 +367,12 @@ def generate_tokens(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_t
 
     if not prompt_ids:
         raise ValueError("prompt_ids: must not be empty")
+    vocab = getattr(model, "vocab_size", None)
+    bad = next((t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0
+                or (vocab is not None and t >= vocab)), None)
+    if bad is not None:
+        raise ValueError(f"prompt_ids: token ids must be ints in [0, {vocab if vocab is not None else 'vocab'}), "
+                         f"got {bad!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be an int >= 0, got {max_new_tokens!r}")
     if max_new_tokens == 0:

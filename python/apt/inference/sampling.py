@@ -18,10 +18,18 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
+def check_temperature(temperature: float) -> None:
+    """A finite temperature >= 0 (0: greedy); ``not >= 0`` rather than ``< 0``, which NaN passes."""
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and 0 <= temperature < math.inf):
+        raise ValueError(f"temperature: expected a finite number >= 0 (0 = greedy), got {temperature!r}")
+
+
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``logits / temperature`` (temperature > 0)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature: must be > 0 to scale logits (0 means greedy), got {temperature}")
+    check_temperature(temperature)
+    if temperature == 0:
+        raise ValueError("temperature: must be > 0 to scale logits (0 means greedy), got 0")
     return _check_logits(logits) / float(temperature)
 
 
@@ -68,12 +76,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
     squeeze = logits.dim() == 1
     if squeeze:
         logits = logits[None]
-    if temperature < 0:
-        raise ValueError(f"temperature: must be >= 0, got {temperature}")
+    check_temperature(temperature)
     if temperature == 0:
         out = logits.argmax(dim=-1)
     else:
-        probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+        # shifted so that each row's maximum is 0 (the same distribution): a tiny temperature (1e-40) then sends
+        # the others to -inf rather than every logit to +-inf, which made the probabilities NaN
+        shifted = logits - logits.amax(dim=-1, keepdim=True)
+        probs = torch.softmax(filter_logits(shifted, temperature, top_k, top_p), dim=-1)
         # draw on the CPU so one seed gives the same tokens on CPU and GPU
         out = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
     return out[0] if squeeze else out

@@ -102,7 +102,7 @@ class ModelBuilder:
             try:
                 layer = call_accepting(prov.create_layer, m["d_model"], m["num_heads"],  # type: ignore[attr-defined]
                                        **cfg)
-            except TypeError as exc:  # e.g. a key under model.attention the layer does not take
+            except (TypeError, ValueError) as exc:  # a key the layer does not take, a value it refuses
                 raise ValueError(f"model.attention / model.tva: the {prov.name!r} layer refused its settings: "
                                  f"{exc}") from None
             self.report["attention"] = prov.name + (f" (fallback: {prov.fallback_reason})"
@@ -142,8 +142,8 @@ class ModelBuilder:
                 z_coef=moe.get("z_coef", 0.001), eval_capacity_factor=moe.get("eval_capacity_factor"))
             self.report["moe"] = getattr(prov, "last_source", prov.name)
             return layer
-        except TypeError as exc:  # a setting the layer does not take (a typo under model.moe.router, say): the
-            # user's error, not a missing back end, so no silent fallback to a dense model
+        except (TypeError, ValueError) as exc:  # a setting the layer does not take (a typo under model.moe.router,
+            # say) or refuses: the user's error, not a missing back end, so no silent fallback to a dense model
             raise ValueError(f"model.moe: the MoE layer refused its settings: {exc}") from None
         except (registry.RegistryError, ImportError) as exc:
             logger.warning("apt model: MoE requested but no MoE layer can be built (%s); keeping dense FFNs", exc)

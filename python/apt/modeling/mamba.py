@@ -54,7 +54,8 @@ def _state_update_local(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     if dt_softplus:
         dt = F.softplus(dt)
     dA = torch.exp(dt[:, :, None] * A.float()[None])
-    new = dA * state.float() + (dt * x.float())[:, :, None] * B.float()[:, None, :]
+    prev = state.to(torch.float32, copy=True) if torch.is_grad_enabled() else state.float()  # see the reference
+    new = dA * prev + (dt * x.float())[:, :, None] * B.float()[:, None, :]
     state.copy_(new.to(state.dtype))
     y = (new * C.float()[:, None, :]).sum(-1)
     if D is not None:
@@ -91,6 +92,8 @@ class MambaMixer(nn.Module):
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.d_conv = d_conv
+        if dt_rank is not None and (isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank < 1):
+            raise ValueError(f"dt_rank: expected a positive int or None (ceil(d_model / 16)), got {dt_rank!r}")
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1)
@@ -143,7 +146,8 @@ class MambaMixer(nn.Module):
         xi, z = xz.chunk(2, dim=1)
         if cache is not None:
             pad = F.pad(xi, (max(self.d_conv - L, 0), 0))
-            cache.conv_state.copy_(pad[:, :, -self.d_conv:])
+            # the cache holds values, not graph (as the KV cache does): a later step overwrites it in place
+            cache.conv_state.copy_(pad[:, :, -self.d_conv:].detach())
         xc = F.silu(self.conv1d(xi)[..., :L])
         dbc = self.x_proj(xc.transpose(1, 2))  # (B, L, r + 2N)
         dt, Bm, Cm = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -155,7 +159,7 @@ class MambaMixer(nn.Module):
                            return_last_state=cache is not None)
         if cache is not None:
             y, last = out
-            cache.ssm_state.copy_(last)
+            cache.ssm_state.copy_(last.detach())
             cache.seqlen += L
         else:
             y = out
@@ -167,7 +171,7 @@ class MambaMixer(nn.Module):
         self._select(xi)
         conv = torch.roll(cache.conv_state, shifts=-1, dims=-1)
         conv[:, :, -1] = xi
-        cache.conv_state.copy_(conv)
+        cache.conv_state.copy_(conv.detach())
         xc = (conv * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias
         xc = F.silu(xc)
         dt, Bm, Cm = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -175,5 +179,7 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         y = self.step_fn(cache.ssm_state, xc, dt, A, Bm, Cm, D=self.D.float(), z=z,
                          dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        if cache.ssm_state.requires_grad:  # written by the reference step under autograd: keep the value only
+            cache.ssm_state.detach_()
         cache.seqlen += 1
         return self.out_proj(y)

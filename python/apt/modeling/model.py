@@ -82,9 +82,22 @@ class APTModel(nn.Module):
         return ModelCache([b.new_cache(batch_size, self.max_seq_len) for b in self.blocks], batch_size)
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[ModelCache] = None) -> torch.Tensor:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected (batch, time), got shape {tuple(input_ids.shape)}")
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected a (batch, time) tensor, got "
+                             f"{tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.long, torch.int32):
+            raise TypeError(f"input_ids: expected int64 or int32 token ids, got {input_ids.dtype}")
         B, T = input_ids.shape
+        if T == 0:
+            raise ValueError(f"input_ids: no tokens (shape {tuple(input_ids.shape)})")
+        if cache is not None and cache.batch_size != B:  # the Mamba state would broadcast silently
+            raise ValueError(f"cache: made for batch size {cache.batch_size}, got input_ids with batch {B}")
+        # on a GPU the check would cost a sync every decode step; under torch.compile it is data-dependent
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"input_ids: token ids must be in [0, {self.vocab_size}) (model.vocab_size), "
+                                 f"got {lo if lo < 0 else hi}")
         x = self.embed(input_ids)
         past = cache.pos if cache is not None else 0
         if self.pos_embed is not None:

@@ -98,6 +98,22 @@ def load(path: Union[str, os.PathLike], map_location: Any = "cpu") -> dict[str, 
         raise CheckpointError(f"{path}: cannot read checkpoint: {type(exc).__name__}: {exc}") from None
     if not isinstance(blob, dict) or "model" not in blob or "profile" not in blob:
         raise CheckpointError(f"{path}: not an apt checkpoint (no 'model' / 'profile')")
+    # the parts everything after this indexes into: a tampered or foreign file fails here, naming the part
+    fmt = blob.get("format", FORMAT_VERSION)
+    if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {fmt!r}; this apt reads format <= {FORMAT_VERSION} "
+                              "(written by a newer apt?)")
+    if not isinstance(blob["model"], Mapping):
+        raise CheckpointError(f"{path}: 'model' is a {type(blob['model']).__name__}, expected a state dict")
+    profile = blob["profile"]
+    if not isinstance(profile, Mapping) or not isinstance(profile.get("model"), Mapping):
+        raise CheckpointError(f"{path}: 'profile' has no 'model' section (not a profile an apt run stored)")
+    tok = blob.get("tokenizer")
+    if tok is not None and not isinstance(tok, Mapping):
+        raise CheckpointError(f"{path}: 'tokenizer' is a {type(tok).__name__}, expected a tokenizer state")
+    for part in ("trainer", "plugins", "rng", "optimizer", "scheduler", "scaler"):
+        if part in blob and not isinstance(blob[part], Mapping):
+            raise CheckpointError(f"{path}: '{part}' is a {type(blob[part]).__name__}, expected a mapping")
     return blob
 
 
@@ -132,10 +148,20 @@ def load_for_inference(path: Union[str, os.PathLike], device: Union[str, torch.d
     from ..modeling.compose import ModelBuilder
 
     blob = load(path, map_location="cpu")
-    profile = blob["profile"]
-    tokenizer = tokenizer_from_state(blob.get("tokenizer") or {"type": "byte"})
-    model = ModelBuilder(profile, vocab_size=tokenizer.vocab_size).build()
-    missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+    profile = dict(blob["profile"])
+    try:
+        tokenizer = tokenizer_from_state(dict(blob.get("tokenizer") or {"type": "byte"}))
+        model = ModelBuilder(profile, vocab_size=tokenizer.vocab_size).build()
+    except (KeyError, TypeError, ValueError) as exc:  # a stored profile this apt cannot build
+        raise CheckpointError(f"{path}: cannot rebuild the model from the stored profile: {type(exc).__name__}: "
+                              f"{exc}") from None
+    try:
+        missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+    except RuntimeError as exc:  # size mismatches (strict=False only forgives missing / extra keys)
+        lines = str(exc).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0] if lines else ""
+        raise CheckpointError(f"{path}: the weights do not fit the model the stored profile builds ({detail}); "
+                              "was the profile in the checkpoint edited?") from None
     if missing or unexpected:
         raise CheckpointError(f"{path}: the model built from the stored profile does not match the weights "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]}); a provider available when "

@@ -70,8 +70,8 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling options as keyword arguments of generate() / ChatSession, checked (CLIError when bad)."""
     if args.max_new_tokens < 0:
         raise CLIError(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise CLIError(f"--temperature: must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < float("inf"):  # not '< 0': NaN passes that
+        raise CLIError(f"--temperature: expected a finite number >= 0, got {args.temperature}")
     if args.top_k < 0:
         raise CLIError(f"--top-k: must be >= 0 (0 = off), got {args.top_k}")
     if not 0 < args.top_p <= 1:
