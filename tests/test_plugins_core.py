@@ -353,3 +353,15 @@ def test_enable_at_epoch_gates_every_plugin(tmp_path):
     tr.fit()
     assert {e for e, _ in temps} == {0, 1, 2}
     assert all(t != {4.0} for e, t in temps if e == 0) and all(t == {4.0} for e, t in temps if e >= 1)
+
+
+def test_a_plugin_disabled_before_a_resume_is_reported_when_resuming(caplog):
+    import logging
+
+    mgr = PluginManager([Broken(), Shout()])
+    mgr.augment_prompt("x", HookContext())
+    state = mgr.state_dict()
+    fresh = PluginManager([Broken(), Shout()])
+    with caplog.at_level(logging.WARNING):
+        fresh.load_state_dict(state)
+    assert "broken" in fresh.disabled and "apt plugin broken: disabled earlier in this run" in caplog.text

@@ -130,7 +130,12 @@ class PluginManager:
         return {"plugins": states, "disabled": dict(self.disabled)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.disabled.update(state.get("disabled") or {})
+        disabled = dict(state.get("disabled") or {})
+        for name, why in disabled.items():  # said now, not only in the summary at the end of the resumed run
+            if self.get(name) is not None:
+                logger.warning("apt plugin %s: disabled earlier in this run (%s); it stays disabled after the resume",
+                               name, why)
+        self.disabled.update(disabled)
         for p in self.plugins:
             if p.name in (state.get("plugins") or {}):
                 try:
