@@ -150,3 +150,31 @@ def test_data_settings_are_checked(tmp_path):
     a = next(TokenBatches(torch.arange(100), 4, 2, seed=3).batches(1, 1))[0]
     g = torch.Generator().manual_seed(3 * 1_000_003 + 1)  # small seeds draw exactly as before
     assert torch.equal(a[:, 0], torch.randint(0, 96, (2,), generator=g))
+
+
+def test_bpe_long_words_encode_like_short_ones():
+    """Words over 64 bytes take the heap merge (O(n log n); the pass-per-merge loop took seconds on a 200k-byte
+    word): the same ids as the pass-per-merge loop, overlaps (aaaa) included."""
+    import random
+
+    from apt.data.tokenizers import _merge
+
+    rng = random.Random(0)
+    alpha = "aab\u00e9\u4e2d"
+    text = " ".join("".join(rng.choice(alpha) for _ in range(rng.randint(1, 200))) for _ in range(150))
+    tok = BPETokenizer.train(text, vocab_size=330)
+
+    def by_passes(word):
+        seq = list(word.encode("utf-8"))
+        while len(seq) > 1:
+            rank, pair = min((tok.ranks.get(p, len(tok.ranks)), p) for p in zip(seq, seq[1:]))
+            if rank == len(tok.ranks):
+                return seq
+            seq = _merge(seq, pair, 256 + rank)
+        return seq
+
+    for _ in range(100):
+        w = "".join(rng.choice(alpha) for _ in range(rng.randint(65, 300)))
+        assert tok._merge_long(list(w.encode("utf-8"))) == by_passes(w)
+        assert tok.decode(tok.encode(w)) == w
+    assert tok._merge_long(list(b"a" * 101)) == by_passes("a" * 101)

@@ -6,6 +6,7 @@ Both expose ``encode(str) -> list[int]``, ``decode(list[int]) -> str``, ``vocab_
 """
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -121,6 +122,8 @@ class BPETokenizer:
         if hit is not None:
             return hit
         seq = list(utf8_bytes(word))
+        if len(seq) > 64:  # a long word (a CJK line, base64): the loop below is O(len * merges) there
+            seq = self._merge_long(seq)
         while len(seq) > 1:
             ranked = [(self.ranks.get(p, len(self.ranks)), p) for p in zip(seq, seq[1:])]
             rank, pair = min(ranked)
@@ -130,6 +133,30 @@ class BPETokenizer:
         if len(self._cache) < 100_000:
             self._cache[word] = seq
         return seq
+
+    def _merge_long(self, seq: list[int]) -> list[int]:
+        """The merges of _encode_word in O(n log n): a heap of (rank, position) over a linked list. Same result:
+        the lowest-ranked pair first and, for one rank, its occurrences left to right (overlaps: the left one),
+        as each pass of _merge does; a merge only makes pairs of a higher rank (they hold the new token)."""
+        ranks, n = self.ranks, len(seq)
+        val, nxt, prv = list(seq), list(range(1, n + 1)), list(range(-1, n - 1))
+        alive = [True] * n
+        heap = [(r, i) for i in range(n - 1) if (r := ranks.get((val[i], val[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            r, i = heapq.heappop(heap)
+            j = nxt[i] if alive[i] else n
+            if j >= n or ranks.get((val[i], val[j])) != r:
+                continue  # stale: i or its right neighbour changed since this entry was pushed
+            val[i], alive[j] = 256 + r, False
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+                if (rr := ranks.get((val[i], val[nxt[i]]))) is not None:
+                    heapq.heappush(heap, (rr, i))
+            if prv[i] >= 0 and (rr := ranks.get((val[prv[i]], val[i]))) is not None:
+                heapq.heappush(heap, (rr, prv[i]))
+        return [val[i] for i in range(n) if alive[i]]
 
     def encode(self, text: str, add_eos: bool = False) -> list[int]:
         ids: list[int] = []
