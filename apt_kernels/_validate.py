@@ -54,6 +54,12 @@ def check_finite_scalar(name: str, value: float) -> None:
         raise ValueError(f"{name}: expected a finite number, got {value}")
 
 
+def check_flag(name: str, value: object) -> None:
+    """A bool option: a string such as "no" would otherwise count as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
+
 def check_no_overlap(name: str, t: torch.Tensor) -> None:
     """``t`` is written in place, so no two of its elements may share memory (an expanded view, stride 0, or an
     overlapping as_strided view would have one element's update read as another's). Sufficient test: with the

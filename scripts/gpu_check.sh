@@ -2,7 +2,7 @@
 # One GPU session's checks (the device machine has torch, triton, cmake, ninja, pybind11 and scikit-build-core, no
 # network): build with CUDA, run the GPU tests, `apt bench` on the device, optionally the Triton TVA tuning sweep.
 # $OUT (default gpu_out/) gets at most a few files, since the device tool returns 8: the bench's result JSON (to
-# commit under benchmarks/results/), gpu_tests.log (one line per test file, then every failure) and details.tar.gz
+# commit under benchmarks/results/), gpu_tests.log (one line per test shard, then every failure) and details.tar.gz
 # (build log, per-file test logs and junit XML, bench.md/json/plots, tuning log). Each step is time-boxed so a hang
 # in one still returns the others.
 #   OUT=... STEPS="build test bench targets tune" BENCH=quick|full TEST_TIMEOUT=360 BENCH_TIMEOUT=240 \
@@ -81,15 +81,7 @@ if has test; then
   grep -h -E "^(FAILED|ERROR) " "$OUT"/shard*.log | sort | head -80 | tee -a "$OUT/gpu_tests.log"
 fi
 
-if has bench; then
-  step "apt bench ($BENCH)"
-  FLAG=""; [ "$BENCH" = quick ] && FLAG="--quick"
-  timeout "$(cap "${BENCH_TIMEOUT:-240}")" python -m apt bench --device cuda $FLAG --out "$OUT/bench" --save \
-    --results-dir "$OUT/results" > "$OUT/bench.log" 2>&1
-  echo "bench rc=$?"
-  tail -30 "$OUT/bench.log"
-fi
-
+# the targets before the bench whatever the order in STEPS: they decide, and the bench may use up the budget
 if has targets; then
   step "apt bench --targets"
   timeout "$(cap "${TARGETS_TIMEOUT:-240}")" python -m apt bench --device cuda --targets --out "$OUT/targets" --save \
@@ -97,6 +89,15 @@ if has targets; then
   echo "targets rc=$?"
   grep -E "^\| .*\*\*(MET|NOT MET|NOT MEASURABLE)\*\*" "$OUT/targets/bench.md" 2>/dev/null | head -40 \
     || tail -30 "$OUT/targets.log"
+fi
+
+if has bench; then
+  step "apt bench ($BENCH)"
+  FLAG=""; [ "$BENCH" = quick ] && FLAG="--quick"
+  timeout "$(cap "${BENCH_TIMEOUT:-240}")" python -m apt bench --device cuda $FLAG --out "$OUT/bench" --save \
+    --results-dir "$OUT/results" > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"
+  tail -30 "$OUT/bench.log"
 fi
 
 if has tune && [ -f benchmarks/tune_tva_triton.py ]; then

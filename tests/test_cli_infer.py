@@ -54,7 +54,28 @@ def test_chat_reads_stdin_until_eof(tiny_checkpoint, monkeypatch, capsys):
     assert "chat: commands" not in captured.out  # piped input: replies only, no banner or prompt
     assert "voter_steps=" in captured.err
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    assert main(["chat", tiny_checkpoint]) == 0 and "chat: 0 replies" in capsys.readouterr().err
+    captured = (main(["chat", tiny_checkpoint]), capsys.readouterr())
+    assert captured[0] == 0 and "chat: 0 replies" in captured[1].err and captured[1].out == ""  # no stray newline
+
+
+def test_chat_default_reply_length_leaves_room_for_the_conversation(tiny_checkpoint, monkeypatch, capsys, caplog):
+    # --max-new-tokens defaulted to 128, not below the 64-token window: no earlier turn ever fit (a warning said so)
+    import logging
+
+    from apt.inference import chat as chat_mod
+
+    seen = []
+    original = chat_mod.ChatSession.__init__
+
+    def spy(self, *a, **kw):
+        seen.append(kw["max_new_tokens"])
+        original(self, *a, **kw)
+
+    monkeypatch.setattr(chat_mod.ChatSession, "__init__", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nhow are you\n"))
+    with caplog.at_level(logging.WARNING):
+        assert main(["chat", tiny_checkpoint, "--seed", "0"]) == 0
+    assert seen == [32] and "no earlier turn fits" not in caplog.text
 
 
 def test_eval_prints_perplexity(tiny_checkpoint, tmp_path, capsys):

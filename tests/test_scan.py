@@ -184,3 +184,18 @@ def test_state_update_reference_gradcheck_through_the_in_place_state():
         return y, state
 
     assert torch.autograd.gradcheck(f, tuple(t.clone().requires_grad_() for t in (x, dt, A, B, C, s0)))
+
+
+def test_bool_flags_must_be_bools():
+    from apt_kernels import selective_scan_fn, selective_state_update
+
+    x = random_scan_inputs(1, 3, 4, 2, generator=torch.Generator().manual_seed(2))
+    for kw in ({"delta_softplus": "no"}, {"return_last_state": "no"}, {"delta_softplus": None}):
+        for fn in (selective_scan_fn, selective_scan_ref):  # "no" counted as True
+            with pytest.raises(TypeError, match=f"{next(iter(kw))}: expected a bool"):
+                fn(**x, **kw)
+    s = torch.zeros(1, 3, 2)
+    step = (x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0])
+    for fn in (selective_state_update, selective_state_update_ref):
+        with pytest.raises(TypeError, match="dt_softplus: expected a bool"):
+            fn(s, *step, dt_softplus="no")

@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 
 from .._native import cpu_module, current_stream, native_family_status, native_module, view
-from .._validate import check_no_overlap
+from .._validate import check_flag, check_no_overlap
 from ..backends import custom_op_must_dispatch, native_cuda_status, triton_interpret, triton_status
 from ..reference.scan import (check_scan_args, check_state_update_args, selective_scan_ref,
                               selective_state_update_ref)
@@ -585,6 +585,8 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     (dim, N), (batch, N, L) or (batch, G, N, L); D, delta_bias: (dim,). Returns y (u's dtype) and, with
     ``return_last_state``, the final state (batch, dim, N) in fp32. Differentiable in every tensor argument."""
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    check_flag("delta_softplus", delta_softplus)
+    check_flag("return_last_state", return_last_state)
     impl, fn = _choose_scan(u, A.shape[-1])
     if not torch.compiler.is_compiling():  # dynamo cannot trace a logger call (fullgraph would fail)
         logger.debug("selective_scan_fn: using %s for %s %s input", impl, u.device.type, u.dtype)
@@ -599,6 +601,7 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     (batch, dim). B, C: (batch, N) or (batch, G, N). mamba_ssm's Mamba-2 head layout works too: state
     (batch, nheads, headdim, N), x/dt/z (batch, nheads, headdim), A (nheads, headdim, N), D/dt_bias
     (nheads, headdim), B/C (batch, ngroups, N) with ngroups dividing nheads; y is then (batch, nheads, headdim)."""
+    check_flag("dt_softplus", dt_softplus)
     if isinstance(state, torch.Tensor) and state.dim() == 4:
         return _state_update_heads(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)

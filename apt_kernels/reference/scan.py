@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_float, check_ndim, check_no_overlap, check_shape, check_tensor
+from .._validate import check_flag, check_float, check_ndim, check_no_overlap, check_shape, check_tensor
 from ..testing import assert_close as _assert_close
 
 __all__ = ["selective_scan_ref", "selective_state_update_ref", "check_scan_args", "check_state_update_args",
@@ -127,6 +127,8 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     """y = selective scan of u (batch, dim, L); see SCAN.md. Returns y in u's dtype, plus the last state
     (batch, dim, N) in fp32 (fp64 for fp64 u) when ``return_last_state``."""
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    check_flag("delta_softplus", delta_softplus)
+    check_flag("return_last_state", return_last_state)
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
     batch, dim, L = u.shape
     N = A.shape[1]
@@ -173,6 +175,7 @@ def selective_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.T
     """One decode step: state (batch, dim, N) is updated in place, y (batch, dim) in x's dtype is returned.
     B, C: (batch, N) or (batch, G, N)."""
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+    check_flag("dt_softplus", dt_softplus)
     acc = torch.float64 if x.dtype == torch.float64 or state.dtype == torch.float64 else torch.float32
     batch, dim, N = state.shape
     d = dt.to(acc)

@@ -105,7 +105,8 @@ def run_chat(session: ChatSession, input_stream: TextIO, output_stream: TextIO, 
         out(prompt)
         line = input_stream.readline()
         if not line:  # end of input
-            out("\n")
+            if prompt:  # end the "> " line a person saw; piped output gets nothing after the last reply
+                out("\n")
             break
         message = line.strip()
         if not message:

@@ -224,7 +224,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", action="store_true",
                    help="render benchmarks/RESULTS.md from benchmarks/results/*.json and exit")
     p.add_argument("--results-dir", default=None, help="results directory for --save/--report")
-    p.add_argument("--report-out", default=None, help="file --report writes (default benchmarks/RESULTS.md)")
+    p.add_argument("--report-out", default=None,
+                   help="file --report writes (default RESULTS.md beside the results folder: benchmarks/RESULTS.md)")
     p.add_argument("--list", action="store_true", help="print the grids and every provider/peer, run nothing")
     p.add_argument("--fail-on-wrong", action="store_true", help="exit 1 when a provider is reported wrong")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines, no table on stdout")

@@ -4,8 +4,11 @@
     echo "hello" | apt chat apt_runs/tiny_debug --temperature 0 --max-new-tokens 40
     apt chat run/last.pt --system "Answer briefly." --retrieval-dir notes/ --plugins voter
 
-Each stdin line is a message, each reply one line on stdout; ``/reset`` forgets the conversation, ``/exit`` (or
-end of input) ends it. The history is trimmed to fit the model's window (:mod:`apt.inference.chat`).
+Each stdin line is a message; each reply is written to stdout followed by a newline (a reply may itself hold
+newlines: the model's text up to the next "User:" turn). ``/reset`` forgets the conversation, ``/exit`` (or end
+of input) ends it. The history is trimmed to fit the model's window (:mod:`apt.inference.chat`);
+``--max-new-tokens`` defaults to 128, or half the window for a model whose window is shorter than 256, so that
+earlier turns fit beside the reply.
 """
 from __future__ import annotations
 
@@ -19,8 +22,13 @@ from .generate import (EXAMPLES_EPILOG, add_checkpoint_args, add_plugin_args, ad
 def run(args: argparse.Namespace) -> int:
     from ...inference.chat import ChatSession, run_chat
 
-    kwargs = sampling_kwargs(args)
+    from ...inference.generate import model_window
+
     model, tokenizer, profile = load_checkpoint(args)
+    if args.max_new_tokens is None:  # 128 left no room for history in a 64-token window (tiny_debug)
+        window = model_window(model)
+        args.max_new_tokens = 128 if window is None else max(1, min(128, window // 2))
+    kwargs = sampling_kwargs(args)
     plugins = build_generation_plugins(args, profile)
     session = ChatSession(model, tokenizer, system=args.system, plugins=plugins, **kwargs)
     # the banner and the "> " prompt only help a person typing; piped input gets the replies alone
@@ -49,6 +57,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(p)
     p.add_argument("--system", default="", help="a system line put at the top of every prompt")
-    add_sampling_args(p, max_new_tokens=128)
+    add_sampling_args(p, max_new_tokens=128, default_help="128, or half the model's window if that is less")
     add_plugin_args(p)
     p.set_defaults(func=run)

@@ -54,10 +54,10 @@ def load_checkpoint(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]
         raise CLIError(str(exc)) from None
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, default_help: Optional[str] = None) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help=f"tokens to generate at most (default {max_new_tokens})")
+    g.add_argument("--max-new-tokens", type=int, default=None if default_help else max_new_tokens,
+                   help=f"tokens to generate at most (default {default_help or max_new_tokens})")
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens; 0 = off (default 50)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]; 1 = off "
