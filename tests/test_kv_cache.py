@@ -159,3 +159,40 @@ def test_fallback_attention_takes_chunk_padding_masks_like_tva(max_len):
     assert cache.padding[:, :9].equal(kpm)
     with pytest.raises(ValueError, match=r"^key_padding_mask: expected a bool tensor of shape \(2, 9\)"):
         attn(x, key_padding_mask=torch.zeros(2, 10, dtype=torch.bool))
+
+
+def test_cache_with_padding_trains_and_a_failed_call_leaves_the_cache_as_it_was():
+    from apt_kernels.layers.tva import TVAAttention
+
+    torch.manual_seed(0)
+    for core in ("reference", "cpu_native"):
+        m = TVAAttention(16, 2, core=core)
+        x = torch.randn(1, 6, 16, requires_grad=True)
+        kpm = torch.zeros(1, 6, dtype=torch.bool)
+        kpm[0, 1] = True
+        cache = m.new_cache(1)
+        # the padding handed to the core was a view of the buffer the next call rewrote: backward failed
+        ys = [m(x[:, a:b], kpm[:, a:b], cache=cache) for a, b in ((0, 2), (2, 4), (4, 6))]
+        (gx,) = torch.autograd.grad(sum(y.sum() for y in ys), x)
+        assert torch.isfinite(gx).all()
+    m = TVAAttention(16, 2).eval()
+    x = torch.randn(1, 4, 16)
+    with torch.no_grad():
+        full = m(x)
+    cache = m.new_cache(1)
+    with torch.no_grad():
+        m(x[:, :3], cache=cache)
+    real_core = m.core
+
+    def boom(*a, **k):
+        raise RuntimeError("core failed")
+
+    m.core = boom
+    with torch.no_grad(), pytest.raises(RuntimeError, match="core failed"):
+        m(x[:, 3:], cache=cache)
+    assert cache.length == 3 and float(cache.count[0]) == 3.0  # the running mean did not move ahead
+    m.core = real_core
+    with torch.no_grad():
+        torch.testing.assert_close(m(x[:, 3:], cache=cache), full[:, 3:])
+    with pytest.raises(ValueError, match="x: no tokens to append"):
+        m(torch.randn(1, 0, 16), cache=cache)

@@ -541,3 +541,11 @@ def test_empty_batch(impl, cf):
     m = MoEFFN(3, 5, 4, k=2, capacity_factor=cf, router_impl=impl)
     out, aux = m(torch.randn(2, 0, 3))
     assert out.shape == (2, 0, 3)
+
+
+@pytest.mark.parametrize("offsets", [[0, 10, 4], [0, 3, 1], [1, 2, 4], [0, 1, 2]])
+def test_grouped_ffn_refuses_bad_offsets(offsets):
+    # [0, 10, 4] made torch's repeat_interleave write past its output: heap corruption, an abort later
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="offsets: expected non-decreasing row offsets from 0 to M=4"):
+        moe_grouped_ffn(x, torch.tensor(offsets), torch.randn(2, 2, 3), torch.randn(2, 2, 3), torch.randn(2, 3, 2))

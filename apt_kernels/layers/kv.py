@@ -64,5 +64,9 @@ def append_kv(cache, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optiona
         pad = key_padding_mask if key_padding_mask is not None else k.new_zeros(k.shape[0], T, dtype=torch.bool)
         cache.padding = buffer_write(cache.padding, pad, start, 1, cache.max_len)
     cache.length = start + T
-    padding = None if cache.padding is None else cache.padding[:, :cache.length]
+    padding = None
+    if cache.padding is not None:
+        padding = cache.padding[:, :cache.length]
+        if torch.is_grad_enabled():  # the fused op saves the mask for backward: not a view the next call rewrites
+            padding = padding.clone()
     return history(cache.k, k, start, 2), history(cache.v, v, start, 2), padding

@@ -41,6 +41,7 @@ class TVACache:
     padding: Optional[torch.Tensor] = None
     x_sum: Optional[torch.Tensor] = None
     count: Optional[torch.Tensor] = None
+    pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # this call's x_sum/count until it succeeds
     length: int = 0
 
     @property
@@ -50,7 +51,7 @@ class TVACache:
 
     def reset(self) -> None:
         self.length = 0
-        self.k = self.v = self.padding = self.x_sum = self.count = None
+        self.k = self.v = self.padding = self.x_sum = self.count = self.pending = None
 
 
 def _kept(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,8 +160,9 @@ class TVAAttention(nn.Module):
         if cache.x_sum is not None:
             xs = xs + cache.x_sum[:, None, :]
             cnt = cnt + cache.count[:, None]
-        cache.x_sum = xs[:, -1].detach()
-        cache.count = cnt[:, -1].detach()
+        # kept aside and committed by forward only once the call has succeeded: a call that fails later (the
+        # KV write, the core) must leave the cache as it was, or a retry reads a running mean one call ahead
+        cache.pending = (xs[:, -1].detach(), cnt[:, -1].detach())
         return (xs / cnt.clamp_min(1.0)[..., None]).to(x.dtype)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
@@ -184,14 +186,26 @@ class TVAAttention(nn.Module):
             if cache.batch_size != B:
                 raise ValueError(f"cache: made for batch size {cache.batch_size}, got x with B={B}")
             check_room(cache.length, T, cache.max_len)  # before the gate's running sum changes
+            if T == 0:
+                raise ValueError(f"x: no tokens to append to the cache (shape {tuple(x.shape)})")
         q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         delta = self.V(self.U(x)).view(B, T, H, D).transpose(1, 2)
         g = torch.sigmoid(self.gate(self._gate_input(x, key_padding_mask, cache)))
         kpm = key_padding_mask
+        saved = (cache.length, cache.k, cache.v, cache.padding) if cache is not None else None
+        try:
+            if cache is not None:
+                k, v, kpm = append_kv(cache, k, v, key_padding_mask)
+            o = self.core(q, k, v, delta, g, self.coef(), causal=self.causal, window=self.window,
+                          sinks=self.sinks if self.window is not None else 0, key_padding_mask=kpm,
+                          softmax_scale=1.0 / math.sqrt(D))
+        except Exception:
+            if cache is not None:  # as before the call: what was written past the old length is never read
+                cache.length, cache.k, cache.v, cache.padding = saved  # type: ignore[misc]
+                cache.pending = None
+            raise
         if cache is not None:
-            k, v, kpm = append_kv(cache, k, v, key_padding_mask)
-        o = self.core(q, k, v, delta, g, self.coef(), causal=self.causal, window=self.window,
-                      sinks=self.sinks if self.window is not None else 0, key_padding_mask=kpm,
-                      softmax_scale=1.0 / math.sqrt(D))
+            cache.x_sum, cache.count = cache.pending
+            cache.pending = None
         y = self.out(o.transpose(1, 2).reshape(B, T, C))
         return self.dropout(y)

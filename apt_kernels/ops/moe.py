@@ -554,6 +554,13 @@ def moe_grouped_ffn(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, 
     if offsets.shape[0] < 2:
         raise ValueError(f"offsets: expected E+1 >= 2 entries, got shape {tuple(offsets.shape)}")
     e, c = offsets.shape[0] - 1, x.shape[1]
+    if offsets.device == x.device and not torch.compiler.is_compiling():
+        # one host sync (the op syncs for the widest expert anyway): bad offsets made torch's repeat_interleave
+        # write past its output (heap corruption, a later abort) or fail with an unclear size error
+        lo, last, step = int(offsets[0]), int(offsets[-1]), int((offsets[1:] - offsets[:-1]).min())
+        if lo != 0 or last != x.shape[0] or step < 0:
+            raise ValueError(f"offsets: expected non-decreasing row offsets from 0 to M={x.shape[0]}, got "
+                             f"{offsets.tolist() if offsets.numel() <= 16 else (lo, '...', last)}")
     for name, t in (("offsets", offsets), ("w_in", w_in), ("w_gate", w_gate), ("w_out", w_out)):
         if t is None:
             continue
