@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ..backends import custom_op_must_dispatch
-from .._validate import check_dtype, check_float, check_ndim, check_same_device, check_shape, check_tensor
+from .._validate import check_dtype, check_flag, check_float, check_ndim, check_same_device, check_shape, check_tensor
 
 __all__ = ["tva_attention_ref", "tva_visible_mask", "check_tva_inputs", "TVAArgs", "MAX_HEAD_DIM"]
 
@@ -78,8 +78,7 @@ def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: O
         raise TypeError(f"coef: expected a python float or a 0-dim tensor, got {type(coef).__name__}")
     elif not math.isfinite(float(coef)):
         raise ValueError(f"coef: expected a finite number, got {coef}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    check_flag("causal", causal)
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, numbers.Integral):
             raise TypeError(f"window: expected None or a positive int, got {type(window).__name__}")

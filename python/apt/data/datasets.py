@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 
 from ..core import registry
+from ..core.settings import as_number
 from .tokenizers import Tokenizer, get_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -49,17 +50,12 @@ def encode_texts(texts: list[str], tokenizer: Tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-
-
 class TokenBatches:
     """Random (input, target) windows over a 1-D token tensor. ``batches(epoch, n)`` yields ``n`` batches."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int = 0) -> None:
-        _check_positive("seq_len", seq_len)
-        _check_positive("batch_size", batch_size)
+        as_number("seq_len", seq_len, integer=True, low=1)
+        as_number("batch_size", batch_size, integer=True, low=1)
         if tokens.numel() < 2:
             raise ValueError(f"dataset: need at least 2 tokens, got {tokens.numel()}")
         # A corpus shorter than a window: train on shorter windows rather than fail.
@@ -113,8 +109,8 @@ def build_data(data_cfg: Mapping[str, Any], seed: int = 0, tokenizer: Optional[T
     tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg, texts)
     tokens = encode_texts(texts, tok)
     seq_len, bs = data_cfg.get("seq_len", 128), data_cfg.get("batch_size", 8)
-    _check_positive("seq_len", seq_len)
-    _check_positive("batch_size", bs)
+    as_number("seq_len", seq_len, integer=True, low=1)
+    as_number("batch_size", bs, integer=True, low=1)
     vf = data_cfg.get("val_fraction", 0.0) or 0.0
     if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 <= vf < 1:  # NaN fails too
         raise ValueError(f"val_fraction: expected a number in [0, 1), got {vf!r}")
