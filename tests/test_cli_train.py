@@ -26,6 +26,29 @@ def test_train_runs_with_overrides_and_resumes(tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_stop_at_step_then_resume_is_the_uninterrupted_run(tmp_path, capsys):
+    """--max-steps would end the run (the LR schedule spans it); --stop-at-step pauses it, and --resume auto goes on
+    with the same schedule, ending where the uninterrupted run ends."""
+    import torch
+
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    args = [*FAST, "--training.max_epochs", "2"]
+    assert main(["train", "-p", "tiny_debug", "--out-dir", str(full), *args]) == 0
+    assert "done: 6 steps" in capsys.readouterr().out
+    assert main(["train", "-p", "tiny_debug", "--out-dir", str(parts), *args, "--stop-at-step", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "done: 4 steps" in out and "stopped at step 4 of 6" in out and "--resume auto" in out
+    assert main(["train", "-p", "tiny_debug", "--out-dir", str(parts), *args, "--resume", "auto",
+                 "--stop-at-step", "4"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert main(["train", "-p", "tiny_debug", "--out-dir", str(parts), *args, "--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "done: 6 steps" in out and "stopped at" not in out
+    a = torch.load(full / "last.pt", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(parts / "last.pt", map_location="cpu", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_train_print_config_applies_overrides_and_plugins(capsys):
     assert main(["train", "-p", "tiny_debug", "--print-config", "--training.max_epochs", "3",
                  "--model.attention_name", "flash_v2", "--plugins", "moe,routing"]) == 0
@@ -68,6 +91,7 @@ def test_user_errors_are_one_line_exit_2(argv, fragment, capsys):
     (["bench", "--max-shapes", "-1"], "argument --max-shapes: expected >= 1, got -1"),
     (["bench", "--warmup", "-1"], "argument --warmup: expected >= 0, got -1"),
     (["bench", "--budget", "-1"], "argument --budget: expected a finite number > 0"),
+    (["train", "-p", "tiny_debug", "--stop-at-step", "0"], "argument --stop-at-step: expected >= 1, got 0"),
 ])
 def test_bad_bench_numbers_are_argument_errors(argv, fragment, capsys):
     """They ran the whole benchmark first (--repeats 0: every row an error, exit 0; --max-shapes -1 dropped the

@@ -94,6 +94,20 @@ def test_resume_equals_uninterrupted(tmp_path, accum):
     assert c.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
 
 
+@pytest.mark.parametrize("stop, exc, fragment", [
+    (0, ValueError, "expected a step after the current one (0), got 0"),
+    (-3, ValueError, "got -3"),
+    (True, TypeError, "expected an int or None, got bool"),
+    (2.0, TypeError, "got float"),
+])
+def test_fit_checks_stop_at_step(tmp_path, stop, exc, fragment):
+    """A stop at or before the current step trained one step anyway (the check ran after the step)."""
+    tr = Trainer(_cfg(tmp_path))
+    with pytest.raises(exc, match="stop_at_step: ") as info:
+        tr.fit(stop_at_step=stop)
+    assert fragment in str(info.value) and tr.step == 0
+
+
 def test_hook_order_and_counts(tmp_path):
     rec = Recorder()
     tr = Trainer(_cfg(tmp_path, **{"training.grad_accum": 2}), plugins=[rec])

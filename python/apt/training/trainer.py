@@ -284,6 +284,12 @@ class Trainer:
     def fit(self, stop_at_step: Optional[int] = None) -> dict[str, Any]:
         """Train to ``total_steps`` (or stop after optimizer step ``stop_at_step``, saving a checkpoint, as an
         interrupted run would). Returns a summary (losses, steps, wall time, tokens/s, checkpoint path)."""
+        if stop_at_step is not None:
+            if isinstance(stop_at_step, bool) or not isinstance(stop_at_step, int):
+                raise TypeError(f"stop_at_step: expected an int or None, got {type(stop_at_step).__name__}")
+            if stop_at_step <= self.step:
+                raise ValueError(f"stop_at_step: expected a step after the current one ({self.step}), "
+                                 f"got {stop_at_step}")
         t = self.t
         accum = self.grad_accum
         clip = t.get("grad_clip")

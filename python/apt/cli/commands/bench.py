@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from . import count_type as _count
+
 KINDS = ("attention", "router", "scan")
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16",
           "bfloat16": "bfloat16"}
@@ -76,19 +78,6 @@ def _list_targets(kinds: list[str], device: str) -> int:
         print(f"{t.name} (issue #{t.issue}; {where}): {t.title} at {get_case(t.kind).label(t.shape)}; "
               f"threshold {t.threshold}")
     return 0
-
-
-def _count(minimum: int):
-    """argparse type: an int >= minimum."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected >= {minimum}, got {value}")
-        return value
-    return parse
 
 
 def _seconds(text: str) -> float:

@@ -3,6 +3,7 @@
     apt train -p tiny_debug
     apt train -p gpt5_moe_reasoning --plugins moe,align --training.max_epochs 3 --model.attention_name flash_v2
     apt train -p my.yaml --resume auto
+    apt train -p tiny_debug --stop-at-step 100     # then --resume auto continues the same run
 
 Any profile key can be overridden as ``--section.key VALUE`` (or ``--section.key=VALUE``); values are YAML
 (``3``, ``1e-3``, ``[0.9, 0.95]``, ``null``). The run writes ``<training.out_dir>/last.pt`` (default
@@ -18,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 from ...core.config import ConfigError, builtin_profiles, dump_profile, load_profile
 from ..main import CLIError
+from . import count_type
 
 logger = logging.getLogger("apt.cli.train")
 
@@ -98,8 +100,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"nothing to do: the run in {trainer.out_dir} is already at step {trainer.step} of "
               f"{trainer.total_steps} (raise --max-steps or --training.max_epochs to continue)")
         return 0
+    if args.stop_at_step is not None and trainer.step >= args.stop_at_step:
+        print(f"nothing to do: the run in {trainer.out_dir} is already at step {trainer.step} "
+              f"(--stop-at-step {args.stop_at_step})")
+        return 0
     try:
-        summary = trainer.fit()
+        summary = trainer.fit(stop_at_step=args.stop_at_step)
     except FloatingPointError as exc:
         raise CLIError(str(exc)) from None
     first, last = summary["first_loss"], summary["final_loss"]
@@ -107,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"done: {summary['steps']} steps in {summary['wall_s']:.1f}s, loss {first:.4f} -> {last:.4f}"
           + (f", val {val:.4f}" if val is not None else "")
           + f", {summary['tokens_per_s']:,.0f} tokens/s; checkpoint {summary['checkpoint']}")
+    if summary["stopped_early"]:
+        print(f"stopped at step {summary['steps']} of {trainer.total_steps}; continue the same run (same schedule) "
+              f"with --resume auto and the same options")
     if summary["disabled_plugins"]:
         for name, why in summary["disabled_plugins"].items():
             print(f"plugin {name} was disabled: {why}", file=sys.stderr)
@@ -127,7 +136,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default=None, help="output directory (training.out_dir)")
     p.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="resume from a checkpoint, or 'auto' for <out_dir>/last.pt when it exists")
-    p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (training.max_steps)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="total optimizer steps (training.max_steps); the LR schedule spans them")
+    p.add_argument("--stop-at-step", type=count_type(1), default=None, metavar="N",
+                   help="stop after optimizer step N and save a checkpoint, as an interrupted run would: the LR "
+                        "schedule still spans the whole run, and --resume auto continues it exactly")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (training.device)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the run (the profile's top-level seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
