@@ -12,6 +12,12 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def check_tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    # the kernels read strided memory: a sparse or nested tensor failed deep inside (a data-pointer RuntimeError, or
+    # an op the sparse backend lacks) or, in some references, ran on
+    if t.is_nested:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got a nested tensor")
+    if t.layout is not torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {str(t.layout).replace('torch.', '')}")
     return t
 
 

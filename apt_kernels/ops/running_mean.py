@@ -13,8 +13,7 @@ import torch
 
 from .._native import cpu_module, native_status, view
 from ..backends import custom_op_must_dispatch
-from .._validate import check_float, check_ndim, check_same_device, check_shape, check_dtype
-from ..reference.common import running_mean_ref
+from ..reference.common import check_running_mean_args as _check, running_mean_ref
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +74,6 @@ class RunningMean(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
         return _backward_body(grad, keep), None
-
-
-def _check(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> None:
-    check_ndim("x", x, 3, "(B, T, C)")
-    check_float("x", x)
-    if key_padding_mask is not None:
-        check_shape("key_padding_mask", key_padding_mask, x.shape[:2], "(B, T)")
-        check_dtype("key_padding_mask", key_padding_mask, torch.bool)
-        check_same_device("x", x, key_padding_mask=key_padding_mask)
 
 
 def running_mean_native(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
