@@ -6,12 +6,17 @@ from importlib import metadata
 
 import pytest
 
-from apt.core.registry import Provider, Registry, RegistryError
+from apt.core.registry import KIND_METHODS, Provider, Registry, RegistryError
+
+
+def _stub(self, *args, **kwargs):
+    raise NotImplementedError
 
 
 def make(kind, name, *, default=False, ok=True, why="", priority=0, supports=None):
     attrs = dict(kind=kind, name=name, is_default=default, priority=priority,
                  available=classmethod(lambda cls: (ok, why)))
+    attrs.update({m: _stub for m in (KIND_METHODS.get(kind) or [()])[0]})  # the kind's interface
     if supports is not None:
         attrs["supports"] = lambda self, **inputs: supports(inputs)
     return type(f"P_{kind}_{name}", (Provider,), attrs)
@@ -87,10 +92,62 @@ def test_unknown_kind_and_bad_registration(reg):
 def test_duplicate_and_second_default_rejected(reg):
     reg.register(make("ffn", "mlp", default=True))
     with pytest.raises(RegistryError, match="already registered"):
-        reg.register(type("OtherMlp", (Provider,), dict(kind="ffn", name="mlp")))
+        reg.register(type("OtherMlp", (Provider,), dict(kind="ffn", name="mlp", create_layer=_stub)))
     with pytest.raises(RegistryError, match="already has default provider 'mlp'"):
         reg.register(make("ffn", "other", default=True))
-    reg.register(make("ffn", "mlp", default=True), override=True)
+    with pytest.raises(RegistryError, match="already has default provider 'mlp'"):  # override does not make two
+        reg.register(make("ffn", "other", default=True), override=True)
+    with pytest.raises(RegistryError, match="is the kind's default: .* only with is_default = True"):
+        reg.register(make("ffn", "mlp"), override=True)  # the kind would be left without a default
+    new = reg.register(make("ffn", "mlp", default=True), override=True)
+    assert reg.provider_class("ffn", "mlp") is new and reg.default_name("ffn") == "mlp"
+
+
+def test_redefined_class_replaces_its_earlier_definition(reg):
+    """A module reloaded (a notebook cell run again) redefines its classes: the registry kept the old one."""
+    first = reg.register(make("scan", "mine"))
+    second = reg.register(make("scan", "mine"))  # same module and qualname, another class object
+    assert first is not second and reg.provider_class("scan", "mine") is second
+
+
+@pytest.mark.parametrize("attrs, exc, fragment", [
+    (dict(kind="scan", name="s1", selective_scan_fn=_stub), TypeError,
+     "must define selective_scan_fn, selective_state_update \\(it has selective_scan_fn\\)"),
+    (dict(kind="router", name="r1", route=_stub), TypeError, "must define route, dispatch, combine or create_layer"),
+    (dict(kind="attention", name="a1"), TypeError, "must define forward or create_layer$"),
+    (dict(kind="ffn", name="f1", create_layer=3), TypeError, "must define create_layer"),
+    (dict(kind="scan", name=123), TypeError, "'kind' and 'name' must be strings"),
+    (dict(kind="scan", name="auto"), ValueError, "the name 'auto' is reserved"),
+])
+def test_registration_checks_the_kinds_interface(reg, attrs, exc, fragment):
+    with pytest.raises(exc, match=fragment):
+        reg.register(type("P", (Provider,), attrs))
+
+
+def test_attention_provider_may_be_a_core_or_a_layer(reg):
+    reg.register(type("Core", (Provider,), dict(kind="attention", name="core_only", forward=_stub)))
+    reg.register(type("Layer", (Provider,), dict(kind="attention", name="layer_only", create_layer=_stub)))
+    reg.register_kind("mine", methods=["run"])
+    with pytest.raises(TypeError, match="a 'mine' provider must define run"):
+        reg.register(type("M", (Provider,), dict(kind="mine", name="m")))
+    reg.register(type("M", (Provider,), dict(kind="mine", name="m", run=_stub)))
+
+
+def test_config_must_be_a_mapping(reg):
+    reg.register(make("scan", "reference", default=True))
+    with pytest.raises(TypeError, match="config: expected a mapping or None, got str"):
+        reg.get("scan", None, "abc")
+
+
+def test_info_shows_a_providers_own_docstring_only(reg):
+    class Documented(Provider):
+        """Does things."""
+        kind, name = "mine", "documented"
+
+    reg.register(Documented)
+    reg.register(type("Undocumented", (Provider,), dict(kind="mine", name="plain")))
+    assert reg.get_info("mine", "documented").description == "Does things."
+    assert reg.get_info("mine", "plain").description == ""  # was Provider's "Base class of every provider..."
 
 
 def test_new_kind_is_created_on_registration(reg):
@@ -109,7 +166,7 @@ def test_available_raising_counts_as_unavailable(reg):
     def boom(cls):
         raise RuntimeError("probe failed")
 
-    cls = type("Boom", (Provider,), dict(kind="scan", name="boom", available=classmethod(boom)))
+    cls = type("Boom", (make("scan", "boom"),), dict(available=classmethod(boom)))
     reg.register(make("scan", "reference", default=True))
     reg.register(cls)
     info = reg.get_info("scan", "boom")
@@ -126,6 +183,24 @@ def test_auto_and_select(reg):
     assert reg.select("attention", head_dim=64).name == "mid"
     chosen = reg.select("attention", head_dim=256)
     assert chosen.name == "ref"
+
+
+def test_select_skips_a_candidate_whose_constructor_or_supports_raises(reg, caplog):
+    def boom(inputs):
+        raise RuntimeError("supports boom")
+
+    class BadInit(make("scan", "bad_init", priority=20)):
+        def __init__(self, config=None):
+            raise ValueError("init boom")
+
+    reg.register(make("scan", "reference", default=True))
+    reg.register(make("scan", "bad_supports", priority=30, supports=boom))
+    reg.register(BadInit)
+    with caplog.at_level(logging.WARNING, logger="apt.core.registry"):
+        chosen = reg.select("scan", u=1)
+    assert chosen.name == "reference"
+    assert "bad_supports: supports() raised RuntimeError: supports boom" in chosen.fallback_reason
+    assert "bad_init: constructing it raised ValueError: init boom" in chosen.fallback_reason
 
 
 def test_select_with_no_fitting_provider_warns_asked_used_why(reg, caplog):
@@ -173,3 +248,26 @@ def test_global_registry_loads_builtins():
     kinds = registry.kinds()
     for k in ("attention", "ffn", "router", "scan", "align", "retrieval", "dataset"):
         assert k in kinds
+
+
+def test_a_registration_before_the_first_lookup_loads_the_builtins_first():
+    """Overriding a built-in before anything looked the registry up made the built-ins' own registration fail
+    half way (blaming the built-in, suggesting override=True, which had been passed) and left the kinds after it
+    empty: no scan or plugin providers for the rest of the process."""
+    reg = Registry()  # loads the built-ins and entry points at its first use, like apt.core.registry.REGISTRY
+
+    class MySdpa(Provider):
+        kind, name = "attention", "sdpa"
+
+        def forward(self, q, k, v, **kw):
+            raise NotImplementedError
+
+    reg.register(MySdpa, override=True)
+    assert reg.provider_class("attention", "sdpa") is MySdpa
+    assert {"reference", "cpu_native"} <= {i.name for i in reg.list_providers("scan")}
+    assert "tva_default" in {i.name for i in reg.list_providers("attention")}
+
+    other = Registry()
+    with pytest.raises(RegistryError, match="attention/sdpa is already registered by apt.providers.attention.SDPA"):
+        other.register(MySdpa)
+    assert {i.name for i in other.list_providers("plugin")}  # the built-ins are all there

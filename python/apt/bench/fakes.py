@@ -56,6 +56,9 @@ class FakeAttentionUnavailable(Provider):
     def available(cls) -> tuple[bool, str]:
         return False, "fake_gone needs hardware this test machine does not have"
 
+    def forward(self, q, k, v, **kw: Any):
+        raise AssertionError("an unavailable provider is never called")
+
 
 class FakeAttentionPicky(Provider):
     kind, name = "attention", "fake_picky"
@@ -94,9 +97,12 @@ class FakeScan(Provider):
     def selective_scan_fn(self, *a: Any, **kw: Any):
         return scan_math(*a, **kw)
 
+    def selective_state_update(self, *a: Any, **kw: Any):  # the kind's interface; the bench times the scan only
+        raise NotImplementedError("the fake scans have no decode step")
 
-class FakeScanWrong(Provider):
-    kind, name = "scan", "fake_wrong"
+
+class FakeScanWrong(FakeScan):
+    kind, name, is_default = "scan", "fake_wrong", False
 
     def selective_scan_fn(self, u, *a: Any, **kw: Any):
         return scan_math(u * 1.5, *a, **kw)

@@ -19,7 +19,7 @@ import logging
 import threading
 from importlib import metadata
 from types import ModuleType
-from typing import Any, Callable, ClassVar, Iterable, Optional, TypeVar, Union
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, TypeVar, Union
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,20 @@ BUILTIN_KINDS: dict[str, str] = {
     "retrieval": "retrieval-augmented generation back end",
     "dataset": "training data source",
     "plugin": "trainer / generation plugin receiving hook broadcasts",
+}
+
+
+# What a provider of each built-in kind must define: one of the alternatives, each a set of methods (checked at
+# registration, so a provider missing its interface fails there, naming what is missing, instead of being skipped
+# or replaced later, differently for each kind).
+KIND_METHODS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "attention": (("forward",), ("create_layer",)),  # a core (the builder wraps it in TVAAttention), or a layer
+    "ffn": (("create_layer",),),
+    "router": (("route", "dispatch", "combine"), ("create_layer",)),  # ops (MoEFFN routes through them), or a layer
+    "scan": (("selective_scan_fn", "selective_state_update"),),
+    "align": (("loss",),),
+    "retrieval": (("build", "search"),),
+    "dataset": (("load_texts",),),
 }
 
 
@@ -58,6 +72,8 @@ class Provider:
     priority: ClassVar[int] = 0
 
     def __init__(self, config: Optional[dict[str, Any]] = None) -> None:
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config: expected a mapping or None, got {type(config).__name__}")
         self.config: dict[str, Any] = dict(config or {})
 
     @classmethod
@@ -93,6 +109,7 @@ class ProviderInfo:
 class Registry:
     def __init__(self, load_builtin: bool = True) -> None:
         self._kinds: dict[str, str] = dict(BUILTIN_KINDS)
+        self._methods: dict[str, tuple[tuple[str, ...], ...]] = dict(KIND_METHODS)
         self._providers: dict[str, dict[str, type[Provider]]] = {k: {} for k in self._kinds}
         self._lock = threading.RLock()
         self._load_builtin = load_builtin
@@ -101,10 +118,13 @@ class Registry:
         self.entry_point_errors: dict[str, str] = {}
 
     # ---- kinds -------------------------------------------------------------------------------------------
-    def register_kind(self, kind: str, description: str = "") -> None:
-        if not kind or not kind.replace("_", "").isalnum():
+    def register_kind(self, kind: str, description: str = "", methods: Iterable[str] = ()) -> None:
+        """Create a kind (a no-op for a known one); ``methods``: what every provider of a new kind must define."""
+        if not isinstance(kind, str) or not kind or not kind.replace("_", "").isalnum():
             raise ValueError(f"kind: expected a non-empty identifier, got {kind!r}")
         with self._lock:
+            if kind not in self._kinds:
+                self._methods[kind] = (tuple(methods),) if methods else ()
             self._kinds.setdefault(kind, description)
             self._providers.setdefault(kind, {})
 
@@ -114,25 +134,46 @@ class Registry:
 
     # ---- registration ------------------------------------------------------------------------------------
     def register(self, cls: P, *, override: bool = False) -> P:
-        """Register a Provider subclass (usable as a class decorator). Unknown kinds are created on the fly."""
+        """Register a Provider subclass (usable as a class decorator). Unknown kinds are created on the fly.
+
+        ``override=True`` replaces a provider of the same kind and name (a built-in too: the built-ins are loaded
+        first, so the replacement is not undone by them). A kind keeps exactly one default: replacing the default
+        takes a class that is a default too, and a second default of another name is refused either way. The same
+        class defined again (a module reloaded, or imported under two names) replaces the earlier definition."""
         if not (inspect.isclass(cls) and issubclass(cls, Provider)):
             raise TypeError(f"provider: expected a subclass of apt.core.registry.Provider, got {cls!r}")
         if not cls.kind or not cls.name:
             raise ValueError(f"provider {cls.__qualname__}: class attributes 'kind' and 'name' must be set")
+        if not isinstance(cls.kind, str) or not isinstance(cls.name, str):
+            raise TypeError(f"provider {cls.__qualname__}: 'kind' and 'name' must be strings, got "
+                            f"{cls.kind!r} and {cls.name!r}")
+        if cls.name == "auto":
+            raise ValueError(f"provider {cls.__qualname__}: the name 'auto' is reserved (it asks for the best "
+                             f"available provider)")
+        self._ensure_loaded()  # a no-op while the built-ins themselves register
         with self._lock:
             if cls.kind not in self._kinds:
                 self.register_kind(cls.kind, "")
+            alternatives = self._methods.get(cls.kind, ())
+            if alternatives and not any(all(callable(getattr(cls, m, None)) for m in alt) for alt in alternatives):
+                need = " or ".join(", ".join(alt) for alt in alternatives)
+                have = [m for alt in alternatives for m in alt if callable(getattr(cls, m, None))]
+                raise TypeError(f"provider {_qualname(cls)} ({cls.kind}/{cls.name}): a {cls.kind!r} provider must "
+                                f"define {need}" + (f" (it has {', '.join(have)})" if have else ""))
             slot = self._providers[cls.kind]
             existing = slot.get(cls.name)
-            if existing is not None and existing is not cls and not override:
-                if _qualname(existing) == _qualname(cls):
-                    return cls  # the same module imported twice (e.g. by path and by entry point)
+            same = existing is not None and (existing is cls or _qualname(existing) == _qualname(cls))
+            if existing is not None and not same and not override:
                 raise RegistryError(
                     f"provider {cls.kind}/{cls.name} is already registered by {_qualname(existing)}; "
                     f"pass override=True to replace it with {_qualname(cls)}")
+            if existing is not None and existing.is_default and not cls.is_default:
+                raise RegistryError(
+                    f"provider {cls.kind}/{cls.name} is the kind's default: {_qualname(cls)} replaces it only with "
+                    f"is_default = True (the kind would have no default to fall back to)")
             if cls.is_default:
                 for other in slot.values():
-                    if other.is_default and other.name != cls.name and not override:
+                    if other.is_default and other.name != cls.name:
                         raise RegistryError(
                             f"kind {cls.kind!r} already has default provider {other.name!r}; "
                             f"{cls.name!r} cannot also be the default")
@@ -230,8 +271,17 @@ class Registry:
             if not ok:
                 reasons.append(f"{name}: {why}")
                 continue
-            inst = slot[name](config)
-            not_ok = inst.supports(**inputs)
+            # third-party code: a constructor or probe that raises skips the candidate, as available() does
+            try:
+                inst = slot[name](config)
+            except Exception as exc:
+                reasons.append(f"{name}: constructing it raised {type(exc).__name__}: {exc}")
+                continue
+            try:
+                not_ok = list(inst.supports(**inputs))
+            except Exception as exc:
+                reasons.append(f"{name}: supports() raised {type(exc).__name__}: {exc}")
+                continue
             if not not_ok:
                 inst.fallback_reason = "; ".join(reasons)  # type: ignore[attr-defined]
                 return inst
@@ -257,13 +307,15 @@ class Registry:
         ok, why = _available(cls)
         return ProviderInfo(kind=kind, name=name, version=cls.version, available=ok, reason=why,
                             is_default=cls.is_default, priority=cls.priority,
-                            description=cls.description or (inspect.getdoc(cls) or "").split("\n")[0],
+                            description=cls.description or _own_doc(cls).split("\n")[0],
                             source=_qualname(cls))
 
     # ---- discovery ---------------------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
-        if self._loaded or self._loading:
+        if self._loaded:
             return
+        # another thread waits here until the loading thread is done; the loading thread itself (a built-in or an
+        # entry point registering) gets through, the lock being reentrant, and returns on _loading
         with self._lock:
             if self._loaded or self._loading:
                 return
@@ -292,7 +344,14 @@ class Registry:
 
     def _register_object(self, obj: Any) -> None:
         if inspect.isclass(obj) and issubclass(obj, Provider):
-            self.register(obj)
+            try:
+                self.register(obj)
+            except RegistryError as exc:
+                if "override=True" not in str(exc):
+                    raise
+                raise RegistryError(f"{exc} (an entry point naming a class cannot pass it: point the entry point at "
+                                    f"a callable taking the registry that calls registry.register(cls, "
+                                    f"override=True))") from None
         elif isinstance(obj, ModuleType):
             pass  # importing the module ran its @register decorators
         elif isinstance(obj, (list, tuple)):
@@ -304,6 +363,12 @@ class Registry:
                 self._register_object(result)
         else:
             raise TypeError(f"entry point object {obj!r} is not a Provider class, module, list or callable")
+
+
+def _own_doc(cls: type) -> str:
+    """The class's own docstring (inspect.getdoc would give an undocumented provider its base class's)."""
+    doc = cls.__dict__.get("__doc__")
+    return inspect.cleandoc(doc) if isinstance(doc, str) else ""
 
 
 def _qualname(cls: type) -> str:

@@ -29,4 +29,9 @@ def register_builtin(registry: Optional[object] = None) -> None:
             logger.warning("apt: built-in provider module %s failed to import: %s", mod_name, exc)
             continue
         for cls in getattr(mod, "PROVIDERS", []):
-            reg.register(cls)  # type: ignore[attr-defined]
+            try:  # one class that cannot register (a clash with a provider registered earlier) spares the rest
+                reg.register(cls)  # type: ignore[attr-defined]
+            except Exception as exc:
+                key = f"{mod_name}.{getattr(cls, '__qualname__', cls)}"
+                IMPORT_ERRORS[key] = f"{type(exc).__name__}: {exc}"
+                logger.warning("apt: built-in provider %s failed to register: %s", key, exc)
