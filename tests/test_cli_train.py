@@ -16,8 +16,10 @@ FAST = ["--model.d_model", "32", "--model.num_heads=2", "--model.num_layers", "1
 def test_train_runs_with_overrides_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "-p", "tiny_debug", "--out-dir", str(out), *FAST]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "done: 3 steps" in text and (out / "last.pt").is_file()
+    assert "components: ffn dense; attention tva_default" in captured.err  # which provider each part came from
     assert main(["train", "-p", "tiny_debug", "--out-dir", str(out), "--resume", "auto", *FAST,
                  "--training.max_epochs", "2"]) == 0
     assert "done: 6 steps" in capsys.readouterr().out

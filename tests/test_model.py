@@ -253,3 +253,92 @@ def test_layer_errors_name_the_profile_section():
         _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.activation": "tanh"})
     with pytest.raises(ValueError, match="model.attention / model.tva: .*refused its settings: tau"):
         _model("tiny_debug", **{"model.attention": {"tau": "x"}})
+
+
+def test_attention_provider_with_only_a_core_gets_a_tva_layer_around_it():
+    """A provider with forward() and no create_layer gave plain causal attention (not its core, not the default)."""
+    from apt.core.registry import Provider
+    from apt_kernels.reference.tva import tva_attention_ref
+
+    calls = []
+
+    class CoreOnly(Provider):
+        kind, name = "attention", "test_core_only"
+
+        def forward(self, q, k, v, *args, **kw):  # the core contract of TVA.md (apt_kernels.layers.tva)
+            calls.append(q.shape)
+            return tva_attention_ref(q, k, v, *args, **kw)
+
+    registry.REGISTRY.register(CoreOnly)
+    try:
+        model = _model("tiny_debug", **{"model.attention_name": "test_core_only"})
+        ref = _model("tiny_debug")
+    finally:
+        registry.REGISTRY.unregister("attention", "test_core_only")
+    x = torch.randint(0, 257, (2, 8))
+    torch.testing.assert_close(model(x), ref(x))  # the same TVA layer, the same weights, another core
+    assert len(calls) == 2  # one call per layer
+
+
+def test_model_attention_keys_the_provider_does_not_take_are_an_error():
+    """They were dropped with a debug log, so a typo under model.attention went unnoticed."""
+    from apt.core.registry import Provider
+
+    class Narrow(Provider):
+        kind, name = "attention", "test_narrow"
+
+        def create_layer(self, d_model, num_heads):
+            return CausalSelfAttention(d_model, num_heads)
+
+    registry.REGISTRY.register(Narrow)
+    try:
+        _model("tiny_debug", **{"model.attention_name": "test_narrow", "model.tva.r": 8})  # tva keys: dropped
+        with pytest.raises(ValueError, match="refused its settings: create_layer takes no 'my_typo' "
+                                             "\\(from model.attention\\)"):
+            _model("tiny_debug", **{"model.attention_name": "test_narrow", "model.attention": {"my_typo": 1}})
+    finally:
+        registry.REGISTRY.unregister("attention", "test_narrow")
+
+
+def test_router_provider_without_create_layer_routes_the_moe_layer():
+    """Such a router was passed over silently: the MoE layer used the built-in ops."""
+    from apt.core.registry import Provider
+    from apt_kernels.ops import moe as ops
+
+    calls = []
+
+    class OpsOnly(Provider):
+        kind, name = "router", "test_ops_only"
+
+        def route(self, logits, k, capacity_factor=None, min_capacity=4, renormalize=None):
+            calls.append("route")
+            return ops.moe_route(logits, k, capacity_factor, min_capacity, renormalize)
+
+        def dispatch(self, x, routing):
+            return ops.moe_dispatch(x, routing)
+
+        def combine(self, expert_out, routing):
+            return ops.moe_combine(expert_out, routing)
+
+    registry.REGISTRY.register(OpsOnly)
+    try:
+        model = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": "test_ops_only"})
+    finally:
+        registry.REGISTRY.unregister("router", "test_ops_only")
+    model(torch.randint(0, 257, (2, 8)))
+    assert calls == ["route", "route"] and "router/test_ops_only" in model.build_report["moe"]
+
+
+@pytest.mark.parametrize("profile, over, kind", [
+    ("tiny_debug", {"model.moe.enabled": True, "model.moe.router_name": "no_such_router"}, "router"),
+    ("mamba_tiny", {"model.mamba.scan_name": "no_such_scan"}, "scan"),
+])
+def test_a_fallback_is_warned_once_per_model(profile, over, kind, caplog):
+    """It was warned once per layer."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="apt.core.registry"):
+        model = _model(profile, **over)
+    assert len([r for r in caplog.records if f"asked for {kind}/no_such" in r.getMessage()]) == 1
+    report = model.build_report["moe" if kind == "router" else "scan"]
+    assert "(fallback: 'no_such_" in report

@@ -365,3 +365,22 @@ def test_a_plugin_disabled_before_a_resume_is_reported_when_resuming(caplog):
     with caplog.at_level(logging.WARNING):
         fresh.load_state_dict(state)
     assert "broken" in fresh.disabled and "apt plugin broken: disabled earlier in this run" in caplog.text
+
+
+def test_a_misspelt_hook_is_warned_about(caplog):
+    import logging
+
+    class Typo(Plugin):
+        name = "typo_plugin"
+
+        def on_step_ended(self, ctx):  # never called: the hook is on_step_end
+            pass
+
+        def on_step_end(self, ctx):
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="apt.plugins.manager"):
+        PluginManager([Typo()])
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "typo_plugin: on_step_ended is not a hook" in msgs[0]
+    assert "did you mean on_step_end?" in msgs[0]

@@ -3,9 +3,10 @@ provider registry.
 
 * attention: ``registry.get("attention", model.attention_name).create_layer(d_model, num_heads, **cfg)`` where
   cfg is ``model.tva`` merged with ``model.attention``, plus ``dropout`` when create_layer names that parameter
-  (keyword arguments the provider does not accept are dropped with a debug log). An unknown/unavailable name
-  falls back to the kind's default (registry warning); if the kind has no usable provider at all, a plain causal
-  attention (torch SDPA) is used with a warning.
+  (``model.tva`` keys the provider does not accept are dropped with a debug log; a ``model.attention`` key it does
+  not accept is an error). A provider with only a core (``forward``) gets a TVAAttention layer around it. An
+  unknown/unavailable name falls back to the kind's default (registry warning); if the kind has no usable
+  provider at all, a plain causal attention (torch SDPA) is used with a warning.
 * FFN: ``registry.get("ffn", model.ffn_name)`` (``dense`` by default). With ``model.moe.enabled``, every
   ``model.moe.every``-th block gets a :class:`MoEWrappedFFN` (dense FFN + the ``moe`` ffn provider's layer, which
   takes its layer from the ``router`` provider ``model.moe.router_name``); when no MoE layer can be built the
@@ -48,6 +49,28 @@ def call_accepting(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **{k: v for k, v in kwargs.items() if k in names})
 
 
+def not_taken(fn: Callable[..., Any], keys: Any) -> list[str]:
+    """The names among ``keys`` that ``fn`` has no parameter for (none when it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return []
+    names = {p.name for p in params}
+    return sorted(k for k in keys if k not in names)
+
+
+def core_layer(core: Callable[..., Any]) -> Callable[..., nn.Module]:
+    """create_layer for an attention provider that has only a core (``forward``): a TVAAttention around it."""
+    def create_layer(d_model: int, num_heads: int, **cfg: Any) -> nn.Module:
+        from apt_kernels.layers.tva import TVAAttention
+
+        cfg.pop("core", None)
+        return TVAAttention(d_model, num_heads, core=core, **cfg)
+    return create_layer
+
+
 def _takes(fn: Callable[..., Any], name: str) -> bool:
     """Whether ``fn`` has a parameter called ``name`` (not merely ``**kwargs``)."""
     try:
@@ -81,6 +104,7 @@ class ModelBuilder:
         self._attn_provider: Any = None
         self._attn_error: Optional[Exception] = None
         self._ffn_provider: Any = None
+        self._router: Any = None  # the router provider, resolved once (one fallback warning, not one per layer)
 
     # ---- components --------------------------------------------------------------------------------------
     def attention(self) -> nn.Module:
@@ -97,11 +121,16 @@ class ModelBuilder:
         try:
             if prov is None:
                 raise self._attn_error  # type: ignore[misc]
-            if _takes(prov.create_layer, "dropout"):  # type: ignore[attr-defined]
+            create = getattr(prov, "create_layer", None) or core_layer(prov.forward)  # type: ignore[attr-defined]
+            if _takes(create, "dropout"):
                 cfg.setdefault("dropout", float(m.get("dropout", 0.0)))
             try:
-                layer = call_accepting(prov.create_layer, m["d_model"], m["num_heads"],  # type: ignore[attr-defined]
-                                       **cfg)
+                # model.tva holds TVA's settings, which a provider may not take; model.attention is addressed to
+                # the provider itself, so a key of it that create_layer has no parameter for is the user's error
+                refused = not_taken(create, (m.get("attention") or {}).keys())
+                if refused:
+                    raise TypeError(f"create_layer takes no {', '.join(map(repr, refused))} (from model.attention)")
+                layer = call_accepting(create, m["d_model"], m["num_heads"], **cfg)
             except (TypeError, ValueError) as exc:  # a key the layer does not take, a value it refuses
                 raise ValueError(f"model.attention / model.tva: the {prov.name!r} layer refused its settings: "
                                  f"{exc}") from None
@@ -133,14 +162,20 @@ class ModelBuilder:
         act = moe.get("activation") or (m.get("ffn") or {}).get("activation", "swiglu")
         try:
             prov = registry.get("ffn", "moe", strict=True)
+            if self._router is None:
+                try:
+                    self._router = registry.get("router", moe.get("router_name"))
+                except registry.RegistryError:
+                    self._router = moe.get("router_name")  # the ffn provider says why, or uses MoEFFN's own
             layer = prov.create_layer(  # type: ignore[attr-defined]
                 m["d_model"], self._d_ff(act), num_experts=moe["num_experts"], k=moe["k"],
                 capacity_factor=moe.get("capacity_factor"), min_capacity=moe.get("min_capacity", 4),
                 activation=act, shared_expert=moe.get("shared_expert", False),
-                noisy_gating=moe.get("noisy_gating", False), router_name=moe.get("router_name"),
+                noisy_gating=moe.get("noisy_gating", False), router_name=self._router,
                 router_cfg=moe.get("router") or {}, balance_coef=moe.get("balance_coef", 0.01),
                 z_coef=moe.get("z_coef", 0.001), eval_capacity_factor=moe.get("eval_capacity_factor"))
-            self.report["moe"] = getattr(prov, "last_source", prov.name)
+            why = getattr(self._router, "fallback_reason", "")
+            self.report["moe"] = getattr(prov, "last_source", prov.name) + (f" (fallback: {why})" if why else "")
             return layer
         except (TypeError, ValueError) as exc:  # a setting the layer does not take (a typo under model.moe.router,
             # say) or refuses: the user's error, not a missing back end, so no silent fallback to a dense model
@@ -177,11 +212,17 @@ class ModelBuilder:
             if (m.get("moe") or {}).get("enabled"):
                 logger.warning("apt model: model.moe.enabled is ignored by the mamba backbone (its blocks have no FFN)")
             mc = m.get("mamba") or {}
+            scan: Any = mc.get("scan_name")
+            if scan != "auto":  # resolved once: one fallback warning for the model, not one per layer
+                try:
+                    scan = registry.get("scan", scan)
+                except registry.RegistryError:
+                    pass  # each mixer says why and uses its built-in scan
             for _ in range(m["num_layers"]):
                 mixer = MambaMixer(d, d_state=mc.get("d_state", 16), d_conv=mc.get("d_conv", 4),
-                                   expand=mc.get("expand", 2), dt_rank=mc.get("dt_rank"),
-                                   scan_name=mc.get("scan_name"))
-                self.report["scan"] = mixer.scan_provider
+                                   expand=mc.get("expand", 2), dt_rank=mc.get("dt_rank"), scan_name=scan)
+                why = getattr(scan, "fallback_reason", "") if mixer.scan_provider != "builtin-sequential" else ""
+                self.report["scan"] = mixer.scan_provider + (f" (fallback: {why})" if why else "")
                 blocks.append(MambaBlock(mixer, self.norm()))
         else:
             raise ValueError(f"model.backbone: expected 'gpt' or 'mamba', got {backbone!r}")

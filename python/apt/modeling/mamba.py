@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +65,11 @@ def _state_update_local(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     return y.to(x.dtype)
 
 
-def resolve_scan(name: Optional[str]) -> tuple[Callable[..., Any], Callable[..., Any], str]:
-    """(selective_scan_fn, selective_state_update, provider name) for the requested scan provider."""
+def resolve_scan(name: Union[str, registry.Provider, None]) -> tuple[Callable[..., Any], Callable[..., Any], str]:
+    """(selective_scan_fn, selective_state_update, provider name) for the requested scan provider (a name, or a
+    provider the caller resolved already: a model resolves it once for all its layers, so one fallback warning)."""
     try:
-        prov = registry.get("scan", name)
+        prov = name if isinstance(name, registry.Provider) else registry.get("scan", name)
         return prov.selective_scan_fn, prov.selective_state_update, prov.name  # type: ignore[attr-defined]
     except (registry.RegistryError, AttributeError) as exc:
         logger.warning("apt model: no usable scan provider (%s); using the built-in sequential scan", exc)
@@ -86,7 +87,7 @@ class MambaCache:
 
 class MambaMixer(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: Optional[int] = None, scan_name: Optional[str] = None,
+                 dt_rank: Optional[int] = None, scan_name: Union[str, registry.Provider, None] = None,
                  dt_min: float = 1e-3, dt_max: float = 1e-1) -> None:
         super().__init__()
         self.d_inner = expand * d_model

@@ -6,13 +6,14 @@ plugin: one broken plugin never stops training or generation.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
 from ..core import registry
-from .base import HookContext, Plugin
+from .base import GENERATION_HOOKS, LOSS_HOOKS, TRAINING_HOOKS, HookContext, Plugin
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,22 @@ def _check_aux_losses(before: Mapping[str, Any], after: Mapping[str, Any]) -> No
                             f"graph), got {what}")
 
 
+def _warn_unknown_hooks(plugin: Plugin) -> None:
+    """A misspelt hook (on_step_ended) is a method nothing calls: say so rather than never call it."""
+    hooks = TRAINING_HOOKS + LOSS_HOOKS + GENERATION_HOOKS
+    for attr in dir(type(plugin)):
+        if attr.startswith("on_") and attr not in hooks and callable(getattr(type(plugin), attr, None)):
+            close = difflib.get_close_matches(attr, hooks, n=1)
+            logger.warning("plugin %s: %s is not a hook and is never called%s (hooks: %s)", plugin.name, attr,
+                           f"; did you mean {close[0]}?" if close else "", ", ".join(hooks))
+
+
 class PluginManager:
     def __init__(self, plugins: Sequence[Plugin] = ()) -> None:
         self.plugins: list[Plugin] = list(plugins)
         self.disabled: dict[str, str] = {}
+        for plugin in self.plugins:
+            _warn_unknown_hooks(plugin)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "PluginManager":

@@ -52,8 +52,9 @@ class MoEFFNProvider(Provider):
 
     def create_layer(self, d_model: int, d_ff: int, num_experts: int = 4, k: int = 2,
                      capacity_factor: Optional[float] = 1.25, min_capacity: int = 4, activation: str = "swiglu",
-                     shared_expert: bool = False, noisy_gating: bool = False, router_name: Optional[str] = None,
-                     router_cfg: Optional[dict[str, Any]] = None, balance_coef: float = 0.01,
+                     shared_expert: bool = False, noisy_gating: bool = False,
+                     router_name: Union[str, Provider, None] = None, router_cfg: Optional[dict[str, Any]] = None,
+                     balance_coef: float = 0.01,
                      z_coef: float = 0.001, eval_capacity_factor: Union[float, str, None] = None) -> nn.Module:
         from ..modeling.compose import call_accepting
 
@@ -61,17 +62,26 @@ class MoEFFNProvider(Provider):
                   shared_expert=shared_expert, noisy_gating=noisy_gating, balance_coef=balance_coef, z_coef=z_coef,
                   eval_capacity_factor=eval_capacity_factor)
         kw.update(router_cfg or {})
-        try:
-            router = registry.get("router", router_name)
-        except registry.RegistryError as exc:
-            router = None
-            why = str(exc)
-        if router is not None and hasattr(router, "create_layer"):
+        why = ""
+        if isinstance(router_name, Provider):  # resolved by the caller (once per model, so one fallback warning)
+            router: Optional[Provider] = router_name
+        else:
+            try:
+                router = registry.get("router", router_name)
+            except registry.RegistryError as exc:
+                router = None
+                why = str(exc)
+        if router is not None and callable(getattr(router, "create_layer", None)):
             self.last_source = f"router/{router.name}"
             return call_accepting(router.create_layer, d_model, d_ff, num_experts, k=k, **kw)
         cls = _moefnn_class()
         if cls is None:
             raise registry.RegistryError(f"no MoE layer: no router provider ({why}) and no apt_kernels MoEFFN")
+        if router is not None:  # a router with route/dispatch/combine only: MoEFFN routes through it
+            if "router_impl" in kw:
+                raise ValueError("router_impl: the router provider sets it; do not pass it")
+            self.last_source = f"router/{router.name} (in apt_kernels.layers.moe.MoEFFN)"
+            return call_accepting(cls, d_model, d_ff, num_experts, k=k, router_impl=router, **kw)
         self.last_source = "apt_kernels.layers.moe.MoEFFN"
         return call_accepting(cls, d_model, d_ff, num_experts, k=k, **kw)
 

@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"training {cfg.get('name')}: {trainer.model.num_parameters() / 1e6:.2f}M parameters on "
           f"{trainer.device}, {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), "
           f"plugins: {', '.join(p.name for p in trainer.plugins.plugins) or 'none'}", file=sys.stderr)
+    report = getattr(trainer.model, "build_report", None) or {}
+    if report:  # which provider each component came from (a fallback says so, and why)
+        print("components: " + "; ".join(f"{k} {v}" for k, v in report.items()), file=sys.stderr)
     if trainer.step >= trainer.total_steps:
         print(f"nothing to do: the run in {trainer.out_dir} is already at step {trainer.step} of "
               f"{trainer.total_steps} (raise --max-steps or --training.max_epochs to continue)")
