@@ -342,3 +342,46 @@ def test_a_fallback_is_warned_once_per_model(profile, over, kind, caplog):
     assert len([r for r in caplog.records if f"asked for {kind}/no_such" in r.getMessage()]) == 1
     report = model.build_report["moe" if kind == "router" else "scan"]
     assert "(fallback: 'no_such_" in report
+
+
+@pytest.mark.parametrize("over", [{}, {"model.moe.enabled": True, "model.moe.router_name": "topk_default"}])
+def test_deepcopy_and_pickle_after_a_training_forward(over):
+    """An EMA copy mid-training: the last forward's hidden states and aux losses (non-leaf tensors) made
+    copy.deepcopy raise; the copy now leaves them out, and the original keeps them."""
+    import copy
+    import pickle
+
+    model = _model("tiny_debug", **over).train()
+    x = torch.randint(0, 257, (2, 8))
+    model(x).sum().backward()
+    twin = copy.deepcopy(model)
+    assert model.hidden_states and twin.hidden_states == {} and twin.aux_losses == {}
+    assert bool(model.aux_losses) == bool(over)
+    pickle.loads(pickle.dumps(model))
+    twin.eval(), model.eval()
+    torch.testing.assert_close(twin(x), model(x))
+
+
+def test_moe_aux_losses_without_a_graph_under_a_reentrant_checkpoint_are_warned_about(caplog):
+    import logging
+
+    from torch.utils.checkpoint import checkpoint
+
+    model = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": "topk_default"}).train()
+    block = model.blocks[0]
+    plain = block.forward
+    block.forward = lambda x, cache=None: checkpoint(plain, x, use_reentrant=True)
+    x = torch.randint(0, 257, (2, 8))
+    with caplog.at_level(logging.WARNING, logger="apt.modeling.model"):
+        model(x)
+        model(x)
+    assert [r.getMessage() for r in caplog.records].count(
+        next(r.getMessage() for r in caplog.records if "have no autograd graph" in r.getMessage())) == 1
+    caplog.clear()
+    block.forward = plain
+    with caplog.at_level(logging.WARNING, logger="apt.modeling.model"):
+        fresh = _model("tiny_debug", **{"model.moe.enabled": True, "model.moe.router_name": "topk_default"}).train()
+        fresh(x)
+        with torch.no_grad():
+            fresh(x)  # no graph wanted: nothing to warn about
+    assert not caplog.records

@@ -144,6 +144,11 @@ class MoEWrappedFFN(nn.Module):
         w_out.copy_(d.w2.weight.t().unsqueeze(0).expand_as(w_out))
         return ""
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["last_aux"] = {}  # the last forward's losses, with its graph (see APTModel.__getstate__)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             self.last_aux, self.last_stats = {}, {}

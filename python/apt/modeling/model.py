@@ -9,12 +9,15 @@ normalised hidden states (``final``) and, when ``record_hidden`` is set, those a
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from .layers import MoEWrappedFFN
+
+logger = logging.getLogger(__name__)
 
 
 class ModelCache:
@@ -74,6 +77,14 @@ class APTModel(nn.Module):
         self.record_hidden = False
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.hidden_states: dict[str, torch.Tensor] = {}
+        self._warned_no_grad = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the last forward's aux losses and hidden states carry its graph: copy.deepcopy (an EMA copy mid-training)
+        # refused them ("only graph leaves support the deepcopy protocol") and pickle stored them
+        state = super().__getstate__()
+        state["aux_losses"], state["hidden_states"] = {}, {}
+        return state
 
     def moe_layers(self) -> list[MoEWrappedFFN]:
         return [m for m in self.modules() if isinstance(m, MoEWrappedFFN)]
@@ -122,6 +133,14 @@ class APTModel(nn.Module):
             for k, v in layer.last_aux.items():
                 name = {"balance_loss": "moe_balance", "z_loss": "moe_z"}[k]
                 aux[name] = aux[name] + v if name in aux else v
+                if (self.training and not v.requires_grad and torch.is_grad_enabled() and not self._warned_no_grad
+                        and any(p.requires_grad for p in layer.moe.parameters())):
+                    # the block ran without autograd inside a forward with it: a reentrant checkpoint does that,
+                    # and the losses kept aside (not in the block's output) come back from it with no graph
+                    self._warned_no_grad = True
+                    logger.warning("apt model: the MoE aux losses have no autograd graph (a block ran under "
+                                   "no_grad, e.g. torch.utils.checkpoint(use_reentrant=True)): they will not train "
+                                   "the router; checkpoint with use_reentrant=False")
         self.aux_losses = aux
         return self.head(x)
 
