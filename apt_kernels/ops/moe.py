@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
+from .._autograd import first_order_only
 from .._native import cpu_module, current_stream, host_empty, native_module, view
 from .._validate import check_float, check_ndim, check_tensor
 from ..reference.moe import (Routing, default_renormalize, expert_capacity, gate_weights, moe_aux_losses_ref,
@@ -295,26 +296,29 @@ def _register_ops(name: str) -> dict[str, Any]:
     combine_op.register_autograd(combine_backward, setup_context=combine_setup)
 
     # Plain eager calls skip the custom ops' dispatch (see _op): the same bodies and backward formulas.
+    # New-style Functions (setup_context apart from forward), so torch.func.grad works over them.
     class Dispatch(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, slot, token_of_slot):
-            dispatch_setup(ctx, (x, slot, token_of_slot), None)
+        def forward(x, slot, token_of_slot):
             return get().dispatch(x, token_of_slot)
 
+        setup_context = staticmethod(dispatch_setup)
+
         @staticmethod
-        @torch.autograd.function.once_differentiable
+        @first_order_only("moe_dispatch")
         def backward(ctx, grad):
             (slot,) = ctx.saved_tensors
             return get().dispatch_backward(as_rows(grad), slot, ctx.num_tokens), None, None
 
     class Combine(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, out, weights, slot, token_of_slot):
-            combine_setup(ctx, (out, weights, slot, token_of_slot), None)
+        def forward(out, weights, slot, token_of_slot):
             return get().combine(out, weights, slot)
 
+        setup_context = staticmethod(combine_setup)
+
         @staticmethod
-        @torch.autograd.function.once_differentiable
+        @first_order_only("moe_combine")
         def backward(ctx, grad):
             out, weights, slot, tos = ctx.saved_tensors
             g_out, g_w = get().combine_backward(as_rows(grad), out, weights, slot, tos)
@@ -334,6 +338,9 @@ def _op(impl: str, name: str) -> Callable[..., Any]:
     """OPS[impl][name] where the op must be seen (torch.compile, dispatch modes), else its body through an
     autograd.Function with the op's backward: the custom op's dispatch costs ~60 µs of Python per call and
     direction (torch 2.13), three forward calls per MoE layer."""
+    if name == "route" and torch._C._are_functorch_transforms_active():
+        # the routing has no gradient; torch.func's wrapped tensors have no data for the kernel, the op unwraps them
+        return OPS[impl][name]
     return OPS[impl][name] if backends.custom_op_must_dispatch() else _EAGER[impl][name]
 
 
@@ -541,13 +548,25 @@ def moe_grouped_ffn(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, 
     ``offsets`` (E+1,) int64 starts at 0 and ends at M (``routing.offsets`` of a dropless routing); ``w_in`` /
     ``w_gate`` (E, C, F), ``w_out`` (E, F, C_out), all in x's dtype and on its device; ``w_gate`` is None for gelu.
     All experts run as one batched GEMM per projection. A custom op: the output shapes never depend on the routing,
-    so it compiles (fullgraph, static or dynamic shapes). Differentiable once (x and the weights)."""
+    so it compiles (fullgraph, static or dynamic shapes). Differentiable once (x and the weights). Under autocast
+    it computes in the autocast dtype, as torch.bmm would (floating inputs other than fp64 cast to it, gradients
+    back in each input's own dtype), and returns that dtype."""
     check_ndim("x", x, 2, "(M, C)")
     check_float("x", x)
     if activation not in ("swiglu", "gelu"):
         raise ValueError(f"activation: expected 'swiglu' or 'gelu', got {activation!r}")
     if (w_gate is None) != (activation == "gelu"):
         raise ValueError(f"w_gate: expected {'None' if activation == 'gelu' else 'a tensor'} for {activation}")
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        # what autocast does for the bmm inside: the inputs in the autocast dtype (fp32/fp16/bf16 ones; fp64
+        # stays). The casts are recorded by autograd, so fp32 weights get fp32 gradients; the op then runs with
+        # autocast off on one dtype (its backward got a bf16 gradient and fp32 weights and failed in bmm).
+        low = torch.get_autocast_dtype(dev)
+        x, w_in, w_gate, w_out = (t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                                  and t.dtype != torch.float64 else t for t in (x, w_in, w_gate, w_out))
+        with torch.autocast(dev, enabled=False):
+            return moe_grouped_ffn(x, offsets, w_in, w_gate, w_out, activation)
     check_ndim("offsets", offsets, 1, "(E+1,)")
     if offsets.dtype != torch.int64:
         raise TypeError(f"offsets: expected int64, got {offsets.dtype}")

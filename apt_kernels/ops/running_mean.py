@@ -65,15 +65,32 @@ class RunningMean(torch.autograd.Function):
     custom_op_must_dispatch), which cost ~15 µs a call, as much as torch's cumsum takes for a decode step's input."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-        ctx.save_for_backward(keep)
+    def forward(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
         return _forward_body(x, keep)
 
+    setup_context = staticmethod(_setup_context)  # a separate setup_context: torch.func transforms need one
+
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (also how torch.func.grad runs backward, on tensors the kernel cannot read): the
+            # same formula in differentiable torch ops, so second derivatives are right instead of silently zero
+            return _backward_torch(grad, keep), None
         return _backward_body(grad, keep), None
+
+
+def _backward_torch(grad: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """The running mean's gradient in torch ops: ``grad_x[s] = keep[s] * sum over t >= s of grad[t] / count[t]``
+    (count[t]: kept positions up to t, at least 1), accumulated in fp32 (fp64 for fp64) as the kernel does."""
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    g = grad.to(acc)
+    kept = torch.ones(grad.shape[:2], dtype=acc, device=grad.device) if keep is None else keep.to(acc)
+    cnt = torch.cumsum(kept, dim=1).clamp_min(1.0)
+    gx = torch.flip(torch.cumsum(torch.flip(g / cnt[..., None], (1,)), dim=1), (1,))
+    if keep is not None:
+        gx = torch.where(keep[..., None], gx, gx.new_zeros(()))
+    return gx.to(grad.dtype)
 
 
 def running_mean_native(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

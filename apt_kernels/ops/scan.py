@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._autograd import first_order_only
 from .._native import cpu_module, current_stream, native_family_status, native_module, view
 from .._validate import check_flag, check_no_overlap
 from ..backends import custom_op_must_dispatch, native_cuda_status, triton_interpret, triton_status
@@ -188,15 +189,17 @@ class _EagerScan(torch.autograd.Function):
     calls (see _eager_scan)."""
 
     @staticmethod
-    def forward(ctx, fwd, bwd, *inputs):
-        output = fwd(*inputs)
-        ctx.mark_non_differentiable(output[2])
-        _scan_setup_context(ctx, inputs, output)
-        ctx.bwd = bwd
-        return output
+    def forward(fwd, bwd, *inputs):
+        return fwd(*inputs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' backward has no backward of its own
+    def setup_context(ctx, inputs, output) -> None:  # separate from forward: torch.func transforms need it
+        ctx.mark_non_differentiable(output[2])
+        _scan_setup_context(ctx, inputs[2:], output)
+        ctx.bwd = inputs[1]
+
+    @staticmethod
+    @first_order_only("selective_scan")  # the kernels' backward has no backward of its own
     def backward(ctx, dout, dlast, _dckpt):
         return (None, None, *_scan_grads(ctx.bwd, ctx.saved_tensors, ctx.delta_softplus, ctx.chunk, dout, dlast))
 

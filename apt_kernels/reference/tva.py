@@ -15,8 +15,9 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ..backends import custom_op_must_dispatch
+from .._autograd import first_order_only
 from .._validate import check_dtype, check_flag, check_float, check_ndim, check_same_device, check_shape, check_tensor
+from ..backends import custom_op_must_dispatch
 
 __all__ = ["tva_attention_ref", "tva_visible_mask", "check_tva_inputs", "TVAArgs", "MAX_HEAD_DIM"]
 
@@ -284,23 +285,28 @@ def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Callable[..., Any],
 
     class TVAAttentionFused(torch.autograd.Function):  # the name profilers show
         @staticmethod
-        def forward(ctx, *inputs):
-            o, lse = fwd_impl(*inputs)
-            setup_context(ctx, inputs, (o, lse))
-            return o
+        def forward(*inputs):
+            return fwd_impl(*inputs)
 
         @staticmethod
-        @torch.autograd.function.once_differentiable  # the kernels' backward has no backward of its own
-        def backward(ctx, grad_o):
+        def setup_context(ctx, inputs, output) -> None:  # separate from forward: torch.func transforms need it
+            setup_context(ctx, inputs, output)
+            ctx.mark_non_differentiable(output[1])
+
+        @staticmethod
+        @first_order_only("tva_attention")  # the kernels' backward has no backward of its own
+        def backward(ctx, grad_o, _grad_lse):
             return grads(bwd_impl, ctx.saved_tensors, ctx.args, grad_o)
 
     def run(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) -> torch.Tensor:
         if custom_op_must_dispatch():
             return fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
-        if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad
-                                                  for t in (q, k, v, delta, gate, coef)):
-            # nothing to differentiate (decode, evaluation): the body alone, without the Function's bookkeeping
+        if (not torch.is_grad_enabled() or not any(t is not None and t.requires_grad
+                                                   for t in (q, k, v, delta, gate, coef))) \
+                and not torch._C._are_functorch_transforms_active():
+            # nothing to differentiate (decode, evaluation): the body alone, without the Function's bookkeeping;
+            # not under a torch.func transform (vmap), whose wrapped tensors only the Function unwraps or refuses
             return fwd_impl(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
-        return TVAAttentionFused.apply(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)
+        return TVAAttentionFused.apply(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
 
     return run

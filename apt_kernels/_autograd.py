@@ -1,0 +1,92 @@
+"""First-order-only backwards for the eager autograd.Functions over the native kernels.
+
+The kernels' backwards are kernels too, with no backward of their own. torch's ``once_differentiable`` attaches its
+"differentiate twice" error only when an incoming gradient requires grad; when it does not (a loss linear in the
+op's output, then ``torch.autograd.grad(..., create_graph=True)``), the gradients came back without a graph and a
+second derivative through them was silently wrong (the op's own second-order terms dropped) or None.
+:func:`first_order_only` raises instead whenever backward runs with ``create_graph=True``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import torch
+
+# what once_differentiable uses: a node whose backward raises the given message (None: a torch without it)
+_DelayedError = getattr(getattr(torch._C, "_functions", None), "DelayedError", None)
+
+__all__ = ["first_order_only", "no_double_backward", "double_backward_message"]
+
+
+def double_backward_message(op: str) -> str:
+    return (f"apt_kernels.{op}: the native kernels have no double backward (their backward is once_differentiable); "
+            "use the reference provider (impl='reference') for higher-order gradients")
+
+
+class _RaiseOnBackward(torch.autograd.Function):
+    """The fallback for a torch without DelayedError: the first ``n`` tensors through, a backward that raises."""
+
+    @staticmethod
+    def forward(message: str, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.message = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(ctx.message)
+
+
+def no_double_backward(op: str, grads: Any, anchors: Sequence[Any] = ()) -> Any:
+    """``grads`` (a backward's return: a tensor, or a tuple of tensors and None) with every tensor given a grad_fn
+    that raises :func:`double_backward_message` when it is differentiated. ``anchors``: what the gradients depend
+    on (the saved inputs, the incoming gradients); those that require grad become the error node's inputs, so that
+    it lies on every path from the gradients to them (with fake leaves, as once_differentiable makes them, a
+    ``torch.autograd.grad(..., inputs=[q])`` prunes the node and returns a wrong second derivative). Without an
+    anchor that requires grad the gradients are constants, which is right, and are returned as they are."""
+    single = not isinstance(grads, tuple)
+    out = [grads] if single else list(grads)
+    idx = [i for i, g in enumerate(out) if isinstance(g, torch.Tensor)]
+    deps = [a for a in anchors if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not idx or not deps:
+        return grads
+    message = double_backward_message(op)
+    tensors = [out[i] for i in idx] + deps
+    if _DelayedError is not None:
+        wrapped = _DelayedError(message.encode(), len(tensors))(*tensors)
+    else:
+        wrapped = _RaiseOnBackward.apply(message, len(idx), *tensors)
+    if isinstance(wrapped, torch.Tensor):
+        wrapped = (wrapped,)
+    for i, w in zip(idx, wrapped):
+        out[i] = w
+    return out[0] if single else tuple(out)
+
+
+def first_order_only(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for an autograd.Function's ``backward(ctx, *grads)`` whose body is kernels autograd cannot see:
+    the body runs under no_grad, and when backward runs with grad mode on (``create_graph=True``), whether or not
+    the incoming gradients require grad, the returned gradients raise on differentiation instead of carrying no
+    graph (a silently wrong or None second derivative). Replaces ``once_differentiable``. Under a torch.func
+    transform it raises a clear error (the kernels cannot read the transforms' wrapped tensors)."""
+
+    def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if torch._C._are_functorch_transforms_active():
+                # torch.func.grad/vjp hand backward wrapped tensors, which have no data for the kernels to read
+                raise RuntimeError(f"apt_kernels.{op}: the native kernels' backward does not run under torch.func "
+                                   "transforms (grad, vjp, jacrev); use torch.autograd, or the reference provider "
+                                   "(impl='reference')")
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return out
+            return no_double_backward(op, out, (*ctx.saved_tensors, *grads))
+
+        return wrapper
+
+    return decorate
