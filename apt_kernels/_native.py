@@ -148,7 +148,12 @@ def _host_cache_limit_from_env() -> int:
         logger.warning("apt_kernels: %s=%r is not a number of MiB >= 0; using the default %d MiB", HOST_CACHE_ENV,
                        raw, _DEFAULT_HOST_CACHE >> 20)
         return _DEFAULT_HOST_CACHE
-    return int(mb * (1 << 20))
+    return min(int(mb * (1 << 20)), _MAX_HOST_CACHE)
+
+
+# the pool counts bytes in an int64: a larger cap (APT_HOST_CACHE_MB=1e30, "no limit") is that cap, which no
+# machine reaches (it failed the import with a pybind "incompatible function arguments" TypeError)
+_MAX_HOST_CACHE = (1 << 63) - 1
 
 
 def set_host_cache_limit(nbytes: int) -> None:
@@ -162,6 +167,7 @@ def set_host_cache_limit(nbytes: int) -> None:
         raise ValueError(f"nbytes: expected a byte count >= 0, got {nbytes}")
     if _pool_module is None:
         return
+    nbytes = min(nbytes, _MAX_HOST_CACHE)
     _pool_module.host_pool_set_limit(nbytes)
     _host_pool = nbytes > 0
     _host_pool_refused = None  # asked for again: the next large output tries torch.from_dlpack again

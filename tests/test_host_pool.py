@@ -143,10 +143,51 @@ def test_set_host_cache_limit_checks_its_argument(pool):
         pool.set_host_cache_limit(-1)
     with pytest.raises(TypeError, match="nbytes"):
         pool.set_host_cache_limit(1.5)
+    pool.set_host_cache_limit(1 << 70)  # "no limit": the largest cap the pool counts (was a pybind TypeError)
+    assert _stat("limit_bytes") == (1 << 63) - 1
+
+
+def test_sizes_that_overflow_are_errors(pool):
+    """The element count wrapped: torch got a 1-byte block with the huge shape and aborted the process."""
+    for shape, what in [((1 << 62, 4), "number of elements"), ((1 << 61,), "size in bytes"),
+                        ((0, 1 << 40, 1 << 40), "strides")]:
+        with pytest.raises(ValueError, match=f"shape: .*{what}"):  # the C++ op itself (an empty tensor never
+            pool._pool_module.host_empty(list(shape), pool.DTYPE_CODES[torch.float32])  # reaches it from Python)
+    with pytest.raises(ValueError, match="shape: .*number of elements"):
+        pool.host_empty((1 << 62, 4), torch.float32)
+
+
+def test_stats_while_the_garbage_collector_frees_a_pooled_tensor(pool):
+    """stats() built its dict holding the pool's lock; the allocation could run the collector, which freed a pooled
+    tensor in a reference cycle, whose deleter took the same lock on the same thread: the process hung for ever.
+    Run in a child with a timeout, so a regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    code = """
+import gc, torch
+from apt_kernels import _native as NV
+class Holder: pass
+for trial in range(30):
+    gc.collect()
+    h = Holder(); h.self = h
+    h.t = NV.host_empty((1 << 20,), torch.float32)  # a pooled 4 MiB block, freed only by the collector
+    del h
+    keep = [dict() for _ in range(200)]  # empties the dict free list: stats()'s dict is a fresh GC allocation
+    gc.disable(); gc.set_threshold(1); gc.enable()  # and the collector runs at that allocation
+    pad = [[] for _ in range(trial % 3)]
+    s = NV.host_cache_stats()
+    gc.set_threshold(700)
+    del keep
+print("ok", s["hits"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("raw,expected", [(None, 1 << 30), ("", 1 << 30), ("0", 0), ("256", 256 * MB),
-                                          ("0.5", MB // 2), ("lots", 1 << 30), ("-3", 1 << 30), ("nan", 1 << 30)])
+                                          ("0.5", MB // 2), ("lots", 1 << 30), ("-3", 1 << 30), ("nan", 1 << 30),
+                                          ("1e30", (1 << 63) - 1), ("8796093022208", (1 << 63) - 1)])
 def test_env_limit(monkeypatch, caplog, raw, expected):
     if raw is None:
         monkeypatch.delenv(_native.HOST_CACHE_ENV, raising=False)

@@ -271,3 +271,38 @@ def test_a_registration_before_the_first_lookup_loads_the_builtins_first():
     with pytest.raises(RegistryError, match="attention/sdpa is already registered by apt.providers.attention.SDPA"):
         other.register(MySdpa)
     assert {i.name for i in other.list_providers("plugin")}  # the built-ins are all there
+
+
+def test_lookups_while_another_thread_registers(reg):
+    """Lookups walked the providers dict without the lock: 'dictionary changed size during iteration', or a
+    RegistryError for a provider that went away mid-listing."""
+    import threading
+    import time
+
+    reg.register(make("scan", "reference", default=True))
+    stop = threading.Event()
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            reg.register(make("scan", f"p{i % 50}"))
+            reg.unregister("scan", f"p{(i + 25) % 50}")
+            i += 1
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    errors = []
+    try:
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            try:
+                reg.list_providers("scan")
+                reg.default_name("scan")
+                reg.resolve("scan", "auto")
+                reg.select("scan", u=1)
+            except Exception as exc:  # any failure is the bug
+                errors.append(repr(exc))
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors[:3]

@@ -12,6 +12,7 @@
 #include "common/apt_common.h"
 
 #include <cstdlib>
+#include <limits>
 #include <mutex>
 
 #ifdef __linux__
@@ -132,14 +133,21 @@ class HostPool {
   }
 
   py::dict stats() {
-    std::lock_guard<std::mutex> lock(mu_);
+    size_t limit, cached, blocks, in_use;
+    uint64_t hits, misses;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      limit = limit_, cached = cached_, blocks = free_.size(), in_use = in_use_, hits = hits_, misses = misses_;
+    }
+    // Python objects are made after the lock is released: allocating one can run the garbage collector, which can
+    // free a pooled tensor, whose deleter (give_back) takes mu_ on this same thread: a deadlock.
     py::dict d;
-    d["limit_bytes"] = limit_;
-    d["cached_bytes"] = cached_;
-    d["cached_blocks"] = free_.size();
-    d["in_use_bytes"] = in_use_;
-    d["hits"] = hits_;
-    d["misses"] = misses_;
+    d["limit_bytes"] = limit;
+    d["cached_bytes"] = cached;
+    d["cached_blocks"] = blocks;
+    d["in_use_bytes"] = in_use;
+    d["hits"] = hits;
+    d["misses"] = misses;
     return d;
   }
 
@@ -212,16 +220,28 @@ py::capsule host_empty(const std::vector<int64_t>& shape, int dtype_code) {
   APT_CHECK_TYPE(dtype_code >= 0 && dtype_code <= static_cast<int>(DType::Bool), "dtype: unknown dtype code ",
                  dtype_code);
   const DType dtype = static_cast<DType>(dtype_code);
+  // sizes are checked for overflow: a wrapped product handed torch a small block with a huge shape, and torch
+  // aborted the process ("Storage size calculation overflowed") instead of raising
   size_t numel = 1;
   for (size_t i = 0; i < shape.size(); ++i) {
     APT_CHECK(shape[i] >= 0, "shape: negative size in dim ", i);
-    numel *= static_cast<size_t>(shape[i]);
+    APT_CHECK(!__builtin_mul_overflow(numel, static_cast<size_t>(shape[i]), &numel),
+              "shape: the number of elements overflows 64 bits");
   }
-  const size_t nbytes = std::max<size_t>(numel * dtype_size(dtype), 1);
+  size_t nbytes = 0;
+  APT_CHECK(!__builtin_mul_overflow(numel, dtype_size(dtype), &nbytes) &&
+                nbytes <= static_cast<size_t>(std::numeric_limits<int64_t>::max()),
+            "shape: the tensor's size in bytes overflows int64");
+  nbytes = std::max<size_t>(nbytes, 1);
   auto* m = new Managed();
   m->shape = shape;
   m->strides.assign(shape.size(), 1);
-  for (size_t i = shape.size(); i-- > 1;) m->strides[i - 1] = m->strides[i] * std::max<int64_t>(shape[i], 1);
+  for (size_t i = shape.size(); i-- > 1;) {
+    if (__builtin_mul_overflow(m->strides[i], std::max<int64_t>(shape[i], 1), &m->strides[i - 1])) {
+      delete m;  // an empty tensor whose other dims multiply past int64 (its element count is 0)
+      APT_CHECK(false, "shape: the strides overflow int64");
+    }
+  }
   void* data = nullptr;
   try {
     data = HostPool::get().acquire(nbytes, &m->block_size);

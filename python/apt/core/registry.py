@@ -130,7 +130,8 @@ class Registry:
 
     def kinds(self) -> list[str]:
         self._ensure_loaded()
-        return list(self._kinds)
+        with self._lock:
+            return list(self._kinds)
 
     # ---- registration ------------------------------------------------------------------------------------
     def register(self, cls: P, *, override: bool = False) -> P:
@@ -186,13 +187,19 @@ class Registry:
 
     # ---- lookup ------------------------------------------------------------------------------------------
     def _check_kind(self, kind: str) -> dict[str, type[Provider]]:
+        """A snapshot of the kind's providers: lookups iterate it while another thread may (un)register."""
         self._ensure_loaded()
-        if kind not in self._providers:
-            raise RegistryError(f"unknown provider kind {kind!r}; known kinds: {', '.join(sorted(self._kinds))}")
-        return self._providers[kind]
+        with self._lock:
+            if kind not in self._providers:
+                raise RegistryError(f"unknown provider kind {kind!r}; known kinds: {', '.join(sorted(self._kinds))}")
+            return dict(self._providers[kind])
 
     def default_name(self, kind: str) -> Optional[str]:
-        for name, cls in self._check_kind(kind).items():
+        return self._default_in(self._check_kind(kind))
+
+    @staticmethod
+    def _default_in(slot: dict[str, type[Provider]]) -> Optional[str]:
+        for name, cls in slot.items():
             if cls.is_default:
                 return name
         return None
@@ -209,7 +216,7 @@ class Registry:
         ``name=None`` means the default, ``name="auto"`` the available provider with the highest priority.
         """
         slot = self._check_kind(kind)
-        default = self.default_name(kind)
+        default = self._default_in(slot)
         if name == "auto":
             ranked = sorted(slot.values(), key=lambda c: (-c.priority, not c.is_default, c.name))
             skipped = []
@@ -298,12 +305,15 @@ class Registry:
         kinds = [kind] if kind is not None else self.kinds()
         out = []
         for k in kinds:
-            for name in self._check_kind(k):
-                out.append(self.get_info(k, name))
+            for name, cls in self._check_kind(k).items():
+                out.append(self._info(k, name, cls))
         return out
 
     def get_info(self, kind: str, name: str) -> ProviderInfo:
-        cls = self.provider_class(kind, name)
+        return self._info(kind, name, self.provider_class(kind, name))
+
+    @staticmethod
+    def _info(kind: str, name: str, cls: type[Provider]) -> ProviderInfo:
         ok, why = _available(cls)
         return ProviderInfo(kind=kind, name=name, version=cls.version, available=ok, reason=why,
                             is_default=cls.is_default, priority=cls.priority,
