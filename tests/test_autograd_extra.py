@@ -14,6 +14,7 @@ from apt_kernels.ops.running_mean import running_mean_native
 from apt_kernels.ops.scan import selective_scan_cpu
 from apt_kernels.ops.tva import tva_attention
 from apt_kernels.reference.common import running_mean_ref
+from apt_kernels.reference.moe import moe_grouped_ffn_ref
 from apt_kernels.reference.scan import selective_scan_ref
 
 native = pytest.mark.skipif(not native_status()[0], reason=native_status()[1] or "native module unavailable")
@@ -222,17 +223,6 @@ def test_native_functions_under_torch_func_raise_clearly():
 
 # ---- MoE dropless under autocast ---------------------------------------------------------------------------------
 
-def _grouped_ffn_plain(x, offsets, w_in, w_gate, w_out):
-    """The grouped FFN in plain torch ops, expert by expert (autocast applies to each matmul)."""
-    outs = []
-    for e in range(w_in.shape[0]):
-        h = x[int(offsets[e]):int(offsets[e + 1])]
-        up = h @ w_in[e]
-        act = torch.nn.functional.silu(h @ w_gate[e]) * up if w_gate is not None else torch.nn.functional.gelu(up)
-        outs.append(act @ w_out[e])
-    return torch.cat(outs)
-
-
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_grouped_ffn_under_autocast_matches_plain_torch(activation):
     torch.manual_seed(9)
@@ -243,7 +233,7 @@ def test_grouped_ffn_under_autocast_matches_plain_torch(activation):
     go = torch.randn(m, c)
     results = []
     for fn in (lambda *a: moe_grouped_ffn(a[0], offsets, *a[1:], activation=activation),
-               lambda *a: _grouped_ffn_plain(a[0], offsets, *a[1:])):
+               lambda *a: moe_grouped_ffn_ref(a[0], offsets, *a[1:])):
         ts = [t.clone().requires_grad_() if t is not None else None for t in leaves]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = fn(*ts)

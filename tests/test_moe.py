@@ -12,7 +12,7 @@ from apt_kernels.layers.moe import MoEFFN
 from apt_kernels.ops import moe as moe_ops
 from apt_kernels.ops.moe import moe_aux_losses, moe_combine, moe_dispatch, moe_grouped_ffn, moe_route
 from apt_kernels.reference.moe import (expert_capacity, moe_combine_ref, moe_dispatch_ref, moe_route_ref, router_probs,
-                                      topk_ref)
+                                      topk_ref, moe_grouped_ffn_ref)
 from apt_kernels.testing import assert_close
 
 
@@ -228,17 +228,6 @@ def test_moeffn_matches_per_token_loop():
         assert int(aux["dropped"]) == int(r.dropped)
 
 
-def loop_grouped_ffn(x, offsets, w_in, w_gate, w_out):
-    """Per-expert loop over the packed segments (plain autograd): the definition moe_grouped_ffn must match."""
-    outs = []
-    for e in range(w_in.shape[0]):
-        h = x[int(offsets[e]):int(offsets[e + 1])]
-        up = h @ w_in[e]
-        act = torch.nn.functional.silu(h @ w_gate[e]) * up if w_gate is not None else torch.nn.functional.gelu(up)
-        outs.append(act @ w_out[e])
-    return torch.cat(outs) if outs else x.new_zeros(0, w_out.shape[2])
-
-
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("counts", [[3, 0, 7, 1], [5], [0, 0, 2], [0, 0, 0], [1, 1, 1, 1]])
 def test_grouped_ffn_matches_per_expert_loop(activation, counts):
@@ -252,7 +241,7 @@ def test_grouped_ffn_matches_per_expert_loop(activation, counts):
     w_out = torch.randn(e, f, c_out, generator=g, requires_grad=True)
     leaves = [t for t in (x, w_in, w_gate, w_out) if t is not None]
     y = moe_grouped_ffn(x, offsets, w_in, w_gate, w_out, activation)
-    want = loop_grouped_ffn(x, offsets, w_in, w_gate, w_out)
+    want = moe_grouped_ffn_ref(x, offsets, w_in, w_gate, w_out)
     assert y.shape == (sum(counts), c_out)
     assert_close(y, want)
     gy = torch.randn(y.shape, generator=g)

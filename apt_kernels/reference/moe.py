@@ -191,6 +191,20 @@ def moe_combine_ref(expert_out: torch.Tensor, routing: Routing) -> torch.Tensor:
     return torch.einsum("nk,nkc->nc", w, picked).to(expert_out.dtype)
 
 
+def moe_grouped_ffn_ref(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
+                        w_out: torch.Tensor) -> torch.Tensor:
+    """The grouped expert FFN as a loop over the packed segments in plain torch ops (the definition
+    ``apt_kernels.ops.moe.moe_grouped_ffn`` matches): rows ``offsets[e]:offsets[e+1]`` of x go through expert e,
+    ``silu(h W_gate[e]) * (h W_in[e])`` (swiglu; gelu(h W_in[e]) when w_gate is None), then ``W_out[e]``."""
+    outs = []
+    for e in range(w_in.shape[0]):
+        h = x[int(offsets[e]):int(offsets[e + 1])]
+        up = h @ w_in[e]
+        act = torch.nn.functional.silu(h @ w_gate[e]) * up if w_gate is not None else torch.nn.functional.gelu(up)
+        outs.append(act @ w_out[e])
+    return torch.cat(outs) if outs else x.new_zeros(0, w_out.shape[2])
+
+
 def moe_aux_losses_ref(logits: torch.Tensor, routing: Routing) -> dict[str, torch.Tensor]:
     """Unscaled auxiliary losses: ``balance_loss = E * sum_e f_e * P_e`` (f_e: share of the N*k assignments routed to
     e before dropping, P_e: mean router probability) and ``z_loss = mean_n logsumexp(logits_n)^2``."""
