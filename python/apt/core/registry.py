@@ -8,6 +8,8 @@ kind's default with a logged warning naming what was asked for, what is used ins
 Providers arrive three ways: by import (``@register`` on the class), from our built-in modules
 (:mod:`apt.providers`), and from other installed packages through the ``apt.providers`` entry-point group, whose
 entries may name a Provider class, a module that registers on import, or a callable taking the registry.
+Registration checks that a provider has its kind's methods (:data:`KIND_METHODS`); the first registration or
+lookup loads the built-ins and entry points, so an ``override=True`` registration always has the last word.
 """
 from __future__ import annotations
 
