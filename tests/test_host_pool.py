@@ -157,7 +157,7 @@ def test_sizes_that_overflow_are_errors(pool):
         pool.host_empty((1 << 62, 4), torch.float32)
 
 
-def test_stats_while_the_garbage_collector_frees_a_pooled_tensor(pool):
+def test_stats_while_the_garbage_collector_frees_a_pooled_tensor(pool, tmp_path):
     """stats() built its dict holding the pool's lock; the allocation could run the collector, which freed a pooled
     tensor in a reference cycle, whose deleter took the same lock on the same thread: the process hung for ever.
     Run in a child with a timeout, so a regression fails instead of hanging the suite."""
@@ -181,7 +181,15 @@ for trial in range(30):
     del keep
 print("ok", s["hits"])
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # the child imports the apt_kernels this process runs (from the checkout's root, "-c" would find the source
+    # tree first, which has no compiled module when the package is installed)
+    import os
+
+    import apt_kernels
+
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(apt_kernels.__file__))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=env)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
 
 
