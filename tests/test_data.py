@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from apt.core import registry
-from apt.data.datasets import DEFAULT_CORPUS, TokenBatches, build_data
+from apt.data.datasets import DEFAULT_CORPUS, TokenBatches, build_data, split_texts
 from apt.data.tokenizers import BPETokenizer, ByteTokenizer, get_tokenizer, tokenizer_from_state
 
 SAMPLES = ["hello world", "", "héllo wörld ✓ 12345!!", "line\nbreak\ttab  two spaces", "日本語のテキスト"]
@@ -83,6 +83,28 @@ def test_build_data_and_batches_are_deterministic(tmp_path):
     assert not torch.equal(a[0][0], next(train.batches(3, 1))[0])  # epochs differ
     vb = list(val.sequential())
     assert vb and vb[0][0].shape[1] == 8
+
+
+def test_a_trained_tokenizer_never_sees_the_validation_text(tmp_path):
+    """The BPE merges were learnt from the whole corpus, validation tail included: a word found only there came
+    out as one token."""
+    rare = "zyzzyvaqx"
+    body = "".join(f"the cat sat on mat number {i}. " for i in range(300))
+    path = tmp_path / "c.txt"
+    path.write_text(body + (rare + " ") * 30)  # the rare word only in the last ~6%
+    cfg = {"path": str(path), "seq_len": 8, "batch_size": 2, "val_fraction": 0.1, "tokenizer": "bpe",
+           "bpe_vocab_size": 400}
+    tok, train, val = build_data(cfg)
+    assert val is not None and len(tok.encode(rare)) > 3  # the word is not a merge
+    assert tok.decode(val.tokens.tolist()).count(rare) == 30 and rare not in tok.decode(train.tokens.tolist())
+    byte_tok, byte_train, byte_val = build_data({**cfg, "tokenizer": "byte"})  # the byte path is as before
+    assert byte_val.tokens.numel() == int((byte_train.tokens.numel() + byte_val.tokens.numel()) * 0.1)
+
+
+def test_split_texts():
+    assert split_texts(["abcd", "efgh"], 0.5) == (["abcd"], ["efgh"])
+    assert split_texts(["abcdefgh"], 0.5) == (["abcd"], ["efgh"])  # 9 characters with the separator: cut at 4
+    assert split_texts(["ab", "cd"], 0.0) == (["ab", "cd"], [])
 
 
 def test_short_corpus_uses_shorter_windows():

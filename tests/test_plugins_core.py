@@ -384,3 +384,25 @@ def test_a_misspelt_hook_is_warned_about(caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "typo_plugin: on_step_ended is not a hook" in msgs[0]
     assert "did you mean on_step_end?" in msgs[0]
+
+
+def test_moe_active_metric_reaches_the_step_hooks(tmp_path):
+    """It was set at epoch start, and the trainer clears the metrics at each step's start."""
+    seen = []
+
+    class Watch(Plugin):
+        name = "watch"
+
+        def on_step_end(self, ctx):
+            seen.append(ctx.metrics.get("moe_active"))
+
+    cfg = load_profile("tiny_debug", {"model.d_model": 32, "model.num_heads": 2, "model.num_layers": 1,
+                                      "data.seq_len": 16, "data.batch_size": 4, "training.steps_per_epoch": 2,
+                                      "training.max_epochs": 2, "training.progress": False,
+                                      "training.out_dir": str(tmp_path), "model.moe.enabled": True,
+                                      "model.moe.router_name": register_toy_router(), "plugins.enabled": ["moe"],
+                                      "schedules": {"enable_moe_at_epoch": 1}})
+    tr = Trainer(cfg)
+    tr.plugins = PluginManager([*tr.plugins.plugins, Watch()])
+    tr.fit()
+    assert seen == [False, False, True, True]

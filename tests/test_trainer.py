@@ -166,10 +166,15 @@ def test_a_plugin_aux_loss_that_is_no_scalar_loss_disables_only_that_plugin(tmp_
 
 
 def test_lr_schedule_and_amp_policy():
-    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    """Warmup to the full LR at step `warmup` (used once), a cosine that reaches the floor at the last step (it
+    ended at step `total`, which never runs: the floor was never reached, and the peak was used twice)."""
+    f = [lr_factor(s, 3, 10, 0.1) for s in range(10)]
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and f[4] < 1.0 and f[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(f[3:], f[4:]))  # strictly down after the peak
+    assert lr_factor(6, 3, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    g = [lr_factor(s, 0, 5, 0.0) for s in range(5)]
+    assert g[0] == 1.0 and g[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(0, 0, 1, 0.1) == 1.0 and lr_factor(7, 3, 10, 0.1) >= 0.1
     assert amp_dtype("auto", torch.device("cpu")) is None
     assert amp_dtype("bf16", torch.device("cpu")) is None
 
@@ -379,7 +384,8 @@ def test_lr_metric_is_the_lr_the_step_used(tmp_path):
     tr = Trainer(_cfg(tmp_path, **{"training.warmup_steps": 3}), plugins=[grab])
     tr.fit()
     base = float(tr.t["lr"])
-    assert grab.used[:3] == pytest.approx([base / 3, 2 * base / 3, base])  # linear warmup, step 1 at lr / warmup
+    # linear warmup, step 1 at lr / (warmup + 1), the full lr at step warmup + 1 (once)
+    assert grab.used[:4] == pytest.approx([base / 4, 2 * base / 4, 3 * base / 4, base]) and grab.used[4] < base
     assert grab.reported == pytest.approx(grab.used)
 
 
@@ -417,3 +423,55 @@ def test_configured_vocab_size_pads_the_embedding_and_must_cover_the_tokenizer(t
     assert model.vocab_size == 320 and tok.vocab_size == 257
     with pytest.raises(ValueError, match=r"model.vocab_size: 100 is smaller than the tokenizer's vocabulary \(257"):
         Trainer(_cfg(tmp_path, **{"model.vocab_size": 100}))
+
+
+def test_warmup_longer_than_the_run_is_warned_about(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="apt.training.trainer"):
+        Trainer(_cfg(tmp_path, **{"training.warmup_steps": 20, "training.max_steps": 5}))
+    assert "training.warmup_steps (20) >= the run's 5 steps" in caplog.text
+
+
+def test_a_prebuilt_model_keeps_the_profiles_plugins_and_schedules(tmp_path):
+    """Trainer(cfg, model=m) took m's whole config: the plugins, schedules and name of cfg were dropped."""
+    from apt.modeling import ModelBuilder
+
+    model = ModelBuilder(_cfg(tmp_path), vocab_size=257).build()
+    cfg = _cfg(tmp_path, **{"plugins.enabled": ["align"], "schedules": {"align_beta": 0.5}})
+    cfg["name"] = "other_name"
+    tr = Trainer(cfg, model=model)
+    assert [p.name for p in tr.plugins.plugins] == ["align"] and tr.cfg["schedules"] == {"align_beta": 0.5}
+    assert tr.cfg["name"] == "other_name" and tr.cfg["model"]["vocab_size"] == 257
+
+
+def test_mamba_a_log_and_d_get_no_weight_decay(tmp_path):
+    cfg = load_profile("mamba_tiny", {"model.d_model": 32, "data.seq_len": 16, "training.weight_decay": 0.1,
+                                      "training.out_dir": str(tmp_path), "training.progress": False})
+    tr = Trainer(cfg)
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in tr.optimizer.param_groups)
+    assert not any(n.endswith(("A_log", ".D")) for n in decay)
+    assert any(n.endswith("A_log") for n in no_decay) and any(n.endswith("in_proj.weight") for n in decay)
+
+
+def test_validation_covers_the_whole_split_unless_capped(tmp_path):
+    tr = Trainer(_cfg(tmp_path, **{"data.val_fraction": 0.5}))
+    n = sum(1 for _ in tr.val_data.sequential())
+    assert n > 20  # the loss stopped at 20 batches
+    full, capped = tr.evaluate(), tr.evaluate(max_batches=2)
+    tr.t["eval_batches"] = 2
+    assert tr.evaluate() == capped and full != capped
+
+
+def test_the_run_does_not_depend_on_global_rng_use_before_fit(tmp_path):
+    """The seed was applied in __init__ only: a torch.rand (or another Trainer) between __init__ and fit() changed
+    the run's dropout draws."""
+    over = {"model.dropout": 0.1, "training.max_steps": 3}
+    a = Trainer(_cfg(tmp_path / "a", **over))
+    sa = a.fit()
+    b = Trainer(_cfg(tmp_path / "b", **over))
+    Trainer(_cfg(tmp_path / "c", **over))
+    torch.rand(100)
+    sb = b.fit()
+    assert sa["final_loss"] == sb["final_loss"] and a.history == b.history

@@ -134,6 +134,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "training.log_every": ((int,), False),
     "training.progress": ((bool,), False),
     "training.eval": ((bool,), False),
+    "training.eval_batches": ((int,), True),
     "training.resume": ((str,), True),
     # plugins + schedules
     "plugins.enabled": ((list,), False),
@@ -449,7 +450,8 @@ def _check_semantics(cfg: Mapping[str, Any], where: _Where) -> None:
         v = g(key)
         if isinstance(v, int) and v < 1:
             raise ConfigError(f"{where.key(key)}: must be >= 1, got {v}")
-    for key in ("training.max_steps", "training.steps_per_epoch", "training.save_every", "model.d_ff",
+    for key in ("training.max_steps", "training.steps_per_epoch", "training.save_every", "training.eval_batches",
+                "model.d_ff",
                 "model.vocab_size", "model.mamba.dt_rank", "model.tva.window"):  # 0 would silently mean the default
         v = g(key)
         if isinstance(v, int) and v < 1:

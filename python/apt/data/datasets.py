@@ -106,17 +106,46 @@ def build_data(data_cfg: Mapping[str, Any], seed: int = 0, tokenizer: Optional[T
                ) -> tuple[Tokenizer, TokenBatches, Optional[TokenBatches]]:
     """(tokenizer, train batches, validation batches or None) for a profile's ``data:`` section."""
     texts = load_texts(data_cfg)
-    tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg, texts)
-    tokens = encode_texts(texts, tok)
     seq_len, bs = data_cfg.get("seq_len", 128), data_cfg.get("batch_size", 8)
     as_number("seq_len", seq_len, integer=True, low=1)
     as_number("batch_size", bs, integer=True, low=1)
     vf = data_cfg.get("val_fraction", 0.0) or 0.0
     if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 <= vf < 1:  # NaN fails too
         raise ValueError(f"val_fraction: expected a number in [0, 1), got {vf!r}")
+    min_val = 2 * min(seq_len, 8) + 2
+    if tokenizer is None and vf > 0 and _trains_tokenizer(data_cfg):
+        # a tokenizer trained on the corpus sees the training text only: the last val_fraction of the characters
+        # is the validation split (the BPE merges were learnt from the validation text too)
+        train_texts, val_texts = split_texts(texts, vf)
+        tok = build_tokenizer(data_cfg, train_texts)
+        train, held = encode_texts(train_texts, tok), encode_texts(val_texts, tok)
+        if held.numel() >= min_val and train.numel() > 2:
+            return tok, TokenBatches(train, seq_len, bs, seed), TokenBatches(held, seq_len, bs, seed)
+        return tok, TokenBatches(torch.cat([train, held]), seq_len, bs, seed), None
+    tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg, texts)
+    tokens = encode_texts(texts, tok)
     n_val = int(tokens.numel() * vf)
     val = None
-    if n_val > 0 and n_val >= 2 * min(seq_len, 8) + 2 and tokens.numel() - n_val > 2:
+    if n_val > 0 and n_val >= min_val and tokens.numel() - n_val > 2:
         val = TokenBatches(tokens[-n_val:], seq_len, bs, seed)
         tokens = tokens[:-n_val]
     return tok, TokenBatches(tokens, seq_len, bs, seed), val
+
+
+def _trains_tokenizer(data_cfg: Mapping[str, Any]) -> bool:
+    return data_cfg.get("tokenizer", "byte") == "bpe" and not data_cfg.get("tokenizer_path")
+
+
+def split_texts(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(head, tail) of the documents with the tail holding the last ``fraction`` of the characters (counting one
+    separator per document); the document at the cut is cut in two."""
+    total = sum(len(t) + 1 for t in texts)
+    cut = int(round(total * (1.0 - fraction)))
+    seen = 0
+    for i, text in enumerate(texts):
+        if seen + len(text) + 1 > cut:
+            k = max(cut - seen, 0)
+            head = texts[:i] + ([text[:k]] if k > 0 else [])
+            return head, ([text[k:]] if k < len(text) else []) + texts[i + 1:]
+        seen += len(text) + 1
+    return list(texts), []

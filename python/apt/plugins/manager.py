@@ -104,7 +104,9 @@ class PluginManager:
                 if before is not None:
                     _check_aux_losses(before, ctx.aux_losses)
             except Exception as exc:  # plugin code is isolated: log, disable, go on
-                if before is not None:  # and adds nothing to the loss of the step it failed in
+                # and adds nothing to the loss of the micro-batch it failed in (with grad_accum, what it added to
+                # the step's earlier micro-batches has been backpropagated already and stays)
+                if before is not None:
                     ctx.aux_losses.clear()
                     ctx.aux_losses.update(before)
                 self._fail(plugin, hook, exc, ctx)

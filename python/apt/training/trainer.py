@@ -80,12 +80,14 @@ def _hold_ctrl_c() -> Any:
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the base LR at optimizer step ``step``: linear warmup over ``warmup`` steps, then cosine to
-    ``min_ratio`` at ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    span = max(total - warmup, 1)
-    t = min(max(step - warmup, 0) / span, 1.0)
+    """Multiplier of the base LR at optimizer step ``step`` (0-based) of ``total``: linear warmup over the first
+    ``warmup`` steps (``(step + 1) / (warmup + 1)``), the full LR at step ``warmup``, then a cosine that reaches
+    ``min_ratio`` at the last step, ``total - 1``. (The cosine used to end at step ``total``, which never runs,
+    and the peak was used twice.)"""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    span = total - 1 - warmup
+    t = min((step - warmup) / span, 1.0) if span > 0 else 0.0
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
@@ -118,7 +120,11 @@ class Trainer:
         if model is None:
             model = ModelBuilder(self.cfg, vocab_size=tokenizer.vocab_size).build()
         self.model = model.to(self.device)
-        self.cfg = getattr(model, "config", self.cfg)  # with model.vocab_size resolved
+        built = getattr(model, "config", None)
+        if isinstance(built, Mapping) and isinstance(built.get("model"), Mapping):
+            # the model section as built (model.vocab_size resolved), which checkpoints must describe; the rest of
+            # the profile (plugins, schedules, name) stays the one passed in (the model's whole config replaced it)
+            self.cfg = {**self.cfg, "model": dict(built["model"])}
         self.grad_accum = int(t.get("grad_accum", 1))
         spe = t.get("steps_per_epoch") or max(1, data.default_batches_per_epoch() // self.grad_accum)
         self.steps_per_epoch = int(spe)
@@ -126,6 +132,10 @@ class Trainer:
         self.max_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.optimizer = self._make_optimizer()
         warm, floor = int(t.get("warmup_steps", 0)), float(t.get("min_lr_ratio", 0.1))
+        if warm >= self.total_steps:
+            logger.warning("training.warmup_steps (%d) >= the run's %d steps: the LR never reaches training.lr "
+                           "(it ends at %.0f%% of it) and never decays", warm, self.total_steps,
+                           100 * lr_factor(self.total_steps - 1, warm, self.total_steps, floor))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warm, self.total_steps, floor))
         self.amp_dtype = amp_dtype(t.get("amp", "auto"), self.device)
@@ -154,6 +164,10 @@ class Trainer:
             path = self.out_dir / ckpt.CHECKPOINT_NAME if resume == "auto" else Path(resume)
             if path.is_file() or resume != "auto":
                 self.load_checkpoint(path)
+        # the generators as this run's seed (or its checkpoint) left them: the first fit() starts from them, so
+        # whatever draws from the global RNG between here and fit() (another Trainer, a torch.rand) does not
+        # change the run's dropout / noise draws
+        self._rng_at_ready: Optional[dict[str, Any]] = ckpt.capture_rng()
 
     # ---- setup -------------------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -162,7 +176,9 @@ class Trainer:
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            # matrices decay; vectors (norms, biases) and parameters marked _no_weight_decay (Mamba's A_log, a
+            # matrix of per-channel rates whose decay would erase its initial spectrum) do not
+            (decay if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) else no_decay).append(p)
         betas = tuple(self.t.get("betas", [0.9, 0.95]))
         kw: dict[str, Any] = {}
         if self.device.type == "cuda":
@@ -265,7 +281,11 @@ class Trainer:
         return total, {"lm": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
 
     @torch.no_grad()
-    def evaluate(self, max_batches: int = 20) -> Optional[float]:
+    def evaluate(self, max_batches: Optional[int] = None) -> Optional[float]:
+        """Token-mean loss over the validation split: the first ``max_batches`` batches (default
+        ``training.eval_batches``; null: all of it, which the loss used to stop at 20 batches of without saying)."""
+        if max_batches is None:
+            max_batches = self.t.get("eval_batches")
         if self.val_data is None:
             return None
         self.model.eval()
@@ -291,6 +311,9 @@ class Trainer:
                 raise ValueError(f"stop_at_step: expected a step after the current one ({self.step}), "
                                  f"got {stop_at_step}")
         t = self.t
+        if self._rng_at_ready is not None:
+            ckpt.restore_rng(self._rng_at_ready)
+            self._rng_at_ready = None
         accum = self.grad_accum
         clip = t.get("grad_clip")
         log_every = int(t.get("log_every", 10))

@@ -100,6 +100,9 @@ class MoEPlugin(Plugin):
 
     def on_step_start(self, ctx: HookContext) -> None:
         if self._layers:
+            # metrics describe one step (the trainer clears them at each step's start): set it per step, or the
+            # value set at epoch start never reached a step's hooks
+            ctx.metrics["moe_active"] = all(getattr(layer, "active", True) for layer in self._layers)
             self._set_capacity(ctx, ctx.step)
 
     def _set_capacity(self, ctx: HookContext, step: int) -> None:
