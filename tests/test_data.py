@@ -101,6 +101,17 @@ def test_a_trained_tokenizer_never_sees_the_validation_text(tmp_path):
     assert byte_val.tokens.numel() == int((byte_train.tokens.numel() + byte_val.tokens.numel()) * 0.1)
 
 
+def test_training_reads_a_text_file_as_eval_does(tmp_path):
+    """The txt dataset read with universal newlines and errors="replace" (CRLF became LF, a bad byte three bytes of
+    U+FFFD) while apt eval scores the file's bytes: the model was trained on other bytes than it was scored on."""
+    body = b"\xef\xbb\xbfline one\r\nbad \xff\xfe byte\r\n" * 20
+    path = tmp_path / "w.txt"
+    path.write_bytes(body)
+    tok, train, val = build_data({"path": str(path), "seq_len": 8, "batch_size": 2})
+    assert bytes(train.tokens[:-1].tolist()) == body[3:]  # the bytes after the BOM, then the end-of-text id
+    assert train.tokens[-1].item() == tok.eos_id
+
+
 def test_split_texts():
     assert split_texts(["abcd", "efgh"], 0.5) == (["abcd"], ["efgh"])
     assert split_texts(["abcdefgh"], 0.5) == (["abcd"], ["efgh"])  # 9 characters with the separator: cut at 4

@@ -157,6 +157,18 @@ def test_chat_history_fits_window():
     assert prompt.endswith("User: last\nAssistant:") and "message number 5" in prompt
 
 
+@pytest.mark.parametrize("length, fragment", [(40, "its start leaves the window as the reply grows"),
+                                              (80, "its start is cut")])
+def test_chat_long_message_warning_says_what_happens(caplog, length, fragment):
+    """A message longer than window - max_new_tokens but within the window is read whole (it was said to be cut)."""
+    lm = EchoLM(window=64)
+    s = ChatSession(lm, TOK, temperature=0, max_new_tokens=16)
+    with caplog.at_level(logging.WARNING, logger="apt.inference.chat"):
+        s.build_prompt("x" * length)
+    assert fragment in caplog.text and "longer than the model's window (64 tokens) minus max_new_tokens (16)" in \
+        caplog.text
+
+
 def test_chat_warns_once_when_max_new_tokens_fills_the_window(caplog):
     s = ChatSession(EchoLM(window=32), TOK, temperature=0, max_new_tokens=40)
     with caplog.at_level(logging.WARNING, logger="apt.inference.chat"):

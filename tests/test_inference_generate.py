@@ -184,6 +184,12 @@ def test_padded_vocabulary_never_samples_past_the_tokenizer(use_cache):
     sampled = generate(m2, TOK, "x", max_new_tokens=16, temperature=1.0, seed=0, use_cache=use_cache,
                        stop_at_eos=False, return_details=True).tokens
     assert len(sampled) == 16 and max(sampled) < TOK.vocab_size
+    ids = [ord("x")]  # the tokenizer-free API: told the tokenizer's size, it samples below it too
+    free = generate_tokens(m2, ids, 16, temperature=1.0, seed=0, use_cache=use_cache, vocab_size=TOK.vocab_size)
+    assert len(free) == 16 and max(free) < TOK.vocab_size
+    assert max(generate_tokens(m2, ids, 16, temperature=1.0, seed=0, use_cache=use_cache)) >= TOK.vocab_size
+    with pytest.raises(ValueError, match="vocab_size: expected an int in \\[1, 300\\]"):
+        generate_tokens(m2, ids, 2, vocab_size=301)
 
 
 def test_stop_is_a_string_or_a_list_and_temperature_must_be_finite():

@@ -12,12 +12,23 @@ import logging
 import os
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 logger = logging.getLogger(__name__)
 
 # Pre-tokenisation for BPE: words with their leading space, runs of digits, punctuation, whitespace.
 _PRETOKEN = re.compile(r" ?[A-Za-z\u00C0-\uFFFF]+| ?\d{1,3}| ?[^\sA-Za-z\d\u00C0-\uFFFF]+|\s+")
+
+
+def read_text_file(path: Union[str, os.PathLike]) -> str:
+    """A text file as training and evaluation both read it: its bytes as they are (CRLF stays CRLF), a UTF-8 BOM
+    skipped, invalid UTF-8 kept as surrogate escapes, which :func:`utf8_bytes` turns back into the same bytes. (The
+    txt dataset read with universal newlines and errors="replace" while ``apt eval`` read the bytes: a CRLF file
+    was scored on other bytes than it was trained on.)"""
+    raw = Path(path).read_bytes()
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    return raw.decode("utf-8", errors="surrogateescape")
 
 
 def utf8_bytes(text: str) -> bytes:

@@ -73,8 +73,12 @@ class ChatSession:
                                "earlier turn fits beside the reply: each message is answered without the "
                                "conversation; lower max_new_tokens to keep it", self.max_new_tokens, window)
         elif len(self.tokenizer.encode(prompt)) > budget:
-            logger.warning("chat: the message alone is longer than the model's window (%d tokens) minus "
-                           "max_new_tokens (%d); its start is cut", window, self.max_new_tokens)
+            n = len(self.tokenizer.encode(prompt))
+            # generation keeps the last `window` tokens: a prompt within the window is read whole, and its start
+            # leaves the window only as the reply grows
+            when = "is cut" if n > window else "leaves the window as the reply grows"
+            logger.warning("chat: the message alone (%d tokens) is longer than the model's window (%d tokens) minus "
+                           "max_new_tokens (%d); its start %s", n, window, self.max_new_tokens, when)
         self.history = turns
         return prompt
 

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ..data.tokenizers import utf8_bytes
+from ..data.tokenizers import read_text_file, utf8_bytes
 from .generate import model_device, model_window, supports_cache
 
 logger = logging.getLogger(__name__)
@@ -141,9 +141,7 @@ def evaluate_file(model: torch.nn.Module, tokenizer: Any, path: Union[str, os.Pa
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such file: {p}")
-    raw = p.read_bytes()
-    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
-    text = raw.decode("utf-8", errors="surrogateescape")  # the tokenizers encode such bytes back as they were
+    text = read_text_file(p)  # as the txt dataset reads it for training
     try:
         return evaluate_text(model, tokenizer, text, context, stride, batch_size)
     except ValueError as exc:

@@ -2,7 +2,8 @@
 logits (B, T, V)`` and, optionally, ``model.new_cache(batch_size)`` (a cache that forward fills in place).
 
 * Sampling: ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``seed`` (a private CPU generator: the same seed
-  gives the same text on CPU and GPU and does not touch the global RNG).
+  gives the same text on CPU and GPU and does not touch the global RNG; the prompts of one call draw from that
+  one generator, so a prompt's sampled text also depends on the prompts beside it, as in HF's generate).
 * KV-cache: used when the model has ``new_cache`` (``use_cache=None``/True); the prompt is prefilled in one
   forward, then one token per forward. Without a cache every step re-runs the whole (cropped) context.
 * Context window: ``model.max_seq_len`` (None = unlimited, e.g. Mamba). A prompt longer than the window keeps its
@@ -355,12 +356,16 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Union[str, Sequenc
 def generate_tokens(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
                     temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                     seed: Optional[int] = None, use_cache: Optional[bool] = None,
-                    eos_id: Optional[int] = None) -> list[int]:
-    """Token-level generation for one prompt (no tokenizer needed): the new token ids (eos excluded)."""
+                    eos_id: Optional[int] = None, vocab_size: Optional[int] = None) -> list[int]:
+    """Token-level generation for one prompt (no tokenizer needed): the new token ids (eos excluded).
+
+    ``vocab_size``: sample only ids below it, the tokenizer's size when the model's embedding is padded past it
+    (``model.vocab_size`` larger than the tokenizer's); default every id of the model's vocabulary."""
 
     class _Ids:
-        def __init__(self, eos: Optional[int]) -> None:
+        def __init__(self, eos: Optional[int], size: Optional[int]) -> None:
             self.eos_id = eos
+            self.vocab_size = size
 
         def decode(self, ids: Sequence[int]) -> str:
             return ""
@@ -375,14 +380,18 @@ def generate_tokens(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_t
                          f"got {bad!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be an int >= 0, got {max_new_tokens!r}")
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or not 1 <= vocab_size <= (vocab or vocab_size)):
+        raise ValueError(f"vocab_size: expected an int in [1, {vocab or 'the model vocabulary'}] or None, got "
+                         f"{vocab_size!r}")
     if max_new_tokens == 0:
         return []
     cache = supports_cache(model) if use_cache is None else bool(use_cache)
     was_training = model.training
     model.eval()
     try:
-        rows = _generate_group(model, _Ids(eos_id), [list(prompt_ids)], max_new_tokens, temperature, top_k, top_p,
-                               make_generator(seed), cache, eos_id is not None, [], None, False)
+        rows = _generate_group(model, _Ids(eos_id, vocab_size), [list(prompt_ids)], max_new_tokens, temperature,
+                               top_k, top_p, make_generator(seed), cache, eos_id is not None, [], None, False)
     finally:
         model.train(was_training)
     return rows[0][0]

@@ -38,7 +38,9 @@ class TxtDataset(DatasetProvider):
             files = [p]
         else:
             raise FileNotFoundError(f"dataset txt: no such file or directory: {p}")
-        return [f.read_text(encoding="utf-8-sig", errors="replace") for f in files]
+        from ..data.tokenizers import read_text_file  # apt.data imports the registry, which imports this
+
+        return [read_text_file(f) for f in files]
 
 
 class JsonlDataset(DatasetProvider):
