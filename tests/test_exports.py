@@ -54,3 +54,38 @@ def test_moe_aux_losses_from_the_top_level():
     aux = apt_kernels.moe_aux_losses(logits, routing)
     assert {"balance_loss", "z_loss"} <= set(aux)
     assert torch.isfinite(aux["balance_loss"]) and torch.isfinite(aux["z_loss"])
+
+
+def test_api_audit_fixes():
+    """From a docstring-vs-behaviour audit: one string is a name, not its characters; flags are bools on the
+    explicit CPU ops too; generate_tokens checks top_k / top_p as generate does; apt.select / apt.kinds exist."""
+    import pytest
+    import torch
+
+    import apt
+    import apt_kernels as K
+    from apt.core.config import load_profile
+    from apt.core.registry import Provider, Registry
+    from apt.inference import generate_tokens
+    from apt.modeling import ModelBuilder
+
+    assert apt.select("scan", "reference").name == "reference" and "scan" in apt.kinds()
+    assert load_profile("tiny_debug", plugins="voter")["plugins"]["enabled"] == ["voter"]
+    reg = Registry(load_builtin=False)
+    reg.register(type("R", (Provider,), dict(kind="scan", name="r", is_default=True, selective_scan_fn=len,
+                                               selective_state_update=len)))
+    assert reg.select("scan", "r").fallback_reason == ""
+    u, d = torch.randn(1, 2, 4), torch.rand(1, 2, 4)
+    A, B, C = -torch.rand(2, 3), torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    if K.backends.native_status()[0]:
+        with pytest.raises(TypeError, match="return_last_state: expected a bool"):
+            K.selective_scan_cpu(u, d, A, B, C, return_last_state="no")
+        with pytest.raises(TypeError, match="dt_softplus: expected a bool"):
+            K.selective_state_update_cpu(torch.zeros(1, 2, 3), u[..., 0], d[..., 0], A, B[..., 0], C[..., 0],
+                                         dt_softplus=1)
+    m = ModelBuilder(load_profile("tiny_debug", ["model.d_model=32", "model.num_layers=1", "model.num_heads=2"]),
+                     vocab_size=257).build()
+    for kw, frag in [({"top_k": -1}, "top_k: must be an int >= 0"), ({"top_p": 2.0}, "top_p: must be in"),
+                     ({"temperature": -1.0}, "temperature: expected")]:
+        with pytest.raises(ValueError, match=frag):
+            generate_tokens(m, [1, 2], 3, **kw)

@@ -475,3 +475,14 @@ def test_the_run_does_not_depend_on_global_rng_use_before_fit(tmp_path):
     torch.rand(100)
     sb = b.fit()
     assert sa["final_loss"] == sb["final_loss"] and a.history == b.history
+
+
+def test_evaluate_checks_max_batches_and_keeps_the_models_mode(tmp_path):
+    """evaluate(0) and evaluate(-1) scored one batch; the model was always left in training mode."""
+    tr = Trainer(_cfg(tmp_path, **{"data.val_fraction": 0.5}))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_batches: expected an int >= 1 or None"):
+            tr.evaluate(bad)
+    tr.model.eval()
+    tr.evaluate(1)
+    assert not tr.model.training

@@ -557,6 +557,8 @@ def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
                        delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
                        return_last_state: bool = False) -> ScanResult:
     """The native C++ scan, explicitly (RuntimeError when it is unavailable, ValueError for non-CPU tensors)."""
+    check_flag("delta_softplus", delta_softplus)  # "no" counted as True here, unlike selective_scan_fn
+    check_flag("return_last_state", return_last_state)
     u0, (u, delta, z) = u, _prepare(u, delta, A, B, C, D, z, delta_bias)
     ok, why = cpu_status()
     if not ok:
@@ -571,6 +573,7 @@ def selective_state_update_cpu(state: torch.Tensor, x: torch.Tensor, dt: torch.T
                                z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
                                dt_softplus: bool = False) -> torch.Tensor:
     """The native C++ decode step, explicitly (in place on state; returns y)."""
+    check_flag("dt_softplus", dt_softplus)
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     ok, why = cpu_status()
     if not ok:
@@ -586,7 +589,8 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
                       return_last_state: bool = False) -> ScanResult:
     """Mamba selective scan (mamba_ssm's signature; SCAN.md). u, delta, z: (batch, dim, L); A: (dim, N); B, C:
     (dim, N), (batch, N, L) or (batch, G, N, L); D, delta_bias: (dim,). Returns y (u's dtype) and, with
-    ``return_last_state``, the final state (batch, dim, N) in fp32. Differentiable in every tensor argument."""
+    ``return_last_state``, the final state (batch, dim, N) in fp32 (fp64 for fp64 u). Differentiable in every
+    tensor argument."""
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     check_flag("delta_softplus", delta_softplus)
     check_flag("return_last_state", return_last_state)

@@ -11,6 +11,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .core.registry import get, get_info, list_providers, register  # noqa: E402
+from .core.registry import get, get_info, kinds, list_providers, register, select  # noqa: E402
 
-__all__ = ["__version__", "get", "get_info", "list_providers", "register"]
+__all__ = ["__version__", "get", "get_info", "kinds", "list_providers", "register", "select"]

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 # name fragment (lower case, most specific first) -> (bf16/fp16 TFLOP/s, fp32 TFLOP/s, HBM GB/s)
 DEVICE_PEAKS: list[tuple[str, tuple[float, float, float]]] = [
+    ("gh200", (989.0, 67.0, 4000.0)),         # GH200 96 GB HBM3 (the 144 GB HBM3e part: 4900 GB/s)
+    ("h200 nvl", (835.0, 60.0, 4800.0)),      # H200 NVL 141 GB HBM3e
     ("h200", (989.0, 67.0, 4800.0)),          # H200 SXM 141 GB HBM3e
     ("h100 nvl", (835.0, 60.0, 3900.0)),      # H100 NVL 94 GB
     ("h100 pcie", (756.0, 51.0, 2000.0)),     # H100 PCIe 80 GB HBM2e

@@ -331,6 +331,8 @@ def load_profile(profile: Union[str, os.PathLike, Mapping[str, Any]],
     labelled = _parse_overrides_labelled(overrides)
     for key, (value, _) in labelled.items():
         set_dotted(cfg, key, value)
+    if isinstance(plugins, str):  # "moe,align" or "voter": names, not characters
+        plugins = [plugins]
     if plugins:
         enabled = list(get_dotted(cfg, "plugins.enabled", []) or [])
         for p in plugins:

@@ -269,6 +269,8 @@ class Registry:
         """The first provider (by priority, or in the order of ``names``) that is available and supports
         ``inputs``; the default if none does, with a warning that names the candidates and why each was skipped."""
         slot = self._check_kind(kind)
+        if isinstance(names, str):  # one name, not its characters
+            names = [names]
         order = list(names) if names is not None else [
             c.name for c in sorted(slot.values(), key=lambda c: (-c.priority, not c.is_default, c.name))]
         reasons = []
@@ -413,8 +415,8 @@ def register(cls: Optional[P] = None, *, override: bool = False) -> Union[P, Cal
     return REGISTRY.register(cls, override=override)
 
 
-def register_kind(kind: str, description: str = "") -> None:
-    REGISTRY.register_kind(kind, description)
+def register_kind(kind: str, description: str = "", methods: Iterable[str] = ()) -> None:
+    REGISTRY.register_kind(kind, description, methods)
 
 
 def get(kind: str, name: Optional[str] = None, config: Optional[dict[str, Any]] = None, *,

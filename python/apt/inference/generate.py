@@ -31,7 +31,7 @@ import torch
 
 from ..plugins.base import HookContext, Plugin
 from ..plugins.manager import PluginManager
-from .sampling import check_temperature, entropy, make_generator, sample_next
+from .sampling import check_temperature, check_top_k_top_p, entropy, make_generator, sample_next
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class _Stepper:
             self._last = self._head(self.model(new, cache=self.cache))
 
 
+@torch.inference_mode()  # as generation: no autograd graph for the k x length forwards
 def rollouts(model: torch.nn.Module, context: Sequence[int], k: int, length: int, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
              generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
@@ -284,13 +285,12 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Union[str, Sequenc
     plist = [prompts] if single else list(prompts)
     if not all(isinstance(p, str) for p in plist):
         raise TypeError("prompts: expected a string or a list of strings")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: must be an int >= 1, got {batch_size!r}")
     check_temperature(temperature)
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k: must be >= 0 (0 = off), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
+    check_top_k_top_p(top_k, top_p)
     if use_cache and not supports_cache(model):
         raise ValueError("use_cache: the model has no new_cache(); pass use_cache=None or False")
     cache = supports_cache(model) if use_cache is None else bool(use_cache)
@@ -380,6 +380,8 @@ def generate_tokens(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_t
                          f"got {bad!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be an int >= 0, got {max_new_tokens!r}")
+    check_temperature(temperature)
+    check_top_k_top_p(top_k, top_p)
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
                                    or not 1 <= vocab_size <= (vocab or vocab_size)):
         raise ValueError(f"vocab_size: expected an int in [1, {vocab or 'the model vocabulary'}] or None, got "

@@ -25,6 +25,14 @@ def check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature: expected a finite number >= 0 (0 = greedy), got {temperature!r}")
 
 
+def check_top_k_top_p(top_k: object, top_p: object) -> None:
+    """top_k: None or an int >= 0 (0: off); top_p: None or a number in (0, 1]."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k: must be an int >= 0 (0 = off) or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p: must be in (0, 1] or None, got {top_p!r}")
+
+
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``logits / temperature`` (temperature > 0)."""
     check_temperature(temperature)

@@ -286,8 +286,12 @@ class Trainer:
         ``training.eval_batches``; null: all of it, which the loss used to stop at 20 batches of without saying)."""
         if max_batches is None:
             max_batches = self.t.get("eval_batches")
+        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                        or max_batches < 1):
+            raise ValueError(f"max_batches: expected an int >= 1 or None (the whole split), got {max_batches!r}")
         if self.val_data is None:
             return None
+        was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
         for x, y in self.val_data.sequential(max_batches):
@@ -298,7 +302,7 @@ class Trainer:
             # summed, then divided by all tokens: the last batch may hold fewer windows
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
             count += y.numel()
-        self.model.train()
+        self.model.train(was_training)  # the mode it had (it was always left in training mode)
         return total / max(count, 1)
 
     def fit(self, stop_at_step: Optional[int] = None) -> dict[str, Any]:
