@@ -54,7 +54,8 @@ def _fmt_bytes(b: Optional[int]) -> str:
         return "-"
     for div, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
         if b >= div:
-            return f"{b / div:.3g} {unit}"
+            v = b / div  # .3g wrote 999.5..1023 as "1e+03"
+            return f"{v:.3g} {unit}" if v < 999.5 else f"{v:.0f} {unit}"
     return f"{b} B"
 
 
@@ -285,7 +286,8 @@ def _slug(s: str) -> str:
 
 def write_plots(run: BenchRun, out_dir: str | os.PathLike) -> list[Path]:
     """One PNG per (kind, mode): median time against the kind's sweep axis (T, L or N), log-log, one line per
-    provider and fixed setting of the other shape parameters (sweeps of a single point are drawn as markers).
+    provider and fixed setting of the other shape parameters (a setting with a single point is drawn as a
+    marker when no setting has more; next to lines it is left out, and the table has it).
     Returns [] with a logged note when matplotlib is not installed."""
     try:
         import matplotlib
