@@ -32,6 +32,8 @@ FAMILY_OVERRIDES: dict[tuple[str, torch.dtype], dict[str, float]] = {
 
 def tolerance(dtype: torch.dtype, family: Optional[str] = None, grad: bool = False) -> dict[str, float]:
     """atol/rtol for comparing a kernel's output (or gradient, with ``grad=True``) to the reference."""
+    if dtype not in TOLERANCES:
+        raise ValueError(f"dtype: no tolerance for {dtype} (the table has {', '.join(map(str, TOLERANCES))})")
     tol = dict(FAMILY_OVERRIDES.get((family, dtype), TOLERANCES[dtype]))
     if grad:
         tol = {k: v * GRAD_SCALE for k, v in tol.items()}

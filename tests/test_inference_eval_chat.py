@@ -212,3 +212,10 @@ def test_stride_of_a_streamed_model_is_ignored_with_a_warning(caplog):
         a = perplexity(m, ids, context=8, stride=2)
     assert "stride 2 ignored" in caplog.text and a.stride == 8
     assert a.nll == pytest.approx(perplexity(m, ids, context=8).nll)
+
+
+def test_chat_session_checks_its_sampling_settings_at_construction():
+    for kw, frag in [({"temperature": -1.0}, "temperature"), ({"top_p": 2.0}, "top_p"), ({"top_k": -3}, "top_k"),
+                     ({"max_new_tokens": 0}, "max_new_tokens")]:
+        with pytest.raises(ValueError, match=frag):
+            ChatSession(EchoLM(), TOK, **kw)

@@ -61,3 +61,29 @@ def test_moe_forward_names_bad_argument():
     m.temperature = math.inf  # would make every router distribution uniform
     with pytest.raises(ValueError, match="^temperature:"):
         m(torch.randn(3, 4))
+
+
+def test_layers_check_their_settings_at_construction():
+    """From a docstring audit: these were accepted and failed at the first forward (or, for the flags, counted a
+    string as True)."""
+    import pytest
+    import torch
+
+    from apt_kernels import MoEFFN, TVAAttention
+    from apt_kernels.testing import tolerance
+
+    for kw, exc, frag in [({"capacity_factor": -1.0}, ValueError, "capacity_factor: expected a finite number > 0"),
+                          ({"min_capacity": -1}, ValueError, "min_capacity: expected >= 0"),
+                          ({"shared_expert": "no"}, TypeError, "shared_expert: expected a bool"),
+                          ({"noisy_gating": 1}, TypeError, "noisy_gating: expected a bool")]:
+        with pytest.raises(exc, match=frag):
+            MoEFFN(8, 16, 4, **kw)
+    with pytest.raises(TypeError, match="causal: expected a bool"):
+        TVAAttention(8, 2, causal="no")
+    with pytest.raises(ValueError, match="head dim above 256"):
+        TVAAttention(600, 2)
+    layer = TVAAttention(8, 2)
+    with pytest.raises(TypeError, match="key_padding_mask: expected a bool tensor, got torch.int64"):
+        layer(torch.randn(1, 3, 8), key_padding_mask=torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="dtype: no tolerance for torch.int64"):
+        tolerance(torch.int64)

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import check_float
-from ..ops.moe import IMPLS, moe_aux_losses, moe_combine, moe_dispatch, moe_grouped_ffn, moe_route
+from .._validate import check_flag, check_float
+from ..ops.moe import (IMPLS, check_capacity_args, moe_aux_losses, moe_combine, moe_dispatch, moe_grouped_ffn,
+                       moe_route)
 from ..reference.moe import Routing
 
 __all__ = ["MoEFFN", "OpsRouter"]
@@ -101,6 +102,9 @@ class MoEFFN(nn.Module):
                 raise ValueError(f"{name}: expected a finite number, got {v}")
         if k > num_experts:
             raise ValueError(f"k: expected k <= num_experts ({num_experts}), got {k}")
+        check_capacity_args(capacity_factor, min_capacity, renormalize)  # at construction, not the first forward
+        check_flag("shared_expert", shared_expert)  # "no" built a shared expert
+        check_flag("noisy_gating", noisy_gating)
         if activation not in ("swiglu", "gelu"):
             raise ValueError(f"activation: expected 'swiglu' or 'gelu', got {activation!r}")
         if isinstance(router_impl, str):

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .._validate import check_float, check_tensor
+from .._validate import check_flag, check_float, check_tensor
 from ..ops.running_mean import running_mean
 from .kv import append_kv, check_room
 
@@ -113,6 +113,10 @@ class TVAAttention(nn.Module):
                 raise ValueError(f"{name}: expected a finite number, got {value}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        check_flag("causal", causal)  # "no" was stored and failed at the first forward
+        if d_model // num_heads > 256:
+            raise ValueError(f"num_heads: d_model / num_heads = {d_model // num_heads} is a head dim above 256, "
+                             f"the most the attention cores take; use more heads")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
         self.rank = max(4, d_model // r)
         self.sinks, self.window, self.causal, self.alpha = s, window, causal, float(alpha)
@@ -175,7 +179,9 @@ class TVAAttention(nn.Module):
         H, D = self.num_heads, self.head_dim
         if key_padding_mask is not None:
             check_tensor("key_padding_mask", key_padding_mask)
-            if key_padding_mask.shape != (B, T) or key_padding_mask.dtype != torch.bool:
+            if key_padding_mask.dtype != torch.bool:  # a TypeError, as the ops raise for a wrong dtype
+                raise TypeError(f"key_padding_mask: expected a bool tensor, got {key_padding_mask.dtype}")
+            if key_padding_mask.shape != (B, T):
                 raise ValueError(f"key_padding_mask: expected a bool tensor of shape ({B}, {T}), got "
                                  f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
         if cache is not None:

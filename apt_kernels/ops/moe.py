@@ -448,18 +448,7 @@ def _check_route_args(logits: Any, k: Any, capacity_factor: Any, min_capacity: A
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
     if k < 1 or k > e:
         raise ValueError(f"k: expected 1 <= k <= num_experts ({e}), got {k}")
-    if capacity_factor is not None:
-        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, numbers.Real):
-            raise TypeError(f"capacity_factor: expected a float or None, got {type(capacity_factor).__name__}")
-        # comparisons, not math.isnan/isinf: under torch.compile a dynamic float is a SymFloat, which math.* reject
-        if not (0.0 < capacity_factor < math.inf):
-            raise ValueError(f"capacity_factor: expected a finite number > 0 or None (dropless), got {capacity_factor}")
-    if isinstance(min_capacity, bool) or not isinstance(min_capacity, numbers.Integral):
-        raise TypeError(f"min_capacity: expected an int, got {type(min_capacity).__name__}")
-    if min_capacity < 0:
-        raise ValueError(f"min_capacity: expected >= 0, got {min_capacity}")
-    if renormalize is not None and not isinstance(renormalize, bool):
-        raise TypeError(f"renormalize: expected a bool or None, got {type(renormalize).__name__}")
+    check_capacity_args(capacity_factor, min_capacity, renormalize)
 
 
 def _check_routing(routing: Any) -> Routing:
@@ -476,6 +465,22 @@ def _check_same_device(name: str, t: torch.Tensor, routing: Routing) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # public ops
 # ---------------------------------------------------------------------------------------------------------------
+
+def check_capacity_args(capacity_factor: Optional[float], min_capacity: int, renormalize: Optional[bool]) -> None:
+    """The routing settings' checks (moe_route, and MoEFFN at construction rather than at its first forward)."""
+    if capacity_factor is not None:
+        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, numbers.Real):
+            raise TypeError(f"capacity_factor: expected a float or None, got {type(capacity_factor).__name__}")
+        # comparisons, not math.isnan/isinf: under torch.compile a dynamic float is a SymFloat, which math.* reject
+        if not (0.0 < capacity_factor < math.inf):
+            raise ValueError(f"capacity_factor: expected a finite number > 0 or None (dropless), got {capacity_factor}")
+    if isinstance(min_capacity, bool) or not isinstance(min_capacity, numbers.Integral):
+        raise TypeError(f"min_capacity: expected an int, got {type(min_capacity).__name__}")
+    if min_capacity < 0:
+        raise ValueError(f"min_capacity: expected >= 0, got {min_capacity}")
+    if renormalize is not None and not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize: expected a bool or None, got {type(renormalize).__name__}")
+
 
 def moe_route(logits: torch.Tensor, k: int, capacity_factor: Optional[float] = None, min_capacity: int = 4,
               renormalize: Optional[bool] = None, impl: str = "auto") -> Routing:
@@ -601,6 +606,7 @@ def moe_aux_losses(logits: torch.Tensor, routing: Routing) -> dict[str, torch.Te
     """Unscaled ``balance_loss`` (E * sum_e f_e P_e) and ``z_loss`` (mean logsumexp^2); cheap, PyTorch only."""
     _check_routing(routing)
     check_ndim("logits", logits, 2, "(N, E)")
+    check_float("logits", logits)  # int logits were computed on
     if tuple(logits.shape) != (routing.num_tokens, routing.num_experts):
         raise ValueError(f"logits: expected shape {(routing.num_tokens, routing.num_experts)}, got "
                          f"{tuple(logits.shape)}")

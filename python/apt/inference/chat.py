@@ -18,6 +18,7 @@ import torch
 from ..plugins.base import Plugin
 from ..plugins.manager import PluginManager
 from .generate import generate, model_window
+from .sampling import check_temperature, check_top_k_top_p
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,10 @@ class ChatSession:
                  seed: Optional[int] = None, use_cache: Optional[bool] = None,
                  plugins: Union[None, PluginManager, Sequence[Plugin]] = None,
                  user_prefix: str = "User:", bot_prefix: str = "Assistant:") -> None:
+        check_temperature(temperature)  # here, not at the first reply
+        check_top_k_top_p(top_k, top_p)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
         self.model, self.tokenizer = model, tokenizer
         self.system = system.strip()
         self.max_new_tokens = int(max_new_tokens)
