@@ -135,6 +135,11 @@ _host_pool = False  # outputs come from the pool: it exists, its cap is > 0, and
 _host_pool_refused: Optional[str] = None  # why torch.from_dlpack refused the pool's capsule, once it did
 
 
+# the pool counts bytes in an int64: a larger cap (APT_HOST_CACHE_MB=1e30, "no limit") is that cap, which no
+# machine reaches (it failed the import with a pybind "incompatible function arguments" TypeError)
+_MAX_HOST_CACHE = (1 << 63) - 1
+
+
 def _host_cache_limit_from_env() -> int:
     raw = os.environ.get(HOST_CACHE_ENV)
     if raw is None or raw.strip() == "":
@@ -149,11 +154,6 @@ def _host_cache_limit_from_env() -> int:
                        raw, _DEFAULT_HOST_CACHE >> 20)
         return _DEFAULT_HOST_CACHE
     return min(int(mb * (1 << 20)), _MAX_HOST_CACHE)
-
-
-# the pool counts bytes in an int64: a larger cap (APT_HOST_CACHE_MB=1e30, "no limit") is that cap, which no
-# machine reaches (it failed the import with a pybind "incompatible function arguments" TypeError)
-_MAX_HOST_CACHE = (1 << 63) - 1
 
 
 def set_host_cache_limit(nbytes: int) -> None:

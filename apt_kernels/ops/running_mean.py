@@ -112,7 +112,7 @@ def running_mean(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = Non
 
     Uses the native CPU kernel for CPU tensors when it is built, torch's cumsum otherwise (CUDA tensors, no build).
     """
-    _check(x, key_padding_mask)
-    if x.device.type == "cpu" and native_status()[0]:
+    # each path checks its arguments (checking here too did it twice, on the decode path of every TVA layer)
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and native_status()[0]:
         return running_mean_native(x, key_padding_mask)
     return running_mean_ref(x, key_padding_mask)

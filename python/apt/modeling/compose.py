@@ -33,22 +33,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_VOCAB = 257  # the byte tokenizer
 
 
-def call_accepting(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` with only the keyword arguments its signature accepts (all of them if it takes ``**kw``)."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    params = sig.parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return fn(*args, **kwargs)
-    names = {p.name for p in params}
-    dropped = sorted(set(kwargs) - names)
-    if dropped:
-        logger.debug("%s does not take %s; not passed", getattr(fn, "__qualname__", fn), ", ".join(dropped))
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in names})
-
-
 def not_taken(fn: Callable[..., Any], keys: Any) -> list[str]:
     """The names among ``keys`` that ``fn`` has no parameter for (none when it takes ``**kwargs``)."""
     try:
@@ -59,6 +43,14 @@ def not_taken(fn: Callable[..., Any], keys: Any) -> list[str]:
         return []
     names = {p.name for p in params}
     return sorted(k for k in keys if k not in names)
+
+
+def call_accepting(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` with only the keyword arguments its signature accepts (all of them if it takes ``**kw``)."""
+    dropped = not_taken(fn, kwargs)
+    if dropped:
+        logger.debug("%s does not take %s; not passed", getattr(fn, "__qualname__", fn), ", ".join(dropped))
+    return fn(*args, **{k: v for k, v in kwargs.items() if k not in dropped})
 
 
 def core_layer(core: Callable[..., Any]) -> Callable[..., nn.Module]:

@@ -63,10 +63,9 @@ class _AttentionProvider(Provider):
 
     def create_layer(self, d_model: int, num_heads: int, **cfg: Any):
         """A TVAAttention layer whose attention core is this provider's ``forward``."""
-        from apt_kernels.layers.tva import TVAAttention
+        from apt.modeling.compose import core_layer  # what the model builder gives a provider with a core only
 
-        cfg.pop("core", None)
-        return TVAAttention(d_model, num_heads, core=self.forward, **cfg)
+        return core_layer(self.forward)(d_model, num_heads, **cfg)
 
 
 class TVADefault(_AttentionProvider):
