@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 import math
 
@@ -62,6 +63,69 @@ def test_time_fn_warmup_repeats_and_budget():
     assert st.n == 5
     with pytest.raises(ValueError, match="repeats"):
         runner.time_fn(lambda: None, "cpu", repeats=0)
+
+
+def _timed_sequence(durations):
+    """fn and clock for time_fn: each call of fn lasts the next of ``durations`` (cycled); reading the clock is free."""
+    t, it = [0.0], itertools.cycle(durations)
+
+    def fn():
+        t[0] += next(it)
+    return fn, (lambda: t[0])
+
+
+def test_time_fn_noisy_measurement_takes_more_calls():
+    assert not runner.is_noisy(runner.TimingStats([1.0, 1.1, 0.9]).as_dict())
+    # times alternating 1 s and 3 s: IQR 2 s of a 2 s median, noisy
+    fn, clock = _timed_sequence([1.0, 3.0])
+    st = runner.time_fn(fn, "cpu", warmup=0, repeats=4, clock=clock)
+    assert st.noisy and st.n == runner.NOISY_EXTRA * 4  # no budget: up to the cap
+    # with a budget, only what fits in it: 4 calls take 8 s of 14 s, at a mean of 2 s 3 more fit
+    fn, clock = _timed_sequence([1.0, 3.0])
+    assert runner.time_fn(fn, "cpu", warmup=0, repeats=4, budget_s=14.0, clock=clock).n == 7
+    # a steady measurement stops at `repeats`; fewer than 3 calls are never judged noisy
+    fn, clock = _timed_sequence([1.0, 1.01])
+    assert runner.time_fn(fn, "cpu", warmup=0, repeats=4, clock=clock).n == 4
+    fn, clock = _timed_sequence([1.0, 3.0])
+    st = runner.time_fn(fn, "cpu", warmup=0, repeats=2, clock=clock)
+    assert st.n == 2 and not st.noisy
+    # a JSON row from before the flag (no iqr_s / l2_flushed fields) is judged from its quartiles
+    assert runner.is_noisy({"median_s": 1.0, "q1_s": 0.5, "q3_s": 1.5, "n": 5})
+    assert not runner.is_noisy(None) and not runner.is_noisy({"median_s": 1.0, "q1_s": 0.9, "q3_s": 1.1, "n": 5})
+
+
+def test_time_fn_flushes_l2_outside_the_timed_events_on_cuda(monkeypatch):
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            log.append("record")
+            self.t = len(log)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    class Buf:
+        def zero_(self):
+            log.append("flush")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(runner, "_sync", lambda device: None)
+    monkeypatch.setattr(runner, "_l2_flush_buffer", lambda device: Buf())
+    st = runner.time_fn(lambda: log.append("call"), "cuda", warmup=1, repeats=3)
+    assert log == ["call"] + ["flush", "record", "call", "record"] * 3
+    assert st.l2_flushed and st.as_dict()["l2_flushed"] is True and st.median == pytest.approx(1e-3)
+    log.clear()
+    st = runner.time_fn(lambda: log.append("call"), "cuda", warmup=0, repeats=2, flush_l2=False)
+    assert "flush" not in log and not st.l2_flushed
+    monkeypatch.undo()
+    assert runner._l2_flush_buffer(torch.device("cpu")) is None
 
 
 def test_peak_memory_cpu_sees_a_large_allocation():
@@ -260,6 +324,14 @@ def test_ratios_and_markdown():
                                            timing=runner.TimingStats([4e-3]).as_dict()))
     md = report.render_markdown(run)
     assert "| vs torch_sdpa |" in md and "| 4.00× |" in md  # fast (1 ms) vs SDPA (4 ms)
+
+
+def test_markdown_marks_noisy_rows():
+    run = _synthetic_run()
+    run.results[1].timing = runner.TimingStats([1e-3, 2e-3, 1e-3, 3e-3, 1e-3]).as_dict()
+    md = report.render_markdown(run)
+    assert "| fast | ok | 1 ms [1 ms–2 ms] n=5 noisy |" in md and "`noisy` = IQR above 25% of the median" in md
+    assert "n=3 noisy" not in md  # the reference's 10% spread is not noisy
 
 
 def test_json_round_trip(tmp_path):
@@ -461,6 +533,13 @@ def test_apt_bench_report_counts_what_it_rendered(tmp_path, capsys, caplog):
     assert "| good.json |" in out.read_text()
     rep = report.results_report(results)
     assert rep.rendered == [results / "good.json"] and [f.name for f, _ in rep.skipped] == ["b2.json", "broken.json"]
+    # a well-formed file with no row to render is skipped too, not counted as rendered
+    empty = _synthetic_run()
+    empty.results = [r for r in empty.results if r.mode is None]
+    report.write_json(empty, results / "empty.json")
+    rep = report.results_report(results)
+    assert rep.rendered == [results / "good.json"] and "empty.json" not in rep.text
+    assert any(f.name == "empty.json" and "no result row to render" in why for f, why in rep.skipped)
 
 
 # ---- the CLI end to end ------------------------------------------------------------------------------------
@@ -646,6 +725,16 @@ def test_target_check_verdicts(check, verdict, value, fragments):
     text = out.measured + " | " + out.reason
     assert all(f in text for f in fragments), text
     assert (out.measured == "-") == (value is None)
+
+
+def test_target_notes_a_noisy_timing():
+    noisy = runner.TimingStats([1e-3, 3e-3, 1e-3, 3e-3]).as_dict()
+    rows = [_trow("ref", 10e-3, ref=True), dataclasses.replace(_trow("fast", 1e-3), timing=noisy)]
+    out = tg.speedup(["fast"], "fwd", at_least=1)(rows, {"device_type": "cpu"})
+    assert out.verdict == "MET" and "fast timing noisy (IQR 100% of the median)" in out.reason
+    assert "ref timing noisy" not in out.reason
+    out = tg.speedup(["fast"], "fwd", at_least=1)(rows[:1] + [_trow("fast", 1e-3)], {"device_type": "cpu"})
+    assert "noisy" not in out.reason
 
 
 def test_target_bandwidth_check():

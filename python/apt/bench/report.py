@@ -20,7 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Optional
 
-from .runner import VERDICTS, BenchResult, BenchRun, TargetResult
+from .runner import NOISY_REL_IQR, VERDICTS, BenchResult, BenchRun, TargetResult, is_noisy
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,8 @@ def render_markdown(run: BenchRun, heading_level: int = 2, title: Optional[str] 
     lines.append("- columns: median time [IQR] over n timed calls; `vs ref` = reference time / time (> 1 faster); "
                  "`vs best` = time / fastest time at that shape; `vs <peer>` = that peer's time / time (> 1 faster); "
                  "`peak mem` = memory the call allocates on top of its inputs (CUDA allocator peak; on CPU peak-RSS "
-                 "growth)")
+                 "growth); `noisy` = IQR above "
+                 f"{NOISY_REL_IQR:.0%} of the median even after more calls: its ratios may move between runs")
     lines.append("")
     if run.targets:
         lines += targets_section(run.targets, h)
@@ -211,7 +212,7 @@ def render_markdown(run: BenchRun, heading_level: int = 2, title: Optional[str] 
         for r in rows:
             t = r.timing
             time_s = "-" if t is None else f"{_fmt_time(t['median_s'])} [{_fmt_time(t['q1_s'])}–" \
-                                            f"{_fmt_time(t['q3_s'])}] n={t['n']}"
+                                            f"{_fmt_time(t['q3_s'])}] n={t['n']}" + (" noisy" if is_noisy(t) else "")
             vs_ref, vs_best = rat.get(id(r), (None, None))
             status = r.status + (f": {r.reason}" if r.reason else "")
             if r.max_rel_err is not None and (r.max_rel_err > 0 or not r.is_reference):
@@ -370,7 +371,10 @@ def results_report(results_dir: str | os.PathLike) -> ResultsReport:
     runs, skipped = [], []
     for f in files:
         try:
-            runs.append((f, load_json(f)))
+            run = load_json(f)
+            if not any(r.mode is not None for r in run.results):
+                raise ValueError(f"{f}: no result row to render (results is empty, or every row was malformed)")
+            runs.append((f, run))
             continue
         except OSError as exc:
             why = f"{f}: cannot read it ({exc.strerror or exc})"

@@ -5,6 +5,11 @@ Timing: ``warmup`` untimed calls (Triton compiles, caches warm), then up to ``re
 its own (CUDA events around the call on GPU, ``time.perf_counter`` on CPU) so the median and the inter-quartile
 range describe the spread; a per-measurement time budget lowers the number of repeats for slow calls (never below
 ``min_repeats``), and a correctness call slower than the budget counts as the warm-up (no untimed call more).
+A measurement whose IQR exceeds ``NOISY_REL_IQR`` of its median takes more calls while the budget allows (up to
+``NOISY_EXTRA`` times ``repeats`` in all); if it stays that spread it is marked noisy in the report, whose ratios
+then deserve less trust. On CUDA the L2 cache is flushed before every timed call (a write of twice its size,
+outside the timed events, as triton.testing.do_bench does), so small shapes are not timed from a warm L2 that a
+model's real call would not find.
 
 Correctness gate: a provider whose outputs (and gradients, for fwd+bwd modes) differ from the reference's beyond
 :func:`apt_kernels.testing.tolerance` is reported as ``wrong`` with its error and is not timed. When the reference
@@ -55,6 +60,7 @@ class TimingStats:
 
     times: list[float]
     warmup: int = 0
+    l2_flushed: bool = False
 
     @property
     def n(self) -> int:
@@ -88,10 +94,31 @@ class TimingStats:
     def mean(self) -> float:
         return statistics.fmean(self.times)
 
+    @property
+    def rel_iqr(self) -> float:
+        """IQR / median: the spread as a share of the time reported."""
+        return self.iqr / self.median if self.median > 0 else math.inf
+
+    @property
+    def noisy(self) -> bool:
+        return is_noisy(self.as_dict())
+
     def as_dict(self) -> dict[str, Any]:
         return {"median_s": self.median, "q1_s": self.q1, "q3_s": self.q3, "iqr_s": self.iqr, "min_s": self.min,
                 "max_s": self.max, "mean_s": self.mean, "n": self.n, "warmup": self.warmup,
-                "times_s": list(self.times)}
+                "times_s": list(self.times), "l2_flushed": self.l2_flushed}
+
+
+NOISY_REL_IQR = 0.25  # IQR above a quarter of the median: the median may move that much between runs
+NOISY_EXTRA = 3  # a noisy measurement takes up to this many times `repeats` calls, budget allowing
+
+
+def is_noisy(timing: Optional[dict[str, Any]]) -> bool:
+    """Whether a row's timing (``TimingStats.as_dict``, also as read back from a JSON file) is too spread to trust
+    its ratios: IQR above ``NOISY_REL_IQR`` of the median, with at least 3 calls (fewer have no spread to judge)."""
+    if not timing or timing.get("n", 0) < 3 or not timing.get("median_s"):
+        return False
+    return (timing["q3_s"] - timing["q1_s"]) / timing["median_s"] > NOISY_REL_IQR
 
 
 def _quantile(xs: Sequence[float], q: float) -> float:
@@ -110,11 +137,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_L2_BUFFERS: dict[Any, torch.Tensor] = {}
+
+
+def _l2_flush_buffer(device: torch.device) -> Optional[torch.Tensor]:
+    """A buffer twice the device's L2 size (256 MiB when the size is unknown), one per device, kept for the run."""
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _L2_BUFFERS.get(idx)
+    if buf is None:
+        l2 = int(getattr(torch.cuda.get_device_properties(idx), "L2_cache_size", 0) or 0)
+        nbytes = 2 * l2 if l2 > 0 else 256 << 20
+        buf = _L2_BUFFERS[idx] = torch.empty(nbytes // 4, dtype=torch.int32, device=torch.device("cuda", idx))
+    return buf
+
+
 def time_fn(fn: Callable[[], Any], device: torch.device | str = "cpu", *, warmup: int = 2, repeats: int = 10,
-            min_repeats: int = 3, budget_s: Optional[float] = None,
+            min_repeats: int = 3, budget_s: Optional[float] = None, flush_l2: bool = True,
             clock: Callable[[], float] = time.perf_counter) -> TimingStats:
     """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` individually timed calls (fewer when the calls
-    would exceed ``budget_s`` in total, but at least ``min_repeats``)."""
+    would exceed ``budget_s`` in total, but at least ``min_repeats``; more, up to ``NOISY_EXTRA * repeats``, while
+    they are noisy and the budget allows). On CUDA with ``flush_l2`` the L2 cache is overwritten before each timed
+    call, outside the timed events."""
     device = torch.device(device)
     if repeats < 1:
         raise ValueError(f"repeats: expected >= 1, got {repeats}")
@@ -125,29 +170,43 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str = "cpu", *, warmup
         # the first call pays for compilation; after a warm call slower than the whole budget, more warm-up is waste
         if i >= 1 and budget_s is not None and clock() - t0 > budget_s:
             break
+    flush = _l2_flush_buffer(device) if flush_l2 else None
     _sync(device)
     times: list[float] = []
     spent = 0.0
     n_target = repeats
-    while len(times) < n_target:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            dt = start.elapsed_time(end) / 1e3
-        else:
-            t0 = clock()
-            fn()
-            dt = clock() - t0
-        times.append(dt)
-        spent += dt
-        if budget_s is not None and len(times) == 1:
-            # one call tells how many fit in the budget
-            fit = int(budget_s / max(dt, 1e-9))
-            n_target = max(min(repeats, min_repeats), min(repeats, fit))
-    return TimingStats(times, warmup=max(0, warmup))
+    while True:
+        while len(times) < n_target:
+            if device.type == "cuda":
+                if flush is not None:
+                    flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                dt = start.elapsed_time(end) / 1e3
+            else:
+                t0 = clock()
+                fn()
+                dt = clock() - t0
+            times.append(dt)
+            spent += dt
+            if budget_s is not None and len(times) == 1:
+                # one call tells how many fit in the budget
+                fit = int(budget_s / max(dt, 1e-9))
+                n_target = max(min(repeats, min_repeats), min(repeats, fit))
+        stats = TimingStats(times, warmup=max(0, warmup), l2_flushed=flush is not None)
+        cap = NOISY_EXTRA * repeats
+        if len(times) >= cap or len(times) < 3 or not stats.noisy:
+            return stats
+        # noisy: take as many calls again (up to the cap), if they fit in what is left of the budget
+        more = min(len(times), cap - len(times))
+        if budget_s is not None:
+            more = min(more, int((budget_s - spent) / max(stats.mean, 1e-9)))  # the mean: what calls cost
+        if more < 1:
+            return stats
+        n_target = len(times) + more
 
 
 # ---- peak memory -------------------------------------------------------------------------------------------

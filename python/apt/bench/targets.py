@@ -122,6 +122,19 @@ def _notes(providers: tuple[str, ...], best: BenchResult, why: list[str]) -> str
     return "; ".join([f"best of {', '.join(providers)}: {best.provider}"] + why)
 
 
+def _noisy_notes(*rows: BenchResult) -> list[str]:
+    """A note for each row whose timing is too spread to trust a verdict that is close to its threshold."""
+    out: list[str] = []
+    for i, r in enumerate(rows):
+        t = r.timing
+        if any(r is o for o in rows[:i]):
+            continue
+        if _runner.is_noisy(t):
+            assert t is not None
+            out.append(f"{r.provider} timing noisy (IQR {(t['q3_s'] - t['q1_s']) / t['median_s']:.0%} of the median)")
+    return out
+
+
 def _time_ratio(ours: Iterable[str], mode: str, baseline: str, baseline_mode: Optional[str], threshold: str,
                 value: Callable[[float, float], float], passes: Callable[[float], bool],
                 show: Callable[[float], str]) -> Check:
@@ -139,6 +152,7 @@ def _time_ratio(ours: Iterable[str], mode: str, baseline: str, baseline_mode: Op
         measured = f"{show(v)} ({best.provider} {_fmt_s(best.median_s)}, {base.provider} {_fmt_s(base.median_s)})"
         notes = [n for n in (_notes(ours, best, why),) if n]
         notes += [f"{r.provider}: {r.status} ({r.reason})" for r in (best, base) if r.status == "unchecked"]
+        notes += _noisy_notes(best, base)
         return Outcome(MET if passes(v) else NOT_MET, measured, v, "; ".join(notes))
     return Check(threshold, fn)
 
@@ -189,7 +203,8 @@ def bandwidth(ours: Iterable[str], mode: str, *, at_least_pct: float) -> Check:
             return Outcome(NOT_MEASURABLE, reason=f"{best.provider}: no GB/s figure for mode {mode}")
         v = 100.0 * best.metric_value / peak
         measured = f"{v:.1f}% ({best.metric_value:.4g} of {peak:.4g} GB/s, {best.provider})"
-        return Outcome(MET if v >= at_least_pct else NOT_MET, measured, v, _notes(ours, best, why))
+        notes = "; ".join(n for n in [_notes(ours, best, why)] + _noisy_notes(best) if n)
+        return Outcome(MET if v >= at_least_pct else NOT_MET, measured, v, notes)
     return Check(f"≥ {at_least_pct:g}% of HBM bandwidth", fn)
 
 
