@@ -280,6 +280,34 @@ def test_attention_provider_with_only_a_core_gets_a_tva_layer_around_it():
     assert len(calls) == 2  # one call per layer
 
 
+@pytest.mark.parametrize("name", ["tva_default", "sdpa", "test_core_only"])
+def test_model_dropout_reaches_the_tva_attention_layers(name):
+    """The built-in providers' create_layer took only **cfg, so the builder (which passes model.dropout to a
+    create_layer that names it) left their TVAAttention output dropout at 0 while the FFNs had model.dropout."""
+    from apt.core.registry import Provider
+    from apt_kernels.layers.tva import TVAAttention
+    from apt_kernels.reference.tva import tva_attention_ref
+
+    class CoreOnly(Provider):
+        kind, name = "attention", "test_core_only"
+
+        def forward(self, *args, **kw):
+            return tva_attention_ref(*args, **kw)
+
+    registry.REGISTRY.register(CoreOnly)
+    try:
+        model = _model("tiny_debug", **{"model.attention_name": name, "model.dropout": 0.25})
+    finally:
+        registry.REGISTRY.unregister("attention", "test_core_only")
+    layers = [m for m in model.modules() if isinstance(m, TVAAttention)]
+    assert layers and all(m.dropout.p == 0.25 for m in layers)
+    # an explicit model.attention.dropout wins; core= is refused, not dropped
+    model = _model("tiny_debug", **{"model.dropout": 0.25, "model.attention": {"dropout": 0.5}})
+    assert {m.dropout.p for m in model.modules() if isinstance(m, TVAAttention)} == {0.5}
+    with pytest.raises(TypeError, match="core: create_layer builds the layer on its provider's own core"):
+        registry.REGISTRY.get("attention", "sdpa").create_layer(16, 2, core="tva_default")
+
+
 def test_model_attention_keys_the_provider_does_not_take_are_an_error():
     """They were dropped with a debug log, so a typo under model.attention went unnoticed."""
     from apt.core.registry import Provider

@@ -54,12 +54,19 @@ def call_accepting(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def core_layer(core: Callable[..., Any]) -> Callable[..., nn.Module]:
-    """create_layer for an attention provider that has only a core (``forward``): a TVAAttention around it."""
-    def create_layer(d_model: int, num_heads: int, **cfg: Any) -> nn.Module:
+    """create_layer for an attention provider that has only a core (``forward``): a TVAAttention around it.
+
+    ``dropout`` is named so that the builder passes ``model.dropout`` (it passes it only to a create_layer that
+    names it); the other keys go to TVAAttention, which refuses the ones it does not know (a typo in model.tva)."""
+    def create_layer(d_model: int, num_heads: int, *, dropout: float = 0.0, **cfg: Any) -> nn.Module:
+        """A TVAAttention layer on this provider's core. Keys: TVAAttention's (r, s, tau, alpha, window, causal,
+        dropout); ``core`` is refused, as this layer's core is the provider's."""
         from apt_kernels.layers.tva import TVAAttention
 
-        cfg.pop("core", None)
-        return TVAAttention(d_model, num_heads, core=core, **cfg)
+        if "core" in cfg:
+            raise TypeError("core: create_layer builds the layer on its provider's own core; to pick another core, "
+                            "use that provider's create_layer or TVAAttention(core=...)")
+        return TVAAttention(d_model, num_heads, dropout=dropout, core=core, **cfg)
     return create_layer
 
 

@@ -61,11 +61,12 @@ class _AttentionProvider(Provider):
                 softmax_scale: Optional[float] = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def create_layer(self, d_model: int, num_heads: int, **cfg: Any):
-        """A TVAAttention layer whose attention core is this provider's ``forward``."""
+    def create_layer(self, d_model: int, num_heads: int, *, dropout: float = 0.0, **cfg: Any) -> torch.nn.Module:
+        """A TVAAttention layer whose attention core is this provider's ``forward``. Keys: TVAAttention's (r, s,
+        tau, alpha, window, causal, dropout: on the layer's output); ``core`` is refused."""
         from apt.modeling.compose import core_layer  # what the model builder gives a provider with a core only
 
-        return core_layer(self.forward)(d_model, num_heads, **cfg)
+        return core_layer(self.forward)(d_model, num_heads, dropout=dropout, **cfg)
 
 
 class TVADefault(_AttentionProvider):
