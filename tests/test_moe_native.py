@@ -11,7 +11,7 @@ from apt_kernels.backends import compiled_triton_status, native_cuda_status, nat
 from apt_kernels.ops.moe import OPS, moe_combine, moe_dispatch, moe_route
 from apt_kernels.reference.moe import check_moe_impl as check_impl
 from apt_kernels.reference.moe import check_moe_nonfinite as check_nonfinite
-from apt_kernels.reference.moe import check_same_routing
+from apt_kernels.reference.moe import check_same_routing, expert_capacity
 from apt_kernels.testing import assert_close
 
 requires_native = pytest.mark.skipif(not native_status()[0], reason="apt_kernels._C is not built")
@@ -491,3 +491,27 @@ def test_cpu_native_under_torch_compile():
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(g_comp, g_eager):
         torch.testing.assert_close(a, b)
+
+
+# ---- extreme settings and non-finite logits (numerical audit) ------------------------------------------------
+@pytest.mark.parametrize("impl", ["reference", "cpu_native"])
+@pytest.mark.parametrize("cf,min_cap", [(1e300, 0), (float(2 ** 62), 4), (1.0, 2 ** 62)])
+def test_capacity_past_int64_is_a_value_error(impl, cf, min_cap):
+    """It failed deep inside torch: OverflowError (reference) or a TypeError with a C++ trace (cpu_native)."""
+    with pytest.raises(ValueError, match="capacity_factor"):
+        moe_route(torch.randn(6, 4), 1, capacity_factor=cf, min_capacity=min_cap, impl=impl)
+
+
+def test_capacity_formula_unchanged_below_the_limit():
+    assert expert_capacity(16, 8, 2, 1.25, 4) == 5 and expert_capacity(0, 4, 1, 1.0, 0) == 0
+    assert expert_capacity(6, 4, 1, 1e6, 0) == 1500000
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu_native"])
+def test_non_finite_logit_rows_route_to_the_first_experts_with_nan_weights(impl):
+    """As documented in moe_route: such rows get NaN probabilities, alike in every implementation."""
+    lg = torch.randn(4, 6)
+    lg[0, 3], lg[1, 2], lg[2] = float("inf"), float("nan"), -float("inf")
+    r = moe_route(lg, 2, impl=impl)
+    assert r.expert_idx[:3].tolist() == [[0, 1]] * 3
+    assert r.weights[:3].isnan().all() and not r.weights[3].isnan().any()

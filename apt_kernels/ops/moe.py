@@ -489,6 +489,11 @@ def moe_route(logits: torch.Tensor, k: int, capacity_factor: Optional[float] = N
     ``logits``: (N, E) router logits. ``capacity_factor=None`` is dropless; otherwise each expert keeps at most
     ``max(min_capacity, ceil(capacity_factor * k * N / E))`` assignments. ``renormalize`` defaults to ``k > 1``.
     Returns a :class:`Routing` whose ``weights`` carry gradients to ``logits``.
+
+    Non-finite logits are not checked (that would cost a host sync): as in ``torch.softmax``, a row holding +inf or
+    NaN, or only -inf, gets NaN probabilities, so NaN gate weights and a NaN combined output for that token; it
+    is still routed, deterministically and alike in every implementation (all its probabilities NaN: to experts
+    0..k-1, ties going to the lower index). -inf entries next to finite ones are fine (probability 0).
     """
     _check_route_args(logits, k, capacity_factor, min_capacity, renormalize)
     impl = resolve_impl(impl, logits.device, logits.dtype, int(logits.shape[1]), int(k), arg="logits")

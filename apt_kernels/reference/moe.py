@@ -72,12 +72,22 @@ class Routing:
         return (self.num_experts, self.capacity, channels)
 
 
+_MAX_SLOTS = 2 ** 62  # buffer rows (num_experts * capacity): well inside int64
+
+
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: Optional[float],
                     min_capacity: int = 4) -> Optional[int]:
     """``max(min_capacity, ceil(capacity_factor * k * N / E))``, or None (dropless) when capacity_factor is None."""
     if capacity_factor is None:
         return None
-    return max(int(min_capacity), int(math.ceil(float(capacity_factor) * k * num_tokens / num_experts)))
+    want = float(capacity_factor) * k * num_tokens / num_experts
+    # the buffer has num_experts * capacity rows, indexed by int64: a capacity_factor so large that this overflows
+    # failed deep inside torch.empty/torch.full (OverflowError, or a TypeError with a C++ trace from cpu_native)
+    if not want < _MAX_SLOTS / max(num_experts, 1) or min_capacity * max(num_experts, 1) >= _MAX_SLOTS:
+        raise ValueError(f"capacity_factor: {capacity_factor} (with min_capacity={min_capacity}) gives a capacity of "
+                         f"{max(min_capacity, want):.3g} rows per expert, more than a buffer of {num_experts} experts "
+                         f"can index; an expert never takes more than num_tokens={num_tokens} rows")
+    return max(int(min_capacity), int(math.ceil(want)))
 
 
 def default_renormalize(k: int, renormalize: Optional[bool]) -> bool:
