@@ -61,9 +61,12 @@ def check_finite_scalar(name: str, value: float) -> None:
 
 
 def check_flag(name: str, value: object) -> None:
-    """A bool option: a string such as "no" would otherwise count as True."""
+    """A bool option: a string such as "no" would otherwise count as True. The type in the message is qualified
+    outside builtins: numpy's bool is named ``bool`` too ("expected a bool, got bool np.True_")."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+        tp = type(value)
+        what = tp.__name__ if tp.__module__ == "builtins" else f"{tp.__module__}.{tp.__qualname__}"
+        raise TypeError(f"{name}: expected a bool (True or False), got {what} {value!r}")
 
 
 def check_no_overlap(name: str, t: torch.Tensor) -> None:

@@ -18,10 +18,10 @@ import torch
 
 from .._autograd import first_order_only
 from .._native import cpu_module, current_stream, native_family_status, native_module, view
-from .._validate import check_flag, check_no_overlap
+from .._validate import check_flag
 from ..backends import custom_op_must_dispatch, native_cuda_status, triton_interpret, triton_status
 from ..reference.scan import (check_scan_args, check_state_update_args, selective_scan_ref,
-                              selective_state_update_ref)
+                              selective_state_update_ref, state_update_heads)
 
 logger = logging.getLogger(__name__)
 
@@ -431,7 +431,10 @@ def selective_state_update_triton(state: torch.Tensor, x: torch.Tensor, dt: torc
                                   B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor] = None,
                                   z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
                                   dt_softplus: bool = False) -> torch.Tensor:
-    """The Triton decode step, explicitly (in place on state; returns y)."""
+    """The Triton decode step, explicitly (in place on state; returns y); state (batch, dim, N) or mamba_ssm's
+    Mamba-2 head layout (batch, nheads, headdim, N), as selective_state_update."""
+    if isinstance(state, torch.Tensor) and state.dim() == 4:
+        return state_update_heads(selective_state_update_triton, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     _check_triton("selective_state_update_triton", x)
     return _run_step(_triton_step_op, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
@@ -458,7 +461,10 @@ def selective_state_update_cuda(state: torch.Tensor, x: torch.Tensor, dt: torch.
                                 B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor] = None,
                                 z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
                                 dt_softplus: bool = False) -> torch.Tensor:
-    """The native CUDA decode step, explicitly (in place on state; returns y)."""
+    """The native CUDA decode step, explicitly (in place on state; returns y); state (batch, dim, N) or mamba_ssm's
+    Mamba-2 head layout (batch, nheads, headdim, N), as selective_state_update."""
+    if isinstance(state, torch.Tensor) and state.dim() == 4:
+        return state_update_heads(selective_state_update_cuda, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     _check_cuda("selective_state_update_cuda", x, A.shape[1])
     if state.dtype not in _GPU_DTYPES:
@@ -572,8 +578,11 @@ def selective_state_update_cpu(state: torch.Tensor, x: torch.Tensor, dt: torch.T
                                B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor] = None,
                                z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
                                dt_softplus: bool = False) -> torch.Tensor:
-    """The native C++ decode step, explicitly (in place on state; returns y)."""
+    """The native C++ decode step, explicitly (in place on state; returns y); state (batch, dim, N) or mamba_ssm's
+    Mamba-2 head layout (batch, nheads, headdim, N), as selective_state_update."""
     check_flag("dt_softplus", dt_softplus)
+    if isinstance(state, torch.Tensor) and state.dim() == 4:
+        return state_update_heads(selective_state_update_cpu, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     ok, why = cpu_status()
     if not ok:
@@ -607,10 +616,11 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     """One decode step (mamba_ssm's signature): updates ``state`` (batch, dim, N) in place and returns y
     (batch, dim). B, C: (batch, N) or (batch, G, N). mamba_ssm's Mamba-2 head layout works too: state
     (batch, nheads, headdim, N), x/dt/z (batch, nheads, headdim), A (nheads, headdim, N), D/dt_bias
-    (nheads, headdim), B/C (batch, ngroups, N) with ngroups dividing nheads; y is then (batch, nheads, headdim)."""
+    (nheads, headdim), B/C (batch, ngroups, N) with ngroups dividing nheads, or (batch, N) for one group; y is then
+    (batch, nheads, headdim)."""
     check_flag("dt_softplus", dt_softplus)
     if isinstance(state, torch.Tensor) and state.dim() == 4:
-        return _state_update_heads(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return state_update_heads(selective_state_update, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     if _step_needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
         impl, fn = "reference (an input requires grad)", selective_state_update_ref  # the one with a backward
@@ -619,42 +629,6 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     if not torch.compiler.is_compiling():
         logger.debug("selective_state_update: using %s for %s %s input", impl, x.device.type, x.dtype)
     return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-
-
-def _state_update_heads(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> torch.Tensor:
-    """The Mamba-2 head layout as the channel layout: head h, row i is channel h·headdim + i. With G groups over
-    nheads heads, channel c reads group c // (nheads·headdim / G) = h // (nheads / G), the group of its head, so B/C
-    pass unchanged."""
-    b, H, P, N = state.shape
-    check_no_overlap("state", state)  # before the copy fallback below, which would write through the overlap
-    for name, t, shape, what in (("x", x, (b, H, P), "(batch, nheads, headdim)"),
-                                 ("dt", dt, (b, H, P), "(batch, nheads, headdim)"),
-                                 ("A", A, (H, P, N), "(nheads, headdim, N)"),
-                                 ("D", D, (H, P), "(nheads, headdim)"), ("z", z, (b, H, P), "(batch, nheads, headdim)"),
-                                 ("dt_bias", dt_bias, (H, P), "(nheads, headdim)")):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: with a 4-d state (batch, nheads, headdim, N) = {tuple(state.shape)}, expected "
-                             f"shape {what} = {shape}, got {tuple(t.shape)}")
-    for name, t in (("B", B), ("C", C)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != b or t.shape[2] != N:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name}: with a 4-d state, expected shape (batch, ngroups, N) = ({b}, G, {N}), got {got}")
-        if t.shape[1] < 1 or H % t.shape[1] != 0:
-            raise ValueError(f"{name}: ngroups={t.shape[1]} must divide nheads={H}")
-    try:
-        flat, copied = state.view(b, H * P, N), False
-    except RuntimeError:  # heads and rows not mergeable (e.g. a sliced head axis): work on a copy
-        flat, copied = state.reshape(b, H * P, N), True
-    chan = lambda t: None if t is None else t.reshape(*t.shape[:-2], H * P)  # noqa: E731 (…, H, P) -> (…, H·P)
-    y = selective_state_update(flat, chan(x), chan(dt), A.reshape(H * P, N), B, C, chan(D), chan(z), chan(dt_bias),
-                               dt_softplus)
-    if copied:
-        state.copy_(flat.view(b, H, P, N))
-    return y.view(b, H, P)
 
 
 # The dispatching entry points have validated their inputs already: what they choose runs the op without the

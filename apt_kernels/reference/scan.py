@@ -15,7 +15,7 @@ from .._validate import check_flag, check_float, check_ndim, check_no_overlap, c
 from ..testing import assert_close as _assert_close
 
 __all__ = ["selective_scan_ref", "selective_state_update_ref", "check_scan_args", "check_state_update_args",
-           "expand_bc",
+           "expand_bc", "state_update_heads",
            "random_scan_inputs", "check_scan_against_reference", "check_wide_delta_next_to_half_u", "check_empty_scan"]
 
 
@@ -106,6 +106,50 @@ def check_state_update_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None)
     _check_same_device(state, "state", x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
 
 
+def state_update_heads(step, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> torch.Tensor:
+    """mamba_ssm's Mamba-2 decode layout (state (batch, nheads, headdim, N), x/dt/z (batch, nheads, headdim),
+    A (nheads, headdim, N), D/dt_bias (nheads, headdim), B/C (batch, ngroups, N) or (batch, N) for one group) run
+    by ``step`` (a decode step taking the channel layout) as the channel layout: head h, row i is channel
+    h·headdim + i. With G groups over nheads heads, channel c reads group c // (nheads·headdim / G) = h // (nheads / G),
+    the group of its head, so B/C pass unchanged. Returns y (batch, nheads, headdim); state is updated in place."""
+    check_tensor("state", state)
+    b, H, P, N = state.shape
+    check_no_overlap("state", state)  # before the copy fallback below, which would write through the overlap
+    for name, t, shape, what in (("x", x, (b, H, P), "(batch, nheads, headdim)"),
+                                 ("dt", dt, (b, H, P), "(batch, nheads, headdim)"),
+                                 ("A", A, (H, P, N), "(nheads, headdim, N)"),
+                                 ("D", D, (H, P), "(nheads, headdim)"), ("z", z, (b, H, P), "(batch, nheads, headdim)"),
+                                 ("dt_bias", dt_bias, (H, P), "(nheads, headdim)")):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: with a 4-d state (batch, nheads, headdim, N) = {tuple(state.shape)}, expected "
+                             f"shape {what} = {shape}, got {tuple(t.shape)}")
+    bc = []
+    for name, t in (("B", B), ("C", C)):
+        if isinstance(t, torch.Tensor) and t.dim() == 2:  # (batch, N): one group, as mamba_ssm reads it
+            t = t.unsqueeze(1)
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != b or t.shape[2] != N:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: with a 4-d state, expected shape (batch, ngroups, N) = ({b}, G, {N}) or "
+                             f"(batch, N), got {got}")
+        if t.shape[1] < 1 or H % t.shape[1] != 0:
+            raise ValueError(f"{name}: ngroups={t.shape[1]} must divide nheads={H}")
+        bc.append(t)
+    try:
+        flat, copied = state.view(b, H * P, N), False
+    except RuntimeError:  # heads and rows not mergeable (e.g. a sliced head axis): work on a copy
+        flat, copied = state.reshape(b, H * P, N), True
+    chan = lambda t: None if t is None else t.reshape(*t.shape[:-2], H * P)  # noqa: E731 (…, H, P) -> (…, H·P)
+    y = step(flat, chan(x), chan(dt), A.reshape(H * P, N), bc[0], bc[1], chan(D), chan(z), chan(dt_bias),
+             dt_softplus)
+    if copied:
+        state.copy_(flat.view(b, H, P, N))
+    return y.view(b, H, P)
+
+
 def expand_bc(t: torch.Tensor, batch: int, dim: int, time: bool = True) -> torch.Tensor:
     """B or C in any layout -> (batch, dim, N[, L]) (a view or a repeat), channel d using group d // (dim // G).
     ``time``: the layouts of the scan (True: (dim, N) | (batch, N, L) | (batch, G, N, L)) or of the decode step
@@ -173,7 +217,11 @@ def selective_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.T
                                z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
                                dt_softplus: bool = False) -> torch.Tensor:
     """One decode step: state (batch, dim, N) is updated in place, y (batch, dim) in x's dtype is returned.
-    B, C: (batch, N) or (batch, G, N)."""
+    B, C: (batch, N) or (batch, G, N). mamba_ssm's Mamba-2 head layout (state (batch, nheads, headdim, N)) works too,
+    as in selective_state_update (see state_update_heads)."""
+    if isinstance(state, torch.Tensor) and state.dim() == 4:
+        check_flag("dt_softplus", dt_softplus)
+        return state_update_heads(selective_state_update_ref, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     check_flag("dt_softplus", dt_softplus)
     acc = torch.float64 if x.dtype == torch.float64 or state.dtype == torch.float64 else torch.float32
