@@ -29,7 +29,12 @@ def test_extends_chain_relative_and_deep_merge(tmp_path):
     cfg = load_profile(tmp_path / "child.yaml")
     assert cfg["model"]["d_model"] == 32 and cfg["model"]["num_layers"] == 2  # parent, grandparent
     assert cfg["training"]["lr"] == 0.01 and cfg["training"]["max_epochs"] == 2
-    assert cfg["name"] == "tiny_debug"  # inherited name wins over the file stem when set by a parent
+    # the name is the file's own or its stem, never a parent's: it names the run directory (apt_runs/<name>/), and
+    # an inherited one made the child overwrite (and --resume auto continue) its parent's run
+    assert cfg["name"] == "child"
+    (tmp_path / "named.yaml").write_text("extends: child.yaml\nname: my_run\n")
+    assert load_profile(tmp_path / "named.yaml")["name"] == "my_run"
+    assert load_profile(tmp_path / "parent.yaml")["name"] == "parent"
 
 
 def test_extends_cycle_and_missing_parent(tmp_path):

@@ -2,7 +2,8 @@
 
 A profile may ``extends:`` another (a built-in profile name such as ``base``, or a path relative to the extending
 file); the child is deep-merged over the parent (mappings merge key by key, a null section keeps the parent's,
-anything else replaces). Dotted
+anything else replaces), except ``name``, which is never inherited: a profile file's name is its own ``name:`` or
+its file's stem, and it names the run directory (``apt_runs/<name>/``). Dotted
 overrides (``--model.attention_name flash_v2``, ``--training.max_epochs=3``, or ``{"training.lr": 1e-3}``) are
 applied last, with values parsed as YAML scalars (``3`` -> int, ``1e-3`` -> float, ``[a, b]`` -> list).
 
@@ -233,7 +234,9 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
             ppath = resolve_profile_path(par, base_dir=path.parent)
         except ConfigError as exc:
             raise ConfigError(f"profile {path}: extends {par!r}: {exc}") from None
-        merged = deep_merge(merged, _load_chain(ppath, seen + (path,)))
+        inherited = _load_chain(ppath, seen + (path,))
+        inherited.pop("name", None)  # a profile's name is its own (or its file's stem): it names the run directory
+        merged = deep_merge(merged, inherited)
     return deep_merge(merged, data)
 
 
@@ -326,7 +329,11 @@ def load_profile(profile: Union[str, os.PathLike, Mapping[str, Any]],
         src = str(path)
         cfg = _load_chain(path, ())
         if path != (PROFILE_DIR / "base.yaml").resolve():
-            cfg = deep_merge(_load_chain((PROFILE_DIR / "base.yaml").resolve(), ()), cfg)
+            base = _load_chain((PROFILE_DIR / "base.yaml").resolve(), ())
+            base.pop("name", None)
+            cfg = deep_merge(base, cfg)
+        # not inherited: a child of tiny_debug without a name of its own shared apt_runs/tiny_debug/, so a fresh run
+        # overwrote tiny_debug's checkpoint and `--resume auto` continued tiny_debug's run under the child's settings
         cfg.setdefault("name", path.stem)
     labelled = _parse_overrides_labelled(overrides)
     for key, (value, _) in labelled.items():
