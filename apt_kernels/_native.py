@@ -45,9 +45,20 @@ def _load() -> None:
         logger.debug("apt_kernels: %s", _reason)
 
 
+def _warn_bad_isa_caps() -> None:
+    """The C++ side reads APT_{TVA,SCAN,MOE}_CPU_ISA and takes any value other than generic / avx2 (case-sensitive)
+    as no cap: say so rather than run the widest build silently (APT_TVA_CPU_ISA=AVX2 looked like a cap)."""
+    for var in ("APT_TVA_CPU_ISA", "APT_SCAN_CPU_ISA", "APT_MOE_CPU_ISA"):
+        value = os.environ.get(var)
+        if value is not None and value not in ("", "generic", "avx2", "avx512"):
+            logger.warning("apt_kernels: %s=%r is not one of generic, avx2, avx512 (lower case); it caps nothing",
+                           var, value)
+
+
 # Load at import, not on first use: the first use may be inside torch.compile, where dynamo cannot trace an
 # import (fullgraph=True fails, otherwise the graph breaks). Importing the .so is cheap and never raises.
 _load()
+_warn_bad_isa_caps()
 
 
 def native_module() -> Optional[ModuleType]:

@@ -72,6 +72,17 @@ class PluginManager:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "PluginManager":
         section = cfg.get("plugins") or {}
+        known = {i.name for i in registry.list_providers("plugin")}
+        for key in section:  # settings under a misspelt plugin name were silently ignored
+            if key != "enabled" and key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                what = (f"plugins.{key}: settings for an unknown plugin"
+                        + (f" (did you mean {close[0]!r}?)" if close else "")
+                        + f"; registered plugins: {', '.join(sorted(known)) or 'none'}")
+                if close:  # next to a registered name: a typo, whose settings would be lost
+                    raise PluginError(what)
+                # perhaps a third-party plugin that is not installed here: its settings cannot matter to this run
+                logger.warning("%s; ignoring them", what)
         return cls(build_plugins(section.get("enabled") or [], section))
 
     @property

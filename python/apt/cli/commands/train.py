@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from typing import Any, Optional, Sequence
 
 from ...core.config import ConfigError, builtin_profiles, dump_profile, load_profile
@@ -107,6 +108,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"nothing to do: the run in {trainer.out_dir} is already at step {trainer.step} "
               f"(--stop-at-step {args.stop_at_step})")
         return 0
+    label = "--out-dir" if args.out_dir else "training.out_dir"
+    if trainer.out_dir.exists() and not trainer.out_dir.is_dir():
+        raise CLIError(f"{label}: {trainer.out_dir} is a file, not a directory")
+    try:  # fail now, not after the whole run, when the checkpoint cannot be written there
+        trainer.out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=trainer.out_dir, prefix=".apt_write_test"):
+            pass
+    except OSError as exc:
+        raise CLIError(f"{label}: cannot write checkpoints to {trainer.out_dir}: {exc.strerror or exc}") from None
     try:
         summary = trainer.fit(stop_at_step=args.stop_at_step)
     except FloatingPointError as exc:
