@@ -61,3 +61,25 @@ def test_an_unknown_cpu_isa_cap_is_warned_about(monkeypatch, caplog):
         _native._warn_bad_isa_caps()
     assert "APT_TVA_CPU_ISA='AVX2' is not one of generic, avx2, avx512" in caplog.text
     assert "APT_SCAN_CPU_ISA" not in caplog.text
+
+
+def test_stop_at_step_past_the_end_is_said(tmp_path, capsys):
+    assert main(["train", "-p", "tiny_debug", *FAST, "--out-dir", str(tmp_path / "run"), "--stop-at-step", "999"]) == 0
+    assert "--stop-at-step 999 is past the run's last step (3); the run goes to its end" in capsys.readouterr().err
+
+
+def test_eval_of_a_directory_says_so(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "no_checkpoint"), "--file", str(tmp_path)]) == 2
+    assert f"--file: {tmp_path} is a directory, not a text file" in capsys.readouterr().err
+
+
+def test_bench_grid_from_the_environment_is_checked(monkeypatch):
+    import pytest
+
+    from apt.bench import pytest_support
+
+    monkeypatch.setenv("APT_BENCH_GRID", "bogus")
+    with pytest.raises(ValueError, match="APT_BENCH_GRID: expected quick or full, got 'bogus'"):
+        pytest_support.items("scan", device="cpu")
+    monkeypatch.setenv("APT_BENCH_GRID", "full")
+    assert pytest_support.items("scan", device="cpu", grid="quick")[0].quick

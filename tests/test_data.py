@@ -211,3 +211,11 @@ def test_bpe_long_words_encode_like_short_ones():
         assert tok._merge_long(list(w.encode("utf-8"))) == by_passes(w)
         assert tok.decode(tok.encode(w)) == w
     assert tok._merge_long(list(b"a" * 101)) == by_passes("a" * 101)
+
+
+def test_short_split_warning_names_the_split(caplog):
+    from apt.data.datasets import TokenBatches
+
+    with caplog.at_level("WARNING", logger="apt.data.datasets"):
+        TokenBatches(torch.arange(10), 64, 2, split="validation")
+    assert "the validation split has only 10 tokens; using windows of 9 instead of 64" in caplog.text

@@ -52,7 +52,10 @@ def items(kind: str, device: Optional[str] = None, grid: Optional[str] = None,
     """Every (shape, mode, provider) of ``kind``; providers include unavailable ones (they are skipped with their
     reason at run time, so the skip list documents them) and the optional peers."""
     device = device or default_device()
-    quick = (grid or os.environ.get("APT_BENCH_GRID", "quick")) != "full"
+    grid = grid or os.environ.get("APT_BENCH_GRID") or "quick"
+    if grid not in ("quick", "full"):
+        raise ValueError(f"APT_BENCH_GRID: expected quick or full, got {grid!r}")
+    quick = grid == "quick"
     case = get_case(kind)
     names = [i.name for i in _registry.list_providers(kind)] + [p.name for p in _peers.peers_for(kind)]
     if providers:

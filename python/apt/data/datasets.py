@@ -53,16 +53,17 @@ def encode_texts(texts: list[str], tokenizer: Tokenizer) -> torch.Tensor:
 class TokenBatches:
     """Random (input, target) windows over a 1-D token tensor. ``batches(epoch, n)`` yields ``n`` batches."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int = 0) -> None:
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int = 0,
+                 split: str = "training") -> None:
         as_number("seq_len", seq_len, integer=True, low=1)
         as_number("batch_size", batch_size, integer=True, low=1)
         if tokens.numel() < 2:
-            raise ValueError(f"dataset: need at least 2 tokens, got {tokens.numel()}")
+            raise ValueError(f"dataset: the {split} split needs at least 2 tokens, got {tokens.numel()}")
         # A corpus shorter than a window: train on shorter windows rather than fail.
         self.seq_len = min(seq_len, tokens.numel() - 1)
         if self.seq_len < seq_len:
-            logger.warning("dataset has only %d tokens; using windows of %d instead of %d", tokens.numel(),
-                           self.seq_len, seq_len)
+            logger.warning("dataset: the %s split has only %d tokens; using windows of %d instead of %d "
+                           "(data.seq_len)", split, tokens.numel(), self.seq_len, seq_len)
         self.tokens = tokens
         self.batch_size = batch_size
         self.seed = seed
@@ -120,14 +121,14 @@ def build_data(data_cfg: Mapping[str, Any], seed: int = 0, tokenizer: Optional[T
         tok = build_tokenizer(data_cfg, train_texts)
         train, held = encode_texts(train_texts, tok), encode_texts(val_texts, tok)
         if held.numel() >= min_val and train.numel() > 2:
-            return tok, TokenBatches(train, seq_len, bs, seed), TokenBatches(held, seq_len, bs, seed)
+            return tok, TokenBatches(train, seq_len, bs, seed), TokenBatches(held, seq_len, bs, seed, "validation")
         return tok, TokenBatches(torch.cat([train, held]), seq_len, bs, seed), None
     tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg, texts)
     tokens = encode_texts(texts, tok)
     n_val = int(tokens.numel() * vf)
     val = None
     if n_val > 0 and n_val >= min_val and tokens.numel() - n_val > 2:
-        val = TokenBatches(tokens[-n_val:], seq_len, bs, seed)
+        val = TokenBatches(tokens[-n_val:], seq_len, bs, seed, "validation")
         tokens = tokens[:-n_val]
     return tok, TokenBatches(tokens, seq_len, bs, seed), val
 

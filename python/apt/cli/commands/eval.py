@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
     from ...inference.evaluate import evaluate_file
 
     if not Path(args.file).is_file():  # before loading the model: a typo should fail fast
-        raise CLIError(f"--file: no such file: {args.file}")
+        raise CLIError(f"--file: {args.file} is a directory, not a text file" if Path(args.file).is_dir()
+                       else f"--file: no such file: {args.file}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: must be >= 1, got {args.batch_size}")
     model, tokenizer, _ = load_checkpoint(args)

@@ -5,8 +5,8 @@
     apt train -p my.yaml --resume auto
     apt train -p tiny_debug --stop-at-step 100     # then --resume auto continues the same run
 
-Any profile key can be overridden as ``--section.key VALUE`` (or ``--section.key=VALUE``); values are YAML
-(``3``, ``1e-3``, ``[0.9, 0.95]``, ``null``). The run writes ``<training.out_dir>/last.pt`` (default
+Any profile key inside a section can be overridden as ``--section.key VALUE`` (or ``--section.key=VALUE``); values
+are YAML (``3``, ``1e-3``, ``[0.9, 0.95]``, ``null``). The run writes ``<training.out_dir>/last.pt`` (default
 ``apt_runs/<profile name>/last.pt``), which ``--resume`` continues and the generation commands load.
 """
 from __future__ import annotations
@@ -108,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"nothing to do: the run in {trainer.out_dir} is already at step {trainer.step} "
               f"(--stop-at-step {args.stop_at_step})")
         return 0
+    if args.stop_at_step is not None and args.stop_at_step > trainer.total_steps:
+        print(f"apt train: --stop-at-step {args.stop_at_step} is past the run's last step ({trainer.total_steps}); "
+              "the run goes to its end", file=sys.stderr)
     label = "--out-dir" if args.out_dir else "training.out_dir"
     if trainer.out_dir.exists() and not trainer.out_dir.is_dir():
         raise CLIError(f"{label}: {trainer.out_dir} is a file, not a directory")
@@ -138,9 +141,9 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a model from a profile",
-        description="Train a model from a YAML profile (a built-in name or a path). Any profile key can be "
-                    "overridden as --section.key VALUE, e.g. --training.max_epochs 3 --model.attention_name "
-                    f"flash_v2. Built-in profiles: {', '.join(builtin_profiles())}.",
+        description="Train a model from a YAML profile (a built-in name or a path). Any profile key inside a "
+                    "section can be overridden as --section.key VALUE, e.g. --training.max_epochs 3 "
+                    f"--model.attention_name flash_v2. Built-in profiles: {', '.join(builtin_profiles())}.",
         epilog="The run writes <training.out_dir>/last.pt (default apt_runs/<profile>/last.pt).",
         allow_abbrev=False)
     p.add_argument("-p", "--profile", required=True, help="profile name (e.g. tiny_debug) or path to a YAML file")
