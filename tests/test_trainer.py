@@ -486,3 +486,20 @@ def test_evaluate_checks_max_batches_and_keeps_the_models_mode(tmp_path):
     tr.model.eval()
     tr.evaluate(1)
     assert not tr.model.training
+
+
+def test_a_schedule_no_enabled_plugin_reads_is_warned_about(tmp_path, caplog):
+    """A misspelt schedule name was accepted and had no effect, without a word (Plugin.schedule_names)."""
+    cfg = _cfg(tmp_path, **{"plugins.enabled": ["routing"],
+                            "schedules.route_temprature": {"start": 2.0, "end": 1.0},
+                            "schedules.align_beta": 0.5, "schedules.someone_elses": 1.0})
+    with caplog.at_level("WARNING", logger="apt.training.trainer"):
+        Trainer(cfg)
+    assert ("schedules.route_temprature: no plugin reads a schedule of that name (did you mean "
+            "'route_temperature', read by 'routing'?)") in caplog.text
+    assert "schedules.align_beta: read by plugin 'align', which is not enabled" in caplog.text
+    assert "someone_elses" not in caplog.text  # undeclared: perhaps a third-party plugin's
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="apt.training.trainer"):
+        Trainer(_cfg(tmp_path, **{"plugins.enabled": ["routing"], "schedules.route_temperature": 2.0}))
+    assert "schedules." not in caplog.text

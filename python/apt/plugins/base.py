@@ -10,9 +10,10 @@ A plugin adds to the loss by putting tensors into ``ctx.aux_losses`` during ``co
 trainer calls for every micro-batch after the forward pass (``ctx.extra["logits"]``, ``ctx.extra["targets"]``
 and ``model.hidden_states`` are then set) and before the backward pass; ``ctx.aux_losses`` is emptied before
 each micro-batch. Parameters that follow a schedule are read from ``ctx.extra["schedules"]``
-(:class:`apt.core.schedules.Schedules`). A plugin that keeps state across a resume returns it from
-``state_dict()`` and takes it back in ``load_state_dict()``; hooks should be idempotent for the epoch they are
-in (after a resume in the middle of an epoch, ``on_epoch_start`` is broadcast again for that epoch).
+(:class:`apt.core.schedules.Schedules`) and named in ``schedule_names``. A plugin that keeps state across a
+resume returns it from ``state_dict()`` and takes it back in ``load_state_dict()``; hooks should be idempotent
+for the epoch they are in (after a resume in the middle of an epoch, ``on_epoch_start`` is broadcast again
+for that epoch).
 
 Generation hooks: ``augment_prompt(prompt, ctx) -> str`` (e.g. retrieval), ``select_sample(candidates, ctx)``
 (e.g. voting over K samples). What ``ctx.extra`` holds for each is listed in
@@ -58,6 +59,9 @@ class Plugin(Provider):
     # ``schedules.enable_<name>_at_epoch`` allows. True: the plugin gets them always and checks scheduled_on()
     # itself (moe switches its layers off before its epoch, align keeps its state).
     manages_schedule: ClassVar[bool] = False
+    # the ``schedules:`` entries the plugin reads (Schedules.value): a schedule entry that no enabled plugin reads
+    # is warned about, with the closest declared name when it looks like a typo of one
+    schedule_names: ClassVar[tuple[str, ...]] = ()
 
     def on_training_start(self, ctx: HookContext) -> None: ...
     def on_epoch_start(self, ctx: HookContext) -> None: ...

@@ -15,6 +15,7 @@ Loss reported per step = mean over its micro-batches of (LM cross-entropy + aux 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import math
 import signal
@@ -26,6 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..core import registry
 from ..core.schedules import Schedules
 from ..data.datasets import TokenBatches, build_data
 from ..modeling.compose import ModelBuilder
@@ -101,6 +103,26 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
 
 
+def _check_schedule_reader(key: str, active: Sequence[Plugin]) -> None:
+    """Warn about a parameter schedule that no enabled plugin reads (``Plugin.schedule_names``): one that another
+    registered plugin reads (not enabled), or a typo of a declared name. An undeclared name passes: a plugin that
+    declares nothing may read it."""
+    if any(key in p.schedule_names for p in active):
+        return
+    readers: dict[str, str] = {}
+    for info in registry.REGISTRY.list_providers("plugin"):
+        for n in getattr(registry.REGISTRY.provider_class("plugin", info.name), "schedule_names", ()):
+            readers.setdefault(n, info.name)
+    if key in readers:
+        logger.warning("schedules.%s: read by plugin %r, which is not enabled (plugins.enabled), so this has no "
+                       "effect", key, readers[key])
+        return
+    close = difflib.get_close_matches(key, sorted(readers), n=1)
+    if close:
+        logger.warning("schedules.%s: no plugin reads a schedule of that name (did you mean %r, read by %r?); "
+                       "it has no effect", key, close[0], readers[close[0]])
+
+
 class Trainer:
     def __init__(self, cfg: Mapping[str, Any], model: Optional[torch.nn.Module] = None, tokenizer: Any = None,
                  data: Optional[TokenBatches] = None, val_data: Optional[TokenBatches] = None,
@@ -149,6 +171,8 @@ class Trainer:
             if plugin and plugin not in active_names:
                 logger.warning("schedules.%s: plugin %r is not enabled (plugins.enabled), so this has no effect",
                                key, plugin)
+            elif not plugin:
+                _check_schedule_reader(key, self.plugins.plugins)
         self.ctx = HookContext(trainer=self, model=self.model, config=self.cfg,
                                extra={"schedules": self.schedules})
         name = self.cfg.get("name") or "run"

@@ -17,6 +17,7 @@ _KNOWN = {"alpha", "beta", "tau_align", "weight", "max_tokens", "detach_b", "pro
 
 class AlignPlugin(Plugin):
     name = "align"
+    schedule_names = ("align_alpha", "align_beta", "align_tau")
     manages_schedule = True  # acts on scheduled_on() itself
     description = "bistate alignment loss (alpha*stable + beta*align, temperature tau_align) from a scheduled epoch"
 
