@@ -166,7 +166,9 @@ class TVAAttention(nn.Module):
             cnt = cnt + cache.count[:, None]
         # kept aside and committed by forward only once the call has succeeded: a call that fails later (the
         # KV write, the core) must leave the cache as it was, or a retry reads a running mean one call ahead
-        cache.pending = (xs[:, -1].detach(), cnt[:, -1].detach())
+        # contiguous copies: a view of the last position kept the whole (B, T, C) fp32 cumsum of a prefill alive in
+        # the cache, and its stride (T) differed from a decode step's (1), a recompile under torch.compile
+        cache.pending = (xs[:, -1].detach().contiguous(), cnt[:, -1].detach().contiguous())
         return (xs / cnt.clamp_min(1.0)[..., None]).to(x.dtype)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,

@@ -389,6 +389,20 @@ def _(x, offsets, w_in, w_gate, w_out):
             x.new_empty((e, width, f)), gate, x.new_empty((e, width, f)))
 
 
+@torch.library.custom_op("apt::moe_grouped_ffn_inference", mutates_args=())
+def _grouped_ffn_infer_op(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
+                          w_out: torch.Tensor) -> torch.Tensor:
+    """The forward of moe_grouped_ffn without what its backward needs: every output size is static (M, C_out),
+    so torch.compile traces it without an unbacked size (no graph break without fullgraph) when nothing needs a
+    gradient (eval / generation, where MoEFFN is dropless by default)."""
+    return _grouped_ffn_op(x, offsets, w_in, w_gate, w_out)[0]
+
+
+@_grouped_ffn_infer_op.register_fake
+def _(x, offsets, w_in, w_gate, w_out):
+    return x.new_empty((x.shape[0], w_out.shape[2]))
+
+
 @torch.library.custom_op("apt::moe_grouped_ffn_backward", mutates_args=())
 def _grouped_ffn_bwd_op(grad_out: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, up: torch.Tensor,
                         gate: torch.Tensor, act: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
@@ -604,6 +618,8 @@ def moe_grouped_ffn(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, 
             or tuple(w_out.shape[:2]) != (e, f):
         raise ValueError(f"weights: expected w_in/w_gate ({e}, {c}, F) and w_out ({e}, F, C_out) for {e} experts "
                          f"and {c} channels, got w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)}")
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, w_gate, w_out))):
+        return _grouped_ffn_infer_op(x, offsets, w_in, w_gate, w_out)
     return _grouped_ffn_op(x, offsets, w_in, w_gate, w_out)[0]
 
 

@@ -157,9 +157,14 @@ def finish_routing(probs: torch.Tensor, expert_idx: torch.Tensor, weights: torch
         num_slots = num_experts * capacity
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(kept_per_expert, 0)
-    token_of_slot = torch.full((num_slots,), -1, dtype=torch.int64, device=dev)
+    # a scatter into one spare row for the dropped assignments (each kept slot is unique), not
+    # token_of_slot[slot[kept]] = tokens[kept]: boolean-mask indexing has a data-dependent size (nonzero), so
+    # torch.compile broke the graph there (fullgraph=False, the default) or traced an unbacked size (fullgraph=True)
     tokens = torch.arange(n, device=dev).unsqueeze(1).expand(n, k)
-    token_of_slot[slot[kept]] = tokens[kept]
+    token_of_slot = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=dev)
+    token_of_slot.scatter_(0, torch.where(kept, slot, num_slots).reshape(-1),
+                           torch.where(kept, tokens, -1).reshape(-1))
+    token_of_slot = token_of_slot[:num_slots]
     dropped = (n * k - kept_per_expert.sum()).to(torch.int64)
     return Routing(expert_idx=expert_idx, weights=weights, probs=probs, position=position, kept=kept,
                    capacity=capacity, tokens_per_expert=tokens_per_expert, kept_per_expert=kept_per_expert,

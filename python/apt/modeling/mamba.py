@@ -115,6 +115,19 @@ class MambaMixer(nn.Module):
         self.scan_fn, self.step_fn, self.scan_provider = resolve_scan(None if self.auto_scan else scan_name)
         if self.auto_scan:
             self.scan_provider = "auto"
+            self._warm_auto()
+
+    def _warm_auto(self) -> None:
+        # resolve "auto" for the weights' device and dtype now, outside any forward: the registry lookup takes a
+        # lock, which torch.compile cannot trace (fullgraph=True failed at the first call, otherwise a graph break)
+        w = self.in_proj.weight
+        if self.auto_scan and w.device.type != "meta":
+            self._select(torch.empty(1, self.d_inner, 1, device=w.device, dtype=w.dtype))  # (batch, dim, L)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device / dtype), .cuda(), .half(): warm the new combination
+        out = super()._apply(fn, *args, **kwargs)
+        self._warm_auto()
+        return out
 
     def _select(self, t: torch.Tensor) -> None:
         if not self.auto_scan:
