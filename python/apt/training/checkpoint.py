@@ -5,16 +5,21 @@ A training run writes ``<training.out_dir>/last.pt`` (:data:`CHECKPOINT_NAME`; o
 Contents: ``format`` (version), ``profile`` (the full profile, model.vocab_size resolved), ``model`` (state dict),
 ``tokenizer`` (its state: byte, or the BPE merges), and for resuming ``optimizer``, ``scheduler``, ``scaler``,
 ``trainer`` (epoch, step, micro-batches consumed in the epoch, loss history), ``plugins`` and ``rng`` (torch CPU
-and CUDA generator states, Python ``random``).
+and CUDA generator states, Python ``random``). Everything in it is tensors and plain containers, so :func:`load`
+reads it with ``torch.load(weights_only=True)``: a file that needs more (arbitrary pickled objects, which can run
+code when unpickled) is refused, never executed.
 
 :func:`load_for_inference` -> ``(model, tokenizer, profile)`` with the model in eval mode on ``device``, in
 ``dtype`` (:func:`inference_dtype`: ``auto`` is bf16 on CUDA, fp32 on the CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -80,22 +85,62 @@ def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping
         blob["rng"] = dict(rng)
     elif rng:
         blob["rng"] = capture_rng()
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write checkpoint {path}: it is a directory")
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them last.pt
+        os.replace(tmp, path)
+    except BaseException as exc:  # disk full, Ctrl-C mid-write: the previous checkpoint stays whole, no litter
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, IsADirectoryError):
+            raise OSError(exc.errno, f"cannot write checkpoint {path} ({exc.strerror or exc}); the previous "
+                                     "one, if any, is intact") from None
+        raise
+    with contextlib.suppress(OSError):  # the rename itself survives a power loss
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     return path
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    # the weights-only unpickler's first line is "Weights only load failed..."; the reason is further down
+    why = [ln for ln in lines if ln.startswith(("Unsupported", "Trying to load"))]
+    return why[0] if why else lines[0] if lines else ""
 
 
 def load(path: Union[str, os.PathLike], map_location: Any = "cpu") -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path} is a directory without a {CHECKPOINT_NAME} file")
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: cannot read checkpoint: the file is empty (a save cut short?)")
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: an apt checkpoint is tensors and plain containers; anything else would run code on load
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a foreign pickle: refused below
+            blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint: {type(exc).__name__}: {exc}") from None
+        text = str(exc)
+        globals_ = [ln.strip() for ln in text.splitlines() if "GLOBAL" in ln]
+        if isinstance(exc, pickle.UnpicklingError) and globals_:
+            raise CheckpointError(f"{path}: not an apt checkpoint: it holds pickled Python objects ({globals_[0]}), "
+                                  "which apt does not load because unpickling them can run arbitrary code") from None
+        detail = _first_line(exc)
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupted?): {type(exc).__name__}"
+                              + (f": {detail}" if detail else "")) from None
     if not isinstance(blob, dict) or "model" not in blob or "profile" not in blob:
         raise CheckpointError(f"{path}: not an apt checkpoint (no 'model' / 'profile')")
     # the parts everything after this indexes into: a tampered or foreign file fails here, naming the part

@@ -81,6 +81,18 @@ def _hold_ctrl_c() -> Any:
         raise KeyboardInterrupt
 
 
+def _changed_keys(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each leaf that differs between two nested mappings."""
+    out: list[str] = []
+    for key in sorted(set(before) | set(after), key=str):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Multiplier of the base LR at optimizer step ``step`` (0-based) of ``total``: linear warmup over the first
     ``warmup`` steps (``(step + 1) / (warmup + 1)``), the full LR at step ``warmup``, then a cosine that reaches
@@ -186,7 +198,12 @@ class Trainer:
         resume = t.get("resume")
         if resume:
             path = self.out_dir / ckpt.CHECKPOINT_NAME if resume == "auto" else Path(resume)
-            if path.is_file() or resume != "auto":
+            # exists(), not is_file(): a directory or other non-file named last.pt is an error now, not a fresh
+            # run that fails when it first saves (os.replace onto a directory) after a whole epoch
+            if resume != "auto" or path.exists() or path.is_symlink():
+                if resume == "auto" and not path.is_file():
+                    raise ckpt.CheckpointError(f"{path}: --resume auto: this is not a checkpoint file (a directory "
+                                               "or a broken link?); move it away to start a fresh run")
                 self.load_checkpoint(path)
         # the generators as this run's seed (or its checkpoint) left them: the first fit() starts from them, so
         # whatever draws from the global RNG between here and fit() (another Trainer, a torch.rand) does not
@@ -238,10 +255,38 @@ class Trainer:
                 f"{path}: the checkpoint's model does not match the one this profile builds ({detail}); resume "
                 "with the profile it was trained with (model.d_model, model.num_layers, ... as stored in it)"
             ) from None
+        stored_tok = blob.get("tokenizer") or {"type": "byte"}
+        if self.tokenizer is not None and dict(stored_tok) != self.tokenizer.state_dict():
+            # same vocabulary size, other merges (the training text changed and a BPE was retrained on it): the
+            # weights would go on learning ids that now mean other strings
+            was, now = stored_tok.get("type"), self.tokenizer.state_dict().get("type")
+            what = ("its BPE merges differ from the checkpoint's (the text it is trained on changed?)"
+                    if was == now else f"it is {now!r}, the checkpoint's is {was!r}")
+            raise ckpt.CheckpointError(
+                f"{path}: the tokenizer this profile builds does not match the run's: {what}; resume with the "
+                "data.tokenizer / data.tokenizer_path / training text the run started with")
+        stored_model = (blob.get("profile") or {}).get("model") or {}
+        changed = _changed_keys(stored_model, self.cfg.get("model") or {}, "model.")
+        if changed:
+            logger.warning("resuming %s with a model section that differs from the checkpoint's: %s", path,
+                           "; ".join(changed[:8]))
         if "optimizer" in blob:
-            self.optimizer.load_state_dict(blob["optimizer"])
+            try:
+                self.optimizer.load_state_dict(blob["optimizer"])
+            except (ValueError, KeyError) as exc:  # other parameters (model.tie_embeddings changed, ...)
+                raise ckpt.CheckpointError(
+                    f"{path}: the checkpoint's optimizer state does not fit this model's parameters ({exc}); "
+                    "resume with the profile it was trained with") from None
+            self._apply_profile_hyperparameters(path, blob)
         if "scheduler" in blob:
             self.scheduler.load_state_dict(blob["scheduler"])
+            # training.lr and the schedule's length (max_epochs, max_steps) as the profile says now: the next step's
+            # LR is the new schedule's at this step (the same float as the stored one when nothing changed)
+            self.scheduler.base_lrs = [float(self.t["lr"])] * len(self.optimizer.param_groups)
+            step = self.scheduler.last_epoch
+            for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):
+                group["lr"] = base * fn(step)
         if self.scaler is not None and "scaler" in blob:
             self.scaler.load_state_dict(blob["scaler"])
         st = blob.get("trainer") or {}
@@ -255,6 +300,21 @@ class Trainer:
         if "rng" in blob:
             ckpt.restore_rng(blob["rng"])
         logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+
+    def _apply_profile_hyperparameters(self, path: Path, blob: Mapping[str, Any]) -> None:
+        """The optimizer state restores the hyperparameters it was saved with; the profile's (which the checkpoint
+        records as the run's) win, and a change says so. Unchanged values are the same floats: exact resume."""
+        lr, betas = float(self.t["lr"]), tuple(float(b) for b in self.t.get("betas", [0.9, 0.95]))
+        wd = float(self.t.get("weight_decay", 0.0))
+        old_t = ((blob.get("profile") or {}).get("training") or {})
+        for key, now in (("lr", lr), ("betas", list(betas)), ("weight_decay", wd)):
+            before = old_t.get(key)
+            if before is not None and before != now and not (key == "lr" and float(before) == now):
+                logger.warning("training.%s: %s in %s, %s now: the resumed run uses %s", key, before, path, now, now)
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["initial_lr"] = lr
+            group["betas"] = betas
+            group["weight_decay"] = wd if i == 0 else 0.0
 
     # ---- loop --------------------------------------------------------------------------------------------
     def _optimizer_step(self, clip: Any, step_losses: list[torch.Tensor]) -> tuple[float, float, Optional[float]]:

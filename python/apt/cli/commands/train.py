@@ -7,7 +7,10 @@
 
 Any profile key inside a section can be overridden as ``--section.key VALUE`` (or ``--section.key=VALUE``); values
 are YAML (``3``, ``1e-3``, ``[0.9, 0.95]``, ``null``). The run writes ``<training.out_dir>/last.pt`` (default
-``apt_runs/<profile name>/last.pt``), which ``--resume`` continues and the generation commands load.
+``apt_runs/<profile name>/last.pt``), which ``--resume`` continues and the generation commands load. A resumed
+run must build the same model (shapes) and tokenizer as the checkpoint (else a one-line error); training.lr, betas,
+weight_decay and the schedule's length (max_epochs, max_steps) are the profile's, a change from the stored value is
+logged; other model settings that keep the shapes (dropout, activation) are accepted with a warning.
 """
 from __future__ import annotations
 
@@ -122,8 +125,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"{label}: cannot write checkpoints to {trainer.out_dir}: {exc.strerror or exc}") from None
     try:
         summary = trainer.fit(stop_at_step=args.stop_at_step)
-    except FloatingPointError as exc:
+    except (FloatingPointError, CheckpointError) as exc:
         raise CLIError(str(exc)) from None
+    except OSError as exc:  # the checkpoint could not be written (disk full, ...): save() says which file
+        raise CLIError(str(exc) if "checkpoint" in str(exc) else f"training stopped: {exc}") from None
     first, last = summary["first_loss"], summary["final_loss"]
     val = summary["val_losses"][-1] if summary["val_losses"] else None
     print(f"done: {summary['steps']} steps in {summary['wall_s']:.1f}s, loss {first:.4f} -> {last:.4f}"

@@ -1,0 +1,114 @@
+"""Checkpoints: never executed as pickles, never half-written, never silently resumed into a different run."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import pytest
+import torch
+
+from apt.cli.main import main
+from apt.core.config import load_profile
+from apt.training import Trainer
+from apt.training import checkpoint as ckpt
+from apt.training.checkpoint import CheckpointError
+
+SMALL = {"model.d_model": 32, "model.num_heads": 2, "model.num_layers": 1, "model.max_seq_len": 16,
+         "data.seq_len": 16, "data.batch_size": 4, "training.steps_per_epoch": 3, "training.max_epochs": 2,
+         "training.progress": False, "training.warmup_steps": 1}
+
+
+def _cfg(out, **over):
+    return load_profile("tiny_debug", {**SMALL, "training.out_dir": str(out), **over})
+
+
+@pytest.fixture
+def run(tmp_path):
+    t = Trainer(_cfg(tmp_path / "run"))
+    t.fit(stop_at_step=2)
+    return tmp_path / "run"
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > " + os.environ["APT_TEST_PWNED"],))
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_not_run(run, tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("APT_TEST_PWNED", str(marker))
+    blob = torch.load(run / "last.pt", weights_only=True)  # what apt writes loads with weights_only
+    blob["trainer"]["x"] = _Evil()
+    bad = tmp_path / "evil.pt"
+    torch.save(blob, bad)
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        ckpt.load(bad)
+    assert main(["generate", str(bad), "--prompt", "a", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists() and len(err.strip().splitlines()) == 1 and "evil.pt" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"hello\n", None])
+def test_broken_files_are_one_line_errors(run, tmp_path, content, capsys):
+    bad = tmp_path / "bad.pt"
+    data = (run / "last.pt").read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if content is None else content)
+    assert main(["generate", str(bad), "--prompt", "a"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_auto_onto_a_directory_named_last_pt_fails_before_training(tmp_path):
+    (tmp_path / "run" / "last.pt").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="not a checkpoint file"):
+        Trainer(_cfg(tmp_path / "run", **{"training.resume": "auto"}))
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_no_tmp(run, monkeypatch):
+    before = (run / "last.pt").read_bytes()
+    real = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    t = Trainer(_cfg(run, **{"training.resume": "auto"}))
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="cannot write checkpoint .*last.pt.*intact"):
+        t.fit()
+    monkeypatch.setattr(torch, "save", real)
+    assert (run / "last.pt").read_bytes() == before and sorted(os.listdir(run)) == ["last.pt"]
+
+
+def test_resume_with_a_new_lr_uses_it_and_says_so(run, caplog):
+    with caplog.at_level(logging.WARNING):
+        t = Trainer(_cfg(run, **{"training.resume": "auto", "training.lr": 1e-5}))
+    assert "training.lr" in caplog.text
+    assert t.scheduler.base_lrs == [1e-5, 1e-5]
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5 * t.scheduler.lr_lambdas[0](t.step))
+    t.fit()
+    assert ckpt.load(run / "last.pt")["profile"]["training"]["lr"] == 1e-5  # the record matches what ran
+
+
+def test_resume_unchanged_keeps_the_stored_lr_exactly(run):
+    stored = torch.load(run / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    t = Trainer(_cfg(run, **{"training.resume": "auto"}))
+    assert t.optimizer.param_groups[0]["lr"] == stored
+
+
+def test_resume_refuses_a_retrained_bpe_tokenizer(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    text = "the quick brown fox jumps over the lazy dog. " * 200
+    a.write_text(text)
+    b.write_text(text.upper()[::-1])
+    bpe = {"data.tokenizer": "bpe", "data.bpe_vocab_size": 300}
+    Trainer(_cfg(tmp_path / "run", **bpe, **{"data.path": str(a)})).fit(stop_at_step=1)
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        Trainer(_cfg(tmp_path / "run", **bpe, **{"data.path": str(b), "training.resume": "auto"}))
+    Trainer(_cfg(tmp_path / "run", **bpe, **{"data.path": str(a), "training.resume": "auto"}))  # same text: fine
+
+
+def test_resume_with_other_parameters_is_a_checkpoint_error(run):
+    with pytest.raises(CheckpointError, match="optimizer state does not fit"):
+        Trainer(_cfg(run, **{"training.resume": "auto", "model.tie_embeddings": False}))
