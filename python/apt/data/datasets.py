@@ -122,6 +122,7 @@ def build_data(data_cfg: Mapping[str, Any], seed: int = 0, tokenizer: Optional[T
         train, held = encode_texts(train_texts, tok), encode_texts(val_texts, tok)
         if held.numel() >= min_val and train.numel() > 2:
             return tok, TokenBatches(train, seq_len, bs, seed), TokenBatches(held, seq_len, bs, seed, "validation")
+        _warn_no_validation(vf, held.numel(), min_val)
         return tok, TokenBatches(torch.cat([train, held]), seq_len, bs, seed), None
     tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg, texts)
     tokens = encode_texts(texts, tok)
@@ -130,7 +131,15 @@ def build_data(data_cfg: Mapping[str, Any], seed: int = 0, tokenizer: Optional[T
     if n_val > 0 and n_val >= min_val and tokens.numel() - n_val > 2:
         val = TokenBatches(tokens[-n_val:], seq_len, bs, seed, "validation")
         tokens = tokens[:-n_val]
+    elif vf > 0:
+        _warn_no_validation(vf, n_val, min_val)
     return tok, TokenBatches(tokens, seq_len, bs, seed), val
+
+
+def _warn_no_validation(vf: float, n_val: int, min_val: int) -> None:
+    # val_fraction > 0 with too small a corpus used to train on everything with no validation, silently
+    logger.warning("dataset: val_fraction=%g leaves %d validation tokens (at least %d needed): no validation split, "
+                   "every token is trained on", vf, n_val, min_val)
 
 
 def _trains_tokenizer(data_cfg: Mapping[str, Any]) -> bool:

@@ -232,13 +232,17 @@ def get_tokenizer(name: str = "byte", path: Optional[str] = None, train_text: Op
     """``byte`` (default) or ``bpe``: a BPE loads from ``path`` (a saved JSON), or is trained on ``train_text`` /
     ``train_file`` with ``vocab_size`` tokens."""
     if name == "byte":
+        if path:  # a saved BPE file with the default name: it was silently ignored for the byte tokenizer
+            raise ValueError(f"tokenizer: a tokenizer path ({path}) was given with the byte tokenizer, which loads "
+                             "nothing; set the tokenizer to 'bpe' to load it, or drop the path")
         return ByteTokenizer()
     if name == "bpe":
         if path:
             return BPETokenizer.load(path)
         if train_text is None and train_file is not None:
-            with open(train_file, "r", encoding="utf-8") as f:
-                train_text = f.read()
+            # as the txt dataset and `apt eval` read a file: a BOM skipped, CRLF kept, invalid UTF-8 as its bytes
+            # (open(encoding="utf-8") raised UnicodeDecodeError, kept the BOM and turned CRLF into LF)
+            train_text = read_text_file(train_file)
         if train_text is None:
             raise ValueError("bpe tokenizer: give path (a saved tokenizer) or train_text / train_file")
         return BPETokenizer.train(train_text, vocab_size)

@@ -11,7 +11,8 @@ Recurrent models (no window, with ``new_cache``, e.g. Mamba) are streamed throug
 ``context`` tokens (default 512), so every token sees the whole text before it; ``stride`` has no meaning there
 (a stride other than ``context`` is ignored with a warning).
 
-``bits_per_byte`` = total NLL / ln 2 / UTF-8 bytes of the text: comparable across tokenizers. A file is scored
+``bits_per_byte`` = total NLL / ln 2 / UTF-8 bytes of the scored tokens (the text less its first token, which is
+not predicted): comparable across tokenizers. A file is scored
 as its bytes: a leading byte-order mark is skipped (training skips it too) and bytes that are not UTF-8 reach the
 tokenizer as they are (not as the 3 bytes of U+FFFD each).
 """
@@ -129,10 +130,22 @@ def evaluate_text(model: torch.nn.Module, tokenizer: Any, text: str, context: Op
     if len(ids) < 2:
         raise ValueError("text: too short to evaluate (needs at least 2 tokens)")
     res = perplexity(model, ids, context=context, stride=stride, batch_size=batch_size)
-    nbytes = len(utf8_bytes(text))
-    if nbytes:
+    # the bytes the NLL covers: the first token is not scored (a BPE's first token may be a whole word: counting
+    # its bytes made bits_per_byte of a 23-byte text whose first token held 20 of them 8x too small)
+    nbytes = len(utf8_bytes(text)) - _token_bytes(tokenizer, ids[0])
+    if nbytes > 0:
         res.bits_per_byte = res.nll * res.tokens / math.log(2) / nbytes
     return res
+
+
+def _token_bytes(tokenizer: Any, token: int) -> int:
+    """UTF-8 bytes of one token id: a BPE's ``vocab`` entry, one byte for a byte-level id, else its decoding."""
+    vocab = getattr(tokenizer, "vocab", None)
+    if isinstance(vocab, dict) and token in vocab:
+        return len(vocab[token])
+    if getattr(tokenizer, "name", None) == "byte":
+        return 1 if 0 <= token < 256 else 0
+    return len(utf8_bytes(tokenizer.decode([token])))
 
 
 def evaluate_file(model: torch.nn.Module, tokenizer: Any, path: Union[str, os.PathLike],

@@ -1,7 +1,8 @@
 """Dataset providers (kind ``dataset``): read a source into a list of documents (strings).
 
-``txt`` (default): a UTF-8 text file, or every ``*.txt`` file of a directory (sorted), one document per file;
-bytes that are not UTF-8 read as U+FFFD.
+``txt`` (default): a UTF-8 text file, or every ``*.txt`` file of a directory (sorted, not recursive), one document
+per file; bytes that are not UTF-8 are kept as they are (surrogate escapes, which the tokenizers encode back to
+the same bytes), CRLF stays CRLF.
 ``jsonl``: one JSON object per line; the document is the string field ``text_field`` (default ``text``).
 A missing path is a FileNotFoundError; a malformed JSONL line (invalid JSON or UTF-8, no such field, a field that
 is not a string) is a ValueError naming the file and line. A leading UTF-8 byte-order mark is skipped.
