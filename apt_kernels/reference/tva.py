@@ -22,6 +22,7 @@ from ..backends import custom_op_must_dispatch
 __all__ = ["tva_attention_ref", "tva_visible_mask", "check_tva_inputs", "TVAArgs", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
+_HUGE_WINDOW = 1 << 30  # windows this large are clamped to "no window" when they cover every key
 
 Coef = Union[float, torch.Tensor]
 
@@ -86,6 +87,12 @@ def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: O
         if window < 1:
             raise ValueError(f"window: expected None or a positive int, got {window}")
         window = int(window)
+        if window >= _HUGE_WINDOW and window >= Tk:
+            # every key lies inside the window: the same mask as no window. A "no window" sentinel such as
+            # 2**31 - 1 or sys.maxsize overflowed the kernels' index arithmetic (p + W: int32 in Triton, int64 in
+            # C++) in non-causal mode and silently hid keys. The first test is a plain int, so an ordinary window
+            # adds no guard on a symbolic Tk under torch.compile.
+            window = None
     if isinstance(sinks, bool) or not isinstance(sinks, numbers.Integral):
         raise TypeError(f"sinks: expected a non-negative int, got {type(sinks).__name__}")
     if sinks < 0:

@@ -449,6 +449,9 @@ Ctx make_ctx(py::object q_, py::object k_, py::object v_, py::object delta_, py:
   APT_CHECK(window >= 0, "window: expected >= 0 (0 = none), got ", window);
   APT_CHECK(sinks >= 0, "sinks: expected >= 0, got ", sinks);
   APT_CHECK(scale > 0, "softmax_scale: expected > 0, got ", scale);
+  // a window covering every key (|p - j| <= Tk - 1 < window) is no window; a "no window" sentinel such as
+  // 2**31 - 1 or INT64_MAX overflowed p + window in the block ranges and hid keys in non-causal mode
+  if (window >= c.Tk) window = 0;
   c.mask = MaskSpec{c.Tq, c.Tk, window, sinks, causal};
   c.coef = static_cast<float>(coef);
   c.scale = static_cast<float>(scale);
