@@ -8,13 +8,15 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
 from ._native import native_cuda_status, native_family_status, native_module, native_status
 
-__all__ = ["custom_op_must_dispatch", "native_status", "native_family_status", "native_cuda_status", "triton_status",
-           "compiled_triton_status", "cuda_device_status", "triton_interpret", "cpu_kernel_isas", "CPU_ISA_ENV"]
+__all__ = ["custom_op_must_dispatch", "autograd_free", "native_status", "native_family_status", "native_cuda_status",
+           "triton_status", "compiled_triton_status", "cuda_device_status", "triton_interpret", "cpu_kernel_isas",
+           "CPU_ISA_ENV"]
 
 # The C++ CPU kernel families built once per instruction set, and the variable that caps each (generic|avx2).
 CPU_ISA_ENV = {"tva": "APT_TVA_CPU_ISA", "scan": "APT_SCAN_CPU_ISA", "moe": "APT_MOE_CPU_ISA"}
@@ -123,3 +125,19 @@ def custom_op_must_dispatch() -> bool:
     Elsewhere, plain eager calls skip the custom op's dispatch, ~60-100 µs of Python per call (torch 2.13), more
     than a decode step's kernel."""
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def autograd_free(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a plain eager call on ``tensors`` (None entries skipped) has nothing for autograd to record, so an
+    op's body may run without its autograd.Function: ``Function.apply`` binds its arguments through
+    ``inspect.signature`` on every call (a Function with its own setup_context), ~15-20 µs of Python, as much as a
+    decode step's kernel. False under a torch.func transform (its wrapped tensors only the Function unwraps or
+    refuses) and inside a forward-mode AD level (torch.autograd.forward_ad), where the Function raises for the
+    missing jvp instead of dropping the tangents; True under inference mode, where autograd records nothing."""
+    if torch._C._are_functorch_transforms_active():
+        return False
+    if torch.is_inference_mode_enabled():
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .._native import cpu_module, native_status, view
-from ..backends import custom_op_must_dispatch
+from ..backends import autograd_free, custom_op_must_dispatch
 from ..reference.common import check_running_mean_args as _check, running_mean_ref
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ def running_mean_native(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor
     keep = None if key_padding_mask is None else (~key_padding_mask).contiguous()
     if custom_op_must_dispatch():
         return _running_mean_op(x, keep)
+    if autograd_free(x):  # nothing to differentiate: the body, without Function.apply's per-call bookkeeping
+        return _forward_body(x, keep)
     return RunningMean.apply(x, keep)
 
 

@@ -19,7 +19,7 @@ import torch
 from .._autograd import first_order_only
 from .._native import cpu_module, current_stream, native_family_status, native_module, view
 from .._validate import check_flag
-from ..backends import custom_op_must_dispatch, native_cuda_status, triton_interpret, triton_status
+from ..backends import autograd_free, custom_op_must_dispatch, native_cuda_status, triton_interpret, triton_status
 from ..reference.scan import (check_scan_args, check_state_update_args, selective_scan_ref,
                               selective_state_update_ref, state_update_heads)
 
@@ -498,18 +498,31 @@ def _common_io(x: torch.Tensor, *others: Optional[torch.Tensor], acc_from: tuple
 
 
 def _step_needs_grad(*ts: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    """An input requires grad, or a forward-mode AD level is open (torch.autograd.forward_ad: the kernels would
+    drop the tangents of dual inputs silently)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts):
+        return True
+    # (not under torch.compile, which traces forward AD itself and cannot trace the level's global)
+    return not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0 and \
+        any(_is_dual(t) for t in ts)
 
 
-def _run_step(step_op, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> torch.Tensor:
+def _is_dual(t: Optional[torch.Tensor]) -> bool:
+    return t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
+def _run_step(step_op, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, checked: bool = False) -> torch.Tensor:
     """A fast decode step on validated inputs: x/dt/z in one dtype (_common_io), y back in x's dtype; empty inputs
     (batch, dim or N of 0) go to the reference. The fast steps are inference kernels without a backward, so an
     input that requires grad is an error here (selective_state_update sends those to the reference)."""
-    for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
-                    ("dt_bias", dt_bias)):
-        if _step_needs_grad(t):
-            raise ValueError(f"{name}: requires grad, but the fast decode steps are inference kernels without a "
-                             "backward; run under torch.no_grad(), or use selective_state_update_ref")
+    # checked: selective_state_update has sent inputs that need autograd to the reference already
+    if not checked and _step_needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
+        for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                        ("dt_bias", dt_bias)):
+            if _step_needs_grad(t):
+                what = "requires grad" if t is not None and t.requires_grad else "is a forward-mode AD dual tensor"
+                raise ValueError(f"{name}: {what}, but the fast decode steps are inference kernels without a "
+                                 "backward; run under torch.no_grad(), or use selective_state_update_ref")
     if state.numel() == 0:
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     x_io, dt, z = _common_io(x, dt, z, acc_from=(state,))
@@ -539,7 +552,14 @@ def _eager_scan(fwd_op, u: torch.Tensor):
     impls = None if custom_op_must_dispatch() else _EAGER_SCANS.get(fwd_op, {}).get(u.device.type)
     if impls is None:
         return fwd_op
-    return lambda *args: _EagerScan.apply(*impls, *args)
+
+    def run(*args):
+        # nothing to differentiate (inference, a prefill): the forward body alone, without Function.apply's
+        # per-call bookkeeping (inspect.signature); the tensors are args[:8] (u, delta, A, B, C, D, z, delta_bias)
+        if autograd_free(*args[:8]):
+            return impls[0](*args)
+        return _EagerScan.apply(*impls, *args)
+    return run
 
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias):
@@ -641,7 +661,7 @@ def _checked_scan(fwd_op):
 
 
 def _checked_step(step_op):
-    return lambda *args: _run_step(step_op, *args)
+    return lambda *args: _run_step(step_op, *args, checked=True)
 
 
 def _choose_scan(u: torch.Tensor, N: int):

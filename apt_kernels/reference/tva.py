@@ -17,7 +17,7 @@ import torch
 
 from .._autograd import first_order_only
 from .._validate import check_dtype, check_flag, check_float, check_ndim, check_same_device, check_shape, check_tensor
-from ..backends import custom_op_must_dispatch
+from ..backends import autograd_free, custom_op_must_dispatch
 
 __all__ = ["tva_attention_ref", "tva_visible_mask", "check_tva_inputs", "TVAArgs", "MAX_HEAD_DIM"]
 
@@ -308,11 +308,9 @@ def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Callable[..., Any],
     def run(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) -> torch.Tensor:
         if custom_op_must_dispatch():
             return fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
-        if (not torch.is_grad_enabled() or not any(t is not None and t.requires_grad
-                                                   for t in (q, k, v, delta, gate, coef))) \
-                and not torch._C._are_functorch_transforms_active():
+        if autograd_free(q, k, v, delta, gate, coef):
             # nothing to differentiate (decode, evaluation): the body alone, without the Function's bookkeeping;
-            # not under a torch.func transform (vmap), whose wrapped tensors only the Function unwraps or refuses
+            # not under a torch.func transform (vmap) or a forward-AD level (see backends.autograd_free)
             return fwd_impl(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
         return TVAAttentionFused.apply(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
 
