@@ -219,3 +219,20 @@ def test_short_split_warning_names_the_split(caplog):
     with caplog.at_level("WARNING", logger="apt.data.datasets"):
         TokenBatches(torch.arange(10), 64, 2, split="validation")
     assert "the validation split has only 10 tokens; using windows of 9 instead of 64" in caplog.text
+
+
+@pytest.mark.parametrize("n", [16 * 5 + 1, 16 * 5 + 8, 16 + 2, 17 * 3])
+def test_validation_windows_score_every_target_once(n):
+    """The tokens past the last whole window were never scored (up to seq_len - 1 of them)."""
+    from apt.data.datasets import IGNORE_INDEX, TokenBatches
+
+    tokens = torch.arange(n)  # token t at position t: a window's start is its first token
+    scored = torch.zeros(n, dtype=torch.long)
+    for x, y in TokenBatches(tokens, 16, 3).sequential():
+        assert x.shape == y.shape and x.shape[1] == 16  # every window, the tail's too, has a full context
+        keep = y != IGNORE_INDEX
+        assert torch.equal(y[keep], (x + 1)[keep])  # each target is the token after its input
+        for row_x, row_keep in zip(x, keep):
+            start = int(row_x[0])
+            scored[start + 1:start + 17] += row_keep.long()
+    assert scored[0] == 0 and torch.all(scored[1:] == 1)

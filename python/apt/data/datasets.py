@@ -50,6 +50,9 @@ def encode_texts(texts: list[str], tokenizer: Tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+IGNORE_INDEX = -100  # a target not to score (torch's cross_entropy default)
+
+
 class TokenBatches:
     """Random (input, target) windows over a 1-D token tensor. ``batches(epoch, n)`` yields ``n`` batches."""
 
@@ -91,13 +94,22 @@ class TokenBatches:
                 yield b
 
     def sequential(self, max_batches: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Non-overlapping windows in order (for validation)."""
+        """Non-overlapping windows in order (for validation): every target token once. The tokens past the last
+        whole window come in one more window, the last ``seq_len + 1`` tokens, whose targets already scored are
+        ``IGNORE_INDEX`` (cross_entropy's default ignore_index), so they keep a full window of context."""
         n = (self.tokens.numel() - 1) // self.seq_len
-        wins = [self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1] for i in range(n)]
+        rest = self.tokens.numel() - 1 - n * self.seq_len
+        pairs = [(w[:-1], w[1:]) for w in (self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1]
+                                           for i in range(n))]
+        if rest:  # the tail was never scored: (n-1) % seq_len tokens, up to a window's worth
+            tail = self.tokens[-(self.seq_len + 1):]
+            y = tail[1:].clone()
+            y[:self.seq_len - rest] = IGNORE_INDEX
+            pairs.append((tail[:-1], y))
         count = 0
-        for i in range(0, len(wins), self.batch_size):
-            chunk = torch.stack(wins[i:i + self.batch_size])
-            yield chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+        for i in range(0, len(pairs), self.batch_size):
+            chunk = pairs[i:i + self.batch_size]
+            yield torch.stack([x for x, _ in chunk]), torch.stack([y for _, y in chunk])
             count += 1
             if max_batches is not None and count >= max_batches:
                 return

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..core import registry
 from ..core.schedules import Schedules
-from ..data.datasets import TokenBatches, build_data
+from ..data.datasets import IGNORE_INDEX, TokenBatches, build_data
 from ..modeling.compose import ModelBuilder
 from ..plugins.base import HookContext, Plugin
 from ..plugins.manager import PluginManager
@@ -384,8 +384,9 @@ class Trainer:
                                 enabled=self.amp_dtype is not None):
                 logits = self.model(x)
             # summed, then divided by all tokens: the last batch may hold fewer windows
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-            count += y.numel()
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum",
+                                     ignore_index=IGNORE_INDEX).item()
+            count += int((y != IGNORE_INDEX).sum())  # the tail window's targets scored already do not count
         self.model.train(was_training)  # the mode it had (it was always left in training mode)
         return total / max(count, 1)
 
