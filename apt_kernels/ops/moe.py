@@ -392,6 +392,16 @@ def _grouped_ffn_fwd(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor,
 _grouped_ffn_op = torch.library.custom_op("apt::moe_grouped_ffn", mutates_args=())(_grouped_ffn_fwd)
 
 
+def _grouped_ffn_torch(x, offsets, w_in, w_gate, w_out) -> torch.Tensor:
+    """_grouped_ffn_fwd's output out of place (index_copy, not index_copy_), for torch.func / forward AD."""
+    e, c = w_in.shape[0], x.shape[1]
+    rows, width = _padded_rows(offsets, x.shape[0])
+    h = x.new_zeros(e * width, c).index_copy(0, rows, x).view(e, width, c)
+    up = torch.bmm(h, w_in)
+    act = F.silu(torch.bmm(h, w_gate)) * up if w_gate is not None else F.gelu(up)
+    return torch.bmm(act, w_out).view(e * width, -1).index_select(0, rows)
+
+
 @_grouped_ffn_op.register_fake
 def _(x, offsets, w_in, w_gate, w_out):
     m, c, (e, _, f) = x.shape[0], x.shape[1], w_in.shape
@@ -630,6 +640,11 @@ def moe_grouped_ffn(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, 
             or tuple(w_out.shape[:2]) != (e, f):
         raise ValueError(f"weights: expected w_in/w_gate ({e}, {c}, F) and w_out ({e}, F, C_out) for {e} experts "
                          f"and {c} channels, got w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)}")
+    if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                              or torch.autograd.forward_ad._current_level >= 0):
+        # torch.func (jvp, grad, vmap) and forward-mode AD: the body in differentiable torch ops, out of place.
+        # The custom ops have no jvp and no batching rule: their tangents came back silently zero (jvp) or None
+        return _grouped_ffn_torch(x, offsets, w_in, w_gate, w_out)
     if not backends.custom_op_must_dispatch() and backends.autograd_free(x, w_in, w_gate, w_out):
         # plain eager with nothing to differentiate (generation): the body, without the custom op's dispatch
         # (~100 µs of Python per call, once per MoE layer per decode step)

@@ -3,7 +3,7 @@
 A profile may ``extends:`` another (a built-in profile name such as ``base``, or a path relative to the extending
 file); the child is deep-merged over the parent (mappings merge key by key, a null section keeps the parent's,
 anything else replaces), except ``name``, which is never inherited: a profile file's name is its own ``name:`` or
-its file's stem, and it names the run directory (``apt_runs/<name>/``). Dotted
+its file's stem (a mapping's: its own or ``run``), and it names the run directory (``apt_runs/<name>/``). Dotted
 overrides (``--model.attention_name flash_v2``, ``--training.max_epochs=3``, or ``{"training.lr": 1e-3}``) are
 applied last, with values parsed as YAML scalars (``3`` -> int, ``1e-3`` -> float, ``[a, b]`` -> list).
 
@@ -323,7 +323,9 @@ def load_profile(profile: Union[str, os.PathLike, Mapping[str, Any]],
         parent = data.pop("extends", "base")
         src = "<mapping>"
         base = _load_chain(resolve_profile_path(parent), ()) if parent else {}
+        base.pop("name", None)  # never inherited (as for a file): a mapping child of tiny_debug shared its run dir
         cfg = deep_merge(base, data)
+        cfg.setdefault("name", "run")  # the Trainer's own fallback: apt_runs/run/
     else:
         path = resolve_profile_path(profile)
         src = str(path)

@@ -122,7 +122,11 @@ class MambaMixer(nn.Module):
         # lock, which torch.compile cannot trace (fullgraph=True failed at the first call, otherwise a graph break)
         w = self.in_proj.weight
         if self.auto_scan and w.device.type != "meta":
-            self._select(torch.empty(1, self.d_inner, 1, device=w.device, dtype=w.dtype))  # (batch, dim, L)
+            # and the autocast dtypes: under torch.autocast the forward's activations (in_proj's output) are
+            # bf16/fp16 while the weights stay fp32, a (device, dtype) pair the lookup would otherwise meet in forward
+            others = [dt for dt in (torch.bfloat16, torch.float16) if dt != w.dtype]
+            for dt in others + [w.dtype]:  # the weights' dtype last: it is the one selected now
+                self._select(torch.empty(1, self.d_inner, 1, device=w.device, dtype=dt))  # (batch, dim, L)
 
     def _apply(self, fn, *args, **kwargs):  # .to(device / dtype), .cuda(), .half(): warm the new combination
         out = super()._apply(fn, *args, **kwargs)

@@ -57,6 +57,26 @@ def restore_rng(state: Mapping[str, Any]) -> None:
                            len(cuda), torch.cuda.device_count())
 
 
+def check_weights_only(blob: Mapping[str, Any]) -> None:
+    """:func:`load` reads with ``weights_only=True``: refuse to write what it would refuse to read (a plugin's
+    state_dict holding a numpy scalar or a dataclass), naming the part, before the file is replaced."""
+    import io
+
+    for part in ("profile", "tokenizer", "trainer", "plugins"):
+        if part not in blob:
+            continue
+        buf = io.BytesIO()
+        torch.save(blob[part], buf)
+        buf.seek(0)
+        try:
+            torch.load(buf, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            globals_ = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln]
+            raise TypeError(f"checkpoint part {part!r} holds a Python object that torch.load(weights_only=True) "
+                            f"refuses ({globals_[0] if globals_ else exc}); plugin state_dict()s and the profile "
+                            "must hold only tensors, dict/list/tuple, str, int, float, bool and None") from None
+
+
 def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping[str, Any], tokenizer: Any,
          optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None, scaler: Any = None,
          trainer_state: Optional[Mapping[str, Any]] = None, plugin_state: Optional[Mapping[str, Any]] = None,
@@ -89,6 +109,7 @@ def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping
         raise IsADirectoryError(f"cannot write checkpoint {path}: it is a directory")
     tmp = path.with_name(path.name + ".tmp")
     try:
+        check_weights_only(blob)  # before the temp file: what load() would refuse is never written
         with open(tmp, "wb") as f:
             torch.save(blob, f)
             f.flush()

@@ -413,6 +413,8 @@ class Trainer:
         tokens_at_start = self.tokens_seen
         ctx = self._sync_ctx()
         self.plugins.broadcast("on_training_start", ctx)
+        # a plugin state the checkpoint cannot hold fails now, not at the first save (maybe the end of the run)
+        ckpt.check_weights_only({"plugins": self.plugins.state_dict()})
         stopped = False
         # (tokens_seen, RNG states) when the optimizer step in flight started; None between steps. A Ctrl-C
         # mid-step rolls back to it, so the resumed run redraws that step's dropout / noise exactly.
