@@ -15,6 +15,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# On a CUDA machine the interpreter-only modules set TRITON_INTERPRET=1 when collected (test_moe_triton.py sorts
+# before test_scan_cuda.py and test_tva_cuda.py), which turns every compiled-Triton GPU test of a plain `pytest`
+# into a skip ("TRITON_INTERPRET=1 is set in this process"). Collect them there only when asked for explicitly.
+collect_ignore = []
+if torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    collect_ignore = ["test_moe_triton.py", "test_scan_triton.py", "test_tva_triton.py"]
+
 # Keep the suite within CI's 2 cores and deterministic.
 torch.set_num_threads(int(os.environ.get("APT_TEST_THREADS", "2")))
 

@@ -389,6 +389,7 @@ def check_wide_delta_next_to_half_u(scan_fn, step_fn, device: Union[str, torch.d
     dd, du = torch.autograd.grad(h.sum() + y.float().sum(), [x["delta"], x["u"]])
     assert dd.dtype == torch.float32 and du.dtype == torch.float16
     _assert_close(dd, gr[0], dtype=torch.float16, family="scan", grad=True, msg="ddelta")
+    _assert_close(du, gr[1], dtype=torch.float16, family="scan", grad=True, msg="du")
     s0 = torch.randn(1, 4, 4, generator=g).to(device)
     args = [t.detach() for t in (x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0])]
     sr, s = s0.clone(), s0.clone()
