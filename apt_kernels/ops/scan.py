@@ -619,7 +619,14 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     """Mamba selective scan (mamba_ssm's signature; SCAN.md). u, delta, z: (batch, dim, L); A: (dim, N); B, C:
     (dim, N), (batch, N, L) or (batch, G, N, L); D, delta_bias: (dim,). Returns y (u's dtype) and, with
     ``return_last_state``, the final state (batch, dim, N) in fp32 (fp64 for fp64 u). Differentiable in every
-    tensor argument."""
+    tensor argument.
+
+    Determinism: on the CPU the output, the last state and the gradients of u, delta and z are bit-identical run to
+    run and for any thread count. The gradients of the parameters summed over (batch, dim) -- A, D, delta_bias,
+    and B / C (summed over the channels sharing them) -- are summed per thread and then across threads, so they are
+    bit-identical run to run at one ``torch.set_num_threads`` count but may differ in the last bits (within fp32
+    rounding) between counts. The CUDA backward adds those gradients with float atomics: not bit-reproducible
+    run to run on a GPU (as mamba_ssm's)."""
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     check_flag("delta_softplus", delta_softplus)
     check_flag("return_last_state", return_last_state)

@@ -18,6 +18,7 @@ import contextlib
 import difflib
 import logging
 import math
+import random
 import signal
 import threading
 import time
@@ -143,7 +144,10 @@ class Trainer:
         t = self.cfg["training"]
         self.t = t
         self.seed = int(self.cfg.get("seed", 0))
+        # both generators the checkpoint stores and restores (checkpoint.capture_rng): seeding only torch's left
+        # Python's `random` (a plugin's draws) seeded from the OS, so two fresh runs with one seed differed
         torch.manual_seed(self.seed)
+        random.seed(self.seed)
         if data is None:
             tokenizer, data, val_data = build_data(self.cfg["data"], self.seed, tokenizer)
         elif tokenizer is None:
