@@ -180,6 +180,7 @@ def set_host_cache_limit(nbytes: int) -> None:
         return
     nbytes = min(nbytes, _MAX_HOST_CACHE)
     _pool_module.host_pool_set_limit(nbytes)
+    _trim_malloc()  # the blocks over the new cap were freed: give their pages back (see empty_host_cache)
     _host_pool = nbytes > 0
     _host_pool_refused = None  # asked for again: the next large output tries torch.from_dlpack again
 
@@ -189,6 +190,25 @@ def empty_host_cache() -> None:
     live tensors go back when torch frees those tensors."""
     if _pool_module is not None:
         _pool_module.host_pool_empty_cache()
+        _trim_malloc()
+
+
+def _trim_malloc() -> None:
+    # The pool's blocks come from aligned_alloc: glibc keeps the ones it served from its heap after free() (its
+    # mmap threshold rises to 32 MiB once a large block was freed), so emptying the pool lowered the RSS by a
+    # fraction of what it held. malloc_trim hands the free pages back to the OS.
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def host_cache_stats() -> dict[str, int]:

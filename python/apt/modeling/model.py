@@ -109,6 +109,12 @@ class APTModel(nn.Module):
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"input_ids: token ids must be in [0, {self.vocab_size}) (model.vocab_size), "
                                  f"got {lo if lo < 0 else hi}")
+        # the previous forward's hidden states and aux losses carry its autograd graph (all its saved activations
+        # when it had no backward: an eval loop without no_grad, a discarded forward): drop them before this
+        # forward builds its own, so two graphs are never alive at once (peak memory was twice one forward's)
+        self.hidden_states, self.aux_losses = {}, {}
+        for layer in self.moe_layers():
+            layer.last_aux = {}
         x = self.embed(input_ids)
         past = cache.pos if cache is not None else 0
         if self.pos_embed is not None:
