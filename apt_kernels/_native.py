@@ -202,7 +202,7 @@ def _trim_malloc() -> None:
         try:
             import ctypes
             _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS; CDLL(None) is a TypeError on Windows)
             _malloc_trim = False
     if _malloc_trim:
         _malloc_trim(0)

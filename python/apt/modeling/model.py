@@ -113,7 +113,8 @@ class APTModel(nn.Module):
         # when it had no backward: an eval loop without no_grad, a discarded forward): drop them before this
         # forward builds its own, so two graphs are never alive at once (peak memory was twice one forward's)
         self.hidden_states, self.aux_losses = {}, {}
-        for layer in self.moe_layers():
+        moe_layers = self.moe_layers()  # one module walk per forward, reused below
+        for layer in moe_layers:
             layer.last_aux = {}
         x = self.embed(input_ids)
         past = cache.pos if cache is not None else 0
@@ -135,7 +136,7 @@ class APTModel(nn.Module):
         if cache is not None:
             cache.pos = past + T
         aux: dict[str, torch.Tensor] = {}
-        for layer in self.moe_layers():
+        for layer in moe_layers:
             for k, v in layer.last_aux.items():
                 name = {"balance_loss": "moe_balance", "z_loss": "moe_z"}[k]
                 aux[name] = aux[name] + v if name in aux else v

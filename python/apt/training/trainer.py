@@ -315,6 +315,11 @@ class Trainer:
             before = old_t.get(key)
             if before is not None and before != now and not (key == "lr" and float(before) == now):
                 logger.warning("training.%s: %s in %s, %s now: the resumed run uses %s", key, before, path, now, now)
+        for key in ("max_epochs", "max_steps"):  # the run length: the schedule (warmup, cosine) is the profile's now
+            before, now = old_t.get(key), self.t.get(key)
+            if key in old_t and before != now:
+                logger.warning("training.%s: %s in %s, %s now: the resumed run's length and LR schedule follow %s",
+                               key, before, path, now, now)
         for i, group in enumerate(self.optimizer.param_groups):
             group["initial_lr"] = lr
             group["betas"] = betas
@@ -417,8 +422,10 @@ class Trainer:
         tokens_at_start = self.tokens_seen
         ctx = self._sync_ctx()
         self.plugins.broadcast("on_training_start", ctx)
-        # a plugin state the checkpoint cannot hold fails now, not at the first save (maybe the end of the run)
-        ckpt.check_weights_only({"plugins": self.plugins.state_dict()})
+        # a profile or plugin state the checkpoint cannot hold (a YAML date in a plugin's settings, a numpy scalar)
+        # fails now, not at the first save (the end of the first epoch, maybe of the run)
+        ckpt.check_weights_only({"profile": dict(self.cfg), "plugins": self.plugins.state_dict(),
+                                 "tokenizer": self.tokenizer.state_dict() if self.tokenizer is not None else {}})
         stopped = False
         # (tokens_seen, RNG states) when the optimizer step in flight started; None between steps. A Ctrl-C
         # mid-step rolls back to it, so the resumed run redraws that step's dropout / noise exactly.
