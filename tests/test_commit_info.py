@@ -135,3 +135,19 @@ def test_cmake_build_record(tmp_path):
     assert record(tmp_path / "src" / "python") == {"GIT_COMMIT": None, "GIT_DIRTY": False}
     (tmp_path / "plain").mkdir()
     assert record(tmp_path / "plain") == {"GIT_COMMIT": None, "GIT_DIRTY": False}
+
+
+def test_a_tree_without_git_takes_the_commit_from_apt_git_commit(tmp_path, installed, monkeypatch):
+    """The GPU device tool runs a copy of the tree without .git: the result JSON said commit 'unknown'."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("APT_GIT_COMMIT", "0123abcd" * 5)
+    assert runner.commit_info() == {"git_commit": "0123abcd" * 5, "git_commit_source": "APT_GIT_COMMIT",
+                                    "build_commit": None}
+    monkeypatch.setenv("APT_GIT_COMMIT", "abc1234+dirty")
+    assert runner.commit_info()["git_commit"] == "abc1234+dirty"
+    monkeypatch.setenv("APT_GIT_COMMIT", "not a commit; rm -rf /")
+    assert runner.commit_info()["git_commit"] == "unknown"
+    head = _repo(tmp_path / "checkout", "apt-kernels")  # a checkout that answers wins over the variable
+    monkeypatch.chdir(tmp_path / "checkout")
+    monkeypatch.setenv("APT_GIT_COMMIT", "abc1234")
+    assert runner.commit_info()["git_commit"] == head

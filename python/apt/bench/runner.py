@@ -595,7 +595,9 @@ def commit_info(cwd: Optional[str] = None) -> dict[str, Optional[str]]:
     * ``git_commit``: the checkout holding the running package (a source tree or an editable install:
       ``git_commit_source`` "package checkout"), else the checkout of the working directory when it is this
       project's (after a plain ``pip install .`` run inside the checkout: "working-directory checkout"; the
-      installed package may have been built from another commit), else "unknown" (source None);
+      installed package may have been built from another commit), else ``$APT_GIT_COMMIT`` when it looks like a
+      commit (a copy of the tree without .git, as on the GPU device tool: "APT_GIT_COMMIT"), else "unknown"
+      (source None);
     * ``build_commit``: the commit the installed package was built from, whatever the working tree holds now; None
       without a wheel's record."""
     out: dict[str, Optional[str]] = {"git_commit": "unknown", "git_commit_source": None,
@@ -608,6 +610,11 @@ def commit_info(cwd: Optional[str] = None) -> dict[str, Optional[str]]:
     top = _project_checkout(cwd or os.getcwd())
     if top:
         out["git_commit"], out["git_commit_source"] = _checkout_commit(top) or "unknown", "working-directory checkout"
+        return out
+    # a copy of the tree without its .git (the GPU device tool's): the caller names the commit it sent
+    given = os.environ.get("APT_GIT_COMMIT", "").strip()
+    if re.fullmatch(r"[0-9a-f]{7,40}(\+dirty)?", given):
+        out["git_commit"], out["git_commit_source"] = given, "APT_GIT_COMMIT"
     return out
 
 
