@@ -373,12 +373,15 @@ def _padded_rows(offsets: torch.Tensor, m: int) -> tuple[torch.Tensor, int]:
 
 
 def _grouped_ffn_fwd(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
-                     w_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                   torch.Tensor, torch.Tensor]:
-    """-> out (M, C_out), rows (M,), padded x, up, gate (empty for gelu) and activation (E, width, .)."""
+                     w_out: torch.Tensor, inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> out (M, C_out), rows (M,), padded x, up, gate (empty for gelu) and activation (E, width, .).
+    ``inplace=False`` pads x out of place, for torch.func / forward AD (an in-place write of a batched or dual x
+    into a plain buffer is refused there)."""
     e, c = w_in.shape[0], x.shape[1]
     rows, width = _padded_rows(offsets, x.shape[0])
-    h = x.new_zeros(e * width, c).index_copy_(0, rows, x).view(e, width, c)
+    h = x.new_zeros(e * width, c)
+    h = (h.index_copy_(0, rows, x) if inplace else h.index_copy(0, rows, x)).view(e, width, c)
     up = torch.bmm(h, w_in)
     if w_gate is not None:
         gate = torch.bmm(h, w_gate)
@@ -389,17 +392,11 @@ def _grouped_ffn_fwd(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor,
     return out.view(e * width, -1).index_select(0, rows), rows, h, up, gate, act
 
 
-_grouped_ffn_op = torch.library.custom_op("apt::moe_grouped_ffn", mutates_args=())(_grouped_ffn_fwd)
-
-
-def _grouped_ffn_torch(x, offsets, w_in, w_gate, w_out) -> torch.Tensor:
-    """_grouped_ffn_fwd's output out of place (index_copy, not index_copy_), for torch.func / forward AD."""
-    e, c = w_in.shape[0], x.shape[1]
-    rows, width = _padded_rows(offsets, x.shape[0])
-    h = x.new_zeros(e * width, c).index_copy(0, rows, x).view(e, width, c)
-    up = torch.bmm(h, w_in)
-    act = F.silu(torch.bmm(h, w_gate)) * up if w_gate is not None else F.gelu(up)
-    return torch.bmm(act, w_out).view(e * width, -1).index_select(0, rows)
+@torch.library.custom_op("apt::moe_grouped_ffn", mutates_args=())
+def _grouped_ffn_op(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
+                    w_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor, torch.Tensor]:
+    return _grouped_ffn_fwd(x, offsets, w_in, w_gate, w_out)
 
 
 @_grouped_ffn_op.register_fake
@@ -644,7 +641,7 @@ def moe_grouped_ffn(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, 
                                               or torch.autograd.forward_ad._current_level >= 0):
         # torch.func (jvp, grad, vmap) and forward-mode AD: the body in differentiable torch ops, out of place.
         # The custom ops have no jvp and no batching rule: their tangents came back silently zero (jvp) or None
-        return _grouped_ffn_torch(x, offsets, w_in, w_gate, w_out)
+        return _grouped_ffn_fwd(x, offsets, w_in, w_gate, w_out, inplace=False)[0]
     if not backends.custom_op_must_dispatch() and backends.autograd_free(x, w_in, w_gate, w_out):
         # plain eager with nothing to differentiate (generation): the body, without the custom op's dispatch
         # (~100 µs of Python per call, once per MoE layer per decode step)
