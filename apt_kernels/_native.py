@@ -45,10 +45,14 @@ def _load() -> None:
         logger.debug("apt_kernels: %s", _reason)
 
 
+# The C++ CPU kernel families built once per instruction set, and the variable that caps each (generic|avx2).
+CPU_ISA_ENV = {"tva": "APT_TVA_CPU_ISA", "scan": "APT_SCAN_CPU_ISA", "moe": "APT_MOE_CPU_ISA"}
+
+
 def _warn_bad_isa_caps() -> None:
-    """The C++ side reads APT_{TVA,SCAN,MOE}_CPU_ISA and takes any value other than generic / avx2 (case-sensitive)
+    """The C++ side reads the CPU_ISA_ENV variables and takes any value other than generic / avx2 (case-sensitive)
     as no cap: say so rather than run the widest build silently (APT_TVA_CPU_ISA=AVX2 looked like a cap)."""
-    for var in ("APT_TVA_CPU_ISA", "APT_SCAN_CPU_ISA", "APT_MOE_CPU_ISA"):
+    for var in CPU_ISA_ENV.values():
         value = os.environ.get(var)
         if value is not None and value not in ("", "generic", "avx2", "avx512"):
             logger.warning("apt_kernels: %s=%r is not one of generic, avx2, avx512 (lower case); it caps nothing",

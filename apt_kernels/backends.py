@@ -12,14 +12,12 @@ from typing import Optional
 
 import torch
 
-from ._native import native_cuda_status, native_family_status, native_module, native_status
+from ._native import CPU_ISA_ENV, native_cuda_status, native_family_status, native_module, native_status
 
 __all__ = ["custom_op_must_dispatch", "autograd_free", "native_status", "native_family_status", "native_cuda_status",
            "triton_status", "compiled_triton_status", "cuda_device_status", "triton_interpret", "cpu_kernel_isas",
            "CPU_ISA_ENV"]
 
-# The C++ CPU kernel families built once per instruction set, and the variable that caps each (generic|avx2).
-CPU_ISA_ENV = {"tva": "APT_TVA_CPU_ISA", "scan": "APT_SCAN_CPU_ISA", "moe": "APT_MOE_CPU_ISA"}
 
 
 def cpu_kernel_isas() -> dict[str, str]:
