@@ -20,12 +20,14 @@ def pytest_configure(config):
     import pytest
 
     from apt.bench.cases import all_cases
+    from apt.bench.pytest_support import grid_name
     from apt.bench.runner import check_provider_names
 
     # a misspelt name or grid ran only the reference, or the quick grid, without a word (apt bench refuses both)
-    grid = config.getoption("--apt-grid") or os.environ.get("APT_BENCH_GRID") or "quick"
-    if grid not in ("quick", "full"):
-        raise pytest.UsageError(f"APT_BENCH_GRID: expected quick or full, got {grid!r}")
+    try:
+        grid_name(config.getoption("--apt-grid"))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
     providers = config.getoption("--apt-providers")
     try:
         check_provider_names(list(all_cases()), [p for p in providers.split(",") if p] if providers else None)

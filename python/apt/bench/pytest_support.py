@@ -47,15 +47,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def grid_name(grid: Optional[str] = None) -> str:
+    """``grid``, else APT_BENCH_GRID, else "quick"; anything but quick / full is a ValueError (it meant quick)."""
+    grid = grid or os.environ.get("APT_BENCH_GRID") or "quick"
+    if grid not in ("quick", "full"):
+        raise ValueError(f"APT_BENCH_GRID: expected quick or full, got {grid!r}")
+    return grid
+
+
 def items(kind: str, device: Optional[str] = None, grid: Optional[str] = None,
           providers: Optional[list[str]] = None) -> list[Item]:
     """Every (shape, mode, provider) of ``kind``; providers include unavailable ones (they are skipped with their
     reason at run time, so the skip list documents them) and the optional peers."""
     device = device or default_device()
-    grid = grid or os.environ.get("APT_BENCH_GRID") or "quick"
-    if grid not in ("quick", "full"):
-        raise ValueError(f"APT_BENCH_GRID: expected quick or full, got {grid!r}")
-    quick = grid == "quick"
+    quick = grid_name(grid) == "quick"
     case = get_case(kind)
     names = [i.name for i in _registry.list_providers(kind)] + [p.name for p in _peers.peers_for(kind)]
     if providers:

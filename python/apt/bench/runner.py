@@ -95,11 +95,6 @@ class TimingStats:
         return statistics.fmean(self.times)
 
     @property
-    def rel_iqr(self) -> float:
-        """IQR / median: the spread as a share of the time reported."""
-        return self.iqr / self.median if self.median > 0 else math.inf
-
-    @property
     def noisy(self) -> bool:
         return is_noisy(self.as_dict())
 
@@ -113,12 +108,17 @@ NOISY_REL_IQR = 0.25  # IQR above a quarter of the median: the median may move t
 NOISY_EXTRA = 3  # a noisy measurement takes up to this many times `repeats` calls, budget allowing
 
 
+def rel_iqr(timing: dict[str, Any]) -> float:
+    """A row's IQR / median (``TimingStats.as_dict``, also as read back from a JSON file, which may lack iqr_s)."""
+    return (timing["q3_s"] - timing["q1_s"]) / timing["median_s"]
+
+
 def is_noisy(timing: Optional[dict[str, Any]]) -> bool:
-    """Whether a row's timing (``TimingStats.as_dict``, also as read back from a JSON file) is too spread to trust
-    its ratios: IQR above ``NOISY_REL_IQR`` of the median, with at least 3 calls (fewer have no spread to judge)."""
+    """Whether a row's timing is too spread to trust its ratios: IQR above ``NOISY_REL_IQR`` of the median, with
+    at least 3 calls (fewer have no spread to judge)."""
     if not timing or timing.get("n", 0) < 3 or not timing.get("median_s"):
         return False
-    return (timing["q3_s"] - timing["q1_s"]) / timing["median_s"] > NOISY_REL_IQR
+    return rel_iqr(timing) > NOISY_REL_IQR
 
 
 def _quantile(xs: Sequence[float], q: float) -> float:

@@ -131,7 +131,7 @@ def _noisy_notes(*rows: BenchResult) -> list[str]:
             continue
         if _runner.is_noisy(t):
             assert t is not None
-            out.append(f"{r.provider} timing noisy (IQR {(t['q3_s'] - t['q1_s']) / t['median_s']:.0%} of the median)")
+            out.append(f"{r.provider} timing noisy (IQR {_runner.rel_iqr(t):.0%} of the median)")
     return out
 
 
