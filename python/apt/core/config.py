@@ -234,10 +234,17 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
             ppath = resolve_profile_path(par, base_dir=path.parent)
         except ConfigError as exc:
             raise ConfigError(f"profile {path}: extends {par!r}: {exc}") from None
-        inherited = _load_chain(ppath, seen + (path,))
-        inherited.pop("name", None)  # a profile's name is its own (or its file's stem): it names the run directory
-        merged = deep_merge(merged, inherited)
+        merged = deep_merge(merged, _inherited(ppath, seen + (path,)))
     return deep_merge(merged, data)
+
+
+def _inherited(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """What a child takes from the parent profile at ``path``: all of it but ``name``, which names the child's run
+    directory (an inherited one made a child of tiny_debug overwrite, and `--resume auto` continue, tiny_debug's
+    run)."""
+    parent = _load_chain(path, seen)
+    parent.pop("name", None)
+    return parent
 
 
 def parse_overrides(items: Union[None, Sequence[str], Mapping[str, Any]]) -> dict[str, Any]:
@@ -322,20 +329,14 @@ def load_profile(profile: Union[str, os.PathLike, Mapping[str, Any]],
         data = copy.deepcopy(dict(profile))
         parent = data.pop("extends", "base")
         src = "<mapping>"
-        base = _load_chain(resolve_profile_path(parent), ()) if parent else {}
-        base.pop("name", None)  # never inherited (as for a file): a mapping child of tiny_debug shared its run dir
-        cfg = deep_merge(base, data)
+        cfg = deep_merge(_inherited(resolve_profile_path(parent)) if parent else {}, data)
         cfg.setdefault("name", "run")  # the Trainer's own fallback: apt_runs/run/
     else:
         path = resolve_profile_path(profile)
         src = str(path)
         cfg = _load_chain(path, ())
         if path != (PROFILE_DIR / "base.yaml").resolve():
-            base = _load_chain((PROFILE_DIR / "base.yaml").resolve(), ())
-            base.pop("name", None)
-            cfg = deep_merge(base, cfg)
-        # not inherited: a child of tiny_debug without a name of its own shared apt_runs/tiny_debug/, so a fresh run
-        # overwrote tiny_debug's checkpoint and `--resume auto` continued tiny_debug's run under the child's settings
+            cfg = deep_merge(_inherited((PROFILE_DIR / "base.yaml").resolve()), cfg)
         cfg.setdefault("name", path.stem)
     labelled = _parse_overrides_labelled(overrides)
     for key, (value, _) in labelled.items():

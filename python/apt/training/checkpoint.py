@@ -15,6 +15,7 @@ code when unpickled) is refused, never executed.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import pickle
@@ -57,11 +58,16 @@ def restore_rng(state: Mapping[str, Any]) -> None:
                            len(cuda), torch.cuda.device_count())
 
 
+def _refused_global(exc: BaseException) -> Optional[str]:
+    """The "GLOBAL module.name" line of the weights-only unpickler's refusal, None for any other error."""
+    if not isinstance(exc, pickle.UnpicklingError):
+        return None
+    return next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), None)
+
+
 def check_weights_only(blob: Mapping[str, Any]) -> None:
     """:func:`load` reads with ``weights_only=True``: refuse to write what it would refuse to read (a plugin's
     state_dict holding a numpy scalar or a dataclass), naming the part, before the file is replaced."""
-    import io
-
     for part in ("profile", "tokenizer", "trainer", "plugins"):
         if part not in blob:
             continue
@@ -71,9 +77,8 @@ def check_weights_only(blob: Mapping[str, Any]) -> None:
         try:
             torch.load(buf, weights_only=True)
         except pickle.UnpicklingError as exc:
-            globals_ = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln]
             raise TypeError(f"checkpoint part {part!r} holds a Python object that torch.load(weights_only=True) "
-                            f"refuses ({globals_[0] if globals_ else exc}); plugin state_dict()s and the profile "
+                            f"refuses ({_refused_global(exc) or exc}); plugin state_dict()s and the profile "
                             "must hold only tensors, dict/list/tuple, str, int, float, bool and None") from None
 
 
@@ -154,10 +159,9 @@ def load(path: Union[str, os.PathLike], map_location: Any = "cpu") -> dict[str, 
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a foreign pickle: refused below
             blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        text = str(exc)
-        globals_ = [ln.strip() for ln in text.splitlines() if "GLOBAL" in ln]
-        if isinstance(exc, pickle.UnpicklingError) and globals_:
-            raise CheckpointError(f"{path}: not an apt checkpoint: it holds pickled Python objects ({globals_[0]}), "
+        refused = _refused_global(exc)
+        if refused:
+            raise CheckpointError(f"{path}: not an apt checkpoint: it holds pickled Python objects ({refused}), "
                                   "which apt does not load because unpickling them can run arbitrary code") from None
         detail = _first_line(exc)
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupted?): {type(exc).__name__}"
