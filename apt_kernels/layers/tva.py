@@ -125,7 +125,8 @@ class TVAAttention(nn.Module):
         self.U = nn.Linear(d_model, self.rank, bias=False)
         self.V = nn.Linear(self.rank, d_model, bias=False)
         self.gate = nn.Linear(d_model, num_heads, bias=True)
-        self.tau = nn.Parameter(torch.tensor(float(tau)))
+        self.tau_init = float(tau)
+        self.tau = nn.Parameter(torch.tensor(self.tau_init))
         self.dropout = nn.Dropout(dropout)
         self.core_spec = core
         self.core = _resolve_core(core)
@@ -134,6 +135,12 @@ class TVAAttention(nn.Module):
         core = self.core_spec if isinstance(self.core_spec, str) else getattr(self.core, "__qualname__", "callable")
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, rank={self.rank}, window={self.window}, "
                 f"sinks={self.sinks}, causal={self.causal}, alpha={self.alpha}, core={core}")
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """tau back to its initial value (after building on the meta device and ``.to_empty()``); the Linear
+        children reset themselves."""
+        self.tau.fill_(self.tau_init)
 
     def coef(self) -> torch.Tensor:
         """``c = alpha · tanh(tau)`` (0-dim tensor, differentiable in tau)."""

@@ -19,6 +19,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
@@ -94,6 +97,11 @@ class MoEWrappedFFN(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._active_flag = bool(self._active.item())
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Rewrite the ``_active`` buffer from its Python mirror (``.to_empty()`` leaves it uninitialised)."""
+        self._active.fill_(self._active_flag)
 
     def _set_moe_attr(self, name: str, value: Any) -> None:
         if hasattr(self.moe, name):

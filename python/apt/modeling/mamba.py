@@ -100,12 +100,10 @@ class MambaMixer(nn.Module):
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
-        # dt bias: softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max] (Mamba's initialisation)
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
-        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.dt_min, self.dt_max = dt_min, dt_max
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.reset_parameters()
         self.A_log._no_weight_decay = True  # type: ignore[attr-defined]  # as mamba_ssm marks them
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
@@ -116,6 +114,18 @@ class MambaMixer(nn.Module):
         if self.auto_scan:
             self.scan_provider = "auto"
             self._warm_auto()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba's initialisation of this layer's own tensors: A = -(1..d_state), D = 1 and the dt bias, the
+        inverse softplus of a dt drawn log-uniformly in [dt_min, dt_max] (after building on the meta device and
+        ``.to_empty()``; the Linear / Conv1d children reset themselves, and dt_proj's before this)."""
+        lo, hi = math.log(self.dt_min), math.log(self.dt_max)
+        dt = torch.exp(torch.rand(self.d_inner, device=self.D.device) * (hi - lo) + lo)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        a = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(a).repeat(self.d_inner, 1))
+        self.D.fill_(1.0)
 
     def _warm_auto(self) -> None:
         # resolve "auto" for the weights' device and dtype now, outside any forward: the registry lookup takes a

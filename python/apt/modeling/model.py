@@ -20,6 +20,10 @@ from .layers import MoEWrappedFFN
 logger = logging.getLogger(__name__)
 
 
+def _tie_after_load(module: "APTModel", incompatible_keys: Any) -> None:
+    module.tie_weights()  # load_state_dict(assign=True) put a tensor of its own in each module
+
+
 class ModelCache:
     """Per-layer caches plus the number of positions already consumed."""
 
@@ -74,6 +78,11 @@ class APTModel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm_f = norm_f
         self.head = head
+        # tied embedding / LM head: one Parameter in two modules. .to_empty() (meta-device init) and
+        # load_state_dict(assign=True) give each module its own tensor, which untied them silently (the two then
+        # trained apart, the optimizer saw the table twice): they are tied again after both
+        self.tie_embeddings = head.weight is embed.weight  # as built, not as a config says: one source of truth
+        self.register_load_state_dict_post_hook(_tie_after_load)  # a function: the model stays picklable
         self.record_hidden = False
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.hidden_states: dict[str, torch.Tensor] = {}
@@ -85,6 +94,33 @@ class APTModel(nn.Module):
         state = super().__getstate__()
         state["aux_losses"], state["hidden_states"] = {}, {}
         return state
+
+    def tie_weights(self) -> None:
+        """Make the LM head use the embedding table again if they were built tied; a no-op when already tied."""
+        if self.tie_embeddings and self.head.weight is not self.embed.weight:
+            self.head.weight = self.embed.weight
+
+    def _apply(self, fn, *args, **kwargs):  # .to_empty() gives every module a new tensor: tie them again
+        out = super()._apply(fn, *args, **kwargs)
+        self.tie_weights()
+        return out
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every weight as the model builder does (e.g. after building on the meta device and
+        ``.to_empty()``): each submodule's ``reset_parameters`` (children before their parents, so that a
+        layer's own init of a child's tensor, e.g. Mamba's dt bias, is not overwritten), then the embeddings
+        with ``model.init_std``."""
+        for mod in reversed(list(self.modules())):
+            if mod is not self and callable(getattr(mod, "reset_parameters", None)):
+                mod.reset_parameters()
+        std = float(self.config["model"].get("init_std", 0.02))
+        self.tie_weights()
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, std=std)
+        if self.head.weight is not self.embed.weight:
+            nn.init.normal_(self.head.weight, std=std)
 
     def moe_layers(self) -> list[MoEWrappedFFN]:
         return [m for m in self.modules() if isinstance(m, MoEWrappedFFN)]
