@@ -253,7 +253,7 @@ def combine_backward(grad_y: torch.Tensor, out: torch.Tensor, weights: torch.Ten
     n, k = slot.shape
     g_out = torch.empty(s, c, dtype=out.dtype, device=out.device)
     g_w = torch.empty(n, k, dtype=w.dtype, device=w.device)
-    if s and c:
+    if s and c and n:  # with no tokens (capacity mode still has E*cap slots) the kernel read slot/weights row 0
         bc = _block_c(c)
         _combine_bwd_out_kernel[(s, triton.cdiv(c, bc))](gy, w, slot, token_of_slot, g_out, c, gy.stride(0), K=k,
                                                          BLOCK_C=bc)

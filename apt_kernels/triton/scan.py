@@ -292,8 +292,16 @@ def _dummy(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(1)
 
 
+def _vec(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A per-channel vector (D, delta_bias / dt_bias) as the kernels index it: unit stride (D_ptr + d). A strided
+    view (D[::2]) or an expanded one (mamba_ssm repeats D / dt_bias per head with einops, a stride-0 view) was read
+    as if contiguous: wrong values, and past the end of an expanded tensor's storage."""
+    return t if t is None or t.stride(-1) == 1 or t.numel() <= 1 else t.contiguous()
+
+
 def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk: int):
     """Returns (out, last_state, checkpoints (batch, dim, nchunks, N) fp32)."""
+    D, delta_bias = _vec(D), _vec(delta_bias)
     batch, dim, L = u.shape
     N = A.shape[1]
     nchunks = (L + chunk - 1) // chunk
@@ -320,6 +328,7 @@ def selective_scan_bwd_triton(u, delta, A, B, C, D, z, delta_bias, dout, dlast: 
                               delta_softplus: bool, chunk: int):
     """Returns fp32 grads (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) with du/ddelta/dz in u's dtype and dB/dC in
     the layout of B4 = B viewed as (batch, G, N, L) (or (dim, N)); absent optional inputs give None."""
+    D, delta_bias = _vec(D), _vec(delta_bias)
     batch, dim, L = u.shape
     N = A.shape[1]
     nchunks = ckpt.shape[2]
@@ -358,6 +367,7 @@ def selective_scan_bwd_triton(u, delta, A, B, C, D, z, delta_bias, dout, dlast: 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool) -> torch.Tensor:
     """In place on state (batch, dim, N); returns y (batch, dim) in x's dtype. B, C: (batch, N) or (batch, G, N)."""
+    D, dt_bias = _vec(D), _vec(dt_bias)
     batch, dim, N = state.shape
     B3 = B.unsqueeze(1) if B.dim() == 2 else B
     C3 = C.unsqueeze(1) if C.dim() == 2 else C

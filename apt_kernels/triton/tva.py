@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ..backends import fix_triton_interpreter_bf16_dot
-from ..reference.tva import Coef, check_tva_inputs, register_fused_tva_op
+from ..reference.tva import Coef, check_tva_inputs, register_fused_tva_op, tva_attention_ref
 
 fix_triton_interpreter_bf16_dot()  # a no-op on GPUs; makes bfloat16 tl.dot right under TRITON_INTERPRET=1
 
@@ -663,7 +663,9 @@ def tva_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delt
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"q: the triton kernel takes float32/float16/bfloat16, got {q.dtype}")
     if a.Tq == 0:
-        return q.new_zeros(q.shape) + (0.0 if delta is None else 0.0 * delta)
+        # no queries: the (empty) reference, which stays connected to q, k, v, gate and coef (zeros(q.shape) was
+        # not: without delta the output did not require grad, and q/k/v/gate got no gradient at all)
+        return tva_attention_ref(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
     if not isinstance(coef, torch.Tensor):
         coef = torch.tensor(float(coef), dtype=torch.float32, device=q.device)
     elif coef.device != q.device:
