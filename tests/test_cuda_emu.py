@@ -362,6 +362,29 @@ def test_moe_non_contiguous_inputs_expanded_grads_and_zero_channels(emulated):
     assert buf.shape == r.buffer_shape(0) and moe_combine(buf, r, impl="cuda").shape == (6, 0)
 
 
+@pytest.mark.parametrize("cf", [None, 1.25])
+def test_moe_zero_tokens_with_expanded_or_transposed_empty_inputs(emulated, cf):
+    """0 tokens (an empty batch, an expert-parallel rank with none): y.sum()'s gradient is an expanded (0, C) tensor
+    (strides (0, 0)) and .contiguous() returns any empty tensor as it is, so the CUDA bindings refused it ("expected
+    unit stride along the channel dim"); a 0-row slice of a transposed activation likewise in the forward."""
+    from apt_kernels.ops.moe import moe_combine, moe_dispatch, moe_route
+
+    for impl in ("reference", "cuda"):
+        r = moe_route(torch.randn(0, 4), 2, cf, impl=impl)
+        x = torch.randn(0, 8, requires_grad=True)
+        y = moe_combine(moe_dispatch(x, r, impl=impl), r, impl=impl)
+        y.sum().backward()
+        assert y.shape == (0, 8) and x.grad.shape == (0, 8)
+        x = torch.randn(0, 8, requires_grad=True)
+        moe_dispatch(x, r, impl=impl).sum().backward()  # dropless: the buffer is (0, 8) too
+        assert x.grad.shape == (0, 8)
+        xt = torch.randn(8, 5).t()[:0]  # (0, 8), strides (1, 5)
+        buf = moe_dispatch(xt, r, impl=impl)
+        assert buf.shape == r.buffer_shape(8)
+        if cf is None:
+            assert moe_combine(xt, r, impl=impl).shape == (0, 8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("c,offset", [(16, 0), (16, 1), (24, 0), (13, 0)])
 def test_moe_row_kernels_with_and_without_16_byte_packs(emulated, dtype, c, offset):

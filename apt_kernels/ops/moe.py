@@ -113,6 +113,15 @@ def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] =
     return "reference"
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as row-major rows, the layout the GPU kernels (and the CUDA bindings' checks) want. ``.contiguous()``
+    alone is not enough for an empty tensor: torch calls every empty tensor contiguous and returns it as it is, so the
+    gradient of ``y.sum()`` for 0 tokens (expanded, strides (0, 0)) or a 0-row slice of a transposed buffer reached
+    the CUDA bindings with a channel stride != 1 and was refused ("expected unit stride along the channel dim").
+    clone, not new_empty: it keeps the forward's autograd graph (x's gradient, an empty tensor, still flows)."""
+    return t.contiguous() if t.numel() else t.clone(memory_format=torch.contiguous_format)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -224,7 +233,7 @@ _BACKENDS: dict[str, Callable[[], Any]] = {
 def _register_ops(name: str) -> dict[str, Any]:
     get = _BACKENDS[name]
     # the C++ kernels take any strides (e.g. the expanded ones of sum()'s gradient); the GPU ones want unit stride
-    as_rows = (lambda t: t) if name == "cpu_native" else (lambda t: t.contiguous())
+    as_rows = (lambda t: t) if name == "cpu_native" else _rows
 
     @torch.library.custom_op(f"apt::moe_route_{name}", mutates_args=())
     def route_op(probs: torch.Tensor, k: int, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -560,7 +569,7 @@ def moe_dispatch(x: torch.Tensor, routing: Routing, impl: str = "auto") -> torch
     impl = resolve_impl(impl, x.device, x.dtype, arg="x")
     if impl == "reference":
         return moe_dispatch_ref(x, routing)
-    buf = _op(impl, "dispatch")(x.contiguous(), routing.slot, routing.token_of_slot)
+    buf = _op(impl, "dispatch")(_rows(x), routing.slot, routing.token_of_slot)
     return buf.view(routing.buffer_shape(x.shape[1]))
 
 
@@ -579,7 +588,7 @@ def moe_combine(expert_out: torch.Tensor, routing: Routing, impl: str = "auto") 
     if impl == "reference":
         return moe_combine_ref(expert_out, routing)
     weights = routing.weights.to(_acc_dtype(expert_out.dtype))
-    flat = expert_out.flatten(0, -2).contiguous()  # not reshape(-1, c): with c = 0 the -1 is ambiguous
+    flat = _rows(expert_out.flatten(0, -2))  # not reshape(-1, c): with c = 0 the -1 is ambiguous
     return _op(impl, "combine")(flat, weights.contiguous(), routing.slot, routing.token_of_slot)
 
 
