@@ -26,7 +26,7 @@ from torch import nn
 from ..core import registry
 from .layers import CausalSelfAttention, MoEWrappedFFN, default_d_ff, make_norm
 from .mamba import MambaMixer
-from .model import APTModel, GPTBlock, MambaBlock
+from .model import APTModel, GPTBlock, MambaBlock, init_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -226,14 +226,9 @@ class ModelBuilder:
         else:
             raise ValueError(f"model.backbone: expected 'gpt' or 'mamba', got {backbone!r}")
         head = nn.Linear(d, m["vocab_size"], bias=False)
-        std = float(m.get("init_std", 0.02))
-        nn.init.normal_(embed.weight, std=std)
-        if pos is not None:
-            nn.init.normal_(pos.weight, std=std)
         if m.get("tie_embeddings", True):
             head.weight = embed.weight
-        else:
-            nn.init.normal_(head.weight, std=std)
+        init_embeddings(embed, pos, head, float(m.get("init_std", 0.02)))
         model = APTModel(self.cfg, embed, blocks, self.norm(), head, pos_embed=pos, dropout=drop)
         model.build_report = dict(self.report)  # type: ignore[attr-defined]
         logger.info("apt model: %s backbone, %.2fM parameters, components %s", backbone,

@@ -20,6 +20,16 @@ from .layers import MoEWrappedFFN
 logger = logging.getLogger(__name__)
 
 
+def init_embeddings(embed: nn.Embedding, pos_embed: Optional[nn.Embedding], head: nn.Linear, std: float) -> None:
+    """N(0, std) for the token and position tables and for an LM head not tied to the table (in that order: the
+    builder's draws). One place for the model builder and APTModel.reset_parameters."""
+    nn.init.normal_(embed.weight, std=std)
+    if pos_embed is not None:
+        nn.init.normal_(pos_embed.weight, std=std)
+    if head.weight is not embed.weight:
+        nn.init.normal_(head.weight, std=std)
+
+
 def _tie_after_load(module: "APTModel", incompatible_keys: Any) -> None:
     module.tie_weights()  # load_state_dict(assign=True) put a tensor of its own in each module
 
@@ -114,13 +124,8 @@ class APTModel(nn.Module):
         for mod in reversed(list(self.modules())):
             if mod is not self and callable(getattr(mod, "reset_parameters", None)):
                 mod.reset_parameters()
-        std = float(self.config["model"].get("init_std", 0.02))
         self.tie_weights()
-        nn.init.normal_(self.embed.weight, std=std)
-        if self.pos_embed is not None:
-            nn.init.normal_(self.pos_embed.weight, std=std)
-        if self.head.weight is not self.embed.weight:
-            nn.init.normal_(self.head.weight, std=std)
+        init_embeddings(self.embed, self.pos_embed, self.head, float(self.config["model"].get("init_std", 0.02)))
 
     def moe_layers(self) -> list[MoEWrappedFFN]:
         return [m for m in self.modules() if isinstance(m, MoEWrappedFFN)]
