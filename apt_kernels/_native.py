@@ -33,9 +33,35 @@ _module: Optional[ModuleType] = None
 _reason: str = ""
 
 
+# Boolean environment variables, spelt as Triton reads its own (TRITON_INTERPRET: triton/_C getenv_bool): the
+# project's flags and its reading of TRITON_INTERPRET must agree with Triton's, or apt says "set TRITON_INTERPRET=1"
+# to a process that Triton already runs in the interpreter (TRITON_INTERPRET=on).
+ENV_TRUE = ("1", "true", "yes", "on", "y")
+ENV_FALSE = ("", "0", "false", "no", "off", "n")
+_env_warned: set[tuple[str, str]] = set()
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """The boolean environment variable ``name`` (case-insensitive 1/true/yes/on/y, or 0/false/no/off/n/empty;
+    unset: ``default``). Any other value logs one warning per value and reads as ``default``, not silently."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    v = raw.lower()
+    if v in ENV_TRUE:
+        return True
+    if v in ENV_FALSE:
+        return False
+    if (name, raw) not in _env_warned:
+        _env_warned.add((name, raw))
+        logger.warning("apt_kernels: %s=%r is not a boolean (1/true/yes/on or 0/false/no/off); read as %s", name, raw,
+                       "on" if default else "off")
+    return default
+
+
 def _load() -> None:
     global _module, _reason
-    if os.environ.get("APT_DISABLE_NATIVE", "").lower() in ("1", "true", "yes"):
+    if env_flag("APT_DISABLE_NATIVE"):
         _reason = "disabled by APT_DISABLE_NATIVE"
         return
     try:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from typing import Optional
 
 import torch
 
-from ._native import CPU_ISA_ENV, native_cuda_status, native_family_status, native_module, native_status
+from ._native import CPU_ISA_ENV, env_flag, native_cuda_status, native_family_status, native_module, native_status
 
 __all__ = ["custom_op_must_dispatch", "autograd_free", "native_status", "native_family_status", "native_cuda_status",
            "triton_status", "compiled_triton_status", "cuda_device_status", "triton_interpret", "cpu_kernel_isas",
@@ -31,8 +30,8 @@ def cpu_kernel_isas() -> dict[str, str]:
 
 
 def triton_interpret() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes")
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1, or any value Triton reads as on)."""
+    return env_flag("TRITON_INTERPRET")
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,14 +33,29 @@ def pytest_configure(config):
         check_provider_names(list(all_cases()), [p for p in providers.split(",") if p] if providers else None)
     except ValueError as exc:
         raise pytest.UsageError(f"--apt-providers: {exc}") from None
-    # like `apt bench --threads auto`: on a busy machine, threads beyond the idle cores make timings meaningless
-    threads = os.environ.get("APT_BENCH_THREADS", "auto")
+    # like `apt bench --device`: "gpu" or "CPU" failed every module's collection with torch's device-string error
+    from apt.bench.pytest_support import default_device
+
+    device = config.getoption("--apt-device") or default_device()
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        src = "--apt-device" if config.getoption("--apt-device") else "APT_BENCH_DEVICE"
+        raise pytest.UsageError(f"{src}: expected cpu or cuda[:N], got {device!r}")
+    # like `apt bench --threads auto`: on a busy machine, threads beyond the idle cores make timings meaningless.
+    # Empty is the default; anything but auto or a count >= 1 is a usage error, not an INTERNALERROR traceback
+    threads = os.environ.get("APT_BENCH_THREADS", "").strip() or "auto"
     if threads == "auto":
         from apt.bench.runner import auto_threads
 
         torch.set_num_threads(auto_threads())
     else:
-        torch.set_num_threads(int(threads))
+        try:
+            n = int(threads)
+            if n < 1:
+                raise ValueError
+        except ValueError:
+            raise pytest.UsageError(f"APT_BENCH_THREADS: expected auto or a thread count >= 1, got {threads!r}") \
+                from None
+        torch.set_num_threads(n)
 
 
 def pytest_generate_tests(metafunc):

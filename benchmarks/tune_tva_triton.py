@@ -43,6 +43,12 @@ CANDIDATES = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _triton_interpret() -> bool:
+    from apt_kernels.backends import triton_interpret  # the TRITON_INTERPRET spellings Triton itself takes
+
+    return triton_interpret()
+
+
 def _fail(msg: str) -> None:
     print(f"tune_tva_triton.py: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -185,7 +191,7 @@ def main() -> None:
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (apt_kernels.triton.tva, below)
         args.T, args.dtypes = min(args.T, 64), "fp16"
-    elif os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes"):
+    elif _triton_interpret():
         _fail("TRITON_INTERPRET is set: this script times compiled kernels on a GPU; unset it")
     elif not torch.cuda.is_available():
         _fail("needs a CUDA GPU (torch.cuda.is_available() is False); nothing was timed")

@@ -496,25 +496,25 @@ def smem_estimate(kernel: str, cfg: KernelConfig, head_dim: int, elem_bytes: int
     return tiles * dp * elem_bytes
 
 
-def _check_config(name: str, cfg) -> KernelConfig:
+def _check_config(name: str, cfg, source: str = CONFIG_ENV) -> KernelConfig:
     if name not in KERNELS:
-        raise ValueError(f"{CONFIG_ENV}: unknown kernel {name!r}, expected one of {', '.join(KERNELS)}")
+        raise ValueError(f"{source}: unknown kernel {name!r}, expected one of {', '.join(KERNELS)}")
     try:
         vals = [int(x) for x in cfg]
         if len(vals) != 4:
             raise ValueError
         cfg = KernelConfig(*vals)
     except (TypeError, ValueError):
-        raise ValueError(f"{CONFIG_ENV}: {name} needs BLOCK_M,BLOCK_N,num_warps,num_stages, got {cfg!r}") from None
+        raise ValueError(f"{source}: {name} needs BLOCK_M,BLOCK_N,num_warps,num_stages, got {cfg!r}") from None
 
     def pow2(x: int) -> bool:
         return x > 0 and x & (x - 1) == 0
 
     if not (pow2(cfg.block_m) and pow2(cfg.block_n) and 16 <= min(cfg.block_m, cfg.block_n)
             and max(cfg.block_m, cfg.block_n) <= 256):
-        raise ValueError(f"{CONFIG_ENV}: {name} blocks must be powers of two in [16, 256], got {cfg}")
+        raise ValueError(f"{source}: {name} blocks must be powers of two in [16, 256], got {cfg}")
     if not (pow2(cfg.num_warps) and cfg.num_warps <= 16 and 1 <= cfg.num_stages <= 8):
-        raise ValueError(f"{CONFIG_ENV}: {name} needs num_warps in 1..16 (a power of two), num_stages in 1..8, "
+        raise ValueError(f"{source}: {name} needs num_warps in 1..16 (a power of two), num_stages in 1..8, "
                          f"got {cfg}")
     return cfg
 
@@ -560,7 +560,7 @@ def kernel_configs(device: torch.device, dtype: torch.dtype, head_dim: int) -> d
     if spec:
         cfgs.update(parse_config_spec(spec))
     for name, cfg in CONFIG_OVERRIDES.items():
-        cfgs[name] = _check_config(name, cfg)
+        cfgs[name] = _check_config(name, cfg, "CONFIG_OVERRIDES")
     return cfgs
 
 

@@ -17,7 +17,7 @@ import torch
 from ..core import registry as _registry
 from . import peers as _peers
 from .cases import get_case
-from .runner import compare_outputs, upcast
+from .runner import _triton_interpret, compare_outputs, upcast
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _impl(item: Item) -> Any:
     if not info.available:
         pytest.skip(f"{item.provider}: {info.reason}")
     if item.device == "cpu" and "triton" in item.provider and not item.named and \
-            os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes"):
+            _triton_interpret():
         pytest.skip(f"{item.provider}: TRITON_INTERPRET=1 would time the interpreter (name it in --apt-providers)")
     return _registry.get(item.kind, item.provider, strict=True)
 

@@ -626,6 +626,12 @@ def git_commit(start: Optional[str] = None) -> str:
     return commit_info()["git_commit"] or "unknown"
 
 
+def _triton_interpret() -> bool:
+    from apt_kernels.backends import triton_interpret
+
+    return triton_interpret()
+
+
 def auto_threads() -> int:
     """CPU threads for timing: torch's default, lowered to the cores that are idle right now (cpu_count minus the
     1-minute load average). On a busy machine, intra-op threads wait on each other at every barrier while the
@@ -719,7 +725,7 @@ def _candidates(case: BenchCase, reg: _registry.Registry, device: torch.device, 
                                        reason=info.reason, device=str(device)))
             continue
         if (device.type == "cpu" and "triton" in info.name and wanted is None
-                and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes")):
+                and _triton_interpret()):
             missing.append(BenchResult(kind=case.kind, mode=None, provider=info.name, status="skipped",
                                        reason="TRITON_INTERPRET=1: its timing would measure Triton's interpreter "
                                               "(name it in --providers to run it anyway)", device=str(device)))

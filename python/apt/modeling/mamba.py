@@ -152,7 +152,7 @@ class MambaMixer(nn.Module):
             try:
                 prov = registry.select("scan", None, u=t)
                 hit = (prov.selective_scan_fn, prov.selective_state_update, prov.name)  # type: ignore[attr-defined]
-                logger.info("apt model: scan provider for %s %s tensors: %s", t.device, t.dtype, prov.name)
+                logger.debug("apt model: scan provider for %s %s tensors: %s", t.device, t.dtype, prov.name)
             except (registry.RegistryError, AttributeError):
                 hit = (_selective_scan_local, _state_update_local, "builtin-sequential")
             self._auto_cache[key] = hit

@@ -85,10 +85,15 @@ class MoEPlugin(Plugin):
         on = self.scheduled_on(ctx)
         was = all(layer.active for layer in self._layers)
         if on and not was and self.upcycle:
+            failed: dict[str, list[int]] = {}  # one warning per reason, not one per layer (a config-wide mismatch)
             for i, layer in enumerate(self._layers):
                 why = layer.upcycle()
                 if why:
-                    logger.warning("moe plugin: MoE layer %d not upcycled from its dense FFN: %s", i, why)
+                    failed.setdefault(why, []).append(i)
+            for why, idx in failed.items():
+                logger.warning("moe plugin: MoE layer%s %s not upcycled from %s dense FFN%s: %s",
+                               "s" if len(idx) > 1 else "", ", ".join(map(str, idx)),
+                               "their" if len(idx) > 1 else "its", "s" if len(idx) > 1 else "", why)
             self.emit(ctx, "upcycled")
         for layer in self._layers:
             layer.active = on
