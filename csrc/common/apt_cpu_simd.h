@@ -50,11 +50,13 @@ static inline float fexp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t k;
-  std::memcpy(&k, &kshift, 4);
-  k -= 0x4b400000;  // the bits of the shifter; k >= -126 wherever the mask below keeps the result
-  k = k > 128 ? 128 : k;
-  int32_t bits = (k + 127) << 23;
+  // In unsigned arithmetic: for x below -87 (masked off below) the subtraction wraps past INT32_MIN (x in
+  // (-1.74e7, -8.7e6)) and k + 127 is negative, both undefined behaviour in int32_t.
+  uint32_t kbits;
+  std::memcpy(&kbits, &kshift, 4);
+  int32_t k = static_cast<int32_t>(kbits - 0x4b400000u);  // the bits of the shifter; k >= -126 wherever the mask
+  k = k > 128 ? 128 : k;                                   // below keeps the result
+  const uint32_t bits = static_cast<uint32_t>(k + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
   const float res = p * scale;

@@ -249,6 +249,8 @@ void dispatch_fwd(const TensorView& x, const int64_t* tos, int64_t S, const Tens
   const T* xp = x.ptr<T>();
   T* bp = buf.ptr<T>();
   const size_t row_bytes = static_cast<size_t>(C) * sizeof(T);
+  // no elements (C == 0: torch's data pointers of empty tensors are null, and memcpy/memset take no null pointer)
+  if (S == 0 || C == 0) return;
   const bool stream = x.stride(1) == 1 && row_bytes * static_cast<size_t>(S) >= kStreamBytes;
 #pragma omp parallel
   {
@@ -365,7 +367,7 @@ void combine_bwd(const TensorView& gy, const TensorView& out, const TensorView& 
     if (t >= 0)
       while (j < k && slot[t * k + j] != s) ++j;
     if (t < 0 || j == k) {
-      std::memset(static_cast<void*>(dst), 0, static_cast<size_t>(C) * sizeof(T));
+      if (C > 0) std::memset(static_cast<void*>(dst), 0, static_cast<size_t>(C) * sizeof(T));  // dst null at C 0
       continue;
     }
     const A wt = wp[t * w.stride(0) + j * w.stride(1)];
