@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+from apt_kernels.backends import triton_interpret
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -21,7 +23,7 @@ if not torch.cuda.is_available():
 # (TRITON_INTERPRET=1, or their file named on the command line). TRITON_INTERPRET=0 asks for the compiled path:
 # test_scan_triton.py would still set it to 1 at import.
 collect_ignore = []
-if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+if torch.cuda.is_available() and not triton_interpret():
     collect_ignore = ["test_moe_triton.py", "test_scan_triton.py", "test_tva_triton.py", "test_triton_layouts.py"]
 
 # Keep the suite within CI's 2 cores and deterministic.

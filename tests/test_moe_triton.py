@@ -9,7 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from apt_kernels.backends import triton_status  # noqa: E402
+from apt_kernels.backends import triton_interpret, triton_status  # noqa: E402
 from apt_kernels.ops.moe import OPS, moe_combine, moe_dispatch, moe_route  # noqa: E402
 from apt_kernels.reference.moe import (check_route_op, check_same_routing, expert_capacity,  # noqa: E402
                                       nan_router_probs, random_router_logits, wild_router_probs)
@@ -18,7 +18,7 @@ from apt_kernels.testing import assert_close  # noqa: E402
 pytestmark = [pytest.mark.triton,
               pytest.mark.skipif(not triton_status()[0], reason=triton_status()[1] or "triton unavailable")]
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpret() else "cpu"
 
 
 # sampled (N, E, k, capacity_factor, kind); kept small for the interpreter
