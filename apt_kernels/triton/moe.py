@@ -31,11 +31,13 @@ def _block_c(c: int) -> int:
 def _topk_kernel(p_ptr, idx_ptr, N, E, stride_n, stride_e, K: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit rows: rows * stride_n (and cols * stride_e for a transposed probs) overflow int32 past 2^31 elements
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < N
     m = rmask[:, None] & (cols[None, :] < E)
-    p = tl.load(p_ptr + rows[:, None] * stride_n + cols[None, :] * stride_e, mask=m, other=-1.0).to(tl.float32)
+    p = tl.load(p_ptr + rows[:, None] * stride_n + cols[None, :].to(tl.int64) * stride_e, mask=m,
+                other=-1.0).to(tl.float32)
     # the reference's order (a stable descending sort) ranks NaN above every number, NaNs by increasing expert:
     # take a row's lowest-index NaN while it has one, else the argmax of its numbers; argmax itself never sees a NaN
     # Padding columns and taken experts are never chosen (avail), whatever the values: -inf (or any number, since

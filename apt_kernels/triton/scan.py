@@ -35,12 +35,12 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     pid_d = tl.program_id(2)
     loc = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = loc < dpg
-    d = pid_g * dpg + loc
-    n = tl.arange(0, BLOCK_N)
+    d = (pid_g * dpg + loc).to(tl.int64)  # 64-bit: d * s_ud overflows int32 past 2^31 elements
+    n = tl.arange(0, BLOCK_N).to(tl.int64)  # n * s_bn = n * L for a (batch, G, N, L) B
     mask_n = n < N
     m2 = mask_d[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + d[:, None] * s_a0 + n[None, :] * s_a1, mask=m2, other=0.0).to(tl.float32)
-    d0 = pid_g * dpg  # the block's first channel: its B/C group is the whole block's
+    d0 = tl.cast(pid_g * dpg, tl.int64)  # the block's first channel: its B/C group is the whole block's
     if B_VAR:
         b_base = B_ptr + pid_b * s_bb + (d0 // dpg_b) * s_bg + n * s_bn
     else:
@@ -58,7 +58,7 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     for c in range(0, nchunks):
         tl.store(ck_ptr + (row[:, None] * nchunks + c) * N + n[None, :], h, mask=m2)
         for k in range(0, CHUNK):
-            t = c * CHUNK + k
+            t = tl.cast(c * CHUNK + k, tl.int64)  # 64-bit: t * s_ul overflows int32 ((batch, L, dim) views)
             if t < L:
                 dt = tl.load(dl_ptr + pid_b * s_db + d * s_dd + t * s_dl, mask=mask_d, other=0.0).to(tl.float32)
                 if HAS_BIAS:
@@ -101,12 +101,12 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     pid_d = tl.program_id(2)
     loc = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = loc < dpg
-    d = pid_g * dpg + loc
-    n = tl.arange(0, BLOCK_N)
+    d = (pid_g * dpg + loc).to(tl.int64)  # 64-bit: d * s_ud overflows int32 past 2^31 elements
+    n = tl.arange(0, BLOCK_N).to(tl.int64)  # n * s_bn = n * L for a (batch, G, N, L) B
     mask_n = n < N
     m2 = mask_d[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + d[:, None] * s_a0 + n[None, :] * s_a1, mask=m2, other=0.0).to(tl.float32)
-    d0 = pid_g * dpg
+    d0 = tl.cast(pid_g * dpg, tl.int64)  # 64-bit: (d0 // dpg_b) * s_bg = g * N * L
     # gradient buffers of variable B/C: contiguous fp32 (batch, G, N, L)
     if B_VAR:
         b_base = B_ptr + pid_b * s_bb + (d0 // dpg_b) * s_bg + n * s_bn
@@ -138,7 +138,7 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         # recompute the chunk's states h_{t-1} from its checkpoint
         h = tl.load(ck_ptr + (row[:, None] * nchunks + c) * N + n[None, :], mask=m2, other=0.0)
         for k in range(0, CHUNK):
-            t = c * CHUNK + k
+            t = tl.cast(c * CHUNK + k, tl.int64)  # 64-bit: t * s_ul overflows int32 ((batch, L, dim) views)
             if t < L:
                 tl.store(hs_row + k * N, h, mask=m2)
                 dt = tl.load(dl_ptr + pid_b * s_db + d * s_dd + t * s_dl, mask=mask_d, other=0.0).to(tl.float32)
@@ -155,7 +155,7 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         # walk it backwards
         for kk in range(0, CHUNK):
             k = CHUNK - 1 - kk
-            t = c * CHUNK + k
+            t = tl.cast(c * CHUNK + k, tl.int64)  # 64-bit: t * s_ul overflows int32 ((batch, L, dim) views)
             if t < L:
                 hp = tl.load(hs_row + k * N, mask=m2, other=0.0)
                 raw = tl.load(dl_ptr + pid_b * s_db + d * s_dd + t * s_dl, mask=mask_d, other=0.0).to(tl.float32)
@@ -231,9 +231,9 @@ def _state_update_kernel(s_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: pid_b * stride overflows int32 past 2^31 elements
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)  # 64-bit: d * s_xd, d * s_sd
     mask_d = d < dim
-    n = tl.arange(0, BLOCK_N)
+    n = tl.arange(0, BLOCK_N).to(tl.int64)  # n * s_bn = n * L for a (batch, G, N, L) B
     m2 = mask_d[:, None] & (n < N)[None, :]
     dt = tl.load(dt_ptr + pid_b * s_tb + d * s_td, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:

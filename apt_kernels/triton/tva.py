@@ -137,6 +137,14 @@ def _load_tile(ptrs, rows_ok, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constex
 
 
 @triton.jit
+def _off2(rows, cols, s_row, s_col):
+    """Element offsets of a (rows, cols) tile in 64 bits: Triton types a stride that fits int32 as i32, and a row
+    index times it wraps past 2^31 elements (a (B, T, H, D) tensor viewed as (B, H, T, D) has time stride H*D). The
+    index vectors themselves stay int32 for the masks of the hot loops."""
+    return rows[:, None].to(tl.int64) * s_row + cols[None, :].to(tl.int64) * s_col
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, pos, offs_n, d_ok, it_lo, it_hi, n_sink, start2,
                 Tk, W, SINKS, pad_ptr, qk_scale, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_PAD: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -145,7 +153,7 @@ def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, pos, offs_n, d_ok, i
     for it in range(it_lo, it_hi):
         start_n = tl.where(it < n_sink, it * BLOCK_N, start2 + (it - n_sink) * BLOCK_N)
         j = start_n + offs_n
-        k = _load_tile(k_ptrs + start_n * skt, j < Tk, d_ok, MASKED, EVEN_D)
+        k = _load_tile(k_ptrs + tl.cast(start_n, tl.int64) * skt, j < Tk, d_ok, MASKED, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASKED:
             ok = _visible(pos[:, None], j[None, :], Tk, W, SINKS, pad_ptr, CAUSAL, HAS_WINDOW, HAS_PAD)
@@ -159,7 +167,7 @@ def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, pos, offs_n, d_ok, i
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptrs + start_n * svt, j < Tk, d_ok, MASKED, EVEN_D)
+        v = _load_tile(v_ptrs + tl.cast(start_n, tl.int64) * svt, j < Tk, d_ok, MASKED, EVEN_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -191,11 +199,11 @@ def _tva_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Tq
     d_ok = offs_d < D
-    q = _load_tile(Q + nb * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, m_ok, d_ok, True, EVEN_D)
+    q = _load_tile(Q + nb * sqb + h * sqh + _off2(offs_m, offs_d, sqt, sqd), m_ok, d_ok, True, EVEN_D)
     pos = tl.where(m_ok, offs_m + (Tk - Tq), -1)
     pad_ptr = PAD + nb * spb  # time stride 1: the launcher passes a contiguous int8 copy of the mask
-    k_ptrs = K + nb * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :] * skd
-    v_ptrs = V + nb * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
+    k_ptrs = K + nb * skb + h * skh + _off2(offs_n, offs_d, skt, skd)
+    v_ptrs = V + nb * svb + h * svh + _off2(offs_n, offs_d, svt, svd)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -212,15 +220,15 @@ def _tva_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DELTA:
-        dl = _load_tile(DELTA + nb * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd, m_ok, d_ok,
+        dl = _load_tile(DELTA + nb * sdb + h * sdh + _off2(offs_m, offs_d, sdt, sdd), m_ok, d_ok,
                         True, EVEN_D).to(tl.float32)
         c = tl.load(COEF).to(tl.float32)
         if HAS_GATE:
-            g = tl.load(GATE + nb * sgb + offs_m * sgt + h * sgh, mask=m_ok, other=0.0).to(tl.float32)
+            g = tl.load(GATE + nb * sgb + offs_m.to(tl.int64) * sgt + h * sgh, mask=m_ok, other=0.0).to(tl.float32)
             out += (c * g)[:, None] * dl
         else:
             out += c * dl
-    tl.store(O + nb * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
+    tl.store(O + nb * sob + h * soh + _off2(offs_m, offs_d, sot, sod), out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
     # natural log; +inf for rows with no visible key: exp(s - lse) is then 0 in the backward for any s
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * _LN2)
@@ -235,29 +243,32 @@ def _tva_bwd_pre_kernel(
     HAS_DELTA: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Di = Σ_d dO·A with A = o - coef·gate·delta; dDelta = coef·gate·dO; rowdot = Σ_d delta·dO."""
-    # B*H on axis 0 (up to 2^31-1 programs; axes 1-2 stop at 65535); 64-bit, since bh * T * D and b * stride
-    # overflow int32 past 2^31 elements
-    bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
+    # 1-D grid, query block fastest, as the forward (axes 1-2 stop at 65535 programs: Tq > 65535 * BLOCK_M failed
+    # to launch); 64-bit bh, since bh * T * D and b * stride overflow int32 past 2^31 elements
+    n_m = tl.cdiv(Tq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_m
+    bh = (pid // n_m).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod, mask=mask, other=0.0)
-    do = tl.load(DO + b * sgb_ + h * sgh_ + offs_m[:, None] * sgt_ + offs_d[None, :] * sgd_, mask=mask,
+    o = tl.load(O + b * sob + h * soh + _off2(offs_m, offs_d, sot, sod), mask=mask, other=0.0)
+    do = tl.load(DO + b * sgb_ + h * sgh_ + _off2(offs_m, offs_d, sgt_, sgd_), mask=mask,
                  other=0.0).to(tl.float32)
     a = o.to(tl.float32)
     if HAS_DELTA:
-        dl = tl.load(DELTA + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd, mask=mask,
+        dl = tl.load(DELTA + b * sdb + h * sdh + _off2(offs_m, offs_d, sdt, sdd), mask=mask,
                      other=0.0).to(tl.float32)
         c = tl.load(COEF).to(tl.float32)
         cg = tl.zeros([BLOCK_M], tl.float32) + c
         if HAS_GATE:
-            g = tl.load(GATE + b * sgb + offs_m * sgt + h * sgh, mask=offs_m < Tq, other=0.0).to(tl.float32)
+            g = tl.load(GATE + b * sgb + offs_m.to(tl.int64) * sgt + h * sgh, mask=offs_m < Tq,
+                        other=0.0).to(tl.float32)
             cg = cg * g
         a = a - cg[:, None] * dl
-        offs_out = bh * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+        offs_out = bh * Tq * D + _off2(offs_m, offs_d, D, 1)
         tl.store(DDELTA + offs_out, (cg[:, None] * do).to(DDELTA.dtype.element_ty), mask=mask)
         tl.store(ROWDOT + bh * Tq + offs_m, tl.sum(dl * do, 1), mask=offs_m < Tq)
     tl.store(DI + bh * Tq + offs_m, tl.sum(do * a, 1), mask=offs_m < Tq)
@@ -273,8 +284,8 @@ def _dkdv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, sqt, sgt_, lse_ptr, di_ptr, j, o
     for m_start in range(lo, hi, BLOCK_M):
         offs_m = m_start + offs_mb
         m_ok = offs_m < Tq
-        q = _load_tile(q_ptrs + m_start * sqt, m_ok, d_ok, MASKED, EVEN_D)
-        do = _load_tile(do_ptrs + m_start * sgt_, m_ok, d_ok, MASKED, EVEN_D)
+        q = _load_tile(q_ptrs + tl.cast(m_start, tl.int64) * sqt, m_ok, d_ok, MASKED, EVEN_D)
+        do = _load_tile(do_ptrs + tl.cast(m_start, tl.int64) * sgt_, m_ok, d_ok, MASKED, EVEN_D)
         if MASKED:
             lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=float("inf"))
             di = tl.load(di_ptr + offs_m, mask=m_ok, other=0.0)
@@ -314,8 +325,8 @@ def _tva_bwd_dkdv_kernel(
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    k = _load_tile(K + nb * skb + h * skh + j[:, None] * skt + offs_d[None, :] * skd, j < Tk, d_ok, True, EVEN_D)
-    v = _load_tile(V + nb * svb + h * svh + j[:, None] * svt + offs_d[None, :] * svd, j < Tk, d_ok, True, EVEN_D)
+    k = _load_tile(K + nb * skb + h * skh + _off2(j, offs_d, skt, skd), j < Tk, d_ok, True, EVEN_D)
+    v = _load_tile(V + nb * svb + h * svh + _off2(j, offs_d, svt, svd), j < Tk, d_ok, True, EVEN_D)
     pad_ptr = PAD + nb * spb
     off = Tk - Tq
     n_max = tl.minimum(n_start + BLOCK_N, Tk) - 1
@@ -351,8 +362,8 @@ def _tva_bwd_dkdv_kernel(
         c_hi = c_lo
     f_lo = start + c_lo * BLOCK_M
     f_hi = start + c_hi * BLOCK_M
-    q_ptrs = Q + nb * sqb + h * sqh + offs_mb[:, None] * sqt + offs_d[None, :] * sqd
-    do_ptrs = DO + nb * sgb_ + h * sgh_ + offs_mb[:, None] * sgt_ + offs_d[None, :] * sgd_
+    q_ptrs = Q + nb * sqb + h * sqh + _off2(offs_mb, offs_d, sqt, sqd)
+    do_ptrs = DO + nb * sgb_ + h * sgh_ + _off2(offs_mb, offs_d, sgt_, sgd_)
     lse_ptr = LSE + bh * Tq
     di_ptr = DI + bh * Tq
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -366,7 +377,7 @@ def _tva_bwd_dkdv_kernel(
     dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, sqt, sgt_, lse_ptr, di_ptr, j, offs_mb, d_ok, f_hi, i_hi,
                           Tq, Tk, off, W, SINKS, pad_ptr, qk_scale, CAUSAL, HAS_WINDOW, HAS_PAD, True, EVEN_D,
                           BLOCK_M, PREC)
-    offs_out = bh * Tk * D + j[:, None] * D + offs_d[None, :]
+    offs_out = bh * Tk * D + _off2(j, offs_d, D, 1)
     kv_mask = (j < Tk)[:, None] & d_ok[None, :]
     tl.store(DK + offs_out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + offs_out, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -380,8 +391,8 @@ def _dq_blocks(dq, q, do, lse2, di, k_ptrs, v_ptrs, skt, svt, pos, offs_n, d_ok,
     for it in range(it_lo, it_hi):
         start_n = tl.where(it < n_sink, it * BLOCK_N, start2 + (it - n_sink) * BLOCK_N)
         j = start_n + offs_n
-        k = _load_tile(k_ptrs + start_n * skt, j < Tk, d_ok, MASKED, EVEN_D)
-        v = _load_tile(v_ptrs + start_n * svt, j < Tk, d_ok, MASKED, EVEN_D)
+        k = _load_tile(k_ptrs + tl.cast(start_n, tl.int64) * skt, j < Tk, d_ok, MASKED, EVEN_D)
+        v = _load_tile(v_ptrs + tl.cast(start_n, tl.int64) * svt, j < Tk, d_ok, MASKED, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
@@ -416,15 +427,15 @@ def _tva_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Tq
     d_ok = offs_d < D
-    q = _load_tile(Q + nb * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, m_ok, d_ok, True, EVEN_D)
-    do = _load_tile(DO + nb * sgb_ + h * sgh_ + offs_m[:, None] * sgt_ + offs_d[None, :] * sgd_, m_ok, d_ok, True,
+    q = _load_tile(Q + nb * sqb + h * sqh + _off2(offs_m, offs_d, sqt, sqd), m_ok, d_ok, True, EVEN_D)
+    do = _load_tile(DO + nb * sgb_ + h * sgh_ + _off2(offs_m, offs_d, sgt_, sgd_), m_ok, d_ok, True,
                     EVEN_D)
     lse2 = tl.load(LSE + bh * Tq + offs_m, mask=m_ok, other=float("inf")) * _LOG2E
     di = tl.load(DI + bh * Tq + offs_m, mask=m_ok, other=0.0)
     pos = tl.where(m_ok, offs_m + (Tk - Tq), -1)
     pad_ptr = PAD + nb * spb
-    k_ptrs = K + nb * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :] * skd
-    v_ptrs = V + nb * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
+    k_ptrs = K + nb * skb + h * skh + _off2(offs_n, offs_d, skt, skd)
+    v_ptrs = V + nb * svb + h * svh + _off2(offs_n, offs_d, svt, svd)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_sink, start2, a, b, n = _key_runs(m_start, Tq, Tk, W, SINKS, CAUSAL, HAS_WINDOW, HAS_PAD, BLOCK_M, BLOCK_N)
     dq = _dq_blocks(dq, q, do, lse2, di, k_ptrs, v_ptrs, skt, svt, pos, offs_n, d_ok, 0, a, n_sink, start2, Tk, W,
@@ -433,7 +444,7 @@ def _tva_bwd_dq_kernel(
                     SINKS, pad_ptr, qk_scale, CAUSAL, HAS_WINDOW, HAS_PAD, False, EVEN_D, BLOCK_N, PREC)
     dq = _dq_blocks(dq, q, do, lse2, di, k_ptrs, v_ptrs, skt, svt, pos, offs_n, d_ok, b, n, n_sink, start2, Tk, W,
                     SINKS, pad_ptr, qk_scale, CAUSAL, HAS_WINDOW, HAS_PAD, True, EVEN_D, BLOCK_N, PREC)
-    tl.store(DQ + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+    tl.store(DQ + bh * Tq * D + _off2(offs_m, offs_d, D, 1), (dq * scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 
 
@@ -625,7 +636,7 @@ def _tva_bwd_impl(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     ddelta = torch.empty(q.shape, dtype=delta.dtype, device=q.device) if has_delta else q.new_empty(0)
     rowdot = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device) if has_delta else di.new_empty(0)
     pre_bm = 16 if q.device.type != "cuda" else _PRE_BLOCK_M[64 if block_d <= 64 else 128]
-    _tva_bwd_pre_kernel[(B * H, triton.cdiv(Tq, pre_bm))](
+    _tva_bwd_pre_kernel[(B * H * triton.cdiv(Tq, pre_bm),)](
         o, grad_o, delta if has_delta else q, gate if gate is not None else q, coef, di,
         ddelta if has_delta else di, rowdot if has_delta else di,
         *o.stride(), *grad_o.stride(), *_s4(delta), *(gate.stride() if gate is not None else (0, 0, 0)),

@@ -1,0 +1,93 @@
+"""Triton kernels' offsets in 64 bits: a row stride that fits int32 (so Triton types it i32) times a row index
+must not wrap at 2^31 elements. The tensors are views into a large *untouched* torch.empty storage (virtual memory
+only: a few pages are written), with one row at 2^31 + 128 elements and a marker where an int32-wrapped offset
+would land. Runs under TRITON_INTERPRET=1, whose integer arithmetic is the GPU's."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from apt_kernels import backends  # noqa: E402
+
+pytestmark = pytest.mark.triton
+if not backends.triton_status()[0]:
+    pytest.skip(f"triton unavailable: {backends.triton_status()[1]}", allow_module_level=True)
+
+S = (1 << 30) + 64        # fits int32; 2 * S = 2^31 + 128 does not
+BASE = 1 << 31            # storage offset: the wrapped address (BASE + 2S - 2^32 = 128) lies inside the storage
+
+
+def _storage(dtype):
+    try:
+        return torch.empty(BASE + 2 * S + 256, dtype=dtype)  # 8-16 GiB of address space, never touched
+    except RuntimeError as e:  # no overcommit here
+        pytest.skip(f"cannot reserve the address space: {e}")
+
+
+def test_tva_triton_row_offset_past_int32():
+    from apt_kernels.reference.tva import tva_attention_ref
+    from apt_kernels.triton.tva import tva_attention_triton
+
+    D = 16
+    st = _storage(torch.float16)
+    torch.manual_seed(0)
+    for i in range(3):
+        st[BASE + i * S: BASE + i * S + D] = torch.randn(D, dtype=torch.float16)
+    st[128:128 + D] = 100.0
+    q = st.as_strided((1, 1, 3, D), (3 * S, 3 * S, S, 1), BASE).detach().requires_grad_()
+    k = torch.randn(1, 1, 3, D, dtype=torch.float16, requires_grad=True)
+    v = torch.randn(1, 1, 3, D, dtype=torch.float16, requires_grad=True)
+    go = torch.randn(1, 1, 3, D, dtype=torch.float16)
+    o = tva_attention_triton(q, k, v, causal=False)
+    grads = torch.autograd.grad(o, (q, k, v), go)
+    ref_in = [t.detach().float().contiguous().requires_grad_() for t in (q, k, v)]
+    ro = tva_attention_ref(*ref_in, causal=False)
+    rgrads = torch.autograd.grad(ro, ref_in, go.float())
+    for a, b in zip((o, *grads), (ro, *rgrads)):
+        torch.testing.assert_close(a.float(), b, atol=2e-2, rtol=2e-2)
+
+
+def test_scan_triton_channel_offset_past_int32():
+    from apt_kernels.reference.scan import selective_scan_ref
+    from apt_kernels.triton.scan import selective_scan_bwd_triton, selective_scan_fwd_triton
+
+    L = 4
+    st = _storage(torch.float16)
+    torch.manual_seed(0)
+    for i in range(3):
+        st[BASE + i * S: BASE + i * S + L] = torch.randn(L, dtype=torch.float16)
+        st[BASE + 64 + i * S: BASE + 64 + i * S + L] = torch.rand(L, dtype=torch.float16)
+    st[128:128 + L] = 50.0
+    st[192:192 + L] = 2.0
+    u = st.as_strided((1, 3, L), (3 * S, S, 1), BASE)
+    delta = st.as_strided((1, 3, L), (3 * S, S, 1), BASE + 64)
+    A = -torch.rand(3, 4) - 0.5
+    B, C = torch.randn(3, 4), torch.randn(3, 4)
+    dout = torch.randn(1, 3, L, dtype=torch.float16)
+    out, _, ck = selective_scan_fwd_triton(u, delta, A, B, C, None, None, None, False, 64)
+    du, ddelta, dA, *_ = selective_scan_bwd_triton(u, delta, A, B, C, None, None, None, dout, None, ck, False, 64)
+    ref_in = [t.detach().float().contiguous().requires_grad_() for t in (u, delta, A)]
+    y = selective_scan_ref(ref_in[0], ref_in[1], ref_in[2], B, C)
+    g = torch.autograd.grad(y, ref_in, dout.float())
+    for a, b in zip((out, du, ddelta, dA), (y, *g)):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_moe_triton_router_row_offset_past_int32():
+    from apt_kernels.triton.moe import route
+
+    E = 8
+    st = _storage(torch.float32)
+    torch.manual_seed(0)
+    for i in range(3):
+        st[BASE + i * S: BASE + i * S + E] = torch.rand(E)
+    st[128:128 + E] = torch.arange(E, dtype=torch.float32)
+    probs = st.as_strided((3, E), (S, 1), BASE)
+    idx = route(probs, 2, -1)[0]
+    assert idx.tolist() == torch.topk(probs.contiguous(), 2, dim=1).indices.tolist()
