@@ -197,6 +197,11 @@ def moe_dispatch_ref(x: torch.Tensor, routing: Routing) -> torch.Tensor:
 
 def moe_combine_ref(expert_out: torch.Tensor, routing: Routing) -> torch.Tensor:
     """``y[n] = sum over kept j of w[n, j] * expert_out[slot[n, j]]`` in fp32 (fp64 for fp64), expert_out's dtype."""
+    dev = expert_out.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        # fp32 as documented and as the native combine: autocast would run the einsum in its low dtype
+        with torch.autocast(dev, enabled=False):
+            return moe_combine_ref(expert_out, routing)
     acc = torch.promote_types(routing.weights.dtype, expert_out.dtype)
     flat = expert_out.flatten(0, -2)  # (rows, C); reshape(-1, C) cannot infer rows when C is 0
     zero = torch.zeros((), dtype=acc, device=flat.device)
