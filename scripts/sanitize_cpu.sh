@@ -7,11 +7,26 @@
 # sanitizer runtimes preloaded (python itself is not instrumented). Any report stops the run; reports go to stderr.
 # The copy keeps timestamps, so a rerun rebuilds only what changed (APT_SANITIZE_DIR: where, default $TMPDIR).
 # Needs the test dependencies (pip install ".[test]") in the active Python.
+#   scripts/sanitize_cpu.sh --cuda-emu [pytest args]   # the CUDA kernels through tests/cuda_emu instead
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY=${PYTHON:-python}
-WORK=${APT_SANITIZE_DIR:-${TMPDIR:-/tmp}/apt-sanitize}
 CXX=${CXX:-c++}
+if [ "${1:-}" = "--cuda-emu" ]; then
+  # The emulator module (tests/cuda_emu/emu_build.py) is built apart from _C, cached by its flags: build it
+  # sanitized and run its tests in this checkout. Its header poisons the gaps between shared-memory variables and
+  # the unused tail of dynamic shared memory under ASan, so overruns inside a block's shared memory are caught too.
+  shift
+  [ "$#" -eq 0 ] && set -- tests/test_cuda_emu.py
+  cd "$ROOT"
+  export CXX  # emu_build.py compiles with $CXX too
+  export APT_CUDA_EMU_CXXFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -g"
+  LD_PRELOAD="$("$CXX" -print-file-name=libasan.so) $("$CXX" -print-file-name=libubsan.so)" \
+  ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:detect_stack_use_after_return=0" \
+  UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+  exec "$PY" -m pytest -q -x -p no:cacheprovider "$@"
+fi
+WORK=${APT_SANITIZE_DIR:-${TMPDIR:-/tmp}/apt-sanitize}
 mkdir -p "$WORK/src"
 # tracked and untracked-but-not-ignored files: what a fresh clone plus the work in progress would build
 (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t "$WORK/src" 2>/dev/null) \

@@ -159,10 +159,18 @@ struct Sched {
   std::vector<Slot> slots;  // 32 per warp
   std::vector<MmaSlot> mma_slots;  // likewise
   std::vector<unsigned char> dyn;
-  std::vector<unsigned char> statics = std::vector<unsigned char>(kStaticLimit);  // never resized: references stay
-  std::map<const void*, size_t> static_of;  // declaration site -> offset in statics, this block
-  size_t static_used = 0;
   static constexpr size_t kStaticLimit = 48 * 1024, kSmemLimit = 232448;  // H100/H200: 48 KB static, 227 KB in all
+#if defined(__SANITIZE_ADDRESS__)
+  // a poisoned gap before every static shared variable, so ASan sees one overrun the next (up to 256 variables)
+  static constexpr size_t kRedzone = 64, kMaxStatics = 256;
+#else
+  static constexpr size_t kRedzone = 0, kMaxStatics = SIZE_MAX;
+#endif
+  // never resized: references stay
+  std::vector<unsigned char> statics = std::vector<unsigned char>(kStaticLimit + kRedzone * kMaxStatics);
+  std::map<const void*, size_t> static_of;  // declaration site -> offset in statics, this block
+  size_t static_used = 0;  // bytes of statics taken, redzones included
+  size_t static_rz = 0;    // of which redzones (not counted against the limits)
   Fiber* cur = nullptr;
   uint3 bidx{0, 0, 0};
   dim3 bdim, gdim;
@@ -200,11 +208,19 @@ inline T& shared_var(const void* site) {
   Sched& s = S();
   auto it = s.static_of.find(site);
   if (it == s.static_of.end()) {
-    const size_t off = (s.static_used + 15) & ~size_t(15);
-    if (off + sizeof(T) > Sched::kStaticLimit) {
+    const size_t off = ((s.static_used + 15) & ~size_t(15)) + Sched::kRedzone;
+    s.static_rz += Sched::kRedzone;
+    if (s.static_of.size() >= Sched::kMaxStatics) {
+      fail("more static __shared__ variables than the ASan build of the emulator has redzones for");
+      return *reinterpret_cast<T*>(s.statics.data());
+    }
+    if (off + sizeof(T) - s.static_rz > Sched::kStaticLimit) {
       fail("more than 48 KB of static shared memory");
       return *reinterpret_cast<T*>(s.statics.data());
     }
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_unpoison_memory_region(s.statics.data() + off, sizeof(T));
+#endif
     std::memset(s.statics.data() + off, 0xff, sizeof(T));
     s.static_used = off + sizeof(T);
     it = s.static_of.emplace(site, off).first;
@@ -469,9 +485,17 @@ inline void run_block(const std::function<void()>& body, size_t smem) {
   while (s.stacks.size() < static_cast<size_t>(n)) s.stacks.emplace_back(new unsigned char[Sched::kStack]);
   s.slots.assign(static_cast<size_t>((n + 31) / 32) * 32, Slot{});
   s.mma_slots.assign(s.slots.size(), MmaSlot{});
+#if defined(__SANITIZE_ADDRESS__)
+  if (s.dyn.capacity()) __asan_unpoison_memory_region(s.dyn.data(), s.dyn.capacity());
+  __asan_poison_memory_region(s.statics.data(), s.statics.size());
+#endif
   s.dyn.assign(std::max<size_t>(smem, 16), 0xff);
+#if defined(__SANITIZE_ADDRESS__)
+  if (s.dyn.capacity() > smem) __asan_poison_memory_region(s.dyn.data() + smem, s.dyn.capacity() - smem);
+#endif
   s.static_of.clear();
   s.static_used = 0;
+  s.static_rz = 0;
   s.body = &body;
   for (int i = 0; i < n; ++i) {
     Fiber& f = s.fibers[i];
@@ -531,8 +555,8 @@ inline void run_block(const std::function<void()>& body, size_t smem) {
            " live threads wait at __syncthreads, the others at a shuffle their warp does not all reach");
     }
   }
-  if (s.error.empty() && s.static_used + smem > Sched::kSmemLimit)
-    fail(std::to_string(s.static_used) + " bytes of static and " + std::to_string(smem) +
+  if (s.error.empty() && s.static_used - s.static_rz + smem > Sched::kSmemLimit)
+    fail(std::to_string(s.static_used - s.static_rz) + " bytes of static and " + std::to_string(smem) +
          " of dynamic shared memory: more than a block can have (" + std::to_string(Sched::kSmemLimit) + ")");
 }
 
