@@ -80,12 +80,24 @@ def _resolve_core(core: Union[str, Core]) -> Core:
 
     if core not in tva_ops.IMPLS:
         raise ValueError(f"core: expected one of {', '.join(tva_ops.IMPLS)} or a callable, got {core!r}")
+    return _ImplCore(core)
 
-    def run(*args, **kwargs):
-        return tva_ops.tva_attention(*args, impl=core, **kwargs)
 
-    run.__name__ = f"tva_attention[{core}]"
-    return run
+class _ImplCore:
+    """``tva_attention(..., impl=<name>)`` as a core: a module-level class, not a closure, so that a layer built
+    with a core name (the default "auto" included) pickles (torch.save(model), spawn / forkserver workers)."""
+
+    def __init__(self, impl: str) -> None:
+        self.impl = impl
+        self.__name__ = self.__qualname__ = f"tva_attention[{impl}]"
+
+    def __call__(self, *args, **kwargs):
+        from ..ops import tva as tva_ops
+
+        return tva_ops.tva_attention(*args, impl=self.impl, **kwargs)
+
+    def __repr__(self) -> str:
+        return self.__name__
 
 
 class TVAAttention(nn.Module):
