@@ -47,7 +47,14 @@ _LAZY: dict[str, str] = {
     "selective_state_update_ref": "apt_kernels.reference.scan",
 }
 
-__all__ = sorted(_LAZY) + ["__version__", "backends", "testing"]
+__all__ = sorted(_LAZY) + ["__version__", "backends", "testing", "load_ops"]
+
+
+def load_ops() -> None:
+    """Register every ``torch.ops.apt.*`` custom op now. ``import apt_kernels`` is lazy and registers none, so a
+    process that deserializes a program calling them (``torch.export.load``, an AOTInductor package) needs this
+    (or ``import apt_kernels.ops``) first; otherwise torch fails with "failed to resolve torch.ops.apt.<op>"."""
+    importlib.import_module("apt_kernels.ops")
 
 
 def __getattr__(name: str) -> Any:

@@ -118,10 +118,12 @@ def fix_triton_interpreter_bf16_dot() -> bool:
 
 def custom_op_must_dispatch() -> bool:
     """Whether a call must go through its torch custom op rather than straight to the kernel's body: under
-    torch.compile and under any dispatch mode (FakeTensorMode, FlopCounterMode, opcheck), which must see the op.
-    Elsewhere, plain eager calls skip the custom op's dispatch, ~60-100 µs of Python per call (torch 2.13), more
-    than a decode step's kernel."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+    torch.compile, torch.jit.trace and under any dispatch mode (FakeTensorMode, FlopCounterMode, opcheck), which
+    must see the op. Elsewhere, plain eager calls skip the custom op's dispatch, ~60-100 µs of Python per call
+    (torch 2.13), more than a decode step's kernel."""
+    # torch.jit.trace too: the kernels write their outputs through raw pointers, which the tracer cannot see, so a
+    # traced body recorded only the torch.empty of each output and the traced module returned uninitialised memory
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or torch.jit.is_tracing()
 
 
 def autograd_free(*tensors: Optional[torch.Tensor]) -> bool:

@@ -162,7 +162,7 @@ class _NativeCPU:
     @staticmethod
     def combine_backward(grad_y, out, weights, slot, token_of_slot):
         g_out = host_empty(tuple(out.shape), out.dtype)
-        g_w = torch.empty_like(weights)
+        g_w = torch.empty(weights.shape, dtype=weights.dtype)  # contiguous, as the kernel and the fake want
         cpu_module().moe_combine_backward_cpu(view(grad_y), view(out), view(weights), view(slot),
                                                  view(token_of_slot), view(g_out), view(g_w))
         return g_out, g_w
@@ -207,8 +207,8 @@ class _NativeCUDA:
 
     @staticmethod
     def combine_backward(grad_y, out, weights, slot, token_of_slot):
-        g_out = torch.empty_like(out)
-        g_w = torch.empty_like(weights)
+        g_out = torch.empty(out.shape, dtype=out.dtype, device=out.device)  # contiguous, as the fake says
+        g_w = torch.empty(weights.shape, dtype=weights.dtype, device=weights.device)
         native_module().moe_combine_backward_cuda(view(grad_y), view(out), view(weights), view(slot),
                                                   view(token_of_slot), view(g_out), view(g_w),
                                                   current_stream(out.device))
@@ -291,7 +291,8 @@ def _register_ops(name: str) -> dict[str, Any]:
 
     @combine_bwd_op.register_fake
     def _(grad_y, out, weights, slot, token_of_slot):
-        return torch.empty_like(out), torch.empty_like(weights)
+        # new_empty, not empty_like: every back end allocates both gradients contiguous, whatever out's strides
+        return out.new_empty(out.shape), weights.new_empty(weights.shape)
 
     def combine_setup(ctx, inputs, output):
         out, weights, slot, tos = inputs

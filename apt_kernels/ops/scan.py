@@ -43,6 +43,19 @@ def _nchunks(L: int, chunk: int) -> int:
     return (L + chunk - 1) // chunk
 
 
+# The forward ops return the checkpoints flattened to 1-D (batch*dim*nchunks*N,), and the backward ops view them
+# back: a (batch, dim, nchunks, N) output made torch.export / torch.compile guard on nchunks == 1 (tracing asks
+# whether each output dim is 1 for its contiguity), so a sequence length marked dynamic was pinned to one side of
+# CHUNK ("satisfy the generated guard L <= 64"). The kernels still see the 4-D buffer.
+def _flat_ckpt(ckpt: torch.Tensor) -> torch.Tensor:
+    return ckpt.view(-1)
+
+
+def _ckpt_4d(ckpt: torch.Tensor, u: torch.Tensor, A: torch.Tensor, chunk: int) -> torch.Tensor:
+    batch, dim, L = u.shape
+    return ckpt.view(batch, dim, _nchunks(L, chunk), A.shape[1])
+
+
 def pack_bc(M: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """B/C in the scan's layouts -> the kernels' contiguous layouts: (dim, N) stays, (batch, N, L) and
     (batch, G, N, L) become (batch, G, L, N) so that one time step's N values are contiguous."""
@@ -82,7 +95,7 @@ def _scan_fwd_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     cpu_module().selective_scan_fwd_cpu(
         view(u), view(delta), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(out), view(last),
         view(ckpt), bool(delta_softplus), int(chunk))
-    return out, last, ckpt
+    return out, last, _flat_ckpt(ckpt)
 
 
 def _fwd_outputs(u: torch.Tensor, A: torch.Tensor, chunk: int):
@@ -104,7 +117,8 @@ _scan_fwd_op = torch.library.custom_op("apt::selective_scan_fwd", mutates_args=(
 
 @_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
-    return _fwd_outputs(u, A, chunk)
+    out, last, ckpt = _fwd_outputs(u, A, chunk)
+    return out, last, ckpt.new_empty(ckpt.numel())
 
 
 def _scan_bwd_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -115,6 +129,7 @@ def _scan_bwd_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the inputs' layouts and dtypes; the gradient of an
     absent optional input is an empty tensor."""
     acc = _acc(u.dtype)
+    ckpt = _ckpt_4d(ckpt, u, A, chunk)
     Ap, Bp, Cp, Dp, bp = _pack_params(A, B, C, D, delta_bias, acc)
     dlp = _opt(dlast, acc)
     du, ddelta, dz, dA, dBp, dCp, dD, dbias = _bwd_buffers(u, Ap, Bp, Cp, Dp, z, bp, torch.empty)
@@ -301,13 +316,14 @@ def _scan_fwd_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
         view(u), view(delta), view(Ap), view(Bp), view(Cp), view(Dp), view(z), view(bp), view(out), view(last),
         view(ckpt), view(seg_state), view(seg_dt), bool(delta_softplus), int(chunk), int(cps),
         current_stream(u.device))
-    return out, last, ckpt
+    return out, last, _flat_ckpt(ckpt)
 
 
 @_scan_bwd_op.register_kernel("cuda")
 def _scan_bwd_cuda(u, delta, A, B, C, D, z, delta_bias, dout, dlast, ckpt, delta_softplus, chunk):
     _require_cuda_module("apt::selective_scan_bwd (cuda)")
     f32 = torch.float32
+    ckpt = _ckpt_4d(ckpt, u, A, chunk)
     Ap, Bp, Cp, Dp, bp = _pack_params(A, B, C, D, delta_bias, f32)
     dlp = _opt(dlast, f32)
     # the kernel adds the parameter gradients up with atomics: they start from zero
@@ -338,7 +354,8 @@ def _triton_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.
                 delta_softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton.scan import selective_scan_fwd_triton
 
-    return selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+    out, last, ckpt = selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+    return out, last, _flat_ckpt(ckpt)
 
 
 _triton_fwd_op = torch.library.custom_op("apt::selective_scan_triton_fwd", mutates_args=())(_triton_fwd)
@@ -349,7 +366,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
     batch, dim, L = u.shape
     N = A.shape[1]
     return (torch.empty_like(u), u.new_empty(batch, dim, N, dtype=torch.float32),
-            u.new_empty(batch, dim, _nchunks(L, chunk), N, dtype=torch.float32))
+            u.new_empty(batch * dim * _nchunks(L, chunk) * N, dtype=torch.float32))
 
 
 def _triton_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -360,6 +377,7 @@ def _triton_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.
     from ..triton.scan import selective_scan_bwd_triton
 
     dl = dlast.float().contiguous() if dlast is not None else None
+    ckpt = _ckpt_4d(ckpt, u, A, chunk)
     du, ddelta, dA, dB, dC, dD, dz, dbias = selective_scan_bwd_triton(
         u, delta, A, B, C, D, z, delta_bias, dout, dl, ckpt, delta_softplus, chunk)
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),

@@ -50,11 +50,13 @@ class Routing:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.expert_idx.shape[0])
+        # not int(): under torch.export / torch.compile with a dynamic token count this is a SymInt, and int()
+        # specialised it to the example's value ("You marked N as dynamic but your code specialized it")
+        return self.expert_idx.shape[0]
 
     @property
     def k(self) -> int:
-        return int(self.expert_idx.shape[1])
+        return self.expert_idx.shape[1]
 
     @property
     def dropless(self) -> bool:
@@ -87,7 +89,9 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
         raise ValueError(f"capacity_factor: {capacity_factor} (with min_capacity={min_capacity}) gives a capacity of "
                          f"{max(min_capacity, want):.3g} rows per expert, more than a buffer of {num_experts} experts "
                          f"can index; an expert never takes more than num_tokens={num_tokens} rows")
-    return max(int(min_capacity), int(math.ceil(want)))
+    # sym_max, not max(int(...)): with a dynamic token count (torch.export / torch.compile) want is a SymFloat and
+    # int() / max() specialised the capacity, so the token count, to the example's value
+    return torch.sym_max(int(min_capacity), math.ceil(want))
 
 
 def default_renormalize(k: int, renormalize: Optional[bool]) -> bool:
@@ -100,7 +104,8 @@ def router_probs(logits: torch.Tensor) -> torch.Tensor:
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     l = logits.to(acc)
     n, e = l.shape
-    if l.device.type == "cpu" and e <= 32 and n >= 256:
+    # (not while tracing: a branch on n specialised a dynamic token count to one side of 256 under torch.export)
+    if not torch.compiler.is_compiling() and l.device.type == "cpu" and e <= 32 and n >= 256:
         # torch's CPU softmax vectorises along the row, so with few experts it costs ~100 ns a row (1.7 ms at
         # N 16K, E 8); the same formula in whole-tensor ops is 4-6x faster, forward and backward. The shift by the
         # row max is a constant for the gradient (softmax does not depend on it), hence detached. Non-finite rows
