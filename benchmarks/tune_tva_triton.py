@@ -30,6 +30,9 @@ import time
 
 import torch
 
+# reads TRITON_INTERPRET as Triton does; importing it does not import triton (set below for --dry-run first)
+from apt_kernels.backends import triton_interpret
+
 # (kernel, head dim) -> candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), after the table's default. ptxas
 # registers per thread for sm_90 (fp16, causal; compiled without a GPU) in the comments; "spills" = local memory.
 CANDIDATES = {
@@ -41,12 +44,6 @@ CANDIDATES = {
     ("dq", 128): [(128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],                # 181, 149, 199
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _triton_interpret() -> bool:
-    from apt_kernels.backends import triton_interpret  # the TRITON_INTERPRET spellings Triton itself takes
-
-    return triton_interpret()
 
 
 def _fail(msg: str) -> None:
@@ -191,7 +188,7 @@ def main() -> None:
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (apt_kernels.triton.tva, below)
         args.T, args.dtypes = min(args.T, 64), "fp16"
-    elif _triton_interpret():
+    elif triton_interpret():
         _fail("TRITON_INTERPRET is set: this script times compiled kernels on a GPU; unset it")
     elif not torch.cuda.is_available():
         _fail("needs a CUDA GPU (torch.cuda.is_available() is False); nothing was timed")

@@ -14,10 +14,12 @@ from typing import Any, Optional
 
 import torch
 
+from apt_kernels.backends import triton_interpret
+
 from ..core import registry as _registry
 from . import peers as _peers
 from .cases import get_case
-from .runner import _triton_interpret, compare_outputs, upcast
+from .runner import compare_outputs, upcast
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +97,7 @@ def _impl(item: Item) -> Any:
     if not info.available:
         pytest.skip(f"{item.provider}: {info.reason}")
     if item.device == "cpu" and "triton" in item.provider and not item.named and \
-            _triton_interpret():
+            triton_interpret():
         pytest.skip(f"{item.provider}: TRITON_INTERPRET=1 would time the interpreter (name it in --apt-providers)")
     return _registry.get(item.kind, item.provider, strict=True)
 

@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from apt_kernels.backends import triton_interpret
+
 from ..core import registry as _registry
 from . import peaks as _peaks
 from . import peers as _peers
@@ -626,12 +628,6 @@ def git_commit(start: Optional[str] = None) -> str:
     return commit_info()["git_commit"] or "unknown"
 
 
-def _triton_interpret() -> bool:
-    from apt_kernels.backends import triton_interpret
-
-    return triton_interpret()
-
-
 def auto_threads() -> int:
     """CPU threads for timing: torch's default, lowered to the cores that are idle right now (cpu_count minus the
     1-minute load average). On a busy machine, intra-op threads wait on each other at every barrier while the
@@ -725,7 +721,7 @@ def _candidates(case: BenchCase, reg: _registry.Registry, device: torch.device, 
                                        reason=info.reason, device=str(device)))
             continue
         if (device.type == "cpu" and "triton" in info.name and wanted is None
-                and _triton_interpret()):
+                and triton_interpret()):
             missing.append(BenchResult(kind=case.kind, mode=None, provider=info.name, status="skipped",
                                        reason="TRITON_INTERPRET=1: its timing would measure Triton's interpreter "
                                               "(name it in --providers to run it anyway)", device=str(device)))
