@@ -30,6 +30,13 @@ def _storage(dtype):
         pytest.skip(f"cannot reserve the address space: {e}")
 
 
+def _fill_rows(st, width, make, offset=0):
+    """Rows 0..2 of a view with row stride S from BASE + offset (row 2 lies past 2^31 elements) get make(width)."""
+    for i in range(3):
+        start = BASE + offset + i * S
+        st[start:start + width] = make(width)
+
+
 def test_tva_triton_row_offset_past_int32():
     from apt_kernels.reference.tva import tva_attention_ref
     from apt_kernels.triton.tva import tva_attention_triton
@@ -37,8 +44,7 @@ def test_tva_triton_row_offset_past_int32():
     D = 16
     st = _storage(torch.float16)
     torch.manual_seed(0)
-    for i in range(3):
-        st[BASE + i * S: BASE + i * S + D] = torch.randn(D, dtype=torch.float16)
+    _fill_rows(st, D, lambda n: torch.randn(n, dtype=torch.float16))
     st[128:128 + D] = 100.0
     q = st.as_strided((1, 1, 3, D), (3 * S, 3 * S, S, 1), BASE).detach().requires_grad_()
     k = torch.randn(1, 1, 3, D, dtype=torch.float16, requires_grad=True)
@@ -60,9 +66,8 @@ def test_scan_triton_channel_offset_past_int32():
     L = 4
     st = _storage(torch.float16)
     torch.manual_seed(0)
-    for i in range(3):
-        st[BASE + i * S: BASE + i * S + L] = torch.randn(L, dtype=torch.float16)
-        st[BASE + 64 + i * S: BASE + 64 + i * S + L] = torch.rand(L, dtype=torch.float16)
+    _fill_rows(st, L, lambda n: torch.randn(n, dtype=torch.float16))
+    _fill_rows(st, L, lambda n: torch.rand(n, dtype=torch.float16), offset=64)
     st[128:128 + L] = 50.0
     st[192:192 + L] = 2.0
     u = st.as_strided((1, 3, L), (3 * S, S, 1), BASE)
@@ -85,8 +90,7 @@ def test_moe_triton_router_row_offset_past_int32():
     E = 8
     st = _storage(torch.float32)
     torch.manual_seed(0)
-    for i in range(3):
-        st[BASE + i * S: BASE + i * S + E] = torch.rand(E)
+    _fill_rows(st, E, torch.rand)
     st[128:128 + E] = torch.arange(E, dtype=torch.float32)
     probs = st.as_strided((3, E), (S, 1), BASE)
     idx = route(probs, 2, -1)[0]
