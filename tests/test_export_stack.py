@@ -95,7 +95,9 @@ def test_export_load_in_fresh_process(tmp_path):
         ep = torch.export.load({str(tmp_path / 'scan.pt2')!r})
         assert torch.equal(ep.module()(*ref["args"]), ref["out"])
     """)
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, and from a source checkout that is the
+    # uninstalled apt_kernels (no compiled module) instead of the installed one
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 
 def test_combine_backward_fake_strides_for_transposed_out():
