@@ -63,12 +63,13 @@ def _topk_kernel(p_ptr, idx_ptr, N, E, stride_n, stride_e, K: tl.constexpr, BLOC
 def _count_kernel(idx_ptr, cnt_ptr, N, E, NB, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     b = tl.program_id(0)  # token blocks on axis 0: axes 1-2 stop at 65535 programs
     j = tl.program_id(1)
-    rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = b * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # 64-bit: rows * K
     cols = tl.arange(0, BLOCK_E)
     e = tl.load(idx_ptr + rows * K + j, mask=rows < N, other=-1)
     onehot = (e[:, None] == cols[None, :]).to(tl.int32)
     cnt = tl.sum(onehot, axis=0)
-    tl.store(cnt_ptr + (j * NB + b) * E + cols, cnt.to(tl.int64), mask=cols < E)
+    unit = (j * NB + b).to(tl.int64)  # 64-bit: unit * E passes 2^31 at E = 4096 (block_n 2) from N > 2^19, k = 2
+    tl.store(cnt_ptr + unit * E + cols, cnt.to(tl.int64), mask=cols < E)
 
 
 @triton.jit
@@ -78,7 +79,7 @@ def _scan_kernel(cnt_ptr, tot_ptr, start_ptr, U, E, BLOCK_U: tl.constexpr, BLOCK
     cmask = cols < E
     run = tl.zeros([BLOCK_E], dtype=tl.int64)
     for u0 in range(0, U, BLOCK_U):
-        us = u0 + tl.arange(0, BLOCK_U)
+        us = (u0 + tl.arange(0, BLOCK_U)).to(tl.int64)  # 64-bit: us * E, as the count kernel's unit * E
         m = (us[:, None] < U) & cmask[None, :]
         c = tl.load(cnt_ptr + us[:, None] * E + cols[None, :], mask=m, other=0)
         incl = tl.cumsum(c, axis=0)
@@ -94,14 +95,15 @@ def _position_kernel(idx_ptr, base_ptr, start_ptr, pos_ptr, slot_ptr, tos_ptr, N
                      K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     b = tl.program_id(0)  # token blocks on axis 0: axes 1-2 stop at 65535 programs
     j = tl.program_id(1)
-    rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = b * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # 64-bit: rows * K
     rmask = rows < N
     cols = tl.arange(0, BLOCK_E)
     e = tl.load(idx_ptr + rows * K + j, mask=rmask, other=-1)
     onehot = (e[:, None] == cols[None, :]).to(tl.int32)
     before = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)  # same-expert rows earlier in block
     ec = tl.where(rmask, e, 0)
-    pos = tl.load(base_ptr + (j * NB + b) * E + ec, mask=rmask, other=0) + before.to(tl.int64)
+    unit = (j * NB + b).to(tl.int64)  # 64-bit: unit * E (see the count kernel)
+    pos = tl.load(base_ptr + unit * E + ec, mask=rmask, other=0) + before.to(tl.int64)
     start = tl.load(start_ptr + ec, mask=rmask, other=0)
     slot = tl.where(cap < 0, start + pos, tl.where(pos < cap, ec * cap + pos, -1))
     tl.store(pos_ptr + rows * K + j, pos, mask=rmask)
