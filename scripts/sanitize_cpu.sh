@@ -19,7 +19,8 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 sanitized_pytest() {  # $1: extra ASAN_OPTIONS
   local asan="detect_leaks=0:halt_on_error=1:$1"
   shift
-  LD_PRELOAD="$PRELOAD" ASAN_OPTIONS="$asan" "$PY" -m pytest -q -x -p no:cacheprovider "$@"
+  # --capture=sys: pytest's default fd capture would swallow a report written to fd 2 just before the abort
+  LD_PRELOAD="$PRELOAD" ASAN_OPTIONS="$asan" "$PY" -m pytest -q -x -p no:cacheprovider --capture=sys "$@"
 }
 if [ "${1:-}" = "--cuda-emu" ]; then
   # The emulator module (tests/cuda_emu/emu_build.py) is built apart from _C, cached by its flags: build it

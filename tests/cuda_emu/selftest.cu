@@ -37,6 +37,17 @@ __global__ void uninitialised_smem_kernel(float* out) {
   out[threadIdx.x] = s[threadIdx.x];
 }
 
+// two 32 KB static arrays: 64 KB of static shared memory, past the 48 KB a kernel may declare. Whichever thread
+// runs first writes b's first 64 bytes (the ASan build's first redzone, were b's stand-in left poisoned).
+__global__ void big_static_kernel(float* out) {
+  __shared__ float a[8192];
+  __shared__ float b[8192];
+  a[threadIdx.x] = 1.f;
+  b[threadIdx.x % 16] = 2.f;
+  __syncthreads();
+  out[threadIdx.x] = a[threadIdx.x] + b[threadIdx.x];
+}
+
 // declared for at most 64 threads per block
 __global__ void __launch_bounds__(64) bounded_kernel(float* out) { out[threadIdx.x] = 1.f; }
 
@@ -102,6 +113,10 @@ APT_REGISTER_OPS(cuda_emu_selftest) {
   });
   m.def("emu_uninitialised_smem", [](pybind11::object out) {
     uninitialised_smem_kernel<<<1, 32, 32 * sizeof(float)>>>(fptr(out));
+    APT_CUDA_CHECK(cudaGetLastError());
+  });
+  m.def("emu_big_static", [](pybind11::object out) {
+    big_static_kernel<<<1, 32>>>(fptr(out));
     APT_CUDA_CHECK(cudaGetLastError());
   });
   m.def("emu_bounded", [](pybind11::object out, unsigned threads) {

@@ -209,15 +209,21 @@ inline T& shared_var(const void* site) {
   auto it = s.static_of.find(site);
   if (it == s.static_of.end()) {
     const size_t off = ((s.static_used + 15) & ~size_t(15)) + Sched::kRedzone;
+    const char* over = nullptr;
+    if (s.static_of.size() >= Sched::kMaxStatics)
+      over = "more static __shared__ variables than the ASan build of the emulator has redzones for";
+    else if (off + sizeof(T) - (s.static_rz + Sched::kRedzone) > Sched::kStaticLimit)
+      over = "more than 48 KB of static shared memory";
+    if (over) {
+      fail(over);
+      // the launch has failed: the kernel still runs on, through this stand-in, which must not read as an overrun
+      // (the statics are poisoned under ASan: a use-after-poison report and abort instead of the message above)
+#if defined(__SANITIZE_ADDRESS__)
+      __asan_unpoison_memory_region(s.statics.data(), s.statics.size());
+#endif
+      return *reinterpret_cast<T*>(s.statics.data());
+    }
     s.static_rz += Sched::kRedzone;
-    if (s.static_of.size() >= Sched::kMaxStatics) {
-      fail("more static __shared__ variables than the ASan build of the emulator has redzones for");
-      return *reinterpret_cast<T*>(s.statics.data());
-    }
-    if (off + sizeof(T) - s.static_rz > Sched::kStaticLimit) {
-      fail("more than 48 KB of static shared memory");
-      return *reinterpret_cast<T*>(s.statics.data());
-    }
 #if defined(__SANITIZE_ADDRESS__)
     __asan_unpoison_memory_region(s.statics.data() + off, sizeof(T));
 #endif
