@@ -3,7 +3,7 @@ below exp's range (the vectorised exp takes its argument's bits apart) and MoE r
 pointers). Today's compilers give the right numbers either way; these cases exist so that
 ``scripts/sanitize_cpu.sh`` (ASan + UBSan, which runs this file) catches undefined behaviour on them: a shift of a
 negative int and a signed overflow in exp for x < -87, and memcpy/memset on a null pointer at C == 0, were found that
-way."""
+way. sigmoid(-inf) (NaN, through exp(+inf)) was a wrong number on every build."""
 from __future__ import annotations
 
 import pytest
@@ -47,6 +47,31 @@ def test_scan_and_decode_step_with_exponents_far_below_range(isa, monkeypatch):
     y_ref = selective_state_update_ref(ref_state, x, dt, A, Bs, Cs)
     assert_close(y, y_ref, family="scan")
     assert_close(state, ref_state, family="scan")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_scan_backward_with_raw_delta_of_minus_infinity(isa, monkeypatch):
+    """delta = -inf through softplus: dt = 0 there and d softplus = sigmoid(-inf) = 0 (the vectorised exp gives NaN
+    for +inf, and sigmoid took exp(-x), so ddelta was NaN where torch gives 0)."""
+    monkeypatch.setenv("APT_SCAN_CPU_ISA", isa)
+    dim, N, L = 3, 16, 7
+    g = torch.Generator().manual_seed(2)
+    u = torch.randn(1, dim, L, generator=g)
+    delta = torch.randn(1, dim, L, generator=g)
+    delta[0, 1, 2] = delta[0, 0, 6] = float("-inf")
+    A = -torch.rand(dim, N, generator=g) - 0.5
+    B = torch.randn(1, N, L, generator=g)
+    C = torch.randn(1, N, L, generator=g)
+    dout = torch.randn(1, dim, L, generator=g)
+    grads = []
+    for fn in (selective_scan_cpu, selective_scan_ref):
+        leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C)]
+        y = fn(*leaves, delta_softplus=True)
+        grads.append((y, *torch.autograd.grad(y, leaves, dout)))
+    for ours, ref in zip(*grads):
+        assert torch.isfinite(ours).all()
+        assert_close(ours, ref, family="scan")
+    assert grads[0][2][0, 1, 2] == 0 and grads[0][2][0, 0, 6] == 0
 
 
 @pytest.mark.parametrize("isa", ISAS)

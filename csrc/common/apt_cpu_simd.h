@@ -34,9 +34,10 @@ inline int omp_thread() {
 
 // exp for the inner loops: Cody-Waite range reduction + degree-6 polynomial (rel. error ~2e-7, fp32 rounding level)
 // that the compiler vectorises, unlike a libm call. Below -87 the result is 0 (a mask on the bits; -inf and NaN
-// minus inf give 0 too), from 88.03 (where the exponent reaches 128) it is inf, NaN stays NaN. Clamping x itself, or
-// a float select, makes GCC branch (it folds exp of the bounds) and then refuse to vectorise the loop; integer clamps
-// and masks do not.
+// minus inf give 0 too), from 88.03 (where the exponent reaches 128) it is inf, NaN stays NaN; +inf gives NaN, so
+// callers that can meet it (sigmoid of -inf) take exp of a non-positive argument. Clamping x itself, or a float
+// select, makes GCC branch (it folds exp of the bounds) and then refuse to vectorise the loop; integer clamps and
+// masks do not.
 static inline float fexp(float x) {
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, left in the low mantissa bits
   const float kshift = x * 1.44269504088896341f + shifter;

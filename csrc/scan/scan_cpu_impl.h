@@ -26,8 +26,17 @@ static inline float flog1p(float y) {
 // which needs no threshold (past 20 the log1p term is below x's rounding) and no select, so chunk loops vectorise.
 static inline float softplus(float x) { return std::max(x, 0.0f) + flog1p(fexp(-std::fabs(x))); }
 static inline double softplus(double x) { return x <= 20.0 ? std::log1p(std::exp(x)) : x; }
-static inline float sigmoid(float x) { return 1.0f / (1.0f + fexp(-x)); }
+// through exp(-|x|) in (0, 1]: fexp(+inf) is NaN (sigmoid(-inf) would be), and 1 / (1 + exp(-x)) loses accuracy
+// for x << 0
+static inline float sigmoid(float x) {
+  const float e = fexp(-std::fabs(x));
+  return (x >= 0.0f ? 1.0f : e) / (1.0f + e);
+}
 static inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+// d softplus / dx of the above: in fp32 plain sigmoid (it is 1 to rounding past 20, as the threshold's slope), with
+// no select, so the backward's chunk loop vectorises; in fp64 with the threshold.
+static inline float dsoftplus(float x) { return sigmoid(x); }
+static inline double dsoftplus(double x) { return x <= 20.0 ? sigmoid(x) : 1.0; }
 
 // (b, d) -> pointer to B_t (or C_t) at t = 0 and the step between consecutive t (0 for a constant B/C).
 template <typename Acc>
@@ -115,11 +124,10 @@ static inline int64_t bwd_scratch_per_thread(int64_t N, int64_t chunk) {
 
 // dt_t (bias, softplus) and u_t for t0 <= t < t0 + K of row (b, d), into contiguous buffers: the transcendental
 // part then runs as one vectorised loop per chunk instead of once per step inside the recurrence. With `sig`, also
-// d softplus / d raw there (sigmoid(raw), 1 past the threshold), for the backward.
+// d softplus / d raw there (dsoftplus), for the backward.
 template <typename T>
 static inline void load_dt_u(const IO<T>& io, int64_t b, int64_t d, int64_t t0, int64_t K, acc_t<T> bias,
                              bool softplus_dt, acc_t<T>* dts, acc_t<T>* us, acc_t<T>* sig = nullptr) {
-  using Acc = acc_t<T>;
   for (int64_t k = 0; k < K; ++k) {
     dts[k] = load_f(io.delta + io.sdelta.at(b, d, t0 + k)) + bias;
     us[k] = load_f(io.u + io.su.at(b, d, t0 + k));
@@ -127,7 +135,7 @@ static inline void load_dt_u(const IO<T>& io, int64_t b, int64_t d, int64_t t0, 
   if (!softplus_dt) return;
   if (sig) {
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) sig[k] = dts[k] <= Acc(20) ? sigmoid(dts[k]) : Acc(1);
+    for (int64_t k = 0; k < K; ++k) sig[k] = dsoftplus(dts[k]);
   }
 #pragma omp simd
   for (int64_t k = 0; k < K; ++k) dts[k] = softplus(dts[k]);
@@ -254,7 +262,9 @@ void scan_bwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, 
     Acc* sgAh = sgB + chunk;
     Acc* pgB = sgAh + chunk;          // chunk x W partial sums of <g_t, B_t> (and of y_t before the adjoint walk)
     Acc* pgAh = pgB + kMaxLanes * chunk;  // chunk x W partial sums of <g_t, A exp(dt_t A) h_{t-1}>
-    Acc greg[NT > 0 ? NT : 1];
+    // With a compile-time N, the adjoint, the recomputed state and dA's row sums live in registers: through
+    // memory, each step's store feeds the next step's load, and store-to-load forwarding sits on the recurrence.
+    Acc greg[NT > 0 ? NT : 1], hreg[NT > 0 ? NT : 1], dAreg[NT > 0 ? NT : 1];
     Acc* g = NT > 0 ? greg : gbuf;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < batch * dim; ++i) {
@@ -268,11 +278,16 @@ void scan_bwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, 
       Acc* dAd = pA + d * N;
       const Acc Dd = p.D ? p.D[d] : Acc(0), bias = p.bias ? p.bias[d] : Acc(0);
       Acc dD_acc = 0, dbias_acc = 0;
+      Acc* dAsum = NT > 0 ? dAreg : dAd;
       for (int64_t n = 0; n < N; ++n) g[n] = gr.dlast ? gr.dlast[i * N + n] : Acc(0);
+      if (NT > 0)
+        for (int64_t n = 0; n < N; ++n) dAreg[n] = Acc(0);
       for (int64_t c = nchunks - 1; c >= 0; --c) {
         const int64_t t0 = c * chunk, K = std::min(chunk, L - t0);
         const Acc* ck = ckpt + (i * nchunks + c) * N;
         for (int64_t n = 0; n < N; ++n) hs[n] = ck[n];
+        if (NT > 0)
+          for (int64_t n = 0; n < N; ++n) hreg[n] = ck[n];
         load_dt_u(io, b, d, t0, K, bias, softplus_dt, dts, us, sig);
         for (int64_t k = 0; k < K; ++k) {  // recompute this chunk's states (and y_t's partial sums for the z gate)
           const int64_t t = t0 + k;
@@ -290,8 +305,9 @@ void scan_bwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, 
               const int64_t n = n0 + l;
               Acc en = fexp(dt * Ad[n]);
               e[n] = en;
-              Acc hn = en * hp[n] + dtu * Bt[n];
+              Acc hn = en * (NT > 0 ? hreg[n] : hp[n]) + dtu * Bt[n];
               hc[n] = hn;
+              if (NT > 0) hreg[n] = hn;
               part[l] += hn * Ct[n];
             }
           }
@@ -330,7 +346,7 @@ void scan_bwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, 
               const Acc geh = gn * e[n] * hp[n];
               dCt[n] += dy * hc[n];
               dBt[n] += gn * dtu;
-              dAd[n] += geh * dt;
+              dAsum[n] += geh * dt;
               part_gB[l] += gn * Bt[n];
               part_gAh[l] += geh * Ad[n];
               g[n] = gn * e[n];
@@ -356,6 +372,8 @@ void scan_bwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, 
           store_f(gr.ddelta + gr.sddelta.at(b, d, t0 + k), sgAh[k]);
         }
       }
+      if (NT > 0)
+        for (int64_t n = 0; n < N; ++n) dAd[n] += dAreg[n];
       if (p.D) pD[d] += dD_acc;
       if (p.bias) pbias[d] += dbias_acc;
     }
