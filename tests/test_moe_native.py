@@ -206,6 +206,12 @@ def test_native_bad_inputs():
         n = 4
         m.moe_route_cpu(view(torch.rand(n, 2)), 3, -1, *(view(torch.empty(n, 3, dtype=torch.int64)),) * 3,
                         view(torch.empty(n * 3, dtype=torch.int64)), view(torch.empty(2, dtype=torch.int64)))
+    # num_experts * cap past int64: the wrapped product (4 * (2^62 + 2) = 8) matched this 8-slot token_of_slot
+    n, e = 6, 4
+    for cap in (2**62 + 2, 2**63 - 1):
+        with pytest.raises(ValueError, match="cap"):
+            m.moe_route_cpu(view(torch.rand(n, e)), 2, cap, *(view(torch.empty(n, 2, dtype=torch.int64)),) * 3,
+                            view(torch.empty(8, dtype=torch.int64)), view(torch.empty(e, dtype=torch.int64)))
     lg = torch.randn(5, 4)
     r = moe_route(lg, 2, 1.0, impl="cpu_native")
     if torch.cuda.is_available():

@@ -2,6 +2,8 @@
 #pragma once
 #include "common/apt_common.h"
 
+#include <limits>
+
 namespace apt {
 namespace moe {
 
@@ -26,6 +28,14 @@ inline void check_index(const TensorView& t, const std::vector<int64_t>& shape, 
   check_dtype(t, DType::Int64);
   check_device(t, device);
   check_contiguous(t);
+}
+
+// The routing capacity: -1 (dropless) or >= 0 with num_experts * cap slots in int64 (a wrapped product let a short
+// token_of_slot pass its shape check, then slot e * cap + p was written out of bounds).
+inline void check_capacity(int64_t cap, int64_t num_experts) {
+  APT_CHECK(cap >= -1, "cap: expected -1 (dropless) or a capacity >= 0, got ", cap);
+  APT_CHECK(cap <= std::numeric_limits<int64_t>::max() / num_experts, "cap: expected num_experts (", num_experts,
+            ") * cap to fit int64, got cap ", cap);
 }
 
 }  // namespace moe

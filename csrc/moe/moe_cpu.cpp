@@ -28,6 +28,7 @@ constexpr int64_t kParallelWork = int64_t(1) << 18;
 
 using moe::check_contiguous;
 using moe::check_index;
+using moe::check_capacity;
 using moe::ranks_before;
 
 // Output buffers here are large and freshly allocated, so first-touch page faults cost more than the copy itself
@@ -407,7 +408,7 @@ APT_REGISTER_OPS(moe) {
         const int64_t N = probs.size(0), E = probs.size(1);
         APT_CHECK(E >= 1, "probs: expected at least one expert");
         APT_CHECK(k >= 1 && k <= E, "k: expected 1 <= k <= num_experts (", E, "), got ", k);
-        APT_CHECK(cap >= -1, "cap: expected -1 (dropless) or a capacity >= 0, got ", cap);
+        check_capacity(cap, E);
         check_index(idx, {N, k});
         check_index(pos, {N, k});
         check_index(slot, {N, k});

@@ -11,6 +11,7 @@ namespace {
 using moe::check_contiguous;
 using moe::check_device;
 using moe::check_index;
+using moe::check_capacity;
 
 void check_values(const TensorView& t, int device) {
   check_ndim(t, 2);
@@ -53,7 +54,7 @@ APT_REGISTER_OPS(moe_cuda) {
                   " experts, got ", E);
         APT_CHECK(k >= 1 && k <= E && k <= moe_cuda::kMaxK, "k: expected 1 <= k <= min(num_experts, ",
                   moe_cuda::kMaxK, "), got ", k);
-        APT_CHECK(cap >= -1, "cap: expected -1 (dropless) or a capacity >= 0, got ", cap);
+        check_capacity(cap, E);
         check_index(idx, {N, k}, dev);
         check_index(pos, {N, k}, dev);
         check_index(slot, {N, k}, dev);
