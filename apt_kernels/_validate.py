@@ -51,7 +51,7 @@ def check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
 
 def check_same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
     for name, t in others.items():
-        if t is not None and t.device != ref.device:
+        if t is not None and check_tensor(name, t).device != ref.device:  # a list/array: TypeError, not AttributeError
             raise ValueError(f"{name}: expected device {ref.device} (same as {ref_name}), got {t.device}")
 
 

@@ -212,6 +212,14 @@ class TVAAttention(nn.Module):
                 raise ValueError("cache: incremental decoding needs a causal layer (causal=True)")
             if cache.batch_size != B:
                 raise ValueError(f"cache: made for batch size {cache.batch_size}, got x with B={B}")
+            # a cache filled by another layer (other heads / head dim / width) failed in torch's copy_ or add
+            # with a broadcast RuntimeError, or broadcast its keys silently into the wrong number of heads
+            if cache.k is not None and (cache.k.shape[1] != H or cache.k.shape[3] != D):
+                raise ValueError(f"cache: holds keys of {cache.k.shape[1]} heads of dim {cache.k.shape[3]}, this "
+                                 f"layer has {H} heads of dim {D} (a cache from another layer?)")
+            if cache.x_sum is not None and cache.x_sum.shape[-1] != C:
+                raise ValueError(f"cache: holds a running sum of width {cache.x_sum.shape[-1]}, this layer's "
+                                 f"d_model is {C} (a cache from another layer?)")
             check_room(cache.length, T, cache.max_len)  # before the gate's running sum changes
             if T == 0:
                 raise ValueError(f"x: no tokens to append to the cache (shape {tuple(x.shape)})")

@@ -606,6 +606,8 @@ def moe_grouped_ffn(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, 
     back in each input's own dtype), and returns that dtype."""
     check_ndim("x", x, 2, "(M, C)")
     check_float("x", x)
+    check_tensor("w_in", w_in)  # None here failed with an AttributeError on .shape below
+    check_tensor("w_out", w_out)
     if activation not in ("swiglu", "gelu"):
         raise ValueError(f"activation: expected 'swiglu' or 'gelu', got {activation!r}")
     if (w_gate is None) != (activation == "gelu"):
