@@ -84,6 +84,41 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_no_tmp(run, monkeypatch
     assert (run / "last.pt").read_bytes() == before and sorted(os.listdir(run)) == ["last.pt"]
 
 
+def _save_repeatedly(path, width, n, errors):
+    torch.set_num_threads(1)
+    m = torch.nn.Linear(64, width)
+    for _ in range(n):
+        try:
+            ckpt.save(path, m, {"model": {"d_model": 1}}, None, rng=False)
+        except OSError as e:
+            errors.put(str(e))
+    errors.put(None)
+
+
+def test_processes_saving_to_one_path_do_not_collide(tmp_path):
+    """Every rank of a torchrun job saving last.pt: with one shared temp name each writer renamed or unlinked the
+    other's file mid-write (9-15 of 40 saves failed per process)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    path, errors = tmp_path / "last.pt", ctx.Queue()
+    procs = [ctx.Process(target=_save_repeatedly, args=(path, 64 * (r + 1), 30, errors)) for r in range(2)]
+    for p in procs:
+        p.start()
+    failed, done = [], 0
+    while done < len(procs):
+        e = errors.get(timeout=120)
+        if e is None:
+            done += 1
+        else:
+            failed.append(e)
+    for p in procs:
+        p.join(timeout=60)
+    assert not failed, failed[:2]
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+    assert ckpt.load(path)["model"]["weight"].shape[1] == 64
+
+
 def test_resume_with_a_new_lr_uses_it_and_says_so(run, caplog):
     with caplog.at_level(logging.WARNING):
         t = Trainer(_cfg(run, **{"training.resume": "auto", "training.lr": 1e-5}))

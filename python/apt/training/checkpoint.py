@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import random
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -82,6 +83,20 @@ def check_weights_only(blob: Mapping[str, Any]) -> None:
                             "must hold only tensors, dict/list/tuple, str, int, float, bool and None") from None
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself under its wrappers: DistributedDataParallel / DataParallel (``.module``) and torch.compile
+    (``._orig_mod``), whose state dicts prefix every key (``module.``, ``_orig_mod.``) and which do not forward the
+    model's own attributes (``aux_losses``, ``hidden_states``, ``moe_layers``, ``config``)."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+    return model
+
+
 def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping[str, Any], tokenizer: Any,
          optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None, scaler: Any = None,
          trainer_state: Optional[Mapping[str, Any]] = None, plugin_state: Optional[Mapping[str, Any]] = None,
@@ -93,7 +108,9 @@ def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping
     blob: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "profile": dict(profile),
-        "model": model.state_dict(),
+        # the unwrapped model's keys: a DDP or torch.compile wrapper's state dict prefixes each key (module.,
+        # _orig_mod.), which load_for_inference and a resume with the bare model then refused
+        "model": unwrap_model(model).state_dict(),
         "tokenizer": tokenizer.state_dict() if tokenizer is not None else {"type": "byte"},
     }
     if optimizer is not None:
@@ -112,10 +129,12 @@ def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping
         blob["rng"] = capture_rng()
     if path.is_dir():
         raise IsADirectoryError(f"cannot write checkpoint {path}: it is a directory")
-    tmp = path.with_name(path.name + ".tmp")
+    # a temp name of this writer's own: processes saving to one path (every rank of a torchrun job) renamed or
+    # unlinked each other's shared 'last.pt.tmp' mid-write; "x": never another writer's file (umask applies)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         check_weights_only(blob)  # before the temp file: what load() would refuse is never written
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(blob, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them last.pt

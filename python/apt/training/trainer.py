@@ -158,7 +158,10 @@ class Trainer:
         if model is None:
             model = ModelBuilder(self.cfg, vocab_size=tokenizer.vocab_size).build()
         self.model = model.to(self.device)
-        built = getattr(model, "config", None)
+        # the model under a DDP / torch.compile wrapper: its attributes (config, aux_losses, hidden_states,
+        # moe_layers) are not reachable through a DDP wrapper, so the MoE losses and the plugins' inputs vanished
+        self.core_model = ckpt.unwrap_model(self.model)
+        built = getattr(self.core_model, "config", None)
         if isinstance(built, Mapping) and isinstance(built.get("model"), Mapping):
             # the model section as built (model.vocab_size resolved), which checkpoints must describe; the rest of
             # the profile (plugins, schedules, name) stays the one passed in (the model's whole config replaced it)
@@ -189,7 +192,7 @@ class Trainer:
                                key, plugin)
             elif not plugin:
                 _check_schedule_reader(key, self.plugins.plugins)
-        self.ctx = HookContext(trainer=self, model=self.model, config=self.cfg,
+        self.ctx = HookContext(trainer=self, model=self.core_model, config=self.cfg,
                                extra={"schedules": self.schedules})
         name = self.cfg.get("name") or "run"
         self.out_dir = Path(out_dir or t.get("out_dir") or Path("apt_runs") / name)
@@ -251,7 +254,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         blob = ckpt.load(path, map_location="cpu")
         try:
-            self.model.load_state_dict(blob["model"])
+            self.core_model.load_state_dict(blob["model"])
         except RuntimeError as exc:  # missing / unexpected keys, size mismatches
             first = str(exc).strip().splitlines()
             detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
@@ -365,7 +368,7 @@ class Trainer:
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             ctx.extra["logits"], ctx.extra["targets"] = logits, y
             self.plugins.broadcast("compute_loss", ctx)
-        aux: dict[str, torch.Tensor] = dict(getattr(self.model, "aux_losses", {}) or {})
+        aux: dict[str, torch.Tensor] = dict(getattr(self.core_model, "aux_losses", {}) or {})
         for k, v in ctx.aux_losses.items():
             if torch.is_tensor(v):
                 aux[k] = aux[k] + v if k in aux else v
