@@ -5,7 +5,10 @@ file); the child is deep-merged over the parent (mappings merge key by key, a nu
 anything else replaces), except ``name``, which is never inherited: a profile file's name is its own ``name:`` or
 its file's stem (a mapping's: its own or ``run``), and it names the run directory (``apt_runs/<name>/``). Dotted
 overrides (``--model.attention_name flash_v2``, ``--training.max_epochs=3``, or ``{"training.lr": 1e-3}``) are
-applied last, with values parsed as YAML scalars (``3`` -> int, ``1e-3`` -> float, ``[a, b]`` -> list).
+applied last, with values parsed as YAML scalars (``3`` -> int, ``1e-3`` -> float, ``[a, b]`` -> list); a mapping
+value merges into the section it names key by key, as a child profile's would (``--plugins.align '{weight: 0.2}'``
+keeps the profile's other align settings). A key written twice in one YAML mapping is an error (PyYAML kept the
+last one), and integers are read the YAML 1.2 way (``010`` is 10, not octal 8; ``1:30`` is a string, not 90).
 
 Every merged profile is validated against :data:`SCHEMA`: an unknown key, a value of the wrong type or an
 impossible combination raises :class:`ConfigError` whose message names the key (and, for a misspelt key, the
@@ -31,6 +34,7 @@ import yaml
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 _NUM = (int, float)
+_MISSING = object()
 
 
 class _ProfileLoader(yaml.SafeLoader):
@@ -49,6 +53,50 @@ _ProfileLoader.add_implicit_resolver(
                    |[-+]?\.(?:inf|Inf|INF)
                    |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
+
+
+# YAML 1.2 integers: PyYAML (YAML 1.1) reads ``010`` as 8 (octal) and ``1:30`` as 90 (base 60), silently; here
+# ``010`` is 10, ``0o10`` is 8 and ``1:30`` stays a string (a type error where a number is expected).
+_ProfileLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in _ProfileLoader.yaml_implicit_resolvers.items()}
+_ProfileLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+)$"),
+    list("-+0123456789"))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    body = text.lstrip("+-")
+    if body[:2] in ("0o", "0x", "0b"):
+        return sign * int(body, 0)
+    return sign * int(body, 10)
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    """A mapping whose keys are unique: PyYAML keeps the last of two equal keys, so a second ``model:`` section
+    (or a second ``lr:``) silently dropped the first one."""
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:  # the mapping's own keys: one may override a key merged in by ``<<: *anchor``
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # the constructor reports an unhashable key
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r} (first at line "
+                f"{seen[key].line + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark
+    return loader.construct_mapping(node, deep=True)
+
+
+_ProfileLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_ProfileLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 
 
 def yaml_load(stream: Any) -> Any:
@@ -151,6 +199,51 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.ffn.activation": ("gelu", "swiglu", "relu"),
     "training.amp": ("auto", "off", "bf16", "fp16", "true", "false"),
 }
+
+
+# other frameworks' names for profile keys (Hugging Face, nanoGPT, Megatron...): a "did you mean" by spelling alone
+# sent `training.learning_rate` to min_lr_ratio and `model.n_embd` to norm
+ALIASES: dict[str, tuple[str, ...]] = {
+    "model.d_model": ("n_embd", "hidden_size", "dim", "d_embed", "embed_dim", "width"),
+    "model.num_layers": ("n_layer", "n_layers", "num_hidden_layers", "layers", "depth"),
+    "model.num_heads": ("n_head", "n_heads", "num_attention_heads", "heads"),
+    "model.d_ff": ("intermediate_size", "ffn_dim", "ffn_hidden_size", "d_hidden"),
+    "model.max_seq_len": ("block_size", "n_positions", "max_position_embeddings", "context_length", "n_ctx"),
+    "model.moe.k": ("top_k", "topk", "num_experts_per_tok", "experts_per_token"),
+    "model.moe.num_experts": ("n_experts", "experts", "n_routed_experts"),
+    "model.moe.capacity_factor": ("capacity",),
+    "data.seq_len": ("seq_length", "sequence_length", "context_len"),
+    "data.batch_size": ("bs", "batch", "micro_batch_size"),
+    "training.lr": ("learning_rate", "lr_max", "max_lr"),
+    "training.max_epochs": ("epochs", "num_epochs", "num_train_epochs", "n_epochs"),
+    "training.max_steps": ("steps", "total_steps", "num_steps", "train_steps"),
+    "training.warmup_steps": ("warmup", "num_warmup_steps", "warmup_iters"),
+    "training.grad_clip": ("clip_grad", "max_grad_norm", "clip_grad_norm", "gradient_clipping"),
+    "training.grad_accum": ("gradient_accumulation_steps", "accumulate_grad_batches", "grad_accumulation"),
+}
+
+
+def suggest_key(key: str, known: Iterable[str]) -> Optional[str]:
+    """The known key a misspelt / misplaced / foreign-named ``key`` most likely means, or None: a same-section key
+    close to its last part (or to an alias of it), else the same last part in another section (``lr`` ->
+    ``training.lr``), else the closest dotted path."""
+    known = sorted(set(known))
+    section, _, leaf = key.rpartition(".")
+    names: dict[str, str] = {}  # leaf spelling in this section -> key
+    for k in known:
+        ksec, _, kleaf = k.rpartition(".")
+        if ksec == section:
+            names.setdefault(kleaf, k)
+            for alias in ALIASES.get(k, ()):
+                names.setdefault(alias, k)
+    close = difflib.get_close_matches(leaf, list(names), n=1, cutoff=0.75)
+    if close:
+        return names[close[0]]
+    elsewhere = [k for k in known if k.rpartition(".")[2] == leaf or leaf in ALIASES.get(k, ())]
+    if elsewhere:
+        return elsewhere[0]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _known_sections() -> set[str]:
@@ -340,6 +433,12 @@ def load_profile(profile: Union[str, os.PathLike, Mapping[str, Any]],
         cfg.setdefault("name", path.stem)
     labelled = _parse_overrides_labelled(overrides)
     for key, (value, _) in labelled.items():
+        current = get_dotted(cfg, key, _MISSING)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            # merged key by key, as a child profile's section is: --plugins.align '{weight: 0.2}' replaced the
+            # whole section, silently dropping the profile's alpha / beta / tau_align (and --model.moe
+            # '{enabled: true}' lost num_experts, a KeyError in the model builder)
+            value = deep_merge(current, value)
         set_dotted(cfg, key, value)
     if isinstance(plugins, str):  # "moe,align" or "voter": names, not characters
         plugins = [plugins]
@@ -425,14 +524,21 @@ def validate(cfg: Mapping[str, Any], source: str = "profile", overrides: Optiona
             else:
                 o = where.override_of(key)
                 if o is not None:  # name the key as typed: 'trainig.max_epochs', not just 'trainig'
-                    close = difflib.get_close_matches(o, list(known | sections), n=1, cutoff=0.6)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise ConfigError(f"{where.overrides[o]}: unknown key {o!r}{hint}")
-                close = difflib.get_close_matches(key, list(known | sections), n=1, cutoff=0.6)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    # ... but a bad key inside a section given whole (--model.tva '{bogus: 1}') is that key
+                    bad = o if o.startswith(key + ".") or o == key else key
+                    close = suggest_key(bad, known | sections)
+                    hint = f" (did you mean {close!r}?)" if close and close != bad else ""
+                    raise ConfigError(f"{where.overrides[o]}: unknown key {bad!r}{hint}")
+                close = suggest_key(key, known | sections)
+                hint = f" (did you mean {close!r}?)" if close else ""
                 raise ConfigError(f"{source}: unknown key {key!r}{hint}")
 
     walk(cfg, "")
+    # a profile that extends nothing (a mapping with extends: null) gets no defaults: a missing key was a
+    # KeyError deep in the trainer or the model builder
+    for key, (_, nullable) in SCHEMA.items():
+        if not nullable and get_dotted(cfg, key, _MISSING) is _MISSING:
+            raise ConfigError(f"{source}: missing required key {key!r} (extend 'base' for the defaults)")
     _check_semantics(cfg, where)
 
 
@@ -476,6 +582,15 @@ def _check_semantics(cfg: Mapping[str, Any], where: _Where) -> None:
             and g("model.moe.k") > g("model.moe.num_experts"):
         raise ConfigError(f"{where.of('model.moe.k', 'model.moe.num_experts')}: model.moe.k ({g('model.moe.k')}) "
                           f"must be <= model.moe.num_experts ({g('model.moe.num_experts')})")
+    every, layers = g("model.moe.every"), g("model.num_layers")
+    if g("model.backbone") == "gpt" and g("model.moe.enabled") is True and isinstance(every, int) \
+            and isinstance(layers, int) and every > layers:
+        raise ConfigError(f"{where.of('model.moe.every', 'model.num_layers')}: model.moe.every ({every}) exceeds "
+                          f"model.num_layers ({layers}): no block would get an MoE FFN (model.moe.enabled is true)")
+    if g("model.ffn_name") == "moe":
+        raise ConfigError(f"{where.key('model.ffn_name')}: 'moe' is the mixture-of-experts layer, which the builder "
+                          "places itself: set model.moe.enabled: true (configured by model.moe.*) and keep "
+                          "model.ffn_name a dense FFN provider (dense)")
     sl, ml = g("data.seq_len"), g("model.max_seq_len")
     if g("model.backbone") == "gpt" and isinstance(sl, int) and isinstance(ml, int) and sl > ml:
         raise ConfigError(f"{where.of('data.seq_len', 'model.max_seq_len')}: data.seq_len ({sl}) exceeds "
@@ -491,7 +606,12 @@ def _check_semantics(cfg: Mapping[str, Any], where: _Where) -> None:
               ("model.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
               ("model.norm_eps", lambda v: v > 0, "must be > 0"),
               ("model.init_std", lambda v: v > 0, "must be > 0"),
-              ("model.tva.s", lambda v: v >= 0, "must be >= 0"))
+              ("model.tva.s", lambda v: v >= 0, "must be >= 0"),
+              # a negative coefficient rewards the collapse (or the logit growth) the auxiliary loss penalises
+              ("model.moe.balance_coef", lambda v: v >= 0, "must be >= 0"),
+              ("model.moe.z_coef", lambda v: v >= 0, "must be >= 0"),
+              # torch.manual_seed's range: past it, "Overflow when unpacking long long" naming no key
+              ("seed", lambda v: -2 ** 63 <= v < 2 ** 64, "must be in [-2**63, 2**64)"))
     for key, ok, rule in ranges:
         v = g(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not ok(v):

@@ -152,6 +152,9 @@ class ModelBuilder:
         if self._ffn_provider is None:
             self._ffn_provider = registry.get("ffn", m.get("ffn_name") or None)
         prov = self._ffn_provider
+        if prov.name == "moe":  # its layer returns (y, aux): a TypeError in the first forward, far from here
+            raise ValueError("model.ffn_name: 'moe' is the mixture-of-experts layer, which the builder places "
+                             "itself: set model.moe.enabled: true (model.moe.*) and keep model.ffn_name dense")
         self.report["ffn"] = prov.name
         return call_accepting(prov.create_layer, m["d_model"], self._d_ff(act),  # type: ignore[attr-defined]
                               activation=act, dropout=float(m.get("dropout", 0.0)))

@@ -190,6 +190,9 @@ class Trainer:
             if plugin and plugin not in active_names:
                 logger.warning("schedules.%s: plugin %r is not enabled (plugins.enabled), so this has no effect",
                                key, plugin)
+            elif plugin and self.schedules.enable_epoch(plugin) >= self.max_epochs:
+                logger.warning("schedules.%s: %d, but the run has %d epoch(s) (0-based): plugin %r never switches "
+                               "on", key, self.schedules.enable_epoch(plugin), self.max_epochs, plugin)
             elif not plugin:
                 _check_schedule_reader(key, self.plugins.plugins)
         self.ctx = HookContext(trainer=self, model=self.core_model, config=self.cfg,
