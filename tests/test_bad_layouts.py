@@ -83,3 +83,55 @@ def test_moe_ops_refuse_sparse_tensors(impl):
         K.moe_combine(K.moe_dispatch(x, r, impl=impl).to_sparse(), r, impl=impl)
     with pytest.raises(TypeError, match="^logits: expected a dense"):
         K.moe_aux_losses(logits.to_sparse(), r)
+
+
+def _shared(*shape):
+    return torch.zeros(1).expand(*shape)  # every element at one address
+
+
+@pytest.mark.skipif(not native_status()[0], reason="no native module")
+def test_raw_bindings_refuse_outputs_whose_elements_share_memory():
+    """The compiled module checks its outputs as the MoE bindings already did: an expanded (or otherwise
+    overlapping) output took racing writes silently. The public wrappers allocate fresh outputs; this is for
+    callers of apt_kernels._C."""
+    from apt_kernels._native import cpu_module, view
+    from apt_kernels.ops import scan as S
+
+    # view() takes only a pointer: every tensor a call writes is held in a local (a temporary was freed before the
+    # kernel wrote into it)
+    m = cpu_module()
+    x, out, shared3 = torch.randn(2, 5, 3), torch.empty(2, 5, 3), _shared(2, 5, 3)
+    m.running_mean_cpu(view(x), None, view(out))
+    with pytest.raises(ValueError, match="^out: is an output, so its elements must not share memory"):
+        m.running_mean_cpu(view(x), None, view(shared3))
+    with pytest.raises(ValueError, match="^grad_x: is an output"):
+        m.running_mean_backward_cpu(view(x), None, view(shared3))
+
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    o, lse, go, shared4 = torch.empty(1, 2, 4, 8), torch.empty(1, 2, 4), torch.randn(1, 2, 4, 8), _shared(1, 2, 4, 8)
+    fwd = (view(q), view(k), view(v), None, None, 0.0, True, 0, 0, None, 0.35)
+    with pytest.raises(ValueError, match="^o: is an output"):
+        m.tva_forward_cpu(*fwd, view(shared4), view(lse))
+    m.tva_forward_cpu(*fwd, view(o), view(lse))
+    for bad in ("dq", "dk", "dv"):
+        grads = {n: torch.empty(1, 2, 4, 8) for n in ("dq", "dk", "dv")}
+        grads[bad] = shared4
+        with pytest.raises(ValueError, match=f"^{bad}: is an output"):
+            m.tva_backward_cpu(view(go), view(q), view(k), view(v), view(o), view(lse), None,
+                               None, 0.0, True, 0, 0, None, 0.35, *(view(grads[n]) for n in ("dq", "dk", "dv")),
+                               None, None)
+
+    a = _scan()
+    Ap, Bp, Cp, Dp, bp = S._pack_params(a["A"], a["B"], a["C"], a["D"], a["delta_bias"], torch.float32)
+    _, last, ckpt = S._fwd_outputs(a["u"], a["A"], S.CHUNK)
+    shared_out = _shared(2, 4, 8)
+    with pytest.raises(ValueError, match="^out: is an output"):
+        m.selective_scan_fwd_cpu(view(a["u"]), view(a["delta"]), view(Ap), view(Bp), view(Cp), view(Dp),
+                                 view(a["z"]), view(bp), view(shared_out), view(last), view(ckpt), True,
+                                 S.CHUNK)
+    s = _step()
+    Ap, Bp, Cp, Dp, bp = S._pack_step_params(s["A"], s["B"], s["C"], s["D"], s["dt_bias"], torch.float32)
+    shared_y = _shared(2, 4)
+    with pytest.raises(ValueError, match="^y: is an output"):
+        m.selective_state_update_cpu(view(s["state"]), view(s["x"]), view(s["dt"]), view(Ap), view(Bp), view(Cp),
+                                     view(Dp), view(s["z"]), view(bp), view(shared_y), True)

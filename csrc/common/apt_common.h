@@ -129,18 +129,20 @@ inline void check_cpu(const TensorView& t) {
 inline void check_cuda(const TensorView& t) {
   APT_CHECK(t.device >= 0, t.name, ": expected a CUDA tensor, got a CPU tensor");
 }
-// t is updated in place: no two of its elements may share memory (an expanded or overlapping view would read one
-// element's update as another's). The test of apt_kernels._validate.check_no_overlap: with the dims of size > 1 by
-// increasing stride, each stride passes the span of the dims before it.
-inline void check_no_overlap(const TensorView& t) {
+// t is updated in place (or written: an output, `role` "is an output"): no two of its elements may share memory (an
+// expanded or overlapping view would read one element's update as another's, or take the last of racing writes).
+// The test of apt_kernels._validate.check_no_overlap: with the dims of size > 1 by increasing stride, each stride
+// passes the span of the dims before it.
+inline void check_no_overlap(const TensorView& t, const char* role = "is updated in place") {
+  if (t.numel() == 0) return;  // nothing is written; torch gives empty tensors strides like (1, 1) for (S, 0)
   std::vector<std::pair<int64_t, int64_t>> dims;
   for (int64_t i = 0; i < t.ndim(); ++i)
     if (t.shape[i] > 1) dims.emplace_back(t.strides[i], t.shape[i]);
   std::sort(dims.begin(), dims.end());
   int64_t span = 1;
   for (const auto& [stride, size] : dims) {
-    APT_CHECK(stride >= span, t.name, ": is updated in place, so its elements must not share memory (an expanded ",
-              "or overlapping view)");
+    APT_CHECK(stride >= span, t.name, ": ", role, ", so its elements must not share memory (an expanded or ",
+              "overlapping view)");
     span += (size - 1) * stride;
   }
 }

@@ -121,6 +121,7 @@ void check_args(const TensorView& x, const TensorView& keep, const TensorView& o
   check_shape(out, x.shape);
   check_dtype(out, x.dtype);
   check_cpu(out);
+  check_no_overlap(out, "is an output");
   if (keep.defined()) {
     check_shape(keep, {x.size(0), x.size(1)});
     check_dtype(keep, DType::Bool);

@@ -153,6 +153,7 @@ void selective_scan_fwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
   check_ndim(u, 3);
   check_float(u);
   check_like(out, u);
+  check_no_overlap(out, "is an output");
   if (z.defined()) check_like(z, u);
   const int64_t nchunks = (u.size(2) + chunk - 1) / chunk;
   dispatch_float(u.dtype, "u", [&](auto tag) {
@@ -203,6 +204,8 @@ void selective_scan_bwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
   APT_CHECK(D.defined() == dD.defined(), "dD: must be given exactly when D is");
   APT_CHECK(bias.defined() == dbias.defined(), "ddelta_bias: must be given exactly when delta_bias is");
   if (dz.defined()) check_like(dz, u);
+  for (const TensorView* t : {&du, &ddelta, &dz})
+    if (t->defined()) check_no_overlap(*t, "is an output");
   const int64_t nchunks = (u.size(2) + chunk - 1) / chunk;
   dispatch_float(u.dtype, "u", [&](auto tag) {
     using T = decltype(tag);
@@ -263,6 +266,7 @@ void selective_state_update(Obj state_, Obj x_, Obj dt_, Obj A_, Obj B_, Obj C_,
             state.size(1), "), got (", x.size(0), ", ", x.size(1), ")");
   check_like(dt, x);
   check_like(y, x);
+  check_no_overlap(y, "is an output");
   if (z.defined()) check_like(z, x);
   const int64_t batch = state.size(0), dim = state.size(1), N = state.size(2);
   dispatch_float(x.dtype, "x", [&](auto tag) {

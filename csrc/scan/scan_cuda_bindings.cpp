@@ -122,6 +122,7 @@ void selective_scan_fwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
   auto out = TensorView::from(out_, "out"), last = TensorView::from(last_, "last_state"),
        ckpt = TensorView::from(ckpt_, "checkpoints");
   check_like(out, u);
+  check_no_overlap(out, "is an output");
   const int64_t nchunks = (p.L + chunk - 1) / chunk;
   check_f32(last, {p.batch, p.dim, p.N}, p.device);
   check_f32(ckpt, {p.batch, p.dim, nchunks, p.N}, p.device);
@@ -146,6 +147,7 @@ void selective_scan_bwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
   auto dlast = TensorView::from_optional(dlast_, "dlast_state"), dD = TensorView::from_optional(dD_, "dD"),
        dz = TensorView::from_optional(dz_, "dz"), dbias = TensorView::from_optional(dbias_, "ddelta_bias");
   for (const TensorView* t : {&dout, &du, &ddelta}) check_like(*t, u);
+  for (const TensorView* t : {&du, &ddelta}) check_no_overlap(*t, "is an output");
   // by the arguments, not by p.z/p.D/p.bias: an empty tensor (batch or dim 0) has a null data pointer
   APT_CHECK((!z_.is_none()) == dz.defined(), "dz: must be given exactly when z is");
   APT_CHECK((!D_.is_none()) == dD.defined(), "dD: must be given exactly when D is");
@@ -163,6 +165,7 @@ void selective_scan_bwd(Obj u_, Obj delta_, Obj A_, Obj B_, Obj C_, Obj D_, Obj 
   if (dbias.defined()) { check_f32(dbias, {p.dim}, p.device); p.dbias = dbias.ptr<float>(); }
   if (dz.defined()) {
     check_like(dz, u);
+    check_no_overlap(dz, "is an output");
     p.dz = dz.data;
     copy3(dz, p.sdz);
   }
@@ -203,6 +206,7 @@ void selective_state_update(Obj state_, Obj x_, Obj dt_, Obj A_, Obj B_, Obj C_,
   check_shape(x, {batch, dim});
   check_like(dt, x);
   check_like(y, x);
+  check_no_overlap(y, "is an output");
   if (z.defined()) check_like(z, x);
   check_f32(A, {dim, N}, dev);
   scan_cuda::StepParams p;

@@ -465,6 +465,13 @@ void check_out(const TensorView& t, const std::vector<int64_t>& shape, DType dt,
   check_device(t, on_cuda, device);
 }
 
+// an output the kernel writes: check_out, and no two elements sharing memory (racing writes to one address)
+void check_written(const TensorView& t, const std::vector<int64_t>& shape, DType dt, bool on_cuda = false,
+                   int device = -1) {
+  check_out(t, shape, dt, on_cuda, device);
+  check_no_overlap(t, "is an output");
+}
+
 void check_contiguous3(const TensorView& t, const Ctx& c) {
   if (c.B * c.H * c.Tq == 0) return;  // torch gives empty tensors strides like (H, 1, 1): nothing is indexed
   APT_CHECK(t.stride(2) == 1 && t.stride(1) == c.Tq && t.stride(0) == c.H * c.Tq, t.name,
@@ -514,7 +521,7 @@ APT_REGISTER_OPS(tva) {
          int64_t window, int64_t sinks, py::object pad, double scale, py::object o_, py::object lse_) {
         Ctx c = make_ctx(q, k, v, delta, gate, coef, causal, window, sinks, pad, scale);
         auto o = TensorView::from(o_, "o"), lse = TensorView::from(lse_, "lse");
-        check_out(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
+        check_written(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
         check_out(lse, {c.B, c.H, c.Tq}, DType::Float32);
         check_contiguous3(lse, c);
         py::gil_scoped_release nogil;
@@ -542,12 +549,12 @@ APT_REGISTER_OPS(tva) {
         check_out(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
         check_out(lse, {c.B, c.H, c.Tq}, DType::Float32);
         check_contiguous3(lse, c);
-        check_out(dq, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
-        check_out(dk, {c.B, c.H, c.Tk, c.D}, c.q.dtype);
-        check_out(dv, {c.B, c.H, c.Tk, c.D}, c.q.dtype);
+        check_written(dq, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
+        check_written(dk, {c.B, c.H, c.Tk, c.D}, c.q.dtype);
+        check_written(dv, {c.B, c.H, c.Tk, c.D}, c.q.dtype);
         if (c.delta.defined()) {
           APT_CHECK(ddelta.defined() && rowdot.defined(), "ddelta: required (with rowdot) when delta is given");
-          check_out(ddelta, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
+          check_written(ddelta, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
           check_out(rowdot, {c.B, c.H, c.Tq}, DType::Float32);
           check_contiguous3(rowdot, c);
         }
@@ -573,7 +580,7 @@ APT_REGISTER_OPS(tva) {
         Ctx c = make_ctx(q, k, v, delta, gate, 0.0, causal, window, sinks, pad, scale, true);
         auto coef = TensorView::from(coef_, "coef");
         auto o = TensorView::from(o_, "o"), lse = TensorView::from(lse_, "lse");
-        check_out(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, c.q.device);
+        check_written(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, c.q.device);
         check_out(lse, {c.B, c.H, c.Tq}, DType::Float32, true, c.q.device);
         check_contiguous3(lse, c);
         tva::CudaParams p = cuda_params(c, coef);
@@ -606,16 +613,16 @@ APT_REGISTER_OPS(tva) {
         check_out(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
         check_out(lse, {c.B, c.H, c.Tq}, DType::Float32, true, dev);
         check_contiguous3(lse, c);
-        check_out(dq, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
-        check_out(dk, {c.B, c.H, c.Tk, c.D}, c.q.dtype, true, dev);
-        check_out(dv, {c.B, c.H, c.Tk, c.D}, c.q.dtype, true, dev);
+        check_written(dq, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
+        check_written(dk, {c.B, c.H, c.Tk, c.D}, c.q.dtype, true, dev);
+        check_written(dv, {c.B, c.H, c.Tk, c.D}, c.q.dtype, true, dev);
         check_out(di, {c.B, c.H, c.Tq}, DType::Float32, true, dev);
         check_contiguous3(di, c);
         tva::CudaParams p = cuda_params(c, coef);
         p.di = di.ptr<float>();
         if (c.delta.defined()) {
           APT_CHECK(ddelta.defined() && rowdot.defined(), "ddelta: required (with rowdot) when delta is given");
-          check_out(ddelta, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
+          check_written(ddelta, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
           check_out(rowdot, {c.B, c.H, c.Tq}, DType::Float32, true, dev);
           check_contiguous3(rowdot, c);
           p.ddelta = ddelta.data;
