@@ -1,11 +1,30 @@
 """Small reference ops shared by the families."""
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
 from .._validate import check_dtype, check_float, check_ndim, check_same_device, check_shape
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def without_autocast(fn: F) -> F:
+    """Runs ``fn`` with autocast off on its tensors' device (the first tensor argument's) when it is on there: the
+    references accumulate in fp32 (fp64) as documented and as the fused kernels do, where autocast would run their
+    matmuls / einsums in its low dtype (P rounded to bf16 before P @ V), and the reference would disagree with every
+    fused provider."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        dev = x.device.type if x is not None else None
+        if dev is not None and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
 def check_running_mean_args(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> None:

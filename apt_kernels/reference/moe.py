@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .common import without_autocast
+
 
 @dataclasses.dataclass
 class Routing:
@@ -200,13 +202,9 @@ def moe_dispatch_ref(x: torch.Tensor, routing: Routing) -> torch.Tensor:
     return rows.view(routing.buffer_shape(c))
 
 
+@without_autocast
 def moe_combine_ref(expert_out: torch.Tensor, routing: Routing) -> torch.Tensor:
     """``y[n] = sum over kept j of w[n, j] * expert_out[slot[n, j]]`` in fp32 (fp64 for fp64), expert_out's dtype."""
-    dev = expert_out.device.type
-    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
-        # fp32 as documented and as the native combine: autocast would run the einsum in its low dtype
-        with torch.autocast(dev, enabled=False):
-            return moe_combine_ref(expert_out, routing)
     acc = torch.promote_types(routing.weights.dtype, expert_out.dtype)
     flat = expert_out.flatten(0, -2)  # (rows, C); reshape(-1, C) cannot infer rows when C is 0
     zero = torch.zeros((), dtype=acc, device=flat.device)

@@ -18,6 +18,7 @@ import torch
 from .._autograd import first_order_only
 from .._validate import check_dtype, check_flag, check_float, check_ndim, check_same_device, check_shape, check_tensor
 from ..backends import autograd_free, custom_op_must_dispatch
+from .common import without_autocast
 
 __all__ = ["tva_attention_ref", "tva_visible_mask", "check_tva_inputs", "TVAArgs", "MAX_HEAD_DIM"]
 
@@ -151,6 +152,7 @@ def perturbation(delta: torch.Tensor, gate: Optional[torch.Tensor], coef: Coef, 
     return term * float(coef)
 
 
+@without_autocast
 def tva_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
                       gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
                       window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
@@ -161,12 +163,6 @@ def tva_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: 
     A query row with no visible key gets zero attention output (its perturbation is still added).
     """
     a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
-    if torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):
-        # the accumulation is fp32 (fp64) as documented, as in the fused kernels: autocast would run both matmuls
-        # in its low dtype (P rounded to bf16 before P @ V), so the reference disagreed with every fused provider
-        with torch.autocast(q.device.type, enabled=False):
-            return tva_attention_ref(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask,
-                                     softmax_scale)
     acc = _acc_dtype(q.dtype)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * a.scale
     vis = tva_visible_mask(a.Tq, a.Tk, causal, a.window, a.sinks, key_padding_mask, q.device)
