@@ -37,7 +37,9 @@ PYBIND11_MODULE(APT_MODULE_NAME, m) {
 #else
   m.attr("with_openmp") = false;
   m.def("max_threads", []() { return 1; });
-  m.def("set_num_threads", [](int) {}, pybind11::arg("n"));
+  m.def("set_num_threads", [](int n) {  // one thread whatever n, but the same argument check as with OpenMP
+    APT_CHECK(n >= 1, "set_num_threads: expected n >= 1, got ", n);
+  }, pybind11::arg("n"));
 #endif
   m.attr("compiler") = APT_VERSION_INFO;
   pybind11::list names;
