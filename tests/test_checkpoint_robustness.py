@@ -150,3 +150,32 @@ def test_resume_refuses_a_retrained_bpe_tokenizer(tmp_path):
 def test_resume_with_other_parameters_is_a_checkpoint_error(run):
     with pytest.raises(CheckpointError, match="optimizer state does not fit"):
         Trainer(_cfg(run, **{"training.resume": "auto", "model.tie_embeddings": False}))
+
+
+def test_a_save_killed_mid_write_leaves_no_lasting_temp_file(tmp_path):
+    """A writer killed mid-write (preempted, OOM-killed) cannot unlink its temp file; with a fresh temp name per
+    save each such crash left a checkpoint-sized file that no later save removed. A later save on the same host
+    removes the temp files of writers that no longer run (and never a live one's)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "last.pt"
+    crash = textwrap.dedent(f"""
+        import io, os, torch
+        from apt.training import checkpoint as ckpt
+        real = torch.save
+        def dying_save(obj, f, *a, **k):
+            if not isinstance(f, io.BufferedWriter):
+                return real(obj, f, *a, **k)
+            f.write(b"x" * 4096); f.flush(); os._exit(137)
+        torch.save = dying_save
+        ckpt.save({str(path)!r}, torch.nn.Linear(4, 4), {{"model": {{}}}}, None, rng=False)
+    """)
+    for _ in range(2):
+        assert subprocess.run([sys.executable, "-c", crash]).returncode == 137
+    assert len([p for p in os.listdir(tmp_path) if p.endswith(".tmp")]) == 2
+    live = tmp_path / f"last.pt.{ckpt._HOST}.{os.getpid()}.0123abcd.tmp"  # a live writer's (this process)
+    live.write_bytes(b"in progress")
+    ckpt.save(path, torch.nn.Linear(4, 4), {"model": {"d_model": 1}}, None, rng=False)
+    assert sorted(os.listdir(tmp_path)) == sorted(["last.pt", live.name])

@@ -57,3 +57,23 @@ def test_trainer_keeps_moe_losses_under_ddp(group, tmp_path):
     Trainer(dict(cfg, training=dict(cfg["training"], resume="auto")), model=DDP(_model(cfg),
                                                                                 find_unused_parameters=True))
     ckpt.load_for_inference(tmp_path / "last.pt")
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod."])
+def test_checkpoint_written_with_wrapper_keys_still_loads(tmp_path, prefix):
+    """Checkpoints saved before save() unwrapped the model hold the wrapper's keys: a resume (with the wrapped or
+    the bare model) and load_for_inference take them."""
+    cfg = load_profile("tiny_debug", overrides={"model.num_layers": 1, "training.out_dir": str(tmp_path),
+                                                "training.progress": False, "training.max_steps": 1})
+    m = _model(cfg)
+    Trainer(cfg, model=m).save_checkpoint()
+    path = tmp_path / "last.pt"
+    blob = torch.load(path, weights_only=True)
+    blob["model"] = {prefix + k: v for k, v in blob["model"].items()}
+    torch.save(blob, path)
+    model, _, _ = ckpt.load_for_inference(path)
+    for a, b in zip(model.state_dict().values(), m.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    resumed = dict(cfg, training=dict(cfg["training"], resume="auto"))
+    Trainer(resumed, model=torch.compile(_model(cfg)))
+    Trainer(resumed, model=_model(cfg))

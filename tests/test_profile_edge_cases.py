@@ -86,3 +86,24 @@ def test_enable_epoch_past_the_run_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="apt.training.trainer"):
         Trainer(cfg)
     assert any("never switches on" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("text", ["0x_", "0o_", "0b_", "0x", "0o"])
+def test_integer_prefix_without_digits_is_a_string(text):
+    assert yaml_load(f"a: {text}") == {"a": text}  # was a ValueError from int() (not a ConfigError)
+
+
+def test_signed_prefixed_integers():
+    assert yaml_load("a: -0x10\nb: +0o10\nc: -0b11\n") == {"a": -16, "b": 8, "c": -3}
+
+
+def test_override_emptying_a_section_is_named():
+    with pytest.raises(ConfigError, match=r"^--model\.moe: leaves required key 'model\.moe\.enabled' unset"):
+        load_profile("tiny_debug", ["--model.moe", "null"])
+
+
+def test_explicit_int_tag_on_a_non_number_is_a_config_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("extends: tiny_debug\nseed: !!int abc\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_profile(p)

@@ -62,7 +62,8 @@ _ProfileLoader.yaml_implicit_resolvers = {
     for first, resolvers in _ProfileLoader.yaml_implicit_resolvers.items()}
 _ProfileLoader.add_implicit_resolver(
     "tag:yaml.org,2002:int",
-    re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+)$"),
+    # a digit after the prefix: "0x_" alone was a ValueError from int(), not a ConfigError; a sign as PyYAML took it
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*|0o_*[0-7][0-7_]*|0x_*[0-9a-fA-F][0-9a-fA-F_]*|0b_*[01][01_]*)$"),
     list("-+0123456789"))
 
 
@@ -70,9 +71,13 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
     text = str(loader.construct_scalar(node)).replace("_", "")
     sign = -1 if text.startswith("-") else 1
     body = text.lstrip("+-")
-    if body[:2] in ("0o", "0x", "0b"):
-        return sign * int(body, 0)
-    return sign * int(body, 10)
+    try:
+        if body[:2] in ("0o", "0x", "0b"):
+            return sign * int(body, 0)
+        return sign * int(body, 10)
+    except ValueError:  # an explicit !!int tag on a non-number: a YAML error (a ConfigError naming the file)
+        raise yaml.constructor.ConstructorError(None, None, f"expected an integer, got {text!r}",
+                                                node.start_mark) from None
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -538,6 +543,10 @@ def validate(cfg: Mapping[str, Any], source: str = "profile", overrides: Optiona
     # KeyError deep in the trainer or the model builder
     for key, (_, nullable) in SCHEMA.items():
         if not nullable and get_dotted(cfg, key, _MISSING) is _MISSING:
+            o = where.override_of(key)
+            if o is not None:  # --model.moe null: the override emptied the section, not the profile
+                raise ConfigError(f"{where.overrides[o]}: leaves required key {key!r} unset (set the keys to "
+                                  "change, e.g. --model.moe.enabled false, not the whole section to null)")
             raise ConfigError(f"{source}: missing required key {key!r} (extend 'base' for the defaults)")
     _check_semantics(cfg, where)
 

@@ -14,12 +14,14 @@ code when unpickled) is refused, never executed.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
 import os
 import pickle
 import random
+import socket
 import uuid
 import warnings
 from pathlib import Path
@@ -97,6 +99,57 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state: Mapping[str, Any], model: torch.nn.Module) -> Mapping[str, Any]:
+    """``state`` keyed for the bare ``model``: checkpoints written before :func:`unwrap_model` was applied on save
+    hold a DDP / torch.compile wrapper's keys (``module.``, ``_orig_mod.``); such a prefix, on every key and on none
+    of the model's own, is dropped (``state`` itself is returned when there is none)."""
+    own = list(model.state_dict().keys())
+    out: Any = state
+    stripped = True
+    while out and stripped:
+        stripped = False
+        for pre in _WRAPPER_PREFIXES:
+            if all(k.startswith(pre) for k in out) and not any(k.startswith(pre) for k in own):
+                meta = getattr(out, "_metadata", None)
+                out = collections.OrderedDict((k[len(pre):], v) for k, v in out.items())
+                if meta is not None:  # per-module versions, keyed by module path ("module.embed" -> "embed")
+                    out._metadata = type(meta)((k[len(pre):] if k.startswith(pre) else "" if k == pre[:-1] else k,
+                                                v) for k, v in meta.items())
+                stripped = True
+    return out
+
+
+_HOST = socket.gethostname().replace(os.sep, "_") or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # someone else's live process (or cannot tell): keep its file
+    return True
+
+
+def _remove_dead_writers_tmp(path: Path) -> None:
+    """Best effort: the temp files of ``path`` left on this host by writers that no longer run (a save killed
+    mid-write). Another host's files, and a live process's, are never touched."""
+    prefix = f"{path.name}.{_HOST}."
+    with contextlib.suppress(OSError):
+        for other in path.parent.iterdir():
+            name = other.name
+            if not (name.startswith(prefix) and name.endswith(".tmp")):
+                continue
+            pid = name[len(prefix):-len(".tmp")].split(".")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    other.unlink()
+
+
 def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping[str, Any], tokenizer: Any,
          optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None, scaler: Any = None,
          trainer_state: Optional[Mapping[str, Any]] = None, plugin_state: Optional[Mapping[str, Any]] = None,
@@ -131,7 +184,9 @@ def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping
         raise IsADirectoryError(f"cannot write checkpoint {path}: it is a directory")
     # a temp name of this writer's own: processes saving to one path (every rank of a torchrun job) renamed or
     # unlinked each other's shared 'last.pt.tmp' mid-write; "x": never another writer's file (umask applies)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # The host is in the name so that a later save can tell a dead writer's file (killed mid-write: preempted, OOM)
+    # from a live one's: with a fresh name per save, each such crash otherwise left a checkpoint-sized file for good
+    tmp = path.with_name(f"{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         check_weights_only(blob)  # before the temp file: what load() would refuse is never written
         with open(tmp, "xb") as f:
@@ -146,6 +201,7 @@ def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping
             raise OSError(exc.errno, f"cannot write checkpoint {path} ({exc.strerror or exc}); the previous "
                                      "one, if any, is intact") from None
         raise
+    _remove_dead_writers_tmp(path)
     with contextlib.suppress(OSError):  # the rename itself survives a power loss
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -245,7 +301,7 @@ def load_for_inference(path: Union[str, os.PathLike], device: Union[str, torch.d
         raise CheckpointError(f"{path}: cannot rebuild the model from the stored profile: {type(exc).__name__}: "
                               f"{exc}") from None
     try:
-        missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+        missing, unexpected = model.load_state_dict(strip_wrapper_prefixes(blob["model"], model), strict=False)
     except RuntimeError as exc:  # size mismatches (strict=False only forgives missing / extra keys)
         lines = str(exc).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0] if lines else ""

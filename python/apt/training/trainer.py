@@ -257,7 +257,8 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         blob = ckpt.load(path, map_location="cpu")
         try:
-            self.core_model.load_state_dict(blob["model"])
+            # a checkpoint written before saves were unwrapped holds a DDP / torch.compile wrapper's keys
+            self.core_model.load_state_dict(ckpt.strip_wrapper_prefixes(blob["model"], self.core_model))
         except RuntimeError as exc:  # missing / unexpected keys, size mismatches
             first = str(exc).strip().splitlines()
             detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
