@@ -196,3 +196,19 @@ def test_cache_with_padding_trains_and_a_failed_call_leaves_the_cache_as_it_was(
         torch.testing.assert_close(m(x[:, 3:], cache=cache), full[:, 3:])
     with pytest.raises(ValueError, match="x: no tokens to append"):
         m(torch.randn(1, 0, 16), cache=cache)
+
+
+def test_cache_holds_values_not_graph():
+    """Documented (TVACache, apt.modeling.model): a call's outputs match a full forward's, but give gradients to that
+    call's inputs only; the positions fed by earlier calls get none (the cache is for decoding)."""
+    from apt_kernels.layers.tva import TVAAttention
+
+    torch.manual_seed(0)
+    layer = TVAAttention(32, 4)
+    x = torch.randn(1, 6, 32, requires_grad=True)
+    c = layer.new_cache(1)
+    layer(x[:, :3], cache=c)
+    second = layer(x[:, 3:], cache=c)
+    torch.testing.assert_close(second, layer(x)[:, 3:], rtol=1e-5, atol=1e-5)
+    (g,) = torch.autograd.grad(second.sum(), x)
+    assert g[:, :3].abs().max() == 0 and g[:, 3:].abs().max() > 0

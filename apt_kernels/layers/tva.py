@@ -32,6 +32,8 @@ class TVACache:
     (``max_len`` positions when given, else a capacity that doubles when full);
     ``x_sum``/``count``: fp32 running sum of the non-padded inputs and their number (the gate's running mean);
     ``padding``: (B, capacity) key padding mask, the same way; ``length``: number of positions seen.
+    The buffers hold detached values: under autograd a call's outputs give gradients to that call's inputs only,
+    not to the positions of earlier calls (truncated backpropagation; the outputs equal a full forward's).
     """
 
     batch_size: int
@@ -101,7 +103,10 @@ class _ImplCore:
 
 
 class TVAAttention(nn.Module):
-    """TVA attention layer: ``forward(x (B, T, C), key_padding_mask=None (B, T) True = padded, cache=None) -> y``."""
+    """TVA attention layer: ``forward(x (B, T, C), key_padding_mask=None (B, T) True = padded, cache=None) -> y``.
+
+    With a ``window``, the ``s`` sink keys are absolute positions 0..s-1 (TVA.md): in a left-padded row they are
+    padding, so pad on the right where sinks matter."""
 
     def __init__(self, d_model: int, num_heads: int, r: int = 4, s: int = 1, tau: float = 0.18, alpha: float = 0.1,
                  window: Optional[int] = None, causal: bool = True, dropout: float = 0.0,

@@ -3,9 +3,12 @@ blocks, learned positions) and the ``mamba`` backbone (selective-scan blocks, no
 
 ``model(input_ids, cache=None) -> logits``; ``model.new_cache(batch_size)`` returns a :class:`ModelCache` that
 forward updates in place, so feeding a sequence in pieces (prefill, then one token at a time) gives the same
-logits as one full forward. After each forward ``model.aux_losses`` holds that forward's auxiliary losses
-(``moe_balance``, ``moe_z``: summed over MoE layers, already scaled) and ``model.hidden_states`` the final
-normalised hidden states (``final``) and, when ``record_hidden`` is set, those after the middle block (``mid``).
+logits as one full forward. The cache holds values, not autograd graph (it is for decoding): with autograd on,
+the gradients of one call's logits reach that call's tokens and the parameters, not the positions fed by earlier
+calls (truncated backpropagation), so they differ from a full forward's; train on one full forward.
+After each forward ``model.aux_losses`` holds that forward's auxiliary losses (``moe_balance``, ``moe_z``:
+summed over MoE layers, already scaled) and ``model.hidden_states`` the final normalised hidden states
+(``final``) and, when ``record_hidden`` is set, those after the middle block (``mid``).
 """
 from __future__ import annotations
 
