@@ -107,3 +107,18 @@ def test_explicit_int_tag_on_a_non_number_is_a_config_error(tmp_path):
     p.write_text("extends: tiny_debug\nseed: !!int abc\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_profile(p)
+
+
+@pytest.mark.parametrize("plugin,key", [("routing", "route_temperature"), ("moe", "moe_capacity_factor")])
+def test_schedule_that_must_stay_positive_is_checked_at_setup(plugin, key):
+    """route_temperature / moe_capacity_factor reaching 0 disabled the plugin at that step (a traceback in the log)
+    and the run still finished with success; now the trainer refuses it before training."""
+    from apt.training.trainer import Trainer
+
+    base = ["model.moe.enabled=true", f"plugins.enabled=[{plugin}]", "training.progress=false",
+            "training.max_steps=4"]
+    cfg = load_profile("tiny_debug", base + [f"schedules.{key}={{start: 1.0, end: 0.0, by: step}}"])
+    with pytest.raises(ValueError, match=f"schedules.{key}: reaches 0 during the run"):
+        Trainer(cfg)
+    # an 'until' past the run's end never reaches the end value: the run's own range is what counts
+    Trainer(load_profile("tiny_debug", base + [f"schedules.{key}={{start: 1.0, end: 0.0, by: step, until: 100}}"]))

@@ -62,6 +62,9 @@ class Plugin(Provider):
     # the ``schedules:`` entries the plugin reads (Schedules.value): a schedule entry that no enabled plugin reads
     # is warned about, with the closest declared name when it looks like a typo of one
     schedule_names: ClassVar[tuple[str, ...]] = ()
+    # of those, the ones that must stay > 0 over the whole run: checked when the trainer is set up (a schedule
+    # reaching 0 at its end otherwise disabled the plugin mid-run, and the run still finished with success)
+    schedule_positive: ClassVar[tuple[str, ...]] = ()
 
     def on_training_start(self, ctx: HookContext) -> None: ...
     def on_epoch_start(self, ctx: HookContext) -> None: ...

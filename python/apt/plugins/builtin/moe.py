@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 class MoEPlugin(Plugin):
     name = "moe"
     schedule_names = ("moe_capacity_factor",)
+    schedule_positive = ("moe_capacity_factor",)
     manages_schedule = True  # acts on scheduled_on() itself
     description = "enable MoE FFNs at a scheduled epoch; anneal the expert capacity factor; pick the router"
 

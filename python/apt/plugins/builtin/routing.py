@@ -14,6 +14,7 @@ from ...plugins.base import HookContext, Plugin
 class RoutingPlugin(Plugin):
     name = "routing"
     schedule_names = ("route_temperature",)
+    schedule_positive = ("route_temperature",)
     description = "anneal the MoE router temperature (schedule route_temperature)"
 
     def __init__(self, config: Optional[dict[str, Any]] = None) -> None:
