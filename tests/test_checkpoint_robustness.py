@@ -179,3 +179,36 @@ def test_a_save_killed_mid_write_leaves_no_lasting_temp_file(tmp_path):
     live.write_bytes(b"in progress")
     ckpt.save(path, torch.nn.Linear(4, 4), {"model": {"d_model": 1}}, None, rng=False)
     assert sorted(os.listdir(tmp_path)) == sorted(["last.pt", live.name])
+
+
+def _unused_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except OSError:
+            pass
+        pid -= 1
+
+
+def test_a_live_writers_temp_file_is_kept_even_when_its_pid_is_not_visible(tmp_path):
+    """Another PID namespace with the same host name (containers on the node's hostname): the sweep of dead
+    writers' temp files must not take a file its writer still holds locked (that writer's save then failed)."""
+    fcntl = pytest.importorskip("fcntl")
+    path = tmp_path / "last.pt"
+    other = tmp_path / f"last.pt.{ckpt._HOST}.{_unused_pid()}.0123abcd.tmp"
+    with open(other, "xb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ckpt.save(path, torch.nn.Linear(2, 2), {"model": {}}, None, rng=False)
+        assert other.exists()
+    ckpt.save(path, torch.nn.Linear(2, 2), {"model": {}}, None, rng=False)  # writer gone: lock released
+    assert not other.exists()
+
+
+def test_a_stray_temp_name_with_a_non_ascii_digit_does_not_break_save(tmp_path):
+    path = tmp_path / "last.pt"
+    (tmp_path / f"last.pt.{ckpt._HOST}.\u00b2.tmp").write_bytes(b"")
+    ckpt.save(path, torch.nn.Linear(2, 2), {"model": {}}, None, rng=False)
+    assert path.exists()

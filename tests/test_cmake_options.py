@@ -59,3 +59,9 @@ def test_cuda_compiler_looked_up_again_after_notfound(tmp_path):
     assert "no CUDA compiler found" in first.stdout
     again = _configure(tmp_path)
     assert "no CUDA compiler found" not in again.stdout, again.stdout
+
+
+@pytest.mark.parametrize("value", ["ON", "on", "1", "true", "Yes"])
+def test_apt_ccache_on_spellings_configure(tmp_path, value):
+    r = _configure(tmp_path, "-DAPT_CUDA=OFF", f"-DAPT_CCACHE={value}")
+    assert r.returncode == 0, r.stderr  # ON meant "use ccache" before the spellings were checked

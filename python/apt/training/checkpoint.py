@@ -27,6 +27,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+try:  # advisory locks: a live writer holds one on its temp file (released by the kernel when the process dies)
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 import torch
 
 logger = logging.getLogger(__name__)
@@ -138,6 +143,8 @@ def _pid_alive(pid: int) -> bool:
 def _remove_dead_writers_tmp(path: Path) -> None:
     """Best effort: the temp files of ``path`` left on this host by writers that no longer run (a save killed
     mid-write). Another host's files, and a live process's, are never touched."""
+    if fcntl is None:  # no locks to tell a live writer by (and os.kill(pid, 0) on Windows sends CTRL_C_EVENT)
+        return
     prefix = f"{path.name}.{_HOST}."
     with contextlib.suppress(OSError):
         for other in path.parent.iterdir():
@@ -145,8 +152,14 @@ def _remove_dead_writers_tmp(path: Path) -> None:
             if not (name.startswith(prefix) and name.endswith(".tmp")):
                 continue
             pid = name[len(prefix):-len(".tmp")].split(".")[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                with contextlib.suppress(OSError):
+            if not (pid.isascii() and pid.isdigit()) or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            # the pid alone is not enough: a writer in another PID namespace with the same host name (containers
+            # sharing the node's hostname: docker --network host, hostNetwork pods) has a pid this process cannot
+            # see. Its lock is visible: remove the file only when nobody holds it.
+            with contextlib.suppress(OSError):
+                with open(other, "rb") as g:
+                    fcntl.flock(g.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: held by a live writer
                     other.unlink()
 
 
@@ -190,10 +203,16 @@ def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping
     try:
         check_weights_only(blob)  # before the temp file: what load() would refuse is never written
         with open(tmp, "xb") as f:
+            if fcntl is not None:  # this file is a live writer's (see _remove_dead_writers_tmp)
+                with contextlib.suppress(OSError):
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             torch.save(blob, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them last.pt
-        os.replace(tmp, path)
+            if fcntl is not None:  # renamed while still locked: never swept between the close and the rename
+                os.replace(tmp, path)
+        if fcntl is None:
+            os.replace(tmp, path)
     except BaseException as exc:  # disk full, Ctrl-C mid-write: the previous checkpoint stays whole, no litter
         with contextlib.suppress(OSError):
             tmp.unlink()
