@@ -9,7 +9,7 @@ second derivative through them was silently wrong (the op's own second-order ter
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -21,7 +21,8 @@ __all__ = ["first_order_only", "no_double_backward", "double_backward_message"]
 
 def double_backward_message(op: str) -> str:
     return (f"apt_kernels.{op}: the native kernels have no double backward (their backward is once_differentiable); "
-            "use the reference provider (impl='reference') for higher-order gradients")
+            "use the reference provider (impl='reference'; a layer's reference core or router, e.g. "
+            "MoEFFN(router_impl='reference')) for higher-order gradients")
 
 
 class _RaiseOnBackward(torch.autograd.Function):
@@ -40,7 +41,7 @@ class _RaiseOnBackward(torch.autograd.Function):
         raise RuntimeError(ctx.message)
 
 
-def no_double_backward(op: str, grads: Any, anchors: Sequence[Any] = ()) -> Any:
+def no_double_backward(op: str, grads: Any, anchors: Sequence[Any] = (), message: Optional[str] = None) -> Any:
     """``grads`` (a backward's return: a tensor, or a tuple of tensors and None) with every tensor given a grad_fn
     that raises :func:`double_backward_message` when it is differentiated. ``anchors``: what the gradients depend
     on (the saved inputs, the incoming gradients); those that require grad become the error node's inputs, so that
@@ -53,7 +54,7 @@ def no_double_backward(op: str, grads: Any, anchors: Sequence[Any] = ()) -> Any:
     deps = [a for a in anchors if isinstance(a, torch.Tensor) and a.requires_grad]
     if not idx or not deps:
         return grads
-    message = double_backward_message(op)
+    message = message or double_backward_message(op)
     tensors = [out[i] for i in idx] + deps
     if _DelayedError is not None:
         wrapped = _DelayedError(message.encode(), len(tensors))(*tensors)
@@ -66,6 +67,11 @@ def no_double_backward(op: str, grads: Any, anchors: Sequence[Any] = ()) -> Any:
     return out[0] if single else tuple(out)
 
 
+def _functorch_wrapped(tensors: Sequence[Any]) -> bool:
+    """Whether any of ``tensors`` is a torch.func wrapper (live or dead), which has no storage to read."""
+    return any(isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def first_order_only(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator for an autograd.Function's ``backward(ctx, *grads)`` whose body is kernels autograd cannot see:
     the body runs under no_grad, and when backward runs with grad mode on (``create_graph=True``), whether or not
@@ -76,8 +82,10 @@ def first_order_only(op: str) -> Callable[[Callable[..., Any]], Callable[..., An
     def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
-            if torch._C._are_functorch_transforms_active():
-                # torch.func.grad/vjp hand backward wrapped tensors, which have no data for the kernels to read
+            if torch._C._are_functorch_transforms_active() or _functorch_wrapped((*ctx.saved_tensors, *grads)):
+                # torch.func.grad/vjp hand backward wrapped tensors, which have no data for the kernels to read;
+                # torch.func.vjp's vjp_fn runs backward after the transform has exited (no transform active), on
+                # the now dead wrappers saved in its forward: the kernels failed with "Cannot access data pointer"
                 raise RuntimeError(f"apt_kernels.{op}: the native kernels' backward does not run under torch.func "
                                    "transforms (grad, vjp, jacrev); use torch.autograd, or the reference provider "
                                    "(impl='reference')")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from .._autograd import first_order_only
+from .._autograd import first_order_only, no_double_backward
 from .._native import cpu_module, current_stream, host_empty, native_module, view
 from .._validate import check_float, check_ndim, check_tensor
 from ..reference.moe import (Routing, default_renormalize, expert_capacity, gate_weights, moe_aux_losses_ref,
@@ -471,7 +471,15 @@ def _grouped_ffn_setup(ctx, inputs, output):
 
 def _grouped_ffn_backward(ctx, grad_out, *_):
     g_x, g_in, g_gate, g_out = _grouped_ffn_bwd_op(grad_out, *ctx.saved_tensors)
-    return g_x, None, g_in, (g_gate if ctx.has_gate else None), g_out
+    grads = (g_x, None, g_in, (g_gate if ctx.has_gate else None), g_out)
+    if torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
+        # create_graph=True: the backward op has no autograd formula of its own, and differentiating these
+        # gradients failed inside torch ("Trying to backward through apt.moe_grouped_ffn_backward"); a clear error
+        # instead (keeping the layer's x alive for a recompute would cost an (M, C) buffer in every training step)
+        grads = no_double_backward("moe_grouped_ffn", grads, (*ctx.saved_tensors, grad_out), message=(
+            "apt_kernels.moe_grouped_ffn: the dropless grouped FFN has no double backward; for higher-order "
+            "gradients route with a capacity (capacity_factor set) and the reference router"))
+    return grads
 
 
 _grouped_ffn_op.register_autograd(_grouped_ffn_backward, setup_context=_grouped_ffn_setup)

@@ -109,12 +109,20 @@ def running_mean_native(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor
     return RunningMean.apply(x, keep)
 
 
+def _transformed() -> bool:
+    """Under a torch.func transform (vmap, jvp, grad) or a forward-mode AD level: the native kernel's Function has
+    no batching rule and no jvp, so vmap and forward AD over running_mean (and every TVA layer) failed on CPU."""
+    return not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                                  or torch.autograd.forward_ad._current_level >= 0)
+
+
 def running_mean(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal running mean of ``x`` (B, T, C) over time, skipping padded positions (mask True = padded).
 
-    Uses the native CPU kernel for CPU tensors when it is built, torch's cumsum otherwise (CUDA tensors, no build).
+    Uses the native CPU kernel for CPU tensors when it is built, torch's cumsum otherwise (CUDA tensors, no build,
+    and under torch.func transforms or forward-mode AD, which the native kernel does not support).
     """
     # each path checks its arguments (checking here too did it twice, on the decode path of every TVA layer)
-    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and native_status()[0]:
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and native_status()[0] and not _transformed():
         return running_mean_native(x, key_padding_mask)
     return running_mean_ref(x, key_padding_mask)

@@ -525,6 +525,10 @@ def _step_needs_grad(*ts: Optional[torch.Tensor]) -> bool:
         any(_is_dual(t) for t in ts)
 
 
+def _functorch_active() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def _is_dual(t: Optional[torch.Tensor]) -> bool:
     return t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
@@ -541,6 +545,10 @@ def _run_step(step_op, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, checke
                 what = "requires grad" if t is not None and t.requires_grad else "is a forward-mode AD dual tensor"
                 raise ValueError(f"{name}: {what}, but the fast decode steps are inference kernels without a "
                                  "backward; run under torch.no_grad(), or use selective_state_update_ref")
+    if not checked and _functorch_active():
+        raise RuntimeError("the fast decode steps do not run under torch.func transforms (vmap, grad, jvp): their "
+                           "kernels cannot read the transforms' wrapped tensors; use selective_state_update (which "
+                           "falls back to the reference there) or selective_state_update_ref")
     if state.numel() == 0:
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     x_io, dt, z = _common_io(x, dt, z, acc_from=(state,))
@@ -669,6 +677,8 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     if _step_needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
         impl, fn = "reference (an input requires grad)", selective_state_update_ref  # the one with a backward
+    elif _functorch_active():  # vmap: the kernels cannot read batched tensors ("Cannot access data pointer")
+        impl, fn = "reference (under a torch.func transform)", selective_state_update_ref
     else:
         impl, fn = _choose_step(x, A.shape[-1], state.dtype)
     if not torch.compiler.is_compiling():
