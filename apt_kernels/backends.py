@@ -126,6 +126,15 @@ def custom_op_must_dispatch() -> bool:
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or torch.jit.is_tracing()
 
 
+def torch_func_active(forward_ad: bool = False) -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp) is active, or with ``forward_ad`` also an open forward-mode
+    AD level (torch.autograd.forward_ad), outside torch.compile (which traces both itself): the kernels cannot read
+    the transforms' wrapped tensors, and the custom ops have no batching rule and no jvp."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or (forward_ad and torch.autograd.forward_ad._current_level >= 0)
+
+
 def autograd_free(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether a plain eager call on ``tensors`` (None entries skipped) has nothing for autograd to record, so an
     op's body may run without its autograd.Function: ``Function.apply`` binds its arguments through

@@ -657,8 +657,7 @@ def moe_grouped_ffn(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, 
             or tuple(w_out.shape[:2]) != (e, f):
         raise ValueError(f"weights: expected w_in/w_gate ({e}, {c}, F) and w_out ({e}, F, C_out) for {e} experts "
                          f"and {c} channels, got w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)}")
-    if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
-                                              or torch.autograd.forward_ad._current_level >= 0):
+    if backends.torch_func_active(forward_ad=True):
         # torch.func (jvp, grad, vmap) and forward-mode AD: the body in differentiable torch ops, out of place.
         # The custom ops have no jvp and no batching rule: their tangents came back silently zero (jvp) or None
         return _grouped_ffn_fwd(x, offsets, w_in, w_gate, w_out, inplace=False)[0]

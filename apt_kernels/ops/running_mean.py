@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .._native import cpu_module, native_status, view
-from ..backends import autograd_free, custom_op_must_dispatch
+from ..backends import autograd_free, custom_op_must_dispatch, torch_func_active
 from ..reference.common import check_running_mean_args as _check, running_mean_ref
 
 logger = logging.getLogger(__name__)
@@ -109,13 +109,6 @@ def running_mean_native(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor
     return RunningMean.apply(x, keep)
 
 
-def _transformed() -> bool:
-    """Under a torch.func transform (vmap, jvp, grad) or a forward-mode AD level: the native kernel's Function has
-    no batching rule and no jvp, so vmap and forward AD over running_mean (and every TVA layer) failed on CPU."""
-    return not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
-                                                  or torch.autograd.forward_ad._current_level >= 0)
-
-
 def running_mean(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal running mean of ``x`` (B, T, C) over time, skipping padded positions (mask True = padded).
 
@@ -123,6 +116,7 @@ def running_mean(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = Non
     and under torch.func transforms or forward-mode AD, which the native kernel does not support).
     """
     # each path checks its arguments (checking here too did it twice, on the decode path of every TVA layer)
-    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and native_status()[0] and not _transformed():
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and native_status()[0] \
+            and not torch_func_active(forward_ad=True):  # vmap / forward AD over every TVA layer failed on CPU
         return running_mean_native(x, key_padding_mask)
     return running_mean_ref(x, key_padding_mask)

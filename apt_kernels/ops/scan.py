@@ -19,7 +19,8 @@ import torch
 from .._autograd import first_order_only
 from .._native import cpu_module, current_stream, native_family_status, native_module, view
 from .._validate import check_flag
-from ..backends import autograd_free, custom_op_must_dispatch, native_cuda_status, triton_interpret, triton_status
+from ..backends import (autograd_free, custom_op_must_dispatch, native_cuda_status, torch_func_active, triton_interpret,
+                        triton_status)
 from ..reference.scan import (check_scan_args, check_state_update_args, selective_scan_ref,
                               selective_state_update_ref, state_update_heads)
 
@@ -525,10 +526,6 @@ def _step_needs_grad(*ts: Optional[torch.Tensor]) -> bool:
         any(_is_dual(t) for t in ts)
 
 
-def _functorch_active() -> bool:
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
-
-
 def _is_dual(t: Optional[torch.Tensor]) -> bool:
     return t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
@@ -545,7 +542,7 @@ def _run_step(step_op, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, checke
                 what = "requires grad" if t is not None and t.requires_grad else "is a forward-mode AD dual tensor"
                 raise ValueError(f"{name}: {what}, but the fast decode steps are inference kernels without a "
                                  "backward; run under torch.no_grad(), or use selective_state_update_ref")
-    if not checked and _functorch_active():
+    if not checked and torch_func_active():
         raise RuntimeError("the fast decode steps do not run under torch.func transforms (vmap, grad, jvp): their "
                            "kernels cannot read the transforms' wrapped tensors; use selective_state_update (which "
                            "falls back to the reference there) or selective_state_update_ref")
@@ -677,7 +674,7 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     if _step_needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
         impl, fn = "reference (an input requires grad)", selective_state_update_ref  # the one with a backward
-    elif _functorch_active():  # vmap: the kernels cannot read batched tensors ("Cannot access data pointer")
+    elif torch_func_active():  # vmap: the kernels cannot read batched tensors ("Cannot access data pointer")
         impl, fn = "reference (under a torch.func transform)", selective_state_update_ref
     else:
         impl, fn = _choose_step(x, A.shape[-1], state.dtype)
