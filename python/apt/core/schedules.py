@@ -115,16 +115,16 @@ class Schedules:
             progress = (x - begin) / (until - begin)
         return anneal(float(spec["start"]), float(spec["end"]), progress, spec.get("kind", "linear"))
 
-    def extremes(self, name: str) -> Optional[tuple[float, float]]:
-        """(lowest, highest) value the parameter ``name`` takes over the run (None when not defined): a schedule is
-        monotone in its epoch / step (start before ``begin``, end after ``until``), so they are its values at the
+    def lowest(self, name: str) -> Optional[float]:
+        """The lowest value the parameter ``name`` takes over the run (None when not defined): a schedule is monotone
+        in its epoch / step (start before ``begin``, end after ``until``), so it is the lower of its values at the
         run's first and last epoch / step (an ``until`` past the run's end never reaches ``end``)."""
         if name not in self.section:
             return None
         first = self.value(name, 0, 0)
         last = self.value(name, self.total_epochs - 1, max((self.total_steps or 1) - 1, 0))
         assert first is not None and last is not None
-        return min(first, last), max(first, last)
+        return min(first, last)
 
     def __repr__(self) -> str:
         return f"Schedules({self.section!r}, total_epochs={self.total_epochs}, total_steps={self.total_steps})"

@@ -135,7 +135,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError, OverflowError):
+    except (OSError, OverflowError):  # PermissionError among them
         return True  # someone else's live process (or cannot tell): keep its file
     return True
 

@@ -197,8 +197,8 @@ class Trainer:
                 _check_schedule_reader(key, self.plugins.plugins)
         for p in self.plugins.plugins:
             for key in p.schedule_positive:
-                low = (self.schedules.extremes(key) or (1.0,))[0]
-                if not low > 0:
+                low = self.schedules.lowest(key)
+                if low is not None and not low > 0:
                     raise ValueError(f"schedules.{key}: reaches {low:g} during the run; plugin {p.name!r} needs it "
                                      "> 0 throughout")
         self.ctx = HookContext(trainer=self, model=self.core_model, config=self.cfg,
