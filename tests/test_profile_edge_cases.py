@@ -57,6 +57,13 @@ def test_moe_every_past_num_layers():
 def test_ffn_name_moe_is_refused():
     with pytest.raises(ConfigError, match="model.moe.enabled"):
         load_profile("tiny_debug", ["model.ffn_name=moe"])
+    # the builder refuses it too, for a config that skipped validation (its layer returns (y, aux))
+    from apt.modeling.compose import ModelBuilder
+
+    cfg = load_profile("tiny_debug")
+    cfg["model"]["ffn_name"] = "moe"
+    with pytest.raises(ValueError, match="model.ffn_name: 'moe' is the mixture-of-experts layer"):
+        ModelBuilder(cfg, vocab_size=64).build()
 
 
 @pytest.mark.parametrize("key", ["model.moe.balance_coef", "model.moe.z_coef"])

@@ -35,6 +35,9 @@ PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 _NUM = (int, float)
 _MISSING = object()
+# one text for this check and the model builder's (which also sees configs built without validation)
+MOE_AS_FFN_NAME = ("'moe' is the mixture-of-experts layer, which the builder places itself: set model.moe.enabled: "
+                   "true (configured by model.moe.*) and keep model.ffn_name a dense FFN provider (dense)")
 
 
 class _ProfileLoader(yaml.SafeLoader):
@@ -597,9 +600,7 @@ def _check_semantics(cfg: Mapping[str, Any], where: _Where) -> None:
         raise ConfigError(f"{where.of('model.moe.every', 'model.num_layers')}: model.moe.every ({every}) exceeds "
                           f"model.num_layers ({layers}): no block would get an MoE FFN (model.moe.enabled is true)")
     if g("model.ffn_name") == "moe":
-        raise ConfigError(f"{where.key('model.ffn_name')}: 'moe' is the mixture-of-experts layer, which the builder "
-                          "places itself: set model.moe.enabled: true (configured by model.moe.*) and keep "
-                          "model.ffn_name a dense FFN provider (dense)")
+        raise ConfigError(f"{where.key('model.ffn_name')}: {MOE_AS_FFN_NAME}")
     sl, ml = g("data.seq_len"), g("model.max_seq_len")
     if g("model.backbone") == "gpt" and isinstance(sl, int) and isinstance(ml, int) and sl > ml:
         raise ConfigError(f"{where.of('data.seq_len', 'model.max_seq_len')}: data.seq_len ({sl}) exceeds "

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional
 from torch import nn
 
 from ..core import registry
+from ..core.config import MOE_AS_FFN_NAME
 from .layers import CausalSelfAttention, MoEWrappedFFN, default_d_ff, make_norm
 from .mamba import MambaMixer
 from .model import APTModel, GPTBlock, MambaBlock, init_embeddings
@@ -153,8 +154,7 @@ class ModelBuilder:
             self._ffn_provider = registry.get("ffn", m.get("ffn_name") or None)
         prov = self._ffn_provider
         if prov.name == "moe":  # its layer returns (y, aux): a TypeError in the first forward, far from here
-            raise ValueError("model.ffn_name: 'moe' is the mixture-of-experts layer, which the builder places "
-                             "itself: set model.moe.enabled: true (model.moe.*) and keep model.ffn_name dense")
+            raise ValueError(f"model.ffn_name: {MOE_AS_FFN_NAME}")
         self.report["ffn"] = prov.name
         return call_accepting(prov.create_layer, m["d_model"], self._d_ff(act),  # type: ignore[attr-defined]
                               activation=act, dropout=float(m.get("dropout", 0.0)))
