@@ -16,7 +16,7 @@ import torch
 # what once_differentiable uses: a node whose backward raises the given message (None: a torch without it)
 _DelayedError = getattr(getattr(torch._C, "_functions", None), "DelayedError", None)
 
-__all__ = ["first_order_only", "no_double_backward", "double_backward_message"]
+__all__ = ["first_order_only", "no_double_backward", "double_backward_message", "refuse_transformed"]
 
 
 def double_backward_message(op: str) -> str:
@@ -70,6 +70,28 @@ def no_double_backward(op: str, grads: Any, anchors: Sequence[Any] = (), message
 def _functorch_wrapped(tensors: Sequence[Any]) -> bool:
     """Whether any of ``tensors`` is a torch.func wrapper (live or dead), which has no storage to read."""
     return any(isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def refuse_transformed(op: str, *tensors: Optional[torch.Tensor], grad_ok: bool = False) -> None:
+    """Raise the op's clear error where its Function cannot run: under vmap (no batching rule) and jvp (no jvp),
+    for forward-mode AD dual tensors, and, unless ``grad_ok`` (a backward in torch ops), under grad / vjp /
+    jacrev, whose wrapped gradients the kernels' backward cannot read. torch's own errors ("does not have vmap
+    support", "must implement the jvp function", "Cannot access data pointer") named only the Function. The
+    dispatching entry points (impl='auto') take the reference there."""
+    if torch.compiler.is_compiling():  # dynamo traces transforms itself
+        return
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    keys = {i.key() for i in stack}
+    tt = torch._C._functorch.TransformType
+    if tt.Vmap in keys or tt.Jvp in keys or (tt.Grad in keys and not grad_ok) \
+            or (not stack and _functorch_wrapped(tensors)):  # a dead wrapper: kept from a transform that has exited
+        raise RuntimeError(f"apt_kernels.{op}: the native and Triton kernels do not run under torch.func transforms "
+                           "(vmap, grad, jvp, jacrev: their wrapped tensors have no data to read); use impl='auto', "
+                           "which takes the reference there, or impl='reference'")
+    if torch.autograd.forward_ad._current_level >= 0 and any(
+            t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(f"apt_kernels.{op}: the native and Triton kernels have no forward-mode AD (jvp) for dual "
+                           "tensors; use impl='auto', which takes the reference there, or impl='reference'")
 
 
 def first_order_only(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

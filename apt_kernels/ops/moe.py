@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from .._autograd import first_order_only, no_double_backward
+from .._autograd import first_order_only, no_double_backward, refuse_transformed
 from .._native import cpu_module, current_stream, host_empty, native_module, view
 from .._validate import check_float, check_ndim, check_tensor
 from ..reference.moe import (Routing, default_renormalize, expert_capacity, gate_weights, moe_aux_losses_ref,
@@ -106,6 +106,8 @@ def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] =
         if not ok:
             raise ValueError(f"{arg}: moe impl {impl!r}: {why}")
         return impl
+    if backends.torch_func_active(forward_ad=True):  # vmap / jvp / forward AD: only the reference reads wrapped tensors
+        return "reference"
     order = ("cpu_native",) if device.type == "cpu" else ("cuda", "triton")
     for cand in order:
         if impl_status(cand, device, dtype, num_experts, k)[0]:
@@ -337,11 +339,13 @@ def _register_ops(name: str) -> dict[str, Any]:
     def dispatch(x, slot, token_of_slot):
         if backends.autograd_free(x):  # nothing to differentiate (decode, evaluation): skip Function.apply
             return get().dispatch(x, token_of_slot)
+        refuse_transformed("moe_dispatch", x, slot, token_of_slot)
         return Dispatch.apply(x, slot, token_of_slot)
 
     def combine(out, weights, slot, token_of_slot):
         if backends.autograd_free(out, weights):
             return get().combine(out, weights, slot)
+        refuse_transformed("moe_combine", out, weights, slot, token_of_slot)
         return Combine.apply(out, weights, slot, token_of_slot)
 
     _EAGER[name] = {"route": lambda probs, k, cap: get().route(probs, k, cap), "dispatch": dispatch,

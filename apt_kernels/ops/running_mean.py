@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .._native import cpu_module, native_status, view
+from .._autograd import refuse_transformed
 from ..backends import autograd_free, custom_op_must_dispatch, torch_func_active
 from ..reference.common import check_running_mean_args as _check, running_mean_ref
 
@@ -106,6 +107,7 @@ def running_mean_native(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor
         return _running_mean_op(x, keep)
     if autograd_free(x):  # nothing to differentiate: the body, without Function.apply's per-call bookkeeping
         return _forward_body(x, keep)
+    refuse_transformed("running_mean", x, keep, grad_ok=True)  # its backward is torch ops: grad-of-grad works
     return RunningMean.apply(x, keep)
 
 

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._autograd import first_order_only
+from .._autograd import first_order_only, refuse_transformed
 from .._native import cpu_module, current_stream, native_family_status, native_module, view
 from .._validate import check_flag
 from ..backends import (autograd_free, custom_op_must_dispatch, native_cuda_status, torch_func_active, triton_interpret,
@@ -581,6 +581,7 @@ def _eager_scan(fwd_op, u: torch.Tensor):
         # per-call bookkeeping (inspect.signature); the tensors are args[:8] (u, delta, A, B, C, D, z, delta_bias)
         if autograd_free(*args[:8]):
             return impls[0](*args)
+        refuse_transformed("selective_scan", *args[:8])
         return _EagerScan.apply(*impls, *args)
     return run
 
@@ -653,7 +654,10 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     check_flag("delta_softplus", delta_softplus)
     check_flag("return_last_state", return_last_state)
-    impl, fn = _choose_scan(u, A.shape[-1])
+    if torch_func_active(forward_ad=True):  # vmap / jvp / forward AD: the kernels cannot read wrapped tensors
+        impl, fn = "reference (under a torch.func transform or forward AD)", selective_scan_ref
+    else:
+        impl, fn = _choose_scan(u, A.shape[-1])
     if not torch.compiler.is_compiling():  # dynamo cannot trace a logger call (fullgraph would fail)
         logger.debug("selective_scan_fn: using %s for %s %s input", impl, u.device.type, u.dtype)
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -87,6 +87,8 @@ def resolve_impl(impl: str, device: torch.device, head_dim: Optional[int] = None
         if not ok:
             raise _unusable(impl, why, dtype)
         return impl
+    if backends.torch_func_active(forward_ad=True):  # vmap / jvp / forward AD: only the reference reads wrapped tensors
+        return "reference"
     if device.type == "cpu":
         order: tuple[str, ...] = ("cpu_native",)
     elif dtype in (torch.float16, torch.bfloat16, None):
@@ -187,7 +189,9 @@ def _coef_const(value: float, device: torch.device) -> torch.Tensor:
 def _coef_tensor(value: float, device: torch.device) -> torch.Tensor:
     """A float coef as the 0-dim fp32 tensor the ops take, made once per (value, device): a new one per call cost
     ~15 µs on the CPU (a third of a small call's Python overhead), and on CUDA a host-to-device copy each time."""
-    if backends.custom_op_must_dispatch():  # a fake or traced tensor must neither be cached nor meet a cached real one
+    # a fake or traced tensor must neither be cached nor meet a cached real one; one made under a torch.func
+    # transform is the transform's wrapper, which stayed cached (dead) for every later call with this value
+    if backends.custom_op_must_dispatch() or torch._C._are_functorch_transforms_active():
         return torch.tensor(value, dtype=torch.float32, device=device)
     return _coef_const(value, device)
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from .._autograd import first_order_only
+from .._autograd import first_order_only, refuse_transformed
 from .._validate import check_dtype, check_flag, check_float, check_ndim, check_same_device, check_shape, check_tensor
 from ..backends import autograd_free, custom_op_must_dispatch
 from .common import without_autocast
@@ -314,6 +314,7 @@ def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Callable[..., Any],
             # nothing to differentiate (decode, evaluation): the body alone, without the Function's bookkeeping;
             # not under a torch.func transform (vmap) or a forward-AD level (see backends.autograd_free)
             return fwd_impl(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
+        refuse_transformed("tva_attention", q, k, v, delta, gate, coef, key_padding_mask)
         return TVAAttentionFused.apply(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
 
     return run
