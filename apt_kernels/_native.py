@@ -6,6 +6,7 @@ Loading never raises: when the module is missing or broken, :func:`native_status
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -139,7 +140,26 @@ def native_cuda_status() -> tuple[bool, str]:
         return False, "apt_kernels._C was built without CUDA (no nvcc at build time, or APT_CUDA=OFF)"
     if not torch.cuda.is_available():
         return False, "torch reports no CUDA device"
+    # The kernels are built for sm_80 and up (APT_CUDA_ARCHS, default 80;90: sm_80/sm_90 images + compute_80/90
+    # PTX, which the driver cannot JIT for an older GPU; tva_cuda_tc.cu needs mma.sync m16n8k16 and cp.async, so no
+    # build for sm_7x compiles at all). On a T4 / V100 every launch would fail with "no kernel image is available":
+    # report them unavailable so that impl="auto" falls back to Triton / the references. Only once CUDA is
+    # initialised (a CUDA tensor exists): asking for the capability initialises it, which must not happen here before
+    # a fork.
+    if torch.cuda.is_initialized():
+        major, minor = _capability(torch.cuda.current_device())
+        if (major, minor) < MIN_CUDA_CAPABILITY:
+            return False, (f"the CUDA kernels need compute capability {MIN_CUDA_CAPABILITY[0]}."
+                           f"{MIN_CUDA_CAPABILITY[1]} or newer (sm_80+), this GPU is sm_{major}{minor}")
     return True, ""
+
+
+MIN_CUDA_CAPABILITY = (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 def view(t: Optional[torch.Tensor]):

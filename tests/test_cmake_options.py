@@ -65,3 +65,13 @@ def test_cuda_compiler_looked_up_again_after_notfound(tmp_path):
 def test_apt_ccache_on_spellings_configure(tmp_path, value):
     r = _configure(tmp_path, "-DAPT_CUDA=OFF", f"-DAPT_CCACHE={value}")
     assert r.returncode == 0, r.stderr  # ON meant "use ccache" before the spellings were checked
+
+
+@pytest.mark.parametrize("archs", ["75", "80;70-real"])
+def test_cuda_archs_below_sm80_fail_the_configure(tmp_path, archs):
+    """The tensor-core TVA kernels use sm_80 instructions (mma m16n8k16, cp.async): an older architecture failed
+    in ptxas minutes into the build; now the configure says why."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on the PATH")
+    r = _configure(tmp_path, f"-DAPT_CUDA_ARCHS={archs}")
+    assert r.returncode != 0 and "need sm_80 or newer" in r.stderr, r.stderr
