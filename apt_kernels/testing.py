@@ -50,6 +50,26 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[t
                                equal_nan=equal_nan, msg=(lambda m: f"{msg}: {m}") if msg else None)
 
 
+# The low-precision criterion (tests/test_lowp_accuracy.py), as flash-attn and mamba-ssm test their kernels: a
+# kernel run in fp16/bf16 may be at most LOWP_FACTOR times as far from the float64 truth (computed from the same
+# rounded inputs) as the reference run on those low-precision inputs, plus LOWP_EPS x max|truth| (fp32 reordering
+# noise on tensors kept in fp32: dA, dD, ...). The table above let a kernel 10x less accurate pass.
+LOWP_FACTOR = 2.0
+LOWP_EPS = 1e-5
+
+
+def assert_lowp_accurate(name: str, kernel: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor,
+                         factor: float = LOWP_FACTOR) -> None:
+    """Max and mean |kernel - truth| within ``factor`` x those of |ref - truth| (+ LOWP_EPS x max|truth|)."""
+    kernel, ref, truth = kernel.detach(), ref.detach(), truth.detach().double()
+    ek, er = (kernel.double() - truth).abs(), (ref.double() - truth).abs()
+    eps = LOWP_EPS * float(truth.abs().max()) + 1e-30
+    for what, a, b in (("max", ek.max(), er.max()), ("mean", ek.mean(), er.mean())):
+        if not a <= factor * b + eps:
+            raise AssertionError(f"{name}: {what} error {float(a):.3e} > {factor} x the low-precision reference's "
+                                 f"{float(b):.3e} (+{eps:.1e}); ratio {float(a / (b + eps)):.2f}")
+
+
 def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a - e| / (max |e| + tiny), a scale-free error figure used by `apt bench`'s correctness check."""
     a, e = actual.double(), expected.double()
