@@ -413,3 +413,11 @@ def test_moe_aux_losses_without_a_graph_under_a_reentrant_checkpoint_are_warned_
         with torch.no_grad():
             fresh(x)  # no graph wanted: nothing to warn about
     assert not caplog.records
+
+
+def test_model_builder_without_backbone_builds_gpt():
+    # ModelBuilder defaulted the backbone to gpt, APTModel read m["backbone"]: a KeyError after building every layer
+    cfg = {"model": {"d_model": 16, "num_layers": 1, "num_heads": 2, "max_seq_len": 8, "vocab_size": 32}}
+    model = ModelBuilder(cfg).build()
+    assert model.backbone == "gpt" and model.max_seq_len == 8
+    assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 32)

@@ -406,3 +406,13 @@ def test_moe_active_metric_reaches_the_step_hooks(tmp_path):
     tr.plugins = PluginManager([*tr.plugins.plugins, Watch()])
     tr.fit()
     assert seen == [False, False, True, True]
+
+
+def test_align_provider_max_tokens_none_override_means_no_subsampling():
+    torch.manual_seed(0)
+    a, b = torch.randn(600, 8), torch.randn(600, 8)
+    p = registry.get("align", "bistate")  # default max_tokens=512
+    got, _ = p.loss(a, b, max_tokens=None)  # was: the 512-token subsample, silently
+    torch.testing.assert_close(got, bistate_alignment_loss(a, b, max_tokens=None)[0])
+    # a None for the other settings still keeps the configured value (what the align plugin's schedules rely on)
+    torch.testing.assert_close(p.loss(a, b, alpha=None, beta=None, tau_align=None)[0], bistate_alignment_loss(a, b)[0])

@@ -12,7 +12,7 @@ recomputes states chunk by chunk from those checkpoints instead of storing all (
 from __future__ import annotations
 
 import logging
-from typing import Optional, Union
+from typing import Literal, Optional, Union, overload
 
 import torch
 
@@ -634,6 +634,27 @@ def selective_state_update_cpu(state: torch.Tensor, x: torch.Tensor, dt: torch.T
     if x.device.type != "cpu":
         raise ValueError(f"x: selective_state_update_cpu needs CPU tensors, got device {x.device}")
     return _run_step(_state_update_op, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+@overload
+def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: Optional[torch.Tensor] = ..., z: Optional[torch.Tensor] = ...,
+                      delta_bias: Optional[torch.Tensor] = ..., delta_softplus: bool = ...,
+                      return_last_state: Literal[False] = ...) -> torch.Tensor: ...
+@overload
+def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                      delta_softplus: bool, return_last_state: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: Optional[torch.Tensor] = ..., z: Optional[torch.Tensor] = ...,
+                      delta_bias: Optional[torch.Tensor] = ..., delta_softplus: bool = ..., *,
+                      return_last_state: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: Optional[torch.Tensor] = ..., z: Optional[torch.Tensor] = ...,
+                      delta_bias: Optional[torch.Tensor] = ..., delta_softplus: bool = ...,
+                      return_last_state: bool = ...) -> ScanResult: ...
 
 
 def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

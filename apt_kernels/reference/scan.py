@@ -6,7 +6,7 @@ follow mamba_ssm's ``selective_scan_ref`` / ``selective_state_update_ref``.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Literal, Optional, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +161,27 @@ def expand_bc(t: torch.Tensor, batch: int, dim: int, time: bool = True) -> torch
         return t.unsqueeze(1).expand(batch, dim, *t.shape[1:])
     G = t.shape[1]
     return t.repeat_interleave(dim // G, dim=1)
+
+
+@overload
+def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: Optional[torch.Tensor] = ..., z: Optional[torch.Tensor] = ...,
+                       delta_bias: Optional[torch.Tensor] = ..., delta_softplus: bool = ...,
+                       return_last_state: Literal[False] = ...) -> torch.Tensor: ...
+@overload
+def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                       delta_softplus: bool, return_last_state: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: Optional[torch.Tensor] = ..., z: Optional[torch.Tensor] = ...,
+                       delta_bias: Optional[torch.Tensor] = ..., delta_softplus: bool = ..., *,
+                       return_last_state: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: Optional[torch.Tensor] = ..., z: Optional[torch.Tensor] = ...,
+                       delta_bias: Optional[torch.Tensor] = ..., delta_softplus: bool = ...,
+                       return_last_state: bool = ...) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

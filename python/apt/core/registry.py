@@ -21,7 +21,7 @@ import logging
 import threading
 from importlib import metadata
 from types import ModuleType
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, TypeVar, Union
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, TypeVar, Union, overload
 
 logger = logging.getLogger(__name__)
 
@@ -406,6 +406,12 @@ def _group_entry_points(group: str) -> list[metadata.EntryPoint]:
 
 # ---- the process-wide registry and its module-level API --------------------------------------------------
 REGISTRY = Registry()
+
+
+@overload
+def register(cls: P, *, override: bool = False) -> P: ...
+@overload
+def register(cls: None = None, *, override: bool = False) -> Callable[[P], P]: ...
 
 
 def register(cls: Optional[P] = None, *, override: bool = False) -> Union[P, Callable[[P], P]]:

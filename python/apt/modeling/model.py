@@ -82,7 +82,7 @@ class APTModel(nn.Module):
         super().__init__()
         self.config = config  # the full profile (model.vocab_size resolved)
         m = config["model"]
-        self.backbone = m["backbone"]
+        self.backbone = m.get("backbone", "gpt")  # ModelBuilder's default: a "model" section without it is GPT
         self.vocab_size = int(m["vocab_size"])
         self.max_seq_len = int(m["max_seq_len"]) if self.backbone == "gpt" else None
         self.embed = embed

@@ -70,9 +70,11 @@ class BistateAlign(Provider):
         self.detach_b = as_bool("detach_b", c.get("detach_b", False))
 
     def loss(self, a: torch.Tensor, b: torch.Tensor, **over: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:func:`bistate_alignment_loss` with this provider's settings; a keyword in ``over`` replaces one (a None
+        keeps the setting, except ``max_tokens=None``: no subsampling, as for the function)."""
         kw = dict(alpha=self.alpha, beta=self.beta, tau_align=self.tau_align, max_tokens=self.max_tokens,
                   detach_b=self.detach_b)
-        kw.update({k: v for k, v in over.items() if v is not None})
+        kw.update({k: v for k, v in over.items() if v is not None or k == "max_tokens"})
         return bistate_alignment_loss(a, b, **kw)
 
 
