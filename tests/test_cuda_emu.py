@@ -321,6 +321,7 @@ MOE_CASES = [
     (64, 8192, 16, None, "random"),  # E at the limit (32 KB of shared counts)
     (20001, 8, 4, 1.25, "dup"),      # 79 token blocks x 4 ranks: 316 units, more than the block scan's 256 threads
     (5000, 16, 4, 0.25, "skew"),     # heavy dropping
+    (200, 8, 3, 1.0, "dup"), (150, 12, 6, None, "equal"), (100, 20, 11, 0.5, "random"),  # k below its top-k bound
 ]
 
 

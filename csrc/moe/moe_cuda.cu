@@ -44,29 +44,50 @@ inline int row_threads(int64_t C) {
   return static_cast<int>(t < 32 ? 32 : (t > 256 ? 256 : t));
 }
 
-__global__ void topk_kernel(const float* __restrict__ p, int64_t N, int64_t E, int64_t sn, int64_t se, int64_t k,
+// One token per thread. The candidates live in registers: with K a compile-time bound every index below is a
+// constant after unrolling (a runtime-indexed array went to local memory: a 192-byte stack frame, and a local load
+// of the k-th best for every expert of every token). k <= K is the runtime count.
+template <int K>
+__global__ void topk_kernel(const float* __restrict__ p, int64_t N, int64_t E, int64_t sn, int64_t se, int k,
                             int64_t* __restrict__ idx) {
   const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (n >= N) return;
-  float bv[kMaxK];
-  int64_t be[kMaxK];
-  int64_t filled = 0;
+  float bv[K];
+  int be[K];  // E <= kMaxExperts: int32
+#pragma unroll
+  for (int j = 0; j < K; ++j) {  // never read before written; set so that nothing reads uninitialised registers
+    bv[j] = 0.f;
+    be[j] = 0;
+  }
+  int filled = 0;
+  float worst = 0.f;  // bv[k - 1] once filled == k
   const float* row = p + n * sn;
   for (int64_t e = 0; e < E; ++e) {
-    const float v = row[e * se];
-    if (filled == k && !moe::ranks_before(v, bv[k - 1])) continue;
-    int64_t i = filled < k ? filled : k - 1;
-    // strict comparison (NaN above every number): an equal value never overtakes a lower expert already kept
-    while (i > 0 && moe::ranks_before(v, bv[i - 1])) {
-      bv[i] = bv[i - 1];
-      be[i] = be[i - 1];
-      --i;
+    float cv = row[e * se];
+    if (filled == k && !moe::ranks_before(cv, worst)) continue;
+    int ce = static_cast<int>(e);
+    const int lim = filled < k ? filled + 1 : k;  // slots in use after this insertion
+    bool shifting = false;
+    // strict comparison (NaN above every number): an equal value never overtakes a lower expert already kept;
+    // from the insertion point on every kept candidate moves down one slot (the last falls off when full)
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      if (j < lim && (shifting || j == filled || moe::ranks_before(cv, bv[j]))) {
+        const float tv = bv[j];
+        const int te = be[j];
+        bv[j] = cv;
+        be[j] = ce;
+        cv = tv;
+        ce = te;
+        shifting = true;
+      }
+      if (j == k - 1) worst = bv[j];
     }
-    bv[i] = v;
-    be[i] = e;
     if (filled < k) ++filled;
   }
-  for (int64_t j = 0; j < k; ++j) idx[n * k + j] = be[j];
+#pragma unroll
+  for (int j = 0; j < K; ++j)
+    if (j < k) idx[n * k + j] = be[j];
 }
 
 // counts of each expert among rank-j choices of token block b -> work[(j * nb + b) * E + e]
@@ -287,7 +308,18 @@ void route(const float* probs, int64_t N, int64_t E, int64_t stride_n, int64_t s
   }
   const int64_t nb = (N + kRouteBlock - 1) / kRouteBlock, units = k * nb;
   int64_t* start = work + units * E;
-  topk_kernel<<<blocks_for(N, 128), 128, 0, st>>>(probs, N, E, stride_n, stride_e, k, expert_idx);
+  const dim3 grid = blocks_for(N, 128);
+  const int kk = static_cast<int>(k);
+  if (k <= 1)
+    topk_kernel<1><<<grid, 128, 0, st>>>(probs, N, E, stride_n, stride_e, kk, expert_idx);
+  else if (k <= 2)
+    topk_kernel<2><<<grid, 128, 0, st>>>(probs, N, E, stride_n, stride_e, kk, expert_idx);
+  else if (k <= 4)
+    topk_kernel<4><<<grid, 128, 0, st>>>(probs, N, E, stride_n, stride_e, kk, expert_idx);
+  else if (k <= 8)
+    topk_kernel<8><<<grid, 128, 0, st>>>(probs, N, E, stride_n, stride_e, kk, expert_idx);
+  else
+    topk_kernel<kMaxK><<<grid, 128, 0, st>>>(probs, N, E, stride_n, stride_e, kk, expert_idx);
   APT_CUDA_CHECK(cudaGetLastError());
   count_kernel<<<dim3(static_cast<unsigned>(nb), static_cast<unsigned>(k)), kRouteBlock, E * sizeof(int), st>>>(
       expert_idx, N, E, k, nb, work);

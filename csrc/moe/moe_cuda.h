@@ -8,7 +8,7 @@
 namespace apt {
 namespace moe_cuda {
 
-constexpr int64_t kMaxK = 16;            // top-k keeps its candidates in registers
+constexpr int kMaxK = 16;                // top-k keeps its candidates in registers (a template bound)
 constexpr int64_t kMaxExperts = 8192;    // per-block expert counts live in shared memory
 constexpr int64_t kRouteBlock = 256;     // tokens per block in the position passes
 
