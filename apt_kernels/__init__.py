@@ -53,8 +53,14 @@ __all__ = sorted(_LAZY) + ["__version__", "backends", "testing", "load_ops"]
 def load_ops() -> None:
     """Register every ``torch.ops.apt.*`` custom op now. ``import apt_kernels`` is lazy and registers none, so a
     process that deserializes a program calling them (``torch.export.load``, an AOTInductor package) needs this
-    (or ``import apt_kernels.ops``) first; otherwise torch fails with "failed to resolve torch.ops.apt.<op>"."""
+    first; otherwise torch fails with "failed to resolve torch.ops.apt.<op>". Besides ``apt_kernels.ops`` it imports
+    the Triton TVA module when Triton is installed: its ops (``apt::tva_attention_triton`` and its backward) live
+    there, with the kernels, and ``apt_kernels.ops`` imports it only at the first Triton TVA call."""
     importlib.import_module("apt_kernels.ops")
+    from .backends import _triton_import
+
+    if _triton_import()[0]:
+        importlib.import_module("apt_kernels.triton.tva")
 
 
 def __getattr__(name: str) -> Any:

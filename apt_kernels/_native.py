@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import threading
+from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
@@ -69,7 +70,11 @@ def _load() -> None:
         _module = importlib.import_module("apt_kernels._C")
     except ImportError as exc:  # not built (APT_NATIVE=OFF) or built for another Python
         _reason = f"compiled module apt_kernels._C not importable ({exc})"
-        logger.debug("apt_kernels: %s", _reason)
+        # a module that is there but does not load (another Python's build, a missing libgomp) is worth a warning:
+        # every op would run on the reference, silently; a build without one (APT_NATIVE=OFF) is a choice
+        present = any(Path(__file__).parent.glob("_C.*"))
+        (logger.warning if present else logger.debug)("apt_kernels: %s; the ops use the reference "
+                                                      "implementations", _reason)
 
 
 # The C++ CPU kernel families built once per instruction set, and the variable that caps each (generic|avx2).

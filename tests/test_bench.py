@@ -354,6 +354,8 @@ def test_apt_bench_report(tmp_path, capsys):
     assert "NVIDIA H100 80GB HBM3" in text and "nvidia_h100_80gb_hbm3_20261122T200000Z.json" in text
     assert "### attention: causal fwd (float32)" in text and "no GPU session" not in text
     assert "rendered 1 result file(s)" in capsys.readouterr().out
+    assert f"from the JSON files in {results} " in text  # not the committed directory's name
+    assert "from the JSON files in benchmarks/results/ " in report.render_results(results)
 
 
 def _strict_json(text):

@@ -126,3 +126,31 @@ def test_bench_threads_empty_is_auto():
                        env=dict(os.environ, APT_BENCH_THREADS="", APT_BENCH_DEVICE="cpu"), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+
+
+def test_compiled_module_that_does_not_load_warns(monkeypatch, caplog):
+    """A _C that is there but fails to import (another Python's build, a missing libgomp) made every op run on the
+    reference with only a debug log; a build without one (APT_NATIVE=OFF) stays quiet."""
+    import importlib
+    from pathlib import Path
+
+    from apt_kernels import _native
+
+    present = any(Path(_native.__file__).parent.glob("_C.*"))
+    real_import = importlib.import_module
+
+    def fake_import(name, *a, **kw):
+        if name == "apt_kernels._C":
+            raise ImportError("undefined symbol: GOMP_parallel")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(_native, "_module", _native._module)
+    monkeypatch.setattr(_native, "_reason", _native._reason)
+    monkeypatch.setattr(_native.importlib, "import_module", fake_import)
+    monkeypatch.delenv("APT_DISABLE_NATIVE", raising=False)
+    _native._module = None
+    with caplog.at_level(logging.DEBUG, logger="apt_kernels._native"):
+        _native._load()
+    assert _native._module is None and "GOMP_parallel" in _native._reason
+    levels = [r.levelno for r in caplog.records if "GOMP_parallel" in r.getMessage()]
+    assert levels == [logging.WARNING if present else logging.DEBUG]

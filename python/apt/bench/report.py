@@ -363,9 +363,10 @@ class ResultsReport(NamedTuple):
     skipped: list[tuple[Path, str]]
 
 
-def results_report(results_dir: str | os.PathLike) -> ResultsReport:
+def results_report(results_dir: str | os.PathLike, source: Optional[str] = None) -> ResultsReport:
     """benchmarks/RESULTS.md from every benchmarks/results/*.json, newest first, each rendered as by ``apt bench``.
-    A file that is not a valid run is skipped with a warning naming it and the bad field; the others render."""
+    A file that is not a valid run is skipped with a warning naming it and the bad field; the others render.
+    ``source``: how the header names the directory (default benchmarks/results/, the committed one)."""
     d = Path(results_dir)
     files = sorted(d.glob("*.json")) if d.is_dir() else []
     runs, skipped = [], []
@@ -383,8 +384,8 @@ def results_report(results_dir: str | os.PathLike) -> ResultsReport:
         logger.warning("skipping result file %s", why)
         skipped.append((f, why))
     lines = ["# Benchmark results", "",
-             "Rendered by `apt bench --report` from the JSON files in benchmarks/results/ (one per GPU session, "
-             "written with `apt bench --save`). Do not edit by hand.", ""]
+             f"Rendered by `apt bench --report` from the JSON files in {source or 'benchmarks/results/'} (one per "
+             "GPU session, written with `apt bench --save`). Do not edit by hand.", ""]
     if not runs:
         lines += [NO_RESULTS_NOTE, ""]
         return ResultsReport("\n".join(lines), [], skipped)

@@ -1,8 +1,8 @@
 """Providers of kind "attention": TVA attention cores (TVA.md kernel contract) and the TVAAttention layer built on them.
 
 tva_default (dense PyTorch reference, any device/dtype), sdpa (torch scaled_dot_product_attention core, perturbation
-added outside), flash_v2 (flash-attn, only without perturbation), tva_cpu (C++/OpenMP fused kernel), tva_triton
-(fused Triton kernel), tva_cuda (fused CUDA kernel). Every provider has
+added outside), flash_v2 (flash-attn core without padding mask or sinks, perturbation added outside), tva_cpu
+(C++/OpenMP fused kernel), tva_triton (fused Triton kernel), tva_cuda (fused CUDA kernel). Every provider has
 ``forward(q, k, v, delta=None, gate=None, coef=0.0, causal=True, window=None, sinks=0, key_padding_mask=None,
 softmax_scale=None) -> o``, ``supports(**inputs) -> list[str]`` and ``create_layer(d_model, num_heads, **cfg)``.
 """
@@ -17,16 +17,6 @@ from apt.core.registry import Provider
 
 _ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _FUSED = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _has_perturbation(inputs: dict[str, Any]) -> bool:
-    delta = inputs.get("delta")
-    if delta is None:
-        return False
-    coef = inputs.get("coef", 0.0)
-    if isinstance(coef, torch.Tensor):
-        return True  # a tensor coef may be learnable: its gradient needs the perturbation path
-    return float(coef) != 0.0
 
 
 class _AttentionProvider(Provider):
@@ -113,13 +103,14 @@ class SDPA(_AttentionProvider):
 
 
 class FlashV2(_AttentionProvider):
-    """flash-attn 2 (CUDA, fp16/bf16), used only when there is no perturbation and no padding mask or sinks."""
+    """flash-attn 2 (CUDA, fp16/bf16) as the core, for inputs without a padding mask or sinks; the TVA perturbation
+    is added outside, as in ``sdpa``."""
 
     name = "flash_v2"
     priority = 25
     device_types = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
-    description = "flash-attn 2 core (plain causal/windowed attention only, no TVA perturbation)"
+    description = "flash-attn 2 core (causal/windowed, no padding mask or sinks), TVA perturbation added outside"
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -131,8 +122,6 @@ class FlashV2(_AttentionProvider):
 
     def supports(self, **inputs: Any) -> list[str]:
         reasons = super().supports(**inputs)
-        if _has_perturbation(inputs):
-            reasons.append("delta: flash_v2 cannot add the TVA perturbation (needs delta=None or coef=0)")
         if inputs.get("key_padding_mask") is not None:
             reasons.append("key_padding_mask: flash_v2 (dense API) takes no key padding mask")
         if inputs.get("window") is not None and inputs.get("sinks", 0):

@@ -32,7 +32,7 @@ def _report(args: argparse.Namespace) -> int:
     target = Path(args.report_out) if args.report_out else results.parent / "RESULTS.md"
     if args.results_dir and not results.is_dir():  # a typo would replace RESULTS.md with "no result files yet"
         raise CLIError(f"--results-dir: no such directory: {results}; {target} not written")
-    rep = report.results_report(results)
+    rep = report.results_report(results, source=args.results_dir)
     if rep.skipped and not rep.rendered:
         # keep the RESULTS.md there is rather than replace it with "no result files yet"
         raise CLIError(f"--report: none of the {len(rep.skipped)} result file(s) in {results} is a valid run (the "
