@@ -264,3 +264,20 @@ def test_sdpa_provider_matches_reference(causal, window, sinks, pad, extra):
     out = sdpa.forward(**inp, **kw)
     assert torch.isfinite(out).all()
     assert_close(out, tva_attention_ref(**inp, **kw), family="attention")
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu_native"])
+@pytest.mark.parametrize("hkv", [1, 2])
+def test_fewer_kv_heads_error_says_what_to_do(impl, hkv):
+    from apt_kernels.ops.tva import impl_status, tva_attention
+
+    if not impl_status(impl)[0]:
+        pytest.skip(impl_status(impl)[1])
+    q, k = torch.randn(2, 4, 6, 16), torch.randn(2, hkv, 6, 16)
+    with pytest.raises(ValueError, match=rf"k: expected shape .*{hkv} key/value heads for 4 query heads.*"
+                                         rf"repeat_interleave\({4 // hkv}, dim=1\)"):
+        tva_attention(q, k, k, impl=impl)
+    # the advice is right: repeated (or, for one head, expanded) k/v give grouped-query attention
+    o = tva_attention(q, k.repeat_interleave(4 // hkv, dim=1), k.repeat_interleave(4 // hkv, dim=1), impl=impl)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)

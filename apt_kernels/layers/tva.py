@@ -106,7 +106,9 @@ class TVAAttention(nn.Module):
     """TVA attention layer: ``forward(x (B, T, C), key_padding_mask=None (B, T) True = padded, cache=None) -> y``.
 
     With a ``window``, the ``s`` sink keys are absolute positions 0..s-1 (TVA.md): in a left-padded row they are
-    padding, so pad on the right where sinks matter."""
+    padding, so pad on the right where sinks matter. The window counts buffer positions too, pad slots included:
+    after a right-padded prefill a shorter row's decode steps count its pad slots inside the window, so with a
+    ``cache`` and a window, decode rows of equal length (or pad on the left with s = 0)."""
 
     def __init__(self, d_model: int, num_heads: int, r: int = 4, s: int = 1, tau: float = 0.18, alpha: float = 0.1,
                  window: Optional[int] = None, causal: bool = True, dropout: float = 0.0,

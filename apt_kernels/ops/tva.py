@@ -246,6 +246,11 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
                   softmax_scale: Optional[float] = None, impl: str = "auto") -> torch.Tensor:
     """TVA attention ``o = softmax(q kᵀ·scale + mask) v + coef · gate[..., None] · delta``.
 
+    Layout (B, H, T, D), not flash-attn's (B, T, H, D): shapes alone cannot tell them apart in self-attention, so a
+    (B, T, H, D) tensor passed as is runs without error and attends over the heads; pass ``x.transpose(1, 2)``
+    (read through its strides, no copy). k/v have as many heads as q (for GQA repeat them). ``window=W`` keeps
+    keys ``i - W < j <= i``: flash-attn's ``window_size=(left, 0)`` is ``window=left + 1``.
+
     q (B, H, Tq, D); k, v (B, H, Tk, D) with Tq <= Tk (queries are the last Tq positions); delta (B, H, Tq, D);
     gate (B, Tq, H); coef float or 0-dim tensor; key_padding_mask (B, Tk) bool, True = padded. Rows with no visible
     key give zero attention. Differentiable in q, k, v, delta, gate and coef (tensor).

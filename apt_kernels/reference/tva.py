@@ -50,6 +50,14 @@ def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: O
         check_float(name, t)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    Hkv = k.shape[1]
+    if k.dim() == 4 and 0 < Hkv < H and H % Hkv == 0 and tuple(k.shape) == (B, Hkv, Tk, D) \
+            and isinstance(v, torch.Tensor) and v.shape == k.shape:
+        # fewer k/v heads (GQA / MQA, as flash-attn and SDPA(enable_gqa) take): say what to do, not just the shape
+        raise ValueError(f"k: expected shape {(B, H, Tk, D)} (B, H, Tk, D) matching q's B, H, D, got {tuple(k.shape)}:"
+                         f" {Hkv} key/value heads for {H} query heads, and tva_attention has no grouped-query "
+                         f"attention; repeat them first, k.repeat_interleave({H // Hkv}, dim=1)"
+                         + (f" (one head: k.expand({B}, {H}, {Tk}, {D}), no copy)" if Hkv == 1 else ""))
     check_shape("k", k, (B, H, Tk, D), "(B, H, Tk, D) matching q's B, H, D")
     check_shape("v", v, (B, H, Tk, D), "(B, H, Tk, D), same as k")
     if Tq > Tk:
