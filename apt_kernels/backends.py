@@ -116,6 +116,81 @@ def fix_triton_interpreter_bf16_dot() -> bool:
     return True
 
 
+def _f32_to_bf16_bits(a, rtz: bool = False):
+    """float32 ndarray -> its bfloat16 bit patterns (uint16): round to nearest even (a GPU's cvt.rn.bf16.f32 and
+    torch's ``.to(torch.bfloat16)``), or toward zero with ``rtz``. Subnormals and infinities are exact bit
+    operations; NaNs stay (quiet) NaNs with their sign."""
+    import numpy as np
+
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    bits = a.view(np.uint32)
+    hi = bits >> np.uint32(16)
+    out = ((bits + (np.uint32(0x7FFF) + (hi & np.uint32(1)))) >> np.uint32(16)) if not rtz else hi  # NaNs may wrap
+    out = out.astype(np.uint16)
+    nan = np.isnan(a)
+    if np.any(nan):
+        out[nan] = hi[nan].astype(np.uint16) | np.uint16(0x0040)
+    return out.reshape(a.shape)
+
+
+def fix_triton_interpreter_bf16_casts() -> bool:
+    """Under TRITON_INTERPRET=1, make the interpreter's float -> bfloat16 casts round to nearest even, as a GPU does
+    (``x.to(tl.bfloat16)``, ``fp_downcast_rounding="rtne"``, and the implicit cast of ``tl.store`` to a bfloat16
+    pointer); True when they do.
+
+    Triton's interpreter (3.x, ``_convert_float``) truncates fp32 -> bf16 (about half of all casts one ulp off),
+    mangles bf16 subnormals both ways, and casts fp64 -> bf16 with a numeric ``astype(uint16)`` (garbage). This
+    wraps ``cast_impl`` and ``create_fp_to_fp`` to do those conversions with exact bit operations: bf16 -> fp32 is
+    a 16-bit shift, fp32 -> bf16 rounds to nearest even (toward zero for ``"rtz"``), fp64 -> bf16 goes through
+    fp32 as torch does. Idempotent; every other conversion is passed through untouched."""
+    if not triton_interpret():
+        return False
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter as ti
+    except Exception:  # no interpreter to fix
+        return False
+    builder = getattr(ti, "InterpreterBuilder", None)
+    cast_impl = getattr(builder, "cast_impl", None)
+    fp_to_fp = getattr(builder, "create_fp_to_fp", None)
+    if cast_impl is None or fp_to_fp is None or not hasattr(ti, "TensorHandle"):
+        return False
+    if getattr(cast_impl, "_apt_bf16_fix", False):
+        return True
+    try:
+        rtz_mode = ti._ir.ROUNDING_MODE.RTZ
+    except Exception:
+        rtz_mode = None
+
+    def convert(src, dst_type, rtz=False):
+        s, d = src.dtype.scalar, dst_type.scalar
+        if s == tl.bfloat16 and d == tl.float32:
+            data = (np.ascontiguousarray(src.data).astype(np.uint32) << np.uint32(16)).view(np.float32)
+            return ti.TensorHandle(data.reshape(np.shape(src.data)), tl.float32)
+        if d == tl.bfloat16 and (s == tl.float32 or (s == tl.float64 and not rtz)):
+            return ti.TensorHandle(_f32_to_bf16_bits(np.asarray(src.data).astype(np.float32), rtz), tl.bfloat16)
+        return None
+
+    @functools.wraps(cast_impl)
+    def patched_cast_impl(self, src, dst_type):
+        out = convert(src, dst_type)
+        return out if out is not None else cast_impl(self, src, dst_type)
+
+    @functools.wraps(fp_to_fp)
+    def patched_fp_to_fp(self, src, dst_type, rounding_mode):
+        if rounding_mode is None or rounding_mode == rtz_mode or rounding_mode == ti._ir.ROUNDING_MODE.RTNE:
+            out = convert(src, dst_type, rtz=rounding_mode is not None and rounding_mode == rtz_mode)
+            if out is not None:
+                return out
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
+    patched_cast_impl._apt_bf16_fix = True
+    builder.cast_impl = patched_cast_impl
+    builder.create_fp_to_fp = patched_fp_to_fp
+    return True
+
+
 def custom_op_must_dispatch() -> bool:
     """Whether a call must go through its torch custom op rather than straight to the kernel's body: under
     torch.compile, torch.jit.trace and under any dispatch mode (FakeTensorMode, FlopCounterMode, opcheck), which

@@ -1,0 +1,118 @@
+"""The low-precision criterion of test_lowp_accuracy.py (apt_kernels/testing.py assert_lowp_accurate) applied to
+the Triton kernels under TRITON_INTERPRET=1, on tiny shapes, plus the interpreter's bfloat16 casts themselves.
+
+Triton's interpreter truncates fp32 -> bf16 where a GPU rounds to nearest even; backends.
+fix_triton_interpreter_bf16_casts makes it round like the GPU, without which the bf16 results here are the
+truncated truth (2-5x the reference's error) and could not show a rounding regression.
+
+TVA: only the output and the fp32-side gradients (delta, gate, coef) are held to the criterion. Its dq/dk/dv come
+from tl.dot on P and dS rounded to the input dtype (as flash-attn's kernels do, for the tensor cores), which the
+fp32-internal reference does not round: 2-8x its error on some seeds, by design."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import apt_kernels.triton  # noqa: E402,F401  (its import fixes the interpreter's bfloat16 casts)
+from apt_kernels.backends import triton_interpret, triton_status  # noqa: E402
+from apt_kernels.testing import assert_lowp_accurate  # noqa: E402
+
+pytestmark = [pytest.mark.triton,
+              pytest.mark.skipif(not (triton_status()[0] and triton_interpret()), reason="needs TRITON_INTERPRET=1")]
+
+LOWP = [torch.bfloat16, torch.float16]
+
+
+def _run(fn, inputs, dtype, go, names):
+    a = {k: (v.detach().to(dtype or v.dtype).requires_grad_(k in names)
+             if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
+    out = fn(a)
+    out = out[0] if isinstance(out, tuple) else out
+    return out, dict(zip(names, torch.autograd.grad(out, [a[n] for n in names], go.to(out.dtype))))
+
+
+def _compare_three(kern_fn, ref_fn, inputs, names, checked, gout_shape, dtype):
+    go = torch.randn(gout_shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    yt, gt = _run(ref_fn, inputs, torch.float64, go, names)
+    yk, gk = _run(kern_fn, inputs, None, go, names)
+    yr, gr = _run(ref_fn, inputs, None, go, names)
+    assert_lowp_accurate("out", yk, yr, yt)
+    for n in checked:
+        assert_lowp_accurate(f"d{n}", gk[n], gr[n], gt[n])
+
+
+def test_interpreter_bf16_casts_round_to_nearest_even():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy(x_ptr, y_ptr, z_ptr, N: tl.constexpr):
+        o = tl.arange(0, N)
+        x = tl.load(x_ptr + o)
+        tl.store(y_ptr + o, x.to(tl.bfloat16))  # an explicit cast
+        tl.store(z_ptr + o, x)                  # the store's cast to a bfloat16 pointer
+
+    N = 4096
+    x = torch.randint(-2**31, 2**31 - 1, (N,), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    x = x.view(torch.float32)
+    x[:8] = torch.tensor([1 + 3 * 2**-8, 1 + 2**-8, 1.99999, 3.3895e38, 1e-40, float("inf"), -0.0, 7e4])
+    y, z = torch.empty(N, dtype=torch.bfloat16), torch.empty(N, dtype=torch.bfloat16)
+    copy[(1,)](x, y, z, N)
+    ref = x.to(torch.bfloat16)
+    for got in (y, z):
+        same = (got.view(torch.int16) == ref.view(torch.int16)) | (torch.isnan(got) & torch.isnan(ref))
+        assert bool(same.all()), f"{int((~same).sum())} of {N} fp32 -> bf16 casts differ from round-to-nearest-even"
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("L,N,lb,lc,G,opts", [(13, 4, "var", "var", 1, True), (9, 8, "group", "group", 2, True),
+                                              (6, 4, "const", "var", 1, False)])
+def test_scan_triton_lowp(dtype, L, N, lb, lc, G, opts, monkeypatch):
+    import apt_kernels.ops.scan as scan_ops
+    from apt_kernels.reference.scan import random_scan_inputs, selective_scan_ref
+    monkeypatch.setattr(scan_ops, "CHUNK", 4)  # several checkpoints and a ragged last chunk
+    x = random_scan_inputs(1, 4, L, N, layout_B=lb, layout_C=lc, groups=G, dtype=dtype, with_D=opts, with_z=opts,
+                           with_bias=opts, generator=torch.Generator().manual_seed(L + N))
+    _compare_three(lambda a: scan_ops.selective_scan_triton(**a, delta_softplus=opts),
+                   lambda a: selective_scan_ref(**a, delta_softplus=opts), x, list(x), list(x), x["u"].shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_state_update_triton_lowp(dtype):
+    """8 decode steps, the state carried in the input dtype by each implementation."""
+    from apt_kernels.ops.scan import selective_state_update_triton
+    from apt_kernels.reference.scan import selective_state_update_ref
+    g = torch.Generator().manual_seed(3)
+    b, dim, N = 2, 6, 8
+    st0 = torch.randn(b, dim, N, generator=g).to(dtype)
+    A, D, bias = -torch.rand(dim, N, generator=g) * 2 - 0.1, torch.randn(dim, generator=g), torch.rand(dim, generator=g)
+    steps = [tuple(torch.randn(*s, generator=g).to(dtype) for s in [(b, dim), (b, dim), (b, N), (b, N), (b, dim)])
+             for _ in range(8)]
+
+    def go(fn, wide):
+        s, ys = st0.clone().to(torch.float64 if wide else dtype), []
+        c = (lambda t: t.double()) if wide else (lambda t: t)
+        for x, dt, B, C, z in steps:
+            ys.append(fn(s, c(x), c(dt) * 0.5, c(A), c(B), c(C), c(D), c(z), c(bias), True))
+        return torch.stack(ys), s
+    (yt, st), (yk, sk), (yr, sr) = (go(selective_state_update_ref, True), go(selective_state_update_triton, False),
+                                    go(selective_state_update_ref, False))
+    assert_lowp_accurate("y", yk, yr, yt)
+    assert_lowp_accurate("state", sk, sr, st)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("shape,kw", [((1, 2, 19, 23, 16), dict(causal=True)),
+                                      ((1, 1, 5, 33, 32), dict(causal=False, window=7, sinks=2))])
+def test_tva_triton_lowp(dtype, shape, kw):
+    from apt_kernels.reference.tva import random_tva_inputs, tva_attention_ref
+    from apt_kernels.triton.tva import tva_attention_triton
+    B, H, Tq, Tk, D = shape
+    inp = random_tva_inputs(B=B, H=H, Tq=Tq, Tk=Tk, D=D, pad=True, coef_tensor=True, dtype=dtype, seed=Tq)
+    names = ["q", "k", "v", "delta", "gate", "coef"]
+    _compare_three(lambda a: tva_attention_triton(**a, **kw), lambda a: tva_attention_ref(**a, **kw), inp, names,
+                   ["delta", "gate", "coef"], (B, H, Tq, D), dtype)
