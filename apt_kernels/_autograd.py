@@ -72,12 +72,17 @@ def _functorch_wrapped(tensors: Sequence[Any]) -> bool:
     return any(isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def refuse_transformed(op: str, *tensors: Optional[torch.Tensor], grad_ok: bool = False) -> None:
+_USE_AUTO = "use impl='auto', which takes the reference there, or impl='reference'"
+
+
+def refuse_transformed(op: str, *tensors: Optional[torch.Tensor], grad_ok: bool = False,
+                       instead: str = _USE_AUTO) -> None:
     """Raise the op's clear error where its Function cannot run: under vmap (no batching rule) and jvp (no jvp),
     for forward-mode AD dual tensors, and, unless ``grad_ok`` (a backward in torch ops), under grad / vjp /
     jacrev, whose wrapped gradients the kernels' backward cannot read. torch's own errors ("does not have vmap
     support", "must implement the jvp function", "Cannot access data pointer") named only the Function. The
-    dispatching entry points (impl='auto') take the reference there."""
+    dispatching entry points (impl='auto') take the reference there; ``instead`` says what to call (an op
+    without an ``impl`` argument names its dispatching and reference functions)."""
     if torch.compiler.is_compiling():  # dynamo traces transforms itself
         return
     stack = torch._C._functorch.get_interpreter_stack() or ()
@@ -86,12 +91,11 @@ def refuse_transformed(op: str, *tensors: Optional[torch.Tensor], grad_ok: bool 
     if tt.Vmap in keys or tt.Jvp in keys or (tt.Grad in keys and not grad_ok) \
             or (not stack and _functorch_wrapped(tensors)):  # a dead wrapper: kept from a transform that has exited
         raise RuntimeError(f"apt_kernels.{op}: the native and Triton kernels do not run under torch.func transforms "
-                           "(vmap, grad, jvp, jacrev: their wrapped tensors have no data to read); use impl='auto', "
-                           "which takes the reference there, or impl='reference'")
+                           "(vmap, grad, jvp, jacrev: their wrapped tensors have no data to read); " + instead)
     if torch.autograd.forward_ad._current_level >= 0 and any(
             t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise RuntimeError(f"apt_kernels.{op}: the native and Triton kernels have no forward-mode AD (jvp) for dual "
-                           "tensors; use impl='auto', which takes the reference there, or impl='reference'")
+                           "tensors; " + instead)
 
 
 def first_order_only(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -71,8 +71,11 @@ def _load() -> None:
     except ImportError as exc:  # not built (APT_NATIVE=OFF) or built for another Python
         _reason = f"compiled module apt_kernels._C not importable ({exc})"
         # a module that is there but does not load (another Python's build, a missing libgomp) is worth a warning:
-        # every op would run on the reference, silently; a build without one (APT_NATIVE=OFF) is a choice
-        present = any(Path(__file__).parent.glob("_C.*"))
+        # every op would run on the reference, silently; a build without one (APT_NATIVE=OFF) is a choice. Found
+        # but failing to load is any ImportError other than "no module named apt_kernels._C" (an editable install
+        # keeps _C in site-packages, not next to this file); another Python's build is a file beside this one.
+        present = not (isinstance(exc, ModuleNotFoundError) and exc.name == "apt_kernels._C") \
+            or any(Path(__file__).parent.glob("_C.*"))
         (logger.warning if present else logger.debug)("apt_kernels: %s; the ops use the reference "
                                                       "implementations", _reason)
 
@@ -136,8 +139,9 @@ def native_family_status(family: str) -> tuple[bool, str]:
     return True, ""
 
 
-def native_cuda_status() -> tuple[bool, str]:
-    """(available, reason) for the CUDA kernels inside the compiled module."""
+def native_cuda_status(device: Optional[torch.device] = None) -> tuple[bool, str]:
+    """(available, reason) for the CUDA kernels inside the compiled module (on ``device``'s GPU when given, else
+    the current one)."""
     ok, why = native_status()
     if not ok:
         return False, why
@@ -152,10 +156,12 @@ def native_cuda_status() -> tuple[bool, str]:
     # initialised (a CUDA tensor exists): asking for the capability initialises it, which must not happen here before
     # a fork.
     if torch.cuda.is_initialized():
-        major, minor = _capability(torch.cuda.current_device())
+        index = device.index if device is not None and device.type == "cuda" and device.index is not None \
+            else torch.cuda.current_device()
+        major, minor = _capability(index)
         if (major, minor) < MIN_CUDA_CAPABILITY:
             return False, (f"the CUDA kernels need compute capability {MIN_CUDA_CAPABILITY[0]}."
-                           f"{MIN_CUDA_CAPABILITY[1]} or newer (sm_80+), this GPU is sm_{major}{minor}")
+                           f"{MIN_CUDA_CAPABILITY[1]} or newer (sm_80+), GPU {index} is sm_{major}{minor}")
     return True, ""
 
 

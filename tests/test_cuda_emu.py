@@ -110,9 +110,9 @@ def emulated(monkeypatch, emu_module):
     # an H100's 132 SMs for the scan's time-split heuristic: small batch x dim splits time into many pieces
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: types.SimpleNamespace(multi_processor_count=132, name="emulated"))
-    monkeypatch.setattr(moe_ops.backends, "native_cuda_status", lambda: (True, ""))  # tva_ops.backends too
+    monkeypatch.setattr(moe_ops.backends, "native_cuda_status", lambda device=None: (True, ""))  # tva_ops.backends too
     # scan: its checks without the device test; the CPU-dispatching op names bound to the emulated ops
-    monkeypatch.setattr(scan_ops, "cuda_status", lambda: (True, ""))
+    monkeypatch.setattr(scan_ops, "cuda_status", lambda device=None: (True, ""))
     check_gpu = scan_ops._check_gpu_impl
     monkeypatch.setattr(scan_ops, "_check_gpu_impl", lambda *a, **kw: check_gpu(*a, **{**kw, "cpu_ok": True}))
     monkeypatch.setattr(scan_ops, "_scan_fwd_op", _emu_scan_fwd)

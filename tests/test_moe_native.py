@@ -349,7 +349,7 @@ def test_gpu_impl_status_checks_dtype_experts_k(monkeypatch):
     choosing them and failing in the C++ checks; an explicit impl says why it is unusable."""
     from apt_kernels.ops import moe as moe_ops
 
-    monkeypatch.setattr(moe_ops.backends, "native_cuda_status", lambda: (True, ""))
+    monkeypatch.setattr(moe_ops.backends, "native_cuda_status", lambda device=None: (True, ""))
     monkeypatch.setattr(moe_ops.backends, "triton_status", lambda: (True, ""))
     gpu = torch.device("cuda")
     assert moe_ops.impl_status("cuda", gpu, torch.bfloat16, 8192, 16) == (True, "")

@@ -559,7 +559,7 @@ def test_decode_dispatch_skips_cuda_for_an_fp64_state(monkeypatch):
     """selective_state_update on CUDA with an fp64 state: not the CUDA kernel, which raises TypeError for it."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(scan_ops, "cuda_status", lambda: (True, ""))
+    monkeypatch.setattr(scan_ops, "cuda_status", lambda device=None: (True, ""))
     monkeypatch.setattr(scan_ops, "triton_status", lambda: (False, "no"))
     x = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
     assert scan_ops._choose_step(x, 16, torch.float32)[0] == "cuda"

@@ -61,7 +61,7 @@ def impl_status(impl: str, device: Optional[torch.device] = None, dtype: Optiona
             return False, f"cpu_native runs on CPU tensors, got device {device}"
         return ok, why
     if impl == "cuda":
-        ok, why = backends.native_cuda_status()
+        ok, why = backends.native_cuda_status(device)
         if ok and device is not None and device.type != "cuda":
             return False, f"the cuda kernels need CUDA tensors, got device {device}"
         if ok and dtype is not None and dtype not in _GPU_DTYPES:

@@ -107,7 +107,8 @@ def running_mean_native(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor
         return _running_mean_op(x, keep)
     if autograd_free(x):  # nothing to differentiate: the body, without Function.apply's per-call bookkeeping
         return _forward_body(x, keep)
-    refuse_transformed("running_mean", x, keep, grad_ok=True)  # its backward is torch ops: grad-of-grad works
+    refuse_transformed("running_mean_native", x, keep, grad_ok=True,  # its backward is torch ops: grad works
+                       instead="use running_mean, which takes the reference there, or running_mean_ref")
     return RunningMean.apply(x, keep)
 
 

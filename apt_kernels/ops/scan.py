@@ -460,7 +460,7 @@ def selective_state_update_triton(state: torch.Tensor, x: torch.Tensor, dt: torc
 
 
 def _check_cuda(name: str, t: torch.Tensor, N: int) -> None:
-    _check_gpu_impl(name, "CUDA", cuda_status(), t)
+    _check_gpu_impl(name, "CUDA", cuda_status(t.device), t)
     if N > CUDA_MAX_N:
         raise ValueError(f"A: the CUDA scan takes N <= {CUDA_MAX_N} states, got N={N}")
 
@@ -498,9 +498,9 @@ def cpu_status() -> tuple[bool, str]:
     return native_family_status("scan_cpu")
 
 
-def cuda_status() -> tuple[bool, str]:
-    """(available, reason) of the native CUDA scan."""
-    ok, why = native_cuda_status()
+def cuda_status(device: Optional[torch.device] = None) -> tuple[bool, str]:
+    """(available, reason) of the native CUDA scan (on ``device``'s GPU when given)."""
+    ok, why = native_cuda_status(device)
     if not ok:
         return ok, why
     return native_family_status("scan_cuda")
@@ -575,13 +575,16 @@ def _eager_scan(fwd_op, u: torch.Tensor):
     impls = None if custom_op_must_dispatch() else _EAGER_SCANS.get(fwd_op, {}).get(u.device.type)
     if impls is None:
         return fwd_op
+    # the explicit entry point whose Function this is (it has no impl argument)
+    name = "selective_scan_triton" if fwd_op is _triton_fwd_op else f"selective_scan_{u.device.type}"
 
     def run(*args):
         # nothing to differentiate (inference, a prefill): the forward body alone, without Function.apply's
         # per-call bookkeeping (inspect.signature); the tensors are args[:8] (u, delta, A, B, C, D, z, delta_bias)
         if autograd_free(*args[:8]):
             return impls[0](*args)
-        refuse_transformed("selective_scan", *args[:8])
+        refuse_transformed(name, *args[:8],
+                           instead="use selective_scan_fn, which takes the reference there, or selective_scan_ref")
         return _EagerScan.apply(*impls, *args)
     return run
 
@@ -724,7 +727,7 @@ def _checked_step(step_op):
 def _choose_scan(u: torch.Tensor, N: int):
     """(impl, fn) for inputs check_scan_args has passed; the same conditions as the explicit functions check."""
     if u.device.type == "cuda" and u.dtype in _GPU_DTYPES:
-        if cuda_status()[0] and N <= CUDA_MAX_N:
+        if cuda_status(u.device)[0] and N <= CUDA_MAX_N:
             return "cuda", _checked_scan(_scan_fwd_op)
         if triton_status()[0]:
             return "triton", _checked_scan(_triton_fwd_op)
@@ -737,7 +740,7 @@ def _choose_step(x: torch.Tensor, N: int, state_dtype: torch.dtype = torch.float
     """(impl, fn) for inputs check_state_update_args has passed (see _choose_scan)."""
     if x.device.type == "cuda" and x.dtype in _GPU_DTYPES:
         # the CUDA decode step raises TypeError for an fp64 state: not chosen for one
-        if cuda_status()[0] and N <= CUDA_MAX_N and state_dtype in _GPU_DTYPES:
+        if cuda_status(x.device)[0] and N <= CUDA_MAX_N and state_dtype in _GPU_DTYPES:
             return "cuda", _checked_step(_state_update_op)
         if triton_status()[0]:
             return "triton", _checked_step(_triton_step_op)

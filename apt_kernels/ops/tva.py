@@ -48,7 +48,7 @@ def impl_status(impl: str, device: Optional[torch.device] = None, head_dim: Opti
             return False, f"cpu_native takes head dims <= 256, got {head_dim}"
         return ok, why
     if impl == "cuda":
-        ok, why = backends.native_cuda_status()
+        ok, why = backends.native_cuda_status(device)
         if ok:
             ok, why = backends.native_family_status("tva")
         if ok and not hasattr(native_module(), "tva_forward_cuda"):

@@ -23,15 +23,15 @@ def environment() -> dict[str, Any]:
         from apt_kernels._native import native_module
 
         mod = native_module()
+    dev = None
+    if torch.cuda.is_available():  # first: it initialises CUDA, which the sm_80+ check below needs
+        dev = torch.cuda.get_device_name(0)
     cuda_ok, cuda_why = backends.native_cuda_status()
     triton_ok, triton_why = backends.triton_status()
     from apt_kernels._native import host_cache_stats, host_pool_status
 
     pool = host_cache_stats()
     pool_on, pool_why = host_pool_status()
-    dev = None
-    if torch.cuda.is_available():
-        dev = torch.cuda.get_device_name(0)
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -104,6 +104,12 @@ def render(env: dict[str, Any], infos: list[registry.ProviderInfo]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        # native_cuda_status() checks the GPU's compute capability (sm_80+) only once CUDA is initialised (it must
+        # not initialise it in a library call, before a fork); a CLI may: else a V100 lists the CUDA kernels usable
+        torch.cuda.init()
     try:
         infos = registry.list_providers(args.kind) if args.kind else registry.list_providers()
     except registry.RegistryError as exc:
