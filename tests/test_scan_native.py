@@ -31,7 +31,7 @@ def test_cpu_matches_reference(case, N, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("N", [8, 3])
+@pytest.mark.parametrize("N", [8, 3, 64])
 def test_cpu_dtypes(dtype, N):
     x = random_scan_inputs(2, 5, 29, N, layout_B="group", layout_C="var", groups=5, dtype=dtype,
                            generator=torch.Generator().manual_seed(7))
@@ -82,6 +82,8 @@ ISAS = ["generic", "avx2", "avx512"]  # APT_SCAN_CPU_ISA caps the kernel build u
     (2, 7, 70, 16, 1),    # odd dim, L with a ragged last chunk and a remainder of the 8-step lane reduction
     (1, 1, 9, 16, 1),     # dim = 1
     (3, 6, 131, 32, 3),   # N = 32 (several vectors per step), groups, rows split across threads
+    (2, 3, 70, 64, 1),    # N = 64 and 128 (Mamba-2 sizes): compiled N, the state in several vectors
+    (1, 2, 66, 128, 2),
     (2, 4, 67, 8, 2),     # N = 8: 8 lanes in every build
     (2, 3, 66, 12, 1),    # N = 12: 4 lanes
     (1, 2, 40, 5, 1),     # runtime N: one lane
@@ -128,7 +130,7 @@ def test_cpu_state_update_matches_reference(lb, lc, dtype, state_dtype):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("N", [16, 8, 12, 5, 32])
+@pytest.mark.parametrize("N", [16, 8, 12, 5, 32, 64, 128])
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                (torch.float16, torch.float16)])
 def test_cpu_state_update_lanes_tiles_and_isas(isa, N, dtype, state_dtype, monkeypatch):

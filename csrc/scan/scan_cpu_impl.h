@@ -153,7 +153,8 @@ static inline void load_row(const T* x, const S3& s, int64_t b, int64_t d, int64
 #define APT_PREFETCH(ptr, rw) ((void)0)
 #endif
 
-// NT > 0: N known at compile time (the inner loops unroll fully and the state stays in registers); 0: runtime N.
+// NT > 0: N known at compile time (the inner loops unroll fully and the state stays in registers); 0: runtime N,
+// with one lane (W = 1): 3-7x slower per state. Compiled: N = 4, 8, 16 (Mamba-1) and 32, 64, 128 (Mamba-2 sizes).
 // scratch: per thread fwd_scratch_per_thread values.
 template <typename T, int NT>
 void scan_fwd_n(const IO<T>& io, const Packed<acc_t<T>>& p, acc_t<T>* last, acc_t<T>* ckpt, int64_t chunk,
@@ -221,6 +222,9 @@ template <typename T>
 void scan_fwd(const IO<T>& io, const Packed<acc_t<T>>& p, acc_t<T>* last, acc_t<T>* ckpt, int64_t chunk,
               bool softplus_dt, acc_t<T>* scratch) {
   switch (p.N) {
+    case 128: scan_fwd_n<T, 128>(io, p, last, ckpt, chunk, softplus_dt, scratch); break;
+    case 64: scan_fwd_n<T, 64>(io, p, last, ckpt, chunk, softplus_dt, scratch); break;
+    case 32: scan_fwd_n<T, 32>(io, p, last, ckpt, chunk, softplus_dt, scratch); break;
     case 16: scan_fwd_n<T, 16>(io, p, last, ckpt, chunk, softplus_dt, scratch); break;
     case 8: scan_fwd_n<T, 8>(io, p, last, ckpt, chunk, softplus_dt, scratch); break;
     case 4: scan_fwd_n<T, 4>(io, p, last, ckpt, chunk, softplus_dt, scratch); break;
@@ -426,6 +430,9 @@ template <typename T>
 void scan_bwd(const IO<T>& io, const Packed<acc_t<T>>& p, const Grads<T>& gr, const acc_t<T>* ckpt,
               int64_t chunk, bool softplus_dt, acc_t<T>* priv, acc_t<T>* scratch, int nthreads) {
   switch (p.N) {
+    case 128: scan_bwd_n<T, 128>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, nthreads); break;
+    case 64: scan_bwd_n<T, 64>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, nthreads); break;
+    case 32: scan_bwd_n<T, 32>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, nthreads); break;
     case 16: scan_bwd_n<T, 16>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, nthreads); break;
     case 8: scan_bwd_n<T, 8>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, nthreads); break;
     case 4: scan_bwd_n<T, 4>(io, p, gr, ckpt, chunk, softplus_dt, priv, scratch, nthreads); break;
@@ -515,6 +522,9 @@ void state_update_n(const StepIO<T, S>& io, const Packed<acc_t<T>>& p, bool soft
 template <typename T, typename S>
 void state_update(const StepIO<T, S>& io, const Packed<acc_t<T>>& p, bool softplus_dt) {
   switch (p.N) {
+    case 128: state_update_n<T, S, 128>(io, p, softplus_dt); break;
+    case 64: state_update_n<T, S, 64>(io, p, softplus_dt); break;
+    case 32: state_update_n<T, S, 32>(io, p, softplus_dt); break;
     case 16: state_update_n<T, S, 16>(io, p, softplus_dt); break;
     case 8: state_update_n<T, S, 8>(io, p, softplus_dt); break;
     case 4: state_update_n<T, S, 4>(io, p, softplus_dt); break;
