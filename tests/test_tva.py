@@ -266,18 +266,35 @@ def test_sdpa_provider_matches_reference(causal, window, sinks, pad, extra):
     assert_close(out, tva_attention_ref(**inp, **kw), family="attention")
 
 
-@pytest.mark.parametrize("impl", ["reference", "cpu_native"])
+@pytest.mark.parametrize("impl", ["reference", "cpu_native", "sdpa"])
 @pytest.mark.parametrize("hkv", [1, 2])
-def test_fewer_kv_heads_error_says_what_to_do(impl, hkv):
+def test_grouped_query_attention(impl, hkv):
+    """k/v with fewer heads (dividing q's): query head h reads k/v head h // (H / Hkv), as SDPA's enable_gqa;
+    forward and gradients (dk, dv summed over the heads sharing them)."""
+    from apt.core.registry import REGISTRY
     from apt_kernels.ops.tva import impl_status, tva_attention
 
-    if not impl_status(impl)[0]:
+    if impl == "cpu_native" and not impl_status(impl)[0]:
         pytest.skip(impl_status(impl)[1])
-    q, k = torch.randn(2, 4, 6, 16), torch.randn(2, hkv, 6, 16)
-    with pytest.raises(ValueError, match=rf"k: expected shape .*{hkv} key/value heads for 4 query heads.*"
-                                         rf"repeat_interleave\({4 // hkv}, dim=1\)"):
-        tva_attention(q, k, k, impl=impl)
-    # the advice is right: repeated (or, for one head, expanded) k/v give grouped-query attention
-    o = tva_attention(q, k.repeat_interleave(4 // hkv, dim=1), k.repeat_interleave(4 // hkv, dim=1), impl=impl)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+    fn = REGISTRY.get("attention", "sdpa", strict=True).forward if impl == "sdpa" else \
+        (lambda *a, **kw: tva_attention(*a, impl=impl, **kw))
+    g = torch.Generator().manual_seed(hkv)
+    q = torch.randn(2, 4, 7, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, hkv, 9, 16, generator=g, requires_grad=True) for _ in range(2))
+    o = fn(q, k, v, window=5)
+    mask = tva_visible_mask_for_test(7, 9, 5)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+    gy = torch.randn(o.shape, generator=g)
+    got = torch.autograd.grad(o, (q, k, v), gy)
+    want = torch.autograd.grad(ref, (q, k, v), gy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="k: expected shape"):  # 3 k/v heads do not divide 4
+        fn(q, torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16))
+
+
+def tva_visible_mask_for_test(tq, tk, window):
+    from apt_kernels.reference.tva import tva_visible_mask
+
+    return tva_visible_mask(tq, tk, True, window, 0, None, torch.device("cpu"))

@@ -60,6 +60,20 @@ def test_triton_no_delta_and_float_coef_and_scale():
     _compare(inp)
 
 
+@pytest.mark.parametrize("hkv", [1, 2])
+def test_triton_grouped_query_attention(hkv):
+    g = torch.Generator().manual_seed(hkv)
+    q = torch.randn(1, 4, 5, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, hkv, 6, 16, generator=g, requires_grad=True) for _ in range(2))
+    delta = torch.randn(1, 4, 5, 16, generator=g)
+    o = tva_attention_triton(q, k, v, delta=delta, coef=0.3)
+    ref = tva_attention_ref(q, k, v, delta=delta, coef=0.3)  # repeats k/v as SDPA's enable_gqa
+    assert_close(o, ref, family="attention")
+    gy = torch.randn(o.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(o, (q, k, v), gy), torch.autograd.grad(ref, (q, k, v), gy)):
+        assert_close(a, b, family="attention", grad=True)
+
+
 def test_triton_fully_masked_rows_and_noncontiguous():
     inp = random_tva_inputs(B=2, H=2, Tq=20, D=16, pad=True, coef_tensor=True, requires_grad=True)
     inp["key_padding_mask"] = inp["key_padding_mask"].clone()

@@ -18,7 +18,7 @@ import torch
 
 from .. import backends
 from .._native import cpu_module, current_stream, native_module, view
-from ..reference.tva import Coef, TVAArgs, check_tva_inputs, register_fused_tva_op, tva_attention_ref
+from ..reference.tva import Coef, TVAArgs, check_tva_inputs, register_fused_tva_op, repeat_kv, tva_attention_ref
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,7 @@ def _run_native(impl: str, q, k, v, delta, gate, coef, causal, window, sinks, ke
     a = checked
     device = torch.device(_NATIVE_DEVICE[impl])
     if a is None:
+        k, v = repeat_kv(q, k, v)
         a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
         ok, why = impl_status(impl, q.device if q.device.type == device.type else device, a.D, q.dtype)
         if not ok:
@@ -259,7 +260,8 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
 
     Layout (B, H, T, D), not flash-attn's (B, T, H, D): shapes alone cannot tell them apart in self-attention, so a
     (B, T, H, D) tensor passed as is runs without error and attends over the heads; pass ``x.transpose(1, 2)``
-    (read through its strides, no copy). k/v have as many heads as q (for GQA repeat them). ``window=W`` keeps
+    (read through its strides, no copy). k/v may have fewer heads than q, dividing H (GQA / MQA: query head h
+    reads k/v head h // (H / Hkv); one k/v head is expanded without a copy, more are repeated). ``window=W`` keeps
     keys ``i - W < j <= i``: flash-attn's ``window_size=(left, 0)`` is ``window=left + 1``.
 
     q (B, H, Tq, D); k, v (B, H, Tk, D) with Tq <= Tk (queries are the last Tq positions); delta (B, H, Tq, D);
@@ -268,6 +270,7 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     is the native kernel, except for a call autograd records with fewer than 32 queries (the reference, faster
     there) and under torch.func transforms (the reference).
     """
+    k, v = repeat_kv(q, k, v)
     a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
     chosen = resolve_impl(impl, q.device, q.shape[-1], q.dtype)
     if impl == "auto" and chosen == "cpu_native" and a.Tq < _CPU_BWD_MIN_TQ \

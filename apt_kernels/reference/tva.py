@@ -40,6 +40,24 @@ class TVAArgs:
         self.coef_is_tensor = coef_is_tensor
 
 
+def repeat_kv(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
+    """k, v with as many heads as q: grouped-query / multi-query attention (k, v of Hkv heads, Hkv dividing q's H;
+    query head h reads key/value head h // (H / Hkv), as flash-attn and SDPA's enable_gqa). One k/v head is
+    expanded (a stride-0 view, no copy); more are repeated (a copy: the kernels read one k/v head per q head, so
+    GQA saves no compute here, only the caller's KV cache). Anything else is returned as is, for
+    check_tva_inputs to judge."""
+    if not all(isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested for t in (q, k, v)) \
+            or q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        return k, v
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv == H or Hkv == 0 or H % Hkv != 0:
+        return k, v
+    if Hkv == 1:
+        shape = (k.shape[0], H, k.shape[2], k.shape[3])
+        return k.expand(shape), v.expand(shape)
+    return k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+
+
 def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
                      gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
                      window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
@@ -50,14 +68,6 @@ def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: O
         check_float(name, t)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    Hkv = k.shape[1]
-    if k.dim() == 4 and 0 < Hkv < H and H % Hkv == 0 and tuple(k.shape) == (B, Hkv, Tk, D) \
-            and isinstance(v, torch.Tensor) and v.shape == k.shape:
-        # fewer k/v heads (GQA / MQA, as flash-attn and SDPA(enable_gqa) take): say what to do, not just the shape
-        raise ValueError(f"k: expected shape {(B, H, Tk, D)} (B, H, Tk, D) matching q's B, H, D, got {tuple(k.shape)}:"
-                         f" {Hkv} key/value heads for {H} query heads, and tva_attention has no grouped-query "
-                         f"attention; repeat them first, k.repeat_interleave({H // Hkv}, dim=1)"
-                         + (f" (one head: k.expand({B}, {H}, {Tk}, {D}), no copy)" if Hkv == 1 else ""))
     check_shape("k", k, (B, H, Tk, D), "(B, H, Tk, D) matching q's B, H, D")
     check_shape("v", v, (B, H, Tk, D), "(B, H, Tk, D), same as k")
     if Tq > Tk:
@@ -168,8 +178,10 @@ def tva_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: 
     """TVA attention, dense reference. q (B, H, Tq, D); k, v (B, H, Tk, D); delta (B, H, Tq, D); gate (B, Tq, H);
     coef float or 0-dim tensor; key_padding_mask (B, Tk) bool, True = padded. Returns o in q's dtype.
 
-    A query row with no visible key gets zero attention output (its perturbation is still added).
+    A query row with no visible key gets zero attention output (its perturbation is still added). k, v may have
+    fewer heads, dividing H (grouped-query attention, :func:`repeat_kv`).
     """
+    k, v = repeat_kv(q, k, v)
     a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
     acc = _acc_dtype(q.dtype)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * a.scale

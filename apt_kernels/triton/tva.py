@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ..backends import fix_triton_interpreter_bf16_dot
-from ..reference.tva import Coef, check_tva_inputs, register_fused_tva_op, tva_attention_ref
+from ..reference.tva import Coef, check_tva_inputs, register_fused_tva_op, repeat_kv, tva_attention_ref
 
 fix_triton_interpreter_bf16_dot()  # a no-op on GPUs; makes bfloat16 tl.dot right under TRITON_INTERPRET=1
 
@@ -668,6 +668,7 @@ def tva_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delt
                          key_padding_mask: Optional[torch.Tensor] = None,
                          softmax_scale: Optional[float] = None) -> torch.Tensor:
     """The fused Triton TVA attention (same contract as ``tva_attention``); head dim <= 128."""
+    k, v = repeat_kv(q, k, v)
     a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
     if a.D > MAX_HEAD_DIM:
         raise ValueError(f"q: the triton kernel takes head dims <= {MAX_HEAD_DIM}, got {a.D}")

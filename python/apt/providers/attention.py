@@ -84,8 +84,9 @@ class SDPA(_AttentionProvider):
 
     def forward(self, q, k, v, delta=None, gate=None, coef=0.0, causal=True, window=None, sinks=0,
                 key_padding_mask=None, softmax_scale=None):
-        from apt_kernels.reference.tva import check_tva_inputs, perturbation, tva_visible_mask
+        from apt_kernels.reference.tva import check_tva_inputs, perturbation, repeat_kv, tva_visible_mask
 
+        k, v = repeat_kv(q, k, v)
         a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
         simple = window is None and key_padding_mask is None and (not causal or a.Tq == a.Tk)
         if simple:
@@ -132,8 +133,9 @@ class FlashV2(_AttentionProvider):
 
     def forward(self, q, k, v, delta=None, gate=None, coef=0.0, causal=True, window=None, sinks=0,
                 key_padding_mask=None, softmax_scale=None):
-        from apt_kernels.reference.tva import check_tva_inputs, perturbation
+        from apt_kernels.reference.tva import check_tva_inputs, perturbation, repeat_kv
 
+        k, v = repeat_kv(q, k, v)
         a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
         not_ok = self.supports(q=q, k=k, v=v, key_padding_mask=key_padding_mask, window=window, sinks=sinks,
                                causal=causal)
