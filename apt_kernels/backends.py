@@ -80,6 +80,20 @@ def triton_version() -> str | None:
     return getattr(triton, "__version__", "unknown")
 
 
+def _interpreter():
+    """(numpy, triton.language, triton.runtime.interpreter, its InterpreterBuilder) under TRITON_INTERPRET=1 with
+    an interpreter to patch, else None."""
+    if not triton_interpret():
+        return None
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter as ti
+    except Exception:  # no interpreter to fix
+        return None
+    return np, tl, ti, getattr(ti, "InterpreterBuilder", None)
+
+
 def fix_triton_interpreter_bf16_dot() -> bool:
     """Under TRITON_INTERPRET=1, make the interpreter's ``tl.dot`` right for bfloat16 operands; True when it is.
 
@@ -87,15 +101,10 @@ def fix_triton_interpreter_bf16_dot() -> bool:
     multiplies those integers. This wraps its ``create_dot`` to widen bfloat16 operands to float32 first, which is
     what a GPU computes (a bf16 x bf16 product is exact in fp32, and the accumulator is fp32). Idempotent; other
     dtypes are passed through untouched. Called by the Triton modules that use tl.dot when they are imported."""
-    if not triton_interpret():
+    found = _interpreter()
+    if found is None:
         return False
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter as ti
-    except Exception:  # no interpreter to fix
-        return False
-    builder = getattr(ti, "InterpreterBuilder", None)
+    np, tl, ti, builder = found
     orig = getattr(builder, "create_dot", None)
     if orig is None or not hasattr(ti, "TensorHandle"):
         return False
@@ -143,15 +152,10 @@ def fix_triton_interpreter_bf16_casts() -> bool:
     wraps ``cast_impl`` and ``create_fp_to_fp`` to do those conversions with exact bit operations: bf16 -> fp32 is
     a 16-bit shift, fp32 -> bf16 rounds to nearest even (toward zero for ``"rtz"``), fp64 -> bf16 goes through
     fp32 as torch does. Idempotent; every other conversion is passed through untouched."""
-    if not triton_interpret():
+    found = _interpreter()
+    if found is None:
         return False
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter as ti
-    except Exception:  # no interpreter to fix
-        return False
-    builder = getattr(ti, "InterpreterBuilder", None)
+    np, tl, ti, builder = found
     cast_impl = getattr(builder, "cast_impl", None)
     fp_to_fp = getattr(builder, "create_fp_to_fp", None)
     if cast_impl is None or fp_to_fp is None or not hasattr(ti, "TensorHandle"):
