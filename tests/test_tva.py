@@ -298,3 +298,14 @@ def tva_visible_mask_for_test(tq, tk, window):
     from apt_kernels.reference.tva import tva_visible_mask
 
     return tva_visible_mask(tq, tk, True, window, 0, None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+@pytest.mark.parametrize("shape", [(2, 2, 6, 8), (3, 2, 6, 16), (3, 1, 6, 16)])
+def test_gqa_bad_shape_reports_shape_as_passed(impl, shape):
+    from apt_kernels.ops.tva import tva_attention
+
+    q, k = torch.randn(2, 4, 6, 16), torch.randn(*shape)
+    with pytest.raises(ValueError) as e:  # was: the shape after repeating k's heads, e.g. (2, 4, 6, 8)
+        tva_attention(q, k, k.clone(), impl=impl)
+    assert f"got {tuple(shape)}" in str(e.value) and "Hkv dividing H" in str(e.value)

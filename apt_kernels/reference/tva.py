@@ -47,8 +47,9 @@ def repeat_kv(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
     GQA saves no compute here, only the caller's KV cache). Anything else is returned as is, for
     check_tva_inputs to judge."""
     if not all(isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested for t in (q, k, v)) \
-            or q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        return k, v
+            or q.dim() != 4 or k.dim() != 4 or v.shape != k.shape \
+            or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        return k, v  # not GQA, or a bad shape: check_tva_inputs reports k/v as passed, not as repeated
     H, Hkv = q.shape[1], k.shape[1]
     if Hkv == H or Hkv == 0 or H % Hkv != 0:
         return k, v
@@ -68,7 +69,8 @@ def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: O
         check_float(name, t)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    check_shape("k", k, (B, H, Tk, D), "(B, H, Tk, D) matching q's B, H, D")
+    check_shape("k", k, (B, H, Tk, D), "(B, H, Tk, D) matching q's B, H, D, or (B, Hkv, Tk, D) with Hkv dividing H"
+                " (grouped-query attention)")
     check_shape("v", v, (B, H, Tk, D), "(B, H, Tk, D), same as k")
     if Tq > Tk:
         raise ValueError(f"q: expected no more queries than keys (Tq <= Tk), got Tq={Tq}, Tk={Tk}")
