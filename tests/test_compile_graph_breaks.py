@@ -110,3 +110,20 @@ def test_mamba_auto_scan_compiles_fullgraph_at_the_first_call():
     model = model.double()
     n, why = _breaks(model, x)
     assert n == 0, why
+
+
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_tva_attention_compiles_fullgraph_with_dynamic_shapes(hkv):
+    """dynamic=True turns python floats into symbolic ones: math.isfinite(coef) broke the graph (fullgraph failed
+    with "torch.* op returned non-Tensor") for every call, the default coef=0.0 included."""
+    from apt_kernels.ops.tva import tva_attention
+
+    def f(q, k, v):
+        return tva_attention(q, k, v, coef=0.5, delta=q, softmax_scale=0.3)
+
+    cf = torch.compile(f, dynamic=True, backend="eager", fullgraph=True)
+    for T in (8, 11):
+        q, k = torch.randn(1, 4, T, 16), torch.randn(1, hkv, T, 16)
+        torch.testing.assert_close(cf(q, k, k), f(q, k, k))
+    with pytest.raises(ValueError, match="coef: expected a finite number"):
+        tva_attention(q, q, q, coef=float("nan"))

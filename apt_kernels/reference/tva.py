@@ -99,7 +99,7 @@ def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: O
             check_same_device("q", q, coef=coef)
     elif isinstance(coef, bool) or not isinstance(coef, numbers.Real):
         raise TypeError(f"coef: expected a python float or a 0-dim tensor, got {type(coef).__name__}")
-    elif not math.isfinite(float(coef)):
+    elif not -math.inf < coef < math.inf:  # NaN too; not math.isfinite: dynamo (dynamic=True) breaks the graph on it
         raise ValueError(f"coef: expected a finite number, got {coef}")
     check_flag("causal", causal)
     if window is not None:
@@ -128,7 +128,7 @@ def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: O
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
             raise TypeError(f"softmax_scale: expected None or a float, got {type(softmax_scale).__name__}")
         scale = float(softmax_scale)
-        if not math.isfinite(scale) or scale <= 0:
+        if not 0 < scale < math.inf:  # NaN too (see coef above)
             raise ValueError(f"softmax_scale: expected a positive finite number, got {softmax_scale}")
     return TVAArgs(B, H, Tq, Tk, D, causal, window, int(sinks), scale, coef_is_tensor)
 
