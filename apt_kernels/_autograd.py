@@ -85,7 +85,8 @@ def refuse_transformed(op: str, *tensors: Optional[torch.Tensor], grad_ok: bool 
     without an ``impl`` argument names its dispatching and reference functions)."""
     if torch.compiler.is_compiling():  # dynamo traces transforms itself
         return
-    stack = torch._C._functorch.get_interpreter_stack() or ()
+    # the interpreter stack only when a transform is active: building it cost more than this whole check
+    stack = (torch._C._functorch.get_interpreter_stack() or ()) if torch._C._are_functorch_transforms_active() else ()
     keys = {i.key() for i in stack}
     tt = torch._C._functorch.TransformType
     if tt.Vmap in keys or tt.Jvp in keys or (tt.Grad in keys and not grad_ok) \

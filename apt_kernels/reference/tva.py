@@ -46,12 +46,17 @@ def repeat_kv(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
     expanded (a stride-0 view, no copy); more are repeated (a copy: the kernels read one k/v head per q head, so
     GQA saves no compute here, only the caller's KV cache). Anything else is returned as is, for
     check_tva_inputs to judge."""
+    try:  # the common case first, cheaply (this runs on every decode step): as many k/v heads as q heads
+        if k.shape[1] == q.shape[1]:
+            return k, v
+    except (AttributeError, IndexError, RuntimeError, TypeError):  # not tensors, too few dims, nested
+        return k, v
     if not all(isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested for t in (q, k, v)) \
             or q.dim() != 4 or k.dim() != 4 or v.shape != k.shape \
             or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         return k, v  # not GQA, or a bad shape: check_tva_inputs reports k/v as passed, not as repeated
     H, Hkv = q.shape[1], k.shape[1]
-    if Hkv == H or Hkv == 0 or H % Hkv != 0:
+    if Hkv == 0 or H % Hkv != 0:
         return k, v
     if Hkv == 1:
         shape = (k.shape[0], H, k.shape[2], k.shape[3])
