@@ -252,6 +252,35 @@ def _records_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in xs)
 
 
+def _gqa_fold(q, k, v, delta, gate, causal, window):
+    """Grouped-query attention where every query row sees the same keys -- one query (decode) with causal masking,
+    or any number without, and no window (sinks only matter with one) -- as plain attention over the Hkv k/v heads:
+    the G query heads of a group become G·Tq rows of one head (q, delta (B, Hkv, G·Tq, D), gate (B, G·Tq, Hkv)).
+    Then K and V are read once per group, not repeated G times per call (a whole KV cache per decode step).
+    None where that does not apply (repeat_kv then repeats k and v); validation happens in the folded call."""
+    try:
+        H, Hkv = q.shape[1], k.shape[1]
+    except (AttributeError, IndexError, RuntimeError, TypeError):
+        return None
+    if Hkv == H or window is not None or causal not in (False, True) or (causal and q.shape[2] != 1) \
+            or not all(isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
+                       for t in (q, k, v)) or q.dim() != 4 or k.dim() != 4 or v.shape != k.shape \
+            or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or Hkv == 0 or H % Hkv != 0:
+        return None
+    B, _, Tq, D = q.shape
+    G = H // Hkv
+    if G * Tq > k.shape[2]:  # more rows than keys: the op refuses Tq > Tk
+        return None
+    if delta is not None and (not isinstance(delta, torch.Tensor) or tuple(delta.shape) != tuple(q.shape)):
+        return None
+    if gate is not None and (not isinstance(gate, torch.Tensor) or tuple(gate.shape) != (B, Tq, H)):
+        return None
+    qf = q.reshape(B, Hkv, G * Tq, D)  # head h = kv·G + g, row g·Tq + t
+    df = None if delta is None else delta.reshape(B, Hkv, G * Tq, D)
+    gf = None if gate is None else gate.reshape(B, Tq, Hkv, G).permute(0, 3, 1, 2).reshape(B, G * Tq, Hkv)
+    return qf, df, gf, G
+
+
 def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
                   gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
                   window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
@@ -261,7 +290,9 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     Layout (B, H, T, D), not flash-attn's (B, T, H, D): shapes alone cannot tell them apart in self-attention, so a
     (B, T, H, D) tensor passed as is runs without error and attends over the heads; pass ``x.transpose(1, 2)``
     (read through its strides, no copy). k/v may have fewer heads than q, dividing H (GQA / MQA: query head h
-    reads k/v head h // (H / Hkv); one k/v head is expanded without a copy, more are repeated). ``window=W`` keeps
+    reads k/v head h // (H / Hkv)): a decode step (one query, no window) or a call without causal mask or window
+    runs each group's query heads as rows of one head, reading K/V once per group; otherwise one k/v head is
+    expanded without a copy and more are repeated before the kernels. ``window=W`` keeps
     keys ``i - W < j <= i``: flash-attn's ``window_size=(left, 0)`` is ``window=left + 1``.
 
     q (B, H, Tq, D); k, v (B, H, Tk, D) with Tq <= Tk (queries are the last Tq positions); delta (B, H, Tq, D);
@@ -270,6 +301,12 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     is the native kernel, except for a call autograd records with fewer than 32 queries (the reference, faster
     there) and under torch.func transforms (the reference).
     """
+    folded = _gqa_fold(q, k, v, delta, gate, causal, window)
+    if folded is not None:  # grouped-query decode: the query heads sharing a k/v head as rows of one (no copy of K/V)
+        qf, df, gf, G = folded
+        o = tva_attention(qf, k, v, df, gf, coef, False, None, sinks, key_padding_mask, softmax_scale, impl)
+        B, Hkv, _, D = o.shape
+        return o.view(B, Hkv, G, q.shape[2], D).reshape(q.shape)
     k, v = repeat_kv(q, k, v)
     a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
     chosen = resolve_impl(impl, q.device, q.shape[-1], q.dtype)
