@@ -342,3 +342,12 @@ def test_gqa_decode_folds_heads_without_copying_kv(impl, Tq, causal, pad, monkey
     for a, b in zip(torch.autograd.grad(o, (q, k, v, delta, gate), gy),
                     torch.autograd.grad(want, (q, k, v, delta, gate), gy)):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("flag", [0, 1, 1.0, torch.tensor(True)])
+def test_gqa_decode_still_checks_the_causal_flag(flag):
+    from apt_kernels.ops.tva import tva_attention
+
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(TypeError, match="causal: expected a bool"):  # the head fold had skipped check_flag
+        tva_attention(q, k, k, causal=flag)

@@ -262,7 +262,8 @@ def _gqa_fold(q, k, v, delta, gate, causal, window):
         H, Hkv = q.shape[1], k.shape[1]
     except (AttributeError, IndexError, RuntimeError, TypeError):
         return None
-    if Hkv == H or window is not None or causal not in (False, True) or (causal and q.shape[2] != 1) \
+    # isinstance, not `in (False, True)`: 0, 1, 1.0, np.bool_ and tensor(True) compare equal and would skip check_flag
+    if Hkv == H or window is not None or not isinstance(causal, bool) or (causal and q.shape[2] != 1) \
             or not all(isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
                        for t in (q, k, v)) or q.dim() != 4 or k.dim() != 4 or v.shape != k.shape \
             or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or Hkv == 0 or H % Hkv != 0:
