@@ -18,7 +18,8 @@ import torch
 
 from .. import backends
 from .._native import cpu_module, current_stream, native_module, view
-from ..reference.tva import Coef, TVAArgs, check_tva_inputs, register_fused_tva_op, repeat_kv, tva_attention_ref
+from ..reference.tva import (Coef, TVAArgs, check_tva_inputs, kv_groups, register_fused_tva_op, repeat_kv,
+                             tva_attention_ref)
 
 logger = logging.getLogger(__name__)
 
@@ -258,18 +259,12 @@ def _gqa_fold(q, k, v, delta, gate, causal, window):
     the G query heads of a group become G·Tq rows of one head (q, delta (B, Hkv, G·Tq, D), gate (B, G·Tq, Hkv)).
     Then K and V are read once per group, not repeated G times per call (a whole KV cache per decode step).
     None where that does not apply (repeat_kv then repeats k and v); validation happens in the folded call."""
-    try:
-        H, Hkv = q.shape[1], k.shape[1]
-    except (AttributeError, IndexError, RuntimeError, TypeError):
-        return None
+    G = kv_groups(q, k, v)
     # isinstance, not `in (False, True)`: 0, 1, 1.0, np.bool_ and tensor(True) compare equal and would skip check_flag
-    if Hkv == H or window is not None or not isinstance(causal, bool) or (causal and q.shape[2] != 1) \
-            or not all(isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
-                       for t in (q, k, v)) or q.dim() != 4 or k.dim() != 4 or v.shape != k.shape \
-            or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or Hkv == 0 or H % Hkv != 0:
+    if G == 1 or window is not None or not isinstance(causal, bool) or (causal and q.shape[2] != 1):
         return None
-    B, _, Tq, D = q.shape
-    G = H // Hkv
+    B, H, Tq, D = q.shape
+    Hkv = H // G
     if G * Tq > k.shape[2]:  # more rows than keys: the op refuses Tq > Tk
         return None
     if delta is not None and (not isinstance(delta, torch.Tensor) or tuple(delta.shape) != tuple(q.shape)):

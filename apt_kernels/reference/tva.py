@@ -40,28 +40,34 @@ class TVAArgs:
         self.coef_is_tensor = coef_is_tensor
 
 
-def repeat_kv(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
-    """k, v with as many heads as q: grouped-query / multi-query attention (k, v of Hkv heads, Hkv dividing q's H;
-    query head h reads key/value head h // (H / Hkv), as flash-attn and SDPA's enable_gqa). One k/v head is
-    expanded (a stride-0 view, no copy); more are repeated (a copy: the kernels read one k/v head per q head, so
-    GQA saves no compute here, only the caller's KV cache). Anything else is returned as is, for
-    check_tva_inputs to judge."""
+def kv_groups(q: Any, k: Any, v: Any) -> int:
+    """G, the query heads per k/v head, when k and v have fewer heads than q that divide its H and otherwise
+    match it (B, D), as grouped-query / multi-query attention takes (query head h reads k/v head h // G, as
+    flash-attn and SDPA's enable_gqa); 1 for anything else (as many heads, or a bad shape for check_tva_inputs to
+    report as passed)."""
     try:  # the common case first, cheaply (this runs on every decode step): as many k/v heads as q heads
         if k.shape[1] == q.shape[1]:
-            return k, v
+            return 1
     except (AttributeError, IndexError, RuntimeError, TypeError):  # not tensors, too few dims, nested
-        return k, v
+        return 1
     if not all(isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested for t in (q, k, v)) \
             or q.dim() != 4 or k.dim() != 4 or v.shape != k.shape \
             or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        return k, v  # not GQA, or a bad shape: check_tva_inputs reports k/v as passed, not as repeated
+        return 1
     H, Hkv = q.shape[1], k.shape[1]
-    if Hkv == 0 or H % Hkv != 0:
+    return H // Hkv if Hkv and H % Hkv == 0 else 1
+
+
+def repeat_kv(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
+    """k, v with as many heads as q for grouped-query attention (:func:`kv_groups`), else as given. One k/v head
+    is expanded (a stride-0 view, no copy); more are repeated (a copy: the kernels read one k/v head per q head)."""
+    G = kv_groups(q, k, v)
+    if G == 1:
         return k, v
-    if Hkv == 1:
-        shape = (k.shape[0], H, k.shape[2], k.shape[3])
+    if k.shape[1] == 1:
+        shape = (k.shape[0], q.shape[1], k.shape[2], k.shape[3])
         return k.expand(shape), v.expand(shape)
-    return k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    return k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
 
 
 def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
