@@ -174,7 +174,8 @@ def test_wrong_provider_is_reported_and_not_timed():
     assert fakes.FakeAttentionWrong.calls == n_checks
     ok = by[("fake_ref", "ok")]
     assert len(ok) == n_checks and all(r.is_reference and r.timing["n"] >= 3 for r in ok)
-    assert all(r.metric == "TFLOP/s" and r.metric_value > 0 for r in ok)
+    assert all(r.metric == case.metric(r.mode) and r.metric_value > 0 for r in ok)
+    assert {r.metric for r in ok} == {"TFLOP/s", "GB/s"}  # GB/s: the memory-bound decode step
     # an unavailable provider is listed once, with its reason, and never called
     gone = [r for r in rows if r.provider == "fake_gone"]
     assert len(gone) == 1 and gone[0].status == "unavailable" and "hardware" in gone[0].reason
@@ -211,6 +212,22 @@ def test_half_inputs_are_checked_against_the_fp32_reference():
     # the bf16 reference is compared with its own fp32 run: a small, nonzero error within the bf16 tolerance
     assert ref.status == "ok" and 0 < ref.max_rel_err < 2e-2 and ref.dtype == "bfloat16" and ref.timing
     assert st["fake_wrong"].status == "wrong"
+
+
+def test_gqa_decode_mode_runs_the_real_providers_and_sdpa():
+    """Every installed CPU attention provider and torch's SDPA (enable_gqa) agree on a grouped-query decode step
+    with the reference: one query over the whole cache, 8 query heads reading 2 k/v heads."""
+    case = get_case("attention")
+    shape = dict(B=2, H=8, T=37, D=16)
+    inputs = case.make_inputs(shape, torch.device("cpu"), torch.float32)
+    assert inputs["q_decode"].shape == (2, 8, 1, 16) and inputs["k_cache"].shape == (2, 2, 37, 16)
+    rows = runner.run_case(case, "cpu", shapes=[shape], modes=["gqa decode"],
+                           **{**FAST, "include_peers": True})
+    st = {r.provider: r for r in rows}
+    assert st["tva_default"].status == "ok" and st["tva_default"].is_reference
+    assert st["sdpa"].status == "ok" and st["torch_sdpa"].status == "ok"
+    assert st["tva_cpu"].status in ("ok", "unavailable")
+    assert all(r.max_rel_err < 1e-5 for r in rows if r.status == "ok")
 
 
 def test_triton_interpreter_providers_are_skipped_unless_named(monkeypatch):
@@ -252,6 +269,10 @@ def test_work_formulas():
     assert att.work(s, "causal fwd", torch.float16)["flops"] == 4 * 2 * 3 * 128 * 128 * 64 / 2
     assert att.work(s, "causal fwd+bwd", torch.float16)["flops"] == pytest.approx(3.5 * 4 * 2 * 3 * 128 ** 2 * 64 / 2)
     assert att.metric_value({"flops": 2e12}, "tva fwd", 2.0) == pytest.approx(1.0)
+    # the decode step reads the K/V cache of H/4 heads (8 query heads -> 2) once, plus q and o
+    s8 = dict(B=2, H=8, T=128, D=64)
+    assert att.work(s8, "gqa decode", torch.bfloat16)["bytes"] == 2 * (2 * 2 * 2 * 128 * 64 + 2 * 2 * 8 * 64)
+    assert att.metric("gqa decode") == "GB/s" and att.bound("gqa decode") == "memory"
     sc = get_case("scan")
     s = dict(batch=2, dim=8, N=16, L=32)
     want = 2 * (4 * 2 * 8 * 32 + 2 * 2 * 16 * 32) + 4 * (8 * 16 + 16)

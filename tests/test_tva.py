@@ -268,9 +268,12 @@ def test_sdpa_provider_matches_reference(causal, window, sinks, pad, extra):
 
 @pytest.mark.parametrize("impl", ["reference", "cpu_native", "sdpa"])
 @pytest.mark.parametrize("hkv", [1, 2])
-def test_grouped_query_attention(impl, hkv):
+@pytest.mark.parametrize("window,causal,tq", [(5, True, 7), (None, False, 7), (None, True, 9)])
+def test_grouped_query_attention(impl, hkv, window, causal, tq, monkeypatch):
     """k/v with fewer heads (dividing q's): query head h reads k/v head h // (H / Hkv), as SDPA's enable_gqa;
-    forward and gradients (dk, dv summed over the heads sharing them)."""
+    forward and gradients (dk, dv summed over the heads sharing them). Without a mask the sdpa provider hands
+    the groups to SDPA (enable_gqa) instead of repeating k and v."""
+    import apt_kernels.reference.tva as ref_tva
     from apt.core.registry import REGISTRY
     from apt_kernels.ops.tva import impl_status, tva_attention
 
@@ -278,11 +281,13 @@ def test_grouped_query_attention(impl, hkv):
         pytest.skip(impl_status(impl)[1])
     fn = REGISTRY.get("attention", "sdpa", strict=True).forward if impl == "sdpa" else \
         (lambda *a, **kw: tva_attention(*a, impl=impl, **kw))
+    if impl == "sdpa" and window is None:
+        monkeypatch.setattr(ref_tva, "repeat_kv", lambda *a: pytest.fail("sdpa repeated k/v for an unmasked call"))
     g = torch.Generator().manual_seed(hkv)
-    q = torch.randn(2, 4, 7, 16, generator=g, requires_grad=True)
+    q = torch.randn(2, 4, tq, 16, generator=g, requires_grad=True)
     k, v = (torch.randn(2, hkv, 9, 16, generator=g, requires_grad=True) for _ in range(2))
-    o = fn(q, k, v, window=5)
-    mask = tva_visible_mask_for_test(7, 9, 5)
+    o = fn(q, k, v, window=window, causal=causal)
+    mask = tva_visible_mask_for_test(tq, 9, window) if causal else None
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
     gy = torch.randn(o.shape, generator=g)

@@ -70,6 +70,17 @@ def repeat_kv(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
     return k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
 
 
+def kv_head_views(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
+    """k, v seen with q's head count for validation only, without copying: for grouped-query attention
+    (:func:`kv_groups` > 1) a stride-0 expansion of their first head (same dtype, device, B, Tk, D), else as given.
+    For a core that reads the groups itself (flash-attn, SDPA's enable_gqa), so :func:`check_tva_inputs` can check
+    the call without :func:`repeat_kv`'s copy."""
+    if kv_groups(q, k, v) == 1:
+        return k, v
+    shape = (k.shape[0], q.shape[1], k.shape[2], k.shape[3])
+    return k[:, :1].expand(shape), v[:, :1].expand(shape)
+
+
 def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
                      gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
                      window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,

@@ -21,10 +21,12 @@ def attention_math(q, k, v, delta=None, gate=None, coef=0.0, causal=True, window
                    key_padding_mask=None, softmax_scale=None):
     """Materialised-softmax TVA attention (design/TVA.md) for small shapes."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if k.shape[1] != q.shape[1]:  # grouped-query: query head h reads k/v head h // (H / Hkv)
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
     if causal:
-        T = q.shape[-2]
-        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        Tq, Tk = q.shape[-2], k.shape[-2]  # aligned bottom-right, as a decode step over a cache
+        s = s.masked_fill(torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1), float("-inf"))
     o = torch.softmax(s, dim=-1) @ v.float()
     if delta is not None:
         o = o + coef * gate.float().transpose(1, 2)[..., None] * delta.float()

@@ -72,12 +72,18 @@ class TorchSDPA(Peer):
         return []
 
     def forward(self, q, k, v, delta=None, gate=None, coef=0.0, causal=True, **_: Any):
+        gqa = k.shape[1] != q.shape[1]  # fewer k/v heads: SDPA reads them per group itself (torch >= 2.5)
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            try:
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+            except RuntimeError:
+                if not gqa:
+                    raise
+                # a torch whose flash backend takes no GQA: let SDPA choose (never seen, the GPU runs decide)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
 
 class FlashAttn(Peer):

@@ -84,14 +84,18 @@ class SDPA(_AttentionProvider):
 
     def forward(self, q, k, v, delta=None, gate=None, coef=0.0, causal=True, window=None, sinks=0,
                 key_padding_mask=None, softmax_scale=None):
-        from apt_kernels.reference.tva import check_tva_inputs, perturbation, repeat_kv, tva_visible_mask
+        from apt_kernels.reference.tva import (check_tva_inputs, kv_groups, kv_head_views, perturbation, repeat_kv,
+                                               tva_visible_mask)
 
-        k, v = repeat_kv(q, k, v)
-        a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+        a = check_tva_inputs(q, *kv_head_views(q, k, v), delta, gate, coef, causal, window, sinks, key_padding_mask,
+                             softmax_scale)
         simple = window is None and key_padding_mask is None and (not causal or a.Tq == a.Tk)
         if simple:
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=a.scale)
+            # grouped-query k/v go in as they are: SDPA reads each group's head itself (no copy of a KV cache)
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=a.scale,
+                                                                 enable_gqa=kv_groups(q, k, v) > 1)
         else:
+            k, v = repeat_kv(q, k, v)  # masked: SDPA's memory-efficient backend (the one taking a mask) has no GQA
             vis = tva_visible_mask(a.Tq, a.Tk, causal, a.window, a.sinks, key_padding_mask, q.device)
             row_any = vis.any(dim=-1, keepdim=True)
             # rows with no visible key: let SDPA see every key (finite), then zero them, as the contract says
@@ -133,10 +137,11 @@ class FlashV2(_AttentionProvider):
 
     def forward(self, q, k, v, delta=None, gate=None, coef=0.0, causal=True, window=None, sinks=0,
                 key_padding_mask=None, softmax_scale=None):
-        from apt_kernels.reference.tva import check_tva_inputs, perturbation, repeat_kv
+        from apt_kernels.reference.tva import check_tva_inputs, kv_head_views, perturbation
 
-        k, v = repeat_kv(q, k, v)
-        a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+        # flash-attn reads grouped-query k/v heads itself (no copy)
+        a = check_tva_inputs(q, *kv_head_views(q, k, v), delta, gate, coef, causal, window, sinks, key_padding_mask,
+                             softmax_scale)
         not_ok = self.supports(q=q, k=k, v=v, key_padding_mask=key_padding_mask, window=window, sinks=sinks,
                                causal=causal)
         if not_ok:

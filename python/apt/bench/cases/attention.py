@@ -7,6 +7,10 @@ Grids (B·T kept at 16K tokens on GPU so every T costs about the same memory; hi
   GPU quick: T ∈ {1K, 4K} × D ∈ {64, 128}, same B, H rule
   CPU full : T ∈ {128, 256, 512, 1024}, B = 1, H = 4, D = 64
   CPU quick: T ∈ {128, 512}, B = 1, H = 2, D = 64
+Mode "gqa decode": one decode step of grouped-query attention, the query of the last position over a T-key cache
+with Hkv = max(1, H // 4) key/value heads (GPU: 8 for D 64, 4 for D 128; CPU: 1, multi-query), no TVA term and
+causal=False (one query sees every cached key; SDPA's is_causal would align it top-left). Memory-bound: GB/s over
+the K/V cache read plus q read and o written, 2·B·Hkv·T·D + 2·B·H·D elements.
 Targets (issue #5, set "on an H100", measured on any CUDA device, ``apt bench --targets``): tva_triton and tva_cuda
 "tva fwd+bwd" within 1.15× the time of torch SDPA's flash backend ("causal fwd+bwd") at T 4K, 8K × D 64, 128 (the GPU
 grid's B, H rule), and ≥ 5× faster than the reference (tva_default) at T 8K.
@@ -18,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..targets import Target, speedup, time_within
-from . import BenchCase
+from . import BenchCase, dtype_size
 
 _TVA_COEF = 0.05
 _ISSUE = 5
@@ -27,11 +31,17 @@ _SDPA_QUOTE = ("Targets on an H100: fused TVA fwd+bwd within 1.15× the time of 
 _REF_QUOTE = "Targets on an H100: [fused TVA fwd+bwd] ≥ 5× faster than the reference at T=8K"
 
 
+def kv_heads(H: int) -> int:
+    """Key/value heads of the "gqa decode" mode: a quarter of the query heads (GQA as in Llama-2/3 70B), one if
+    there are fewer than four or four does not divide them."""
+    return H // 4 if H >= 4 and H % 4 == 0 else 1
+
+
 class AttentionCase(BenchCase):
     kind = "attention"
     family = "attention"
     ratio_to = ("torch_sdpa", "flash_attn")
-    modes = ("tva fwd", "tva fwd+bwd", "causal fwd", "causal fwd+bwd")
+    modes = ("tva fwd", "tva fwd+bwd", "causal fwd", "causal fwd+bwd", "gqa decode")
 
     def grid(self, device: torch.device, quick: bool) -> list[dict[str, Any]]:
         if torch.device(device).type == "cuda":
@@ -63,11 +73,15 @@ class AttentionCase(BenchCase):
         def rnd(*s: int) -> torch.Tensor:
             return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
 
+        hkv = kv_heads(H)
         return {"q": rnd(B, H, T, D), "k": rnd(B, H, T, D), "v": rnd(B, H, T, D), "delta": rnd(B, H, T, D),
-                "gate": torch.sigmoid(rnd(B, T, H).float()).to(dtype), "coef": _TVA_COEF, "grad": rnd(B, H, T, D)}
+                "gate": torch.sigmoid(rnd(B, T, H).float()).to(dtype), "coef": _TVA_COEF, "grad": rnd(B, H, T, D),
+                "q_decode": rnd(B, H, 1, D), "k_cache": rnd(B, hkv, T, D), "v_cache": rnd(B, hkv, T, D)}
 
     @staticmethod
     def _args(inputs: dict[str, Any], mode: str) -> dict[str, Any]:
+        if mode == "gqa decode":
+            return {"q": inputs["q_decode"], "k": inputs["k_cache"], "v": inputs["v_cache"], "causal": False}
         args = {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"], "causal": True}
         if mode.startswith("tva"):
             args.update(delta=inputs["delta"], gate=inputs["gate"], coef=inputs["coef"])
@@ -121,6 +135,9 @@ class AttentionCase(BenchCase):
 
     def work(self, shape: dict[str, Any], mode: str, dtype: torch.dtype) -> dict[str, float]:
         B, H, T, D = shape["B"], shape["H"], shape["T"], shape["D"]
+        if mode == "gqa decode":
+            elems = 2.0 * B * kv_heads(H) * T * D + 2.0 * B * H * D
+            return {"flops": 4.0 * B * H * T * D, "bytes": elems * dtype_size(dtype), "tokens": float(B)}
         fwd = 4.0 * B * H * T * T * D / 2.0  # causal: half of the score matrix
         if mode.startswith("tva"):
             fwd += 3.0 * B * H * T * D
@@ -128,7 +145,7 @@ class AttentionCase(BenchCase):
         return {"flops": flops, "tokens": float(B * T)}
 
     def metric(self, mode: str) -> str:
-        return "TFLOP/s"
+        return "GB/s" if mode == "gqa decode" else "TFLOP/s"
 
     def reference_peer(self) -> Optional[str]:
         return "torch_sdpa"
