@@ -6,11 +6,13 @@ Bytes (the metric is GB/s, the scan being memory-bound) count every tensor read 
                  + A, D, delta_bias (fp32, d·N + 2·d)
   forward+bwd  : forward + backward reading u, delta, z, dy (4·b·d·L) and B, C (2·b·N·L), writing du, ddelta, dz
                  (3·b·d·L) and dB, dC (2·b·N·L)  => 11·b·d·L + 6·b·N·L in total (+ the small fp32 parameters ×3)
-Grids (N = 16 throughout):
+Grids (N = 16, Mamba-1's state size, unless a state sweep says otherwise):
   GPU full : L sweep {256, 512, 1K, 2K, 4K, 8K} at batch 4, dim 1536; batch sweep {2, 4, 8, 16} at dim 768, L 2K;
-             dim sweep {768, 1024, 1536, 2048} at batch 4, L 2K
+             dim sweep {768, 1024, 1536, 2048} at batch 4, L 2K; state sweep N ∈ {32, 64, 128} (Mamba-2 sizes)
+             at L {512, 2K}, batch 4, dim 1536
   GPU quick: L ∈ {256, 2K} at batch 4, dim 1536
-  CPU full : L ∈ {128, 256, 512, 1024} at batch 2, dim 128; L 2K at batch 2, dim 256
+  CPU full : L ∈ {128, 256, 512, 1024} at batch 2, dim 128; L 2K at batch 2, dim 256; N ∈ {64, 128} at
+             L {256, 1024}, batch 2, dim 128
   CPU quick: L ∈ {128, 512} at batch 1, dim 64
 Targets (issue #3, ``apt bench --targets``): CPU ``cpu_native`` ≥ 10× the reference at batch 2, dim 768, L 2K (fwd,
 fwd+bwd); GPU fwd+bwd of the best of cuda/triton at least as fast as mamba_ssm and ≥ 60% of HBM bandwidth at batch 2,
@@ -27,6 +29,8 @@ from ..targets import Target, bandwidth, speedup
 from . import BenchCase, dtype_size
 
 _N = 16
+_N_SWEEP_GPU = (32, 64, 128)  # Mamba-2's state sizes (the CUDA kernel's limit is 128)
+_N_SWEEP_CPU = (64, 128)
 _ISSUE = 3
 _CPU_QUOTE = "CPU native ≥ 10× faster than the reference at L=2048 on this machine"
 _GPU_QUOTE = "on a GPU, forward+backward at least as fast as mamba_ssm's CUDA kernel and ≥ 60% of HBM bandwidth"
@@ -46,6 +50,7 @@ class ScanCase(BenchCase):
             shapes = [dict(batch=4, dim=1536, N=_N, L=L) for L in (256, 512, 1024, 2048, 4096, 8192)]
             shapes += [dict(batch=b, dim=768, N=_N, L=2048) for b in (2, 4, 8, 16)]
             shapes += [dict(batch=4, dim=d, N=_N, L=2048) for d in (768, 1024, 1536, 2048)]
+            shapes += [dict(batch=4, dim=1536, N=n, L=L) for n in _N_SWEEP_GPU for L in (512, 2048)]
             out, seen = [], set()
             for s in shapes:
                 key = tuple(s.items())
@@ -57,16 +62,18 @@ class ScanCase(BenchCase):
             return [dict(batch=1, dim=64, N=_N, L=L) for L in (128, 512)]
         # plus the L = 2K point the CPU kernel's speed target is set at (dim 256: the reference is slow on a CPU)
         return [dict(batch=2, dim=128, N=_N, L=L) for L in (128, 256, 512, 1024)] + \
-            [dict(batch=2, dim=256, N=_N, L=2048)]
+            [dict(batch=2, dim=256, N=_N, L=2048)] + \
+            [dict(batch=2, dim=128, N=n, L=L) for n in _N_SWEEP_CPU for L in (256, 1024)]
 
     def grid_doc(self, device: torch.device, quick: bool) -> str:
         if torch.device(device).type == "cuda":
-            return ("L in {256, 2K} at batch 4, dim 1536" if quick else
-                    "L 256..8K at batch 4, dim 1536; batch 2..16 at dim 768, L 2K; dim 768..2048 at batch 4, L 2K") \
-                + "; N=16, B/C input-dependent, z, D, delta_bias, softplus"
-        return ("L in {128, 512} at batch 1, dim 64" if quick else
-                "L in {128..1024} at batch 2, dim 128; L 2K at batch 2, dim 256") + \
-            "; N=16, B/C input-dependent, z, D, delta_bias, softplus"
+            return ("L in {256, 2K} at batch 4, dim 1536; N=16" if quick else
+                    "L 256..8K at batch 4, dim 1536; batch 2..16 at dim 768, L 2K; dim 768..2048 at batch 4, L 2K "
+                    "(N=16); N 32, 64, 128 at L 512, 2K, batch 4, dim 1536") \
+                + "; B/C input-dependent, z, D, delta_bias, softplus"
+        return ("L in {128, 512} at batch 1, dim 64; N=16" if quick else
+                "L in {128..1024} at batch 2, dim 128; L 2K at batch 2, dim 256 (N=16); N 64, 128 at L 256, 1K, "
+                "batch 2, dim 128") + "; B/C input-dependent, z, D, delta_bias, softplus"
 
     def x_axis(self, shape: dict[str, Any]) -> tuple[str, float]:
         return "L", shape["L"]
