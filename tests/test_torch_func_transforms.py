@@ -139,6 +139,27 @@ def test_running_mean_and_tva_layer_under_vmap_and_jvp():
     torch.testing.assert_close(y, torch.stack([mm(xin) for mm in models]), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("capacity_factor", [1.0, None])
+def test_moe_routing_under_vmap_and_per_sample_grads(capacity_factor):
+    """route -> dispatch -> combine under vmap and vmap(grad) (per-sample gradients), as a loop over the batch:
+    the reference routing wrote batched results into unbatched buffers in place, and F.one_hot's range check
+    read values, which vmap(grad) refuses."""
+    torch.manual_seed(3)
+    logits, x = torch.randn(3, 16, 4), torch.randn(3, 16, 8)
+
+    def layer(lg, xx):
+        r = moe_route(lg, 2, capacity_factor=capacity_factor)
+        return moe_combine(moe_dispatch(xx, r) * 2.0, r)
+
+    loop = torch.stack([layer(logits[i], x[i]) for i in range(3)])
+    torch.testing.assert_close(vmap(layer)(logits, x), loop, rtol=0, atol=1e-6)
+    offsets = vmap(lambda lg: moe_route(lg, 2, capacity_factor=capacity_factor).offsets)(logits)
+    assert offsets.tolist() == [moe_route(lg, 2, capacity_factor=capacity_factor).offsets.tolist() for lg in logits]
+    loss = torch.func.grad(lambda xx, lg: layer(lg, xx).square().sum())
+    want = torch.stack([loss(x[i], logits[i]) for i in range(3)])
+    torch.testing.assert_close(vmap(loss)(x, logits), want, rtol=0, atol=1e-6)
+
+
 @native
 def test_selective_state_update_under_vmap():
     torch.manual_seed(1)

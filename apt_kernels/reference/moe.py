@@ -18,7 +18,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .common import without_autocast
 
@@ -139,7 +138,9 @@ def queue_positions_ref(expert_idx: torch.Tensor, num_experts: int) -> tuple[tor
     """
     n, k = expert_idx.shape
     order = expert_idx.t().reshape(-1)                    # (k*N,) priority order
-    onehot = F.one_hot(order, num_experts)                # (k*N, E) int64
+    # (k*N, E) int64; a comparison, not F.one_hot, whose range check reads values (.item()), which
+    # vmap(grad(...)) refuses (order comes from top-k: always in range)
+    onehot = (order[:, None] == torch.arange(num_experts, device=order.device)).to(torch.int64)
     running = onehot.cumsum(dim=0)
     pos = running.gather(1, order[:, None]).squeeze(1) - 1
     counts = running[-1] if order.numel() else torch.zeros(num_experts, dtype=torch.int64, device=order.device)
@@ -162,15 +163,15 @@ def finish_routing(probs: torch.Tensor, expert_idx: torch.Tensor, weights: torch
         kept_per_expert = torch.clamp(tokens_per_expert, max=capacity)
         slot = torch.where(kept, expert_idx * capacity + position, torch.full_like(position, -1))
         num_slots = num_experts * capacity
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
-    offsets[1:] = torch.cumsum(kept_per_expert, 0)
+    # out of place throughout (cat, scatter): under torch.func.vmap a batched result cannot go into an
+    # unbatched buffer in place
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), torch.cumsum(kept_per_expert, 0)])
     # a scatter into one spare row for the dropped assignments (each kept slot is unique), not
     # token_of_slot[slot[kept]] = tokens[kept]: boolean-mask indexing has a data-dependent size (nonzero), so
     # torch.compile broke the graph there (fullgraph=False, the default) or traced an unbacked size (fullgraph=True)
     tokens = torch.arange(n, device=dev).unsqueeze(1).expand(n, k)
-    token_of_slot = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=dev)
-    token_of_slot.scatter_(0, torch.where(kept, slot, num_slots).reshape(-1),
-                           torch.where(kept, tokens, -1).reshape(-1))
+    token_of_slot = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=dev).scatter(
+        0, torch.where(kept, slot, num_slots).reshape(-1), torch.where(kept, tokens, -1).reshape(-1))
     token_of_slot = token_of_slot[:num_slots]
     dropped = (n * k - kept_per_expert.sum()).to(torch.int64)
     return Routing(expert_idx=expert_idx, weights=weights, probs=probs, position=position, kept=kept,
