@@ -71,6 +71,63 @@ def core_layer(core: Callable[..., Any]) -> Callable[..., nn.Module]:
     return create_layer
 
 
+class AutoAttentionCore:
+    """The core of a layer built with ``model.attention_name: auto``: for each call, the highest-priority attention
+    provider that is available *and supports the call's inputs* (device, dtype, head dim, padding mask, window),
+    chosen by ``registry.select`` and remembered per combination (as the Mamba mixer's ``scan_name: auto`` does).
+    ``registry.get("attention", "auto")`` alone ranks by priority only: a model built on a CUDA machine took
+    ``tva_cuda`` and failed at its first forward for a head dim of 16, float64, or CPU tensors, and on the CPU
+    ``tva_cpu`` refused float64 where the reference works. Picklable (the choices are not saved)."""
+
+    def __init__(self) -> None:
+        self._chosen: dict[tuple[Any, ...], Any] = {}
+        self.__name__ = self.__qualname__ = "attention[auto]"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_chosen": {}, "__name__": self.__name__, "__qualname__": self.__qualname__}
+
+    def provider_for(self, q: Any, key_padding_mask: Any = None, window: Any = None, sinks: int = 0,
+                     causal: bool = True) -> Any:
+        key = (str(q.device), q.dtype, int(q.shape[-1]), key_padding_mask is not None, window is not None,
+               bool(sinks), bool(causal))
+        prov = self._chosen.get(key)
+        if prov is None:
+            prov = registry.select("attention", None, q=q, key_padding_mask=key_padding_mask, window=window,
+                                   sinks=sinks, causal=causal)
+            logger.debug("apt model: attention provider for %s: %s", key, prov.name)
+            self._chosen[key] = prov
+        return prov
+
+    def warm(self, layer: Any) -> None:
+        """Choose now, outside any forward, for the layer's settings on the CPU (and CUDA when present) in fp32,
+        bf16 and fp16 without a padding mask: the registry lookup takes a lock that torch.compile cannot trace."""
+        import torch
+
+        heads, dim = getattr(layer, "num_heads", None), getattr(layer, "head_dim", None)
+        if not (isinstance(heads, int) and isinstance(dim, int)):
+            return
+        window, causal = getattr(layer, "window", None), getattr(layer, "causal", True)
+        sinks = getattr(layer, "sinks", 0) if window is not None else 0
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        for dev in devices:
+            for dt in (torch.float32, torch.bfloat16, torch.float16):
+                self.provider_for(torch.empty(1, heads, 1, dim, device=dev, dtype=dt), None, window, sinks, causal)
+
+    def __call__(self, q, k, v, delta=None, gate=None, coef=0.0, causal=True, window=None, sinks=0,
+                 key_padding_mask=None, softmax_scale=None):
+        prov = self.provider_for(q, key_padding_mask, window, sinks, causal)
+        return prov.forward(q, k, v, delta, gate, coef, causal=causal, window=window, sinks=sinks,
+                            key_padding_mask=key_padding_mask, softmax_scale=softmax_scale)
+
+
+def _is_core_provider(prov: Any) -> bool:
+    """Whether the provider's layer is the plain TVAAttention around its ``forward`` (no create_layer of its own)."""
+    from ..providers.attention import _AttentionProvider
+
+    own = getattr(type(prov), "create_layer", None)
+    return callable(getattr(prov, "forward", None)) and own in (None, _AttentionProvider.create_layer)
+
+
 def _takes(fn: Callable[..., Any], name: str) -> bool:
     """Whether ``fn`` has a parameter called ``name`` (not merely ``**kwargs``)."""
     try:
@@ -103,6 +160,7 @@ class ModelBuilder:
         self.report: dict[str, str] = {}  # component -> provider actually used (and why, if a fallback)
         self._attn_provider: Any = None
         self._attn_error: Optional[Exception] = None
+        self._auto_core: Optional[AutoAttentionCore] = None  # one for the model: one choice per input kind
         self._ffn_provider: Any = None
         self._router: Any = None  # the router provider, resolved once (one fallback warning, not one per layer)
 
@@ -121,7 +179,13 @@ class ModelBuilder:
         try:
             if prov is None:
                 raise self._attn_error  # type: ignore[misc]
-            create = getattr(prov, "create_layer", None) or core_layer(prov.forward)  # type: ignore[attr-defined]
+            auto_core = name == "auto" and _is_core_provider(prov)
+            if auto_core:  # chosen per call for the tensors' device / dtype / head dim, not once by priority
+                if self._auto_core is None:
+                    self._auto_core = AutoAttentionCore()
+                create = core_layer(self._auto_core)
+            else:
+                create = getattr(prov, "create_layer", None) or core_layer(prov.forward)  # type: ignore[attr-defined]
             if _takes(create, "dropout"):
                 cfg.setdefault("dropout", float(m.get("dropout", 0.0)))
             try:
@@ -131,11 +195,17 @@ class ModelBuilder:
                 if refused:
                     raise TypeError(f"create_layer takes no {', '.join(map(repr, refused))} (from model.attention)")
                 layer = call_accepting(create, m["d_model"], m["num_heads"], **cfg)
+                if auto_core:
+                    self._auto_core.warm(layer)  # type: ignore[union-attr]
             except (TypeError, ValueError) as exc:  # a key the layer does not take, a value it refuses
                 raise ValueError(f"model.attention / model.tva: the {prov.name!r} layer refused its settings: "
                                  f"{exc}") from None
-            self.report["attention"] = prov.name + (f" (fallback: {prov.fallback_reason})"
-                                                    if getattr(prov, "fallback_reason", "") else "")
+            if auto_core:
+                self.report["attention"] = "auto (per call: the best provider supporting the inputs' device, dtype " \
+                                           "and head dim)"
+            else:
+                self.report["attention"] = prov.name + (f" (fallback: {prov.fallback_reason})"
+                                                        if getattr(prov, "fallback_reason", "") else "")
             return layer
         except (registry.RegistryError, AttributeError, ImportError) as exc:
             if "attention" not in self.report:
@@ -224,7 +294,13 @@ class ModelBuilder:
                 mixer = MambaMixer(d, d_state=mc.get("d_state", 16), d_conv=mc.get("d_conv", 4),
                                    expand=mc.get("expand", 2), dt_rank=mc.get("dt_rank"), scan_name=scan)
                 why = getattr(scan, "fallback_reason", "") if mixer.scan_provider != "builtin-sequential" else ""
-                self.report["scan"] = mixer.scan_provider + (f" (fallback: {why})" if why else "")
+                if mixer.auto_scan:  # re-chosen per device / dtype: the pick for the weights as built is not the
+                    # one a model moved to the GPU (Trainer) runs
+                    w = mixer.in_proj.weight
+                    self.report["scan"] = (f"auto (per device/dtype; {mixer.scan_provider} for "
+                                           f"{w.device.type} {str(w.dtype).replace('torch.', '')})")
+                else:
+                    self.report["scan"] = mixer.scan_provider + (f" (fallback: {why})" if why else "")
                 blocks.append(MambaBlock(mixer, self.norm()))
         else:
             raise ValueError(f"model.backbone: expected 'gpt' or 'mamba', got {backbone!r}")
