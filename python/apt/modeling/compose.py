@@ -120,12 +120,71 @@ class AutoAttentionCore:
                             key_padding_mask=key_padding_mask, softmax_scale=softmax_scale)
 
 
+class AutoRouter(registry.Provider):
+    """The router of MoE layers built with ``model.moe.router_name: auto``: route / dispatch / combine through the
+    highest-priority router provider that is available and supports the tensors' device and dtype, chosen by
+    ``registry.select`` per (device, dtype) and remembered. One pick by priority at build took, on a GPU machine,
+    the CUDA router for a model run on the CPU. Not registered; picklable (the choices are not saved)."""
+
+    kind, name = "router", "auto"
+    description = "per device/dtype: the best available router provider supporting the tensors"
+
+    def __init__(self, config: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(config)
+        self._chosen: dict[tuple[str, Any], Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_chosen": {}}
+
+    def provider_for(self, t: Any) -> Any:
+        key = (str(t.device), t.dtype)
+        prov = self._chosen.get(key)
+        if prov is None:
+            prov = registry.select("router", None, device=t.device, dtype=t.dtype)
+            logger.debug("apt model: router provider for %s %s tensors: %s", t.device, t.dtype, prov.name)
+            self._chosen[key] = prov
+        return prov
+
+    def warm(self) -> None:
+        """Choose now for the CPU (and CUDA when present) in fp32 / bf16 / fp16, outside any forward: the registry
+        lookup takes a lock that torch.compile cannot trace."""
+        import torch
+
+        for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+            for dt in (torch.float32, torch.bfloat16, torch.float16):
+                self.provider_for(torch.empty(0, device=dev, dtype=dt))
+
+    def route(self, logits: Any, k: int, capacity_factor: Optional[float] = None, min_capacity: int = 4,
+              renormalize: Optional[bool] = None) -> Any:
+        return self.provider_for(logits).route(logits, k, capacity_factor, min_capacity, renormalize)
+
+    def dispatch(self, x: Any, routing: Any) -> Any:
+        return self.provider_for(x).dispatch(x, routing)
+
+    def combine(self, expert_out: Any, routing: Any) -> Any:
+        return self.provider_for(expert_out).combine(expert_out, routing)
+
+    def aux_losses(self, logits: Any, routing: Any) -> Any:
+        return self.provider_for(logits).aux_losses(logits, routing)
+
+    def __repr__(self) -> str:
+        return "<AutoRouter router/auto: per device/dtype>"
+
+
 def _is_core_provider(prov: Any) -> bool:
     """Whether the provider's layer is the plain TVAAttention around its ``forward`` (no create_layer of its own)."""
     from ..providers.attention import _AttentionProvider
 
     own = getattr(type(prov), "create_layer", None)
     return callable(getattr(prov, "forward", None)) and own in (None, _AttentionProvider.create_layer)
+
+
+def _is_plain_router(prov: Any) -> bool:
+    """Whether the router provider's MoE layer is MoEFFN routed through it (no create_layer of its own)."""
+    from ..providers.router import _RouterBase
+
+    own = getattr(type(prov), "create_layer", None)
+    return isinstance(prov, registry.Provider) and own in (None, _RouterBase.create_layer)
 
 
 def _takes(fn: Callable[..., Any], name: str) -> bool:
@@ -239,6 +298,9 @@ class ModelBuilder:
                     self._router = registry.get("router", moe.get("router_name"))
                 except registry.RegistryError:
                     self._router = moe.get("router_name")  # the ffn provider says why, or uses MoEFFN's own
+                if moe.get("router_name") == "auto" and _is_plain_router(self._router):
+                    self._router = AutoRouter()  # chosen per call's device / dtype, not once by priority
+                    self._router.warm()
             layer = prov.create_layer(  # type: ignore[attr-defined]
                 m["d_model"], self._d_ff(act), num_experts=moe["num_experts"], k=moe["k"],
                 capacity_factor=moe.get("capacity_factor"), min_capacity=moe.get("min_capacity", 4),
@@ -248,6 +310,11 @@ class ModelBuilder:
                 z_coef=moe.get("z_coef", 0.001), eval_capacity_factor=moe.get("eval_capacity_factor"))
             why = getattr(self._router, "fallback_reason", "")
             self.report["moe"] = getattr(prov, "last_source", prov.name) + (f" (fallback: {why})" if why else "")
+            if isinstance(self._router, AutoRouter):
+                import torch
+
+                cpu = self._router.provider_for(torch.empty(0)).name
+                self.report["moe"] = f"router/auto (per device/dtype; {cpu} for cpu float32) in MoEFFN"
             return layer
         except (TypeError, ValueError) as exc:  # a setting the layer does not take (a typo under model.moe.router,
             # say) or refuses: the user's error, not a missing back end, so no silent fallback to a dense model
