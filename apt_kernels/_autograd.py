@@ -67,9 +67,15 @@ def no_double_backward(op: str, grads: Any, anchors: Sequence[Any] = (), message
     return out[0] if single else tuple(out)
 
 
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
 def _functorch_wrapped(tensors: Sequence[Any]) -> bool:
-    """Whether any of ``tensors`` is a torch.func wrapper (live or dead), which has no storage to read."""
-    return any(isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    """Whether any of ``tensors`` is a torch.func wrapper (live or dead), or a legacy batched gradient
+    (``torch.autograd.grad(..., is_grads_batched=True)``, ``torch.autograd.functional.jacobian(vectorize=True)``),
+    which has no storage to read."""
+    return any(isinstance(t, torch.Tensor) and (torch._C._functorch.is_functorch_wrapped_tensor(t)
+                                                or _is_legacy_batched(t)) for t in tensors)
 
 
 _USE_AUTO = "use impl='auto', which takes the reference there, or impl='reference'"
@@ -99,6 +105,20 @@ def refuse_transformed(op: str, *tensors: Optional[torch.Tensor], grad_ok: bool 
                            "tensors; " + instead)
 
 
+class _SavedOnce:
+    """A backward ctx whose ``saved_tensors`` were unpacked already (every other attribute is the ctx's)."""
+
+    def __init__(self, ctx: Any, saved: tuple) -> None:
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "saved_tensors", saved)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._ctx, name, value)
+
+
 def first_order_only(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator for an autograd.Function's ``backward(ctx, *grads)`` whose body is kernels autograd cannot see:
     the body runs under no_grad, and when backward runs with grad mode on (``create_graph=True``), whether or not
@@ -109,18 +129,23 @@ def first_order_only(op: str) -> Callable[[Callable[..., Any]], Callable[..., An
     def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
-            if torch._C._are_functorch_transforms_active() or _functorch_wrapped((*ctx.saved_tensors, *grads)):
+            # unpack the saved tensors once: non-reentrant activation checkpointing (torch.utils.checkpoint,
+            # use_reentrant=False) recomputes them and allows one unpack per backward ("Unpack is being triggered
+            # for a tensor that was already unpacked once"); the body reads them through _SavedOnce
+            saved = ctx.saved_tensors
+            if torch._C._are_functorch_transforms_active() or _functorch_wrapped((*saved, *grads)):
                 # torch.func.grad/vjp hand backward wrapped tensors, which have no data for the kernels to read;
                 # torch.func.vjp's vjp_fn runs backward after the transform has exited (no transform active), on
                 # the now dead wrappers saved in its forward: the kernels failed with "Cannot access data pointer"
                 raise RuntimeError(f"apt_kernels.{op}: the native kernels' backward does not run under torch.func "
-                                   "transforms (grad, vjp, jacrev); use torch.autograd, or the reference provider "
-                                   "(impl='reference')")
+                                   "transforms (grad, vjp, jacrev) nor on batched gradients (is_grads_batched=True, "
+                                   "jacobian(vectorize=True)); use torch.autograd without batching, or the reference "
+                                   "provider (impl='reference')")
             with torch.no_grad():
-                out = backward(ctx, *grads)
+                out = backward(_SavedOnce(ctx, saved), *grads)
             if not torch.is_grad_enabled():
                 return out
-            return no_double_backward(op, out, (*ctx.saved_tensors, *grads))
+            return no_double_backward(op, out, (*saved, *grads))
 
         return wrapper
 

@@ -63,6 +63,7 @@ def repeat_kv(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
     is expanded (a stride-0 view, no copy); more are repeated (a copy: the kernels read one k/v head per q head)."""
     G = kv_groups(q, k, v)
     if G == 1:
+        _check_grouped_v(q, k, v)
         return k, v
     if k.shape[1] == 1:
         shape = (k.shape[0], q.shape[1], k.shape[2], k.shape[3])
@@ -76,9 +77,18 @@ def kv_head_views(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
     For a core that reads the groups itself (flash-attn, SDPA's enable_gqa), so :func:`check_tva_inputs` can check
     the call without :func:`repeat_kv`'s copy."""
     if kv_groups(q, k, v) == 1:
+        _check_grouped_v(q, k, v)
         return k, v
     shape = (k.shape[0], q.shape[1], k.shape[2], k.shape[3])
     return k[:, :1].expand(shape), v[:, :1].expand(shape)
+
+
+def _check_grouped_v(q: Any, k: Any, v: Any) -> None:
+    """A grouped-query k with a v that fits neither it nor q's head count: blame v (check_tva_inputs would report
+    k, whose shape is fine, against q's head count)."""
+    if isinstance(v, torch.Tensor) and kv_groups(q, k, k) > 1 and v.shape != k.shape \
+            and tuple(v.shape) != (q.shape[0], q.shape[1], k.shape[2], q.shape[3]):
+        raise ValueError(f"v: expected shape {tuple(k.shape)} (B, Hkv, Tk, D), same as k, got {tuple(v.shape)}")
 
 
 def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
@@ -170,10 +180,10 @@ def tva_visible_mask(Tq: int, Tk: int, causal: bool = True, window: Optional[int
     j = torch.arange(Tk, device=device)[None, :]
     vis = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
     if causal:
-        vis &= j <= pos
+        vis = vis & (j <= pos)  # out of place: torch.func.functionalize has no rule for __iand__
     if window is not None:
         in_win = (pos - window < j) if causal else ((pos - j).abs() < window)
-        vis &= in_win | (j < sinks)
+        vis = vis & (in_win | (j < sinks))
     vis = vis[None, None]
     if key_padding_mask is not None:
         vis = vis & ~key_padding_mask[:, None, None, :]
