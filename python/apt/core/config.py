@@ -294,6 +294,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
             data = yaml_load(f)
     except yaml.YAMLError as exc:
         raise ConfigError(f"profile {path}: invalid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:  # a binary file, or a profile saved as UTF-16 / Latin-1
+        raise ConfigError(f"profile {path}: not UTF-8 text ({exc.reason}: byte "
+                          f"{exc.object[exc.start:exc.start + 1]!r})") from None
     except OSError as exc:
         raise ConfigError(f"profile {path}: cannot read: {exc}") from None
     if data is None:
@@ -564,6 +567,9 @@ def _check_type(key: str, value: Any, where: _Where) -> None:
     if not ok:
         names = " or ".join("number" if t is float else t.__name__ for t in types if t is not int or float not in types)
         raise ConfigError(f"{where.key(key)}: expected {names}, got {type(value).__name__} {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and key != "seed" and abs(value) >= 2 ** 63:
+        # a size past int64 was torch's "Overflow when unpacking long long" TypeError deep in the model builder
+        raise ConfigError(f"{where.key(key)}: {value} is out of range (at most 2**63 - 1)")
     if isinstance(value, float) and not math.isfinite(value):  # .nan / .inf would pass every range test below
         raise ConfigError(f"{where.key(key)}: expected a finite number, got {value!r}")
     choices = CHOICES.get(key)

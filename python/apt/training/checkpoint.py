@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import socket
 import uuid
 import warnings
@@ -70,7 +71,11 @@ def _refused_global(exc: BaseException) -> Optional[str]:
     """The "GLOBAL module.name" line of the weights-only unpickler's refusal, None for any other error."""
     if not isinstance(exc, pickle.UnpicklingError):
         return None
-    return next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), None)
+    line = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), None)
+    # just the global: the rest of torch's line ("Please use torch.serialization.add_safe_globals([...]) ... if you
+    # trust this class") is advice no apt command can follow, next to apt saying it will not load such objects
+    m = re.search(r"GLOBAL\s+([\w.]+)", line or "")
+    return f"GLOBAL {m.group(1)}" if m else line
 
 
 def check_weights_only(blob: Mapping[str, Any]) -> None:
@@ -316,6 +321,12 @@ def load_for_inference(path: Union[str, os.PathLike], device: Union[str, torch.d
     try:
         tokenizer = tokenizer_from_state(dict(blob.get("tokenizer") or {"type": "byte"}))
         model = ModelBuilder(profile, vocab_size=tokenizer.vocab_size).build()
+    except RuntimeError as exc:  # sizes this machine cannot allocate (a tampered model.d_model, a far bigger model)
+        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc).lower():
+            raise
+        text = str(exc)
+        why = text[text.find("you tried to allocate"):].split(".")[0] if "you tried" in text else text.splitlines()[0]
+        raise CheckpointError(f"{path}: not enough memory to build the model its profile describes ({why})") from None
     except (KeyError, TypeError, ValueError) as exc:  # a stored profile this apt cannot build
         raise CheckpointError(f"{path}: cannot rebuild the model from the stored profile: {type(exc).__name__}: "
                               f"{exc}") from None

@@ -46,6 +46,9 @@ def pick_device(name: str = "auto") -> torch.device:
         dev = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"training.device: {name!r} is not a device ({exc})") from None
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, meta...: a RuntimeError / AssertionError deep in .to()
+        raise ValueError(f"training.device: {name!r}: expected auto, cpu, cuda or cuda:N (apt runs on the CPU and "
+                         "on CUDA devices only)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"training.device: {name!r} requested but CUDA is not available")
     return dev
@@ -268,6 +271,12 @@ class Trainer:
         except RuntimeError as exc:  # missing / unexpected keys, size mismatches
             first = str(exc).strip().splitlines()
             detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
+            if len(detail) > 300:  # a GPT profile resuming a Mamba run listed every one of its keys
+                detail = detail[:300].rsplit(", ", 1)[0] + ", ..."
+            was = ((blob.get("profile") or {}).get("model") or {}).get("backbone")
+            now = (self.cfg.get("model") or {}).get("backbone")
+            if was and now and was != now:
+                detail = f"the checkpoint holds a {was!r} model, this profile builds a {now!r} one; {detail}"
             raise ckpt.CheckpointError(
                 f"{path}: the checkpoint's model does not match the one this profile builds ({detail}); resume "
                 "with the profile it was trained with (model.d_model, model.num_layers, ... as stored in it)"
@@ -307,15 +316,23 @@ class Trainer:
         if self.scaler is not None and "scaler" in blob:
             self.scaler.load_state_dict(blob["scaler"])
         st = blob.get("trainer") or {}
-        self.epoch, self.step = int(st.get("epoch", 0)), int(st.get("step", 0))
-        self.batch_in_epoch = int(st.get("batch_in_epoch", 0))
-        self.history = list(st.get("history", []))
-        self.val_history = list(st.get("val_history", []))
-        self.tokens_seen = int(st.get("tokens_seen", 0))
+        try:  # a tampered or foreign file: name the part, not int()'s or list()'s complaint
+            self.epoch, self.step = int(st.get("epoch", 0)), int(st.get("step", 0))
+            self.batch_in_epoch = int(st.get("batch_in_epoch", 0))
+            self.history = list(st.get("history", []))
+            self.val_history = list(st.get("val_history", []))
+            self.tokens_seen = int(st.get("tokens_seen", 0))
+        except (TypeError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"{path}: 'trainer' holds a bad value ({exc}); not a checkpoint apt "
+                                       "wrote, or edited since?") from None
         if "plugins" in blob:
             self.plugins.load_state_dict(blob["plugins"])
         if "rng" in blob:
-            ckpt.restore_rng(blob["rng"])
+            try:
+                ckpt.restore_rng(blob["rng"])
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise ckpt.CheckpointError(f"{path}: 'rng' holds a bad generator state ({exc}); not a checkpoint "
+                                           "apt wrote, or edited since?") from None
         logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
     def _apply_profile_hyperparameters(self, path: Path, blob: Mapping[str, Any]) -> None:

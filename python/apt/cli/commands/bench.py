@@ -37,8 +37,13 @@ def _report(args: argparse.Namespace) -> int:
         # keep the RESULTS.md there is rather than replace it with "no result files yet"
         raise CLIError(f"--report: none of the {len(rep.skipped)} result file(s) in {results} is a valid run (the "
                        f"warnings above name each file and its bad field); {target} not written")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(rep.text + "\n")
+    if target.is_dir():
+        raise CLIError(f"--report-out: {target} is a directory; name the file to write (e.g. {target / 'RESULTS.md'})")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(rep.text + "\n")
+    except OSError as exc:
+        raise CLIError(f"--report-out: cannot write {target}: {exc.strerror or exc}") from None
     skipped = (f"; skipped {len(rep.skipped)} malformed file(s): {', '.join(f.name for f, _ in rep.skipped)}"
                if rep.skipped else "")
     print(f"apt bench: rendered {len(rep.rendered)} result file(s) from {results} into {target}{skipped}")
@@ -135,6 +140,12 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CLIError(f"--out: cannot create {args.out}: {exc.strerror or exc}") from None
+    results = Path(args.results_dir) if args.results_dir else repo_benchmarks_dir() / "results"
+    if args.save:  # the same for --save's folder: a file there was a traceback after the whole run
+        try:
+            results.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CLIError(f"--results-dir: cannot create {results}: {exc.strerror or exc}") from None
     # the thread count is this run's only: an in-process caller (a test suite, a notebook) gets its own back
     threads_before = torch.get_num_threads()
     try:
@@ -160,8 +171,6 @@ def run(args: argparse.Namespace) -> int:
             bench_run = runner.run_benchmarks(kinds, device, quick=args.quick, **kw)
         paths = report.write_all(bench_run, args.out, plots=not args.no_plots)
         if args.save:
-            results = Path(args.results_dir) if args.results_dir else repo_benchmarks_dir() / "results"
-            results.mkdir(parents=True, exist_ok=True)
             dest = results / report.result_file_name(bench_run)
             shutil.copyfile(paths["json"], dest)
             print(f"apt bench: saved {dest} (render with `apt bench --report`)")

@@ -97,6 +97,14 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     except ValueError as exc:  # bad values that only show when building (device, tokenizer, data)
         raise CLIError(f"cannot set up training: {exc}") from None
+    except RuntimeError as exc:  # a model too big for this machine (model.d_model: 1e6 typed for 1e3)
+        text = str(exc)
+        if "out of memory" not in text.lower() and "can't allocate memory" not in text:
+            raise
+        why = text[text.find("you tried to allocate"):].split(".")[0] if "you tried" in text else text.splitlines()[0]
+        raise CLIError(f"cannot set up training: out of memory building the model ({why}); check the model sizes "
+                       "(model.d_model, model.num_layers, model.d_ff, model.vocab_size, model.moe.num_experts)"
+                       ) from None
     print(f"training {cfg.get('name')}: {trainer.model.num_parameters() / 1e6:.2f}M parameters on "
           f"{trainer.device}, {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), "
           f"plugins: {', '.join(p.name for p in trainer.plugins.plugins) or 'none'}", file=sys.stderr)
@@ -117,6 +125,12 @@ def run(args: argparse.Namespace) -> int:
     label = "--out-dir" if args.out_dir else "training.out_dir"
     if trainer.out_dir.exists() and not trainer.out_dir.is_dir():
         raise CLIError(f"{label}: {trainer.out_dir} is a file, not a directory")
+    existing = trainer.checkpoint_path
+    if not cfg.get("training", {}).get("resume") and (existing.is_file() or existing.is_symlink()):
+        # a second `apt train -p tiny_debug` (the --resume auto forgotten) replaced the first run's checkpoint
+        # with no word; say so before its first save does it
+        print(f"apt train: warning: {existing} (a previous run's checkpoint) is replaced by this run, which starts "
+              f"at step 0; --resume auto continues that run instead, --out-dir keeps both", file=sys.stderr)
     try:  # fail now, not after the whole run, when the checkpoint cannot be written there
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=trainer.out_dir, prefix=".apt_write_test"):
@@ -127,6 +141,18 @@ def run(args: argparse.Namespace) -> int:
         summary = trainer.fit(stop_at_step=args.stop_at_step)
     except (FloatingPointError, CheckpointError) as exc:
         raise CLIError(str(exc)) from None
+    except TypeError as exc:  # fit()'s up-front check: a profile value a checkpoint cannot hold (a YAML date)
+        if not str(exc).startswith("checkpoint part "):
+            raise
+        hint = "; quote such a value in the profile (since: '2024-01-01')" if "'profile'" in str(exc) else ""
+        raise CLIError(f"{exc}{hint}") from None
+    except RuntimeError as exc:  # CPU allocator / CUDA out of memory mid-run (data.batch_size: 1e6 meant 16)
+        text = str(exc)
+        if "out of memory" not in text.lower() and "can't allocate memory" not in text:
+            raise
+        why = text[text.find("you tried to allocate"):].split(".")[0] if "you tried" in text else text.splitlines()[0]
+        raise CLIError(f"training stopped: out of memory at step {trainer.step} ({why}); lower data.batch_size or "
+                       "data.seq_len (training.grad_accum keeps the batch)") from None
     except OSError as exc:  # the checkpoint could not be written (disk full, ...): save() says which file
         raise CLIError(str(exc) if "checkpoint" in str(exc) else f"training stopped: {exc}") from None
     first, last = summary["first_loss"], summary["final_loss"]
