@@ -29,7 +29,9 @@ def test_running_mean_time_innermost_layout_takes_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("make", [lambda: torch.randn(2, 40, 5), lambda: torch.randn(2, 40, 10)[:, :, ::2],
-                                  lambda: torch.randn(40, 2, 5).transpose(0, 1), lambda: torch.randn(2, 1, 5)])
+                                  lambda: torch.randn(40, 2, 5).transpose(0, 1), lambda: torch.randn(2, 1, 5),
+                                  # time innermost but more channels than steps: native is faster there
+                                  lambda: torch.randn(2, 64, 8).transpose(1, 2)])
 def test_running_mean_other_layouts_stay_native(monkeypatch, make):
     x = make()
     called = []
@@ -53,3 +55,16 @@ def test_tva_auto_cpu_short_query_training_takes_reference(monkeypatch, Tq, Tk, 
     if grad:
         o.sum().backward()
         assert inp["q"].grad is not None
+
+
+@pytest.mark.parametrize("dtype,native", [(torch.bfloat16, True), (torch.float32, False)])
+def test_tva_auto_cpu_lowp_large_kv_training_stays_native(monkeypatch, dtype, native):
+    """A low-precision training call with few queries over more than 2**22 k/v elements stays native (the
+    reference's fp32 copies of K and V cost more there); fp32 keeps the few-queries rule."""
+    q = torch.randn(1, 16, 1, 64, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, 16, 4097, 64, dtype=dtype) for _ in range(2))
+    called = []
+    orig = tva_mod._run_native
+    monkeypatch.setattr(tva_mod, "_run_native", lambda *a, **kw: called.append(1) or orig(*a, **kw))
+    tva_mod.tva_attention(q, k, v)
+    assert bool(called) == native

@@ -247,6 +247,11 @@ def tva_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta:
 # (Tq=1, Tk=1024, B=1, H=8, D=64: 6.6 ms vs 3.4-4.0 ms; 128 sequences of T=8: 1.4-1.9x; 1 thread). Below this many
 # queries, ``auto`` takes the reference when autograd will record the call (the forward alone stays native).
 _CPU_BWD_MIN_TQ = 32
+# Except in fp16/bf16 with a large K/V: the reference upcasts q, k, v to fp32 copies (and its backward again), and
+# with more than 2**22 k/v elements (B·H·Tk·D) lost to the native kernels at any query count (bf16, 1 thread, one
+# run: B=4 H=8 D=64 Tk=4096 Tq=1/4/8/16/31 1.25/1.7/1.4/2.0/2.2x slower; B=1 H=32 D=128 Tk=4096 Tq=1/16 1.6/1.75x;
+# at 2**22 itself, B=2 Tk=4096 Tq=2/4, it was still 6-12% faster). fp32 keeps the rule above.
+_CPU_BWD_LOWP_MAX_KV = 1 << 22
 
 
 def _records_grad(*xs) -> bool:
@@ -295,7 +300,7 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     gate (B, Tq, H); coef float or 0-dim tensor; key_padding_mask (B, Tk) bool, True = padded. Rows with no visible
     key give zero attention. Differentiable in q, k, v, delta, gate and coef (tensor). ``impl="auto"`` on the CPU
     is the native kernel, except for a call autograd records with fewer than 32 queries (the reference, faster
-    there) and under torch.func transforms (the reference).
+    there; in fp16/bf16 only up to 2**22 k/v elements) and under torch.func transforms (the reference).
     """
     folded = _gqa_fold(q, k, v, delta, gate, causal, window)
     if folded is not None:  # grouped-query decode: the query heads sharing a k/v head as rows of one (no copy of K/V)
@@ -307,6 +312,7 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
     chosen = resolve_impl(impl, q.device, q.shape[-1], q.dtype)
     if impl == "auto" and chosen == "cpu_native" and a.Tq < _CPU_BWD_MIN_TQ \
+            and (q.dtype == torch.float32 or a.B * a.H * a.Tk * a.D <= _CPU_BWD_LOWP_MAX_KV) \
             and _records_grad(q, k, v, delta, gate, coef):
         chosen = "reference"
     if chosen in ("cpu_native", "cuda"):  # checked and resolved: skip the wrapper's second pass over both
