@@ -434,3 +434,22 @@ def test_decode_step_refuses_a_state_whose_elements_share_memory():
     want = torch.zeros(b, d, N)
     assert_close(selective_state_update_cpu(ok, **args), selective_state_update_ref(want, **args), family="scan")
     assert_close(ok, want, family="scan")
+
+
+def test_fp64_state_with_fp32_inputs_matches_reference():
+    """An fp64 decode state next to fp32 inputs is updated in fp64, as the reference does, not rounded through fp32
+    on every step."""
+    from apt_kernels.reference.scan import selective_state_update_ref
+
+    g = torch.Generator().manual_seed(0)
+    b, dim, N = 2, 4, 16
+    st = torch.randn(b, dim, N, generator=g, dtype=torch.float64)
+    x, dt = torch.randn(b, dim, generator=g), torch.rand(b, dim, generator=g)
+    A, B, C = -torch.rand(dim, N, generator=g), torch.randn(b, N, generator=g), torch.randn(b, N, generator=g)
+    ref = st.clone()
+    y_ref = selective_state_update_ref(ref, x, dt, A, B, C)
+    for fn in (selective_state_update_cpu, selective_state_update):
+        s = st.clone()
+        y = fn(s, x, dt, A, B, C)
+        torch.testing.assert_close(s, ref, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(y, y_ref)

@@ -549,6 +549,10 @@ def _run_step(step_op, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, checke
     if state.numel() == 0:
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     x_io, dt, z = _common_io(x, dt, z, acc_from=(state,))
+    if state.dtype == torch.float64 and x_io.dtype != torch.float64 and state.device.type == "cpu":
+        # the reference computes in fp64 for an fp64 state; the CPU kernel takes its precision from x's dtype,
+        # so an fp32 x rounded the fp64 state through fp32 on every step
+        x_io, dt, z = (t if t is None else t.to(torch.float64) for t in (x_io, dt, z))
     fn = _eager_step(step_op, state)
     y = fn(state, x_io, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
     if fn is not step_op:  # what the op's ADInplaceOrView kernel does: autograd sees that state changed
