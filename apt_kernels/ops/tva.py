@@ -301,6 +301,13 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     key give zero attention. Differentiable in q, k, v, delta, gate and coef (tensor). ``impl="auto"`` on the CPU
     is the native kernel, except for a call autograd records with fewer than 32 queries (the reference, faster
     there; in fp16/bf16 only up to 2**22 k/v elements) and under torch.func transforms (the reference).
+
+    Precision: the fused backwards (CPU, CUDA, Triton) take FlashAttention's row term ``Σ dO·(attention output)``
+    from the saved output minus the perturbation, so in fp16/bf16 the rounding of ``o`` -- attention plus
+    ``coef·gate·delta`` -- enters dq and dk: within flash-attn's error while the perturbation is small next to the
+    attention output (an APT layer's coef is alpha·tanh(tau), at most alpha = 0.1), growing with it beyond that
+    (bf16, coef 10 with gate 1 and unit-normal delta: dq/dk errors ~20x those at coef 0). dv, ddelta and dgate are
+    unaffected.
     """
     folded = _gqa_fold(q, k, v, delta, gate, causal, window)
     if folded is not None:  # grouped-query decode: the query heads sharing a k/v head as rows of one (no copy of K/V)
