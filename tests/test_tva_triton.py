@@ -210,3 +210,17 @@ def test_triton_gpu_configs_fit_shared_memory():
         for (kernel, bucket), cfg in table.items():
             for D in (16, 32, 64) if bucket == 64 else (96, 128):
                 assert tva.smem_estimate(kernel, cfg, D, elem) <= limit * 1024, (kernel, D, cfg)
+
+
+@pytest.mark.parametrize("causal,window,pad,Tq,Tk", [(True, None, True, 9, 9), (True, 3, False, 5, 12),
+                                                     (False, None, True, 1, 7)])
+def test_triton_returns_the_reference_lse(causal, window, pad, Tq, Tk):
+    """return_lse: the Triton kernel's saved log-sum-exp, +inf on rows with no visible key, as the reference's."""
+    inp = random_tva_inputs(B=2, H=2, Tq=Tq, Tk=Tk, D=16, pad=pad, seed=Tq)
+    kw = dict(causal=causal, window=window)
+    o, lse = tva_attention_triton(**inp, **kw, return_lse=True)
+    o_ref, lse_ref = tva_attention_ref(**inp, **kw, return_lse=True)
+    assert_close(o, o_ref, family="attention")
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)) and not lse.requires_grad
+    fin = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse[fin], lse_ref[fin], atol=2e-5, rtol=2e-5)

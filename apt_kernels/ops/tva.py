@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from .. import backends
 from .._native import cpu_module, current_stream, native_module, view
+from .._validate import check_flag
 from ..reference.tva import (Coef, TVAArgs, check_tva_inputs, kv_groups, register_fused_tva_op, repeat_kv,
                              tva_attention_ref)
 
@@ -202,7 +203,7 @@ _NATIVE_DEVICE = {"cpu_native": "cpu", "cuda": "cuda"}
 
 
 def _run_native(impl: str, q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale,
-                checked: Optional[TVAArgs] = None):
+                checked: Optional[TVAArgs] = None, return_lse: bool = False):
     """``checked``: the inputs' TVAArgs when the caller (tva_attention) has validated them and resolved ``impl``."""
     a = checked
     device = torch.device(_NATIVE_DEVICE[impl])
@@ -221,25 +222,27 @@ def _run_native(impl: str, q, k, v, delta, gate, coef, causal, window, sinks, ke
         coef = _coef_tensor(float(coef), q.device)
     else:
         coef = coef.to(device=q.device, dtype=torch.float32)
-    return _native_run(q, k, v, delta, gate, coef, causal, a.window or 0, a.sinks, key_padding_mask, a.scale)
+    return _native_run(q, k, v, delta, gate, coef, causal, a.window or 0, a.sinks, key_padding_mask, a.scale,
+                       return_lse)
 
 
 def tva_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
                       gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
                       window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
-                      softmax_scale: Optional[float] = None) -> torch.Tensor:
+                      softmax_scale: Optional[float] = None, return_lse: bool = False) -> Any:
     """The fused C++/OpenMP kernel (csrc/tva/tva_cpu.cpp) on CPU tensors; raises RuntimeError when not built,
     TypeError for a float64 input, ValueError for head dims > 256."""
     return _run_native("cpu_native", q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask,
-                       softmax_scale)
+                       softmax_scale, return_lse=return_lse)
 
 
 def tva_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
                        gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
                        window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
-                       softmax_scale: Optional[float] = None) -> torch.Tensor:
+                       softmax_scale: Optional[float] = None, return_lse: bool = False) -> Any:
     """The fused CUDA kernel (csrc/tva/tva_cuda.cu) on CUDA tensors; raises RuntimeError when not built/no GPU."""
-    return _run_native("cuda", q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+    return _run_native("cuda", q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale,
+                       return_lse=return_lse)
 
 
 # The C++ CPU backward packs q and dO into panels of whole 64-row query blocks: with fewer queries than about half a
@@ -285,7 +288,7 @@ def _gqa_fold(q, k, v, delta, gate, causal, window):
 def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
                   gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
                   window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
-                  softmax_scale: Optional[float] = None, impl: str = "auto") -> torch.Tensor:
+                  softmax_scale: Optional[float] = None, impl: str = "auto", return_lse: bool = False) -> Any:
     """TVA attention ``o = softmax(q kᵀ·scale + mask) v + coef · gate[..., None] · delta``.
 
     Layout (B, H, T, D), not flash-attn's (B, T, H, D): shapes alone cannot tell them apart in self-attention, so a
@@ -302,6 +305,10 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     is the native kernel, except for a call autograd records with fewer than 32 queries (the reference, faster
     there; in fp16/bf16 only up to 2**22 k/v elements) and under torch.func transforms (the reference).
 
+    ``return_lse=True`` returns ``(o, lse)``: lse (B, H, Tq) fp32 (fp64 for fp64 inputs), the attention's
+    natural-log log-sum-exp ``ln Σ_visible exp(scale·q·k_j)`` (+inf on a row with no visible key), as flash-attn's
+    ``softmax_lse``, e.g. to merge attention computed over separate key ranges; it carries no gradient (detached).
+
     Precision: the fused backwards (CPU, CUDA, Triton) take FlashAttention's row term ``Σ dO·(attention output)``
     from the saved output minus the perturbation, so in fp16/bf16 the rounding of ``o`` -- attention plus
     ``coef·gate·delta`` -- enters dq and dk: within flash-attn's error while the perturbation is small next to the
@@ -309,12 +316,16 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     (bf16, coef 10 with gate 1 and unit-normal delta: dq/dk errors ~20x those at coef 0). dv, ddelta and dgate are
     unaffected.
     """
+    check_flag("return_lse", return_lse)
     folded = _gqa_fold(q, k, v, delta, gate, causal, window)
     if folded is not None:  # grouped-query decode: the query heads sharing a k/v head as rows of one (no copy of K/V)
         qf, df, gf, G = folded
-        o = tva_attention(qf, k, v, df, gf, coef, False, None, sinks, key_padding_mask, softmax_scale, impl)
+        out = tva_attention(qf, k, v, df, gf, coef, False, None, sinks, key_padding_mask, softmax_scale, impl,
+                            return_lse)
+        o = out[0] if return_lse else out
         B, Hkv, _, D = o.shape
-        return o.view(B, Hkv, G, q.shape[2], D).reshape(q.shape)
+        o = o.view(B, Hkv, G, q.shape[2], D).reshape(q.shape)
+        return (o, out[1].view(B, Hkv, G, q.shape[2]).reshape(q.shape[:3])) if return_lse else o
     k, v = repeat_kv(q, k, v)
     a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
     chosen = resolve_impl(impl, q.device, q.shape[-1], q.dtype)
@@ -324,5 +335,8 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
         chosen = "reference"
     if chosen in ("cpu_native", "cuda"):  # checked and resolved: skip the wrapper's second pass over both
         return _run_native(chosen, q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask,
-                           softmax_scale, checked=a)
-    return _impl_fn(chosen)(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+                           softmax_scale, checked=a, return_lse=return_lse)
+    fn = _impl_fn(chosen)
+    if return_lse:
+        return fn(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale, return_lse=True)
+    return fn(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)

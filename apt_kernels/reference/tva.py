@@ -208,9 +208,10 @@ def perturbation(delta: torch.Tensor, gate: Optional[torch.Tensor], coef: Coef, 
 def tva_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor] = None,
                       gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
                       window: Optional[int] = None, sinks: int = 0, key_padding_mask: Optional[torch.Tensor] = None,
-                      softmax_scale: Optional[float] = None) -> torch.Tensor:
+                      softmax_scale: Optional[float] = None, return_lse: bool = False) -> Any:
     """TVA attention, dense reference. q (B, H, Tq, D); k, v (B, H, Tk, D); delta (B, H, Tq, D); gate (B, Tq, H);
-    coef float or 0-dim tensor; key_padding_mask (B, Tk) bool, True = padded. Returns o in q's dtype.
+    coef float or 0-dim tensor; key_padding_mask (B, Tk) bool, True = padded. Returns o in q's dtype, and with
+    ``return_lse`` also the attention's log-sum-exp (B, H, Tq) fp32 (see ``apt_kernels.tva_attention``).
 
     A query row with no visible key gets zero attention output (its perturbation is still added). k, v may have
     fewer heads, dividing H (grouped-query attention, :func:`repeat_kv`).
@@ -227,7 +228,12 @@ def tva_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: 
     o = torch.matmul(p, v.to(acc))
     if delta is not None:
         o = o + perturbation(delta, gate, coef, acc)
-    return o.to(q.dtype)
+    if not return_lse:
+        return o.to(q.dtype)
+    with torch.no_grad():  # +inf on rows with no visible key, as the kernels (and flash-attn) write it
+        lse = torch.logsumexp(s.detach(), dim=-1).masked_fill(~row_any[..., 0], float("inf"))
+    lse = lse if q.dtype == torch.float64 else lse.float()
+    return o.to(q.dtype), lse
 
 
 def random_tva_inputs(B: int = 2, H: int = 2, Tq: int = 5, D: int = 16, Tk: Optional[int] = None,
@@ -361,14 +367,17 @@ def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Callable[..., Any],
         def backward(ctx, grad_o, _grad_lse):
             return grads(bwd_impl, ctx.saved_tensors, ctx.args, grad_o)
 
-    def run(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) -> torch.Tensor:
+    def run(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, with_lse: bool = False):
         if custom_op_must_dispatch():
-            return fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
-        if autograd_free(q, k, v, delta, gate, coef):
+            out = fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)
+        elif autograd_free(q, k, v, delta, gate, coef):
             # nothing to differentiate (decode, evaluation): the body alone, without the Function's bookkeeping;
             # not under a torch.func transform (vmap) or a forward-AD level (see backends.autograd_free)
-            return fwd_impl(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
-        refuse_transformed("tva_attention", q, k, v, delta, gate, coef, key_padding_mask)
-        return TVAAttentionFused.apply(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)[0]
+            out = fwd_impl(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)
+        else:
+            refuse_transformed("tva_attention", q, k, v, delta, gate, coef, key_padding_mask)
+            out = TVAAttentionFused.apply(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)
+        # the lse carries no gradient (the backward takes none for it, as flash-attn's): detached, not ignored
+        return (out[0], out[1].detach()) if with_lse else out[0]
 
     return run

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import triton
@@ -666,7 +666,7 @@ def tva_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delt
                          gate: Optional[torch.Tensor] = None, coef: Coef = 0.0, causal: bool = True,
                          window: Optional[int] = None, sinks: int = 0,
                          key_padding_mask: Optional[torch.Tensor] = None,
-                         softmax_scale: Optional[float] = None) -> torch.Tensor:
+                         softmax_scale: Optional[float] = None, return_lse: bool = False) -> Any:
     """The fused Triton TVA attention (same contract as ``tva_attention``); head dim <= 128."""
     k, v = repeat_kv(q, k, v)
     a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
@@ -677,9 +677,11 @@ def tva_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delt
     if a.Tq == 0:
         # no queries: the (empty) reference, which stays connected to q, k, v, gate and coef (zeros(q.shape) was
         # not: without delta the output did not require grad, and q/k/v/gate got no gradient at all)
-        return tva_attention_ref(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+        return tva_attention_ref(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale,
+                                 return_lse)
     if not isinstance(coef, torch.Tensor):
         coef = torch.tensor(float(coef), dtype=torch.float32, device=q.device)
     elif coef.device != q.device:
         coef = coef.to(q.device)
-    return _tva_run(q, k, v, delta, gate, coef, causal, a.window or 0, a.sinks, key_padding_mask, a.scale)
+    return _tva_run(q, k, v, delta, gate, coef, causal, a.window or 0, a.sinks, key_padding_mask, a.scale,
+                    return_lse)
