@@ -81,10 +81,21 @@ class AutoAttentionCore:
 
     def __init__(self) -> None:
         self._chosen: dict[tuple[Any, ...], Any] = {}
+        self._warmed: list[tuple[Any, ...]] = []  # the layer settings warm() chose for, chosen again on a copy
         self.__name__ = self.__qualname__ = "attention[auto]"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_chosen": {}, "__name__": self.__name__, "__qualname__": self.__qualname__}
+        return {"_chosen": {}, "_warmed": list(self._warmed), "__name__": self.__name__,
+                "__qualname__": self.__qualname__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy (copy.deepcopy, pickle, torch.save of the model) chooses again, here and now, for what the
+        # original was warmed for: else its first forward under torch.compile(fullgraph=True) / torch.export
+        # reached registry.select's lock ("Unsupported context manager")
+        self.__dict__.update(state)
+        self._chosen = {}
+        for spec in self.__dict__.setdefault("_warmed", []):
+            self._warm(*spec)
 
     def provider_for(self, q: Any, key_padding_mask: Any = None, window: Any = None, sinks: int = 0,
                      causal: bool = True) -> Any:
@@ -92,25 +103,34 @@ class AutoAttentionCore:
                bool(sinks), bool(causal))
         prov = self._chosen.get(key)
         if prov is None:
-            prov = registry.select("attention", None, q=q, key_padding_mask=key_padding_mask, window=window,
-                                   sinks=sinks, causal=causal)
+            # among the providers with a core only: one with a layer of its own (a create_layer, no forward) has
+            # nothing this layer can call (its forward was a bare NotImplementedError)
+            prov = registry.select("attention", _core_provider_names(), q=q, key_padding_mask=key_padding_mask,
+                                   window=window, sinks=sinks, causal=causal)
             logger.debug("apt model: attention provider for %s: %s", key, prov.name)
             self._chosen[key] = prov
         return prov
 
     def warm(self, layer: Any) -> None:
         """Choose now, outside any forward, for the layer's settings on the CPU (and CUDA when present) in fp32,
-        bf16 and fp16 without a padding mask: the registry lookup takes a lock that torch.compile cannot trace."""
-        import torch
-
+        bf16, fp16 and fp64 without a padding mask: the registry lookup takes a lock that torch.compile cannot
+        trace."""
         heads, dim = getattr(layer, "num_heads", None), getattr(layer, "head_dim", None)
         if not (isinstance(heads, int) and isinstance(dim, int)):
             return
         window, causal = getattr(layer, "window", None), getattr(layer, "causal", True)
         sinks = getattr(layer, "sinks", 0) if window is not None else 0
+        spec = (heads, dim, window, sinks, causal)
+        if spec not in self._warmed:
+            self._warmed.append(spec)
+        self._warm(*spec)
+
+    def _warm(self, heads: int, dim: int, window: Any, sinks: int, causal: bool) -> None:
+        import torch
+
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for dev in devices:
-            for dt in (torch.float32, torch.bfloat16, torch.float16):
+            for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                 self.provider_for(torch.empty(1, heads, 1, dim, device=dev, dtype=dt), None, window, sinks, causal)
 
     def __call__(self, q, k, v, delta=None, gate=None, coef=0.0, causal=True, window=None, sinks=0,
@@ -136,6 +156,13 @@ class AutoRouter(registry.Provider):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_chosen": {}}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy chooses again now, as the original was warmed at build (torch.compile(fullgraph=True) of a
+        # deep-copied / unpickled model failed at registry.select's lock)
+        self.__dict__.update(state)
+        self._chosen = {}
+        self.warm()
+
     def provider_for(self, t: Any) -> Any:
         key = (str(t.device), t.dtype)
         prov = self._chosen.get(key)
@@ -146,12 +173,12 @@ class AutoRouter(registry.Provider):
         return prov
 
     def warm(self) -> None:
-        """Choose now for the CPU (and CUDA when present) in fp32 / bf16 / fp16, outside any forward: the registry
-        lookup takes a lock that torch.compile cannot trace."""
+        """Choose now for the CPU (and CUDA when present) in fp32 / bf16 / fp16 / fp64, outside any forward: the
+        registry lookup takes a lock that torch.compile cannot trace."""
         import torch
 
         for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-            for dt in (torch.float32, torch.bfloat16, torch.float16):
+            for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                 self.provider_for(torch.empty(0, device=dev, dtype=dt))
 
     def route(self, logits: Any, k: int, capacity_factor: Optional[float] = None, min_capacity: int = 4,
@@ -171,12 +198,25 @@ class AutoRouter(registry.Provider):
         return "<AutoRouter router/auto: per device/dtype>"
 
 
-def _is_core_provider(prov: Any) -> bool:
-    """Whether the provider's layer is the plain TVAAttention around its ``forward`` (no create_layer of its own)."""
+def _is_core_class(cls: Any) -> bool:
+    """Whether a provider class's layer is the plain TVAAttention around its ``forward`` (no create_layer of its
+    own)."""
     from ..providers.attention import _AttentionProvider
 
-    own = getattr(type(prov), "create_layer", None)
-    return callable(getattr(prov, "forward", None)) and own in (None, _AttentionProvider.create_layer)
+    own = getattr(cls, "create_layer", None)
+    return callable(getattr(cls, "forward", None)) and own in (None, _AttentionProvider.create_layer)
+
+
+def _is_core_provider(prov: Any) -> bool:
+    """Whether the provider's layer is the plain TVAAttention around its ``forward`` (no create_layer of its own)."""
+    return _is_core_class(type(prov)) and callable(getattr(prov, "forward", None))
+
+
+def _core_provider_names() -> list[str]:
+    """The registered attention providers with a core only (:func:`_is_core_class`), by priority as
+    ``registry.select`` ranks them."""
+    infos = sorted(registry.list_providers("attention"), key=lambda i: (-i.priority, not i.is_default, i.name))
+    return [i.name for i in infos if _is_core_class(registry.REGISTRY.provider_class("attention", i.name))]
 
 
 def _is_plain_router(prov: Any) -> bool:
