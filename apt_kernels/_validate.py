@@ -37,6 +37,8 @@ def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], layout: str = 
 
 def check_float(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype] = FLOAT_DTYPES) -> None:
     check_tensor(name, t)
+    if allowed is FLOAT_DTYPES and t.dtype in FLOAT_DTYPES:  # the default: no tuple() of it per call
+        return
     allowed = tuple(allowed)
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)

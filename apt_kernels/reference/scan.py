@@ -86,22 +86,22 @@ def check_state_update_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None)
     check_float("state", state)
     check_no_overlap("state", state)
     batch, dim, N = state.shape
-    check_shape("x", check_tensor("x", x), (batch, dim), "(batch, dim)")
+    check_shape("x", x, (batch, dim), "(batch, dim)")
     check_float("x", x)
-    check_shape("dt", check_tensor("dt", dt), (batch, dim), "(batch, dim)")
+    check_shape("dt", dt, (batch, dim), "(batch, dim)")
     check_float("dt", dt)
-    check_shape("A", check_tensor("A", A), (dim, N), "(dim, N)")
+    check_shape("A", A, (dim, N), "(dim, N)")
     check_float("A", A)
     _check_bc("B", B, batch, dim, N, None)
     _check_bc("C", C, batch, dim, N, None)
     if D is not None:
-        check_shape("D", check_tensor("D", D), (dim,), "(dim,)")
+        check_shape("D", D, (dim,), "(dim,)")
         check_float("D", D)
     if z is not None:
-        check_shape("z", check_tensor("z", z), (batch, dim), "(batch, dim)")
+        check_shape("z", z, (batch, dim), "(batch, dim)")
         check_float("z", z)
     if dt_bias is not None:
-        check_shape("dt_bias", check_tensor("dt_bias", dt_bias), (dim,), "(dim,)")
+        check_shape("dt_bias", dt_bias, (dim,), "(dim,)")
         check_float("dt_bias", dt_bias)
     _check_same_device(state, "state", x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
 
