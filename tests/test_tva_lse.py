@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import apt_kernels as K
 from apt_kernels.ops.tva import impl_status, tva_attention
 from apt_kernels.reference.tva import random_tva_inputs, tva_visible_mask
 
@@ -83,3 +84,13 @@ def test_lse_fp64_reference_and_flag_check():
     assert lse.dtype == torch.float64
     with pytest.raises(TypeError, match="return_lse: expected a bool"):
         tva_attention(**inp, return_lse=1)
+
+
+@pytest.mark.parametrize("name", ["tva_attention", "tva_attention_ref", "tva_attention_cpu"])
+@pytest.mark.parametrize("flag", ["no", 0, None])
+def test_every_entry_point_checks_return_lse(name, flag):
+    if name == "tva_attention_cpu" and not impl_status("cpu_native")[0]:
+        pytest.skip(impl_status("cpu_native")[1])
+    inp = random_tva_inputs(B=1, H=1, Tq=3, D=8)
+    with pytest.raises(TypeError, match="return_lse: expected a bool"):
+        getattr(K, name)(**inp, return_lse=flag)

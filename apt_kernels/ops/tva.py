@@ -209,6 +209,7 @@ def _run_native(impl: str, q, k, v, delta, gate, coef, causal, window, sinks, ke
     a = checked
     device_type = _NATIVE_DEVICE[impl]
     if a is None:
+        check_flag("return_lse", return_lse)
         device = torch.device(device_type)
         k, v = repeat_kv(q, k, v)
         a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)

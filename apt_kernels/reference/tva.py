@@ -211,11 +211,13 @@ def tva_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: 
                       softmax_scale: Optional[float] = None, return_lse: bool = False) -> Any:
     """TVA attention, dense reference. q (B, H, Tq, D); k, v (B, H, Tk, D); delta (B, H, Tq, D); gate (B, Tq, H);
     coef float or 0-dim tensor; key_padding_mask (B, Tk) bool, True = padded. Returns o in q's dtype, and with
-    ``return_lse`` also the attention's log-sum-exp (B, H, Tq) fp32 (see ``apt_kernels.tva_attention``).
+    ``return_lse`` also the attention's log-sum-exp (B, H, Tq) fp32, fp64 for fp64 inputs (see
+    ``apt_kernels.tva_attention``).
 
     A query row with no visible key gets zero attention output (its perturbation is still added). k, v may have
     fewer heads, dividing H (grouped-query attention, :func:`repeat_kv`).
     """
+    check_flag("return_lse", return_lse)  # a string such as "no" returned (o, lse)
     k, v = repeat_kv(q, k, v)
     a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
     acc = _acc_dtype(q.dtype)
@@ -311,7 +313,8 @@ def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Callable[..., Any],
     (dq, dk, dv, ddelta, rowdot)`` (ddelta and rowdot empty without delta). The real ops allocate every output
     contiguous, so the fakes do too (``empty_like`` would copy a transposed q's strides).
 
-    Returns ``run(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) -> o``: the custom op
+    Returns ``run(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, with_lse=False) -> o``
+    (``(o, lse)``, lse detached, with ``with_lse``): the custom op
     where it must be seen (torch.compile, dispatch modes: backends.custom_op_must_dispatch); otherwise an
     autograd.Function over the ops' bodies ``fwd_impl`` / ``bwd_impl`` with the same formula. The custom op's
     dispatch costs ~60 µs of Python per call and direction (CPU, torch 2.13): more than the kernel at decode, and

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._validate import check_flag
 from ..backends import fix_triton_interpreter_bf16_dot
 from ..reference.tva import Coef, check_tva_inputs, register_fused_tva_op, repeat_kv, tva_attention_ref
 
@@ -668,6 +669,7 @@ def tva_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delt
                          key_padding_mask: Optional[torch.Tensor] = None,
                          softmax_scale: Optional[float] = None, return_lse: bool = False) -> Any:
     """The fused Triton TVA attention (same contract as ``tva_attention``); head dim <= 128."""
+    check_flag("return_lse", return_lse)
     k, v = repeat_kv(q, k, v)
     a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
     if a.D > MAX_HEAD_DIM:
