@@ -12,13 +12,18 @@ from apt.modeling import ModelBuilder
 
 @pytest.mark.parametrize("over", [{"model.attention_name": "auto"},
                                   {"model.moe.enabled": True, "model.moe.router_name": "auto"}])
-@pytest.mark.parametrize("how", ["deepcopy", "pickle", "float64"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "float64", "moved"])
 def test_copy_of_an_auto_model_compiles_fullgraph(monkeypatch, over, how):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     torch.manual_seed(0)
     m = ModelBuilder(load_profile("tiny_debug", {"model.num_layers": 1, **over}), vocab_size=257).build()
     if how == "float64":  # warmed for float64 too: the dtype auto was made to run on the CPU
         c = m = m.double()
+    elif how == "moved":  # a model moved to a device is warmed there (as .to("cuda:1") of a model built on the CPU)
+        for chooser in m.auto_choosers:
+            chooser._chosen.clear()
+        c = m = m.to("cpu")
+        assert all(chooser._chosen for chooser in m.auto_choosers)
     elif how == "deepcopy":
         c = copy.deepcopy(m)
     else:

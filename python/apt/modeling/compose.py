@@ -94,8 +94,9 @@ class AutoAttentionCore:
         # reached registry.select's lock ("Unsupported context manager")
         self.__dict__.update(state)
         self._chosen = {}
-        for spec in self.__dict__.setdefault("_warmed", []):
-            self._warm(*spec)
+        self.__dict__.setdefault("_warmed", [])
+        for dev in _warm_devices():
+            self.warm_device(dev)
 
     def provider_for(self, q: Any, key_padding_mask: Any = None, window: Any = None, sinks: int = 0,
                      causal: bool = True) -> Any:
@@ -112,9 +113,9 @@ class AutoAttentionCore:
         return prov
 
     def warm(self, layer: Any) -> None:
-        """Choose now, outside any forward, for the layer's settings on the CPU (and CUDA when present) in fp32,
-        bf16, fp16 and fp64 without a padding mask: the registry lookup takes a lock that torch.compile cannot
-        trace."""
+        """Choose now, outside any forward, for the layer's settings on the CPU (and the current CUDA device once
+        CUDA is in use) in fp32, bf16, fp16 and fp64 without a padding mask: the registry lookup takes a lock that
+        torch.compile cannot trace. The model re-warms for the device it is moved to (APTModel._apply)."""
         heads, dim = getattr(layer, "num_heads", None), getattr(layer, "head_dim", None)
         if not (isinstance(heads, int) and isinstance(dim, int)):
             return
@@ -123,15 +124,20 @@ class AutoAttentionCore:
         spec = (heads, dim, window, sinks, causal)
         if spec not in self._warmed:
             self._warmed.append(spec)
-        self._warm(*spec)
+        for dev in _warm_devices():
+            self._warm(spec, dev)
 
-    def _warm(self, heads: int, dim: int, window: Any, sinks: int, causal: bool) -> None:
+    def warm_device(self, device: Any) -> None:
+        """Choose for every layer setting warmed so far on ``device`` (the model was moved there)."""
+        for spec in self._warmed:
+            self._warm(spec, device)
+
+    def _warm(self, spec: tuple[Any, ...], device: Any) -> None:
         import torch
 
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        for dev in devices:
-            for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-                self.provider_for(torch.empty(1, heads, 1, dim, device=dev, dtype=dt), None, window, sinks, causal)
+        heads, dim, window, sinks, causal = spec
+        for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            self.provider_for(torch.empty(1, heads, 1, dim, device=device, dtype=dt), None, window, sinks, causal)
 
     def __call__(self, q, k, v, delta=None, gate=None, coef=0.0, causal=True, window=None, sinks=0,
                  key_padding_mask=None, softmax_scale=None):
@@ -163,6 +169,13 @@ class AutoRouter(registry.Provider):
         self._chosen = {}
         self.warm()
 
+    def warm_device(self, device: Any) -> None:
+        """Choose for ``device`` in every dtype (the model was moved there)."""
+        import torch
+
+        for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            self.provider_for(torch.empty(0, device=device, dtype=dt))
+
     def provider_for(self, t: Any) -> Any:
         key = (str(t.device), t.dtype)
         prov = self._chosen.get(key)
@@ -173,13 +186,11 @@ class AutoRouter(registry.Provider):
         return prov
 
     def warm(self) -> None:
-        """Choose now for the CPU (and CUDA when present) in fp32 / bf16 / fp16 / fp64, outside any forward: the
-        registry lookup takes a lock that torch.compile cannot trace."""
-        import torch
-
-        for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-            for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-                self.provider_for(torch.empty(0, device=dev, dtype=dt))
+        """Choose now for the CPU (and the current CUDA device once CUDA is in use) in fp32 / bf16 / fp16 / fp64,
+        outside any forward: the registry lookup takes a lock that torch.compile cannot trace. The model re-warms
+        for the device it is moved to (APTModel._apply)."""
+        for dev in _warm_devices():
+            self.warm_device(dev)
 
     def route(self, logits: Any, k: int, capacity_factor: Optional[float] = None, min_capacity: int = 4,
               renormalize: Optional[bool] = None) -> Any:
@@ -196,6 +207,18 @@ class AutoRouter(registry.Provider):
 
     def __repr__(self) -> str:
         return "<AutoRouter router/auto: per device/dtype>"
+
+
+def _warm_devices() -> list[Any]:
+    """Where the auto choices are made ahead of use: the CPU, and the current CUDA device only once CUDA is
+    initialised -- a tensor on "cuda" would create a context on GPU 0 in every process of a multi-GPU job built
+    before torch.cuda.set_device; a model moved to a GPU is warmed for it then."""
+    import torch
+
+    devs: list[Any] = [torch.device("cpu")]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devs.append(torch.device("cuda", torch.cuda.current_device()))
+    return devs
 
 
 def _is_core_class(cls: Any) -> bool:
@@ -417,6 +440,9 @@ class ModelBuilder:
         init_embeddings(embed, pos, head, float(m.get("init_std", 0.02)))
         model = APTModel(self.cfg, embed, blocks, self.norm(), head, pos_embed=pos, dropout=drop)
         model.build_report = dict(self.report)  # type: ignore[attr-defined]
+        # the auto choosers re-warm when the model moves (model.to("cuda:1")): see APTModel._apply
+        model.auto_choosers = [c for c in (self._auto_core, self._router)  # type: ignore[attr-defined]
+                               if isinstance(c, (AutoAttentionCore, AutoRouter))]
         logger.info("apt model: %s backbone, %.2fM parameters, components %s", backbone,
                     model.num_parameters() / 1e6, self.report)
         return model

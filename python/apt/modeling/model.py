@@ -116,6 +116,12 @@ class APTModel(nn.Module):
     def _apply(self, fn, *args, **kwargs):  # .to_empty() gives every module a new tensor: tie them again
         out = super()._apply(fn, *args, **kwargs)
         self.tie_weights()
+        # model.attention_name / router_name "auto": choose for the new device now, outside any forward (a first
+        # choice inside torch.compile(fullgraph=True) meets the registry's lock)
+        dev = self.embed.weight.device
+        if dev.type != "meta":
+            for chooser in getattr(self, "auto_choosers", ()):
+                chooser.warm_device(dev)
         return out
 
     @torch.no_grad()
