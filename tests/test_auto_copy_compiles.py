@@ -59,3 +59,18 @@ def test_auto_attention_skips_a_provider_whose_layer_is_its_own(monkeypatch):
         assert torch.isfinite(m(torch.randint(0, 257, (1, 8)))).all()
     finally:
         registry.REGISTRY.unregister("attention", "test_layer_only_auto")
+
+
+def test_auto_model_built_on_the_meta_device_chooses_for_real_devices(monkeypatch):
+    """Built under torch.device("meta") (then to_empty): nothing is chosen for meta tensors (the report's probe
+    was made on the meta device, and the registry warned that no router supports it)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    over = {"model.num_layers": 1, "model.attention_name": "auto", "model.moe.enabled": True,
+            "model.moe.router_name": "auto"}
+    with torch.device("meta"):
+        m = ModelBuilder(load_profile("tiny_debug", over), vocab_size=257).build()
+    assert all("meta" not in str(key[0]) for ch in m.auto_choosers for key in ch._chosen)
+    assert "meta" not in m.build_report["moe"]
+    m = m.to_empty(device="cpu")
+    m.reset_parameters()
+    assert torch.isfinite(m(torch.randint(0, 257, (1, 5)))).all()

@@ -376,7 +376,7 @@ class ModelBuilder:
             if isinstance(self._router, AutoRouter):
                 import torch
 
-                cpu = self._router.provider_for(torch.empty(0)).name
+                cpu = self._router.provider_for(torch.empty(0, device="cpu")).name  # not meta, in a meta build
                 self.report["moe"] = f"router/auto (per device/dtype; {cpu} for cpu float32) in MoEFFN"
             return layer
         except (TypeError, ValueError) as exc:  # a setting the layer does not take (a typo under model.moe.router,
