@@ -220,7 +220,7 @@ class Registry:
         slot = self._check_kind(kind)
         default = self._default_in(slot)
         if name == "auto":
-            ranked = sorted(slot.values(), key=lambda c: (-c.priority, not c.is_default, c.name))
+            ranked = sorted(slot.values(), key=priority_order)
             skipped = []
             for cls in ranked:
                 ok, why = _available(cls)
@@ -272,7 +272,7 @@ class Registry:
         if isinstance(names, str):  # one name, not its characters
             names = [names]
         order = list(names) if names is not None else [
-            c.name for c in sorted(slot.values(), key=lambda c: (-c.priority, not c.is_default, c.name))]
+            c.name for c in sorted(slot.values(), key=priority_order)]
         reasons = []
         for name in order:
             if name not in slot:
@@ -377,6 +377,12 @@ class Registry:
                 self._register_object(result)
         else:
             raise TypeError(f"entry point object {obj!r} is not a Provider class, module, list or callable")
+
+
+def priority_order(p: Any) -> tuple[int, bool, str]:
+    """Sort key of the order ``name="auto"`` and :meth:`Registry.select` try providers in (a provider class or a
+    :class:`ProviderInfo`): highest priority first, the default before others of its priority, then by name."""
+    return (-p.priority, not p.is_default, p.name)
 
 
 def _own_doc(cls: type) -> str:

@@ -133,11 +133,9 @@ class AutoAttentionCore:
             self._warm(spec, device)
 
     def _warm(self, spec: tuple[Any, ...], device: Any) -> None:
-        import torch
-
         heads, dim, window, sinks, causal = spec
-        for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            self.provider_for(torch.empty(1, heads, 1, dim, device=device, dtype=dt), None, window, sinks, causal)
+        for t in _warm_tensors(device, (1, heads, 1, dim)):
+            self.provider_for(t, None, window, sinks, causal)
 
     def __call__(self, q, k, v, delta=None, gate=None, coef=0.0, causal=True, window=None, sinks=0,
                  key_padding_mask=None, softmax_scale=None):
@@ -171,10 +169,8 @@ class AutoRouter(registry.Provider):
 
     def warm_device(self, device: Any) -> None:
         """Choose for ``device`` in every dtype (the model was moved there)."""
-        import torch
-
-        for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            self.provider_for(torch.empty(0, device=device, dtype=dt))
+        for t in _warm_tensors(device, (0,)):
+            self.provider_for(t)
 
     def provider_for(self, t: Any) -> Any:
         key = (str(t.device), t.dtype)
@@ -209,6 +205,14 @@ class AutoRouter(registry.Provider):
         return "<AutoRouter router/auto: per device/dtype>"
 
 
+def _warm_tensors(device: Any, shape: tuple[int, ...]) -> list[Any]:
+    """Empty probes on ``device`` in the dtypes the auto choosers choose for ahead of use: fp32, bf16, fp16, fp64."""
+    import torch
+
+    return [torch.empty(shape, device=device, dtype=dt)
+            for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+
+
 def _warm_devices() -> list[Any]:
     """Where the auto choices are made ahead of use: the CPU, and the current CUDA device only once CUDA is
     initialised -- a tensor on "cuda" would create a context on GPU 0 in every process of a multi-GPU job built
@@ -238,7 +242,7 @@ def _is_core_provider(prov: Any) -> bool:
 def _core_provider_names() -> list[str]:
     """The registered attention providers with a core only (:func:`_is_core_class`), by priority as
     ``registry.select`` ranks them."""
-    infos = sorted(registry.list_providers("attention"), key=lambda i: (-i.priority, not i.is_default, i.name))
+    infos = sorted(registry.list_providers("attention"), key=registry.priority_order)
     return [i.name for i in infos if _is_core_class(registry.REGISTRY.provider_class("attention", i.name))]
 
 
