@@ -206,11 +206,18 @@ class AutoRouter(registry.Provider):
 
 
 def _warm_tensors(device: Any, shape: tuple[int, ...]) -> list[Any]:
-    """Empty probes on ``device`` in the dtypes the auto choosers choose for ahead of use: fp32, bf16, fp16, fp64."""
+    """Empty probes on ``device`` in the dtypes the auto choosers choose for ahead of use: fp32, bf16, fp16, fp64,
+    less those the device cannot hold (MPS has no float64: the probe raised, and with it ``model.to("mps")``);
+    such a dtype is never met in a forward there either."""
     import torch
 
-    return [torch.empty(shape, device=device, dtype=dt)
-            for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+    out = []
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        try:
+            out.append(torch.empty(shape, device=device, dtype=dt))
+        except (TypeError, RuntimeError) as exc:
+            logger.debug("apt model: no %s %s probe for the auto choosers (%s)", device, dt, exc)
+    return out
 
 
 def _warm_devices() -> list[Any]:

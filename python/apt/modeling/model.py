@@ -117,11 +117,17 @@ class APTModel(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         self.tie_weights()
         # model.attention_name / router_name "auto": choose for the new device now, outside any forward (a first
-        # choice inside torch.compile(fullgraph=True) meets the registry's lock)
+        # choice inside torch.compile(fullgraph=True) meets the registry's lock). Only ahead of time: a failure here
+        # must not fail the move itself (the tensors are already moved); the choice is then made at first forward
         dev = self.embed.weight.device
         if dev.type != "meta":
             for chooser in getattr(self, "auto_choosers", ()):
-                chooser.warm_device(dev)
+                try:
+                    chooser.warm_device(dev)
+                except Exception as exc:  # third-party providers, devices without some dtype
+                    logger.warning("apt model: the auto provider choice for %s could not be made ahead of use (%s: "
+                                   "%s); it is made at the first forward (not traceable by torch.compile("
+                                   "fullgraph=True))", dev, type(exc).__name__, exc)
         return out
 
     @torch.no_grad()
