@@ -78,6 +78,15 @@ def _refused_global(exc: BaseException) -> Optional[str]:
     return f"GLOBAL {m.group(1)}" if m else line
 
 
+def out_of_memory_reason(exc: BaseException) -> Optional[str]:
+    """The allocation a CPU-allocator / CUDA out-of-memory RuntimeError failed on ("you tried to allocate N
+    bytes", else its first line), for a one-line error; None for any other error (to be raised as it is)."""
+    text = str(exc)
+    if "out of memory" not in text.lower() and "can't allocate memory" not in text:
+        return None
+    return text[text.find("you tried to allocate"):].split(".")[0] if "you tried" in text else text.splitlines()[0]
+
+
 def check_weights_only(blob: Mapping[str, Any]) -> None:
     """:func:`load` reads with ``weights_only=True``: refuse to write what it would refuse to read (a plugin's
     state_dict holding a numpy scalar or a dataclass), naming the part, before the file is replaced."""
@@ -322,10 +331,9 @@ def load_for_inference(path: Union[str, os.PathLike], device: Union[str, torch.d
         tokenizer = tokenizer_from_state(dict(blob.get("tokenizer") or {"type": "byte"}))
         model = ModelBuilder(profile, vocab_size=tokenizer.vocab_size).build()
     except RuntimeError as exc:  # sizes this machine cannot allocate (a tampered model.d_model, a far bigger model)
-        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc).lower():
+        why = out_of_memory_reason(exc)
+        if why is None:
             raise
-        text = str(exc)
-        why = text[text.find("you tried to allocate"):].split(".")[0] if "you tried" in text else text.splitlines()[0]
         raise CheckpointError(f"{path}: not enough memory to build the model its profile describes ({why})") from None
     except (KeyError, TypeError, ValueError) as exc:  # a stored profile this apt cannot build
         raise CheckpointError(f"{path}: cannot rebuild the model from the stored profile: {type(exc).__name__}: "

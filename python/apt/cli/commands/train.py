@@ -78,7 +78,7 @@ def load_cli_profile(args: argparse.Namespace, extra: Optional[dict[str, Any]] =
 
 def run(args: argparse.Namespace) -> int:
     from ...plugins.manager import PluginError
-    from ...training.checkpoint import CheckpointError
+    from ...training.checkpoint import CheckpointError, out_of_memory_reason
     from ...training.trainer import Trainer
 
     extra = {"training.out_dir": args.out_dir, "training.resume": args.resume, "training.max_steps": args.max_steps,
@@ -98,10 +98,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # bad values that only show when building (device, tokenizer, data)
         raise CLIError(f"cannot set up training: {exc}") from None
     except RuntimeError as exc:  # a model too big for this machine (model.d_model: 1e6 typed for 1e3)
-        text = str(exc)
-        if "out of memory" not in text.lower() and "can't allocate memory" not in text:
+        why = out_of_memory_reason(exc)
+        if why is None:
             raise
-        why = text[text.find("you tried to allocate"):].split(".")[0] if "you tried" in text else text.splitlines()[0]
         raise CLIError(f"cannot set up training: out of memory building the model ({why}); check the model sizes "
                        "(model.d_model, model.num_layers, model.d_ff, model.vocab_size, model.moe.num_experts)"
                        ) from None
@@ -147,10 +146,9 @@ def run(args: argparse.Namespace) -> int:
         hint = "; quote such a value in the profile (since: '2024-01-01')" if "'profile'" in str(exc) else ""
         raise CLIError(f"{exc}{hint}") from None
     except RuntimeError as exc:  # CPU allocator / CUDA out of memory mid-run (data.batch_size: 1e6 meant 16)
-        text = str(exc)
-        if "out of memory" not in text.lower() and "can't allocate memory" not in text:
+        why = out_of_memory_reason(exc)
+        if why is None:
             raise
-        why = text[text.find("you tried to allocate"):].split(".")[0] if "you tried" in text else text.splitlines()[0]
         raise CLIError(f"training stopped: out of memory at step {trainer.step} ({why}); lower data.batch_size or "
                        "data.seq_len (training.grad_accum keeps the batch)") from None
     except OSError as exc:  # the checkpoint could not be written (disk full, ...): save() says which file
