@@ -68,9 +68,96 @@ def test_mamba2_head_layout_takes_2d_B_C_as_one_group():
     assert_close(state, s_ref, family="scan")
 
 
+@pytest.mark.parametrize("name", ["selective_state_update", "selective_state_update_ref",
+                                  "selective_state_update_cpu"])
+def test_one_head_state_with_channel_layout_inputs(name):
+    """mamba_ssm adds the head axis argument by argument: a (batch, 1, dim, N) state with (batch, dim) x/dt/z,
+    (dim, N) or (1, dim, N) A, (batch, N) B/C runs as one head, y (batch, dim)."""
+    if name.endswith("_cpu") and not S.cpu_status()[0]:
+        pytest.skip(S.cpu_status()[1])
+    state, x, dt, A, B, C, D, z, dt_bias = _mamba2_inputs(1, torch.Generator().manual_seed(53), H=1)
+    y_ref, s_ref = _per_head(state, x, dt, A, B, C, D, z, dt_bias)
+    for A_in, B_in in ((A[0], B[:, 0]), (A, B)):  # channel-layout A and B, or the head layout's
+        st = state.clone()
+        y = getattr(K, name)(st, x[:, 0], dt[:, 0], A_in, B_in, C[:, 0], D[0], z[:, 0], dt_bias, dt_softplus=True)
+        assert y.shape == (2, 3)
+        assert_close(y, y_ref[:, 0], family="scan")
+        assert_close(st, s_ref, family="scan")
+
+
+def test_decode_step_with_parameters_warns_once_that_it_runs_the_reference(caplog, monkeypatch):
+    """mamba_ssm's step() passes D and dt_bias, nn.Parameters: outside no_grad the step runs the differentiable
+    reference, which is correct but several times slower; said once, as a warning."""
+    monkeypatch.setattr(S, "_warned_step_with_grad", False)
+    state, x, dt, A, B, C, D, z, dt_bias = _mamba2_inputs(1, torch.Generator().manual_seed(54))
+    D = torch.nn.Parameter(D)
+    with caplog.at_level("WARNING", logger=S.logger.name):
+        for _ in range(2):
+            K.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
+        with torch.no_grad():
+            K.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
+    said = [r for r in caplog.records if "requires grad" in r.getMessage()]
+    assert len(said) == 1 and "torch.no_grad()" in said[0].getMessage()
+
+
 def test_flag_error_names_numpy_bool_unambiguously():
     """A numpy bool is refused like any non-bool, but the message must not read "expected a bool, got bool"."""
     np = pytest.importorskip("numpy")
     x = K.reference.scan.random_scan_inputs(1, 3, 4, 2, generator=torch.Generator().manual_seed(2))
     with pytest.raises(TypeError, match=r"delta_softplus: expected a bool .*got numpy\.bool"):
         K.selective_scan_fn(**x, delta_softplus=np.bool_(True))
+
+
+def _slots_truth(pool, idx, x, dt, A, B, C, D, z, dt_bias):
+    """Row by row with the reference on the row's slot: the truth for state_batch_indices."""
+    pool, ys = pool.clone(), []
+    for i, s in enumerate(idx.tolist()):
+        if s < 0:
+            ys.append(torch.zeros_like(x[i]))
+            continue
+        st = pool[s:s + 1].clone()
+        sl = lambda t: None if t is None else t[i:i + 1]  # noqa: E731
+        ys.append(K.selective_state_update_ref(st, sl(x), sl(dt), A, sl(B), sl(C), D, sl(z), dt_bias, True)[0])
+        pool[s] = st[0]
+    return torch.stack(ys), pool
+
+
+@pytest.mark.parametrize("heads", [False, True])
+@pytest.mark.parametrize("idx", [[5, -1, 0, 3], [-1, -1, 2, 6], [-1, -1, -1, -1], [0, 1, 2, 3]])
+def test_state_batch_indices_step_rows_on_their_slots(heads, idx):
+    """mamba_ssm's continuous batching: row i steps state[state_batch_indices[i]] of a pool; a negative index is a
+    padding row (y zeros, no state touched); slots no row names stay as they were."""
+    g = torch.Generator().manual_seed(55)
+    args = list(_mamba2_inputs(2, g, b=4))
+    if not heads:  # the channel layout: (batch, dim, N), B/C (batch, N)
+        b, H, P, N = args[0].shape
+        args = [args[0].reshape(b, H * P, N), *(t.reshape(b, H * P) for t in args[1:3]),
+                args[3].reshape(H * P, N), args[4][:, 0], args[5][:, 0], args[6].reshape(H * P),
+                args[7].reshape(b, H * P), args[8].reshape(H * P)]
+    _, x, dt, A, B, C, D, z, dt_bias = args
+    pool = torch.randn(7, *args[0].shape[1:], generator=g)
+    ind = torch.tensor(idx)
+    y_ref, pool_ref = _slots_truth(pool, ind, x, dt, A, B, C, D, z, dt_bias)
+    got = pool.clone()
+    y = K.selective_state_update(got, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True, state_batch_indices=ind)
+    assert_close(y, y_ref, family="scan")
+    assert_close(got, pool_ref, family="scan")
+    untouched = [s for s in range(7) if s not in idx]
+    assert torch.equal(got[untouched], pool[untouched])
+
+
+def test_state_batch_indices_bad_input_errors():
+    g = torch.Generator().manual_seed(56)
+    _, x, dt, A, B, C, D, z, dt_bias = _mamba2_inputs(1, g, b=3)
+    pool = torch.randn(5, *x.shape[1:], A.shape[-1], generator=g)
+
+    def run(ind):
+        return K.selective_state_update(pool.clone(), x, dt, A, B, C, D, z, dt_bias, state_batch_indices=ind)
+    for ind, err, msg in ((torch.tensor([0.0, 1.0, 2.0]), TypeError, "int32 or int64"),
+                          ([0, 1, 2], TypeError, "expected a tensor"),
+                          (torch.tensor([0, 1]), ValueError, r"shape \(batch,\) = \(3,\)"),
+                          (torch.tensor([0, 5, 1]), ValueError, "index 5 past the state pool of 5"),
+                          (torch.tensor([2, -1, 2]), ValueError, "more than once")):
+        with pytest.raises(err, match=f"^state_batch_indices: .*{msg}"):
+            run(ind)
+    assert run(torch.tensor([4, -1, 0], dtype=torch.int32)).shape == x.shape

@@ -18,7 +18,7 @@ import torch
 
 from .._autograd import first_order_only, refuse_transformed
 from .._native import cpu_module, current_stream, native_family_status, native_module, view
-from .._validate import check_flag
+from .._validate import check_flag, check_tensor
 from ..backends import (autograd_free, custom_op_must_dispatch, native_cuda_status, torch_func_active, triton_interpret,
                         triton_status)
 from ..reference.scan import (check_scan_args, check_state_update_args, selective_scan_ref,
@@ -702,18 +702,28 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
 def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                            B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor] = None,
                            z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
-                           dt_softplus: bool = False) -> torch.Tensor:
+                           dt_softplus: bool = False, state_batch_indices: Optional[torch.Tensor] = None
+                           ) -> torch.Tensor:
     """One decode step (mamba_ssm's signature): updates ``state`` (batch, dim, N) in place and returns y
     (batch, dim). B, C: (batch, N) or (batch, G, N). mamba_ssm's Mamba-2 head layout works too: state
     (batch, nheads, headdim, N), x/dt/z (batch, nheads, headdim), A (nheads, headdim, N), D/dt_bias
     (nheads, headdim), B/C (batch, ngroups, N) with ngroups dividing nheads, or (batch, N) for one group; y is then
-    (batch, nheads, headdim)."""
+    (batch, nheads, headdim).
+
+    ``state_batch_indices`` (batch,) int32/int64, as mamba_ssm's (continuous batching over a pool of states):
+    row i reads and updates ``state[state_batch_indices[i]]`` of a state (pool, ...) instead of ``state[i]``; a
+    negative index is a padding row: its y row is zeros and no state is touched. Each slot may appear once. On
+    the CPU the indices are checked (range, repeats: ValueError); on a GPU that check would wait for the device,
+    so an index past the pool fails in torch's indexing and a repeated slot keeps one row's update."""
     check_flag("dt_softplus", dt_softplus)
+    if state_batch_indices is not None:
+        return _step_on_slots(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
     if isinstance(state, torch.Tensor) and state.dim() == 4:
         return state_update_heads(selective_state_update, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     if _step_needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
         impl, fn = "reference (an input requires grad)", selective_state_update_ref  # the one with a backward
+        _warn_step_with_grad_once()
     elif torch_func_active():  # vmap: the kernels cannot read batched tensors ("Cannot access data pointer")
         impl, fn = "reference (under a torch.func transform)", selective_state_update_ref
     else:
@@ -721,6 +731,64 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     if not torch.compiler.is_compiling():
         logger.debug("selective_state_update: using %s for %s %s input", impl, x.device.type, x.dtype)
     return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _step_on_slots(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx) -> torch.Tensor:
+    """selective_state_update with state_batch_indices: the rows' slots gathered, stepped, scattered back. No
+    host sync (CUDA graphs, decode loops): padding rows read the first valid row's slot (the "anchor") and write
+    back that row's own new value, so the repeated writes there all agree."""
+    check_tensor("state", state)
+    if state.dim() not in (3, 4):
+        raise ValueError(f"state: expected (pool, dim, N) or (pool, nheads, headdim, N) with state_batch_indices, "
+                         f"got shape {tuple(state.shape)}")
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"state_batch_indices: expected a tensor, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"state_batch_indices: expected int32 or int64, got {idx.dtype}")
+    batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
+    if idx.dim() != 1 or idx.shape[0] != batch:
+        raise ValueError(f"state_batch_indices: expected shape (batch,) = ({batch},), got {tuple(idx.shape)}")
+    if idx.device != state.device:
+        raise ValueError(f"state_batch_indices: expected device {state.device} (state's), got {idx.device}")
+    pool = state.shape[0]
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling() and batch:
+        hi = int(idx.max())
+        if hi >= pool:
+            raise ValueError(f"state_batch_indices: index {hi} past the state pool of {pool} slots")
+        used = idx[idx >= 0]
+        if used.unique().numel() != used.numel():
+            raise ValueError("state_batch_indices: a slot appears more than once; each row needs its own state")
+    if batch == 0:
+        return selective_state_update(state[:0], x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if pool == 0:  # every row a padding row (checked on the CPU): zeros, with the step's checks of the rest
+        return selective_state_update(state.new_zeros(batch, *state.shape[1:]), x, dt, A, B, C, D, z, dt_bias,
+                                      dt_softplus).zero_()
+    valid = idx >= 0
+    first = valid.to(torch.int8).argmax()  # the first valid row (0 when none is)
+    anchor = idx[first].clamp_min(0)
+    rows = torch.where(valid, idx, anchor).long()
+    sub = state.index_select(0, rows)
+    before = state.index_select(0, anchor.view(1))[0]  # what the anchor slot holds, kept when no row is valid
+    y = selective_state_update(sub, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    shape = (-1,) + (1,) * (state.dim() - 1)
+    fill = torch.where(valid[first], sub[first], before)
+    state.index_copy_(0, rows, torch.where(valid.view(shape), sub, fill))
+    return torch.where(valid.view((-1,) + (1,) * (y.dim() - 1)), y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+_warned_step_with_grad = False
+
+
+def _warn_step_with_grad_once() -> None:
+    # mamba_ssm's step() passes D and dt_bias, nn.Parameters: outside no_grad every decode step would silently
+    # take the reference (~10x slower at dim 1536), where mamba_ssm's inference kernel runs without a gradient
+    global _warned_step_with_grad
+    if _warned_step_with_grad or torch.compiler.is_compiling():
+        return
+    _warned_step_with_grad = True
+    logger.warning("selective_state_update: an input requires grad (nn.Parameters such as D or dt_bias do, "
+                   "outside torch.no_grad()), so the differentiable reference runs, several times slower than the "
+                   "fused decode step; decode under torch.no_grad() or torch.inference_mode() for it (logged once)")
 
 
 # The dispatching entry points have validated their inputs already: what they choose runs the op without the

@@ -106,6 +106,14 @@ def check_state_update_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None)
     _check_same_device(state, "state", x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
 
 
+def _drop_head_axis(A, B, C, D, z, dt_bias) -> tuple:
+    """A (1, dim, N), B/C (batch, 1, N), D/dt_bias (1, dim), z (batch, 1, dim) -> the channel layout's; arguments
+    already in it (or not tensors: the step's checks name them) pass unchanged."""
+    def drop(t, nd, axis):
+        return t.squeeze(axis) if isinstance(t, torch.Tensor) and t.dim() == nd and t.shape[axis] == 1 else t
+    return drop(A, 3, 0), drop(B, 3, 1), drop(C, 3, 1), drop(D, 2, 0), drop(z, 3, 1), drop(dt_bias, 2, 0)
+
+
 def state_update_heads(step, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> torch.Tensor:
     """mamba_ssm's Mamba-2 decode layout (state (batch, nheads, headdim, N), x/dt/z (batch, nheads, headdim),
     A (nheads, headdim, N), D/dt_bias (nheads, headdim), B/C (batch, ngroups, N) or (batch, N) for one group) run
@@ -114,6 +122,10 @@ def state_update_heads(step, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) 
     the group of its head, so B/C pass unchanged. Returns y (batch, nheads, headdim); state is updated in place."""
     check_tensor("state", state)
     b, H, P, N = state.shape
+    if H == 1 and isinstance(x, torch.Tensor) and x.dim() == 2:
+        # one head and a channel-layout x: mamba_ssm adds the head axis per argument, so such a call mixes the
+        # layouts; y is then (batch, dim), as there
+        return step(state[:, 0], x, dt, *_drop_head_axis(A, B, C, D, z, dt_bias), dt_softplus)
     check_no_overlap("state", state)  # before the copy fallback below, which would write through the overlap
     for name, t, shape, what in (("x", x, (b, H, P), "(batch, nheads, headdim)"),
                                  ("dt", dt, (b, H, P), "(batch, nheads, headdim)"),
