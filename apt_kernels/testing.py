@@ -7,7 +7,7 @@ rounded to that dtype; long recurrences (the scan) and long softmax rows accumul
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -74,3 +74,31 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a - e| / (max |e| + tiny), a scale-free error figure used by `apt bench`'s correctness check."""
     a, e = actual.double(), expected.double()
     return float((a - e).abs().max() / (e.abs().max() + 1e-12)) if e.numel() else 0.0
+
+
+def _run_with_grads(fn: Callable[[dict], Any], inputs: dict, dtype: Optional[torch.dtype], grad_out: torch.Tensor,
+                    names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """fn(inputs, floating tensors cast to ``dtype`` (None: kept)) -> (output, grads of the tensors in names)."""
+    a = {k: (v.detach().to(dtype or v.dtype).requires_grad_(k in names)
+             if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
+    out = fn(a)
+    out = out[0] if isinstance(out, tuple) else out
+    grads = torch.autograd.grad(out, [a[n] for n in names], grad_out.to(out.dtype))
+    return out, dict(zip(names, grads))
+
+
+def assert_lowp_pipeline(kern_fn: Callable[[dict], Any], ref_fn: Callable[[dict], Any], inputs: dict,
+                         names: Sequence[str], gout_shape: Sequence[int], dtype: torch.dtype, seed: int = 1) -> None:
+    """The low-precision criterion for a whole call, output and the gradients of ``names``: ``kern_fn`` and
+    ``ref_fn`` on the (low-precision) inputs, the truth from ``ref_fn`` on them in float64, one rounded upstream
+    gradient for all three."""
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(tuple(gout_shape), generator=g).to(dtype)  # rounded: the truth sees the same upstream gradient
+    yt, gt = _run_with_grads(ref_fn, inputs, torch.float64, go, names)
+    yk, gk = _run_with_grads(kern_fn, inputs, None, go, names)
+    yr, gr = _run_with_grads(ref_fn, inputs, None, go, names)
+    assert yk.dtype == yr.dtype, f"output dtype {yk.dtype}, the reference's {yr.dtype}"
+    assert_lowp_accurate("out", yk, yr, yt)
+    for n in names:
+        assert gk[n].dtype == gr[n].dtype, f"d{n} dtype {gk[n].dtype}, the reference's {gr[n].dtype}"
+        assert_lowp_accurate(f"d{n}", gk[n], gr[n], gt[n])

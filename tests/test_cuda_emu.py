@@ -25,7 +25,9 @@ from apt_kernels.reference.scan import (check_empty_scan, check_scan_against_ref
                                         check_state_update_against_reference, check_wide_delta_next_to_half_u,
                                         random_scan_inputs, selective_scan_ref)
 from apt_kernels.reference.tva import check_tva_against_reference, random_tva_inputs
-from apt_kernels.reference.tva import register_fused_tva_op
+from apt_kernels.reference.tva import (check_gqa_saves_kv_unrepeated, check_grads_ignore_the_perturbation,
+                                       dominant_perturbation_inputs,
+                                       register_fused_tva_op)
 from apt_kernels.testing import assert_close
 
 _spec = importlib.util.spec_from_file_location("apt_cuda_emu_build",
@@ -81,16 +83,16 @@ def _emu_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Ten
 
 def _emu_tva_fwd_impl(q: Tensor, k: Tensor, v: Tensor, delta: Optional[Tensor], gate: Optional[Tensor],
                       coef: Tensor, causal: bool, window: int, sinks: int, key_padding_mask: Optional[Tensor],
-                      scale: float) -> tuple[Tensor, Tensor]:
+                      scale: float, save_attn: bool) -> tuple[Tensor, Tensor, Tensor]:
     return tva_ops._native_forward(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale,
-                                   cuda=True)
+                                   save_attn, cuda=True)
 
 
-def _emu_tva_bwd_impl(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+def _emu_tva_bwd_impl(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, lse: Tensor,
                       delta: Optional[Tensor], gate: Optional[Tensor], coef: Tensor, causal: bool, window: int,
                       sinks: int, key_padding_mask: Optional[Tensor], scale: float
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tva_ops._native_backward(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks,
+    return tva_ops._native_backward(grad_o, q, k, v, attn, lse, delta, gate, coef, causal, window, sinks,
                                     key_padding_mask, scale, cuda=True)
 
 
@@ -431,6 +433,19 @@ def test_tva_matches_reference(emulated, dtype, D, causal, window, sinks, pad, e
     inp = random_tva_inputs(B=1, H=2, Tq=100, Tk=100 + extra, D=D, dtype=dtype, pad=pad, coef_tensor=True,
                             requires_grad=True, seed=D + extra)
     check_tva_against_reference(_tva, inp, dtype, causal=causal, window=window, sinks=sinks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tva_gqa_training_saves_kv_unrepeated(emulated, dtype):
+    check_gqa_saves_kv_unrepeated(tva_ops.tva_attention_cuda, 2, dtype, 32, causal=True, window=9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # fp32: the FMA kernels
+def test_tva_grads_ignore_a_dominant_perturbation(emulated, dtype):
+    """A perturbation ~40x the attention part leaves dq, dk, dv bit for bit as without it: Di comes from the
+    attention part the forward saved (tensor-core and FMA epilogues, the backward's preprocess)."""
+    inp = dominant_perturbation_inputs(B=1, H=2, Tq=70, D=32, pad=True, dtype=dtype)
+    check_grads_ignore_the_perturbation(tva_ops.tva_attention_cuda, inp, window=33, sinks=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

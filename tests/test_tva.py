@@ -349,6 +349,20 @@ def test_gqa_decode_folds_heads_without_copying_kv(impl, Tq, causal, pad, monkey
         torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("impl", ["cpu_native", "auto"])
+@pytest.mark.parametrize("Hkv", [1, 2])
+def test_gqa_training_saves_kv_unrepeated(impl, Hkv):
+    """The fused ops repeat grouped-query k/v for their kernels only: autograd keeps them as given (Hkv heads), the
+    backward sums dk/dv over each group (was: a repeated copy of K and V saved per layer, G times the memory)."""
+    import apt_kernels.ops.tva as tva_ops
+    from apt_kernels.reference.tva import check_gqa_saves_kv_unrepeated
+
+    if not tva_ops.impl_status("cpu_native")[0]:
+        pytest.skip(tva_ops.impl_status("cpu_native")[1])
+    for kw in (dict(causal=True), dict(causal=True, window=5, sinks=1), dict(causal=False)):
+        check_gqa_saves_kv_unrepeated(lambda *a, **k: tva_ops.tva_attention(*a, **k, impl=impl), Hkv, **kw)
+
+
 @pytest.mark.parametrize("flag", [0, 1, 1.0, torch.tensor(True)])
 def test_gqa_decode_still_checks_the_causal_flag(flag):
     from apt_kernels.ops.tva import tva_attention

@@ -338,7 +338,7 @@ def test_cpu_dispatch_opcheck_and_native_checks():
     assert_close(tva_attention(**inp), tva_attention_ref(**inp), family="attention")
     inp = random_tva_inputs(B=1, H=1, Tq=5, D=8, pad=True, coef_tensor=True, requires_grad=True)
     args = (inp["q"], inp["k"], inp["v"], inp["delta"], inp["gate"], inp["coef"], True, 3, 1,
-            inp["key_padding_mask"], 0.3)
+            inp["key_padding_mask"], 0.3, True)
     torch.library.opcheck(_native_fwd_op, args)
     C = native_module()
     q = torch.randn(1, 2, 4, 8)

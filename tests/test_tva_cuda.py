@@ -128,11 +128,12 @@ def test_native_fake_outputs_match_real_strides():
 
     inp = _transposed_inputs(1, 2, 9, 8, torch.float32, "cpu")
     args = (inp["q"], inp["k"], inp["v"], inp["delta"], inp["gate"], inp["coef"], True, 3, 1,
-            inp["key_padding_mask"], 0.3)
+            inp["key_padding_mask"], 0.3, True)
     torch.library.opcheck(_native_fwd_op, args)
-    o, lse = _native_fwd_op(*args)
-    det = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    bargs = (torch.randn_like(o), *det[:3], o.detach(), lse.detach(), *det[3:])
+    o, lse, attn = _native_fwd_op(*args)
+    assert attn.shape == o.shape and attn.is_contiguous()  # saved for the backward (training with delta)
+    det = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1]]
+    bargs = (torch.randn_like(o), *det[:3], attn.detach(), lse.detach(), *det[3:])
     torch.library.opcheck(_native_bwd_op, bargs, test_utils=("test_schema", "test_faketensor"))
 
 

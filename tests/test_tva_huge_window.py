@@ -35,6 +35,6 @@ def test_the_native_kernel_itself_takes_a_window_past_the_keys_as_none(causal, w
 
     inp = random_tva_inputs(B=1, H=2, Tq=5, Tk=7, D=16, pad=False)
     full = tva_attention_ref(**inp, causal=causal)
-    o, _ = _native_forward(inp["q"], inp["k"], inp["v"], inp["delta"], inp["gate"], torch.tensor(inp["coef"]),
+    o, _, _ = _native_forward(inp["q"], inp["k"], inp["v"], inp["delta"], inp["gate"], torch.tensor(inp["coef"]),
                            causal, window, 0, None, 16 ** -0.5, cuda=False)
     assert_close(o, full, dtype=torch.float32, family="attention", msg=f"window={window}")

@@ -11,8 +11,10 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from apt_kernels import backends  # noqa: E402
-from apt_kernels.reference.tva import check_tva_against_reference, random_tva_inputs, tva_attention_ref  # noqa: E402,E501
-from apt_kernels.testing import assert_close  # noqa: E402
+from apt_kernels.reference.tva import (  # noqa: E402
+    check_gqa_saves_kv_unrepeated, check_grads_ignore_the_perturbation, check_tva_against_reference,
+    dominant_perturbation_inputs, random_tva_inputs, tva_attention_ref)
+from apt_kernels.testing import assert_close, assert_lowp_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.triton
 if not backends.triton_status()[0]:
@@ -48,6 +50,22 @@ def test_triton_low_precision(dtype):
     _compare(inp, dtype=dtype, window=6, sinks=1)
     inp = random_tva_inputs(B=1, H=2, Tq=64, D=32, dtype=dtype, coef_tensor=True, requires_grad=True)
     _compare(inp, dtype=dtype)  # with full (unmasked) blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_lowp_dominant_perturbation(dtype):
+    """The perturbation ~40x the attention part: the backward's Di comes from the attention part the forward
+    saved, as accurate as the reference's (from o - coef·gate·delta it kept only o's digits)."""
+    inp = dominant_perturbation_inputs(B=1, H=2, Tq=37, D=32, pad=True, dtype=dtype)
+    assert_lowp_pipeline(lambda a: tva_attention_triton(**a, window=9, sinks=1),
+                         lambda a: tva_attention_ref(**a, window=9, sinks=1), inp,
+                         ["q", "k", "v", "delta", "gate", "coef"], (1, 2, 37, 32), dtype)
+    check_grads_ignore_the_perturbation(tva_attention_triton, inp, window=9, sinks=1)
+
+
+@pytest.mark.parametrize("Hkv", [1, 2])
+def test_triton_gqa_training_saves_kv_unrepeated(Hkv):
+    check_gqa_saves_kv_unrepeated(tva_attention_triton, Hkv, window=6, sinks=1)
 
 
 def test_triton_no_delta_and_float_coef_and_scale():
@@ -105,7 +123,7 @@ def test_triton_opcheck():
 
     inp = random_tva_inputs(B=1, H=1, Tq=5, D=16, pad=True, coef_tensor=True, requires_grad=True)
     args = (inp["q"], inp["k"], inp["v"], inp["delta"], inp["gate"], inp["coef"], True, 3, 1,
-            inp["key_padding_mask"], 0.25)
+            inp["key_padding_mask"], 0.25, True)
     torch.library.opcheck(_tva_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
 
 

@@ -19,7 +19,8 @@ import torch
 from .. import backends
 from .._native import cpu_module, current_stream, native_module, view
 from .._validate import check_flag
-from ..reference.tva import (Coef, TVAArgs, check_tva_inputs, kv_groups, register_fused_tva_op, repeat_kv,
+from ..reference.tva import (Coef, TVAArgs, check_tva_inputs, fold_kv_grads, kv_groups, kv_head_views,
+                             register_fused_tva_op, repeat_kv,
                              tva_attention_ref)
 
 logger = logging.getLogger(__name__)
@@ -119,8 +120,9 @@ def _impl_fn(impl: str) -> Callable[..., torch.Tensor]:
 # ---- native (C++ CPU / CUDA) implementation as a custom op ---------------------------------------------------
 def _native_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor],
                      gate: Optional[torch.Tensor], coef: torch.Tensor, causal: bool, window: int, sinks: int,
-                     key_padding_mask: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _native_forward(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale,
+                     key_padding_mask: Optional[torch.Tensor], scale: float, save_attn: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _native_forward(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, save_attn,
                            cuda=q.device.type != "cpu")
 
 
@@ -129,37 +131,45 @@ _native_fwd_op = torch.library.custom_op("apt::tva_attention_native", mutates_ar
 
 # The ops' bodies, with the kernel family chosen by `cuda`, not by the device: tests/test_cuda_emu.py runs the
 # CUDA branch on CPU tensors against the emulated kernels.
-def _native_forward(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, *, cuda: bool):
+def _native_forward(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, save_attn=False, *,
+                    cuda: bool):
     B, H, Tq, _ = q.shape
+    k, v = repeat_kv(q, k, v)  # grouped-query k/v: the kernels read one k/v head per query head
     # contiguous, as the fakes; empty_like: torch.empty(q.shape, dtype=, device=) cost 2.4 µs a call, this 1.0
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    save_attn = save_attn and delta is not None  # without delta the attention part is o itself
+    attn = torch.empty_like(o) if save_attn else q.new_empty(0)
     C = native_module() if cuda else cpu_module()
     if not cuda:
         C.tva_forward_cpu(view(q), view(k), view(v), view(delta), view(gate), float(coef), causal, window, sinks,
-                          view(key_padding_mask), scale, view(o), view(lse))
+                          view(key_padding_mask), scale, view(o), view(lse), view(attn) if save_attn else None)
     else:
         C.tva_forward_cuda(view(q), view(k), view(v), view(delta), view(gate), view(coef), causal, window, sinks,
-                           view(key_padding_mask), scale, view(o), view(lse), current_stream(q.device))
-    return o, lse
+                           view(key_padding_mask), scale, view(o), view(lse), view(attn) if save_attn else None,
+                           current_stream(q.device))
+    return o, lse, attn
 
 
-def _native_bwd_impl(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+def _native_bwd_impl(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: torch.Tensor,
                      lse: torch.Tensor, delta: Optional[torch.Tensor], gate: Optional[torch.Tensor],
                      coef: torch.Tensor, causal: bool, window: int, sinks: int,
                      key_padding_mask: Optional[torch.Tensor], scale: float
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv, ddelta (empty without delta), rowdot = Σ_d delta·dO (B, H, Tq) fp32 (empty without delta)."""
-    return _native_backward(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask,
+    """dq, dk, dv, ddelta (empty without delta), rowdot = Σ_d delta·dO (B, H, Tq) fp32 (empty without delta);
+    attn: the attention part of the output (the forward's attn; o without delta)."""
+    return _native_backward(grad_o, q, k, v, attn, lse, delta, gate, coef, causal, window, sinks, key_padding_mask,
                             scale, cuda=q.device.type != "cpu")
 
 
 _native_bwd_op = torch.library.custom_op("apt::tva_attention_native_backward", mutates_args=())(_native_bwd_impl)
 
 
-def _native_backward(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, *,
+def _native_backward(grad_o, q, k, v, attn, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, *,
                      cuda: bool):
-    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fakes
+    k_given = k
+    k, v = repeat_kv(q, k, v)  # grouped-query k/v: repeated for the kernels, dk/dv folded back below
+    dq, dk, dv = q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)  # contiguous, as the fakes
     if delta is not None:
         ddelta = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         rowdot = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
@@ -167,7 +177,7 @@ def _native_backward(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window,
         ddelta, rowdot = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
     has = delta is not None
     C = native_module() if cuda else cpu_module()
-    args = (view(grad_o), view(q), view(k), view(v), view(o), view(lse), view(delta), view(gate))
+    args = (view(grad_o), view(q), view(k), view(v), view(attn), view(lse), view(delta), view(gate))
     tail = (causal, window, sinks, view(key_padding_mask), scale, view(dq), view(dk), view(dv),
             view(ddelta) if has else None, view(rowdot) if has else None)
     if not cuda:
@@ -175,7 +185,7 @@ def _native_backward(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window,
     else:
         di = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # kernel scratch, torch's allocator
         C.tva_backward_cuda(*args, view(coef), *tail, view(di), current_stream(q.device))
-    return dq, dk, dv, ddelta, rowdot
+    return (dq, *fold_kv_grads(dk, dv, k_given), ddelta, rowdot)
 
 
 _native_run = register_fused_tva_op(_native_fwd_op, _native_bwd_op, _native_fwd_impl, _native_bwd_impl)
@@ -211,8 +221,9 @@ def _run_native(impl: str, q, k, v, delta, gate, coef, causal, window, sinks, ke
     if a is None:
         check_flag("return_lse", return_lse)
         device = torch.device(device_type)
-        k, v = repeat_kv(q, k, v)
-        a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+        # grouped-query k/v go to the op unrepeated (it repeats them for the kernels, and autograd saves them so)
+        a = check_tva_inputs(q, *kv_head_views(q, k, v), delta, gate, coef, causal, window, sinks, key_padding_mask,
+                             softmax_scale)
         ok, why = impl_status(impl, q.device if q.device.type == device.type else device, a.D, q.dtype)
         if not ok:
             raise _unusable(impl, why, q.dtype)
@@ -299,7 +310,8 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     (read through its strides, no copy). k/v may have fewer heads than q, dividing H (GQA / MQA: query head h
     reads k/v head h // (H / Hkv)): a decode step (one query, no window) or a call without causal mask or window
     runs each group's query heads as rows of one head, reading K/V once per group; otherwise one k/v head is
-    expanded without a copy and more are repeated before the kernels. ``window=W`` keeps
+    expanded without a copy and more are repeated for the kernels, transiently: autograd keeps k and v as given
+    (the backward repeats them again and sums dk/dv over each group). ``window=W`` keeps
     keys ``i - W < j <= i``: flash-attn's ``window_size=(left, 0)`` is ``window=left + 1``.
 
     q (B, H, Tq, D); k, v (B, H, Tk, D) with Tq <= Tk (queries are the last Tq positions); delta (B, H, Tq, D);
@@ -313,11 +325,9 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     ``softmax_lse``, e.g. to merge attention computed over separate key ranges; it carries no gradient (detached).
 
     Precision: the fused backwards (CPU, CUDA, Triton) take FlashAttention's row term ``Σ dO·(attention output)``
-    from the saved output minus the perturbation, so in fp16/bf16 the rounding of ``o`` -- attention plus
-    ``coef·gate·delta`` -- enters dq and dk: within flash-attn's error while the perturbation is small next to the
-    attention output (an APT layer's coef is alpha·tanh(tau), at most alpha = 0.1), growing with it beyond that
-    (bf16, coef 10 with gate 1 and unit-normal delta: dq/dk errors ~20x those at coef 0). dv, ddelta and dgate are
-    unaffected.
+    from the attention part of the output, which their forward saves (in the inputs' dtype, as flash-attn saves
+    its output) when training with delta, so a perturbation ``coef·gate·delta`` much larger than the attention
+    costs dq and dk no precision (tests/test_lowp_accuracy.py).
     """
     check_flag("return_lse", return_lse)
     folded = _gqa_fold(q, k, v, delta, gate, causal, window)
@@ -329,8 +339,10 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
         B, Hkv, _, D = o.shape
         o = o.view(B, Hkv, G, q.shape[2], D).reshape(q.shape)
         return (o, out[1].view(B, Hkv, G, q.shape[2]).reshape(q.shape[:3])) if return_lse else o
-    k, v = repeat_kv(q, k, v)
-    a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+    # grouped-query k/v are checked as views, passed on unrepeated: the fused ops repeat them for their kernels
+    # but save them as given (G times less memory for K/V in training), the reference repeats them itself
+    a = check_tva_inputs(q, *kv_head_views(q, k, v), delta, gate, coef, causal, window, sinks, key_padding_mask,
+                         softmax_scale)
     chosen = resolve_impl(impl, q.device, q.shape[-1], q.dtype)
     if impl == "auto" and chosen == "cpu_native" and a.Tq < _CPU_BWD_MIN_TQ \
             and (q.dtype == torch.float32 or a.B * a.H * a.Tk * a.D <= _CPU_BWD_LOWP_MAX_KV) \

@@ -71,6 +71,19 @@ def repeat_kv(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
     return k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
 
 
+def fold_kv_grads(dk: torch.Tensor, dv: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dk, dv computed per query head (B, H, Tk, D) summed over each group onto k's (B, Hkv, Tk, D), in fp32 (fp64
+    for fp64); as given when they already have k's shape. The fused ops' backward for grouped-query k/v."""
+    if dk.shape == k.shape:
+        return dk, dv
+    B, Hkv, Tk, D = k.shape
+    acc = torch.promote_types(dk.dtype, torch.float32)
+
+    def fold(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(B, Hkv, t.shape[1] // Hkv, Tk, D).sum(2, dtype=acc).to(t.dtype)
+    return fold(dk), fold(dv)
+
+
 def kv_head_views(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
     """k, v seen with q's head count for validation only, without copying: for grouped-query attention
     (:func:`kv_groups` > 1) a stride-0 expansion of their first head (same dtype, device, B, Tk, D), else as given.
@@ -263,6 +276,59 @@ def random_tva_inputs(B: int = 2, H: int = 2, Tq: int = 5, D: int = 16, Tk: Opti
     return inputs
 
 
+def dominant_perturbation_inputs(scale: float = 64.0, **kw: Any) -> dict:
+    """random_tva_inputs (coef a tensor) with delta scaled by ``scale``: the perturbation coef·gate·delta then
+    outweighs the attention part ~40x, where a fused backward that recovers the attention part from o loses it."""
+    inp = random_tva_inputs(coef_tensor=True, **kw)
+    inp["delta"] = (inp["delta"].float() * scale).to(inp["delta"].dtype)
+    return inp
+
+
+def check_grads_ignore_the_perturbation(fn, inp: dict, msg: str = "", **kw: Any) -> None:
+    """dq, dk, dv do not depend on delta, gate or coef (o = attention + coef·gate·delta): a fused kernel must give
+    the same ones, bit for bit, with the perturbation (however large) as without it, for one upstream gradient.
+    Its backward's Di = Σ dO·A must come from the attention part A, not from o minus the perturbation."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (inp[n].detach().requires_grad_() for n in ("q", "k", "v"))
+    go = torch.randn(q.shape, generator=g).to(q.dtype)
+    extra = {n: inp[n] for n in ("key_padding_mask",) if inp.get(n) is not None}
+    o = fn(q, k, v, delta=inp["delta"].detach(), gate=inp["gate"].detach(), coef=inp["coef"], **extra, **kw)
+    with_pert = torch.autograd.grad(o, (q, k, v), go)
+    without = torch.autograd.grad(fn(q, k, v, **extra, **kw), (q, k, v), go)
+    for n, a, b in zip("qkv", with_pert, without):
+        assert torch.equal(a, b), f"{msg} d{n}: differs with the perturbation by {float((a - b).abs().max()):.3e}"
+
+
+def check_gqa_saves_kv_unrepeated(fn, Hkv: int, dtype: torch.dtype = torch.float32, head_dim: int = 16,
+                                  **kw: Any) -> None:
+    """A grouped-query training call through ``fn`` must leave autograd holding k/v with their Hkv heads (never
+    a (B, H, Tk, D) copy: G times the memory), and give the reference's gradients."""
+    from ..testing import assert_close
+
+    g = torch.Generator().manual_seed(Hkv)
+    # Tq != Tk: a saved (B, H, Tk, D) tensor can only be repeated K or V; Tq >= 32: "auto" on the CPU takes the
+    # reference for a training call with fewer queries
+    B, H, Tq, Tk, D = 2, 4, 37, 45, head_dim
+    q, delta = (torch.randn(B, H, Tq, D, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    k, v = (torch.randn(B, Hkv, Tk, D, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    gate = torch.rand(B, Tq, H, generator=g).to(dtype).requires_grad_()
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        o = fn(q, k, v, delta, gate, 0.3, **kw)
+    assert (B, H, Tk, D) not in shapes, f"autograd saved a repeated K/V: {shapes}"
+    assert (B, Hkv, Tk, D) in shapes, shapes
+    go = torch.randn(o.shape, generator=g).to(dtype)
+    want = tva_attention_ref(q, k, v, delta, gate, 0.3, **kw)
+    for n, a, b in zip(("q", "k", "v", "delta", "gate"), torch.autograd.grad(o, (q, k, v, delta, gate), go),
+                       torch.autograd.grad(want, (q, k, v, delta, gate), go)):
+        assert a.shape == b.shape, f"d{n}: shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+        assert_close(a, b, dtype=dtype, family="attention", grad=True, msg=f"d{n}")
+
+
 def check_tva_against_reference(fn, inp: dict, dtype: torch.dtype = torch.float32, msg: str = "",
                                 go_layout: str = "dense", **kw) -> None:
     """Test helper: ``fn(**inp, **kw)`` vs :func:`tva_attention_ref` on fp32 copies of the same inputs. Checks the
@@ -308,10 +374,17 @@ def perturbation_grads(rowdot: torch.Tensor, gate: Optional[torch.Tensor], coef:
 def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Callable[..., Any],
                           bwd_impl: Callable[..., Any]) -> Callable[..., torch.Tensor]:
     """The fake implementations and the autograd formula shared by the fused TVA custom ops (native C++/CUDA,
-    Triton): ``fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) -> (o, lse)``,
-    ``bwd_op(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale) ->
-    (dq, dk, dv, ddelta, rowdot)`` (ddelta and rowdot empty without delta). The real ops allocate every output
-    contiguous, so the fakes do too (``empty_like`` would copy a transposed q's strides).
+    Triton; k and v may have fewer heads, :func:`kv_groups`: the ops repeat them for their kernels and fold dk and
+    dv back, :func:`fold_kv_grads`, so autograd saves them unrepeated, G times less memory for K and V under
+    grouped-query attention): ``fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale,
+    save_attn) ->
+    (o, lse, attn)``, ``bwd_op(grad_o, q, k, v, attn, lse, delta, gate, coef, causal, window, sinks,
+    key_padding_mask, scale) -> (dq, dk, dv, ddelta, rowdot)`` (ddelta and rowdot empty without delta). attn is
+    the attention part of o, before the perturbation, written with ``save_attn`` and delta (empty otherwise; o
+    itself without delta): the backward's Di = Σ dO·attn. Recovering it as o - coef·gate·delta in fp16/bf16 kept
+    only o's digits: where the perturbation outweighed the attention, dq and dk lost precision with the ratio
+    (bf16, perturbation ~50x: 10% error, the reference 0.4%). The real ops allocate every output contiguous, so
+    the fakes do too (``empty_like`` would copy a transposed q's strides).
 
     Returns ``run(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, with_lse=False) -> o``
     (``(o, lse)``, lse detached, with ``with_lse``): the custom op
@@ -321,36 +394,41 @@ def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Callable[..., Any],
     on a GPU the device waits on it."""
 
     @fwd_op.register_fake
-    def _fwd_fake(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
-        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    def _fwd_fake(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, save_attn):
+        attn = q.new_empty(q.shape) if save_attn and delta is not None else q.new_empty(0)
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), attn
 
     @bwd_op.register_fake
-    def _bwd_fake(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
+    def _bwd_fake(grad_o, q, k, v, attn, lse, delta, gate, coef, causal, window, sinks, key_padding_mask, scale):
         has = delta is not None
         dd = q.new_empty(q.shape) if has else q.new_empty(0)
         rd = q.new_empty(q.shape[:3], dtype=torch.float32) if has else q.new_empty(0, dtype=torch.float32)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dd, rd
 
     def grads(bwd, saved, args, grad_o):
-        q, k, v, o, lse, delta, gate, coef, kpm = saved
-        causal, window, sinks, scale = args
+        q, k, v, attn, lse, delta, gate, coef, kpm = saved
+        causal, window, sinks, scale, attn_is_o = args
+        if attn_is_o and delta is not None:
+            # a forward that did not save the attention part (it saw no gradient coming): the old, lossy way
+            attn = (attn.to(torch.float32) - perturbation(delta, gate, coef, torch.float32)).to(attn.dtype)
         # every kernel reads dO through its strides: no copy of an expanded (stride-0) or transposed gradient
-        dq, dk, dv, ddelta, rowdot = bwd(grad_o, q, k, v, o, lse, delta, gate, coef, causal, window, sinks, kpm,
+        dq, dk, dv, ddelta, rowdot = bwd(grad_o, q, k, v, attn, lse, delta, gate, coef, causal, window, sinks, kpm,
                                          scale)
         dgate = dcoef = None
         if delta is None:
             ddelta = None
         else:
             dgate, dcoef = perturbation_grads(rowdot, gate, coef)
-        return dq, dk, dv, ddelta, dgate, dcoef, None, None, None, None, None
+        return dq, dk, dv, ddelta, dgate, dcoef, None, None, None, None, None, None
 
     def setup_context(ctx, inputs, output) -> None:
-        q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale = inputs
-        o, lse = output
-        ctx.save_for_backward(q, k, v, o, lse, delta, gate, coef, kpm)
-        ctx.args = (causal, window, sinks, scale)
+        q, k, v, delta, gate, coef, causal, window, sinks, kpm, scale, _save_attn = inputs
+        o, lse, attn = output
+        attn_is_o = attn.shape != o.shape  # no delta (attn is o), or not saved (an empty placeholder)
+        ctx.save_for_backward(q, k, v, o if attn_is_o else attn, lse, delta, gate, coef, kpm)
+        ctx.args = (causal, window, sinks, scale, attn_is_o)
 
-    def backward(ctx, grad_o, grad_lse):
+    def backward(ctx, grad_o, grad_lse, grad_attn):
         return grads(bwd_op, ctx.saved_tensors, ctx.args, grad_o)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
@@ -363,23 +441,26 @@ def register_fused_tva_op(fwd_op, bwd_op, fwd_impl: Callable[..., Any],
         @staticmethod
         def setup_context(ctx, inputs, output) -> None:  # separate from forward: torch.func transforms need it
             setup_context(ctx, inputs, output)
-            ctx.mark_non_differentiable(output[1])
+            ctx.mark_non_differentiable(output[1], output[2])
 
         @staticmethod
         @first_order_only("tva_attention")  # the kernels' backward has no backward of its own
-        def backward(ctx, grad_o, _grad_lse):
+        def backward(ctx, grad_o, _grad_lse, _grad_attn):
             return grads(bwd_impl, ctx.saved_tensors, ctx.args, grad_o)
 
     def run(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, with_lse: bool = False):
         if custom_op_must_dispatch():
-            out = fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)
+            save = delta is not None and torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (q, k, v, delta, gate, coef))
+            out = fwd_op(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, save)
         elif autograd_free(q, k, v, delta, gate, coef):
             # nothing to differentiate (decode, evaluation): the body alone, without the Function's bookkeeping;
             # not under a torch.func transform (vmap) or a forward-AD level (see backends.autograd_free)
-            out = fwd_impl(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)
+            out = fwd_impl(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale, False)
         else:
             refuse_transformed("tva_attention", q, k, v, delta, gate, coef, key_padding_mask)
-            out = TVAAttentionFused.apply(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale)
+            out = TVAAttentionFused.apply(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, scale,
+                                          delta is not None)
         # the lse carries no gradient (the backward takes none for it, as flash-attn's): detached, not ignored
         return (out[0], out[1].detach()) if with_lse else out[0]
 

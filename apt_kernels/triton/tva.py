@@ -1,6 +1,7 @@
 """Fused TVA attention in Triton: FlashAttention-2-style forward (online softmax over key blocks in base 2, masks
 with block skipping, perturbation ``coef·gate·delta`` in the epilogue, saved log-sum-exp) and backward (dK/dV and dQ
-kernels recomputing P blockwise from the LSE; a preprocess kernel for rowsum(dO·A), dDelta and Σ_d delta·dO).
+kernels recomputing P blockwise from the LSE; a preprocess kernel for rowsum(dO·A), dDelta and Σ_d delta·dO, with
+A the attention part that the forward also writes when training with delta).
 Layout: q, delta (B, H, Tq, D), k, v (B, H, Tk, D), any strides; gate (B, Tq, H); Tq <= Tk (queries are the last
 Tq positions). Limits: head dim <= 128 (padded to a power of two >= 16 internally); fp32/fp16/bf16.
 
@@ -36,7 +37,8 @@ import triton.language as tl
 
 from .._validate import check_flag
 from ..backends import fix_triton_interpreter_bf16_dot
-from ..reference.tva import Coef, check_tva_inputs, register_fused_tva_op, repeat_kv, tva_attention_ref
+from ..reference.tva import (Coef, check_tva_inputs, fold_kv_grads, kv_head_views, register_fused_tva_op, repeat_kv,
+                             tva_attention_ref)
 
 fix_triton_interpreter_bf16_dot()  # a no-op on GPUs; makes bfloat16 tl.dot right under TRITON_INTERPRET=1
 
@@ -176,13 +178,13 @@ def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, skt, svt, pos, offs_n, d_ok, i
 
 @triton.jit
 def _tva_fwd_kernel(
-    Q, K, V, DELTA, GATE, COEF, PAD, O, LSE,
+    Q, K, V, DELTA, GATE, COEF, PAD, O, LSE, ATTN,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
     sdb, sdh, sdt, sdd, sgb, sgt, sgh, spb, spt, sob, soh, sot, sod,
     H, Tq, Tk, D, W, SINKS, qk_scale,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DELTA: tl.constexpr,
-    HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr, SAVE_ATTN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
 ):
     # 1-D grid, query block fastest: B*H*n_m programs (up to 2^31-1; axes 1-2 would stop at 65535); 64-bit bh,
     # since bh * T * D and b * stride overflow int32 past 2^31 elements
@@ -220,6 +222,9 @@ def _tva_fwd_kernel(
                                 BLOCK_N, PREC)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if SAVE_ATTN:  # the attention part for the backward's Di (contiguous, as o): o - perturbation lost its digits
+        tl.store(ATTN + bh * Tq * D + _off2(offs_m, offs_d, D, 1), out.to(ATTN.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
     if HAS_DELTA:
         dl = _load_tile(DELTA + nb * sdb + h * sdh + _off2(offs_m, offs_d, sdt, sdd), m_ok, d_ok,
                         True, EVEN_D).to(tl.float32)
@@ -238,12 +243,12 @@ def _tva_fwd_kernel(
 
 @triton.jit
 def _tva_bwd_pre_kernel(
-    O, DO, DELTA, GATE, COEF, DI, DDELTA, ROWDOT,
-    sob, soh, sot, sod, sgb_, sgh_, sgt_, sgd_, sdb, sdh, sdt, sdd, sgb, sgt, sgh,
+    ATTN, DO, DELTA, GATE, COEF, DI, DDELTA, ROWDOT,
+    sab, sah, sat, sad, sgb_, sgh_, sgt_, sgd_, sdb, sdh, sdt, sdd, sgb, sgt, sgh,
     H, Tq, D,
     HAS_DELTA: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Di = Σ_d dO·A with A = o - coef·gate·delta; dDelta = coef·gate·dO; rowdot = Σ_d delta·dO."""
+    """Di = Σ_d dO·A (A: the attention part the forward saved); dDelta = coef·gate·dO; rowdot = Σ_d delta·dO."""
     # 1-D grid, query block fastest, as the forward (axes 1-2 stop at 65535 programs: Tq > 65535 * BLOCK_M failed
     # to launch); 64-bit bh, since bh * T * D and b * stride overflow int32 past 2^31 elements
     n_m = tl.cdiv(Tq, BLOCK_M)
@@ -255,10 +260,9 @@ def _tva_bwd_pre_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b * sob + h * soh + _off2(offs_m, offs_d, sot, sod), mask=mask, other=0.0)
+    a = tl.load(ATTN + b * sab + h * sah + _off2(offs_m, offs_d, sat, sad), mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b * sgb_ + h * sgh_ + _off2(offs_m, offs_d, sgt_, sgd_), mask=mask,
                  other=0.0).to(tl.float32)
-    a = o.to(tl.float32)
     if HAS_DELTA:
         dl = tl.load(DELTA + b * sdb + h * sdh + _off2(offs_m, offs_d, sdt, sdd), mask=mask,
                      other=0.0).to(tl.float32)
@@ -268,7 +272,6 @@ def _tva_bwd_pre_kernel(
             g = tl.load(GATE + b * sgb + offs_m.to(tl.int64) * sgt + h * sgh, mask=offs_m < Tq,
                         other=0.0).to(tl.float32)
             cg = cg * g
-        a = a - cg[:, None] * dl
         offs_out = bh * Tq * D + _off2(offs_m, offs_d, D, 1)
         tl.store(DDELTA + offs_out, (cg[:, None] * do).to(DDELTA.dtype.element_ty), mask=mask)
         tl.store(ROWDOT + bh * Tq + offs_m, tl.sum(dl * do, 1), mask=offs_m < Tq)
@@ -600,11 +603,15 @@ def _block_d(D: int) -> int:
 
 def _tva_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Optional[torch.Tensor],
                   gate: Optional[torch.Tensor], coef: torch.Tensor, causal: bool, window: int, sinks: int,
-                  key_padding_mask: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  key_padding_mask: Optional[torch.Tensor], scale: float, save_attn: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    k, v = repeat_kv(q, k, v)  # grouped-query k/v: the kernels read one k/v head per query head
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    save_attn = save_attn and delta is not None  # without delta the attention part is o itself
+    attn = torch.empty(q.shape, dtype=q.dtype, device=q.device) if save_attn else q.new_empty(0)
     pad, spb = _pad_arg(key_padding_mask, q)
     cfg = kernel_configs(q.device, q.dtype, D)["fwd"]
     block_d = _block_d(D)
@@ -612,24 +619,29 @@ def _tva_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     grid = (B * H * triton.cdiv(Tq, cfg.block_m),)
     _tva_fwd_kernel[grid](
         q, k, v, delta if delta is not None else dummy, gate if gate is not None else dummy, coef, pad, o, lse,
+        attn if save_attn else o,
         *q.stride(), *k.stride(), *v.stride(), *_s4(delta),
         *(gate.stride() if gate is not None else (0, 0, 0)), spb, 1, *o.stride(),
         H, Tq, Tk, D, max(window, 1), sinks, scale * math.log2(math.e),
         CAUSAL=causal, HAS_WINDOW=window > 0, HAS_PAD=key_padding_mask is not None,
-        HAS_DELTA=delta is not None, HAS_GATE=gate is not None, **_launch_args(cfg, block_d, D, q.dtype))
-    return o, lse
+        HAS_DELTA=delta is not None, HAS_GATE=gate is not None, SAVE_ATTN=save_attn,
+        **_launch_args(cfg, block_d, D, q.dtype))
+    return o, lse, attn
 
 
 _tva_fwd_op = torch.library.custom_op("apt::tva_attention_triton", mutates_args=())(_tva_fwd_impl)
 
 
-def _tva_bwd_impl(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+def _tva_bwd_impl(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: torch.Tensor,
                   lse: torch.Tensor, delta: Optional[torch.Tensor], gate: Optional[torch.Tensor], coef: torch.Tensor,
                   causal: bool, window: int, sinks: int, key_padding_mask: Optional[torch.Tensor], scale: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dq, dk, dv, ddelta (empty without delta), rowdot = Σ_d delta·dO (B, H, Tq) fp32."""
+    """Returns dq, dk, dv, ddelta (empty without delta), rowdot = Σ_d delta·dO (B, H, Tq) fp32; attn: the
+    attention part of the output (o without delta)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    k_given = k
+    k, v = repeat_kv(q, k, v)  # grouped-query k/v: repeated for the kernels, dk/dv folded back below
     cfgs = kernel_configs(q.device, q.dtype, D)
     block_d = _block_d(D)
     di = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
@@ -638,13 +650,13 @@ def _tva_bwd_impl(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     rowdot = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device) if has_delta else di.new_empty(0)
     pre_bm = 16 if q.device.type != "cuda" else _PRE_BLOCK_M[64 if block_d <= 64 else 128]
     _tva_bwd_pre_kernel[(B * H * triton.cdiv(Tq, pre_bm),)](
-        o, grad_o, delta if has_delta else q, gate if gate is not None else q, coef, di,
+        attn, grad_o, delta if has_delta else q, gate if gate is not None else q, coef, di,
         ddelta if has_delta else di, rowdot if has_delta else di,
-        *o.stride(), *grad_o.stride(), *_s4(delta), *(gate.stride() if gate is not None else (0, 0, 0)),
+        *attn.stride(), *grad_o.stride(), *_s4(delta), *(gate.stride() if gate is not None else (0, 0, 0)),
         H, Tq, D, HAS_DELTA=has_delta, HAS_GATE=gate is not None, BLOCK_M=pre_bm, BLOCK_D=block_d, num_warps=4)
     pad, spb = _pad_arg(key_padding_mask, q)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)  # contiguous (k may be an expanded view)
     dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
     common = dict(CAUSAL=causal, HAS_WINDOW=window > 0, HAS_PAD=key_padding_mask is not None)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride(), spb)
@@ -656,7 +668,7 @@ def _tva_bwd_impl(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     c = cfgs["dq"]
     _tva_bwd_dq_kernel[(B * H * triton.cdiv(Tq, c.block_m),)](
         q, k, v, grad_o, lse, di, pad, dq, *strides, *scalars, **common, **_launch_args(c, block_d, D, q.dtype))
-    return dq, dk, dv, ddelta, rowdot
+    return (dq, *fold_kv_grads(dk, dv, k_given), ddelta, rowdot)
 
 
 _tva_bwd_op = torch.library.custom_op("apt::tva_attention_triton_backward", mutates_args=())(_tva_bwd_impl)
@@ -670,8 +682,9 @@ def tva_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delt
                          softmax_scale: Optional[float] = None, return_lse: bool = False) -> Any:
     """The fused Triton TVA attention (same contract as ``tva_attention``); head dim <= 128."""
     check_flag("return_lse", return_lse)
-    k, v = repeat_kv(q, k, v)
-    a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+    # grouped-query k/v go to the op unrepeated (it repeats them for the kernels, and autograd saves them so)
+    a = check_tva_inputs(q, *kv_head_views(q, k, v), delta, gate, coef, causal, window, sinks, key_padding_mask,
+                         softmax_scale)
     if a.D > MAX_HEAD_DIM:
         raise ValueError(f"q: the triton kernel takes head dims <= {MAX_HEAD_DIM}, got {a.D}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):

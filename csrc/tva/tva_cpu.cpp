@@ -45,6 +45,7 @@ inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
 struct Ctx {
   TensorView q, k, v, delta, gate, pad;
+  TensorView attn;  // forward, optional: the attention part A before the perturbation (what the backward reads)
   MaskSpec mask;
   float coef, scale;
   int64_t B, H, Tq, Tk, D;
@@ -77,12 +78,15 @@ inline void store_row(const float* src, float mul, int64_t D, T* dst, int64_t sd
   }
 }
 
-// o[b, h, t, :] = a·mul + coef·gate·delta[b, h, t, :] (the perturbation when delta is given); a: D fp32 values
+// o[b, h, t, :] = a·mul + coef·gate·delta[b, h, t, :] (the perturbation when delta is given); a: D fp32 values.
+// With c.attn, a·mul also goes there: the backward's Di = Σ dO·A then needs no A = o - coef·gate·delta, which in
+// fp16/bf16 lost A's digits to o's rounding wherever the perturbation outweighs the attention.
 template <typename T>
 inline void store_output(const Ctx& c, const TensorView& o, int64_t b, int64_t h, int64_t t, const float* a,
                          float mul) {
   T* out = at4<T>(o, b, h, t, 0);
   const int64_t so = o.stride(3), D = c.D;
+  if (c.attn.defined()) store_row(a, mul, D, at4<T>(c.attn, b, h, t, 0), c.attn.stride(3));
   if (c.delta.defined()) {
     const float cg = c.coef * c.gate_at<T>(b, t, h);
     const T* dl = at4<T>(c.delta, b, h, t, 0);
@@ -335,39 +339,38 @@ void tva_fwd(const Ctx& c, const TensorView& o, float* lse) {
 }
 
 template <typename T>
-void tva_bwd(const Ctx& c, const TensorView& go, const TensorView& o, const float* lse, const TensorView& dq,
+void tva_bwd(const Ctx& c, const TensorView& go, const TensorView& attn, const float* lse, const TensorView& dq,
              const TensorView& dk, const TensorView& dv, const TensorView& ddelta, float* rowdot) {
   const int64_t D = c.D, BH = c.B * c.H;
   if (BH == 0) return;
   std::vector<float> kbias;
   Packed p = packed_shape(c, kbias);
   const int64_t Dp = p.Dp, Tqp = p.Tqp, Tkp = p.Tkp;
-  // Di = Σ_d dO·A with A = o - coef·gate·delta; dDelta = coef·gate·dO; rowdot = Σ_d delta·dO; lse padded (+inf)
+  // Di = Σ_d dO·A (A: the attention part of o, saved by the forward); dDelta = coef·gate·dO;
+  // rowdot = Σ_d delta·dO; lse padded (+inf)
   std::vector<float> di(BH * Tqp, 0.0f), lsep(BH * Tqp, std::numeric_limits<float>::infinity());
   const bool has_delta = c.delta.defined();
-  const int64_t sg = go.stride(3), so = o.stride(3), sdl = has_delta ? c.delta.stride(3) : 0,
+  const int64_t sg = go.stride(3), so = attn.stride(3), sdl = has_delta ? c.delta.stride(3) : 0,
                 sdd = has_delta ? ddelta.stride(3) : 0;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t bh = 0; bh < BH; ++bh)
     for (int64_t t = 0; t < c.Tq; ++t) {
       const int64_t b = bh / c.H, h = bh % c.H;
       const T* g = at4<T>(go, b, h, t, 0);
-      const T* a = at4<T>(o, b, h, t, 0);
+      const T* a = at4<T>(attn, b, h, t, 0);
       float s = 0.f;
+      for (int64_t d = 0; d < D; ++d) s += load_f(g + d * sg) * load_f(a + d * so);
       if (has_delta) {
         const float cg = c.coef * c.gate_at<T>(b, t, h);
         const T* dl = at4<T>(c.delta, b, h, t, 0);
         T* dd = at4<T>(ddelta, b, h, t, 0);
         float rd = 0.f;
         for (int64_t d = 0; d < D; ++d) {
-          const float gv = load_f(g + d * sg), dlv = load_f(dl + d * sdl);
-          s += gv * (load_f(a + d * so) - cg * dlv);
-          rd += dlv * gv;
+          const float gv = load_f(g + d * sg);
+          rd += load_f(dl + d * sdl) * gv;
           store_f(dd + d * sdd, cg * gv);
         }
         rowdot[bh * c.Tq + t] = rd;
-      } else {
-        for (int64_t d = 0; d < D; ++d) s += load_f(g + d * sg) * load_f(a + d * so);
       }
       di[bh * Tqp + t] = s;
       lsep[bh * Tqp + t] = lse[bh * c.Tq + t];
@@ -518,12 +521,18 @@ APT_REGISTER_OPS(tva) {
   m.def(
       "tva_forward_cpu",
       [](py::object q, py::object k, py::object v, py::object delta, py::object gate, double coef, bool causal,
-         int64_t window, int64_t sinks, py::object pad, double scale, py::object o_, py::object lse_) {
+         int64_t window, int64_t sinks, py::object pad, double scale, py::object o_, py::object lse_,
+         py::object attn_) {
         Ctx c = make_ctx(q, k, v, delta, gate, coef, causal, window, sinks, pad, scale);
         auto o = TensorView::from(o_, "o"), lse = TensorView::from(lse_, "lse");
         check_written(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
         check_out(lse, {c.B, c.H, c.Tq}, DType::Float32);
         check_contiguous3(lse, c);
+        c.attn = TensorView::from_optional(attn_, "attn");
+        if (c.attn.defined()) {
+          check_written(c.attn, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
+          APT_CHECK(c.B * c.H * c.Tq * c.D == 0 || c.attn.data != o.data, "attn: must not be o");
+        }
         py::gil_scoped_release nogil;
         dispatch_float(c.q.dtype, "q", [&](auto tag) {
           using T = decltype(tag);
@@ -532,21 +541,22 @@ APT_REGISTER_OPS(tva) {
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("delta"), py::arg("gate"), py::arg("coef"),
       py::arg("causal"), py::arg("window"), py::arg("sinks"), py::arg("key_padding_mask"), py::arg("scale"),
-      py::arg("o"), py::arg("lse"),
-      "Fused TVA attention forward: writes o and the row log-sum-exp (+inf for rows with no visible key).");
+      py::arg("o"), py::arg("lse"), py::arg("attn") = py::none(),
+      "Fused TVA attention forward: writes o and the row log-sum-exp (+inf for rows with no visible key); with "
+      "attn, also the attention part softmax(q kᵀ) v before the perturbation (the backward's input).");
   m.def(
       "tva_backward_cpu",
-      [](py::object grad_o_, py::object q, py::object k, py::object v, py::object o_, py::object lse_,
+      [](py::object grad_o_, py::object q, py::object k, py::object v, py::object attn_, py::object lse_,
          py::object delta, py::object gate, double coef, bool causal, int64_t window, int64_t sinks, py::object pad,
          double scale, py::object dq_, py::object dk_, py::object dv_, py::object ddelta_, py::object rowdot_) {
         Ctx c = make_ctx(q, k, v, delta, gate, coef, causal, window, sinks, pad, scale);
-        auto go = TensorView::from(grad_o_, "grad_o"), o = TensorView::from(o_, "o");
+        auto go = TensorView::from(grad_o_, "grad_o"), attn = TensorView::from(attn_, "attn");
         auto lse = TensorView::from(lse_, "lse");
         auto dq = TensorView::from(dq_, "dq"), dk = TensorView::from(dk_, "dk"), dv = TensorView::from(dv_, "dv");
         auto ddelta = TensorView::from_optional(ddelta_, "ddelta");
         auto rowdot = TensorView::from_optional(rowdot_, "rowdot");
         check_out(go, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
-        check_out(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
+        check_out(attn, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
         check_out(lse, {c.B, c.H, c.Tq}, DType::Float32);
         check_contiguous3(lse, c);
         check_written(dq, {c.B, c.H, c.Tq, c.D}, c.q.dtype);
@@ -562,47 +572,56 @@ APT_REGISTER_OPS(tva) {
         dispatch_float(c.q.dtype, "q", [&](auto tag) {
           using T = decltype(tag);
           if constexpr (!std::is_same_v<T, double>)
-            tva_bwd<T>(c, go, o, lse.ptr<float>(), dq, dk, dv, ddelta,
+            tva_bwd<T>(c, go, attn, lse.ptr<float>(), dq, dk, dv, ddelta,
                        c.delta.defined() ? rowdot.ptr<float>() : nullptr);
         });
       },
-      py::arg("grad_o"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("delta"),
+      py::arg("grad_o"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn"), py::arg("lse"), py::arg("delta"),
       py::arg("gate"), py::arg("coef"), py::arg("causal"), py::arg("window"), py::arg("sinks"),
       py::arg("key_padding_mask"), py::arg("scale"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
       py::arg("ddelta"), py::arg("rowdot"),
-      "Fused TVA attention backward from the saved LSE: dq, dk, dv, ddelta = coef·gate·dO, rowdot = Σ_d delta·dO.");
+      "Fused TVA attention backward from the saved LSE and attention part attn (the forward's attn): dq, dk, dv, "
+      "ddelta = coef·gate·dO, rowdot = Σ_d delta·dO.");
 #ifdef APT_WITH_CUDA
   m.def(
       "tva_forward_cuda",
       [](py::object q, py::object k, py::object v, py::object delta, py::object gate, py::object coef_, bool causal,
          int64_t window, int64_t sinks, py::object pad, double scale, py::object o_, py::object lse_,
-         uintptr_t stream) {
+         py::object attn_, uintptr_t stream) {
         Ctx c = make_ctx(q, k, v, delta, gate, 0.0, causal, window, sinks, pad, scale, true);
         auto coef = TensorView::from(coef_, "coef");
         auto o = TensorView::from(o_, "o"), lse = TensorView::from(lse_, "lse");
         check_written(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, c.q.device);
         check_out(lse, {c.B, c.H, c.Tq}, DType::Float32, true, c.q.device);
         check_contiguous3(lse, c);
+        auto attn = TensorView::from_optional(attn_, "attn");
         tva::CudaParams p = cuda_params(c, coef);
         p.o = o.data;
         copy4(p.so, o);
+        if (attn.defined()) {
+          check_written(attn, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, c.q.device);
+          APT_CHECK(c.B * c.H * c.Tq * c.D == 0 || attn.data != o.data, "attn: must not be o");
+          p.attn = attn.data;
+          copy4(p.sa, attn);
+        }
         p.lse = lse.ptr<float>();
         py::gil_scoped_release nogil;
         tva::tva_forward_cuda(p, stream);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("delta"), py::arg("gate"), py::arg("coef"),
       py::arg("causal"), py::arg("window"), py::arg("sinks"), py::arg("key_padding_mask"), py::arg("scale"),
-      py::arg("o"), py::arg("lse"), py::arg("stream"),
-      "Fused TVA attention forward on CUDA (coef: 0-dim fp32 device tensor), on the given stream.");
+      py::arg("o"), py::arg("lse"), py::arg("attn"), py::arg("stream"),
+      "Fused TVA attention forward on CUDA (coef: 0-dim fp32 device tensor), on the given stream; attn (or None) "
+      "as tva_forward_cpu's.");
   m.def(
       "tva_backward_cuda",
-      [](py::object grad_o_, py::object q, py::object k, py::object v, py::object o_, py::object lse_,
+      [](py::object grad_o_, py::object q, py::object k, py::object v, py::object attn_, py::object lse_,
          py::object delta, py::object gate, py::object coef_, bool causal, int64_t window, int64_t sinks,
          py::object pad, double scale, py::object dq_, py::object dk_, py::object dv_, py::object ddelta_,
          py::object rowdot_, py::object di_, uintptr_t stream) {
         Ctx c = make_ctx(q, k, v, delta, gate, 0.0, causal, window, sinks, pad, scale, true);
         auto coef = TensorView::from(coef_, "coef");
-        auto go = TensorView::from(grad_o_, "grad_o"), o = TensorView::from(o_, "o");
+        auto go = TensorView::from(grad_o_, "grad_o"), attn = TensorView::from(attn_, "attn");
         auto lse = TensorView::from(lse_, "lse");
         auto dq = TensorView::from(dq_, "dq"), dk = TensorView::from(dk_, "dk"), dv = TensorView::from(dv_, "dv");
         auto ddelta = TensorView::from_optional(ddelta_, "ddelta");
@@ -610,7 +629,7 @@ APT_REGISTER_OPS(tva) {
         auto di = TensorView::from(di_, "di");
         const int dev = c.q.device;
         check_out(go, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
-        check_out(o, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
+        check_out(attn, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
         check_out(lse, {c.B, c.H, c.Tq}, DType::Float32, true, dev);
         check_contiguous3(lse, c);
         check_written(dq, {c.B, c.H, c.Tq, c.D}, c.q.dtype, true, dev);
@@ -629,8 +648,8 @@ APT_REGISTER_OPS(tva) {
           copy4(p.sdd, ddelta);
           p.rowdot = rowdot.ptr<float>();
         }
-        p.o = o.data;
-        copy4(p.so, o);
+        p.attn = attn.data;
+        copy4(p.sa, attn);
         p.lse = lse.ptr<float>();
         p.go = go.data;
         copy4(p.sgo, go);
@@ -639,7 +658,7 @@ APT_REGISTER_OPS(tva) {
         py::gil_scoped_release nogil;
         tva::tva_backward_cuda(p, stream);
       },
-      py::arg("grad_o"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("delta"),
+      py::arg("grad_o"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn"), py::arg("lse"), py::arg("delta"),
       py::arg("gate"), py::arg("coef"), py::arg("causal"), py::arg("window"), py::arg("sinks"),
       py::arg("key_padding_mask"), py::arg("scale"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
       py::arg("ddelta"), py::arg("rowdot"), py::arg("di"), py::arg("stream"),

@@ -107,34 +107,36 @@ __global__ void __launch_bounds__(BM*(D / EPT)) tva_fwd_kernel(const CudaParams 
   const float inv = l > 0.f ? 1.f / l : 0.f;
   const float cg = coef_gate<T>(p, b, h, i);
   T* o = static_cast<T*>(p.o);
+  T* at = static_cast<T*>(p.attn);
   const T* dl = static_cast<const T*>(p.delta);
 #pragma unroll
   for (int e = 0; e < EPT; ++e) {
     const int d = e * TPR + part;
     float val = acc[e] * inv;
+    if (at != nullptr) at[off4(p.sa, b, h, i, d)] = from_f<T>(val);
     if (dl != nullptr) val += cg * to_f(dl[off4(p.sdl, b, h, i, d)]);
     o[off4(p.so, b, h, i, d)] = from_f<T>(val);
   }
   if (part == 0) p.lse[bh * p.Tq + i] = l > 0.f ? m + logf(l) : INFINITY;
 }
 
-// Di = Σ_d dO·A with A = o - coef·gate·delta; dDelta = coef·gate·dO; rowdot = Σ_d delta·dO. One thread per row.
+// Di = Σ_d dO·A (A: the attention part the forward saved); dDelta = coef·gate·dO; rowdot = Σ_d delta·dO. One
+// thread per row.
 template <typename T>
 __global__ void tva_bwd_pre_kernel(const CudaParams p, float* di) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= p.B * p.H * p.Tq) return;
   const int64_t t = r % p.Tq, bh = r / p.Tq, b = bh / p.H, h = bh % p.H;
   const T* go = static_cast<const T*>(p.go);
-  const T* o = static_cast<const T*>(p.o);
+  const T* at = static_cast<const T*>(p.attn);
   const T* dl = static_cast<const T*>(p.delta);
   const float cg = coef_gate<T>(p, b, h, t);
   float acc = 0.f, rd = 0.f;
   for (int64_t d = 0; d < p.D; ++d) {
     const float g = to_f(go[off4(p.sgo, b, h, t, d)]);
-    float a = to_f(o[off4(p.so, b, h, t, d)]);
+    const float a = to_f(at[off4(p.sa, b, h, t, d)]);
     if (dl != nullptr) {
       const float x = to_f(dl[off4(p.sdl, b, h, t, d)]);
-      a -= cg * x;
       rd += x * g;
       static_cast<T*>(p.ddelta)[off4(p.sdd, b, h, t, d)] = from_f<T>(cg * g);
     }
@@ -295,7 +297,7 @@ void tva_backward_cuda(const CudaParams& p, uintptr_t stream) {
   cuda::DeviceGuard guard(p.device);
   cudaStream_t s = cuda::as_stream(stream);
   const int64_t rows = p.B * p.H * p.Tq;
-  // di (rowsum(dO * O)) comes from the caller (torch's caching allocator: counted in its memory stats, reused,
+  // di (rowsum(dO * A)) comes from the caller (torch's caching allocator: counted in its memory stats, reused,
   // no allocation of ours inside a captured graph)
   float* di = p.di;
   if (rows > 0) {  // a zero-block grid is an invalid launch configuration

@@ -18,8 +18,12 @@ struct CudaParams {
   const float* coef = nullptr;
   const bool* pad = nullptr;
   int64_t sq[4] = {}, sk[4] = {}, sv[4] = {}, sdl[4] = {}, sg[3] = {}, sp[2] = {};
-  void* o = nullptr;  // forward output (backward: the saved forward output, read only)
+  void* o = nullptr;  // forward output
   int64_t so[4] = {};
+  // the attention part A = softmax(q kᵀ) v before the perturbation: forward, written when not null (training with
+  // delta); backward, read for Di = Σ dO·A (A = o without delta)
+  void* attn = nullptr;
+  int64_t sa[4] = {};
   float* lse = nullptr;  // (B, H, Tq) contiguous
   // backward only
   const void* go = nullptr;
@@ -27,7 +31,7 @@ struct CudaParams {
   void *dq = nullptr, *dk = nullptr, *dv = nullptr, *ddelta = nullptr;
   int64_t sdq[4] = {}, sdk[4] = {}, sdv[4] = {}, sdd[4] = {};
   float* rowdot = nullptr;  // (B, H, Tq) contiguous, with delta
-  float* di = nullptr;      // (B, H, Tq) contiguous fp32 scratch: rowsum(dO * O), from the caller's allocator
+  float* di = nullptr;      // (B, H, Tq) contiguous fp32 scratch: rowsum(dO * A), from the caller's allocator
 };
 
 void tva_forward_cuda(const CudaParams& p, uintptr_t stream);

@@ -238,6 +238,7 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
   l[0] = quad_sum(l[0]);
   l[1] = quad_sum(l[1]);
   T* o = static_cast<T*>(p.o);
+  T* at = static_cast<T*>(p.attn);
   const T* dl = static_cast<const T*>(p.delta);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -251,6 +252,7 @@ __global__ void __launch_bounds__(kThreads) tva_fwd_tc_kernel(const CudaParams p
       for (int c = 0; c < 2; ++c) {
         const int d = nd * 8 + 2 * t + c;
         float val = acc[nd][2 * r + c] * inv;
+        if (at != nullptr) at[off4(p.sa, b, h, i, d)] = from_f<T>(val);
         if (dl != nullptr) val += cg * to_f(dl[off4(p.sdl, b, h, i, d)]);
         o[off4(p.so, b, h, i, d)] = from_f<T>(val);
       }
