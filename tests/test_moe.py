@@ -262,7 +262,7 @@ def test_grouped_ffn_gradcheck_and_opcheck():
     assert torch.autograd.gradcheck(lambda a, b, d: moe_grouped_ffn(a, offsets, b, None, d, "gelu"), (x, w_in, w_out))
     for gate in (w_gate, None):
         torch.library.opcheck(moe_ops._grouped_ffn_op, (x, offsets, w_in, gate, w_out))
-        saved = [t.detach() for t in moe_ops._grouped_ffn_op(x, offsets, w_in, gate, w_out)[1:]]
+        saved = [x.detach(), offsets, *(t.detach() for t in moe_ops._grouped_ffn_op(x, offsets, w_in, gate, w_out)[1:])]
         torch.library.opcheck(moe_ops._grouped_ffn_bwd_op,
                               (torch.randn(7, 2, dtype=torch.float64, generator=g), *saved, w_in.detach(),
                                None if gate is None else gate.detach(), w_out.detach()))
@@ -270,7 +270,8 @@ def test_grouped_ffn_gradcheck_and_opcheck():
     # real ones' (contiguous) strides, or inductor's stride asserts fail in the backward
     w_in_t = torch.randn(3, 4, 3, dtype=torch.float64, generator=g).transpose(1, 2)
     for gate in (w_gate.detach(), None):
-        saved = [t.detach() for t in moe_ops._grouped_ffn_op(x.detach(), offsets, w_in_t, gate, w_out.detach())[1:]]
+        saved = [x.detach(), offsets,
+                 *(t.detach() for t in moe_ops._grouped_ffn_op(x.detach(), offsets, w_in_t, gate, w_out.detach())[1:])]
         torch.library.opcheck(moe_ops._grouped_ffn_bwd_op,
                               (torch.randn(7, 2, dtype=torch.float64, generator=g), *saved, w_in_t, gate,
                                w_out.detach()))
@@ -538,3 +539,38 @@ def test_grouped_ffn_refuses_bad_offsets(offsets):
     x = torch.randn(4, 2)
     with pytest.raises(ValueError, match="offsets: expected non-decreasing row offsets from 0 to M=4"):
         moe_grouped_ffn(x, torch.tensor(offsets), torch.randn(2, 2, 3), torch.randn(2, 2, 3), torch.randn(2, 3, 2))
+
+
+@pytest.mark.parametrize("counts,per_expert", [([3, 3, 2, 4], False), ([0, 11, 0, 1], True), ([12, 0, 0, 0], True),
+                                               ([0, 0, 0, 0], True)])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_ffn_padded_and_per_expert_paths(counts, per_expert, activation):
+    """Balanced rows: one bmm over experts padded to the widest; skewed ones (a collapsing router), where padding
+    would more than double the rows: a matmul per expert (the padded bmm was E/2 times the work there). Both
+    give the reference's output and gradients."""
+    from apt_kernels.reference.moe import moe_grouped_ffn_ref
+
+    g = torch.Generator().manual_seed(sum(counts))
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    m = int(offsets[-1])
+    assert (moe_ops._groups(offsets, m).rows is None) == per_expert
+    x = torch.randn(m, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w_in, w_gate = (torch.randn(4, 5, 6, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    w_out = torch.randn(4, 6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w_gate = w_gate if activation == "swiglu" else None
+    params = [t for t in (x, w_in, w_gate, w_out) if t is not None]
+    got = moe_grouped_ffn(x, offsets, w_in, w_gate, w_out, activation)
+    want = moe_grouped_ffn_ref(x, offsets, w_in, w_gate, w_out)
+    torch.testing.assert_close(got, want)
+    gy = torch.randn(got.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad(got, params, gy, allow_unused=True),
+                    torch.autograd.grad(want, params, gy, allow_unused=True)):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b)
+    if m:
+        def f(*p):
+            gate = p[2] if w_gate is not None else None
+            return moe_grouped_ffn(p[0], offsets, p[1], gate, p[-1], activation)
+        assert torch.autograd.gradcheck(f, params)

@@ -1,5 +1,5 @@
 """MoE routing, dispatch and combine: public ops ``moe_route``, ``moe_dispatch``, ``moe_combine``, ``moe_aux_losses``,
-and ``moe_grouped_ffn`` (the experts' FFN on the packed dropless buffer, one bmm per projection, compilable).
+and ``moe_grouped_ffn`` (the experts' FFN on the packed dropless buffer, a grouped matmul per projection, compilable).
 
 Implementations (``impl``): ``reference`` (pure PyTorch, apt_kernels/reference/moe.py), ``cpu_native`` (C++/OpenMP,
 csrc/moe/moe_cpu.cpp), ``triton`` (apt_kernels/triton/moe.py), ``cuda`` (csrc/moe/moe_cuda.cu); ``auto`` picks the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -369,66 +369,137 @@ def _op(impl: str, name: str) -> Callable[..., Any]:
 
 
 # ---- grouped expert FFN on the packed dropless buffer ------------------------------------------------------------
-# Expert e's rows are x[offsets[e]:offsets[e+1]]. Eager: scatter the rows into an (E, width, C) zero-padded buffer
-# (width = the largest segment, >= 1; one host sync), one bmm per projection, gather the rows back. The per-expert
-# row counts are data, so this is a custom op: under torch.compile its main output keeps x's static row count and
-# the padding stays inside. The forward op also returns what its backward needs (the padded rows, input and
-# pre-activations, as autograd would save them; their width is an unbacked size in the fake implementation, only
-# ever passed to the backward op). w_gate None means gelu, else swiglu. Not twice differentiable.
+# Expert e's rows are x[offsets[e]:offsets[e+1]]. Each projection is one bmm over an (E, width, .) zero-padded
+# buffer (width = the largest segment) while the padding at most doubles the rows (see _groups for the CPU), else
+# the FFN runs expert by expert (_ffn_per_expert). A skewed routing (a collapsing router: every token on experts 0 and
+# 1 of 32, N=2048, k=2) made the padded bmm E/2 times the work: 385 ms against 22 ms for per-expert matmuls, and an
+# (E, width, .) buffer of 235 MB saved for the backward. One host sync for the segment bounds. The per-expert row
+# counts are data, so this is a custom op: its outputs, and what its backward needs (x, up, gate, act, all packed
+# (M, .)), have static sizes under torch.compile. w_gate None means gelu, else swiglu. Not twice differentiable.
 
-def _padded_rows(offsets: torch.Tensor, m: int) -> tuple[torch.Tensor, int]:
-    """Row of each packed row in the (E * width) padded buffer, and width (>= 1)."""
-    counts = offsets[1:] - offsets[:-1]
-    e = counts.shape[0]
-    width = max(int(counts.max()), 1) if m else 1
-    expert_of_row = torch.repeat_interleave(torch.arange(e, device=offsets.device), counts, output_size=m)
+class _Groups(NamedTuple):
+    bounds: list[int]  # the offsets, on the host
+    rows: Optional[torch.Tensor]  # each packed row's row in the (E * width) padded buffer; None: per-expert matmuls
+    width: int
+
+
+def _groups(offsets: torch.Tensor, m: int) -> _Groups:
+    bounds = [int(b) for b in offsets.tolist()]  # the one host sync
+    counts = [b - a for a, b in zip(bounds, bounds[1:])]
+    e, width = len(counts), max(max(counts), 1)
+    # per-expert matmuls where the padding would more than double the rows, and on the CPU wherever experts
+    # average 64+ rows (its bmm is no faster than a loop of matmuls there: N=2048 E=32 k=2 C=128 F=256, random
+    # routing, one thread: 26 ms padded, 19 ms per expert; with fewer rows the loop's Python overhead loses)
+    if e * width > 2 * max(m, 1) or (offsets.device.type == "cpu" and m >= 64 * e):
+        return _Groups(bounds, None, width)
+    counts_t = offsets[1:] - offsets[:-1]
+    expert_of_row = torch.repeat_interleave(torch.arange(e, device=offsets.device), counts_t, output_size=m)
     pos_of_row = torch.arange(m, device=offsets.device) - offsets[expert_of_row]
-    return expert_of_row * width + pos_of_row, width
+    return _Groups(bounds, expert_of_row * width + pos_of_row, width)
+
+
+def _pad(t: torch.Tensor, g: _Groups, inplace: bool = True) -> torch.Tensor:
+    """Packed rows (M, K) -> (E, width, K), zeros in the padding. ``inplace=False`` for torch.func / forward AD (an
+    in-place write of a batched or dual tensor into a plain buffer is refused there)."""
+    h = t.new_zeros((len(g.bounds) - 1) * g.width, t.shape[1])
+    h = h.index_copy_(0, g.rows, t) if inplace else h.index_copy(0, g.rows, t)
+    return h.view(len(g.bounds) - 1, g.width, t.shape[1])
+
+
+def _segments(g: _Groups):
+    return [(e, a, b) for e, (a, b) in enumerate(zip(g.bounds, g.bounds[1:])) if b > a]
+
+
+def _ffn_per_expert(x: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor], w_out: torch.Tensor,
+                    g: _Groups, saved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward segment by segment, each expert's whole FFN at once (its activations stay in cache)."""
+    outs, ups, gates, acts = [], [], [], []
+    for e, lo, hi in _segments(g):
+        h = x[lo:hi]
+        up = h @ w_in[e]
+        gate = h @ w_gate[e] if w_gate is not None else None
+        act = F.silu(gate) * up if gate is not None else F.gelu(up)
+        outs.append(act @ w_out[e])
+        if saved:
+            ups.append(up)
+            acts.append(act)
+            if gate is not None:
+                gates.append(gate)
+
+    def cat(parts: list, width: int) -> torch.Tensor:
+        return torch.cat(parts) if parts else x.new_empty((0, width))
+    f = w_in.shape[2]
+    out = cat(outs, w_out.shape[2])
+    if not saved:
+        return out, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    return out, cat(ups, f), (cat(gates, f) if w_gate is not None else x.new_empty(0)), cat(acts, f)
+
+
+def _ffn_per_expert_backward(grad_out, x, up, gate, act, w_in, w_gate, w_out, g: _Groups):
+    g_x = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    g_w_in = w_in.new_zeros(w_in.shape)
+    g_w_gate = w_gate.new_zeros(w_gate.shape) if w_gate is not None else x.new_empty(0)
+    g_w_out = w_out.new_zeros(w_out.shape)
+    for e, lo, hi in _segments(g):
+        h, g_o, a = x[lo:hi], grad_out[lo:hi], act[lo:hi]
+        g_w_out[e] = a.t() @ g_o
+        g_act = g_o @ w_out[e].t()
+        if w_gate is not None:
+            gt, u = gate[lo:hi], up[lo:hi]
+            g_up = g_act * F.silu(gt)
+            g_gate = torch.ops.aten.silu_backward(g_act * u, gt)
+            g_w_gate[e] = h.t() @ g_gate
+            g_x[lo:hi] = torch.addmm(g_gate @ w_gate[e].t(), g_up, w_in[e].t())
+        else:
+            g_up = torch.ops.aten.gelu_backward(g_act, up[lo:hi])
+            g_x[lo:hi] = g_up @ w_in[e].t()
+        g_w_in[e] = h.t() @ g_up
+    return g_x, g_w_in, g_w_gate, g_w_out
 
 
 def _grouped_ffn_fwd(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
-                     w_out: torch.Tensor, inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                         torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> out (M, C_out), rows (M,), padded x, up, gate (empty for gelu) and activation (E, width, .).
-    ``inplace=False`` pads x out of place, for torch.func / forward AD (an in-place write of a batched or dual x
-    into a plain buffer is refused there)."""
-    e, c = w_in.shape[0], x.shape[1]
-    rows, width = _padded_rows(offsets, x.shape[0])
-    h = x.new_zeros(e * width, c)
-    h = (h.index_copy_(0, rows, x) if inplace else h.index_copy(0, rows, x)).view(e, width, c)
+                     w_out: torch.Tensor, inplace: bool = True, saved: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> out (M, C_out), up, gate (empty for gelu) and activation (M, F), packed as x; with ``saved=False`` only
+    out (the rest empty). Padded, the activation runs on the padded buffers (no unpadding and repadding between
+    the projections: 20-45% of a balanced call's time on the CPU)."""
+    g = _groups(offsets, x.shape[0])
+    if g.rows is None:
+        return _ffn_per_expert(x, w_in, w_gate, w_out, g, saved)
+    h = _pad(x, g, inplace)
     up = torch.bmm(h, w_in)
-    if w_gate is not None:
-        gate = torch.bmm(h, w_gate)
-        act = F.silu(gate) * up
-    else:
-        gate, act = x.new_empty(0), F.gelu(up)
-    out = torch.bmm(act, w_out)
-    return out.view(e * width, -1).index_select(0, rows), rows, h, up, gate, act
+    gate = torch.bmm(h, w_gate) if w_gate is not None else x.new_empty(0)
+    act = F.silu(gate) * up if w_gate is not None else F.gelu(up)
+    out = _unpad(torch.bmm(act, w_out), g)
+    if not saved:
+        return out, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    return out, _unpad(up, g), (_unpad(gate, g) if w_gate is not None else gate), _unpad(act, g)
+
+
+def _unpad(t: torch.Tensor, g: _Groups) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).index_select(0, g.rows)
 
 
 @torch.library.custom_op("apt::moe_grouped_ffn", mutates_args=())
 def _grouped_ffn_op(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
-                    w_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                  torch.Tensor, torch.Tensor]:
+                    w_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _grouped_ffn_fwd(x, offsets, w_in, w_gate, w_out)
 
 
 @_grouped_ffn_op.register_fake
 def _(x, offsets, w_in, w_gate, w_out):
-    m, c, (e, _, f) = x.shape[0], x.shape[1], w_in.shape
-    width = torch.library.get_ctx().new_dynamic_size(min=1)
-    gate = x.new_empty((e, width, f)) if w_gate is not None else x.new_empty(0)
-    return (x.new_empty((m, w_out.shape[2])), offsets.new_empty((m,)), x.new_empty((e, width, c)),
-            x.new_empty((e, width, f)), gate, x.new_empty((e, width, f)))
+    m, f = x.shape[0], w_in.shape[2]
+    gate = x.new_empty((m, f)) if w_gate is not None else x.new_empty(0)
+    return x.new_empty((m, w_out.shape[2])), x.new_empty((m, f)), gate, x.new_empty((m, f))
 
 
 @torch.library.custom_op("apt::moe_grouped_ffn_inference", mutates_args=())
 def _grouped_ffn_infer_op(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
                           w_out: torch.Tensor) -> torch.Tensor:
-    """The forward of moe_grouped_ffn without what its backward needs: every output size is static (M, C_out),
-    so torch.compile traces it without an unbacked size (no graph break without fullgraph) when nothing needs a
-    gradient (eval / generation, where MoEFFN is dropless by default)."""
-    return _grouped_ffn_fwd(x, offsets, w_in, w_gate, w_out)[0]  # the body: no second op dispatch inside this one
+    """The forward of moe_grouped_ffn without what its backward needs, when nothing needs a gradient (eval /
+    generation, where MoEFFN is dropless by default)."""
+    # the body: no second op dispatch inside this one
+    return _grouped_ffn_fwd(x, offsets, w_in, w_gate, w_out, saved=False)[0]
 
 
 @_grouped_ffn_infer_op.register_fake
@@ -437,40 +508,43 @@ def _(x, offsets, w_in, w_gate, w_out):
 
 
 @torch.library.custom_op("apt::moe_grouped_ffn_backward", mutates_args=())
-def _grouped_ffn_bwd_op(grad_out: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, up: torch.Tensor,
+def _grouped_ffn_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, up: torch.Tensor,
                         gate: torch.Tensor, act: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
                         w_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> grad of x (M, C), w_in, w_gate (empty for gelu), w_out; the forward's autograd formulas on the padded
-    buffers (padding rows of h and act are zero, so they add nothing to the weight gradients)."""
-    e, width, c = h.shape
-    g_o = grad_out.new_zeros(e * width, grad_out.shape[1]).index_copy_(0, rows, grad_out).view(e, width, -1)
-    g_w_out = torch.bmm(act.transpose(1, 2), g_o)
-    g_act = torch.bmm(g_o, w_out.transpose(1, 2))
-    ht = h.transpose(1, 2)
+    """-> grad of x (M, C), w_in, w_gate (empty for gelu), w_out: the forward's autograd formulas, per expert
+    (padded: on the padded buffers, whose zero rows add nothing to the weight gradients)."""
+    g = _groups(offsets, x.shape[0])
+    grad_out = grad_out.contiguous()
+    if g.rows is None:
+        return _ffn_per_expert_backward(grad_out, x, up, gate, act, w_in, w_gate, w_out, g)
+    x, up, act, grad_out = (_pad(t, g) for t in (x, up, act, grad_out))
+    gate = _pad(gate, g) if w_gate is not None else gate
+    g_w_out = torch.bmm(act.transpose(1, 2), grad_out)
+    g_act = torch.bmm(grad_out, w_out.transpose(1, 2))
+    ht = x.transpose(1, 2)
     if w_gate is not None:
         g_up = g_act * F.silu(gate)
         g_gate = torch.ops.aten.silu_backward(g_act * up, gate)
         g_w_gate = torch.bmm(ht, g_gate)
-        g_h = torch.baddbmm(torch.bmm(g_gate, w_gate.transpose(1, 2)), g_up, w_in.transpose(1, 2))
+        g_x = torch.baddbmm(torch.bmm(g_gate, w_gate.transpose(1, 2)), g_up, w_in.transpose(1, 2))
     else:
         g_up = torch.ops.aten.gelu_backward(g_act, up)
-        g_w_gate = h.new_empty(0)
-        g_h = torch.bmm(g_up, w_in.transpose(1, 2))
-    g_w_in = torch.bmm(ht, g_up)
-    return g_h.view(e * width, c).index_select(0, rows), g_w_in, g_w_gate, g_w_out
+        g_w_gate = x.new_empty(0)
+        g_x = torch.bmm(g_up, w_in.transpose(1, 2))
+    return _unpad(g_x, g), torch.bmm(ht, g_up), g_w_gate, g_w_out
 
 
 @_grouped_ffn_bwd_op.register_fake
-def _(grad_out, rows, h, up, gate, act, w_in, w_gate, w_out):
-    # new_empty, not empty_like: the real gradients come from bmm and are contiguous whatever the weights' strides
-    g_w_gate = w_gate.new_empty(w_gate.shape) if w_gate is not None else h.new_empty(0)
-    return h.new_empty((rows.shape[0], h.shape[2])), w_in.new_empty(w_in.shape), g_w_gate, w_out.new_empty(w_out.shape)
+def _(grad_out, x, offsets, up, gate, act, w_in, w_gate, w_out):
+    # new_empty, not empty_like: the real gradients are contiguous whatever the weights' strides
+    g_w_gate = w_gate.new_empty(w_gate.shape) if w_gate is not None else x.new_empty(0)
+    return x.new_empty(x.shape), w_in.new_empty(w_in.shape), g_w_gate, w_out.new_empty(w_out.shape)
 
 
 def _grouped_ffn_setup(ctx, inputs, output):
-    _, _, w_in, w_gate, w_out = inputs
+    x, offsets, w_in, w_gate, w_out = inputs
     ctx.has_gate = w_gate is not None
-    ctx.save_for_backward(*output[1:], w_in, w_gate, w_out)
+    ctx.save_for_backward(x, offsets, *output[1:], w_in, w_gate, w_out)
 
 
 def _grouped_ffn_backward(ctx, grad_out, *_):
@@ -612,10 +686,11 @@ def moe_grouped_ffn(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, 
 
     ``offsets`` (E+1,) int64 starts at 0 and ends at M (``routing.offsets`` of a dropless routing); ``w_in`` /
     ``w_gate`` (E, C, F), ``w_out`` (E, F, C_out), all in x's dtype and on its device; ``w_gate`` is None for gelu.
-    All experts run as one batched GEMM per projection. A custom op: the output shapes never depend on the routing,
-    so it compiles (fullgraph, static or dynamic shapes). Differentiable once (x and the weights). Under autocast
-    it computes in the autocast dtype, as torch.bmm would (floating inputs other than fp64 cast to it, gradients
-    back in each input's own dtype), and returns that dtype."""
+    Each projection runs as one batched GEMM over the experts' rows padded to the widest expert, or as one matmul
+    per expert where that padding would more than double the rows (a skewed routing). A custom op: the output
+    shapes never depend on the routing, so it compiles (fullgraph, static or dynamic shapes). Differentiable once
+    (x and the weights). Under autocast it computes in the autocast dtype, as torch.bmm would (floating inputs
+    other than fp64 cast to it, gradients back in each input's own dtype), and returns that dtype."""
     check_ndim("x", x, 2, "(M, C)")
     check_float("x", x)
     check_tensor("w_in", w_in)  # None here failed with an AttributeError on .shape below
@@ -664,11 +739,11 @@ def moe_grouped_ffn(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, 
     if backends.torch_func_active(forward_ad=True):
         # torch.func (jvp, grad, vmap) and forward-mode AD: the body in differentiable torch ops, out of place.
         # The custom ops have no jvp and no batching rule: their tangents came back silently zero (jvp) or None
-        return _grouped_ffn_fwd(x, offsets, w_in, w_gate, w_out, inplace=False)[0]
+        return _grouped_ffn_fwd(x, offsets, w_in, w_gate, w_out, inplace=False, saved=False)[0]
     if not backends.custom_op_must_dispatch() and backends.autograd_free(x, w_in, w_gate, w_out):
         # plain eager with nothing to differentiate (generation): the body, without the custom op's dispatch
         # (~100 µs of Python per call, once per MoE layer per decode step)
-        return _grouped_ffn_fwd(x, offsets, w_in, w_gate, w_out)[0]
+        return _grouped_ffn_fwd(x, offsets, w_in, w_gate, w_out, saved=False)[0]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, w_gate, w_out))):
         return _grouped_ffn_infer_op(x, offsets, w_in, w_gate, w_out)
     return _grouped_ffn_op(x, offsets, w_in, w_gate, w_out)[0]
