@@ -67,6 +67,9 @@ def test_train_print_config_applies_overrides_and_plugins(capsys):
     (["train", "-p", "tiny_debug", "--training.max_epochs", "zero"], "training.max_epochs: expected int"),
     (["train", "-p", "tiny_debug", "--plugins", "nosuch"], "unknown plugin 'nosuch'"),
     (["train", "-p", "tiny_debug", "--training.lr"], "has no value"),
+    # a next option was taken as the value: "--training.lr: expected number, got str 'training.max_steps=3'"
+    (["train", "-p", "tiny_debug", "--training.lr", "--max-steps", "3"], "override '--training.lr' has no value"),
+    (["train", "-p", "tiny_debug", "--training.lr", "--model.d_model", "64"], "override '--training.lr' has no value"),
     (["train", "-p", "tiny_debug", "--data.path", "/nonexistent/corpus.txt"], "no such file"),
     (["train", "-p", "tiny_debug", "--device", "tpu"], "training.device: 'tpu' is not a device"),
     (["plugin", "info", "plugin", "nosuch"], "no provider 'nosuch'"),
@@ -183,3 +186,16 @@ def test_plugin_enable_keeps_crlf_line_endings(tmp_path):
 def test_split_overrides():
     ov, rest = split_overrides(["--a.b", "1", "--c.d=2", "--x", "y", "--e.f"])
     assert ov == ["--a.b", "1", "--c.d=2", "--e.f"] and rest == ["--x", "y"]
+    # a flag after a dotted key is not its value; a negative number is
+    ov, rest = split_overrides(["--a.b", "--bogus", "--c.d", "--e.f", "-1"])
+    assert ov == ["--a.b", "--c.d", "--e.f", "-1"] and rest == ["--bogus"]
+
+
+def test_negative_override_value_still_parses(capsys):
+    assert main(["train", "-p", "tiny_debug", "--print-config", "--training.warmup_steps", "-1"]) == 2
+    # -1 was taken as the value (and reached validation)
+    assert "--training.warmup_steps: must be >= 0, got -1" in capsys.readouterr().err
+    assert main(["train", "-p", "tiny_debug", "--print-config", "--training.betas", "[0.9, 0.99]",
+                 "--max-steps", "3"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["training"]["max_steps"] == 3 and cfg["training"]["betas"] == [0.9, 0.99]

@@ -59,6 +59,8 @@ def test_overrides_cli_style_and_mapping():
     assert parse_overrides(["--plugins.align.alpha", "0.5"]) == {"plugins.align.alpha": 0.5}
     with pytest.raises(ConfigError, match="no value"):
         parse_overrides(["--training.lr"])
+    with pytest.raises(ConfigError, match="'--training.lr' has no value"):  # the next flag is not its value
+        parse_overrides(["--training.lr", "--model.d_model", "64"])
 
 
 def test_plugins_argument_appends():

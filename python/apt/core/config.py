@@ -380,7 +380,8 @@ def _parse_overrides_labelled(items: Union[None, Sequence[str], Mapping[str, Any
         else:
             if not tok.startswith("--"):
                 raise ConfigError(f"override {tok!r}: expected --section.key VALUE or section.key=VALUE")
-            if i + 1 >= len(it):
+            # the next flag is not a value ('--training.lr --model.d_model 64' set the LR to '--model.d_model')
+            if i + 1 >= len(it) or (isinstance(it[i + 1], str) and it[i + 1].startswith("--")):
                 raise ConfigError(f"override {tok!r} has no value")
             val = it[i + 1]
             i += 2

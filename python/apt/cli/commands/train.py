@@ -37,7 +37,9 @@ def split_overrides(extras: Sequence[str]) -> tuple[list[str], list[str]]:
         a = extras[i]
         key = a.split("=", 1)[0]
         if a.startswith("--") and "." in key:
-            if "=" in a or i + 1 >= len(extras):
+            # a next option is not this key's value: '--training.lr --max-steps 3' made 'training.max_steps=3'
+            # the LR; alone, the key fails as "has no value" (a negative number, '-1', still is a value)
+            if "=" in a or i + 1 >= len(extras) or extras[i + 1].startswith("--"):
                 overrides.append(a)
                 i += 1
             else:
@@ -68,8 +70,8 @@ def load_cli_profile(args: argparse.Namespace, extra: Optional[dict[str, Any]] =
     about one names the option in ``extra_labels``, e.g. ``--max-steps``) applied."""
     overrides = list(args.overrides or [])
     for key, value in (extra or {}).items():
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+        if value is not None:  # as '--key=value': never taken as the value of a dotted override typed last
+            overrides.append(f"--{key}={json.dumps(value) if not isinstance(value, str) else value}")
     try:
         return load_profile(args.profile, overrides, plugins=args.plugins, override_labels=extra_labels)
     except ConfigError as exc:
