@@ -2,6 +2,7 @@
 broadcast in order; a failing plugin is disabled while training goes on; plugin aux losses join the loss."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -503,3 +504,14 @@ def test_a_schedule_no_enabled_plugin_reads_is_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="apt.training.trainer"):
         Trainer(_cfg(tmp_path, **{"plugins.enabled": ["routing"], "schedules.route_temperature": 2.0}))
     assert "schedules." not in caplog.text
+
+
+def test_explicit_amp_on_cpu_warns(caplog):
+    """An explicit training.amp: bf16 / fp16 on a CPU run was ignored with only an INFO log; auto / off stay silent."""
+    with caplog.at_level(logging.WARNING, logger="apt.training.trainer"):
+        assert amp_dtype("bf16", torch.device("cpu")) is None
+        assert amp_dtype("auto", torch.device("cpu")) is None
+        assert amp_dtype("off", torch.device("cpu")) is None
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "training.amp: bf16 asked for" in warned[0] and "float32" in warned[0] \
+        and "CUDA only" in warned[0], warned

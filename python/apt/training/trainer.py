@@ -59,7 +59,9 @@ def amp_dtype(setting: Any, device: torch.device) -> Optional[torch.dtype]:
     s = str(setting).lower()
     if device.type != "cuda" or s in ("off", "false"):
         if device.type != "cuda" and s in ("bf16", "fp16"):
-            logger.info("training.amp=%s ignored on %s (mixed precision is used on CUDA only)", s, device)
+            # asked for by name (auto is silent): the run is float32, which the user did not ask for
+            logger.warning("training.amp: %s asked for, but the run on %s uses float32 (mixed precision is used on "
+                           "CUDA only); set training.amp: auto or off to silence this", s, device)
         return None
     if s in ("auto", "true"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
