@@ -116,3 +116,24 @@ def test_closed_stdout_is_not_a_traceback():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) in (0, 141) and "Traceback" not in err, err
+
+
+def test_unknown_ffn_name_reports_its_fallback_and_offers_only_dense_names(caplog):
+    """`components:` printed 'ffn dense' without the (fallback: ...) note the other components carry, and the
+    warning listed 'moe', which model.ffn_name refuses."""
+    import logging
+
+    from apt.core.config import load_profile
+    from apt.modeling.compose import ModelBuilder
+
+    cfg = load_profile("tiny_debug", {"model.ffn_name": "nosuch", "model.d_model": 16, "model.num_heads": 2,
+                                      "model.num_layers": 2})
+    with caplog.at_level(logging.WARNING):
+        model = ModelBuilder(cfg, vocab_size=256).build()
+    ffn = model.build_report["ffn"]
+    assert ffn.startswith("dense (fallback: 'nosuch' is not registered") and "moe" not in ffn.split(";")[0], ffn
+    warned = [r.getMessage() for r in caplog.records if "ffn/nosuch" in r.getMessage()]
+    assert len(warned) == 1 and "dense FFN providers: dense;" in warned[0] and "registered: dense, moe" \
+        not in warned[0], warned
+    ok = ModelBuilder(load_profile("tiny_debug", {"model.d_model": 16, "model.num_heads": 2}), 256).build()
+    assert ok.build_report["ffn"] == "dense"

@@ -17,6 +17,7 @@ provider registry.
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import logging
 from typing import Any, Callable, Mapping, Optional
@@ -354,13 +355,33 @@ class ModelBuilder:
         m = self.m
         act = (m.get("ffn") or {}).get("activation", "gelu")
         if self._ffn_provider is None:
-            self._ffn_provider = registry.get("ffn", m.get("ffn_name") or None)
+            self._ffn_provider = self._resolve_ffn(m.get("ffn_name") or None)
         prov = self._ffn_provider
         if prov.name == "moe":  # its layer returns (y, aux): a TypeError in the first forward, far from here
             raise ValueError(f"model.ffn_name: {MOE_AS_FFN_NAME}")
-        self.report["ffn"] = prov.name
+        why = getattr(prov, "fallback_reason", "")
+        self.report["ffn"] = prov.name + (f" (fallback: {why})" if why else "")
         return call_accepting(prov.create_layer, m["d_model"], self._d_ff(act),  # type: ignore[attr-defined]
                               activation=act, dropout=float(m.get("dropout", 0.0)))
+
+    @staticmethod
+    def _resolve_ffn(name: Optional[str]) -> Any:
+        """The dense FFN provider for ``model.ffn_name``. An unregistered name falls back to the default, as the
+        registry's would, but the warning lists only the names model.ffn_name takes: 'moe' (which it refuses, the
+        builder places MoE layers itself) was offered too."""
+        slot = [i.name for i in registry.list_providers("ffn")]
+        if name is None or name == "auto" or name in slot:
+            return registry.get("ffn", name)
+        usable = [n for n in slot if n != "moe"]
+        close = difflib.get_close_matches(str(name), usable, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        why = (f"{name!r} is not registered for kind 'ffn' (dense FFN providers: {', '.join(usable) or 'none'}"
+               f"{hint}; MoE layers come from model.moe.enabled)")
+        prov = registry.get("ffn", None)
+        logger.warning("apt model: asked for ffn/%s, using ffn/%s instead: %s", name, prov.name, why)
+        prov.fallback_reason = why
+        prov.requested_name = name
+        return prov
 
     def moe_ffn(self) -> Optional[nn.Module]:
         m, moe = self.m, self.m["moe"]
