@@ -147,6 +147,14 @@ def test_resume_refuses_a_retrained_bpe_tokenizer(tmp_path):
     Trainer(_cfg(tmp_path / "run", **bpe, **{"data.path": str(a), "training.resume": "auto"}))  # same text: fine
 
 
+def test_resume_with_a_tokenizer_of_another_vocab_size_names_the_tokenizer(run):
+    """A byte run resumed with a BPE of 300 ids failed on embed.weight's size, blamed on model.d_model /
+    num_layers; the tokenizer is compared first, so it gets the message a same-size tokenizer gets."""
+    with pytest.raises(CheckpointError, match="it is 'bpe', the checkpoint's is 'byte'") as exc:
+        Trainer(_cfg(run, **{"data.tokenizer": "bpe", "data.bpe_vocab_size": 300, "training.resume": "auto"}))
+    assert "model.d_model" not in str(exc.value)
+
+
 def test_resume_with_other_parameters_is_a_checkpoint_error(run):
     with pytest.raises(CheckpointError, match="optimizer state does not fit"):
         Trainer(_cfg(run, **{"training.resume": "auto", "model.tie_embeddings": False}))

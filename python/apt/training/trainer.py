@@ -267,6 +267,17 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         blob = ckpt.load(path, map_location="cpu")
+        stored_tok = blob.get("tokenizer") or {"type": "byte"}
+        if self.tokenizer is not None and dict(stored_tok) != self.tokenizer.state_dict():
+            # same vocabulary size, other merges (the training text changed and a BPE was retrained on it): the
+            # weights would go on learning ids that now mean other strings. Before the weights: another vocabulary
+            # size failed there first, as a size mismatch blamed on model.d_model / num_layers
+            was, now = stored_tok.get("type"), self.tokenizer.state_dict().get("type")
+            what = ("its BPE merges differ from the checkpoint's (the text it is trained on changed?)"
+                    if was == now else f"it is {now!r}, the checkpoint's is {was!r}")
+            raise ckpt.CheckpointError(
+                f"{path}: the tokenizer this profile builds does not match the run's: {what}; resume with the "
+                "data.tokenizer / data.tokenizer_path / training text the run started with")
         try:
             # a checkpoint written before saves were unwrapped holds a DDP / torch.compile wrapper's keys
             self.core_model.load_state_dict(ckpt.strip_wrapper_prefixes(blob["model"], self.core_model))
@@ -283,16 +294,6 @@ class Trainer:
                 f"{path}: the checkpoint's model does not match the one this profile builds ({detail}); resume "
                 "with the profile it was trained with (model.d_model, model.num_layers, ... as stored in it)"
             ) from None
-        stored_tok = blob.get("tokenizer") or {"type": "byte"}
-        if self.tokenizer is not None and dict(stored_tok) != self.tokenizer.state_dict():
-            # same vocabulary size, other merges (the training text changed and a BPE was retrained on it): the
-            # weights would go on learning ids that now mean other strings
-            was, now = stored_tok.get("type"), self.tokenizer.state_dict().get("type")
-            what = ("its BPE merges differ from the checkpoint's (the text it is trained on changed?)"
-                    if was == now else f"it is {now!r}, the checkpoint's is {was!r}")
-            raise ckpt.CheckpointError(
-                f"{path}: the tokenizer this profile builds does not match the run's: {what}; resume with the "
-                "data.tokenizer / data.tokenizer_path / training text the run started with")
         stored_model = (blob.get("profile") or {}).get("model") or {}
         changed = _changed_keys(stored_model, self.cfg.get("model") or {}, "model.")
         if changed:
