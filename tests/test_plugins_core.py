@@ -2,6 +2,7 @@
 metrics), the bistate alignment loss, plugin auto-discovery and the manager's isolation."""
 from __future__ import annotations
 
+import logging
 import math
 import sys
 
@@ -105,10 +106,13 @@ def test_moe_plugin_puts_another_router_behind_the_layers(tmp_path, monkeypatch)
     assert all(layer.moe.router_impl.name == name for layer in tr.model.moe_layers())
 
 
-def test_align_enabled_at_scheduled_epoch(tmp_path):
-    tr, rows = _run(tmp_path, ["align"], **{"schedules.enable_align_at_epoch": 2, "model.moe.enabled": False,
-                                           "plugins.align.weight": 0.5, "plugins.align.tau_align": 0.2})
+def test_align_enabled_at_scheduled_epoch(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="apt.plugins"):
+        tr, rows = _run(tmp_path, ["align"], **{"schedules.enable_align_at_epoch": 2, "model.moe.enabled": False,
+                                               "plugins.align.weight": 0.5, "plugins.align.tau_align": 0.2})
     assert [e for e in tr.ctx.events if e[0] == "align"] == [("align", "enabled", 2, 6)]
+    # recorded, and logged too (it was in ctx.events only, which no user sees)
+    assert "plugin align: enabled at epoch 2, step 6" in [r.getMessage() for r in caplog.records]
     for epoch, _, m in rows:
         assert ("loss_align" in m) == (epoch >= 2)
         if epoch >= 2:

@@ -23,10 +23,13 @@ as ``GenerationResult.metrics``. Built-in generation plugins: ``voter`` and ``re
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, ClassVar, Optional
 
 from ..core.registry import Provider
 from ..core.settings import as_bool, as_number
+
+logger = logging.getLogger(__name__)
 
 TRAINING_HOOKS = ("on_training_start", "on_epoch_start", "on_step_start", "on_step_end", "on_epoch_end",
                   "on_training_end")
@@ -101,6 +104,8 @@ class Plugin(Provider):
     def emit(self, ctx: HookContext, event: str) -> None:
         """Record ``event`` (e.g. "enabled") in ``ctx.events`` as (plugin, event, epoch, step)."""
         ctx.events.append((self.name, event, ctx.epoch, ctx.step))
+        # a plugin switching on mid-run (moe, align at their schedules' epoch) changes the loss curve: say so
+        logger.info("plugin %s: %s at epoch %d, step %d", self.name, event, ctx.epoch, ctx.step)
 
     def scheduled_on(self, ctx: HookContext) -> bool:
         """Whether the profile's ``schedules.enable_<name>_at_epoch`` lets this plugin act in ``ctx.epoch``."""
