@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from apt.core.config import (ConfigError, builtin_profiles, deep_merge, load_profile, parse_overrides,
                              resolve_profile_path)
@@ -180,3 +181,25 @@ def test_profile_file_numbers_read_the_yaml_1_2_way(tmp_path):
 def test_non_finite_and_out_of_range_numbers_are_rejected(key, value):
     with pytest.raises(ConfigError, match=f"--{key}"):
         load_profile("tiny_debug", [f"--{key}", value])
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".", "a\\b"])
+def test_run_name_that_is_a_path_is_refused(tmp_path, name):
+    """name: ../escape made apt train write ./escape/last.pt, outside apt_runs/."""
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump({"extends": "tiny_debug", "name": name}))
+    with pytest.raises(ConfigError, match=r"p\.yaml: name: .* names the run directory apt_runs/<name>/"):
+        load_profile(str(prof))
+    with pytest.raises(ConfigError, match="^override name: "):
+        load_profile("tiny_debug", {"name": name})
+    # with training.out_dir set the name is only a label; a plain name (dots inside included) is fine
+    assert load_profile(str(prof), {"training.out_dir": str(tmp_path / "run")})["name"] == name
+    assert load_profile("tiny_debug", {"name": "exp..v2"})["name"] == "exp..v2"
+
+
+def test_trainer_refuses_a_path_name_from_an_unvalidated_mapping(tmp_path):
+    from apt.training import Trainer
+
+    cfg = load_profile("tiny_debug", {"model.d_model": 16, "model.num_heads": 2, "model.num_layers": 1})
+    with pytest.raises(ValueError, match="names the run directory"):
+        Trainer({**cfg, "name": "../escape"})

@@ -578,8 +578,22 @@ def _check_type(key: str, value: Any, where: _Where) -> None:
         raise ConfigError(f"{where.key(key)}: {value!r} is not one of {', '.join(choices)}")
 
 
+def run_name_problem(name: Any) -> Optional[str]:
+    """Why ``name`` cannot name a run directory under ``apt_runs/``, or None: a path separator or a '.' / '..'
+    part made ``name: ../escape`` write ``./escape/last.pt``, outside ``apt_runs/``."""
+    if not isinstance(name, str):
+        return None
+    if "/" in name or "\\" in name or name in (".", ".."):
+        return (f"{name!r} names the run directory apt_runs/<name>/, so it cannot be '.' or '..' or hold a "
+                "path separator; rename the run, or set training.out_dir (--out-dir) for its directory")
+    return None
+
+
 def _check_semantics(cfg: Mapping[str, Any], where: _Where) -> None:
     g = lambda k, d=None: get_dotted(cfg, k, d)  # noqa: E731
+    bad_name = run_name_problem(cfg.get("name")) if g("training.out_dir") is None else None  # else only a label
+    if bad_name:
+        raise ConfigError(f"{where.key('name')}: {bad_name}")
     for key in ("model.d_model", "model.num_layers", "model.num_heads", "model.max_seq_len", "data.seq_len",
                 "data.batch_size", "training.max_epochs", "training.grad_accum", "model.moe.num_experts",
                 "model.moe.k", "model.moe.every", "model.mamba.d_state", "model.mamba.d_conv", "model.mamba.expand",

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import registry
+from ..core.config import run_name_problem
 from ..core.schedules import Schedules
 from ..data.datasets import IGNORE_INDEX, TokenBatches, build_data
 from ..modeling.compose import ModelBuilder
@@ -209,6 +210,8 @@ class Trainer:
         self.ctx = HookContext(trainer=self, model=self.core_model, config=self.cfg,
                                extra={"schedules": self.schedules})
         name = self.cfg.get("name") or "run"
+        if not (out_dir or t.get("out_dir")) and run_name_problem(name):  # an unvalidated mapping's name
+            raise ValueError(f"name: {run_name_problem(name)}")
         self.out_dir = Path(out_dir or t.get("out_dir") or Path("apt_runs") / name)
         self.epoch = 0
         self.step = 0
