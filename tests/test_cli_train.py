@@ -199,3 +199,15 @@ def test_negative_override_value_still_parses(capsys):
                  "--max-steps", "3"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["training"]["max_steps"] == 3 and cfg["training"]["betas"] == [0.9, 0.99]
+
+
+def test_summary_says_which_step_its_val_loss_is_from(tmp_path, capsys):
+    """The last evaluation is an epoch end's: with max_steps mid-epoch the summary's val was step 3's, unlabelled,
+    next to step 5's loss. The step survives a resume (the checkpoint stores it)."""
+    out = tmp_path / "run"
+    args = ["train", "-p", "tiny_debug", "--out-dir", str(out), *FAST, "--training.max_epochs", "2"]
+    assert main([*args, "--max-steps", "5", "--stop-at-step", "4"]) == 0
+    assert ", val " in (text := capsys.readouterr().out) and " (step 3), " in text, text
+    assert main([*args, "--max-steps", "5", "--resume", "auto"]) == 0
+    text = capsys.readouterr().out
+    assert "done: 5 steps" in text and " (step 3), " in text, text

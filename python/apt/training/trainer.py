@@ -218,6 +218,7 @@ class Trainer:
         self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
         self.history: list[float] = []  # loss per optimizer step
         self.val_history: list[float] = []
+        self.val_step: Optional[int] = None  # the step val_history[-1] was measured at (a summary's val may be old)
         self.tokens_seen = 0
         resume = t.get("resume")
         if resume:
@@ -261,7 +262,7 @@ class Trainer:
         """Write the checkpoint; ``rng``: the generator states to store instead of the current ones."""
         state = {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
                  "history": list(self.history), "val_history": list(self.val_history),
-                 "tokens_seen": self.tokens_seen}
+                 "val_step": self.val_step, "tokens_seen": self.tokens_seen}
         out = ckpt.save(path or self.checkpoint_path, self.model, self.cfg, self.tokenizer, self.optimizer,
                         self.scheduler, self.scaler, state, self.plugins.state_dict(),
                         rng=rng if rng is not None else True)
@@ -327,6 +328,8 @@ class Trainer:
             self.batch_in_epoch = int(st.get("batch_in_epoch", 0))
             self.history = list(st.get("history", []))
             self.val_history = list(st.get("val_history", []))
+            val_step = st.get("val_step")  # absent from checkpoints written before it was stored
+            self.val_step = int(val_step) if val_step is not None else None
             self.tokens_seen = int(st.get("tokens_seen", 0))
         except (TypeError, ValueError) as exc:
             raise ckpt.CheckpointError(f"{path}: 'trainer' holds a bad value ({exc}); not a checkpoint apt "
@@ -525,6 +528,7 @@ class Trainer:
                 val = self.evaluate() if t.get("eval", True) else None
                 if val is not None:
                     self.val_history.append(val)
+                    self.val_step = self.step
                 ctx = self._sync_ctx()
                 ctx.metrics["val_loss"] = val
                 self.plugins.broadcast("on_epoch_end", ctx)
@@ -551,7 +555,7 @@ class Trainer:
         summary = {"steps": self.step, "epochs": self.epoch, "wall_s": wall,
                    "first_loss": self.history[0] if self.history else None,
                    "final_loss": self.history[-1] if self.history else None,
-                   "val_losses": list(self.val_history),
+                   "val_losses": list(self.val_history), "val_step": self.val_step,
                    "tokens_per_s": (self.tokens_seen - tokens_at_start) / max(wall, 1e-9),
                    "checkpoint": str(self.checkpoint_path), "disabled_plugins": dict(self.plugins.disabled),
                    # before total_steps; reaching it mid-epoch (max_steps) skips the epoch end but is no early stop

@@ -157,8 +157,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc) if "checkpoint" in str(exc) else f"training stopped: {exc}") from None
     first, last = summary["first_loss"], summary["final_loss"]
     val = summary["val_losses"][-1] if summary["val_losses"] else None
+    # the last evaluation's (an epoch end), which may be steps before the last loss: say which step it is
+    val_at = f" (step {summary['val_step']})" if summary.get("val_step") is not None else ""
     print(f"done: {summary['steps']} steps in {summary['wall_s']:.1f}s, loss {first:.4f} -> {last:.4f}"
-          + (f", val {val:.4f}" if val is not None else "")
+          + (f", val {val:.4f}{val_at}" if val is not None else "")
           + f", {summary['tokens_per_s']:,.0f} tokens/s; checkpoint {summary['checkpoint']}")
     if summary["stopped_early"]:
         print(f"stopped at step {summary['steps']} of {trainer.total_steps}; continue the same run (same schedule) "
