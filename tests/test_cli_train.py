@@ -1,6 +1,8 @@
 """CLI: apt train (overrides, --plugins, errors without tracebacks), apt plugin list / info / enable / disable."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import yaml
 
@@ -211,3 +213,38 @@ def test_summary_says_which_step_its_val_loss_is_from(tmp_path, capsys):
     assert main([*args, "--max-steps", "5", "--resume", "auto"]) == 0
     text = capsys.readouterr().out
     assert "done: 5 steps" in text and " (step 3), " in text, text
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fcntl: no run lock on Windows")
+def test_second_train_into_one_out_dir_fails_while_the_first_runs(tmp_path, capsys, monkeypatch):
+    """Two `apt train` runs into one folder replaced each other's last.pt with no word. A run holds an flock on
+    <out_dir>/.apt_train.lock; another run there fails at once (exit 2, one line), a reader (generate) does not
+    care, and torchrun ranks other than 0 take no lock (every rank writes the run's checkpoint)."""
+    import fcntl
+
+    out = tmp_path / "run"
+    assert main(["train", "-p", "tiny_debug", "--out-dir", str(out), *FAST]) == 0
+    capsys.readouterr()
+    with open(out / ".apt_train.lock", "a+") as held:  # a live run's lock (flock: per open file, so this conflicts)
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("4242\n")
+        held.flush()
+        before = (out / "last.pt").stat().st_mtime_ns
+        assert main(["train", "-p", "tiny_debug", "--out-dir", str(out), *FAST]) == 2
+        err = capsys.readouterr().err
+        line = err.splitlines()[-1]
+        assert line.startswith(f"apt train: error: another apt train (pid 4242) is writing to {out}: ") \
+            and line.endswith("pick another --out-dir") and "Traceback" not in err and "replaced" not in err, err
+        assert (out / "last.pt").stat().st_mtime_ns == before  # nothing written, nothing warned about replacing
+        assert main(["generate", str(out), "--prompt", "a", "--max-new-tokens", "2"]) == 0  # readers take no lock
+        monkeypatch.setenv("RANK", "1")
+        assert main(["train", "-p", "tiny_debug", "--out-dir", str(out), "--resume", "auto", *FAST,
+                     "--training.max_epochs", "2"]) == 0
+        monkeypatch.delenv("RANK")
+    capsys.readouterr()
+    # released: the next run goes ahead, and its own lock is gone when it ends (a third run is not refused)
+    for _ in range(2):
+        assert main(["train", "-p", "tiny_debug", "--out-dir", str(out), "--resume", "auto", *FAST,
+                     "--training.max_epochs", "3"]) == 0
+    assert "nothing to do" in capsys.readouterr().out

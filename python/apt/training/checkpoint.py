@@ -26,7 +26,7 @@ import socket
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 try:  # advisory locks: a live writer holds one on its temp file (released by the kernel when the process dies)
     import fcntl
@@ -242,6 +242,53 @@ def save(path: Union[str, os.PathLike], model: torch.nn.Module, profile: Mapping
         finally:
             os.close(dfd)
     return path
+
+
+RUN_LOCK_NAME = ".apt_train.lock"
+
+
+def _is_global_rank_zero() -> bool:
+    rank = os.environ.get("RANK", "0").strip()  # torchrun's global rank; unset: a single process
+    return rank in ("", "0") or not rank.isdigit()
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Union[str, os.PathLike]) -> Iterator[Optional[Path]]:
+    """Hold an advisory exclusive lock on ``<out_dir>/.apt_train.lock`` for the block: two ``apt train`` runs into
+    one folder replaced each other's last.pt with no word. The kernel drops the lock when the process dies, so a
+    killed run never leaves the folder locked. Only global rank 0 of a torchrun job takes it (every rank writes
+    the same checkpoint, and ranks 1.. would lock themselves out); none on Windows (no fcntl). Yields the lock
+    file's path, None when no lock is taken; raises CheckpointError when another process holds it."""
+    if fcntl is None or not _is_global_rank_zero():
+        yield None
+        return
+    path = Path(out_dir) / RUN_LOCK_NAME
+    try:
+        f = open(path, "a+")  # "a+": never truncates the holder's pid before the lock is ours
+    except OSError as exc:
+        logger.warning("cannot create %s (%s): this run does not guard %s against a second apt train", path,
+                       exc.strerror or exc, out_dir)
+        yield None
+        return
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held by a live process
+            f.seek(0)
+            holder = f.read().strip()
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise CheckpointError(f"another apt train{who} is writing to {out_dir}: two runs there would replace "
+                                  "each other's checkpoint; wait for it to end or pick another --out-dir") from None
+        except OSError as exc:  # a file system without flock (some NFS mounts): no guard, not a failed run
+            logger.warning("cannot lock %s (%s): this run does not guard %s against a second apt train", path,
+                           exc.strerror or exc, out_dir)
+            yield None
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield path  # released when the file closes (or the process dies)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ logged; other model settings that keep the shapes (dropout, activation) are acce
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -80,7 +81,7 @@ def load_cli_profile(args: argparse.Namespace, extra: Optional[dict[str, Any]] =
 
 def run(args: argparse.Namespace) -> int:
     from ...plugins.manager import PluginError
-    from ...training.checkpoint import CheckpointError, out_of_memory_reason
+    from ...training.checkpoint import CheckpointError, out_of_memory_reason, run_lock
     from ...training.trainer import Trainer
 
     extra = {"training.out_dir": args.out_dir, "training.resume": args.resume, "training.max_steps": args.max_steps,
@@ -126,20 +127,28 @@ def run(args: argparse.Namespace) -> int:
     label = "--out-dir" if args.out_dir else "training.out_dir"
     if trainer.out_dir.exists() and not trainer.out_dir.is_dir():
         raise CLIError(f"{label}: {trainer.out_dir} is a file, not a directory")
-    existing = trainer.checkpoint_path
-    if not cfg.get("training", {}).get("resume") and (existing.is_file() or existing.is_symlink()):
-        # a second `apt train -p tiny_debug` (the --resume auto forgotten) replaced the first run's checkpoint
-        # with no word; say so before its first save does it
-        print(f"apt train: warning: {existing} (a previous run's checkpoint) is replaced by this run, which starts "
-              f"at step 0; --resume auto continues that run instead, --out-dir keeps both", file=sys.stderr)
     try:  # fail now, not after the whole run, when the checkpoint cannot be written there
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=trainer.out_dir, prefix=".apt_write_test"):
             pass
     except OSError as exc:
         raise CLIError(f"{label}: cannot write checkpoints to {trainer.out_dir}: {exc.strerror or exc}") from None
+    # held until the run ends (or the process dies): a second run into this folder fails here, before it warns
+    # about or replaces the first one's checkpoint
+    lock = contextlib.ExitStack()
     try:
-        summary = trainer.fit(stop_at_step=args.stop_at_step)
+        lock.enter_context(run_lock(trainer.out_dir))
+    except CheckpointError as exc:
+        raise CLIError(str(exc)) from None
+    existing = trainer.checkpoint_path
+    if not cfg.get("training", {}).get("resume") and (existing.is_file() or existing.is_symlink()):
+        # a second `apt train -p tiny_debug` (the --resume auto forgotten) replaced the first run's checkpoint
+        # with no word; say so before its first save does it
+        print(f"apt train: warning: {existing} (a previous run's checkpoint) is replaced by this run, which starts "
+              f"at step 0; --resume auto continues that run instead, --out-dir keeps both", file=sys.stderr)
+    try:
+        with lock:
+            summary = trainer.fit(stop_at_step=args.stop_at_step)
     except (FloatingPointError, CheckpointError) as exc:
         raise CLIError(str(exc)) from None
     except TypeError as exc:  # fit()'s up-front check: a profile value a checkpoint cannot hold (a YAML date)
