@@ -378,9 +378,17 @@ def test_moeffn_temperature_and_capacity_are_mutable():
     m.capacity_factor = None
     _, aux2 = m(x)
     assert int(aux2["dropped"]) == 0
-    m.temperature = 0.0
-    with pytest.raises(ValueError, match="temperature"):
-        m(x)
+    for bad in (0.0, True):  # True is an int to isinstance, and was taken as 1
+        m.temperature = bad
+        with pytest.raises(ValueError, match="temperature"):
+            m(x)
+
+
+def test_noisy_gating_routes_in_the_router_dtype():
+    """A float64 router with noisy gating routed on fp32 logits in training (the noise was added in fp32)."""
+    m = MoEFFN(4, 8, 4, k=2, noisy_gating=True, router_dtype=torch.float64, router_impl="reference").train()
+    clean, noisy = m.router_logits(torch.randn(6, 4))
+    assert clean.dtype == noisy.dtype == torch.float64 and not torch.equal(clean, noisy)
 
 
 def test_bad_inputs():

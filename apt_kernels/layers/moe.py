@@ -74,6 +74,13 @@ class MoEFFN(nn.Module):
     whose every choice is dropped get a zero MoE output (plus the shared expert's, when enabled); the caller's
     residual connection carries them. The router logits are computed in ``router_dtype`` (fp32 by default, also
     under autocast; None = the input's dtype), the experts in x's dtype.
+
+    For users of other MoE code (design/MOE.md is the contract): the balance loss counts all N·k assignments,
+    ``E · Σ_e f_e P_e`` with f_e their share, so for k > 1 it is 1/k of Hugging Face Mixtral's
+    ``load_balancing_loss_func`` (multiply ``balance_coef`` by k to port its ``router_aux_loss_coef``), and
+    DeepSpeed's top2gating counts first choices only. A dropped choice's weight is not given to the token's kept
+    ones (DeepSpeed renormalises after dropping). Noisy gating's noise std (softplus(x W_noise)) is not divided
+    by ``temperature``, the clean logits are.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int = 2, capacity_factor: Optional[float] = 1.25,
@@ -159,7 +166,8 @@ class MoEFFN(nn.Module):
     def router_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean logits / temperature, logits used for routing: plus noise in training with noisy gating)."""
         # inf would pass "> 0" and silently make every token's router uniform
-        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < math.inf):
+        if isinstance(self.temperature, bool) or not (isinstance(self.temperature, (int, float))
+                                                       and 0 < self.temperature < math.inf):
             raise ValueError(f"temperature: expected a finite number > 0, got {self.temperature!r}")
         rd = self.router_dtype
         if rd is None:
@@ -175,8 +183,10 @@ class MoEFFN(nn.Module):
                 noise = (F.linear(h, self.noise.weight.to(rd)) if self.noise is not None and self.training
                          else None)
         if noise is not None:
-            std = F.softplus(noise.float())
-            return clean, clean.float() + torch.randn_like(std) * std
+            # in the clean logits' precision, at least fp32 (a float64 router routed on fp32 logits in training)
+            acc = torch.promote_types(clean.dtype, torch.float32)
+            std = F.softplus(noise.to(acc))
+            return clean, clean.to(acc) + torch.randn_like(std) * std
         return clean, clean
 
     def _experts(self, buf: torch.Tensor, routing: Routing) -> torch.Tensor:
