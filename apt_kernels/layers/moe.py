@@ -3,7 +3,9 @@
 The experts' weights are stacked (E, C, F) / (E, F, C) parameters, so all experts run as one batched GEMM
 (``torch.bmm``) over the (E, cap, C) dispatch buffer. Dropless mode packs rows by expert; ``moe_grouped_ffn`` (a
 custom op, so the data-dependent segment sizes never reach a compiled graph) pads each expert's segment to the
-largest one (one host sync for that size) before the same bmm, again with no loop over experts.
+largest one (one host sync for that size) before the same bmm, again with no loop over experts, unless that
+padding would more than double the rows (a skewed routing: one expert holding most tokens), where it runs the
+experts one by one instead (their own rows' work, not E times the largest).
 """
 from __future__ import annotations
 

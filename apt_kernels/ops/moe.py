@@ -370,7 +370,7 @@ def _op(impl: str, name: str) -> Callable[..., Any]:
 
 # ---- grouped expert FFN on the packed dropless buffer ------------------------------------------------------------
 # Expert e's rows are x[offsets[e]:offsets[e+1]]. Each projection is one bmm over an (E, width, .) zero-padded
-# buffer (width = the largest segment) while the padding at most doubles the rows (see _groups for the CPU), else
+# buffer (width = the largest segment) while the padding at most doubles the rows, else
 # the FFN runs expert by expert (_ffn_per_expert). A skewed routing (a collapsing router: every token on experts 0 and
 # 1 of 32, N=2048, k=2) made the padded bmm E/2 times the work: 385 ms against 22 ms for per-expert matmuls, and an
 # (E, width, .) buffer of 235 MB saved for the backward. One host sync for the segment bounds. The per-expert row
@@ -387,10 +387,9 @@ def _groups(offsets: torch.Tensor, m: int) -> _Groups:
     bounds = [int(b) for b in offsets.tolist()]  # the one host sync
     counts = [b - a for a, b in zip(bounds, bounds[1:])]
     e, width = len(counts), max(max(counts), 1)
-    # per-expert matmuls where the padding would more than double the rows, and on the CPU wherever experts
-    # average 64+ rows (its bmm is no faster than a loop of matmuls there: N=2048 E=32 k=2 C=128 F=256, random
-    # routing, one thread: 26 ms padded, 19 ms per expert; with fewer rows the loop's Python overhead loses)
-    if e * width > 2 * max(m, 1) or (offsets.device.type == "cpu" and m >= 64 * e):
+    # the batched GEMM over experts padded to the widest, as long as the padding at most doubles the rows; past
+    # that (a skewed routing) expert by expert, whose work is the rows' own
+    if e * width > 2 * max(m, 1):
         return _Groups(bounds, None, width)
     counts_t = offsets[1:] - offsets[:-1]
     expert_of_row = torch.repeat_interleave(torch.arange(e, device=offsets.device), counts_t, output_size=m)
