@@ -128,9 +128,15 @@ def native_status() -> tuple[bool, str]:
     return (_module is not None, _reason)
 
 
+# the op families csrc/ registers (APT_REGISTER_OPS); a module built from an older checkout may lack some
+FAMILIES = ("common", "host_pool", "tva", "scan_cpu", "scan_cuda", "moe", "moe_cuda")
+
+
 def native_family_status(family: str) -> tuple[bool, str]:
-    """(available, reason) for one op family (csrc/<family>/) inside the compiled module: a module built from an
+    """(available, reason) for one op family (:data:`FAMILIES`) inside the compiled module: a module built from an
     older checkout may lack it."""
+    if family not in FAMILIES:  # a typo ("scan") read as a module to rebuild
+        raise ValueError(f"family: expected one of {', '.join(FAMILIES)}, got {family!r}")
     ok, why = native_status()
     if not ok:
         return False, why

@@ -137,3 +137,15 @@ def test_unknown_ffn_name_reports_its_fallback_and_offers_only_dense_names(caplo
         not in warned[0], warned
     ok = ModelBuilder(load_profile("tiny_debug", {"model.d_model": 16, "model.num_heads": 2}), 256).build()
     assert ok.build_report["ffn"] == "dense"
+
+
+def test_native_family_names_are_the_built_ones():
+    """FAMILIES lists what csrc/ registers; a name outside it is a typo, not a module to rebuild ('scan' said
+    "built without the 'scan' ops (rebuild: pip install .)" on a module that has scan_cpu)."""
+    from apt_kernels import _native
+
+    if not _native.native_status()[0]:
+        pytest.skip(_native.native_status()[1])
+    assert sorted(_native.cpu_module().families) == sorted(_native.FAMILIES)
+    with pytest.raises(ValueError, match="^family: expected one of .*got 'scan'"):
+        _native.native_family_status("scan")

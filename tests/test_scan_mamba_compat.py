@@ -72,7 +72,8 @@ def test_mamba2_head_layout_takes_2d_B_C_as_one_group():
                                   "selective_state_update_cpu"])
 def test_one_head_state_with_channel_layout_inputs(name):
     """mamba_ssm adds the head axis argument by argument: a (batch, 1, dim, N) state with (batch, dim) x/dt/z,
-    (dim, N) or (1, dim, N) A, (batch, N) B/C runs as one head, y (batch, dim)."""
+    (dim, N) or (1, dim, N) A, (batch, N) B/C runs as one head, y (batch, 1, dim) as mamba_ssm's (it squeezes the
+    head axis only for a 3-d state)."""
     if name.endswith("_cpu") and not S.cpu_status()[0]:
         pytest.skip(S.cpu_status()[1])
     state, x, dt, A, B, C, D, z, dt_bias = _mamba2_inputs(1, torch.Generator().manual_seed(53), H=1)
@@ -80,8 +81,8 @@ def test_one_head_state_with_channel_layout_inputs(name):
     for A_in, B_in in ((A[0], B[:, 0]), (A, B)):  # channel-layout A and B, or the head layout's
         st = state.clone()
         y = getattr(K, name)(st, x[:, 0], dt[:, 0], A_in, B_in, C[:, 0], D[0], z[:, 0], dt_bias, dt_softplus=True)
-        assert y.shape == (2, 3)
-        assert_close(y, y_ref[:, 0], family="scan")
+        assert y.shape == (2, 1, 3)
+        assert_close(y, y_ref, family="scan")
         assert_close(st, s_ref, family="scan")
 
 
@@ -161,3 +162,41 @@ def test_state_batch_indices_bad_input_errors():
         with pytest.raises(err, match=f"^state_batch_indices: .*{msg}"):
             run(ind)
     assert run(torch.tensor([4, -1, 0], dtype=torch.int32)).shape == x.shape
+
+
+def test_state_batch_indices_gradients_and_no_host_sync():
+    """Padding rows write the anchor slot's own value back: with a gradient through the updated pool it must
+    count once (index_copy_'s backward gave each repeat the slot's whole gradient: x6 with five padding rows);
+    and no .item() (a host sync per decode step on a GPU): torch.compile(fullgraph=True) traces it."""
+    g = torch.Generator().manual_seed(57)
+    _, x, dt, A, B, C, D, z, dt_bias = _mamba2_inputs(1, g, b=5)
+    pool0 = torch.randn(6, *x.shape[1:], A.shape[-1], generator=g)
+    for idx in ([-1, 3, -1, 0, 1], [-1, -1, -1, -1, -1], [0, 1, 2, 3, 4]):
+        ind = torch.tensor(idx)
+        xs = x.clone().requires_grad_()
+        p = pool0.clone().requires_grad_()
+        pool = p * 1.0  # a non-leaf, updated in place
+        y = K.selective_state_update(pool, xs, dt, A, B, C, D, z, dt_bias, dt_softplus=True, state_batch_indices=ind)
+        gx, gp = torch.autograd.grad((pool ** 2).sum() + y.sum(), (xs, p))
+        xr, pr = x.clone().requires_grad_(), pool0.clone().requires_grad_()
+        pool_r, ys = pr * 1.0, []
+        for i, s in enumerate(idx):  # row by row on its slot
+            if s < 0:
+                ys.append(torch.zeros_like(xr[i]))
+                continue
+            st = pool_r[s:s + 1].clone()
+            sl = lambda t: t[i:i + 1]  # noqa: E731
+            ys.append(K.selective_state_update_ref(st, sl(xr), sl(dt), A, sl(B), sl(C), D, sl(z), dt_bias, True)[0])
+            pool_r = torch.cat([pool_r[:s], st, pool_r[s + 1:]])
+        gxr, gpr = torch.autograd.grad((pool_r ** 2).sum() + torch.stack(ys).sum(), (xr, pr), allow_unused=True,
+                                       materialize_grads=True)
+        torch.testing.assert_close(gx, gxr, msg=f"dx {idx}")
+        torch.testing.assert_close(gp, gpr, msg=f"dpool {idx}")
+    step = torch.compile(lambda st, ind: K.selective_state_update(st, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True,
+                                                                  state_batch_indices=ind), fullgraph=True)
+    ind = torch.tensor([4, -1, 0, 2, -1])
+    got, want = pool0.clone(), pool0.clone()
+    y = step(got, ind)
+    y_ref = K.selective_state_update(want, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True, state_batch_indices=ind)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(got, want)

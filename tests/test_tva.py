@@ -370,3 +370,16 @@ def test_gqa_decode_still_checks_the_causal_flag(flag):
     q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
     with pytest.raises(TypeError, match="causal: expected a bool"):  # the head fold had skipped check_flag
         tva_attention(q, k, k, causal=flag)
+
+
+def test_reference_scales_before_the_product():
+    """fp32 q·k past 3.4e38 whose scaled scores fit: the reference multiplied after the product (inf, a NaN
+    output); SDPA's math path scales first."""
+    from apt_kernels.ops.tva import tva_attention
+
+    g = torch.Generator().manual_seed(3)
+    q = (torch.randn(1, 2, 5, 16, generator=g) * 2e18).clamp(min=1e18)  # every q·k ~ 1e38..1e39
+    o = tva_attention(q, q, q, impl="reference")
+    assert torch.isfinite(o).all()
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), q.double(), q.double(), is_causal=True)
+    torch.testing.assert_close(o.double(), want, rtol=1e-4, atol=0)

@@ -764,15 +764,21 @@ def _step_on_slots(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx) -> to
         return selective_state_update(state.new_zeros(batch, *state.shape[1:]), x, dt, A, B, C, D, z, dt_bias,
                                       dt_softplus).zero_()
     valid = idx >= 0
-    first = valid.to(torch.int8).argmax()  # the first valid row (0 when none is)
-    anchor = idx[first].clamp_min(0)
+    # index_select with 1-element tensors, never t[first]: a 0-d tensor index is an .item() (a host sync per step
+    # on a GPU, a failed CUDA-graph capture, a torch.compile graph break)
+    first = valid.to(torch.int8).argmax().view(1)  # the first valid row (0 when none is)
+    anchor = idx.index_select(0, first).clamp_min(0)
     rows = torch.where(valid, idx, anchor).long()
     sub = state.index_select(0, rows)
-    before = state.index_select(0, anchor.view(1))[0]  # what the anchor slot holds, kept when no row is valid
+    before = state.index_select(0, anchor)  # what the anchor slot holds, kept when no row is valid
     y = selective_state_update(sub, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     shape = (-1,) + (1,) * (state.dim() - 1)
-    fill = torch.where(valid[first], sub[first], before)
-    state.index_copy_(0, rows, torch.where(valid.view(shape), sub, fill))
+    fill = torch.where(valid.index_select(0, first).view(shape), sub.index_select(0, first), before)
+    # the padding rows' writes to the anchor repeat a value; only one source per slot may carry its gradient
+    # (index_copy_'s backward gives every repeat the slot's whole gradient: x6 with five padding rows)
+    own = valid | (torch.arange(batch, device=idx.device) == first)
+    src = torch.where(own.view(shape), torch.where(valid.view(shape), sub, fill), fill.detach())
+    state.index_copy_(0, rows, src)
     return torch.where(valid.view((-1,) + (1,) * (y.dim() - 1)), y, torch.zeros((), dtype=y.dtype, device=y.device))
 
 

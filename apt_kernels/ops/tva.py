@@ -327,7 +327,10 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     Precision: the fused backwards (CPU, CUDA, Triton) take FlashAttention's row term ``Σ dO·(attention output)``
     from the attention part of the output, which their forward saves (in the inputs' dtype, as flash-attn saves
     its output) when training with delta, so a perturbation ``coef·gate·delta`` much larger than the attention
-    costs dq and dk no precision (tests/test_lowp_accuracy.py).
+    costs dq and dk no precision (tests/test_lowp_accuracy.py). As in flash-attn, the backward recomputes the
+    probabilities from the saved fp32 log-sum-exp, so rows whose scores share a large offset lose dq precision
+    with its size (fp16, scores around -3600: dq relative error ~1e-2 where the reference has ~5e-4; offsets of a
+    few hundred cost ~1e-3); qk-normalised or ordinary activations are far from that.
     """
     check_flag("return_lse", return_lse)
     folded = _gqa_fold(q, k, v, delta, gate, causal, window)

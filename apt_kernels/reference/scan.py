@@ -124,8 +124,8 @@ def state_update_heads(step, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) 
     b, H, P, N = state.shape
     if H == 1 and isinstance(x, torch.Tensor) and x.dim() == 2:
         # one head and a channel-layout x: mamba_ssm adds the head axis per argument, so such a call mixes the
-        # layouts; y is then (batch, dim), as there
-        return step(state[:, 0], x, dt, *_drop_head_axis(A, B, C, D, z, dt_bias), dt_softplus)
+        # layouts; y is (batch, 1, dim) as there (it squeezes the head axis only for a 3-d state)
+        return step(state[:, 0], x, dt, *_drop_head_axis(A, B, C, D, z, dt_bias), dt_softplus).unsqueeze(1)
     check_no_overlap("state", state)  # before the copy fallback below, which would write through the overlap
     for name, t, shape, what in (("x", x, (b, H, P), "(batch, nheads, headdim)"),
                                  ("dt", dt, (b, H, P), "(batch, nheads, headdim)"),

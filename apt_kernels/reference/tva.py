@@ -234,7 +234,9 @@ def tva_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: 
     k, v = repeat_kv(q, k, v)
     a = check_tva_inputs(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
     acc = _acc_dtype(q.dtype)
-    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * a.scale
+    # scaled before the product, as SDPA's math path: q·k of fp32 magnitudes near 1e19 overflowed to inf (a NaN
+    # output) where the scaled scores fit
+    s = torch.matmul(q.to(acc) * a.scale, k.to(acc).transpose(-1, -2))
     vis = tva_visible_mask(a.Tq, a.Tk, causal, a.window, a.sinks, key_padding_mask, q.device)
     row_any = vis.any(dim=-1, keepdim=True)
     # Fully masked rows: softmax over finite zeros, then multiplied by 0, so neither output nor grads are NaN.
