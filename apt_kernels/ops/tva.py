@@ -11,6 +11,7 @@ log-sum-exp backward.
 from __future__ import annotations
 
 import functools
+import numbers
 import logging
 from typing import Any, Callable, Optional
 
@@ -18,7 +19,7 @@ import torch
 
 from .. import backends
 from .._native import cpu_module, current_stream, native_module, view
-from .._validate import check_flag
+from .._validate import check_flag, check_ndim
 from ..reference.tva import (Coef, TVAArgs, check_tva_inputs, fold_kv_grads, kv_groups, kv_head_views,
                              register_fused_tva_op, repeat_kv,
                              tva_attention_ref)
@@ -27,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "reference", "cpu_native", "triton", "cuda")
 
-__all__ = ["tva_attention", "tva_attention_cpu", "tva_attention_cuda", "impl_status", "resolve_impl", "IMPLS",
-           "tva_attention_ref"]
+__all__ = ["tva_attention", "tva_attention_cpu", "tva_attention_cuda", "flash_attn_func", "impl_status",
+           "resolve_impl", "IMPLS", "tva_attention_ref"]
 
 # dtypes the fused kernels take (the reference also takes float64)
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -358,3 +359,52 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     if return_lse:
         return fn(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale, return_lse=True)
     return fn(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
+
+
+def _flash_window(window_size: Any, causal: bool) -> Optional[int]:
+    """flash-attn's window_size=(left, right) (-1: unbounded; query i sees keys [p - left, p + right], p its
+    position) as tva_attention's window, or ValueError where the two cannot say the same."""
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+            and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size: expected (left, right), each an int >= -1 (-1: unbounded), got "
+                         f"{window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if causal:  # flash-attn: causal sets right = 0
+        return None if left < 0 else left + 1
+    if left == right:
+        return None if left < 0 else left + 1
+    raise ValueError(f"window_size: without causal only a symmetric window (left == right) is supported here, got "
+                     f"{tuple(window_size)}")
+
+
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    softmax_scale: Optional[float] = None, causal: bool = False,
+                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False,
+                    return_attn_probs: bool = False) -> Any:
+    """flash-attn's ``flash_attn_func`` signature and layout over :func:`tva_attention` (plain attention, no TVA
+    term), so code written for flash-attn runs on every device and implementation here: q (B, Tq, H, D), k/v
+    (B, Tk, Hkv, D) with Hkv dividing H; returns (B, Tq, H, D), contiguous, and with ``return_attn_probs`` the
+    tuple ``(out, softmax_lse (B, H, Tq) fp32, None)`` (flash-attn's third item is the dropout mask's scores,
+    only with dropout). Causal with Tq < Tk is aligned to the bottom right, as flash-attn >= 2.1.
+    ``window_size=(left, right)`` maps to ``window=left + 1`` (causal; right is 0 there) or, without causal, a
+    symmetric ``left == right``. Not supported, with a ValueError naming the argument rather than a silent
+    difference: ``dropout_p > 0`` (pass 0 in evaluation, or use an attention dropout outside), ``softcap``,
+    ``alibi_slopes``. ``deterministic`` is accepted: these kernels' backward is deterministic."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_ndim(name, t, 4, "(B, T, H, D) (flash-attn's layout)")
+    check_flag("causal", causal)
+    check_flag("deterministic", deterministic)
+    check_flag("return_attn_probs", return_attn_probs)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
+        raise ValueError(f"dropout_p: attention dropout is not supported here (expected 0.0, got {dropout_p!r})")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or softcap != 0:
+        raise ValueError(f"softcap: score soft-capping is not supported here (expected 0.0, got {softcap!r})")
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes: ALiBi is not supported here (expected None)")
+    window = _flash_window(window_size, causal)
+    out = tva_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, window=window,
+                        softmax_scale=softmax_scale, return_lse=return_attn_probs)
+    if return_attn_probs:
+        return out[0].transpose(1, 2).contiguous(), out[1], None
+    return out.transpose(1, 2).contiguous()

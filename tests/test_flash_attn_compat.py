@@ -1,0 +1,69 @@
+"""apt_kernels.flash_attn_func: flash-attn's signature and (B, T, H, D) layout over tva_attention, checked against
+flash-attn's documented semantics written out in float64 (bottom-right causal alignment, window_size=(left, right)
+as keys [p - left, p + right] of query position p = i + Tk - Tq, softmax_lse)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import apt_kernels as K
+
+
+def _flash_semantics(q, k, v, causal, window_size, scale):
+    """float64 attention as flash-attn defines it, on (B, T, H, D) tensors (k/v heads repeated for GQA)."""
+    B, Tq, H, D = q.shape
+    Tk, G = k.shape[1], H // k.shape[2]
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    left, right = window_size
+    if causal:
+        right = 0
+    p = torch.arange(Tq)[:, None] + Tk - Tq
+    j = torch.arange(Tk)[None, :]
+    ok = torch.ones(Tq, Tk, dtype=torch.bool)
+    if left >= 0:
+        ok &= j >= p - left
+    if right >= 0:
+        ok &= j <= p + right
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else D ** -0.5)
+    s = s.masked_fill(~ok, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    out = torch.softmax(s, -1).nan_to_num(0.0) @ v
+    return out.transpose(1, 2), lse
+
+
+@pytest.mark.parametrize("Tq,Tk,H,Hkv,causal,window_size,scale", [
+    (9, 9, 4, 4, True, (-1, -1), None), (5, 13, 4, 2, True, (-1, -1), None), (1, 17, 4, 1, True, (-1, -1), 0.3),
+    (7, 20, 2, 2, True, (3, 0), None), (7, 20, 2, 2, True, (4, 6), None), (11, 11, 2, 1, False, (-1, -1), None),
+    (6, 15, 4, 2, False, (2, 2), None), (33, 40, 2, 2, True, (0, 0), None)])  # Tq >= 32: the CPU kernel
+def test_matches_flash_attn_semantics(Tq, Tk, H, Hkv, causal, window_size, scale):
+    g = torch.Generator().manual_seed(Tq * 100 + Tk)
+    q = torch.randn(2, Tq, H, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, Tk, Hkv, 16, generator=g, requires_grad=True) for _ in range(2))
+    out, lse, none = K.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, window_size=window_size,
+                                       return_attn_probs=True)
+    assert none is None and out.shape == q.shape and out.is_contiguous() and lse.dtype == torch.float32
+    want, want_lse = _flash_semantics(q, k, v, causal, window_size, scale)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)
+    gy = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (q, k, v), gy)
+    exp = torch.autograd.grad(want, (q, k, v), gy.double())
+    for n, a, b in zip("qkv", got, exp):
+        assert a.shape == b.shape, n
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5, msg=lambda m: f"d{n}: {m}")
+
+
+def test_unsupported_options_are_refused_by_name():
+    q = torch.randn(1, 4, 2, 8)
+    for kw, name in ((dict(dropout_p=0.1), "dropout_p"), (dict(softcap=30.0), "softcap"),
+                     (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),
+                     (dict(window_size=(2, 3)), "window_size"), (dict(window_size=(2,)), "window_size"),
+                     (dict(window_size=(-2, 0)), "window_size"), (dict(causal=1), "causal")):
+        with pytest.raises((ValueError, TypeError), match=f"^{name}: "):
+            K.flash_attn_func(q, q, q, **kw)
+    with pytest.raises(ValueError, match=r"^q: .*\(B, T, H, D\)"):
+        K.flash_attn_func(q[0], q[0], q[0])
+    assert K.flash_attn_func(q, q, q, dropout_p=0.0, deterministic=True).shape == q.shape
