@@ -29,7 +29,7 @@ def _flash_semantics(q, k, v, causal, window_size, scale):
         ok &= j <= p + right
     s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else D ** -0.5)
     s = s.masked_fill(~ok, -math.inf)
-    lse = torch.logsumexp(s, -1)
+    lse = torch.logsumexp(s, -1).masked_fill(~ok.any(-1), math.inf)  # +inf for a row that sees no key
     out = torch.softmax(s, -1).nan_to_num(0.0) @ v
     return out.transpose(1, 2), lse
 
@@ -37,7 +37,9 @@ def _flash_semantics(q, k, v, causal, window_size, scale):
 @pytest.mark.parametrize("Tq,Tk,H,Hkv,causal,window_size,scale", [
     (9, 9, 4, 4, True, (-1, -1), None), (5, 13, 4, 2, True, (-1, -1), None), (1, 17, 4, 1, True, (-1, -1), 0.3),
     (7, 20, 2, 2, True, (3, 0), None), (7, 20, 2, 2, True, (4, 6), None), (11, 11, 2, 1, False, (-1, -1), None),
-    (6, 15, 4, 2, False, (2, 2), None), (33, 40, 2, 2, True, (0, 0), None)])  # Tq >= 32: the CPU kernel
+    (6, 15, 4, 2, False, (2, 2), None), (33, 40, 2, 2, True, (0, 0), None),  # Tq >= 32: the CPU kernel
+    (13, 5, 2, 1, False, (-1, -1), None), (13, 5, 2, 2, True, (-1, -1), None), (9, 4, 2, 2, True, (1, 0), None),
+    (8, 5, 2, 2, False, (1, 1), None)])  # more queries than keys
 def test_matches_flash_attn_semantics(Tq, Tk, H, Hkv, causal, window_size, scale):
     g = torch.Generator().manual_seed(Tq * 100 + Tk)
     q = torch.randn(2, Tq, H, 16, generator=g, requires_grad=True)

@@ -11,8 +11,8 @@ log-sum-exp backward.
 from __future__ import annotations
 
 import functools
-import numbers
 import logging
+import numbers
 from typing import Any, Callable, Optional
 
 import torch
@@ -386,7 +386,8 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     term), so code written for flash-attn runs on every device and implementation here: q (B, Tq, H, D), k/v
     (B, Tk, Hkv, D) with Hkv dividing H; returns (B, Tq, H, D), contiguous, and with ``return_attn_probs`` the
     tuple ``(out, softmax_lse (B, H, Tq) fp32, None)`` (flash-attn's third item is the dropout mask's scores,
-    only with dropout). Causal with Tq < Tk is aligned to the bottom right, as flash-attn >= 2.1.
+    only with dropout). Causal with Tq < Tk is aligned to the bottom right, as flash-attn >= 2.1; more queries
+    than keys work too (queries that see no key, e.g. the first Tq - Tk under causal: zeros, lse +inf).
     ``window_size=(left, right)`` maps to ``window=left + 1`` (causal; right is 0 there) or, without causal, a
     symmetric ``left == right``. Not supported, with a ValueError naming the argument rather than a silent
     difference: ``dropout_p > 0`` (pass 0 in evaluation, or use an attention dropout outside), ``softcap``,
@@ -403,8 +404,18 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     if alibi_slopes is not None:
         raise ValueError("alibi_slopes: ALiBi is not supported here (expected None)")
     window = _flash_window(window_size, causal)
-    out = tva_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, window=window,
-                        softmax_scale=softmax_scale, return_lse=return_attn_probs)
+    Tq, Tk = q.shape[1], k.shape[1]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    kpm: Optional[torch.Tensor] = None
+    if Tq > Tk:
+        # more queries than keys (cross-attention), which tva_attention's contract refuses: Tq - Tk padded keys in
+        # front put key j at position j + Tq - Tk, so query i sees exactly flash-attn's keys (p = i + Tk - Tq)
+        pad = Tq - Tk
+        kt, vt = (torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], 2) for t in (kt, vt))
+        kpm = torch.zeros(q.shape[0], Tq, dtype=torch.bool, device=q.device)
+        kpm[:, :pad] = True
+    out = tva_attention(qt, kt, vt, causal=causal, window=window, key_padding_mask=kpm, softmax_scale=softmax_scale,
+                        return_lse=return_attn_probs)
     if return_attn_probs:
         return out[0].transpose(1, 2).contiguous(), out[1], None
     return out.transpose(1, 2).contiguous()
