@@ -69,3 +69,51 @@ def test_unsupported_options_are_refused_by_name():
     with pytest.raises(ValueError, match=r"^q: .*\(B, T, H, D\)"):
         K.flash_attn_func(q[0], q[0], q[0])
     assert K.flash_attn_func(q, q, q, dropout_p=0.0, deterministic=True).shape == q.shape
+
+
+@pytest.mark.parametrize("window_size,causal", [((-1, -1), True), ((-1, -1), False), ((2, 0), True), ((3, 3), False)])
+@pytest.mark.parametrize("new", [0, 1])
+def test_kvcache_decode_with_per_row_lengths(window_size, causal, new):
+    """flash_attn_with_kvcache: one query per row over its own cache length (0 included), the new token's k/v
+    written in place at that length first; as flash-attn's semantics applied to each row's cache prefix."""
+    g = torch.Generator().manual_seed(new * 10 + window_size[0])
+    B, Tmax, H, Hkv, D = 4, 12, 4, 2, 16
+    lens = torch.tensor([0, 3, 7, 12 - new], dtype=torch.int32)
+    q = torch.randn(B, 1, H, D, generator=g)
+    kc, vc = (torch.randn(B, Tmax, Hkv, D, generator=g) for _ in range(2))
+    kn, vn = ((torch.randn(B, new, Hkv, D, generator=g) for _ in range(2)) if new else (None, None))
+    kc0, vc0 = kc.clone(), vc.clone()
+    out, lse = K.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, causal=causal,
+                                         window_size=window_size, return_softmax_lse=True)
+    assert out.shape == q.shape and lse.shape == (B, H, 1)
+    for b in range(B):
+        n = int(lens[b]) + new
+        if new:
+            torch.testing.assert_close(kc[b, int(lens[b])], kn[b, 0])
+            torch.testing.assert_close(vc[b, int(lens[b])], vn[b, 0])
+        untouched = [t for t in range(Tmax) if not (new and t == int(lens[b]))]
+        assert torch.equal(kc[b, untouched], kc0[b, untouched]) and torch.equal(vc[b, untouched], vc0[b, untouched])
+        if n == 0:
+            assert not out[b].any() and torch.isinf(lse[b]).all()
+            continue
+        want, want_lse = _flash_semantics(q[b:b + 1], kc[b:b + 1, :n], vc[b:b + 1, :n], causal, window_size, None)
+        torch.testing.assert_close(out[b:b + 1].double(), want, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse[b:b + 1].double(), want_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_kvcache_full_caches_and_bad_input():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, 4, 16, generator=g)
+    kc, vc = (torch.randn(2, 9, 2, 16, generator=g) for _ in range(2))
+    torch.testing.assert_close(K.flash_attn_with_kvcache(q, kc, vc, causal=True),
+                               K.flash_attn_func(q, kc, vc, causal=True))
+    one = torch.randn(2, 1, 2, 16)
+    for kw, err, msg in ((dict(cache_seqlens=torch.tensor([1, 2])), ValueError, "^q: per-row cache_seqlens"),
+                         (dict(cache_seqlens=torch.tensor([1.0, 2.0])), ValueError, "^cache_seqlens: "),
+                         (dict(cache_seqlens=torch.tensor([1, 10])), ValueError, r"^cache_seqlens: .*\[0, 9\]"),
+                         (dict(k=one, v=one), ValueError, "^cache_seqlens: required"),
+                         (dict(k=one, cache_seqlens=1), ValueError, "^k: k and v"),
+                         (dict(k=one, v=one, cache_seqlens=9), ValueError, "^k: 1 new tokens"),
+                         (dict(softcap=5.0), ValueError, "^softcap: ")):
+        with pytest.raises(err, match=msg):
+            K.flash_attn_with_kvcache(q[:, :1] if "k" in kw or "1 new" in msg else q, kc, vc, **kw)

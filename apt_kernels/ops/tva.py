@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import numbers
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "reference", "cpu_native", "triton", "cuda")
 
-__all__ = ["tva_attention", "tva_attention_cpu", "tva_attention_cuda", "flash_attn_func", "impl_status",
-           "resolve_impl", "IMPLS", "tva_attention_ref"]
+__all__ = ["tva_attention", "tva_attention_cpu", "tva_attention_cuda", "flash_attn_func", "flash_attn_with_kvcache",
+           "impl_status", "resolve_impl", "IMPLS", "tva_attention_ref"]
 
 # dtypes the fused kernels take (the reference also takes float64)
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -397,12 +397,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     check_flag("causal", causal)
     check_flag("deterministic", deterministic)
     check_flag("return_attn_probs", return_attn_probs)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
-        raise ValueError(f"dropout_p: attention dropout is not supported here (expected 0.0, got {dropout_p!r})")
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or softcap != 0:
-        raise ValueError(f"softcap: score soft-capping is not supported here (expected 0.0, got {softcap!r})")
-    if alibi_slopes is not None:
-        raise ValueError("alibi_slopes: ALiBi is not supported here (expected None)")
+    _check_flash_unsupported(dropout_p, softcap, alibi_slopes)
     window = _flash_window(window_size, causal)
     Tq, Tk = q.shape[1], k.shape[1]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -418,4 +413,93 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
                         return_lse=return_attn_probs)
     if return_attn_probs:
         return out[0].transpose(1, 2).contiguous(), out[1], None
+    return out.transpose(1, 2).contiguous()
+
+
+def _check_flash_unsupported(dropout_p: Any = 0.0, softcap: Any = 0.0, alibi_slopes: Any = None) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
+        raise ValueError(f"dropout_p: attention dropout is not supported here (expected 0.0, got {dropout_p!r})")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or softcap != 0:
+        raise ValueError(f"softcap: score soft-capping is not supported here (expected 0.0, got {softcap!r})")
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes: ALiBi is not supported here (expected None)")
+
+
+def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+                            cache_seqlens: Optional[Union[int, torch.Tensor]] = None,
+                            softmax_scale: Optional[float] = None, causal: bool = False,
+                            window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            alibi_slopes: Optional[torch.Tensor] = None, return_softmax_lse: bool = False) -> Any:
+    """flash-attn's ``flash_attn_with_kvcache`` for decoding with a KV cache of per-row lengths: q (B, Tq, H, D),
+    k_cache/v_cache (B, Tmax, Hkv, D); ``cache_seqlens`` (int or (B,) int32/int64) the tokens already in each
+    row's cache (None: every row full). With ``k``/``v`` (B, Tnew, Hkv, D) they are written into the cache in
+    place at each row's ``cache_seqlens`` first (no host sync), and attention covers them too. Row b's queries
+    sit at its last Tq positions (flash-attn's bottom-right alignment per row). Returns (B, Tq, H, D) (and
+    softmax_lse (B, H, Tq) fp32 with ``return_softmax_lse``). Per-row lengths take one query per row (decode);
+    more queries per row need equal lengths (cache_seqlens None). Not supported, refused by name: rotary
+    embedding, block tables (paged caches), cache_batch_idx, softcap, alibi_slopes."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_ndim(name, t, 4, "(B, T, H, D) (flash-attn's layout)")
+    check_flag("causal", causal)
+    check_flag("return_softmax_lse", return_softmax_lse)
+    _check_flash_unsupported(0.0, softcap, alibi_slopes)
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"v_cache: expected k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    B, Tq = q.shape[0], q.shape[1]
+    Tmax = k_cache.shape[1]
+    if k_cache.shape[0] != B:
+        raise ValueError(f"k_cache: expected batch {B} (q's), got shape {tuple(k_cache.shape)}")
+    lens: Optional[torch.Tensor] = None
+    if cache_seqlens is not None:
+        if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+            cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int64, device=q.device)
+        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64) \
+                or tuple(cache_seqlens.shape) != (B,):
+            got = (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}" if isinstance(cache_seqlens, torch.Tensor)
+                   else type(cache_seqlens).__name__)
+            raise ValueError(f"cache_seqlens: expected an int or a (B,) = ({B},) int32/int64 tensor, got {got}")
+        if cache_seqlens.device != q.device:
+            raise ValueError(f"cache_seqlens: expected device {q.device} (q's), got {cache_seqlens.device}")
+        lens = cache_seqlens.long()
+        if lens.device.type == "cpu" and not torch.compiler.is_compiling() and B and \
+                not (0 <= int(lens.min()) and int(lens.max()) <= Tmax):
+            raise ValueError(f"cache_seqlens: expected lengths in [0, {Tmax}] (the cache's), got "
+                             f"{int(lens.min())}..{int(lens.max())}")
+    if (k is None) != (v is None):
+        raise ValueError("k: k and v are given together (the new tokens' keys and values), got only one")
+    if k is not None:
+        check_ndim("k", k, 4, "(B, Tnew, Hkv, D)")
+        if k.shape[0] != B or k.shape[2:] != k_cache.shape[2:] or tuple(v.shape) != tuple(k.shape):
+            raise ValueError(f"k: expected (B, Tnew, Hkv, D) = ({B}, Tnew, {k_cache.shape[2]}, {k_cache.shape[3]}) "
+                             f"with v alike, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if lens is None:
+            raise ValueError("cache_seqlens: required with k/v (each row's new tokens go in after its cached ones)")
+        start = lens
+        if start.device.type == "cpu" and not torch.compiler.is_compiling() and B and \
+                int((start + k.shape[1]).max()) > Tmax:
+            raise ValueError(f"k: {k.shape[1]} new tokens after cache_seqlens overflow the cache of {Tmax}")
+        pos = start[:, None] + torch.arange(k.shape[1], device=q.device)  # (B, Tnew)
+        rows = torch.arange(B, device=q.device)[:, None].expand_as(pos)
+        k_cache.index_put_((rows, pos), k.to(k_cache.dtype))
+        v_cache.index_put_((rows, pos), v.to(v_cache.dtype))
+        lens = start + k.shape[1]
+    window = _flash_window(window_size, causal)
+    qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    if lens is None:
+        out = tva_attention(qt, kt, vt, causal=causal, window=window, softmax_scale=softmax_scale,
+                            return_lse=return_softmax_lse)
+    else:
+        if Tq != 1:
+            raise ValueError(f"q: per-row cache_seqlens take one query per row (decode), got Tq={Tq}; with more, "
+                             "pass equal lengths (cache_seqlens=None over caches cut to the length)")
+        # one query per row at position len - 1: which keys it sees depends on the row only, a padding mask
+        j = torch.arange(Tmax, device=q.device)[None, :]
+        hidden = j >= lens[:, None]
+        if window is not None:
+            hidden |= j <= lens[:, None] - 1 - window
+        out = tva_attention(qt, kt, vt, causal=False, key_padding_mask=hidden, softmax_scale=softmax_scale,
+                            return_lse=return_softmax_lse)
+    if return_softmax_lse:
+        return out[0].transpose(1, 2).contiguous(), out[1]
     return out.transpose(1, 2).contiguous()
