@@ -117,3 +117,46 @@ def test_kvcache_full_caches_and_bad_input():
                          (dict(softcap=5.0), ValueError, "^softcap: ")):
         with pytest.raises(err, match=msg):
             K.flash_attn_with_kvcache(q[:, :1] if "k" in kw or "1 new" in msg else q, kc, vc, **kw)
+
+
+@pytest.mark.parametrize("causal,window_size", [(True, (-1, -1)), (False, (-1, -1)), (True, (3, 0))])
+def test_varlen_packed_sequences_attend_within_themselves(causal, window_size):
+    g = torch.Generator().manual_seed(11)
+    lq, lk = [5, 0, 9, 4], [7, 3, 9, 0]  # an empty query run, more queries than keys, no keys
+    cq = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
+    ck = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(lq), 4, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(sum(lk), 2, 16, generator=g, requires_grad=True) for _ in range(2))
+    out, lse, _ = K.flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), causal=causal, window_size=window_size,
+                                           return_attn_probs=True)
+    assert out.shape == q.shape and lse.shape == (4, sum(lq))
+    wants, want_lses = [], []
+    for b in range(4):
+        qs, ks, vs = q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]]
+        if lk[b] == 0:
+            wants.append(torch.zeros(lq[b], 4, 16, dtype=torch.float64))
+            want_lses.append(torch.full((4, lq[b]), math.inf, dtype=torch.float64))
+            continue
+        w, wl = _flash_semantics(qs, ks, vs, causal, window_size, None)
+        wants.append(w[0])
+        want_lses.append(wl[0])
+    want = torch.cat(wants)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), torch.cat(want_lses, 1), atol=2e-5, rtol=2e-5)
+    gy = torch.randn(out.shape, generator=g)
+    for n, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), gy),
+                       torch.autograd.grad(want, (q, k, v), gy.double(), allow_unused=True, materialize_grads=True)):
+        torch.testing.assert_close(a, b.to(a.dtype), atol=5e-5, rtol=5e-5, msg=lambda m: f"d{n}: {m}")
+
+
+def test_varlen_bad_offsets():
+    q, k = torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    ok = torch.tensor([0, 2, 6], dtype=torch.int32)
+    for cq, ck, mq, err, msg in ((torch.tensor([1, 2, 6]), ok, 4, ValueError, "^cu_seqlens_q: .*from 0 to 6"),
+                                 (torch.tensor([0, 4, 2, 6]), torch.tensor([0, 2, 4, 6]), 4, ValueError,
+                                  "^cu_seqlens_q: .*non-decreasing"),
+                                 (ok, torch.tensor([0, 6]), 4, ValueError, "^cu_seqlens_k: expected 2 sequences"),
+                                 (ok.float(), ok, 4, ValueError, "^cu_seqlens_q: expected a"),
+                                 (ok, ok, 3, ValueError, r"^max_seqlen_q: .*longest sequence \(4\)")):
+        with pytest.raises(err, match=msg):
+            K.flash_attn_varlen_func(q, k, k, cq, ck, mq, 4)

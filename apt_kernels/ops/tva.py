@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import numbers
 from typing import Any, Callable, Optional, Union
 
@@ -28,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "reference", "cpu_native", "triton", "cuda")
 
-__all__ = ["tva_attention", "tva_attention_cpu", "tva_attention_cuda", "flash_attn_func", "flash_attn_with_kvcache",
-           "impl_status", "resolve_impl", "IMPLS", "tva_attention_ref"]
+__all__ = ["tva_attention", "tva_attention_cpu", "tva_attention_cuda", "flash_attn_func", "flash_attn_varlen_func",
+           "flash_attn_with_kvcache", "impl_status", "resolve_impl", "IMPLS", "tva_attention_ref"]
 
 # dtypes the fused kernels take (the reference also takes float64)
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -503,3 +504,61 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if return_softmax_lse:
         return out[0].transpose(1, 2).contiguous(), out[1]
     return out.transpose(1, 2).contiguous()
+
+
+def _check_cu_seqlens(name: str, cu: Any, total: int, device: torch.device) -> list[int]:
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) \
+            or cu.shape[0] < 1:
+        got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+        raise ValueError(f"{name}: expected a (batch + 1,) int32/int64 tensor of cumulative lengths, got {got}")
+    if cu.device != device:
+        raise ValueError(f"{name}: expected device {device} (q's), got {cu.device}")
+    bounds = [int(b) for b in cu.tolist()]  # the per-sequence calls need them on the host (flash-attn: max_seqlen)
+    if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds)):
+        shown = bounds if len(bounds) <= 12 else bounds[:5] + ["..."] + bounds[-3:]
+        raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total} (the packed length), got {shown}")
+    return bounds
+
+
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False,
+                           return_attn_probs: bool = False) -> Any:
+    """flash-attn's ``flash_attn_varlen_func`` for packed sequences: q (total_q, H, D), k/v (total_k, Hkv, D),
+    sequence b being rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q (and likewise of k/v); each sequence attends
+    only within itself, with :func:`flash_attn_func`'s semantics. Returns (total_q, H, D) and, with
+    ``return_attn_probs``, ``(out, softmax_lse (H, total_q) fp32, None)``. One attention call per sequence (the
+    kernels here have no packed-batch mode): fine for a packed training batch of a few sequences, slow for
+    thousands. ``max_seqlen_q``/``max_seqlen_k`` are checked against the offsets."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_ndim(name, t, 3, "(total, H, D) (flash-attn's packed layout)")
+    check_flag("return_attn_probs", return_attn_probs)
+    _check_flash_unsupported(dropout_p, softcap, alibi_slopes)
+    bq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    bk = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if len(bq) != len(bk):
+        raise ValueError(f"cu_seqlens_k: expected {len(bq) - 1} sequences (as cu_seqlens_q), got {len(bk) - 1}")
+    for name, mx, b in (("max_seqlen_q", max_seqlen_q, bq), ("max_seqlen_k", max_seqlen_k, bk)):
+        longest = max((y - x for x, y in zip(b, b[1:])), default=0)
+        if isinstance(mx, bool) or not isinstance(mx, numbers.Integral) or mx < longest:
+            raise ValueError(f"{name}: expected an int >= the longest sequence ({longest}), got {mx!r}")
+    outs, lses = [], []
+    for (q0, q1), (k0, k1) in zip(zip(bq, bq[1:]), zip(bk, bk[1:])):
+        if q1 == q0:
+            continue
+        if k1 == k0:  # no keys: zeros, lse +inf (flash-attn's empty rows)
+            outs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[2]))
+            lses.append(torch.full((q.shape[1], q1 - q0), math.inf, dtype=torch.float32, device=q.device))
+            continue
+        o, lse, _ = flash_attn_func(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale=softmax_scale,
+                                    causal=causal, window_size=window_size, deterministic=deterministic,
+                                    return_attn_probs=True)
+        outs.append(o[0])
+        lses.append(lse[0])
+    out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], v.shape[2])
+    if return_attn_probs:
+        lse_all = torch.cat(lses, 1) if lses else torch.zeros(q.shape[1], 0, dtype=torch.float32, device=q.device)
+        return out, lse_all, None
+    return out
