@@ -24,9 +24,9 @@ _LAZY: dict[str, str] = {
     "tva_attention": "apt_kernels.ops.tva",
     "tva_attention_cpu": "apt_kernels.ops.tva",
     "tva_attention_cuda": "apt_kernels.ops.tva",
-    "flash_attn_func": "apt_kernels.ops.tva",
-    "flash_attn_varlen_func": "apt_kernels.ops.tva",
-    "flash_attn_with_kvcache": "apt_kernels.ops.tva",
+    "flash_attn_func": "apt_kernels.ops.flash_api",
+    "flash_attn_varlen_func": "apt_kernels.ops.flash_api",
+    "flash_attn_with_kvcache": "apt_kernels.ops.flash_api",
     "tva_attention_ref": "apt_kernels.reference.tva",
     "TVAAttention": "apt_kernels.layers.tva",
     # MoE

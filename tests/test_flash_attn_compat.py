@@ -108,8 +108,10 @@ def test_kvcache_full_caches_and_bad_input():
     torch.testing.assert_close(K.flash_attn_with_kvcache(q, kc, vc, causal=True),
                                K.flash_attn_func(q, kc, vc, causal=True))
     one = torch.randn(2, 1, 2, 16)
-    for kw, err, msg in ((dict(cache_seqlens=torch.tensor([1, 2])), ValueError, "^q: per-row cache_seqlens"),
-                         (dict(cache_seqlens=torch.tensor([1.0, 2.0])), ValueError, "^cache_seqlens: "),
+    for kw, err, msg in ((dict(cache_seqlens=torch.tensor([1.0, 2.0])), ValueError, "^cache_seqlens: "),
+                         (dict(rotary_cos=torch.ones(9, 8)), ValueError, "^rotary_cos: not supported"),
+                         (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), ValueError, "^block_table: "),
+                         (dict(cache_batch_idx=torch.tensor([1, 0])), ValueError, "^cache_batch_idx: "),
                          (dict(cache_seqlens=torch.tensor([1, 10])), ValueError, r"^cache_seqlens: .*\[0, 9\]"),
                          (dict(k=one, v=one), ValueError, "^cache_seqlens: required"),
                          (dict(k=one, cache_seqlens=1), ValueError, "^k: k and v"),
@@ -160,3 +162,61 @@ def test_varlen_bad_offsets():
                                  (ok, ok, 3, ValueError, r"^max_seqlen_q: .*longest sequence \(4\)")):
         with pytest.raises(err, match=msg):
             K.flash_attn_varlen_func(q, k, k, cq, ck, mq, 4)
+
+
+@pytest.mark.parametrize("causal,window_size", [(True, (-1, -1)), (True, (2, 0)), (False, (-1, -1)), (False, (2, 2))])
+def test_kvcache_several_queries_per_row(causal, window_size):
+    """Chunked prefill / speculative tokens: Tq new tokens per row appended at per-row lengths, each row's
+    queries at its last Tq positions (len_b - Tq + t), a row shorter than Tq included."""
+    g = torch.Generator().manual_seed(21)
+    B, Tmax, H, Hkv, D, Tq = 3, 14, 4, 2, 16, 3
+    lens = torch.tensor([0, 4, 11])
+    q = torch.randn(B, Tq, H, D, generator=g)
+    kc, vc = (torch.randn(B, Tmax, Hkv, D, generator=g) for _ in range(2))
+    kn, vn = (torch.randn(B, Tq, Hkv, D, generator=g) for _ in range(2))
+    out, lse = K.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, causal=causal,
+                                         window_size=window_size, return_softmax_lse=True)
+    for b in range(B):
+        n = int(lens[b]) + Tq
+        torch.testing.assert_close(kc[b, int(lens[b]):n], kn[b])
+        want, want_lse = _flash_semantics(q[b:b + 1], kc[b:b + 1, :n], vc[b:b + 1, :n], causal, window_size, None)
+        torch.testing.assert_close(out[b:b + 1].double(), want, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse[b:b + 1].double(), want_lse, atol=2e-5, rtol=2e-5)
+    # fewer cached tokens than queries, no append: the first queries of that row see no key
+    short = torch.tensor([1, 14, 2])
+    out, lse = K.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=short, causal=True, return_softmax_lse=True)
+    for b in range(B):
+        want, want_lse = _flash_semantics(q[b:b + 1], kc[b:b + 1, :int(short[b])], vc[b:b + 1, :int(short[b])],
+                                          True, (-1, -1), None)
+        torch.testing.assert_close(out[b:b + 1].double(), want, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse[b:b + 1].double(), want_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_flash_attn_conventions_and_errors_in_its_layout():
+    g = torch.Generator().manual_seed(31)
+    q, k = torch.randn(1, 7, 4, 16, generator=g), torch.randn(1, 5, 2, 16, generator=g)
+    # (left, 0) without causal is causal (flash-attn's is_causal = left < 0 and right == 0); a side >= Tk unbounded
+    torch.testing.assert_close(K.flash_attn_func(q, k, k, window_size=(-1, 0)), K.flash_attn_func(q, k, k, causal=True))
+    torch.testing.assert_close(K.flash_attn_func(q, k, k, window_size=(2, 0)),
+                               K.flash_attn_func(q, k, k, causal=True, window_size=(2, 0)))
+    torch.testing.assert_close(K.flash_attn_func(q, k, k, window_size=(5, 5)), K.flash_attn_func(q, k, k))
+    want, _ = _flash_semantics(q, k, k, False, (-1, -1), None)
+    torch.testing.assert_close(K.flash_attn_func(q, k, k, window_size=(9, 9)).double(), want, atol=2e-5, rtol=2e-5)
+    for args, msg in (((q, k, k[..., :8]), r"^v: expected k's shape \(1, 5, 2, 16\)"),
+                      ((q, torch.randn(1, 5, 3, 16), torch.randn(1, 5, 3, 16)), r"^k: .*Hkv dividing H=4"),
+                      ((q, k.double(), k.double()), "^k: expected q's dtype")):
+        with pytest.raises((ValueError, TypeError), match=msg):
+            K.flash_attn_func(*args)
+    kc = torch.randn(1, 9, 3, 16)
+    with pytest.raises(ValueError, match=r"^k_cache: .*Hkv dividing H=4"):
+        K.flash_attn_with_kvcache(q, kc, kc)
+    # flash-attn's positional order: (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ...)
+    kc, vc = torch.randn(1, 9, 2, 16, generator=g), torch.randn(1, 9, 2, 16, generator=g)
+    lens = torch.tensor([6], dtype=torch.int32)
+    a = K.flash_attn_with_kvcache(q[:, :1], kc, vc, None, None, None, None, lens)
+    b = K.flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=lens, num_splits=0, rotary_interleaved=True,
+                                  cache_leftpad=None, block_table=None)
+    torch.testing.assert_close(a, b)
+    # full caches with more queries than cache slots (zeros for queries before every key)
+    out = K.flash_attn_with_kvcache(torch.randn(1, 12, 4, 16, generator=g), kc, vc, causal=True)
+    assert out.shape == (1, 12, 4, 16) and not out[0, :3].any()

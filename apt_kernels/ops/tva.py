@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import numbers
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 
 from .. import backends
 from .._native import cpu_module, current_stream, native_module, view
-from .._validate import check_flag, check_ndim
+from .._validate import check_flag
 from ..reference.tva import (Coef, TVAArgs, check_tva_inputs, fold_kv_grads, kv_groups, kv_head_views,
                              register_fused_tva_op, repeat_kv,
                              tva_attention_ref)
@@ -29,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "reference", "cpu_native", "triton", "cuda")
 
-__all__ = ["tva_attention", "tva_attention_cpu", "tva_attention_cuda", "flash_attn_func", "flash_attn_varlen_func",
-           "flash_attn_with_kvcache", "impl_status", "resolve_impl", "IMPLS", "tva_attention_ref"]
+__all__ = ["tva_attention", "tva_attention_cpu", "tva_attention_cuda", "impl_status", "resolve_impl", "IMPLS",
+           "tva_attention_ref"]
 
 # dtypes the fused kernels take (the reference also takes float64)
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -360,205 +358,3 @@ def tva_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: Opti
     if return_lse:
         return fn(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale, return_lse=True)
     return fn(q, k, v, delta, gate, coef, causal, window, sinks, key_padding_mask, softmax_scale)
-
-
-def _flash_window(window_size: Any, causal: bool) -> Optional[int]:
-    """flash-attn's window_size=(left, right) (-1: unbounded; query i sees keys [p - left, p + right], p its
-    position) as tva_attention's window, or ValueError where the two cannot say the same."""
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
-            and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window_size)):
-        raise ValueError(f"window_size: expected (left, right), each an int >= -1 (-1: unbounded), got "
-                         f"{window_size!r}")
-    left, right = (int(w) for w in window_size)
-    if causal:  # flash-attn: causal sets right = 0
-        return None if left < 0 else left + 1
-    if left == right:
-        return None if left < 0 else left + 1
-    raise ValueError(f"window_size: without causal only a symmetric window (left == right) is supported here, got "
-                     f"{tuple(window_size)}")
-
-
-def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                    softmax_scale: Optional[float] = None, causal: bool = False,
-                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                    alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False,
-                    return_attn_probs: bool = False) -> Any:
-    """flash-attn's ``flash_attn_func`` signature and layout over :func:`tva_attention` (plain attention, no TVA
-    term), so code written for flash-attn runs on every device and implementation here: q (B, Tq, H, D), k/v
-    (B, Tk, Hkv, D) with Hkv dividing H; returns (B, Tq, H, D), contiguous, and with ``return_attn_probs`` the
-    tuple ``(out, softmax_lse (B, H, Tq) fp32, None)`` (flash-attn's third item is the dropout mask's scores,
-    only with dropout). Causal with Tq < Tk is aligned to the bottom right, as flash-attn >= 2.1; more queries
-    than keys work too (queries that see no key, e.g. the first Tq - Tk under causal: zeros, lse +inf).
-    ``window_size=(left, right)`` maps to ``window=left + 1`` (causal; right is 0 there) or, without causal, a
-    symmetric ``left == right``. Not supported, with a ValueError naming the argument rather than a silent
-    difference: ``dropout_p > 0`` (pass 0 in evaluation, or use an attention dropout outside), ``softcap``,
-    ``alibi_slopes``. ``deterministic`` is accepted: these kernels' backward is deterministic."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_ndim(name, t, 4, "(B, T, H, D) (flash-attn's layout)")
-    check_flag("causal", causal)
-    check_flag("deterministic", deterministic)
-    check_flag("return_attn_probs", return_attn_probs)
-    _check_flash_unsupported(dropout_p, softcap, alibi_slopes)
-    window = _flash_window(window_size, causal)
-    Tq, Tk = q.shape[1], k.shape[1]
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    kpm: Optional[torch.Tensor] = None
-    if Tq > Tk:
-        # more queries than keys (cross-attention), which tva_attention's contract refuses: Tq - Tk padded keys in
-        # front put key j at position j + Tq - Tk, so query i sees exactly flash-attn's keys (p = i + Tk - Tq)
-        pad = Tq - Tk
-        kt, vt = (torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], 2) for t in (kt, vt))
-        kpm = torch.zeros(q.shape[0], Tq, dtype=torch.bool, device=q.device)
-        kpm[:, :pad] = True
-    out = tva_attention(qt, kt, vt, causal=causal, window=window, key_padding_mask=kpm, softmax_scale=softmax_scale,
-                        return_lse=return_attn_probs)
-    if return_attn_probs:
-        return out[0].transpose(1, 2).contiguous(), out[1], None
-    return out.transpose(1, 2).contiguous()
-
-
-def _check_flash_unsupported(dropout_p: Any = 0.0, softcap: Any = 0.0, alibi_slopes: Any = None) -> None:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
-        raise ValueError(f"dropout_p: attention dropout is not supported here (expected 0.0, got {dropout_p!r})")
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or softcap != 0:
-        raise ValueError(f"softcap: score soft-capping is not supported here (expected 0.0, got {softcap!r})")
-    if alibi_slopes is not None:
-        raise ValueError("alibi_slopes: ALiBi is not supported here (expected None)")
-
-
-def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
-                            cache_seqlens: Optional[Union[int, torch.Tensor]] = None,
-                            softmax_scale: Optional[float] = None, causal: bool = False,
-                            window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                            alibi_slopes: Optional[torch.Tensor] = None, return_softmax_lse: bool = False) -> Any:
-    """flash-attn's ``flash_attn_with_kvcache`` for decoding with a KV cache of per-row lengths: q (B, Tq, H, D),
-    k_cache/v_cache (B, Tmax, Hkv, D); ``cache_seqlens`` (int or (B,) int32/int64) the tokens already in each
-    row's cache (None: every row full). With ``k``/``v`` (B, Tnew, Hkv, D) they are written into the cache in
-    place at each row's ``cache_seqlens`` first (no host sync), and attention covers them too. Row b's queries
-    sit at its last Tq positions (flash-attn's bottom-right alignment per row). Returns (B, Tq, H, D) (and
-    softmax_lse (B, H, Tq) fp32 with ``return_softmax_lse``). Per-row lengths take one query per row (decode);
-    more queries per row need equal lengths (cache_seqlens None). Not supported, refused by name: rotary
-    embedding, block tables (paged caches), cache_batch_idx, softcap, alibi_slopes."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_ndim(name, t, 4, "(B, T, H, D) (flash-attn's layout)")
-    check_flag("causal", causal)
-    check_flag("return_softmax_lse", return_softmax_lse)
-    _check_flash_unsupported(0.0, softcap, alibi_slopes)
-    if tuple(v_cache.shape) != tuple(k_cache.shape):
-        raise ValueError(f"v_cache: expected k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    B, Tq = q.shape[0], q.shape[1]
-    Tmax = k_cache.shape[1]
-    if k_cache.shape[0] != B:
-        raise ValueError(f"k_cache: expected batch {B} (q's), got shape {tuple(k_cache.shape)}")
-    lens: Optional[torch.Tensor] = None
-    if cache_seqlens is not None:
-        if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
-            cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int64, device=q.device)
-        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64) \
-                or tuple(cache_seqlens.shape) != (B,):
-            got = (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}" if isinstance(cache_seqlens, torch.Tensor)
-                   else type(cache_seqlens).__name__)
-            raise ValueError(f"cache_seqlens: expected an int or a (B,) = ({B},) int32/int64 tensor, got {got}")
-        if cache_seqlens.device != q.device:
-            raise ValueError(f"cache_seqlens: expected device {q.device} (q's), got {cache_seqlens.device}")
-        lens = cache_seqlens.long()
-        if lens.device.type == "cpu" and not torch.compiler.is_compiling() and B and \
-                not (0 <= int(lens.min()) and int(lens.max()) <= Tmax):
-            raise ValueError(f"cache_seqlens: expected lengths in [0, {Tmax}] (the cache's), got "
-                             f"{int(lens.min())}..{int(lens.max())}")
-    if (k is None) != (v is None):
-        raise ValueError("k: k and v are given together (the new tokens' keys and values), got only one")
-    if k is not None:
-        check_ndim("k", k, 4, "(B, Tnew, Hkv, D)")
-        if k.shape[0] != B or k.shape[2:] != k_cache.shape[2:] or tuple(v.shape) != tuple(k.shape):
-            raise ValueError(f"k: expected (B, Tnew, Hkv, D) = ({B}, Tnew, {k_cache.shape[2]}, {k_cache.shape[3]}) "
-                             f"with v alike, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-        if lens is None:
-            raise ValueError("cache_seqlens: required with k/v (each row's new tokens go in after its cached ones)")
-        start = lens
-        if start.device.type == "cpu" and not torch.compiler.is_compiling() and B and \
-                int((start + k.shape[1]).max()) > Tmax:
-            raise ValueError(f"k: {k.shape[1]} new tokens after cache_seqlens overflow the cache of {Tmax}")
-        pos = start[:, None] + torch.arange(k.shape[1], device=q.device)  # (B, Tnew)
-        rows = torch.arange(B, device=q.device)[:, None].expand_as(pos)
-        k_cache.index_put_((rows, pos), k.to(k_cache.dtype))
-        v_cache.index_put_((rows, pos), v.to(v_cache.dtype))
-        lens = start + k.shape[1]
-    window = _flash_window(window_size, causal)
-    qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
-    if lens is None:
-        out = tva_attention(qt, kt, vt, causal=causal, window=window, softmax_scale=softmax_scale,
-                            return_lse=return_softmax_lse)
-    else:
-        if Tq != 1:
-            raise ValueError(f"q: per-row cache_seqlens take one query per row (decode), got Tq={Tq}; with more, "
-                             "pass equal lengths (cache_seqlens=None over caches cut to the length)")
-        # one query per row at position len - 1: which keys it sees depends on the row only, a padding mask
-        j = torch.arange(Tmax, device=q.device)[None, :]
-        hidden = j >= lens[:, None]
-        if window is not None:
-            hidden |= j <= lens[:, None] - 1 - window
-        out = tva_attention(qt, kt, vt, causal=False, key_padding_mask=hidden, softmax_scale=softmax_scale,
-                            return_lse=return_softmax_lse)
-    if return_softmax_lse:
-        return out[0].transpose(1, 2).contiguous(), out[1]
-    return out.transpose(1, 2).contiguous()
-
-
-def _check_cu_seqlens(name: str, cu: Any, total: int, device: torch.device) -> list[int]:
-    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) \
-            or cu.shape[0] < 1:
-        got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
-        raise ValueError(f"{name}: expected a (batch + 1,) int32/int64 tensor of cumulative lengths, got {got}")
-    if cu.device != device:
-        raise ValueError(f"{name}: expected device {device} (q's), got {cu.device}")
-    bounds = [int(b) for b in cu.tolist()]  # the per-sequence calls need them on the host (flash-attn: max_seqlen)
-    if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds)):
-        shown = bounds if len(bounds) <= 12 else bounds[:5] + ["..."] + bounds[-3:]
-        raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total} (the packed length), got {shown}")
-    return bounds
-
-
-def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
-                           softmax_scale: Optional[float] = None, causal: bool = False,
-                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                           alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False,
-                           return_attn_probs: bool = False) -> Any:
-    """flash-attn's ``flash_attn_varlen_func`` for packed sequences: q (total_q, H, D), k/v (total_k, Hkv, D),
-    sequence b being rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q (and likewise of k/v); each sequence attends
-    only within itself, with :func:`flash_attn_func`'s semantics. Returns (total_q, H, D) and, with
-    ``return_attn_probs``, ``(out, softmax_lse (H, total_q) fp32, None)``. One attention call per sequence (the
-    kernels here have no packed-batch mode): fine for a packed training batch of a few sequences, slow for
-    thousands. ``max_seqlen_q``/``max_seqlen_k`` are checked against the offsets."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_ndim(name, t, 3, "(total, H, D) (flash-attn's packed layout)")
-    check_flag("return_attn_probs", return_attn_probs)
-    _check_flash_unsupported(dropout_p, softcap, alibi_slopes)
-    bq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    bk = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
-    if len(bq) != len(bk):
-        raise ValueError(f"cu_seqlens_k: expected {len(bq) - 1} sequences (as cu_seqlens_q), got {len(bk) - 1}")
-    for name, mx, b in (("max_seqlen_q", max_seqlen_q, bq), ("max_seqlen_k", max_seqlen_k, bk)):
-        longest = max((y - x for x, y in zip(b, b[1:])), default=0)
-        if isinstance(mx, bool) or not isinstance(mx, numbers.Integral) or mx < longest:
-            raise ValueError(f"{name}: expected an int >= the longest sequence ({longest}), got {mx!r}")
-    outs, lses = [], []
-    for (q0, q1), (k0, k1) in zip(zip(bq, bq[1:]), zip(bk, bk[1:])):
-        if q1 == q0:
-            continue
-        if k1 == k0:  # no keys: zeros, lse +inf (flash-attn's empty rows)
-            outs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[2]))
-            lses.append(torch.full((q.shape[1], q1 - q0), math.inf, dtype=torch.float32, device=q.device))
-            continue
-        o, lse, _ = flash_attn_func(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale=softmax_scale,
-                                    causal=causal, window_size=window_size, deterministic=deterministic,
-                                    return_attn_probs=True)
-        outs.append(o[0])
-        lses.append(lse[0])
-    out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], v.shape[2])
-    if return_attn_probs:
-        lse_all = torch.cat(lses, 1) if lses else torch.zeros(q.shape[1], 0, dtype=torch.float32, device=q.device)
-        return out, lse_all, None
-    return out

@@ -1,0 +1,255 @@
+"""flash-attn 2's Python entry points (``flash_attn_func``, ``flash_attn_varlen_func``, ``flash_attn_with_kvcache``)
+over :func:`apt_kernels.tva_attention`: the same names, argument order, defaults, (B, T, H, D) layouts, causal
+bottom-right alignment, window_size and softmax_lse conventions, so code written for flash-attn runs on every
+device and implementation here. Plain attention only (no TVA term). What flash-attn offers and these kernels do
+not (dropout, softcap, ALiBi, rotary embedding, paged caches, cache_batch_idx / cache_leftpad) is refused by name
+when asked for, never silently ignored; its no-op defaults are accepted."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional, Union
+
+import torch
+
+from .._validate import check_flag, check_ndim, check_tensor
+from .tva import tva_attention
+
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+
+
+def _check_unsupported(dropout_p: Any = 0.0, softcap: Any = 0.0, **must_be_none: Any) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
+        raise ValueError(f"dropout_p: attention dropout is not supported here (expected 0.0, got {dropout_p!r})")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or softcap != 0:
+        raise ValueError(f"softcap: score soft-capping is not supported here (expected 0.0, got {softcap!r})")
+    for name, value in must_be_none.items():
+        if value is not None:
+            raise ValueError(f"{name}: not supported here (expected None)")
+
+
+def _check_qkv(q: Any, k: Any, v: Any, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
+    """q (B, Tq, H, D), k and v (B, Tk, Hkv, D) with Hkv dividing H, all one dtype and device: checked in
+    flash-attn's layout, so an error names the argument and the shapes the caller passed."""
+    nq, nk, nv = names
+    for name, t in zip(names, (q, k, v)):
+        check_ndim(name, t, 4, "(B, T, H, D) (flash-attn's layout)")
+    B, _, H, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D or k.shape[2] < 1 or H % k.shape[2]:
+        raise ValueError(f"{nk}: expected (B, Tk, Hkv, D) = ({B}, Tk, Hkv, {D}) with Hkv dividing H={H} ({nq}'s), "
+                         f"got {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"{nv}: expected {nk}'s shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    for name, t in ((nk, k), (nv, v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected {nq}'s dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected {nq}'s device {q.device}, got {t.device}")
+
+
+def _window(window_size: Any, causal: bool, tk: int) -> tuple[bool, Optional[int]]:
+    """flash-attn's (causal, window_size=(left, right)) -- query position p sees keys [p - left, p + right], -1
+    unbounded, a side >= Tk unbounded too (flash-attn's kernels), right = 0 with causal, and (left, 0) itself
+    causal -- as tva_attention's (causal, window); ValueError where tva_attention cannot say the same."""
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+            and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size: expected (left, right), each an int >= -1 (-1: unbounded), got "
+                         f"{window_size!r}")
+    left, right = (-1 if w >= tk else int(w) for w in window_size)
+    if causal or right == 0:
+        return True, (None if left < 0 else left + 1)
+    if left == right:
+        return False, (None if left < 0 else left + 1)
+    raise ValueError(f"window_size: without causal only (left, 0) or a symmetric window (left == right) is supported "
+                     f"here, got {tuple(window_size)}")
+
+
+def _attend(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, kpm: Optional[torch.Tensor], causal: bool,
+            window: Optional[int], scale: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """tva_attention on (B, H, T, D) views with flash-attn's bottom-right alignment also for Tq > Tk: Tq - Tk
+    padded keys in front put key j at position j + Tq - Tk, so query i sees the keys flash-attn's does
+    (p = i + Tk - Tq); queries seeing no key give zeros and lse +inf. -> (o (B, H, Tq, D), lse)."""
+    tq, tk = qt.shape[2], kt.shape[2]
+    if tq > tk:
+        pad = tq - tk
+        kt, vt = (torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], 2) for t in (kt, vt))
+        front = torch.ones(qt.shape[0], pad, dtype=torch.bool, device=qt.device)
+        kpm = torch.cat([front, kpm if kpm is not None else front.new_zeros(qt.shape[0], tk)], 1)
+    return tva_attention(qt, kt, vt, causal=causal, window=window, key_padding_mask=kpm, softmax_scale=scale,
+                         return_lse=True)
+
+
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    softmax_scale: Optional[float] = None, causal: bool = False,
+                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False,
+                    return_attn_probs: bool = False) -> Any:
+    """flash-attn's ``flash_attn_func``: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) with Hkv dividing H; returns
+    (B, Tq, H, D), contiguous, and with ``return_attn_probs`` ``(out, softmax_lse (B, H, Tq) fp32, None)``
+    (flash-attn's third item holds dropout's scores). Causal with Tq != Tk is aligned to the bottom right, as
+    flash-attn >= 2.1 (queries before every key output zeros, lse +inf). ``window_size=(left, right)``: causal
+    (or right = 0) -> ``window=left + 1``; without causal a symmetric ``left == right``; other asymmetric windows
+    are refused. Refused by name: ``dropout_p > 0``, ``softcap``, ``alibi_slopes``. ``deterministic`` is
+    accepted: these kernels' backward is deterministic."""
+    _check_qkv(q, k, v)
+    check_flag("causal", causal)
+    check_flag("deterministic", deterministic)
+    check_flag("return_attn_probs", return_attn_probs)
+    _check_unsupported(dropout_p, softcap, alibi_slopes=alibi_slopes)
+    causal, window = _window(window_size, causal, k.shape[1])
+    o, lse = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, causal, window, softmax_scale)
+    out = o.transpose(1, 2).contiguous()
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _cu_seqlens(name: str, cu: Any, total: int, device: torch.device) -> list[int]:
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) \
+            or cu.shape[0] < 1:
+        got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+        raise ValueError(f"{name}: expected a (batch + 1,) int32/int64 tensor of cumulative lengths, got {got}")
+    if cu.device != device:
+        raise ValueError(f"{name}: expected device {device} (q's), got {cu.device}")
+    bounds = [int(b) for b in cu.tolist()]  # the per-sequence calls need them on the host (flash-attn: max_seqlen)
+    if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds)):
+        shown = bounds if len(bounds) <= 12 else bounds[:5] + ["..."] + bounds[-3:]
+        raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total} (the packed length), got {shown}")
+    return bounds
+
+
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: Optional[torch.Tensor] = None) -> Any:
+    """flash-attn's ``flash_attn_varlen_func`` for packed sequences: q (total_q, H, D), k/v (total_k, Hkv, D),
+    sequence b being rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q (and of k/v by cu_seqlens_k); each attends
+    only within itself, with :func:`flash_attn_func`'s semantics. Returns (total_q, H, D) and, with
+    ``return_attn_probs``, ``(out, softmax_lse (H, total_q) fp32, None)``. One attention call per sequence (the
+    kernels here have no packed-batch mode): fine for a packed training batch of a few sequences, slow for
+    thousands. ``max_seqlen_q``/``max_seqlen_k`` are checked against the offsets; ``block_table`` (paged KV) is
+    refused when given."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_ndim(name, t, 3, "(total, H, D) (flash-attn's packed layout)")
+    _check_qkv(q[None], k[None], v[None])  # batch 1 of the packed rows: heads, head dim, dtype, device
+    check_flag("causal", causal)
+    check_flag("return_attn_probs", return_attn_probs)
+    _check_unsupported(dropout_p, softcap, alibi_slopes=alibi_slopes, block_table=block_table)
+    bq = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    bk = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if len(bq) != len(bk):
+        raise ValueError(f"cu_seqlens_k: expected {len(bq) - 1} sequences (as cu_seqlens_q), got {len(bk) - 1}")
+    for name, mx, b in (("max_seqlen_q", max_seqlen_q, bq), ("max_seqlen_k", max_seqlen_k, bk)):
+        longest = max((y - x for x, y in zip(b, b[1:])), default=0)
+        if isinstance(mx, bool) or not isinstance(mx, numbers.Integral) or mx < longest:
+            raise ValueError(f"{name}: expected an int >= the longest sequence ({longest}), got {mx!r}")
+    outs, lses = [], []
+    for (q0, q1), (k0, k1) in zip(zip(bq, bq[1:]), zip(bk, bk[1:])):
+        if q1 == q0:
+            continue
+        if k1 == k0:  # no keys: zeros, lse +inf (flash-attn's empty rows)
+            outs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[2]))
+            lses.append(torch.full((q.shape[1], q1 - q0), math.inf, dtype=torch.float32, device=q.device))
+            continue
+        o, lse, _ = flash_attn_func(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale=softmax_scale,
+                                    causal=causal, window_size=window_size, deterministic=deterministic,
+                                    return_attn_probs=True)
+        outs.append(o[0])
+        lses.append(lse[0])
+    out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], v.shape[2])
+    if return_attn_probs:
+        lse_all = torch.cat(lses, 1) if lses else torch.zeros(q.shape[1], 0, dtype=torch.float32, device=q.device)
+        return out, lse_all, None
+    return out
+
+
+def _seqlens(cache_seqlens: Any, batch: int, tmax: int, device: torch.device) -> Optional[torch.Tensor]:
+    if cache_seqlens is None:
+        return None
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((batch,), int(cache_seqlens), dtype=torch.int64, device=device)
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64) \
+            or tuple(cache_seqlens.shape) != (batch,):
+        got = (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}" if isinstance(cache_seqlens, torch.Tensor)
+               else type(cache_seqlens).__name__)
+        raise ValueError(f"cache_seqlens: expected an int or a (B,) = ({batch},) int32/int64 tensor, got {got}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens: expected device {device} (q's), got {cache_seqlens.device}")
+    lens = cache_seqlens.long()
+    if lens.device.type == "cpu" and not torch.compiler.is_compiling() and batch and \
+            not (0 <= int(lens.min()) and int(lens.max()) <= tmax):
+        raise ValueError(f"cache_seqlens: expected lengths in [0, {tmax}] (the cache's), got "
+                         f"{int(lens.min())}..{int(lens.max())}")
+    return lens
+
+
+def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+                            rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
+                            cache_seqlens: Optional[Union[int, torch.Tensor]] = None,
+                            cache_batch_idx: Optional[torch.Tensor] = None,
+                            cache_leftpad: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
+                            softmax_scale: Optional[float] = None, causal: bool = False,
+                            window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: Optional[torch.Tensor] = None,
+                            num_splits: int = 0, return_softmax_lse: bool = False) -> Any:
+    """flash-attn's ``flash_attn_with_kvcache`` (its argument order): q (B, Tq, H, D) over caches
+    k_cache/v_cache (B, Tmax, Hkv, D) holding ``cache_seqlens`` tokens per row (int or (B,) int32/int64; None:
+    every row full). With ``k``/``v`` (B, Tnew, Hkv, D) those are first written into the caches in place at each
+    row's length (no host sync) and attended too. Row b's queries are its last Tq positions, ``len_b - Tq ..
+    len_b - 1`` (flash-attn's bottom-right alignment, per row): decode, chunked prefill, speculative tokens.
+    Returns (B, Tq, H, D) (and softmax_lse (B, H, Tq) fp32 with ``return_softmax_lse``). One query per row reads
+    the caches in place; more, with per-row lengths, gather each row's keys right-aligned first (a copy of the
+    caches). Refused by name when given: rotary_cos/rotary_sin (apply rotary before), cache_batch_idx,
+    cache_leftpad, block_table (paged caches), softcap, alibi_slopes; ``num_splits`` and ``rotary_interleaved``
+    are accepted and have no effect."""
+    _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
+    check_flag("causal", causal)
+    check_flag("return_softmax_lse", return_softmax_lse)
+    check_flag("rotary_interleaved", rotary_interleaved)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits: expected an int, got {type(num_splits).__name__}")
+    _check_unsupported(0.0, softcap, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
+                       cache_leftpad=cache_leftpad, block_table=block_table, alibi_slopes=alibi_slopes)
+    B, Tq, Tmax = q.shape[0], q.shape[1], k_cache.shape[1]
+    lens = _seqlens(cache_seqlens, B, Tmax, q.device)
+    if (k is None) != (v is None):
+        raise ValueError("k: k and v are given together (the new tokens' keys and values), got only one")
+    if k is not None:
+        check_tensor("k", k)
+        check_tensor("v", v)
+        if k.dim() != 4 or k.shape[0] != B or k.shape[2:] != k_cache.shape[2:] or tuple(v.shape) != tuple(k.shape):
+            raise ValueError(f"k: expected (B, Tnew, Hkv, D) = ({B}, Tnew, {k_cache.shape[2]}, {k_cache.shape[3]}) "
+                             f"with v alike, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if lens is None:
+            raise ValueError("cache_seqlens: required with k/v (each row's new tokens go in after its cached ones)")
+        if lens.device.type == "cpu" and not torch.compiler.is_compiling() and B and \
+                int((lens + k.shape[1]).max()) > Tmax:
+            raise ValueError(f"k: {k.shape[1]} new tokens after cache_seqlens overflow the cache of {Tmax}")
+        pos = lens[:, None] + torch.arange(k.shape[1], device=q.device)  # (B, Tnew)
+        rows = torch.arange(B, device=q.device)[:, None].expand_as(pos)
+        k_cache.index_put_((rows, pos), k.to(k_cache.dtype))
+        v_cache.index_put_((rows, pos), v.to(v_cache.dtype))
+        lens = lens + k.shape[1]
+    causal, window = _window(window_size, causal, Tmax)
+    qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    if lens is None:
+        o, lse = _attend(qt, kt, vt, None, causal, window, softmax_scale)
+    elif Tq == 1:
+        # one query per row at position len - 1: which keys it sees depends on the row only, a padding mask
+        j = torch.arange(Tmax, device=q.device)[None, :]
+        hidden = j >= lens[:, None]
+        if window is not None:
+            hidden |= j <= lens[:, None] - 1 - window
+        o, lse = tva_attention(qt, kt, vt, causal=False, key_padding_mask=hidden, softmax_scale=softmax_scale,
+                               return_lse=True)
+    else:
+        # each row's len keys right-aligned to Tmax (masked keys in front): tva_attention's bottom-right alignment
+        # over Tmax is then flash-attn's per row (query t at len - Tq + t)
+        j = torch.arange(Tmax, device=q.device)[None, :]
+        shift = Tmax - lens[:, None]
+        src = (j - shift).clamp_min(0)  # (B, Tmax): the cache row each aligned slot reads
+        kt, vt = (t.gather(2, src[:, None, :, None].expand(t.shape)) for t in (kt, vt))
+        o, lse = _attend(qt, kt, vt, j < shift, causal, window, softmax_scale)
+    out = o.transpose(1, 2).contiguous()
+    return (out, lse) if return_softmax_lse else out
