@@ -111,7 +111,7 @@ def test_kvcache_full_caches_and_bad_input():
     for kw, err, msg in ((dict(cache_seqlens=torch.tensor([1.0, 2.0])), ValueError, "^cache_seqlens: "),
                          (dict(rotary_cos=torch.ones(9, 8)), ValueError, "^rotary_cos: not supported"),
                          (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), ValueError, "^block_table: "),
-                         (dict(cache_batch_idx=torch.tensor([1, 0])), ValueError, "^cache_batch_idx: "),
+                         (dict(cache_batch_idx=torch.tensor([1, 2])), ValueError, r"^cache_batch_idx: .*\[0, 2\)"),
                          (dict(cache_seqlens=torch.tensor([1, 10])), ValueError, r"^cache_seqlens: .*\[0, 9\]"),
                          (dict(k=one, v=one), ValueError, "^cache_seqlens: required"),
                          (dict(k=one, cache_seqlens=1), ValueError, "^k: k and v"),
@@ -220,3 +220,22 @@ def test_flash_attn_conventions_and_errors_in_its_layout():
     # full caches with more queries than cache slots (zeros for queries before every key)
     out = K.flash_attn_with_kvcache(torch.randn(1, 12, 4, 16, generator=g), kc, vc, causal=True)
     assert out.shape == (1, 12, 4, 16) and not out[0, :3].any()
+
+
+def test_kvcache_cache_batch_idx_picks_pool_rows():
+    """cache_batch_idx: row b reads (and appends to) cache row idx[b] of a larger pool; other rows untouched."""
+    g = torch.Generator().manual_seed(41)
+    q = torch.randn(2, 1, 4, 16, generator=g)
+    kc, vc = (torch.randn(5, 10, 2, 16, generator=g) for _ in range(2))
+    kn, vn = (torch.randn(2, 1, 2, 16, generator=g) for _ in range(2))
+    idx, lens = torch.tensor([3, 0], dtype=torch.int32), torch.tensor([4, 7], dtype=torch.int32)
+    k0, v0 = kc.clone(), vc.clone()
+    out = K.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, cache_batch_idx=idx)
+    ks, vs = k0[idx.long()].clone(), v0[idx.long()].clone()
+    want = K.flash_attn_with_kvcache(q, ks, vs, kn, vn, cache_seqlens=lens)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(kc[idx.long()], ks)
+    torch.testing.assert_close(vc[idx.long()], vs)
+    assert torch.equal(kc[[1, 2, 4]], k0[[1, 2, 4]]) and torch.equal(vc[[1, 2, 4]], v0[[1, 2, 4]])
+    with pytest.raises(ValueError, match="^cache_batch_idx: a cache row appears more than once"):
+        K.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, cache_batch_idx=torch.tensor([1, 1]))

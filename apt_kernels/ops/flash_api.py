@@ -28,16 +28,16 @@ def _check_unsupported(dropout_p: Any = 0.0, softcap: Any = 0.0, **must_be_none:
             raise ValueError(f"{name}: not supported here (expected None)")
 
 
-def _check_qkv(q: Any, k: Any, v: Any, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
+def _check_qkv(q: Any, k: Any, v: Any, names: tuple[str, str, str] = ("q", "k", "v"), same_batch: bool = True) -> None:
     """q (B, Tq, H, D), k and v (B, Tk, Hkv, D) with Hkv dividing H, all one dtype and device: checked in
     flash-attn's layout, so an error names the argument and the shapes the caller passed."""
     nq, nk, nv = names
     for name, t in zip(names, (q, k, v)):
         check_ndim(name, t, 4, "(B, T, H, D) (flash-attn's layout)")
     B, _, H, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D or k.shape[2] < 1 or H % k.shape[2]:
-        raise ValueError(f"{nk}: expected (B, Tk, Hkv, D) = ({B}, Tk, Hkv, {D}) with Hkv dividing H={H} ({nq}'s), "
-                         f"got {tuple(k.shape)}")
+    if (same_batch and k.shape[0] != B) or k.shape[3] != D or k.shape[2] < 1 or H % k.shape[2]:
+        raise ValueError(f"{nk}: expected (B, Tk, Hkv, D) = ({B if same_batch else 'pool'}, Tk, Hkv, {D}) with Hkv "
+                         f"dividing H={H} ({nq}'s), got {tuple(k.shape)}")
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"{nv}: expected {nk}'s shape {tuple(k.shape)}, got {tuple(v.shape)}")
     for name, t in ((nk, k), (nv, v)):
@@ -183,6 +183,32 @@ def _seqlens(cache_seqlens: Any, batch: int, tmax: int, device: torch.device) ->
     return lens
 
 
+def _on_cache_rows(q, k_cache, v_cache, k, v, cache_seqlens, idx, softmax_scale, causal, window_size, with_lse):
+    """flash_attn_with_kvcache with cache_batch_idx: row b uses cache row idx[b] of caches (pool, Tmax, Hkv, D)
+    (continuous batching): those rows gathered, attended (and appended to), the appended rows written back."""
+    B = q.shape[0]
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64) or tuple(idx.shape) != (B,):
+        got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"cache_batch_idx: expected a (B,) = ({B},) int32/int64 tensor, got {got}")
+    if idx.device != q.device:
+        raise ValueError(f"cache_batch_idx: expected device {q.device} (q's), got {idx.device}")
+    pool = k_cache.shape[0]
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling() and B:
+        if not (0 <= int(idx.min()) and int(idx.max()) < pool):
+            raise ValueError(f"cache_batch_idx: expected rows in [0, {pool}) (the caches'), got "
+                             f"{int(idx.min())}..{int(idx.max())}")
+        if k is not None and idx.unique().numel() != B:
+            raise ValueError("cache_batch_idx: a cache row appears more than once; with k/v each row needs its own")
+    rows = idx.long()
+    kc, vc = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
+    out = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
+                                  causal=causal, window_size=window_size, return_softmax_lse=with_lse)
+    if k is not None:  # the appended tokens back into the pool's rows
+        k_cache.index_copy_(0, rows, kc)
+        v_cache.index_copy_(0, rows, vc)
+    return out
+
+
 def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
                             rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
@@ -200,18 +226,22 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     len_b - 1`` (flash-attn's bottom-right alignment, per row): decode, chunked prefill, speculative tokens.
     Returns (B, Tq, H, D) (and softmax_lse (B, H, Tq) fp32 with ``return_softmax_lse``). One query per row reads
     the caches in place; more, with per-row lengths, gather each row's keys right-aligned first (a copy of the
-    caches). Refused by name when given: rotary_cos/rotary_sin (apply rotary before), cache_batch_idx,
-    cache_leftpad, block_table (paged caches), softcap, alibi_slopes; ``num_splits`` and ``rotary_interleaved``
-    are accepted and have no effect."""
-    _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
+    caches). ``cache_batch_idx`` (B,) picks each row's cache row in caches of another batch size (a copy of those
+    rows). Refused by name when given: rotary_cos/rotary_sin (apply rotary before), cache_leftpad, block_table
+    (paged caches), softcap, alibi_slopes; ``num_splits`` and ``rotary_interleaved`` are accepted and have no
+    effect."""
+    _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"), same_batch=cache_batch_idx is None)
     check_flag("causal", causal)
     check_flag("return_softmax_lse", return_softmax_lse)
     check_flag("rotary_interleaved", rotary_interleaved)
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
         raise TypeError(f"num_splits: expected an int, got {type(num_splits).__name__}")
-    _check_unsupported(0.0, softcap, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
-                       cache_leftpad=cache_leftpad, block_table=block_table, alibi_slopes=alibi_slopes)
+    _check_unsupported(0.0, softcap, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad,
+                       block_table=block_table, alibi_slopes=alibi_slopes)
     B, Tq, Tmax = q.shape[0], q.shape[1], k_cache.shape[1]
+    if cache_batch_idx is not None:
+        return _on_cache_rows(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, softmax_scale, causal,
+                              window_size, return_softmax_lse)
     lens = _seqlens(cache_seqlens, B, Tmax, q.device)
     if (k is None) != (v is None):
         raise ValueError("k: k and v are given together (the new tokens' keys and values), got only one")
