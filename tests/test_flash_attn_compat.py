@@ -239,3 +239,24 @@ def test_kvcache_cache_batch_idx_picks_pool_rows():
     assert torch.equal(kc[[1, 2, 4]], k0[[1, 2, 4]]) and torch.equal(vc[[1, 2, 4]], v0[[1, 2, 4]])
     with pytest.raises(ValueError, match="^cache_batch_idx: a cache row appears more than once"):
         K.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, cache_batch_idx=torch.tensor([1, 1]))
+
+
+def test_window_normalisations_of_varlen_and_decode():
+    """varlen bounds a window side by max_seqlen_k (flash-attn's varlen kernels), not by each sequence's length;
+    one query per row has no key to its right, so any right side is right = 0; appended k/v keep the cache's
+    dtype (no silent cast)."""
+    g = torch.Generator().manual_seed(51)
+    q, k = torch.randn(10, 2, 16, generator=g), torch.randn(12, 2, 16, generator=g)
+    cq, ck = torch.tensor([0, 6, 10]), torch.tensor([0, 2, 12])
+    out = K.flash_attn_varlen_func(q, k, k, cq, ck, 6, 10, window_size=(3, 3))
+    want0, _ = _flash_semantics(q[None, :6], k[None, :2], k[None, :2], False, (3, 3), None)
+    torch.testing.assert_close(out[:6].double(), want0[0], atol=2e-5, rtol=2e-5)
+    assert not out[0].any()  # query 0 of sequence 0 (p = -4) sees no key within 3
+    qd = torch.randn(2, 1, 2, 16, generator=g)
+    kc = torch.randn(2, 9, 2, 16, generator=g)
+    lens = torch.tensor([5, 9])
+    want = K.flash_attn_with_kvcache(qd, kc, kc, cache_seqlens=lens, causal=True, window_size=(3, 0))
+    for ws in ((3, -1), (3, 1)):
+        torch.testing.assert_close(K.flash_attn_with_kvcache(qd, kc, kc, cache_seqlens=lens, window_size=ws), want)
+    with pytest.raises(TypeError, match="^k: expected the cache's dtype torch.float32"):
+        K.flash_attn_with_kvcache(qd, kc, kc, qd[:, :, :2].double(), qd[:, :, :2].double(), cache_seqlens=2)

@@ -2,7 +2,7 @@
 over :func:`apt_kernels.tva_attention`: the same names, argument order, defaults, (B, T, H, D) layouts, causal
 bottom-right alignment, window_size and softmax_lse conventions, so code written for flash-attn runs on every
 device and implementation here. Plain attention only (no TVA term). What flash-attn offers and these kernels do
-not (dropout, softcap, ALiBi, rotary embedding, paged caches, cache_batch_idx / cache_leftpad) is refused by name
+not (dropout, softcap, ALiBi, rotary embedding, paged caches, cache_leftpad) is refused by name
 when asked for, never silently ignored; its no-op defaults are accepted."""
 from __future__ import annotations
 
@@ -47,16 +47,17 @@ def _check_qkv(q: Any, k: Any, v: Any, names: tuple[str, str, str] = ("q", "k", 
             raise ValueError(f"{name}: expected {nq}'s device {q.device}, got {t.device}")
 
 
-def _window(window_size: Any, causal: bool, tk: int) -> tuple[bool, Optional[int]]:
+def _window(window_size: Any, causal: bool, tk: int, tq: int = 2) -> tuple[bool, Optional[int]]:
     """flash-attn's (causal, window_size=(left, right)) -- query position p sees keys [p - left, p + right], -1
-    unbounded, a side >= Tk unbounded too (flash-attn's kernels), right = 0 with causal, and (left, 0) itself
-    causal -- as tva_attention's (causal, window); ValueError where tva_attention cannot say the same."""
+    unbounded, a side >= Tk unbounded too (flash-attn's kernels; varlen: max_seqlen_k), right = 0 with causal,
+    and (left, 0) itself causal -- as tva_attention's (causal, window); ValueError where tva_attention cannot say
+    the same. One query (``tq`` 1, at the last position) has no key to its right: any right is right = 0."""
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
             and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window_size)):
         raise ValueError(f"window_size: expected (left, right), each an int >= -1 (-1: unbounded), got "
                          f"{window_size!r}")
     left, right = (-1 if w >= tk else int(w) for w in window_size)
-    if causal or right == 0:
+    if causal or right == 0 or tq == 1:
         return True, (None if left < 0 else left + 1)
     if left == right:
         return False, (None if left < 0 else left + 1)
@@ -96,7 +97,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     check_flag("deterministic", deterministic)
     check_flag("return_attn_probs", return_attn_probs)
     _check_unsupported(dropout_p, softcap, alibi_slopes=alibi_slopes)
-    causal, window = _window(window_size, causal, k.shape[1])
+    causal, window = _window(window_size, causal, k.shape[1], q.shape[1])
     o, lse = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, causal, window, softmax_scale)
     out = o.transpose(1, 2).contiguous()
     return (out, lse, None) if return_attn_probs else out
@@ -143,6 +144,9 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         longest = max((y - x for x, y in zip(b, b[1:])), default=0)
         if isinstance(mx, bool) or not isinstance(mx, numbers.Integral) or mx < longest:
             raise ValueError(f"{name}: expected an int >= the longest sequence ({longest}), got {mx!r}")
+    check_flag("deterministic", deterministic)
+    # normalised once, with max_seqlen_k as flash-attn's varlen kernels do (not per sequence)
+    causal, window = _window(window_size, causal, max_seqlen_k, 2 if max_seqlen_q > 1 else 1)
     outs, lses = [], []
     for (q0, q1), (k0, k1) in zip(zip(bq, bq[1:]), zip(bk, bk[1:])):
         if q1 == q0:
@@ -151,10 +155,9 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
             outs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[2]))
             lses.append(torch.full((q.shape[1], q1 - q0), math.inf, dtype=torch.float32, device=q.device))
             continue
-        o, lse, _ = flash_attn_func(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale=softmax_scale,
-                                    causal=causal, window_size=window_size, deterministic=deterministic,
-                                    return_attn_probs=True)
-        outs.append(o[0])
+        o, lse = _attend(q[None, q0:q1].transpose(1, 2), k[None, k0:k1].transpose(1, 2),
+                         v[None, k0:k1].transpose(1, 2), None, causal, window, softmax_scale)
+        outs.append(o[0].transpose(0, 1))
         lses.append(lse[0])
     out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], v.shape[2])
     if return_attn_probs:
@@ -251,6 +254,11 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         if k.dim() != 4 or k.shape[0] != B or k.shape[2:] != k_cache.shape[2:] or tuple(v.shape) != tuple(k.shape):
             raise ValueError(f"k: expected (B, Tnew, Hkv, D) = ({B}, Tnew, {k_cache.shape[2]}, {k_cache.shape[3]}) "
                              f"with v alike, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        for name, t, c in (("k", k, k_cache), ("v", v, v_cache)):
+            if t.dtype != c.dtype:  # flash-attn refuses it too; a silent cast would round the new tokens
+                raise TypeError(f"{name}: expected the cache's dtype {c.dtype}, got {t.dtype}")
+            if t.device != c.device:
+                raise ValueError(f"{name}: expected the cache's device {c.device}, got {t.device}")
         if lens is None:
             raise ValueError("cache_seqlens: required with k/v (each row's new tokens go in after its cached ones)")
         if lens.device.type == "cpu" and not torch.compiler.is_compiling() and B and \
@@ -258,10 +266,10 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             raise ValueError(f"k: {k.shape[1]} new tokens after cache_seqlens overflow the cache of {Tmax}")
         pos = lens[:, None] + torch.arange(k.shape[1], device=q.device)  # (B, Tnew)
         rows = torch.arange(B, device=q.device)[:, None].expand_as(pos)
-        k_cache.index_put_((rows, pos), k.to(k_cache.dtype))
-        v_cache.index_put_((rows, pos), v.to(v_cache.dtype))
+        k_cache.index_put_((rows, pos), k)
+        v_cache.index_put_((rows, pos), v)
         lens = lens + k.shape[1]
-    causal, window = _window(window_size, causal, Tmax)
+    causal, window = _window(window_size, causal, Tmax, Tq)
     qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     if lens is None:
         o, lse = _attend(qt, kt, vt, None, causal, window, softmax_scale)
