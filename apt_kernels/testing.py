@@ -76,7 +76,7 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a - e).abs().max() / (e.abs().max() + 1e-12)) if e.numel() else 0.0
 
 
-def _run_with_grads(fn: Callable[[dict], Any], inputs: dict, dtype: Optional[torch.dtype], grad_out: torch.Tensor,
+def run_with_grads(fn: Callable[[dict], Any], inputs: dict, dtype: Optional[torch.dtype], grad_out: torch.Tensor,
                     names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """fn(inputs, floating tensors cast to ``dtype`` (None: kept)) -> (output, grads of the tensors in names)."""
     a = {k: (v.detach().to(dtype or v.dtype).requires_grad_(k in names)
@@ -88,17 +88,18 @@ def _run_with_grads(fn: Callable[[dict], Any], inputs: dict, dtype: Optional[tor
 
 
 def assert_lowp_pipeline(kern_fn: Callable[[dict], Any], ref_fn: Callable[[dict], Any], inputs: dict,
-                         names: Sequence[str], gout_shape: Sequence[int], dtype: torch.dtype, seed: int = 1) -> None:
-    """The low-precision criterion for a whole call, output and the gradients of ``names``: ``kern_fn`` and
-    ``ref_fn`` on the (low-precision) inputs, the truth from ``ref_fn`` on them in float64, one rounded upstream
-    gradient for all three."""
+                         names: Sequence[str], gout_shape: Sequence[int], dtype: torch.dtype, seed: int = 1,
+                         checked: Optional[Sequence[str]] = None) -> None:
+    """The low-precision criterion for a whole call, output and the gradients of ``names`` (those of ``checked``
+    only, when given; all are differentiated): ``kern_fn`` and ``ref_fn`` on the (low-precision) inputs, the truth
+    from ``ref_fn`` on them in float64, one rounded upstream gradient for all three."""
     g = torch.Generator().manual_seed(seed)
     go = torch.randn(tuple(gout_shape), generator=g).to(dtype)  # rounded: the truth sees the same upstream gradient
-    yt, gt = _run_with_grads(ref_fn, inputs, torch.float64, go, names)
-    yk, gk = _run_with_grads(kern_fn, inputs, None, go, names)
-    yr, gr = _run_with_grads(ref_fn, inputs, None, go, names)
+    yt, gt = run_with_grads(ref_fn, inputs, torch.float64, go, names)
+    yk, gk = run_with_grads(kern_fn, inputs, None, go, names)
+    yr, gr = run_with_grads(ref_fn, inputs, None, go, names)
     assert yk.dtype == yr.dtype, f"output dtype {yk.dtype}, the reference's {yr.dtype}"
     assert_lowp_accurate("out", yk, yr, yt)
-    for n in names:
+    for n in (names if checked is None else checked):
         assert gk[n].dtype == gr[n].dtype, f"d{n} dtype {gk[n].dtype}, the reference's {gr[n].dtype}"
         assert_lowp_accurate(f"d{n}", gk[n], gr[n], gt[n])

@@ -20,30 +20,12 @@ import torch  # noqa: E402
 
 import apt_kernels.triton  # noqa: E402,F401  (its import fixes the interpreter's bfloat16 casts)
 from apt_kernels.backends import triton_interpret, triton_status  # noqa: E402
-from apt_kernels.testing import assert_lowp_accurate  # noqa: E402
+from apt_kernels.testing import assert_lowp_accurate, assert_lowp_pipeline, run_with_grads  # noqa: E402
 
 pytestmark = [pytest.mark.triton,
               pytest.mark.skipif(not (triton_status()[0] and triton_interpret()), reason="needs TRITON_INTERPRET=1")]
 
 LOWP = [torch.bfloat16, torch.float16]
-
-
-def _run(fn, inputs, dtype, go, names):
-    a = {k: (v.detach().to(dtype or v.dtype).requires_grad_(k in names)
-             if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
-    out = fn(a)
-    out = out[0] if isinstance(out, tuple) else out
-    return out, dict(zip(names, torch.autograd.grad(out, [a[n] for n in names], go.to(out.dtype))))
-
-
-def _compare_three(kern_fn, ref_fn, inputs, names, checked, gout_shape, dtype):
-    go = torch.randn(gout_shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    yt, gt = _run(ref_fn, inputs, torch.float64, go, names)
-    yk, gk = _run(kern_fn, inputs, None, go, names)
-    yr, gr = _run(ref_fn, inputs, None, go, names)
-    assert_lowp_accurate("out", yk, yr, yt)
-    for n in checked:
-        assert_lowp_accurate(f"d{n}", gk[n], gr[n], gt[n])
 
 
 def test_interpreter_bf16_casts_round_to_nearest_even():
@@ -78,8 +60,8 @@ def test_scan_triton_lowp(dtype, L, N, lb, lc, G, opts, monkeypatch):
     monkeypatch.setattr(scan_ops, "CHUNK", 4)  # several checkpoints and a ragged last chunk
     x = random_scan_inputs(1, 4, L, N, layout_B=lb, layout_C=lc, groups=G, dtype=dtype, with_D=opts, with_z=opts,
                            with_bias=opts, generator=torch.Generator().manual_seed(L + N))
-    _compare_three(lambda a: scan_ops.selective_scan_triton(**a, delta_softplus=opts),
-                   lambda a: selective_scan_ref(**a, delta_softplus=opts), x, list(x), list(x), x["u"].shape, dtype)
+    assert_lowp_pipeline(lambda a: scan_ops.selective_scan_triton(**a, delta_softplus=opts),
+                         lambda a: selective_scan_ref(**a, delta_softplus=opts), x, list(x), x["u"].shape, dtype)
 
 
 @pytest.mark.parametrize("dtype", LOWP)
@@ -115,8 +97,8 @@ def test_tva_triton_lowp(dtype, shape, kw):
     B, H, Tq, Tk, D = shape
     inp = random_tva_inputs(B=B, H=H, Tq=Tq, Tk=Tk, D=D, pad=True, coef_tensor=True, dtype=dtype, seed=Tq)
     names = ["q", "k", "v", "delta", "gate", "coef"]
-    _compare_three(lambda a: tva_attention_triton(**a, **kw), lambda a: tva_attention_ref(**a, **kw), inp, names,
-                   ["delta", "gate", "coef"], (B, H, Tq, D), dtype)
+    assert_lowp_pipeline(lambda a: tva_attention_triton(**a, **kw), lambda a: tva_attention_ref(**a, **kw), inp,
+                         names, (B, H, Tq, D), dtype, checked=["delta", "gate", "coef"])
 
 
 def _attention_all_lowp(q, k, v):
@@ -139,9 +121,9 @@ def test_tva_triton_qkv_grads_lowp_flash_criterion(dtype, T, D, seed):
     inputs = {n: torch.randn(1, 2, T, D, generator=g) for n in ("q", "k", "v")}
     go = torch.randn(1, 2, T, D, generator=g).to(dtype)
     names = ["q", "k", "v"]
-    yt, gt = _run(lambda a: tva_attention_ref(**a), inputs, torch.float64, go, names)
-    yk, gk = _run(lambda a: tva_attention_triton(**a), inputs, dtype, go, names)
-    yr, gr = _run(lambda a: _attention_all_lowp(**a), inputs, dtype, go, names)
+    yt, gt = run_with_grads(lambda a: tva_attention_ref(**a), inputs, torch.float64, go, names)
+    yk, gk = run_with_grads(lambda a: tva_attention_triton(**a), inputs, dtype, go, names)
+    yr, gr = run_with_grads(lambda a: _attention_all_lowp(**a), inputs, dtype, go, names)
     assert_lowp_accurate("out", yk, yr, yt)
     for n in names:  # measured at most 1.7x (12 seeds at (37, 32) and (64, 32), both dtypes)
         assert_lowp_accurate(f"d{n}", gk[n], gr[n], gt[n])
