@@ -179,16 +179,8 @@ def test_state_batch_indices_gradients_and_no_host_sync():
         y = K.selective_state_update(pool, xs, dt, A, B, C, D, z, dt_bias, dt_softplus=True, state_batch_indices=ind)
         gx, gp = torch.autograd.grad((pool ** 2).sum() + y.sum(), (xs, p))
         xr, pr = x.clone().requires_grad_(), pool0.clone().requires_grad_()
-        pool_r, ys = pr * 1.0, []
-        for i, s in enumerate(idx):  # row by row on its slot
-            if s < 0:
-                ys.append(torch.zeros_like(xr[i]))
-                continue
-            st = pool_r[s:s + 1].clone()
-            sl = lambda t: t[i:i + 1]  # noqa: E731
-            ys.append(K.selective_state_update_ref(st, sl(xr), sl(dt), A, sl(B), sl(C), D, sl(z), dt_bias, True)[0])
-            pool_r = torch.cat([pool_r[:s], st, pool_r[s + 1:]])
-        gxr, gpr = torch.autograd.grad((pool_r ** 2).sum() + torch.stack(ys).sum(), (xr, pr), allow_unused=True,
+        y_r, pool_r = _slots_truth(pr * 1.0, ind, xr, dt, A, B, C, D, z, dt_bias)  # row by row on its slot
+        gxr, gpr = torch.autograd.grad((pool_r ** 2).sum() + y_r.sum(), (xr, pr), allow_unused=True,
                                        materialize_grads=True)
         torch.testing.assert_close(gx, gxr, msg=f"dx {idx}")
         torch.testing.assert_close(gp, gpr, msg=f"dpool {idx}")
