@@ -210,8 +210,9 @@ class Trainer:
         self.ctx = HookContext(trainer=self, model=self.core_model, config=self.cfg,
                                extra={"schedules": self.schedules})
         name = self.cfg.get("name") or "run"
-        if not (out_dir or t.get("out_dir")) and run_name_problem(name):  # an unvalidated mapping's name
-            raise ValueError(f"name: {run_name_problem(name)}")
+        bad_name = run_name_problem(name) if not (out_dir or t.get("out_dir")) else None  # an unvalidated mapping
+        if bad_name:
+            raise ValueError(f"name: {bad_name}")
         self.out_dir = Path(out_dir or t.get("out_dir") or Path("apt_runs") / name)
         self.epoch = 0
         self.step = 0
