@@ -582,3 +582,21 @@ def test_grouped_ffn_padded_and_per_expert_paths(counts, per_expert, activation)
             gate = p[2] if w_gate is not None else None
             return moe_grouped_ffn(p[0], offsets, p[1], gate, p[-1], activation)
         assert torch.autograd.gradcheck(f, params)
+
+
+def test_grouped_ffn_backward_reuses_the_forwards_host_offsets(monkeypatch):
+    """The offsets reach the host once per training step: the forward returns its host copy for the backward (a
+    second device sync per MoE layer in every backward, before), and the checks run on that same copy."""
+    calls = []
+    real = moe_ops._groups
+
+    def counting(offsets, m, bounds=None):
+        calls.append(bounds is None)
+        return real(offsets, m, bounds)
+    monkeypatch.setattr(moe_ops, "_groups", counting)
+    x = torch.randn(7, 3, requires_grad=True)
+    w_in, w_gate = (torch.randn(3, 3, 4, requires_grad=True) for _ in range(2))
+    w_out = torch.randn(3, 4, 2, requires_grad=True)
+    moe_grouped_ffn(x, torch.tensor([0, 2, 5, 7]), w_in, w_gate, w_out).sum().backward()
+    assert calls == [True, False]
+    assert x.grad is not None and w_gate.grad is not None

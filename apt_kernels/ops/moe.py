@@ -383,9 +383,17 @@ class _Groups(NamedTuple):
     width: int
 
 
-def _groups(offsets: torch.Tensor, m: int) -> _Groups:
-    bounds = [int(b) for b in offsets.tolist()]  # the one host sync
+def _groups(offsets: torch.Tensor, m: int, bounds: Optional[list[int]] = None) -> _Groups:
+    """The segments of ``offsets``; ``bounds``: its values already on the host (the backward gets them from the
+    forward, so only the forward syncs)."""
+    if bounds is None:
+        bounds = [int(b) for b in offsets.tolist()]  # the one host sync
     counts = [b - a for a, b in zip(bounds, bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != m or min(counts) < 0:
+        # checked here, on the host copy, before anything indexes with them: bad offsets made torch's
+        # repeat_interleave write past its output (heap corruption, a later abort) or fail with an unclear error
+        shown = bounds if len(bounds) <= 16 else (bounds[0], "...", bounds[-1])
+        raise ValueError(f"offsets: expected non-decreasing row offsets from 0 to M={m}, got {shown}")
     e, width = len(counts), max(max(counts), 1)
     # the batched GEMM over experts padded to the widest, as long as the padding at most doubles the rows; past
     # that (a skewed routing) expert by expert, whose work is the rows' own
@@ -457,12 +465,12 @@ def _ffn_per_expert_backward(grad_out, x, up, gate, act, w_in, w_gate, w_out, g:
 
 
 def _grouped_ffn_fwd(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
-                     w_out: torch.Tensor, inplace: bool = True, saved: bool = True
+                     w_out: torch.Tensor, inplace: bool = True, saved: bool = True, g: Optional[_Groups] = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> out (M, C_out), up, gate (empty for gelu) and activation (M, F), packed as x; with ``saved=False`` only
     out (the rest empty). Padded, the activation runs on the padded buffers (no unpadding and repadding between
     the projections: 20-45% of a balanced call's time on the CPU)."""
-    g = _groups(offsets, x.shape[0])
+    g = _groups(offsets, x.shape[0]) if g is None else g
     if g.rows is None:
         return _ffn_per_expert(x, w_in, w_gate, w_out, g, saved)
     h = _pad(x, g, inplace)
@@ -481,15 +489,20 @@ def _unpad(t: torch.Tensor, g: _Groups) -> torch.Tensor:
 
 @torch.library.custom_op("apt::moe_grouped_ffn", mutates_args=())
 def _grouped_ffn_op(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
-                    w_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _grouped_ffn_fwd(x, offsets, w_in, w_gate, w_out)
+                    w_out: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> out, up, gate, act and the offsets on the host (int64 CPU): the backward's segments without a second
+    device sync."""
+    g = _groups(offsets, x.shape[0])
+    return (*_grouped_ffn_fwd(x, offsets, w_in, w_gate, w_out, g=g), torch.tensor(g.bounds, dtype=torch.int64))
 
 
 @_grouped_ffn_op.register_fake
 def _(x, offsets, w_in, w_gate, w_out):
     m, f = x.shape[0], w_in.shape[2]
     gate = x.new_empty((m, f)) if w_gate is not None else x.new_empty(0)
-    return x.new_empty((m, w_out.shape[2])), x.new_empty((m, f)), gate, x.new_empty((m, f))
+    bounds = offsets.new_empty(offsets.shape, dtype=torch.int64, device="cpu")
+    return x.new_empty((m, w_out.shape[2])), x.new_empty((m, f)), gate, x.new_empty((m, f)), bounds
 
 
 @torch.library.custom_op("apt::moe_grouped_ffn_inference", mutates_args=())
@@ -508,11 +521,13 @@ def _(x, offsets, w_in, w_gate, w_out):
 
 @torch.library.custom_op("apt::moe_grouped_ffn_backward", mutates_args=())
 def _grouped_ffn_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, up: torch.Tensor,
-                        gate: torch.Tensor, act: torch.Tensor, w_in: torch.Tensor, w_gate: Optional[torch.Tensor],
-                        w_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        gate: torch.Tensor, act: torch.Tensor, bounds: torch.Tensor, w_in: torch.Tensor,
+                        w_gate: Optional[torch.Tensor], w_out: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> grad of x (M, C), w_in, w_gate (empty for gelu), w_out: the forward's autograd formulas, per expert
-    (padded: on the padded buffers, whose zero rows add nothing to the weight gradients)."""
-    g = _groups(offsets, x.shape[0])
+    (padded: on the padded buffers, whose zero rows add nothing to the weight gradients). ``bounds``: the
+    offsets on the host, from the forward."""
+    g = _groups(offsets, x.shape[0], bounds.tolist())
     grad_out = grad_out.contiguous()
     if g.rows is None:
         return _ffn_per_expert_backward(grad_out, x, up, gate, act, w_in, w_gate, w_out, g)
@@ -534,7 +549,7 @@ def _grouped_ffn_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, offsets: torch.
 
 
 @_grouped_ffn_bwd_op.register_fake
-def _(grad_out, x, offsets, up, gate, act, w_in, w_gate, w_out):
+def _(grad_out, x, offsets, up, gate, act, bounds, w_in, w_gate, w_out):
     # new_empty, not empty_like: the real gradients are contiguous whatever the weights' strides
     g_w_gate = w_gate.new_empty(w_gate.shape) if w_gate is not None else x.new_empty(0)
     return x.new_empty(x.shape), w_in.new_empty(w_in.shape), g_w_gate, w_out.new_empty(w_out.shape)
@@ -714,13 +729,6 @@ def moe_grouped_ffn(x: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, 
     if offsets.shape[0] < 2:
         raise ValueError(f"offsets: expected E+1 >= 2 entries, got shape {tuple(offsets.shape)}")
     e, c = offsets.shape[0] - 1, x.shape[1]
-    if offsets.device == x.device and not torch.compiler.is_compiling():
-        # one host sync (the op syncs for the widest expert anyway): bad offsets made torch's repeat_interleave
-        # write past its output (heap corruption, a later abort) or fail with an unclear size error
-        lo, last, step = int(offsets[0]), int(offsets[-1]), int((offsets[1:] - offsets[:-1]).min())
-        if lo != 0 or last != x.shape[0] or step < 0:
-            raise ValueError(f"offsets: expected non-decreasing row offsets from 0 to M={x.shape[0]}, got "
-                             f"{offsets.tolist() if offsets.numel() <= 16 else (lo, '...', last)}")
     for name, t in (("offsets", offsets), ("w_in", w_in), ("w_gate", w_gate), ("w_out", w_out)):
         if t is None:
             continue
