@@ -123,6 +123,20 @@ def cpu_module() -> Optional[ModuleType]:
     return _module
 
 
+def _serial_after_fork() -> None:
+    # A fork()ed child has none of its parent's OpenMP threads, but GNU libgomp still counts on them: the child's
+    # first parallel region waits on them forever (torch's own ops as well; its DataLoader workers call
+    # torch.set_num_threads(1) for that reason). So in a child the kernels run on the calling thread until torch's
+    # thread count is changed there (the mirror above then passes it on).
+    if _module is not None and hasattr(_module, "set_num_threads"):
+        _module.set_num_threads(1)
+        _threads.n = torch.get_num_threads()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_serial_after_fork)
+
+
 def native_status() -> tuple[bool, str]:
     """(available, reason) for the compiled CPU module."""
     return (_module is not None, _reason)

@@ -66,3 +66,39 @@ def test_cpu_module_mirrors_the_count_into_a_separate_runtime(monkeypatch):
         torch.set_num_threads(before)
     nat.cpu_module()
     assert fake.calls == [before, other, before]
+
+
+def _child_runs_kernel(x, queue):
+    from apt_kernels.ops.running_mean import running_mean_native
+
+    queue.put((native_module().max_threads(), float(running_mean_native(x, None).sum())))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_forked_child_runs_the_kernels_without_hanging():
+    """The parent's OpenMP team does not survive fork(): with 2 threads a child's first kernel waited forever on it
+    (GNU libgomp), e.g. in a fork-started worker. A child runs them on its calling thread."""
+    import multiprocessing as mp
+
+    from apt_kernels.ops.running_mean import running_mean_native
+
+    before = torch.get_num_threads()
+    x = torch.randn(8, 8192, 64)
+    try:
+        torch.set_num_threads(2)
+        want = float(running_mean_native(x, None).sum())  # starts the team
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        p = ctx.Process(target=_child_runs_kernel, args=(x, queue))
+        p.start()
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+            pytest.fail("the forked child hung in the native kernel")
+        threads, got = queue.get(timeout=5)
+        assert p.exitcode == 0 and threads == 1 and got == pytest.approx(want, rel=1e-5)
+        # the parent keeps its count
+        running_mean_native(x, None)
+        assert native_module().max_threads() == 2
+    finally:
+        torch.set_num_threads(before)
