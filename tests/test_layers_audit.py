@@ -87,3 +87,38 @@ def test_layers_check_their_settings_at_construction():
         layer(torch.randn(1, 3, 8), key_padding_mask=torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="dtype: no tolerance for torch.int64"):
         tolerance(torch.int64)
+
+
+def test_float64_layers_keep_float64_in_their_accumulations():
+    """A float64 TVA layer's gate mean (non-causal, and a cache's running sum) and a float64 Mamba mixer's A, D and
+    dt bias stay float64: they went through .float(), leaving a float64 model 1e-9..1e-7 off its own math and its
+    cached decode 4e-9 off its full forward."""
+    from apt.modeling.mamba import MambaMixer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, generator=g) * 3 + 1
+    with torch.no_grad():
+        m = TVAAttention(12, 3, causal=False).double()
+        assert torch.allclose(m._gate_input(x, None, None), x.mean(1, keepdim=True).expand_as(x), rtol=0, atol=1e-14)
+        m = TVAAttention(12, 3).double()
+        cache = m.new_cache(2)
+        full = m(x)
+        parts = torch.cat([m(x[:, :3], cache=cache), m(x[:, 3:], cache=cache)], dim=1)
+        assert cache.x_sum.dtype == torch.float64
+        assert torch.allclose(parts, full, rtol=0, atol=1e-13)
+
+    mixer = MambaMixer(8, d_state=4, d_conv=4).double()
+    seen = []
+    x = torch.randn(2, 7, 8, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        mixer(x)  # picks its scan
+        real = mixer.scan_fn
+
+        def spy(u, delta, A, B, C, D, z, delta_bias, **kw):
+            seen.append((A.dtype, D.dtype, delta_bias.dtype))
+            return real(u, delta, A, B, C, D, z, delta_bias=delta_bias, **kw)
+        mixer._select = lambda t: setattr(mixer, "scan_fn", spy)
+        mixer(x)
+    assert seen == [(torch.float64,) * 3]
+    assert mixer.new_cache(2).ssm_state.dtype == torch.float64
+    assert MambaMixer(8, d_state=4).new_cache(2).ssm_state.dtype == torch.float32

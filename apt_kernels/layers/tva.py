@@ -30,7 +30,7 @@ class TVACache:
 
     ``k``/``v``: (B, H, capacity, D) buffers whose first ``length`` positions are the keys/values so far
     (``max_len`` positions when given, else a capacity that doubles when full);
-    ``x_sum``/``count``: fp32 running sum of the non-padded inputs and their number (the gate's running mean);
+    ``x_sum``/``count``: fp32 (fp64 for fp64 inputs) running sum of the non-padded inputs and their number (the gate's running mean);
     ``padding``: (B, capacity) key padding mask, the same way; ``length``: number of positions seen.
     The buffers hold detached values: under autograd a call's outputs give gradients to that call's inputs only,
     not to the positions of earlier calls (truncated backpropagation; the outputs equal a full forward's).
@@ -57,12 +57,12 @@ class TVACache:
 
 
 def _kept(x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 keep (B, T): 1 where not padded, fp32 x with padded positions 0): a select, since x * keep would turn
-    an inf or NaN at a padded position into NaN."""
-    xf = x.float()
+    """(keep (B, T): 1 where not padded, x with padded positions 0), both in the accumulation dtype (fp32, fp64 for
+    fp64 x, as running_mean): a select, since x * keep would turn an inf or NaN at a padded position into NaN."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     if key_padding_mask is None:
-        return torch.ones(x.shape[:2], dtype=torch.float32, device=x.device), xf
-    return (~key_padding_mask).float(), torch.where(key_padding_mask[..., None], xf.new_zeros(()), xf)
+        return torch.ones(x.shape[:2], dtype=xf.dtype, device=x.device), xf
+    return (~key_padding_mask).to(xf.dtype), torch.where(key_padding_mask[..., None], xf.new_zeros(()), xf)
 
 
 def _is_int(value: object) -> bool:

@@ -76,6 +76,12 @@ def resolve_scan(name: Union[str, registry.Provider, None]) -> tuple[Callable[..
         return _selective_scan_local, _state_update_local, "builtin-sequential"
 
 
+def _acc(p: torch.Tensor) -> torch.Tensor:
+    """A, D and the dt bias go to the scan in fp32 whatever the model's low precision (as mamba_ssm keeps them);
+    fp64 stays fp64 (.float() rounded a float64 model's to fp32: 3e-9 off its own float64 math)."""
+    return p.to(torch.promote_types(p.dtype, torch.float32))
+
+
 class MambaCache:
     """Per-layer decode state: conv_state (B, d_inner, d_conv) and ssm_state (B, d_inner, d_state)."""
 
@@ -160,10 +166,10 @@ class MambaMixer(nn.Module):
 
     def new_cache(self, batch_size: int, device: Any = None, dtype: Any = None) -> MambaCache:
         w = self.conv1d.weight
-        return MambaCache(torch.zeros(batch_size, self.d_inner, self.d_conv, device=device or w.device,
-                                      dtype=dtype or w.dtype),
+        dtype = dtype or w.dtype
+        return MambaCache(torch.zeros(batch_size, self.d_inner, self.d_conv, device=device or w.device, dtype=dtype),
                           torch.zeros(batch_size, self.d_inner, self.d_state, device=device or w.device,
-                                      dtype=torch.float32))
+                                      dtype=torch.promote_types(dtype, torch.float32)))
 
     def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
         if cache is not None and cache.seqlen > 0:
@@ -182,10 +188,10 @@ class MambaMixer(nn.Module):
         dbc = self.x_proj(xc.transpose(1, 2))  # (B, L, r + 2N)
         dt, Bm, Cm = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias goes in as delta_bias
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(_acc(self.A_log))
         out = self.scan_fn(xc.contiguous(), delta.contiguous(), A, Bm.transpose(1, 2).contiguous(),
-                           Cm.transpose(1, 2).contiguous(), self.D.float(), z.contiguous(),
-                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                           Cm.transpose(1, 2).contiguous(), _acc(self.D), z.contiguous(),
+                           delta_bias=_acc(self.dt_proj.bias), delta_softplus=True,
                            return_last_state=cache is not None)
         if cache is not None:
             y, last = out
@@ -206,9 +212,9 @@ class MambaMixer(nn.Module):
         xc = F.silu(xc)
         dt, Bm, Cm = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ self.dt_proj.weight.t()
-        A = -torch.exp(self.A_log.float())
-        y = self.step_fn(cache.ssm_state, xc, dt, A, Bm, Cm, D=self.D.float(), z=z,
-                         dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        A = -torch.exp(_acc(self.A_log))
+        y = self.step_fn(cache.ssm_state, xc, dt, A, Bm, Cm, D=_acc(self.D), z=z,
+                         dt_bias=_acc(self.dt_proj.bias), dt_softplus=True)
         if cache.ssm_state.requires_grad:  # written by the reference step under autograd: keep the value only
             cache.ssm_state.detach_()
         cache.seqlen += 1
