@@ -135,3 +135,35 @@ def test_raw_bindings_refuse_outputs_whose_elements_share_memory():
     with pytest.raises(ValueError, match="^y: is an output"):
         m.selective_state_update_cpu(view(s["state"]), view(s["x"]), view(s["dt"]), view(Ap), view(Bp), view(Cp),
                                      view(Dp), view(s["z"]), view(bp), view(shared_y), True)
+
+
+def test_in_place_caches_and_state_pools_refuse_expanded_views():
+    """flash_attn_with_kvcache writes k/v into the caches and selective_state_update(state_batch_indices=) into the
+    pool: an expanded (stride-0) one is refused by name. The cache took every row's new keys in one slot and
+    answered silently wrong; the pool failed in torch's index_copy_."""
+    from apt_kernels.ops.flash_api import flash_attn_with_kvcache
+
+    cache = torch.randn(1, 10, 2, 16).expand(2, 10, 2, 16)
+    q, k = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    lens = torch.tensor([3, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="^k_cache: is updated in place"):
+        flash_attn_with_kvcache(q, cache, torch.randn(2, 10, 2, 16), k=k, v=k.clone(), cache_seqlens=lens)
+    with pytest.raises(ValueError, match="^v_cache: is updated in place"):
+        flash_attn_with_kvcache(q, torch.randn(2, 10, 2, 16), cache, k=k, v=k.clone(), cache_seqlens=lens)
+    pool = torch.randn(1, 4, 3).expand(5, 4, 3)
+    x, dt = torch.randn(2, 4), torch.rand(2, 4)
+    args = (x, dt, -torch.rand(4, 3), torch.randn(2, 3), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="^state: is updated in place"):
+        K.selective_state_update(pool, *args, state_batch_indices=torch.tensor([0, 3]))
+    with pytest.raises(TypeError, match="^x: expected a torch.Tensor"):
+        K.selective_state_update(torch.randn(5, 4, 3), None, *args[1:], state_batch_indices=torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("sinks", [2**62, 2**63, 2**64])
+def test_huge_sinks_mean_every_key_is_a_sink(sinks):
+    # as a huge window means no window; 2**63 and up failed in the C++ binding's int64 with a signature dump
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=g) for _ in range(3))
+    want = K.tva_attention_ref(q, k, v, window=3, sinks=8)
+    for fn in (K.tva_attention, K.tva_attention_ref):
+        torch.testing.assert_close(fn(q, k, v, window=3, sinks=sinks), want)

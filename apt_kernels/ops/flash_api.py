@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .._validate import check_flag, check_ndim, check_tensor
+from .._validate import check_flag, check_ndim, check_no_overlap, check_tensor
 from .tva import tva_attention
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
@@ -261,6 +261,9 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                 raise ValueError(f"{name}: expected the cache's device {c.device}, got {t.device}")
         if lens is None:
             raise ValueError("cache_seqlens: required with k/v (each row's new tokens go in after its cached ones)")
+        # written in place: an expanded cache (stride 0 over the batch) had every row's new keys land in one slot
+        check_no_overlap("k_cache", k_cache)
+        check_no_overlap("v_cache", v_cache)
         if lens.device.type == "cpu" and not torch.compiler.is_compiling() and B and \
                 int((lens + k.shape[1]).max()) > Tmax:
             raise ValueError(f"k: {k.shape[1]} new tokens after cache_seqlens overflow the cache of {Tmax}")

@@ -18,7 +18,7 @@ import torch
 
 from .._autograd import first_order_only, refuse_transformed
 from .._native import cpu_module, current_stream, native_family_status, native_module, view
-from .._validate import check_flag, check_tensor
+from .._validate import check_flag, check_no_overlap, check_tensor
 from ..backends import (autograd_free, custom_op_must_dispatch, native_cuda_status, torch_func_active, triton_interpret,
                         triton_status)
 from ..reference.scan import (check_scan_args, check_state_update_args, selective_scan_ref,
@@ -738,9 +738,11 @@ def _step_on_slots(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx) -> to
     host sync (CUDA graphs, decode loops): padding rows read the first valid row's slot (the "anchor") and write
     back that row's own new value, so the repeated writes there all agree."""
     check_tensor("state", state)
+    check_tensor("x", x)  # before its batch size is read (None was blamed on state_batch_indices)
     if state.dim() not in (3, 4):
         raise ValueError(f"state: expected (pool, dim, N) or (pool, nheads, headdim, N) with state_batch_indices, "
                          f"got shape {tuple(state.shape)}")
+    check_no_overlap("state", state)  # as without indices (torch's index_copy_ error, before)
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"state_batch_indices: expected a tensor, got {type(idx).__name__}")
     if idx.dtype not in (torch.int32, torch.int64):

@@ -163,6 +163,8 @@ def check_tva_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: O
         raise TypeError(f"sinks: expected a non-negative int, got {type(sinks).__name__}")
     if sinks < 0:
         raise ValueError(f"sinks: expected a non-negative int, got {sinks}")
+    if sinks >= _HUGE_WINDOW and sinks >= Tk:
+        sinks = Tk  # every key a sink; 2**63 and up did not fit the kernels' int64 (a pybind signature error)
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask)
         check_shape("key_padding_mask", key_padding_mask, (B, Tk), "(B, Tk), True = padded")
