@@ -30,7 +30,8 @@ class TVACache:
 
     ``k``/``v``: (B, H, capacity, D) buffers whose first ``length`` positions are the keys/values so far
     (``max_len`` positions when given, else a capacity that doubles when full);
-    ``x_sum``/``count``: fp32 (fp64 for fp64 inputs) running sum of the non-padded inputs and their number (the gate's running mean);
+    ``x_sum``/``count``: fp32 (fp64 for fp64 inputs) running sum of the non-padded inputs and their number (the
+    gate's running mean);
     ``padding``: (B, capacity) key padding mask, the same way; ``length``: number of positions seen.
     The buffers hold detached values: under autograd a call's outputs give gradients to that call's inputs only,
     not to the positions of earlier calls (truncated backpropagation; the outputs equal a full forward's).
