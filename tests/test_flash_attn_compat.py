@@ -260,3 +260,37 @@ def test_window_normalisations_of_varlen_and_decode():
         torch.testing.assert_close(K.flash_attn_with_kvcache(qd, kc, kc, cache_seqlens=lens, window_size=ws), want)
     with pytest.raises(TypeError, match="^k: expected the cache's dtype torch.float32"):
         K.flash_attn_with_kvcache(qd, kc, kc, qd[:, :, :2].double(), qd[:, :, :2].double(), cache_seqlens=2)
+
+
+@pytest.mark.parametrize("causal,window_size", [(True, (-1, -1)), (False, (2, 2)), (True, (4, 0))])
+def test_varlen_groups_sequences_by_length(causal, window_size):
+    """Similar lengths go through one padded call, a skewed batch through a few (never one call per sequence);
+    each sequence still gets flash_attn_func's own answer, bottom-right aligned, and its gradients."""
+    from apt_kernels.ops.flash_api import _length_buckets
+
+    lq, lk = [140, 1, 3, 2, 1, 6, 3, 70], [140, 5, 3, 2, 1, 6, 1, 60]
+    seqs = [(sum(lq[:b]), lq[b], sum(lk[:b]), lk[b]) for b in range(len(lq))]
+    groups = _length_buckets(seqs)
+    assert 1 < len(groups) < len(seqs) and sorted(s for grp in groups for s in grp) == seqs
+    for grp in groups:  # padding adds at most 25% to a group's work (plus one call's fixed cost)
+        own = sum(s[1] * max(s[3], 1) for s in grp)
+        assert len(grp) * max(s[1] for s in grp) * max(max(s[3] for s in grp), 1) <= 1.25 * own + 128 * 128
+    assert len(_length_buckets([(10 * b, 10, 12 * b, 12) for b in range(6)])) == 1
+    g = torch.Generator().manual_seed(5)
+    cq, ck = (torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()]) for ls in (lq, lk))
+    q = torch.randn(sum(lq), 4, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(sum(lk), 2, 8, generator=g, requires_grad=True) for _ in range(2))
+    out, lse, _ = K.flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), causal=causal, window_size=window_size,
+                                           return_attn_probs=True)
+    wants, want_lses = [], []
+    for b in range(len(lq)):
+        o, wl, _ = K.flash_attn_func(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                                     causal=causal, window_size=window_size, return_attn_probs=True)
+        wants.append(o[0])
+        want_lses.append(wl[0])
+    want = torch.cat(wants)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, torch.cat(want_lses, 1), atol=1e-5, rtol=1e-5)
+    gy = torch.randn(out.shape, generator=g)
+    for n, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), gy), torch.autograd.grad(want, (q, k, v), gy)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{n}: {m}")
