@@ -404,6 +404,36 @@ def test_decode_step_mamba2_head_layout(groups, sliced):
         selective_state_update(state, x, dt, A, torch.randn(b, 3, N), C)
 
 
+@pytest.mark.parametrize("sliced", [False, True])
+def test_decode_step_mamba2_head_layout_compiles(sliced):
+    """The head layout under torch.compile(fullgraph=True): a sliced head axis was a hard error (a failing view
+    tried inside try/except), and with grad and dynamic shapes the backward failed ("modified by an inplace
+    operation", a write through a view of the state)."""
+    g = torch.Generator().manual_seed(36)
+    b, H, P, N = 3, 2, 3, 4
+    big = torch.randn(b, 2 * H, P, N, generator=g)
+    x, dt, z = (torch.randn(b, H, P, generator=g) for _ in range(3))
+    A, B, C = -torch.rand(H, P, N, generator=g), torch.randn(b, 1, N, generator=g), torch.randn(b, 1, N, generator=g)
+    D, dt_bias = torch.randn(H, P, generator=g), torch.randn(H, P, generator=g)
+    # a sliced head axis of a pool, or a state of its own
+    fresh = (lambda: big.clone()[:, ::2]) if sliced else (lambda: big[:, :H].clone())  # noqa: E731
+    step = lambda st, *a: selective_state_update(st, *a, dt_softplus=True)  # noqa: E731
+    with torch.no_grad():
+        want_state, got_state = fresh(), fresh()
+        want = step(want_state, x, dt, A, B, C, D, z, dt_bias)
+        got = torch.compile(step, backend="eager", fullgraph=True)(got_state, x, dt, A, B, C, D, z, dt_bias)
+    assert_close(got, want, family="scan")
+    assert_close(got_state, want_state, family="scan")
+    params = [t.clone().requires_grad_() for t in (x, dt, A, D, dt_bias)]
+    y = step(fresh(), params[0], params[1], params[2], B, C, params[3], z, params[4])
+    want_grads = torch.autograd.grad(y.sum(), params)
+    torch._dynamo.reset()
+    f = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    y = f(fresh(), params[0], params[1], params[2], B, C, params[3], z, params[4])
+    for a, w in zip(torch.autograd.grad(y.sum(), params), want_grads):
+        assert_close(a, w, family="scan")
+
+
 def test_decode_step_refuses_a_state_whose_elements_share_memory():
     """An expanded (stride-0) or overlapping state is updated in place: batch 1 read batch 0's new state (y off by
     ~3, silently). Every entry point and the C++ binding refuse it, naming state; a sliced or permuted state whose

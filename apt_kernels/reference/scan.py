@@ -150,10 +150,17 @@ def state_update_heads(step, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) 
         if t.shape[1] < 1 or H % t.shape[1] != 0:
             raise ValueError(f"{name}: ngroups={t.shape[1]} must divide nheads={H}")
         bc.append(t)
-    try:
-        flat, copied = state.view(b, H * P, N), False
-    except RuntimeError:  # heads and rows not mergeable (e.g. a sliced head axis): work on a copy
+    # decided from the strides, not by trying the view: dynamo cannot trace a failing view inside try/except
+    # (a hard error under torch.compile for a sliced head axis)
+    mergeable = H == 1 or P == 1 or state.stride(1) == P * state.stride(2)
+    if not mergeable:  # heads and rows not mergeable (e.g. a sliced head axis): work on a copy
         flat, copied = state.reshape(b, H * P, N), True
+    elif torch.compiler.is_compiling() and torch.is_grad_enabled():
+        # the step's in-place write through a view of the state failed in the compiled backward with dynamic
+        # shapes (torch 2.13's AOTAutograd: "modified by an inplace operation"); a copy written back does not
+        flat, copied = state.view(b, H * P, N).clone(), True
+    else:
+        flat, copied = state.view(b, H * P, N), False
     chan = lambda t: None if t is None else t.reshape(*t.shape[:-2], H * P)  # noqa: E731 (…, H, P) -> (…, H·P)
     y = step(flat, chan(x), chan(dt), A.reshape(H * P, N), bc[0], bc[1], chan(D), chan(z), chan(dt_bias),
              dt_softplus)
