@@ -220,3 +220,18 @@ def test_a_stray_temp_name_with_a_non_ascii_digit_does_not_break_save(tmp_path):
     (tmp_path / f"last.pt.{ckpt._HOST}.\u00b2.tmp").write_bytes(b"")
     ckpt.save(path, torch.nn.Linear(2, 2), {"model": {}}, None, rng=False)
     assert path.exists()
+
+
+@pytest.mark.parametrize("override,named", [({"seed": 5}, "seed: 0 -> 5"),
+                                            ({"data.batch_size": 2}, "data.batch_size: 4 -> 2"),
+                                            ({"training.grad_accum": 2}, "training.grad_accum: 1 -> 2"),
+                                            ({"training.warmup_steps": 7}, "training.warmup_steps")])
+def test_resume_with_other_data_or_schedule_settings_says_so(run, caplog, override, named):
+    """A changed seed, batch size, accumulation or warmup changes the resumed steps (another data order, another
+    schedule): it takes effect, and is said, as a changed lr is. The same profile says nothing."""
+    with caplog.at_level(logging.WARNING):
+        Trainer(_cfg(run, **{"training.resume": "auto"}))
+    assert "differ from the run's" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        Trainer(_cfg(run, **{"training.resume": "auto", **override}))
+    assert "differ from the run's" in caplog.text and named in caplog.text

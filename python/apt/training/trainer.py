@@ -304,6 +304,7 @@ class Trainer:
         if changed:
             logger.warning("resuming %s with a model section that differs from the checkpoint's: %s", path,
                            "; ".join(changed[:8]))
+        self._warn_changed_run_settings(path, blob.get("profile") or {})
         if "optimizer" in blob:
             try:
                 self.optimizer.load_state_dict(blob["optimizer"])
@@ -344,6 +345,30 @@ class Trainer:
                 raise ckpt.CheckpointError(f"{path}: 'rng' holds a bad generator state ({exc}); not a checkpoint "
                                            "apt wrote, or edited since?") from None
         logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+
+    # training keys that change what the resumed steps compute (lr, betas, weight_decay and the run length have
+    # warnings of their own, in _apply_profile_hyperparameters); out_dir, logging, eval, device do not
+    _RUN_KEYS = ("steps_per_epoch", "warmup_steps", "min_lr_ratio", "grad_clip", "grad_accum", "amp")
+
+    def _warn_changed_run_settings(self, path: Path, stored: Mapping[str, Any]) -> None:
+        """The data, seed, schedule shape and plugins the run was trained with, against the profile's now: a change
+        takes effect (the profile wins) but the resumed run is no longer the interrupted one, so it is said (a
+        changed seed or batch size silently gave another data order)."""
+        if not isinstance(stored, Mapping) or not stored:
+            return
+        changed = []
+        if "seed" in stored and stored.get("seed") != self.cfg.get("seed"):
+            changed.append(f"seed: {stored.get('seed')!r} -> {self.cfg.get('seed')!r}")
+        changed += _changed_keys(stored.get("data") or {}, self.cfg.get("data") or {}, "data.")
+        old_t, now_t = stored.get("training") or {}, self.cfg.get("training") or {}
+        changed += [f"training.{k}: {old_t.get(k)!r} -> {now_t.get(k)!r}" for k in self._RUN_KEYS
+                    if k in old_t and old_t.get(k) != now_t.get(k)]
+        changed += _changed_keys(stored.get("plugins") or {}, self.cfg.get("plugins") or {}, "plugins.")
+        if changed:
+            more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+            logger.warning("resuming %s with settings that differ from the run's: %s%s; they take effect, so the "
+                           "resumed run is not the one interrupted (data order, schedule)", path,
+                           "; ".join(changed[:8]), more)
 
     def _apply_profile_hyperparameters(self, path: Path, blob: Mapping[str, Any]) -> None:
         """The optimizer state restores the hyperparameters it was saved with; the profile's (which the checkpoint
