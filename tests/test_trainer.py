@@ -515,3 +515,19 @@ def test_explicit_amp_on_cpu_warns(caplog):
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "training.amp: bf16 asked for" in warned[0] and "float32" in warned[0] \
         and "CUDA only" in warned[0], warned
+
+
+def test_the_step_log_shows_the_losss_parts(tmp_path, caplog):
+    """The MoE balance and z losses join the loss; the step's log line shows each part (it showed the total only,
+    so a collapsing router was invisible without a plugin). A loss of one part shows no breakdown."""
+    cfg = _cfg(tmp_path, **{"model.moe.enabled": True, "model.moe.num_experts": 2, "training.max_epochs": 1,
+                            "training.steps_per_epoch": 1})
+    with caplog.at_level(logging.INFO, logger="apt.training.trainer"):
+        Trainer(cfg).fit()
+    line = next(r.getMessage() for r in caplog.records if "step 1/1" in r.getMessage())
+    assert "(lm " in line and " moe_balance " in line and " moe_z " in line, line
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="apt.training.trainer"):
+        Trainer(_cfg(tmp_path / "dense", **{"training.max_epochs": 1, "training.steps_per_epoch": 1})).fit()
+    line = next(r.getMessage() for r in caplog.records if "step 1/1" in r.getMessage())
+    assert "(lm" not in line, line

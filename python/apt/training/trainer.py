@@ -541,8 +541,12 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", epoch=self.epoch)
                     if self.step % log_every == 0 or self.step == 1:
-                        logger.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f tok/s", self.epoch, self.step,
-                                    self.total_steps, loss, lr, tps)
+                        # the loss's parts (lm, the MoE balance / z losses, plugins' terms), already on the host
+                        terms = [f"{k[5:]} {v:.4f}" for k, v in ctx.metrics.items()
+                                 if k.startswith("loss_") and isinstance(v, float)]
+                        logger.info("epoch %d step %d/%d loss %.4f%s lr %.2e %.0f tok/s", self.epoch, self.step,
+                                    self.total_steps, loss, f" ({' '.join(terms)})" if len(terms) > 1 else "", lr,
+                                    tps)
                     if save_every and self.step % int(save_every) == 0:
                         self.save_checkpoint()
                     if self.step >= self.total_steps or (stop_at_step is not None and self.step >= stop_at_step):
