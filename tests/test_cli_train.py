@@ -248,3 +248,23 @@ def test_second_train_into_one_out_dir_fails_while_the_first_runs(tmp_path, caps
         assert main(["train", "-p", "tiny_debug", "--out-dir", str(out), "--resume", "auto", *FAST,
                      "--training.max_epochs", "3"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_components_line_names_the_router_the_moe_plugin_swaps_in(tmp_path, capsys, monkeypatch):
+    """plugins.moe.router replaces the built router at training start: the components line named only the one it
+    replaces (every MoE layer ran cpu_native while it said topk_default)."""
+    from apt.plugins.builtin.moe import MoEPlugin
+
+    seen = {}
+    real = MoEPlugin.on_training_start
+
+    def spy(self, ctx):
+        real(self, ctx)
+        seen["report"] = dict(ctx.model.build_report)
+    monkeypatch.setattr(MoEPlugin, "on_training_start", spy)
+    argv = ["train", "-p", "tiny_debug", "--out-dir", str(tmp_path / "run"), *FAST, "--plugins", "moe",
+            "--model.moe.enabled", "true", "--model.moe.num_experts", "2", "--plugins.moe.router", "cpu_native"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "moe router/topk_default, replaced at training start by plugins.moe.router cpu_native" in err, err
+    assert seen["report"]["moe"].startswith("router/") and "(plugins.moe.router" in seen["report"]["moe"]

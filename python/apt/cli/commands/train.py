@@ -112,7 +112,12 @@ def run(args: argparse.Namespace) -> int:
           f"plugins: {', '.join(p.name for p in trainer.plugins.plugins) or 'none'}", file=sys.stderr)
     report = getattr(trainer.model, "build_report", None) or {}
     if report:  # which provider each component came from (a fallback says so, and why)
-        print("components: " + "; ".join(f"{k} {v}" for k, v in report.items()), file=sys.stderr)
+        parts = dict(report)
+        swap = ((cfg.get("plugins") or {}).get("moe") or {}).get("router")
+        if swap and "moe" in parts and trainer.plugins.get("moe") is not None:
+            # the moe plugin replaces the router at training start: the line named the one it replaces
+            parts["moe"] = f"{parts['moe']}, replaced at training start by plugins.moe.router {swap}"
+        print("components: " + "; ".join(f"{k} {v}" for k, v in parts.items()), file=sys.stderr)
     if trainer.step >= trainer.total_steps:
         print(f"nothing to do: the run in {trainer.out_dir} is already at step {trainer.step} of "
               f"{trainer.total_steps} (raise --max-steps or --training.max_epochs to continue)")

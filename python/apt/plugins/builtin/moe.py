@@ -64,6 +64,10 @@ class MoEPlugin(Plugin):
             prov = registry.get("router", self.router)
         for moe in targets:
             moe.router_impl = prov
+        report = getattr(ctx.model, "build_report", None)
+        if isinstance(report, dict) and "moe" in report:  # what the layers run now, for whoever reads it later
+            why = getattr(prov, "fallback_reason", "")
+            report["moe"] = f"router/{prov.name} (plugins.moe.router{'; fallback: ' + why if why else ''})"
         return prov.name
 
     def on_training_start(self, ctx: HookContext) -> None:
