@@ -268,3 +268,11 @@ def test_components_line_names_the_router_the_moe_plugin_swaps_in(tmp_path, caps
     err = capsys.readouterr().err
     assert "moe router/topk_default, replaced at training start by plugins.moe.router cpu_native" in err, err
     assert seen["report"]["moe"].startswith("router/") and "(plugins.moe.router" in seen["report"]["moe"]
+
+
+def test_an_empty_data_file_names_data_path(tmp_path, capsys):
+    # it said "dataset: the training split needs at least 2 tokens, got 1" (the end-of-text token)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["train", "-p", "tiny_debug", "--data.path", str(empty), "--max-steps", "2"]) == 2
+    assert f"data.path: {empty} holds no text (empty)" in capsys.readouterr().err

@@ -30,7 +30,10 @@ def load_texts(data_cfg: Mapping[str, Any]) -> list[str]:
         provider = registry.get("dataset", name, strict=True)
     except registry.RegistryError as exc:
         raise ValueError(f"data.dataset: {exc}") from None
-    return provider.load_texts(path, text_field=data_cfg.get("text_field", "text"))  # type: ignore[attr-defined]
+    texts = provider.load_texts(path, text_field=data_cfg.get("text_field", "text"))  # type: ignore[attr-defined]
+    if not any(texts):  # an empty file: "the training split needs at least 2 tokens, got 1" named neither
+        raise ValueError(f"data.path: {path} holds no text (empty)")
+    return texts
 
 
 def build_tokenizer(data_cfg: Mapping[str, Any], texts: Optional[list[str]] = None) -> Tokenizer:
