@@ -294,3 +294,32 @@ def test_varlen_groups_sequences_by_length(causal, window_size):
     gy = torch.randn(out.shape, generator=g)
     for n, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), gy), torch.autograd.grad(want, (q, k, v), gy)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{n}: {m}")
+
+
+def test_packed_variants_equal_the_unpacked_calls():
+    """flash-attn's qkv- and kv-packed entry points: the same answers as flash_attn_func / flash_attn_varlen_func on
+    the unpacked views, gradients back into the packed tensor; a wrong packed size is refused by name."""
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(2, 7, 3, 4, 16, generator=g, requires_grad=True)
+    out = K.flash_attn_qkvpacked_func(qkv, causal=True, window_size=(3, 0))
+    want = K.flash_attn_func(*qkv.unbind(2), causal=True, window_size=(3, 0))
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape and qkv.grad.abs().sum() > 0
+    q, kv = torch.randn(2, 5, 4, 16, generator=g), torch.randn(2, 9, 2, 2, 16, generator=g)
+    o, lse, _ = K.flash_attn_kvpacked_func(q, kv, causal=True, return_attn_probs=True)
+    wo, wl, _ = K.flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], causal=True, return_attn_probs=True)
+    torch.testing.assert_close(o, wo)
+    torch.testing.assert_close(lse, wl)
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    pk = torch.randn(10, 3, 4, 16, generator=g)
+    torch.testing.assert_close(K.flash_attn_varlen_qkvpacked_func(pk, cu, 7, causal=True),
+                               K.flash_attn_varlen_func(*pk.unbind(1), cu, cu, 7, 7, causal=True))
+    qv, kvv = torch.randn(10, 4, 16, generator=g), torch.randn(12, 2, 2, 16, generator=g)
+    ck = torch.tensor([0, 5, 12], dtype=torch.int32)
+    torch.testing.assert_close(K.flash_attn_varlen_kvpacked_func(qv, kvv, cu, ck, 7, 7),
+                               K.flash_attn_varlen_func(qv, kvv[:, 0], kvv[:, 1], cu, ck, 7, 7))
+    with pytest.raises(ValueError, match=r"^qkv: expected \(B, T, 3, H, D\), size 3 at dim 2"):
+        K.flash_attn_qkvpacked_func(torch.randn(2, 7, 2, 4, 16))
+    with pytest.raises(ValueError, match=r"^kv: expected 4 dims \(total_k, 2, Hkv, D\)"):
+        K.flash_attn_varlen_kvpacked_func(qv, torch.randn(12, 2, 16), cu, ck, 7, 7)

@@ -1,9 +1,9 @@
-"""flash-attn 2's Python entry points (``flash_attn_func``, ``flash_attn_varlen_func``, ``flash_attn_with_kvcache``)
-over :func:`apt_kernels.tva_attention`: the same names, argument order, defaults, (B, T, H, D) layouts, causal
-bottom-right alignment, window_size and softmax_lse conventions, so code written for flash-attn runs on every
-device and implementation here. Plain attention only (no TVA term). What flash-attn offers and these kernels do
-not (dropout, softcap, ALiBi, rotary embedding, paged caches, cache_leftpad) is refused by name
-when asked for, never silently ignored; its no-op defaults are accepted."""
+"""flash-attn 2's Python entry points (``flash_attn_func``, ``flash_attn_varlen_func``, ``flash_attn_with_kvcache``
+and the qkv- / kv-packed variants) over :func:`apt_kernels.tva_attention`: the same names, argument order,
+defaults, (B, T, H, D) layouts, causal bottom-right alignment, window_size and softmax_lse conventions, so code
+written for flash-attn runs on every device and implementation here. Plain attention only (no TVA term). What
+flash-attn offers and these kernels do not (dropout, softcap, ALiBi, rotary embedding, paged caches,
+cache_leftpad) is refused by name when asked for, never silently ignored; its no-op defaults are accepted."""
 from __future__ import annotations
 
 import math
@@ -15,7 +15,8 @@ import torch
 from .._validate import check_flag, check_ndim, check_no_overlap, check_tensor
 from .tva import tva_attention
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
 
 
 def _check_unsupported(dropout_p: Any = 0.0, softcap: Any = 0.0, **must_be_none: Any) -> None:
@@ -223,6 +224,62 @@ def _attend_bucket(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: list
     o = o.transpose(1, 2).reshape(n * mq, H, Dv).index_select(0, dq)
     lse = lse.permute(1, 0, 2).reshape(H, n * mq).index_select(1, dq)
     return o, lse, src_q
+
+
+def _unpack(name: str, t: Any, dim: int, n: int, layout: str) -> tuple[torch.Tensor, ...]:
+    """The views of a packed qkv / kv tensor along ``dim`` (no copy: gradients flow back into the packed one)."""
+    check_ndim(name, t, dim + 3, layout)
+    if t.shape[dim] != n:
+        raise ValueError(f"{name}: expected {layout}, size {n} at dim {dim}, got shape {tuple(t.shape)}")
+    return t.unbind(dim)
+
+
+def flash_attn_qkvpacked_func(qkv: torch.Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                              causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False,
+                              return_attn_probs: bool = False) -> Any:
+    """flash-attn's ``flash_attn_qkvpacked_func``: qkv (B, T, 3, H, D) -> :func:`flash_attn_func` on its three
+    views (the gradient comes back as one (B, T, 3, H, D) tensor)."""
+    q, k, v = _unpack("qkv", qkv, 2, 3, "(B, T, 3, H, D)")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, dropout_p: float = 0.0,
+                             softmax_scale: Optional[float] = None, causal: bool = False,
+                             window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False,
+                             return_attn_probs: bool = False) -> Any:
+    """flash-attn's ``flash_attn_kvpacked_func``: q (B, Tq, H, D), kv (B, Tk, 2, Hkv, D) -> :func:`flash_attn_func`."""
+    k, v = _unpack("kv", kv, 2, 2, "(B, Tk, 2, Hkv, D)")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                     dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                                     causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                     softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+                                     deterministic: bool = False, return_attn_probs: bool = False) -> Any:
+    """flash-attn's ``flash_attn_varlen_qkvpacked_func``: qkv (total, 3, H, D), one ``cu_seqlens`` for q and k ->
+    :func:`flash_attn_varlen_func`."""
+    q, k, v = _unpack("qkv", qkv, 1, 3, "(total, 3, H, D)")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                    dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                                    causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                    softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+                                    deterministic: bool = False, return_attn_probs: bool = False) -> Any:
+    """flash-attn's ``flash_attn_varlen_kvpacked_func``: q (total_q, H, D), kv (total_k, 2, Hkv, D) ->
+    :func:`flash_attn_varlen_func`."""
+    k, v = _unpack("kv", kv, 1, 2, "(total_k, 2, Hkv, D)")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
 
 
 def _seqlens(cache_seqlens: Any, batch: int, tmax: int, device: torch.device) -> Optional[torch.Tensor]:
