@@ -127,7 +127,9 @@ def _serial_after_fork() -> None:
     # A fork()ed child has none of its parent's OpenMP threads, but GNU libgomp still counts on them: the child's
     # first parallel region waits on them forever (torch's own ops as well; its DataLoader workers call
     # torch.set_num_threads(1) for that reason). So in a child the kernels run on the calling thread until torch's
-    # thread count is changed there (the mirror above then passes it on).
+    # thread count is changed there (the mirror above then passes it on; set back to the parent's count, it is
+    # not seen as a change). Where the module shares torch's libgomp this also makes torch's own ops in the child
+    # serial, which keeps them from the same hang.
     if _module is not None and hasattr(_module, "set_num_threads"):
         _module.set_num_threads(1)
         _threads.n = torch.get_num_threads()

@@ -235,3 +235,14 @@ def test_resume_with_other_data_or_schedule_settings_says_so(run, caplog, overri
     with caplog.at_level(logging.WARNING):
         Trainer(_cfg(run, **{"training.resume": "auto", **override}))
     assert "differ from the run's" in caplog.text and named in caplog.text
+
+
+def test_resume_from_a_checkpoint_without_newer_profile_keys_says_nothing(run, caplog):
+    # a checkpoint written before a data / plugins key existed: the key it lacks is not a change
+    blob = torch.load(run / "last.pt", weights_only=True)
+    del blob["profile"]["data"]["val_fraction"]
+    blob["profile"]["plugins"].pop("enabled", None)
+    torch.save(blob, run / "last.pt")
+    with caplog.at_level(logging.WARNING):
+        Trainer(_cfg(run, **{"training.resume": "auto"}))
+    assert "differ from the run's" not in caplog.text

@@ -714,7 +714,12 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     row i reads and updates ``state[state_batch_indices[i]]`` of a state (pool, ...) instead of ``state[i]``; a
     negative index is a padding row: its y row is zeros and no state is touched. Each slot may appear once. On
     the CPU the indices are checked (range, repeats: ValueError); on a GPU that check would wait for the device,
-    so an index past the pool fails in torch's indexing and a repeated slot keeps one row's update."""
+    so an index past the pool fails in torch's indexing and a repeated slot keeps one row's update.
+
+    With an input that requires grad the differentiable reference runs. Compiled so, its backward works with the
+    aot_eager backend but fails with inductor ("modified by an inplace operation": torch 2.13's inductor and an
+    input updated in place from a value that requires grad, reproduced without apt); compile decode steps under
+    torch.no_grad() (the fused kernels then run) or with backend="aot_eager"."""
     check_flag("dt_softplus", dt_softplus)
     if state_batch_indices is not None:
         return _step_on_slots(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)

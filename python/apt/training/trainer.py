@@ -88,13 +88,15 @@ def _hold_ctrl_c() -> Any:
         raise KeyboardInterrupt
 
 
-def _changed_keys(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``key: old -> new`` for each leaf that differs between two nested mappings."""
+def _changed_keys(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "",
+                  stored_only: bool = False) -> list[str]:
+    """``key: old -> new`` for each leaf that differs between two nested mappings; ``stored_only``: only the keys
+    ``before`` has (a checkpoint from an older apt lacks keys added since, which are not changes)."""
     out: list[str] = []
-    for key in sorted(set(before) | set(after), key=str):
+    for key in sorted(set(before) if stored_only else set(before) | set(after), key=str):
         a, b = before.get(key), after.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += _changed_keys(a, b, f"{prefix}{key}.")
+            out += _changed_keys(a, b, f"{prefix}{key}.", stored_only)
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
@@ -359,11 +361,12 @@ class Trainer:
         changed = []
         if "seed" in stored and stored.get("seed") != self.cfg.get("seed"):
             changed.append(f"seed: {stored.get('seed')!r} -> {self.cfg.get('seed')!r}")
-        changed += _changed_keys(stored.get("data") or {}, self.cfg.get("data") or {}, "data.")
+        changed += _changed_keys(stored.get("data") or {}, self.cfg.get("data") or {}, "data.", stored_only=True)
         old_t, now_t = stored.get("training") or {}, self.cfg.get("training") or {}
         changed += [f"training.{k}: {old_t.get(k)!r} -> {now_t.get(k)!r}" for k in self._RUN_KEYS
                     if k in old_t and old_t.get(k) != now_t.get(k)]
-        changed += _changed_keys(stored.get("plugins") or {}, self.cfg.get("plugins") or {}, "plugins.")
+        changed += _changed_keys(stored.get("plugins") or {}, self.cfg.get("plugins") or {}, "plugins.",
+                                 stored_only=True)
         if changed:
             more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
             logger.warning("resuming %s with settings that differ from the run's: %s%s; they take effect, so the "
