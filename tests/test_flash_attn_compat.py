@@ -323,3 +323,12 @@ def test_packed_variants_equal_the_unpacked_calls():
         K.flash_attn_qkvpacked_func(torch.randn(2, 7, 2, 4, 16))
     with pytest.raises(ValueError, match=r"^kv: expected 4 dims \(total_k, 2, Hkv, D\)"):
         K.flash_attn_varlen_kvpacked_func(qv, torch.randn(12, 2, 16), cu, ck, 7, 7)
+    # errors name the argument the caller passed (they named k / cu_seqlens_q, which these functions do not take)
+    with pytest.raises(ValueError, match=r"^kv\[:, :, 0\]: expected \(B, Tk, Hkv, D\)"):
+        K.flash_attn_kvpacked_func(q, torch.randn(2, 9, 2, 3, 16))
+    with pytest.raises(TypeError, match=r"^kv\[:, 0\]: expected q's dtype"):
+        K.flash_attn_varlen_kvpacked_func(qv, kvv.double(), cu, ck, 7, 7)
+    with pytest.raises(ValueError, match=r"^cu_seqlens: expected non-decreasing"):
+        K.flash_attn_varlen_qkvpacked_func(pk, torch.tensor([0, 5, 3, 10]), 7)
+    with pytest.raises(ValueError, match=r"^max_seqlen: expected an int >= the longest sequence \(7\)"):
+        K.flash_attn_varlen_qkvpacked_func(pk, cu, 6)

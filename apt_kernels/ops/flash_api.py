@@ -93,7 +93,14 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     (or right = 0) -> ``window=left + 1``; without causal a symmetric ``left == right``; other asymmetric windows
     are refused. Refused by name: ``dropout_p > 0``, ``softcap``, ``alibi_slopes``. ``deterministic`` is
     accepted: these kernels' backward is deterministic."""
-    _check_qkv(q, k, v)
+    return _flash(q, k, v, ("q", "k", "v"), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                  deterministic, return_attn_probs)
+
+
+def _flash(q: Any, k: Any, v: Any, names: tuple[str, str, str], dropout_p: Any, softmax_scale: Any, causal: Any,
+           window_size: Any, softcap: Any, alibi_slopes: Any, deterministic: Any, return_attn_probs: Any) -> Any:
+    """flash_attn_func's body; ``names``: what the errors call q, k, v (a packed caller's views)."""
+    _check_qkv(q, k, v, names)
     check_flag("causal", causal)
     check_flag("deterministic", deterministic)
     check_flag("return_attn_probs", return_attn_probs)
@@ -132,17 +139,30 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     a skewed batch as a few such calls (grouped by length, padding adding at most 25% work).
     ``max_seqlen_q``/``max_seqlen_k`` are checked against the offsets; ``block_table`` (paged KV) is refused when
     given."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    return _flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                         causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table)
+
+
+def _flash_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, max_seqlen_q: Any,
+                  max_seqlen_k: Any, dropout_p: Any, softmax_scale: Any, causal: Any, window_size: Any, softcap: Any,
+                  alibi_slopes: Any, deterministic: Any, return_attn_probs: Any, block_table: Any,
+                  names: tuple[str, str, str] = ("q", "k", "v"),
+                  seq_names: tuple[str, str, str, str] = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                                                          "max_seqlen_k")) -> Any:
+    """flash_attn_varlen_func's body; ``names`` / ``seq_names``: what the errors call q, k, v and the offset and
+    length arguments (a packed caller's views, a qkv-packed caller's single cu_seqlens / max_seqlen)."""
+    for name, t in zip(names, (q, k, v)):
         check_ndim(name, t, 3, "(total, H, D) (flash-attn's packed layout)")
-    _check_qkv(q[None], k[None], v[None])  # batch 1 of the packed rows: heads, head dim, dtype, device
+    _check_qkv(q[None], k[None], v[None], names)  # batch 1 of the packed rows: heads, head dim, dtype, device
     check_flag("causal", causal)
     check_flag("return_attn_probs", return_attn_probs)
     _check_unsupported(dropout_p, softcap, alibi_slopes=alibi_slopes, block_table=block_table)
-    bq = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    bk = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    cu_q_name, cu_k_name, max_q_name, max_k_name = seq_names
+    bq = _cu_seqlens(cu_q_name, cu_seqlens_q, q.shape[0], q.device)
+    bk = _cu_seqlens(cu_k_name, cu_seqlens_k, k.shape[0], q.device)
     if len(bq) != len(bk):
-        raise ValueError(f"cu_seqlens_k: expected {len(bq) - 1} sequences (as cu_seqlens_q), got {len(bk) - 1}")
-    for name, mx, b in (("max_seqlen_q", max_seqlen_q, bq), ("max_seqlen_k", max_seqlen_k, bk)):
+        raise ValueError(f"{cu_k_name}: expected {len(bq) - 1} sequences (as {cu_q_name}), got {len(bk) - 1}")
+    for name, mx, b in ((max_q_name, max_seqlen_q, bq), (max_k_name, max_seqlen_k, bk)):
         longest = max((y - x for x, y in zip(b, b[1:])), default=0)
         if isinstance(mx, bool) or not isinstance(mx, numbers.Integral) or mx < longest:
             raise ValueError(f"{name}: expected an int >= the longest sequence ({longest}), got {mx!r}")
@@ -241,8 +261,8 @@ def flash_attn_qkvpacked_func(qkv: torch.Tensor, dropout_p: float = 0.0, softmax
     """flash-attn's ``flash_attn_qkvpacked_func``: qkv (B, T, 3, H, D) -> :func:`flash_attn_func` on its three
     views (the gradient comes back as one (B, T, 3, H, D) tensor)."""
     q, k, v = _unpack("qkv", qkv, 2, 3, "(B, T, 3, H, D)")
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+    return _flash(q, k, v, ("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"), dropout_p, softmax_scale, causal,
+                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, dropout_p: float = 0.0,
@@ -252,8 +272,8 @@ def flash_attn_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, dropout_p: float
                              return_attn_probs: bool = False) -> Any:
     """flash-attn's ``flash_attn_kvpacked_func``: q (B, Tq, H, D), kv (B, Tk, 2, Hkv, D) -> :func:`flash_attn_func`."""
     k, v = _unpack("kv", kv, 2, 2, "(B, Tk, 2, Hkv, D)")
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+    return _flash(q, k, v, ("q", "kv[:, :, 0]", "kv[:, :, 1]"), dropout_p, softmax_scale, causal, window_size,
+                  softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
@@ -264,8 +284,10 @@ def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor
     """flash-attn's ``flash_attn_varlen_qkvpacked_func``: qkv (total, 3, H, D), one ``cu_seqlens`` for q and k ->
     :func:`flash_attn_varlen_func`."""
     q, k, v = _unpack("qkv", qkv, 1, 3, "(total, 3, H, D)")
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
-                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+    return _flash_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
+                         window_size, softcap, alibi_slopes, deterministic, return_attn_probs, None,
+                         ("qkv[:, 0]", "qkv[:, 1]", "qkv[:, 2]"),
+                         ("cu_seqlens", "cu_seqlens", "max_seqlen", "max_seqlen"))
 
 
 def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -277,9 +299,9 @@ def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlen
     """flash-attn's ``flash_attn_varlen_kvpacked_func``: q (total_q, H, D), kv (total_k, 2, Hkv, D) ->
     :func:`flash_attn_varlen_func`."""
     k, v = _unpack("kv", kv, 1, 2, "(total_k, 2, Hkv, D)")
-    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs)
+    return _flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                         causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, None,
+                         ("q", "kv[:, 0]", "kv[:, 1]"))
 
 
 def _seqlens(cache_seqlens: Any, batch: int, tmax: int, device: torch.device) -> Optional[torch.Tensor]:
