@@ -150,6 +150,9 @@ def test_in_place_caches_and_state_pools_refuse_expanded_views():
         flash_attn_with_kvcache(q, cache, torch.randn(2, 10, 2, 16), k=k, v=k.clone(), cache_seqlens=lens)
     with pytest.raises(ValueError, match="^v_cache: is updated in place"):
         flash_attn_with_kvcache(q, torch.randn(2, 10, 2, 16), cache, k=k, v=k.clone(), cache_seqlens=lens)
+    with pytest.raises(ValueError, match="^k_cache: is updated in place"):  # a pool written back through rows
+        flash_attn_with_kvcache(q, torch.randn(1, 10, 2, 16).expand(3, 10, 2, 16), torch.randn(3, 10, 2, 16), k=k,
+                                v=k.clone(), cache_seqlens=lens, cache_batch_idx=torch.tensor([0, 2]))
     pool = torch.randn(1, 4, 3).expand(5, 4, 3)
     x, dt = torch.randn(2, 4), torch.rand(2, 4)
     args = (x, dt, -torch.rand(4, 3), torch.randn(2, 3), torch.randn(2, 3))

@@ -118,7 +118,7 @@ def _cu_seqlens(name: str, cu: Any, total: int, device: torch.device) -> list[in
         raise ValueError(f"{name}: expected a (batch + 1,) int32/int64 tensor of cumulative lengths, got {got}")
     if cu.device != device:
         raise ValueError(f"{name}: expected device {device} (q's), got {cu.device}")
-    bounds = [int(b) for b in cu.tolist()]  # the per-sequence calls need them on the host (flash-attn: max_seqlen)
+    bounds = [int(b) for b in cu.tolist()]  # the length grouping needs them on the host (flash-attn: max_seqlen)
     if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds)):
         shown = bounds if len(bounds) <= 12 else bounds[:5] + ["..."] + bounds[-3:]
         raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total} (the packed length), got {shown}")
@@ -205,13 +205,14 @@ def _length_buckets(seqs: list[tuple[int, int, int, int]]) -> list[list[tuple[in
     mq = mk = own = 0
     for seq in sorted(seqs, key=lambda t: (t[1], t[3]), reverse=True):
         _, lq, _, lk = seq
-        nq, nk = max(mq, lq), max(mk, lk, 1)
-        if out and 4 * (len(out[-1]) + 1) * nq * nk <= 5 * (own + lq * max(lk, 1)) + 4 * _CALL_WORK:
+        lk = max(lk, 1)  # a sequence without keys still costs its queries
+        nq, nk = max(mq, lq), max(mk, lk)
+        if out and 4 * (len(out[-1]) + 1) * nq * nk <= 5 * (own + lq * lk) + 4 * _CALL_WORK:
             out[-1].append(seq)
-            mq, mk, own = nq, nk, own + lq * max(lk, 1)
+            mq, mk, own = nq, nk, own + lq * lk
         else:
             out.append([seq])
-            mq, mk, own = lq, max(lk, 1), lq * max(lk, 1)
+            mq, mk, own = lq, lk, lq * lk
     for group in out:
         group.sort()  # packed order inside a group
     return out
@@ -228,18 +229,18 @@ def _attend_bucket(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: list
     n, H, D, Hk, Dv = len(seqs), q.shape[1], q.shape[2], k.shape[1], v.shape[2]
     mq, mk = max(s[1] for s in seqs), max(s[3] for s in seqs)
     src_q = [r for q0, lq, _, _ in seqs for r in range(q0, q0 + lq)]
+    dev = q.device
+    if mk == 0:  # no keys in any of them: zeros, lse +inf (flash-attn's empty rows)
+        return (q.new_zeros(len(src_q), H, Dv),
+                torch.full((H, len(src_q)), math.inf, dtype=torch.float32, device=dev), src_q)
     dst_q = [b * mq + mq - lq + i for b, (_, lq, _, _) in enumerate(seqs) for i in range(lq)]
     src_k = [r for _, _, k0, lk in seqs for r in range(k0, k0 + lk)]
     dst_k = [b * mk + mk - lk + j for b, (_, _, _, lk) in enumerate(seqs) for j in range(lk)]
-    dev = q.device
     sq, dq, sk, dk = (torch.tensor(t, dtype=torch.int64, device=dev) for t in (src_q, dst_q, src_k, dst_k))
     qp = q.new_zeros(n * mq, H, D).index_copy(0, dq, q.index_select(0, sq)).view(n, mq, H, D)
     kp, vp = (t.new_zeros(n * mk, Hk, t.shape[2]).index_copy(0, dk, t.index_select(0, sk)).view(n, mk, Hk, t.shape[2])
               for t in (k, v))
     kpm = torch.arange(mk, device=dev)[None, :] < torch.tensor([mk - s[3] for s in seqs], device=dev)[:, None]
-    if mk == 0:  # no keys in any of them: zeros, lse +inf (flash-attn's empty rows)
-        return (q.new_zeros(len(src_q), H, Dv),
-                torch.full((H, len(src_q)), math.inf, dtype=torch.float32, device=dev), src_q)
     o, lse = _attend(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), kpm, causal, window, scale)
     o = o.transpose(1, 2).reshape(n * mq, H, Dv).index_select(0, dq)
     lse = lse.permute(1, 0, 2).reshape(H, n * mq).index_select(1, dq)
@@ -380,6 +381,11 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _check_unsupported(0.0, softcap, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_leftpad=cache_leftpad,
                        block_table=block_table, alibi_slopes=alibi_slopes)
     B, Tq, Tmax = q.shape[0], q.shape[1], k_cache.shape[1]
+    if k is not None:
+        # written in place (with cache_batch_idx: the pool rows, written back): an expanded cache (stride 0 over
+        # the batch) had every row's new keys land in one slot
+        check_no_overlap("k_cache", k_cache)
+        check_no_overlap("v_cache", v_cache)
     if cache_batch_idx is not None:
         return _on_cache_rows(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, softmax_scale, causal,
                               window_size, return_softmax_lse)
@@ -399,9 +405,6 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                 raise ValueError(f"{name}: expected the cache's device {c.device}, got {t.device}")
         if lens is None:
             raise ValueError("cache_seqlens: required with k/v (each row's new tokens go in after its cached ones)")
-        # written in place: an expanded cache (stride 0 over the batch) had every row's new keys land in one slot
-        check_no_overlap("k_cache", k_cache)
-        check_no_overlap("v_cache", v_cache)
         if lens.device.type == "cpu" and not torch.compiler.is_compiling() and B and \
                 int((lens + k.shape[1]).max()) > Tmax:
             raise ValueError(f"k: {k.shape[1]} new tokens after cache_seqlens overflow the cache of {Tmax}")
