@@ -358,15 +358,14 @@ class Trainer:
         changed seed or batch size silently gave another data order)."""
         if not isinstance(stored, Mapping) or not stored:
             return
-        changed = []
-        if "seed" in stored and stored.get("seed") != self.cfg.get("seed"):
-            changed.append(f"seed: {stored.get('seed')!r} -> {self.cfg.get('seed')!r}")
-        changed += _changed_keys(stored.get("data") or {}, self.cfg.get("data") or {}, "data.", stored_only=True)
-        old_t, now_t = stored.get("training") or {}, self.cfg.get("training") or {}
-        changed += [f"training.{k}: {old_t.get(k)!r} -> {now_t.get(k)!r}" for k in self._RUN_KEYS
-                    if k in old_t and old_t.get(k) != now_t.get(k)]
-        changed += _changed_keys(stored.get("plugins") or {}, self.cfg.get("plugins") or {}, "plugins.",
-                                 stored_only=True)
+
+        def run_part(cfg: Mapping[str, Any]) -> dict[str, Any]:
+            t = cfg.get("training") or {}
+            return {"seed": cfg.get("seed"), "data": cfg.get("data") or {}, "plugins": cfg.get("plugins") or {},
+                    "training": {k: t[k] for k in self._RUN_KEYS if k in t}}
+        # the keys the checkpoint has only: one from an older apt lacks keys added since, which are not changes
+        before = {k: v for k, v in run_part(stored).items() if k != "seed" or "seed" in stored}
+        changed = _changed_keys(before, run_part(self.cfg), stored_only=True)
         if changed:
             more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
             logger.warning("resuming %s with settings that differ from the run's: %s%s; they take effect, so the "
